@@ -1,0 +1,215 @@
+//! `hmm`: check the kernel, run the demo, measure.
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use hmm::bench::{self, BenchOptions};
+use hmm::probe::{self, Probe, Verdict};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "hmm",
+    version,
+    about = "Heterogeneous Memory Management for Linux processes, in user space"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Probe the kernel: which features hmm can use, and what is missing.
+    Check {
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure the baselines every hmm figure is compared to.
+    Bench {
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Fewer repetitions (a few seconds).
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Run the demonstration on the built-in software device.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HMM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { json } => check(json),
+        Command::Bench { json, quick } => bench(json, quick),
+        Command::Demo => demo(),
+    }
+}
+
+/// Writes to stdout; a closed pipe (`hmm check | head`) ends quietly.
+fn out(text: &str) {
+    let mut o = std::io::stdout().lock();
+    let _ = o.write_all(text.as_bytes());
+    let _ = o.flush();
+}
+
+fn verdict_exit(p: &Probe) -> ExitCode {
+    if p.usable().is_ok() { ExitCode::SUCCESS } else { ExitCode::from(1) }
+}
+
+fn check(json: bool) -> ExitCode {
+    let p = probe::probe();
+    if json {
+        out(&format!("{}\n", serde_json::to_string_pretty(p).expect("probe serializes")));
+    } else {
+        out(&render_probe(p));
+    }
+    verdict_exit(p)
+}
+
+fn render_probe(p: &Probe) -> String {
+    let mut s = String::new();
+    s.push_str(&format!(
+        "kernel {}  page size {}  {}  userfaultfd via {}\n",
+        p.kernel_release,
+        p.page_size,
+        if p.root { "root" } else { "not root" },
+        p.uffd.origin
+    ));
+    if let Some(v) = p.unprivileged_userfaultfd {
+        s.push_str(&format!("vm.unprivileged_userfaultfd = {v}"));
+    }
+    if let Some(m) = p.seccomp_mode {
+        s.push_str(&format!("  seccomp mode {m}"));
+    }
+    s.push('\n');
+    if !p.uffd.api_feature_names.is_empty() {
+        s.push_str(&format!("UFFDIO_API features: {}\n", p.uffd.api_feature_names.join(" ")));
+    }
+    for a in &p.uffd.attempts {
+        s.push_str(&format!("  tried {a}\n"));
+    }
+    s.push('\n');
+    let w = p.features.iter().map(|f| f.name.len()).max().unwrap_or(8).max(7);
+    s.push_str(&format!("{:<w$}  {:<7}  used for\n", "feature", "present"));
+    s.push_str(&format!("{:-<w$}  {:-<7}  {:-<8}\n", "", "", ""));
+    for f in &p.features {
+        let present = match (f.present, f.required) {
+            (true, _) => "yes",
+            (false, true) => "NO (!)",
+            (false, false) => "no",
+        };
+        s.push_str(&format!("{:<w$}  {:<7}  {}\n", f.name, present, f.used_for));
+        if !f.present {
+            s.push_str(&format!("{:<w$}  {:<7}  without it: {}\n", "", "", f.if_missing));
+        }
+        if let Some(d) = &f.detail {
+            s.push_str(&format!("{:<w$}  {:<7}  ({d})\n", "", ""));
+        }
+    }
+    s.push('\n');
+    match &p.verdict {
+        Verdict::Ready => s.push_str("verdict: ready: every feature hmm uses is available\n"),
+        Verdict::Degraded { missing } => s.push_str(&format!(
+            "verdict: ready, with these optional features missing: {}\n",
+            missing.join(", ")
+        )),
+        Verdict::Unusable { reason, fix } => {
+            s.push_str(&format!("verdict: hmm cannot run here\n  why: {reason}\n  fix: {fix}\n"))
+        }
+    }
+    s
+}
+
+fn bench(json: bool, quick: bool) -> ExitCode {
+    let show = !json && std::io::stderr().is_terminal();
+    let bar = ProgressBar::with_draw_target(
+        Some(5),
+        if show { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() },
+    );
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
+            .expect("static template"),
+    );
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    if !json && !show {
+        eprintln!("measuring baselines{}...", if quick { " (quick)" } else { "" });
+    }
+    let res = bench::run_baselines(BenchOptions { quick }, &mut |step| {
+        bar.set_position(step.index as u64);
+        bar.set_message(step.name);
+        if !json && !show {
+            eprintln!("  [{}/{}] {}", step.index + 1, step.total, step.name);
+        }
+    });
+    bar.finish_and_clear();
+    let b = match res {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("hmm bench: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if json {
+        out(&format!("{}\n", serde_json::to_string(&b).expect("baselines serialize")));
+        return ExitCode::SUCCESS;
+    }
+    let mut s = format!("{:<24} {:>12}  {:<9} what\n", "key", "value", "unit");
+    for r in b.rows() {
+        let v = r.value.map_or_else(|| "n/a".to_string(), |v| format!("{v:.3}"));
+        s.push_str(&format!("{:<24} {:>12}  {:<9} {}\n", r.key, v, r.unit, r.what));
+    }
+    out(&s);
+    ExitCode::SUCCESS
+}
+
+const WALKTHROUGH: &str = "\
+What hmm does, step by step
+---------------------------
+1. Managed memory. A range of the process (a new mapping, or one the program
+   already has) is registered with a userfaultfd. hmm keeps one small record per
+   4 KiB page: where its data lives (system memory, a device page, poisoned, or
+   never populated).
+2. Migration to a device. setup: the pages are made unreachable (dropped from the
+   CPU page table, so no CPU write can be lost during the copy) and every device
+   mirror of them is invalidated. copy: the device's DMA engine copies them into
+   device memory (a page never touched just gets a zeroed device page). finalize:
+   each page's record points at its device page; a page that could not move says
+   why, and keeps its data.
+3. CPU touch of a migrated page. The CPU page is missing, so the touch faults to
+   userfaultfd; hmm's fault service asks the owning device to migrate the page
+   (and a chunk around it) back, installs it with UFFDIO_COPY or UFFDIO_MOVE, and
+   wakes the thread. The touch completes with the right bytes.
+4. Mirroring. A device keeps its own page table, filled through range_fault
+   (PAGEMAP_SCAN snapshots, MADV_POPULATE_* to fault pages in) under a sequence
+   protocol; munmap, mremap, MADV_DONTNEED and fork arrive as userfaultfd events
+   and invalidate the device's entries before they take effect.
+5. Failure. If a device dies, its pages are poisoned (UFFDIO_POISON): a CPU touch
+   of exactly those pages gets SIGBUS; every other page is untouched.
+";
+
+fn demo() -> ExitCode {
+    let p = probe::probe();
+    out("hmm demo: the kernel this process runs on\n\n");
+    out(&render_probe(p));
+    out("\n");
+    out(WALKTHROUGH);
+    if let Err((reason, fix)) = p.usable() {
+        eprintln!("\nhmm cannot run here: {reason}\nfix: {fix}");
+        return ExitCode::from(1);
+    }
+    out("\nThis kernel can run hmm. The software-device workload is not built yet; \
+         `hmm bench` measures the kernel baselines.\n");
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,392 @@
+//! The benchmark's baselines: what every later figure is compared to.
+//!
+//! Each figure is measured in the same run as the baselines, so reports can give
+//! ratios that hold on a noisy shared machine. Baselines:
+//!
+//! | key | what |
+//! | --- | --- |
+//! | `memcpy_gbps` | one core copying 256 MiB between populated buffers (median of runs) |
+//! | `kernel_first_touch_us` | a first write to a never-touched anonymous 4 KiB page (mean over a range) |
+//! | `uffd_roundtrip_us_p50`, `_p99` | a bare MISSING fault served by a thread blocked in `read(2)` with `UFFDIO_COPY`, as the faulting thread sees it |
+//! | `uffd_move_gbps` | 256 MiB of populated 4 KiB pages in one `UFFDIO_MOVE` |
+//! | `pagemap_scan_mpages_s` | `PAGEMAP_SCAN` over 256 MiB in which every other page is present (one region per page, the worst case) |
+//!
+//! A figure this kernel cannot measure (no `UFFDIO_MOVE`, say) is `null`.
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::addr::{PAGE_SIZE, PageRange};
+use crate::os::mm::{Advise, Mapping, MmError, Protection};
+use crate::os::pagemap::{Pagemap, PagemapError, ScanRequest};
+use crate::os::uffd::{Features, FillError, RegisterMode, Uffd, UffdError, UffdEvent, UffdOptions};
+
+/// How long to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BenchOptions {
+    /// Fewer repetitions: finishes in a few seconds.
+    pub quick: bool,
+}
+
+/// A step of the run, for progress display.
+#[derive(Debug, Clone, Copy)]
+pub struct Step {
+    /// What is being measured.
+    pub name: &'static str,
+    /// Index of this step (from 0).
+    pub index: usize,
+    /// Number of steps.
+    pub total: usize,
+}
+
+/// Errors that stop the benchmark.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// A mapping could not be made or advised.
+    #[error(transparent)]
+    Mm(#[from] MmError),
+    /// userfaultfd failed.
+    #[error(transparent)]
+    Uffd(#[from] UffdError),
+    /// A fill ioctl failed.
+    #[error(transparent)]
+    Fill(#[from] FillError),
+    /// A page-table scan failed.
+    #[error(transparent)]
+    Pagemap(#[from] PagemapError),
+    /// The fault-serving thread failed.
+    #[error("the fault-serving thread failed: {0}")]
+    Server(String),
+}
+
+/// The baseline figures (JSON keys are the field names).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Baselines {
+    /// One-core memcpy of 256 MiB, GB/s (10^9 bytes per second).
+    pub memcpy_gbps: f64,
+    /// Kernel anonymous first-touch fault, microseconds per 4 KiB page.
+    pub kernel_first_touch_us: f64,
+    /// userfaultfd MISSING round trip served with `UFFDIO_COPY`, median, microseconds.
+    pub uffd_roundtrip_us_p50: Option<f64>,
+    /// The same, 99th percentile.
+    pub uffd_roundtrip_us_p99: Option<f64>,
+    /// `UFFDIO_MOVE` of 256 MiB in one call, GB/s.
+    pub uffd_move_gbps: Option<f64>,
+    /// `PAGEMAP_SCAN`, millions of pages per second.
+    pub pagemap_scan_mpages_s: Option<f64>,
+}
+
+/// A row of the human-readable table.
+#[derive(Debug, Clone, Copy)]
+pub struct Row {
+    /// JSON key.
+    pub key: &'static str,
+    /// Value, if measured.
+    pub value: Option<f64>,
+    /// Unit.
+    pub unit: &'static str,
+    /// What was measured.
+    pub what: &'static str,
+}
+
+impl Baselines {
+    /// The figures as table rows, in key order.
+    pub fn rows(&self) -> Vec<Row> {
+        vec![
+            Row {
+                key: "memcpy_gbps",
+                value: Some(self.memcpy_gbps),
+                unit: "GB/s",
+                what: "memcpy, one core, 256 MiB",
+            },
+            Row {
+                key: "kernel_first_touch_us",
+                value: Some(self.kernel_first_touch_us),
+                unit: "us/page",
+                what: "kernel anonymous first-touch fault",
+            },
+            Row {
+                key: "uffd_roundtrip_us_p50",
+                value: self.uffd_roundtrip_us_p50,
+                unit: "us",
+                what: "userfaultfd MISSING fault + UFFDIO_COPY, median",
+            },
+            Row {
+                key: "uffd_roundtrip_us_p99",
+                value: self.uffd_roundtrip_us_p99,
+                unit: "us",
+                what: "userfaultfd MISSING fault + UFFDIO_COPY, 99th percentile",
+            },
+            Row {
+                key: "uffd_move_gbps",
+                value: self.uffd_move_gbps,
+                unit: "GB/s",
+                what: "UFFDIO_MOVE, 256 MiB in one call",
+            },
+            Row {
+                key: "pagemap_scan_mpages_s",
+                value: self.pagemap_scan_mpages_s,
+                unit: "Mpages/s",
+                what: "PAGEMAP_SCAN, every other page present",
+            },
+        ]
+    }
+}
+
+const BIG: usize = 256 << 20;
+
+struct Plan {
+    memcpy_reps: usize,
+    touch_pages: usize,
+    touch_reps: usize,
+    faults: usize,
+    move_reps: usize,
+    scan_reps: usize,
+}
+
+impl Plan {
+    fn new(o: BenchOptions) -> Self {
+        if o.quick {
+            Plan {
+                memcpy_reps: 5,
+                touch_pages: 16 << 10,
+                touch_reps: 3,
+                faults: 2_000,
+                move_reps: 2,
+                scan_reps: 5,
+            }
+        } else {
+            Plan {
+                memcpy_reps: 20,
+                touch_pages: 64 << 10,
+                touch_reps: 5,
+                faults: 20_000,
+                move_reps: 6,
+                scan_reps: 20,
+            }
+        }
+    }
+}
+
+/// Measures every baseline; `progress` is told each step as it starts.
+pub fn run_baselines(
+    opts: BenchOptions,
+    progress: &mut dyn FnMut(Step),
+) -> Result<Baselines, BenchError> {
+    let plan = Plan::new(opts);
+    let total = 5;
+    let mut step = |index, name| progress(Step { name, index, total });
+
+    step(0, "memcpy");
+    let memcpy_gbps = memcpy_gbps(plan.memcpy_reps)?;
+    step(1, "kernel first touch");
+    let kernel_first_touch_us = first_touch_us(plan.touch_pages, plan.touch_reps)?;
+    step(2, "userfaultfd round trip");
+    let rt = uffd_roundtrip_us(plan.faults)?;
+    step(3, "UFFDIO_MOVE");
+    let uffd_move_gbps = uffd_move_gbps(plan.move_reps)?;
+    step(4, "PAGEMAP_SCAN");
+    let pagemap_scan_mpages_s = pagemap_scan_mpages_s(plan.scan_reps)?;
+    Ok(Baselines {
+        memcpy_gbps,
+        kernel_first_touch_us,
+        uffd_roundtrip_us_p50: rt.map(|(p50, _)| p50),
+        uffd_roundtrip_us_p99: rt.map(|(_, p99)| p99),
+        uffd_move_gbps,
+        pagemap_scan_mpages_s,
+    })
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The `q`-quantile (0..=1) of sorted samples, nearest rank.
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+fn gbps(bytes: usize, d: Duration) -> f64 {
+    bytes as f64 / d.as_secs_f64() / 1e9
+}
+
+fn populated(len: usize) -> Result<Mapping, BenchError> {
+    let m = Mapping::anonymous(len, Protection::ReadWrite)?;
+    m.advise(m.range(), Advise::NoHugePage)?;
+    m.advise(m.range(), Advise::PopulateWrite)?;
+    Ok(m)
+}
+
+fn memcpy_gbps(reps: usize) -> Result<f64, BenchError> {
+    let src = populated(BIG)?;
+    let dst = populated(BIG)?;
+    src.fill(0, BIG, 0x5a).expect("inside");
+    let mut runs = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t = Instant::now();
+        dst.copy_from(0, &src, 0, BIG).expect("inside");
+        runs.push(gbps(BIG, t.elapsed()));
+    }
+    Ok(median(&mut runs))
+}
+
+fn first_touch_us(pages: usize, reps: usize) -> Result<f64, BenchError> {
+    let mut runs = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let m = Mapping::anonymous(pages * PAGE_SIZE, Protection::ReadWrite)?;
+        m.advise(m.range(), Advise::NoHugePage)?;
+        let t = Instant::now();
+        for p in 0..pages {
+            m.touch_write(p * PAGE_SIZE, 1).expect("inside");
+        }
+        runs.push(t.elapsed().as_secs_f64() * 1e6 / pages as f64);
+    }
+    Ok(median(&mut runs))
+}
+
+/// Round trips of `faults` MISSING faults, each served by a thread blocked in
+/// `read(2)` on a blocking descriptor. `None` if userfaultfd is unavailable.
+fn uffd_roundtrip_us(faults: usize) -> Result<Option<(f64, f64)>, BenchError> {
+    const WARMUP: usize = 32;
+    let uffd = match Uffd::open(UffdOptions { nonblocking: false, ..UffdOptions::default() }) {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::warn!(error = %e, "no userfaultfd: round-trip figures are null");
+            return Ok(None);
+        }
+    };
+    let n = faults + WARMUP;
+    let area = Mapping::anonymous(n * PAGE_SIZE, Protection::ReadWrite)?;
+    area.advise(area.range(), Advise::NoHugePage)?;
+    uffd.register(area.range(), RegisterMode::MISSING)?;
+    let page = vec![0x3cu8; PAGE_SIZE];
+    let samples = thread::scope(|s| -> Result<Vec<f64>, BenchError> {
+        let server = s.spawn(|| -> Result<(), String> {
+            let mut events = Vec::with_capacity(8);
+            let mut served = 0;
+            let res = (|| {
+                while served < n {
+                    events.clear();
+                    uffd.read_events(&mut events, 8).map_err(|e| e.to_string())?;
+                    for ev in events.drain(..) {
+                        if let UffdEvent::PageFault { addr, .. } = ev {
+                            let dst = PageRange::new(addr.page_down(), PAGE_SIZE)
+                                .map_err(|e| e.to_string())?;
+                            uffd.copy(dst, &page, false, false).map_err(|e| e.to_string())?;
+                            served += 1;
+                        }
+                    }
+                }
+                Ok(())
+            })();
+            if res.is_err() {
+                // Unregistering wakes the toucher, whose fault then completes normally.
+                let _ = uffd.unregister(area.range());
+            }
+            res
+        });
+        let mut samples = Vec::with_capacity(faults);
+        for p in 0..n {
+            let t = Instant::now();
+            let v = area.touch_read(p * PAGE_SIZE).expect("inside");
+            let dt = t.elapsed();
+            std::hint::black_box(v);
+            if p >= WARMUP {
+                samples.push(dt.as_secs_f64() * 1e6);
+            }
+        }
+        server
+            .join()
+            .map_err(|_| BenchError::Server("panicked".into()))?
+            .map_err(BenchError::Server)?;
+        Ok(samples)
+    })?;
+    let mut sorted = samples;
+    sorted.sort_by(f64::total_cmp);
+    Ok(Some((quantile(&sorted, 0.5), quantile(&sorted, 0.99))))
+}
+
+fn uffd_move_gbps(reps: usize) -> Result<Option<f64>, BenchError> {
+    let uffd = match Uffd::open(UffdOptions { required: Features::MOVE, ..UffdOptions::default() })
+    {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::warn!(error = %e, "no UFFDIO_MOVE: uffd_move_gbps is null");
+            return Ok(None);
+        }
+    };
+    let a = populated(BIG)?;
+    a.fill(0, BIG, 0x11).expect("inside");
+    let b = Mapping::anonymous(BIG, Protection::ReadWrite)?;
+    b.advise(b.range(), Advise::NoHugePage)?;
+    uffd.register(a.range(), RegisterMode::MISSING)?;
+    uffd.register(b.range(), RegisterMode::MISSING)?;
+    let mut runs = Vec::with_capacity(reps);
+    for i in 0..reps.max(1) {
+        let (src, dst) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
+        let t = Instant::now();
+        uffd.move_pages_all(dst.range(), src, src.range(), true, false)?;
+        runs.push(gbps(BIG, t.elapsed()));
+    }
+    Ok(Some(median(&mut runs)))
+}
+
+fn pagemap_scan_mpages_s(reps: usize) -> Result<Option<f64>, BenchError> {
+    let pm = Pagemap::open()?;
+    let m = Mapping::anonymous(BIG, Protection::ReadWrite)?;
+    m.advise(m.range(), Advise::NoHugePage)?;
+    let pages = BIG / PAGE_SIZE;
+    for p in (0..pages).step_by(2) {
+        m.touch_write(p * PAGE_SIZE, 1).expect("inside");
+    }
+    let req = ScanRequest::default();
+    let mut runs = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t = Instant::now();
+        match pm.scan(m.range(), &req) {
+            Ok(regions) => std::hint::black_box(regions),
+            Err(PagemapError::Unsupported) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        runs.push(pages as f64 / t.elapsed().as_secs_f64() / 1e6);
+    }
+    Ok(Some(median(&mut runs)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_use_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(quantile(&v, 0.5), 50.0);
+        assert_eq!(quantile(&v, 0.99), 99.0);
+        assert_eq!(quantile(&v, 1.0), 100.0);
+        assert_eq!(quantile(&[7.0], 0.99), 7.0);
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+    }
+
+    #[test]
+    fn keys_are_the_documented_names() {
+        let b = Baselines {
+            memcpy_gbps: 1.0,
+            kernel_first_touch_us: 1.0,
+            uffd_roundtrip_us_p50: None,
+            uffd_roundtrip_us_p99: None,
+            uffd_move_gbps: None,
+            pagemap_scan_mpages_s: None,
+        };
+        let v = serde_json::to_value(b).unwrap();
+        let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        let mut rows: Vec<&str> = b.rows().iter().map(|r| r.key).collect();
+        rows.sort_unstable();
+        assert_eq!(keys, rows);
+        assert_eq!(keys.len(), 6);
+    }
+}

@@ -1,0 +1,31 @@
+//! # hmm: Heterogeneous Memory Management for Linux processes, in user space
+//!
+//! hmm gives an accelerator (or any "device": compressed memory, remote memory, a
+//! software device) a shared virtual address space with a Linux process, the way
+//! the kernel's HMM does for drivers that support it, but from user space on a
+//! stock kernel: it mirrors the CPU page table into a device page table with
+//! invalidations, migrates pages between system and device memory with the
+//! device's DMA engine, and faults device-resident pages back when the CPU
+//! touches them.
+//!
+//! This crate is built in layers:
+//!
+//! - [`os`]: the only module with `unsafe`: userfaultfd, `PAGEMAP_SCAN`,
+//!   mappings, memfd, processes; every ioctl checked at compile time.
+//! - [`probe`]: what this kernel offers, probed once and cached.
+//! - [`bench`]: the baselines every performance figure is compared to.
+//!
+//! ```
+//! // What does this kernel offer hmm?
+//! let probe = hmm::probe::probe();
+//! println!("kernel {}: {:?}", probe.kernel_release, probe.verdict);
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod addr;
+pub mod bench;
+pub mod os;
+pub mod probe;
+
+pub use addr::{HUGE_PAGE_SIZE, PAGE_SHIFT, PAGE_SIZE, PageRange, RangeError, VirtAddr};

@@ -1,0 +1,686 @@
+//! Mappings: `mmap`, `munmap`, `mremap`, `mprotect`, `madvise`, memfd and
+//! `fallocate(PUNCH_HOLE)`.
+//!
+//! # Ownership model
+//!
+//! A [`Mapping`] owns a range of the address space from `mmap` until drop. Its
+//! memory is never lent out as a Rust reference: bytes go in and out through
+//! copies ([`Mapping::read`], [`Mapping::write`]) made with raw pointers. That is
+//! what makes it sound to let the kernel change the memory underneath at any time
+//! (`MADV_DONTNEED`, `UFFDIO_MOVE`, a poisoned page, another thread's write): no
+//! Rust reference can observe the change. Every operation that can drop, move or
+//! replace pages is therefore a method on `Mapping` (or takes a `&Mapping`), and
+//! checks that the range it is given lies inside it.
+
+use std::ffi::CStr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::ptr;
+
+use rustix::fs::{FallocateFlags, MemfdFlags};
+use rustix::mm::{Advice, MapFlags, MprotectFlags, MremapFlags, ProtFlags};
+
+use crate::addr::{PAGE_SIZE, PageRange, RangeError, VirtAddr};
+
+/// Failure of a memory-management system call.
+#[derive(Debug, thiserror::Error)]
+pub enum MmError {
+    /// The range given was malformed or outside the mapping.
+    #[error(transparent)]
+    Range(#[from] RangeError),
+    /// `mmap` failed.
+    #[error("mmap of {len:#x} bytes failed: {errno}")]
+    Map {
+        /// Length asked for.
+        len: usize,
+        /// The kernel's error.
+        #[source]
+        errno: rustix::io::Errno,
+    },
+    /// `mremap` failed.
+    #[error("mremap of {range} failed: {errno}")]
+    Remap {
+        /// Range being remapped.
+        range: PageRange,
+        /// The kernel's error.
+        #[source]
+        errno: rustix::io::Errno,
+    },
+    /// `mprotect` failed.
+    #[error("mprotect({range}, {prot:?}) failed: {errno}")]
+    Protect {
+        /// Range.
+        range: PageRange,
+        /// Protection asked for.
+        prot: Protection,
+        /// The kernel's error.
+        #[source]
+        errno: rustix::io::Errno,
+    },
+    /// `madvise` failed.
+    #[error("madvise({range}, {advice:?}) failed: {errno}{}", advice_hint(*.advice, *.errno))]
+    Advise {
+        /// Range.
+        range: PageRange,
+        /// Advice given.
+        advice: Advise,
+        /// The kernel's error.
+        #[source]
+        errno: rustix::io::Errno,
+    },
+    /// `memfd_create`, `ftruncate` or `fallocate` failed.
+    #[error("{what} failed: {errno}")]
+    File {
+        /// Which call.
+        what: &'static str,
+        /// The kernel's error.
+        #[source]
+        errno: rustix::io::Errno,
+    },
+}
+
+fn advice_hint(advice: Advise, errno: rustix::io::Errno) -> &'static str {
+    match (advice, errno) {
+        (Advise::PopulateRead | Advise::PopulateWrite, rustix::io::Errno::INVAL) => {
+            " (MADV_POPULATE_* needs Linux 5.14 or later)"
+        }
+        (Advise::PopulateRead | Advise::PopulateWrite, rustix::io::Errno::FAULT) => {
+            " (a page could not be populated: it is poisoned or its fault failed)"
+        }
+        (Advise::Remove, rustix::io::Errno::INVAL) => {
+            " (MADV_REMOVE works only on shared or file-backed mappings)"
+        }
+        _ => "",
+    }
+}
+
+/// Page protection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protection {
+    /// No access: every touch is SIGSEGV.
+    None,
+    /// Read only.
+    Read,
+    /// Read and write.
+    ReadWrite,
+}
+
+impl Protection {
+    fn prot_flags(self) -> ProtFlags {
+        match self {
+            Protection::None => ProtFlags::empty(),
+            Protection::Read => ProtFlags::READ,
+            Protection::ReadWrite => ProtFlags::READ | ProtFlags::WRITE,
+        }
+    }
+
+    fn mprotect_flags(self) -> MprotectFlags {
+        match self {
+            Protection::None => MprotectFlags::empty(),
+            Protection::Read => MprotectFlags::READ,
+            Protection::ReadWrite => MprotectFlags::READ | MprotectFlags::WRITE,
+        }
+    }
+}
+
+/// The `madvise` advice hmm uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Advise {
+    /// `MADV_DONTNEED`: drop the pages; private anonymous memory reads back as zero
+    /// (or faults to userfaultfd, if registered MISSING).
+    DontNeed,
+    /// `MADV_FREE`: the kernel may drop the pages lazily, unless written again.
+    Free,
+    /// `MADV_REMOVE`: free the backing store of a shared or file mapping (punch a hole).
+    Remove,
+    /// `MADV_POPULATE_READ`: fault the pages in readable, as a CPU read would.
+    PopulateRead,
+    /// `MADV_POPULATE_WRITE`: fault the pages in writable, as a CPU write would.
+    PopulateWrite,
+    /// `MADV_HUGEPAGE`: allow transparent huge pages.
+    HugePage,
+    /// `MADV_NOHUGEPAGE`: forbid transparent huge pages.
+    NoHugePage,
+    /// `MADV_DONTFORK`: the range is not inherited by a child after fork.
+    DontFork,
+}
+
+impl Advise {
+    fn raw(self) -> Advice {
+        match self {
+            Advise::DontNeed => Advice::LinuxDontNeed,
+            Advise::Free => Advice::LinuxFree,
+            Advise::Remove => Advice::LinuxRemove,
+            Advise::PopulateRead => Advice::LinuxPopulateRead,
+            Advise::PopulateWrite => Advice::LinuxPopulateWrite,
+            Advise::HugePage => Advice::LinuxHugepage,
+            Advise::NoHugePage => Advice::LinuxNoHugepage,
+            Advise::DontFork => Advice::LinuxDontFork,
+        }
+    }
+}
+
+/// What backs a mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backing {
+    /// `MAP_PRIVATE | MAP_ANONYMOUS`.
+    PrivateAnon,
+    /// `MAP_SHARED | MAP_ANONYMOUS` (shmem).
+    SharedAnon,
+    /// `MAP_SHARED` of a file or memfd.
+    SharedFile,
+    /// `MAP_PRIVATE` of a file or memfd.
+    PrivateFile,
+}
+
+/// An owned mapping of the address space; unmapped on drop.
+///
+/// See the [module documentation](self) for why its memory is only reached
+/// through copies.
+#[derive(Debug)]
+pub struct Mapping {
+    range: PageRange,
+    backing: Backing,
+}
+
+// SAFETY: a `Mapping` is an address range plus metadata. Its memory is reached
+// only through raw-pointer copies, which are valid from any thread.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; concurrent copies into the same bytes give unspecified bytes,
+// as for memory shared with another process, but never undefined behaviour in
+// this process's Rust state.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// A new private anonymous mapping of `len` bytes (a non-zero multiple of the page size).
+    pub fn anonymous(len: usize, prot: Protection) -> Result<Self, MmError> {
+        Self::map_anon(len, prot, MapFlags::PRIVATE, Backing::PrivateAnon)
+    }
+
+    /// A new shared anonymous (shmem) mapping.
+    pub fn shared_anonymous(len: usize, prot: Protection) -> Result<Self, MmError> {
+        Self::map_anon(len, prot, MapFlags::SHARED, Backing::SharedAnon)
+    }
+
+    /// A private anonymous mapping whose start is a multiple of `align` (a power
+    /// of two, at least a page): for transparent huge pages.
+    pub fn anonymous_aligned(len: usize, align: usize, prot: Protection) -> Result<Self, MmError> {
+        assert!(align.is_power_of_two() && align >= PAGE_SIZE, "alignment must be a power of two");
+        check_len(len)?;
+        let total =
+            len.checked_add(align).ok_or(RangeError::Overflow { start: VirtAddr::new(0), len })?;
+        let outer = Self::map_anon(total, prot, MapFlags::PRIVATE, Backing::PrivateAnon)?;
+        let base = outer.range.start().get();
+        let start = (base + align - 1) & !(align - 1);
+        let head = start - base;
+        let tail = total - head - len;
+        let inner = PageRange::new(VirtAddr::new(start), len)?;
+        // Hand the range over from `outer` to the new `Mapping` before trimming.
+        std::mem::forget(outer);
+        if head > 0 {
+            raw_munmap(PageRange::new(VirtAddr::new(base), head)?);
+        }
+        if tail > 0 {
+            raw_munmap(PageRange::new(inner.end(), tail)?);
+        }
+        Ok(Self { range: inner, backing: Backing::PrivateAnon })
+    }
+
+    /// Maps `len` bytes of `fd` at `offset`; `shared` picks `MAP_SHARED` over `MAP_PRIVATE`.
+    pub fn file(
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+        prot: Protection,
+        shared: bool,
+    ) -> Result<Self, MmError> {
+        check_len(len)?;
+        let (flags, backing) = if shared {
+            (MapFlags::SHARED, Backing::SharedFile)
+        } else {
+            (MapFlags::PRIVATE, Backing::PrivateFile)
+        };
+        // SAFETY: a fresh mapping chosen by the kernel (no MAP_FIXED): it cannot
+        // alias any existing Rust object.
+        let ptr =
+            unsafe { rustix::mm::mmap(ptr::null_mut(), len, prot.prot_flags(), flags, fd, offset) }
+                .map_err(|errno| MmError::Map { len, errno })?;
+        Ok(Self { range: PageRange::new(VirtAddr::new(ptr as usize), len)?, backing })
+    }
+
+    fn map_anon(
+        len: usize,
+        prot: Protection,
+        flags: MapFlags,
+        backing: Backing,
+    ) -> Result<Self, MmError> {
+        check_len(len)?;
+        // SAFETY: a fresh anonymous mapping chosen by the kernel (no MAP_FIXED):
+        // it cannot alias any existing Rust object.
+        let ptr = unsafe {
+            rustix::mm::mmap_anonymous(
+                ptr::null_mut(),
+                len,
+                prot.prot_flags(),
+                flags | MapFlags::NORESERVE,
+            )
+        }
+        .map_err(|errno| MmError::Map { len, errno })?;
+        Ok(Self { range: PageRange::new(VirtAddr::new(ptr as usize), len)?, backing })
+    }
+
+    /// The whole range.
+    pub fn range(&self) -> PageRange {
+        self.range
+    }
+
+    /// First address.
+    pub fn addr(&self) -> VirtAddr {
+        self.range.start()
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.range.len()
+    }
+
+    /// Always false: a mapping holds at least one page.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// What backs the mapping.
+    pub fn backing(&self) -> Backing {
+        self.backing
+    }
+
+    /// The sub-range `[offset, offset + len)` of this mapping, checked.
+    pub fn subrange(&self, offset: usize, len: usize) -> Result<PageRange, RangeError> {
+        self.range.subrange(offset, len)
+    }
+
+    /// Checks that `range` lies inside this mapping.
+    pub fn check(&self, range: PageRange) -> Result<PageRange, RangeError> {
+        match range.start().offset_from(self.addr()) {
+            Some(off) if off.checked_add(range.len()).is_some_and(|e| e <= self.len()) => Ok(range),
+            _ => Err(RangeError::OutOfBounds {
+                offset: range.start().get().wrapping_sub(self.addr().get()),
+                len: range.len(),
+                outer: self.len(),
+            }),
+        }
+    }
+
+    fn check_bytes(&self, offset: usize, len: usize) -> Result<*mut u8, RangeError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len() => Ok((self.addr().get() + offset) as *mut u8),
+            _ => Err(RangeError::OutOfBounds { offset, len, outer: self.len() }),
+        }
+    }
+
+    /// Copies bytes out of the mapping at `offset`. A touch of a page registered
+    /// with userfaultfd blocks until the fault is served; a poisoned page raises SIGBUS.
+    pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<(), RangeError> {
+        let src = self.check_bytes(offset, buf.len())?;
+        // SAFETY: `src..src+len` lies inside this live mapping (checked above) and is
+        // never referenced by Rust; `buf` is a distinct Rust allocation.
+        unsafe { ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), buf.len()) };
+        Ok(())
+    }
+
+    /// Copies `data` into the mapping at `offset`.
+    pub fn write(&self, offset: usize, data: &[u8]) -> Result<(), RangeError> {
+        let dst = self.check_bytes(offset, data.len())?;
+        // SAFETY: as in `read`; the mapping's pages are not aliased by any Rust reference.
+        unsafe { ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+        Ok(())
+    }
+
+    /// Sets `len` bytes at `offset` to `byte`.
+    pub fn fill(&self, offset: usize, len: usize, byte: u8) -> Result<(), RangeError> {
+        let dst = self.check_bytes(offset, len)?;
+        // SAFETY: as in `write`.
+        unsafe { ptr::write_bytes(dst, byte, len) };
+        Ok(())
+    }
+
+    /// Copies `len` bytes from `src` at `src_offset` to this mapping at `offset`
+    /// (a plain `memcpy`; the benchmark's baseline).
+    pub fn copy_from(
+        &self,
+        offset: usize,
+        src: &Mapping,
+        src_offset: usize,
+        len: usize,
+    ) -> Result<(), RangeError> {
+        let dst = self.check_bytes(offset, len)?;
+        let from = src.check_bytes(src_offset, len)?;
+        // SAFETY: both ranges lie inside live mappings; `ptr::copy` allows overlap
+        // should `src` be `self`.
+        unsafe { ptr::copy(from, dst, len) };
+        Ok(())
+    }
+
+    /// Reads one byte with a single load: one CPU touch of that page.
+    pub fn touch_read(&self, offset: usize) -> Result<u8, RangeError> {
+        let p = self.check_bytes(offset, 1)?;
+        // SAFETY: inside the live mapping; a volatile load so the touch is not elided.
+        Ok(unsafe { ptr::read_volatile(p) })
+    }
+
+    /// Writes one byte with a single store: one CPU write touch of that page.
+    pub fn touch_write(&self, offset: usize, value: u8) -> Result<(), RangeError> {
+        let p = self.check_bytes(offset, 1)?;
+        // SAFETY: inside the live mapping; a volatile store so the touch is not elided.
+        unsafe { ptr::write_volatile(p, value) };
+        Ok(())
+    }
+
+    /// `madvise` over `range`, which must lie inside this mapping.
+    pub fn advise(&self, range: PageRange, advice: Advise) -> Result<(), MmError> {
+        let range = self.check(range)?;
+        // SAFETY: the range is inside this mapping, whose memory no Rust reference
+        // aliases, so dropping or repopulating its pages breaks no Rust invariant.
+        unsafe { rustix::mm::madvise(range_ptr(range), range.len(), advice.raw()) }
+            .map_err(|errno| MmError::Advise { range, advice, errno })
+    }
+
+    /// `mprotect` over `range`, which must lie inside this mapping.
+    pub fn protect(&self, range: PageRange, prot: Protection) -> Result<(), MmError> {
+        let range = self.check(range)?;
+        // SAFETY: the range is inside this mapping, reached only through copies that
+        // fault (SIGSEGV) rather than misbehave when access is removed.
+        unsafe { rustix::mm::mprotect(range_ptr(range), range.len(), prot.mprotect_flags()) }
+            .map_err(|errno| MmError::Protect { range, prot, errno })
+    }
+
+    /// `mremap` that lets the kernel move the mapping and resize it to `new_len`.
+    pub fn remap(self, new_len: usize) -> Result<Mapping, (Mapping, MmError)> {
+        if let Err(e) = check_len(new_len) {
+            return Err((self, e.into()));
+        }
+        // SAFETY: the old range belongs to `self`, consumed here; on success the kernel
+        // moves it to a range it chose, which nothing else owns.
+        let res = unsafe {
+            rustix::mm::mremap(range_ptr(self.range), self.len(), new_len, MremapFlags::MAYMOVE)
+        };
+        match res {
+            Ok(p) => {
+                let backing = self.backing;
+                std::mem::forget(self);
+                let range =
+                    PageRange::new(VirtAddr::new(p as usize), new_len).expect("kernel range");
+                Ok(Mapping { range, backing })
+            }
+            Err(errno) => {
+                let range = self.range;
+                Err((self, MmError::Remap { range, errno }))
+            }
+        }
+    }
+
+    /// `mremap(MREMAP_MAYMOVE | MREMAP_FIXED)`: moves this mapping onto `target`'s
+    /// range, which it replaces. Lengths must match.
+    pub fn move_onto(self, target: Mapping) -> Result<Mapping, (Mapping, MmError)> {
+        if target.len() != self.len() {
+            let e = MmError::Range(RangeError::OutOfBounds {
+                offset: 0,
+                len: self.len(),
+                outer: target.len(),
+            });
+            return Err((self, e));
+        }
+        let to = target.range;
+        // SAFETY: both ranges are owned here (`self`, `target`); the kernel replaces
+        // `target`'s pages atomically, so nothing else can be mapped there meanwhile.
+        let res = unsafe {
+            rustix::mm::mremap_fixed(
+                range_ptr(self.range),
+                self.len(),
+                self.len(),
+                MremapFlags::MAYMOVE,
+                range_ptr(to),
+            )
+        };
+        match res {
+            Ok(p) => {
+                // `target` was replaced by the move: forget it rather than unmap.
+                std::mem::forget(target);
+                let out = Mapping {
+                    range: PageRange::new(VirtAddr::new(p as usize), to.len())
+                        .expect("kernel range"),
+                    backing: self.backing,
+                };
+                std::mem::forget(self);
+                Ok(out)
+            }
+            Err(errno) => {
+                let range = self.range;
+                Err((self, MmError::Remap { range, errno }))
+            }
+        }
+    }
+
+    /// `mremap(MREMAP_MAYMOVE | MREMAP_DONTUNMAP)`: moves the pages to a new range
+    /// and leaves this one mapped but empty (private anonymous mappings only).
+    /// Returns the new mapping; `self` stays valid.
+    ///
+    /// The destination is reserved first and named with `MREMAP_FIXED`: the
+    /// kernel reads a destination hint whenever `MREMAP_DONTUNMAP` is set, so a
+    /// call without one would pass whatever the register happens to hold.
+    pub fn remap_dontunmap(&self) -> Result<Mapping, MmError> {
+        let target = Mapping::anonymous(self.len(), Protection::None)?;
+        let to = target.range;
+        // SAFETY: the pages of `self` are not referenced by Rust; after the call the
+        // old range is still mapped (and owned by `self`), now without pages, and the
+        // new range replaces `target`'s reservation, which is owned here.
+        let res = unsafe {
+            rustix::mm::mremap_fixed(
+                range_ptr(self.range),
+                self.len(),
+                self.len(),
+                MremapFlags::MAYMOVE | MremapFlags::DONTUNMAP,
+                range_ptr(to),
+            )
+        };
+        match res {
+            Ok(_) => {
+                std::mem::forget(target);
+                Ok(Mapping { range: to, backing: self.backing })
+            }
+            Err(errno) => Err(MmError::Remap { range: self.range, errno }),
+        }
+    }
+
+    /// Unmaps `range` (inside this mapping) and returns the parts that remain
+    /// mapped before and after it, each as its own `Mapping`.
+    pub fn unmap_part(
+        self,
+        range: PageRange,
+    ) -> Result<(Option<Mapping>, Option<Mapping>), (Mapping, MmError)> {
+        let range = match self.check(range) {
+            Ok(r) => r,
+            Err(e) => return Err((self, e.into())),
+        };
+        let backing = self.backing;
+        let whole = self.range;
+        std::mem::forget(self);
+        raw_munmap(range);
+        let head = range.start().offset_from(whole.start()).expect("inside");
+        let tail = whole.end().offset_from(range.end()).expect("inside");
+        let before = (head > 0).then(|| Mapping {
+            range: PageRange::new(whole.start(), head).expect("aligned"),
+            backing,
+        });
+        let after = (tail > 0).then(|| Mapping {
+            range: PageRange::new(range.end(), tail).expect("aligned"),
+            backing,
+        });
+        Ok((before, after))
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        raw_munmap(self.range);
+    }
+}
+
+fn check_len(len: usize) -> Result<(), RangeError> {
+    if len == 0 {
+        Err(RangeError::Empty)
+    } else if len % PAGE_SIZE != 0 {
+        Err(RangeError::UnalignedLength(len))
+    } else {
+        Ok(())
+    }
+}
+
+fn range_ptr(range: PageRange) -> *mut core::ffi::c_void {
+    range.start().get() as *mut core::ffi::c_void
+}
+
+fn raw_munmap(range: PageRange) {
+    // SAFETY: called only on ranges a `Mapping` owned and gives up here; no Rust
+    // reference points into them.
+    let res = unsafe { rustix::mm::munmap(range_ptr(range), range.len()) };
+    if let Err(errno) = res {
+        // munmap of a page-aligned range this process mapped cannot fail except on
+        // kernel resource exhaustion when splitting a VMA; leaking is the safe outcome.
+        tracing::warn!(%range, %errno, "munmap failed; the range stays mapped");
+    }
+}
+
+/// A memory file (`memfd_create`): shmem or hugetlbfs backing for shared and
+/// device-coherent memory.
+#[derive(Debug)]
+pub struct Memfd {
+    fd: OwnedFd,
+}
+
+impl Memfd {
+    /// Creates a memfd named `name` (shown in `/proc/self/maps`) of `len` bytes.
+    /// `hugetlb` asks for 2 MiB hugetlbfs pages.
+    pub fn create(name: &CStr, len: u64, hugetlb: bool) -> Result<Self, MmError> {
+        let mut flags = MemfdFlags::CLOEXEC;
+        if hugetlb {
+            flags |= MemfdFlags::HUGETLB | MemfdFlags::HUGE_2MB;
+        }
+        let fd = rustix::fs::memfd_create(name, flags)
+            .map_err(|errno| MmError::File { what: "memfd_create", errno })?;
+        rustix::fs::ftruncate(&fd, len)
+            .map_err(|errno| MmError::File { what: "ftruncate", errno })?;
+        Ok(Self { fd })
+    }
+
+    /// Frees the backing pages of `[offset, offset + len)`; mappings of them read
+    /// zeros (or fault to userfaultfd MINOR/MISSING handlers) afterwards.
+    pub fn punch_hole(&self, offset: u64, len: u64) -> Result<(), MmError> {
+        rustix::fs::fallocate(
+            &self.fd,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            offset,
+            len,
+        )
+        .map_err(|errno| MmError::File { what: "fallocate(PUNCH_HOLE)", errno })
+    }
+
+    /// Maps `[offset, offset + len)` of the file.
+    pub fn map(
+        &self,
+        offset: u64,
+        len: usize,
+        prot: Protection,
+        shared: bool,
+    ) -> Result<Mapping, MmError> {
+        Mapping::file(self.fd.as_fd(), offset, len, prot, shared)
+    }
+}
+
+impl AsFd for Memfd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_write_fill_round_trip() {
+        let m = Mapping::anonymous(4 * PAGE_SIZE, Protection::ReadWrite).unwrap();
+        m.write(10, b"hello").unwrap();
+        m.fill(PAGE_SIZE, PAGE_SIZE, 0x5a).unwrap();
+        let mut buf = [0u8; 5];
+        m.read(10, &mut buf).unwrap();
+        assert_eq!(&buf, b"hello");
+        assert_eq!(m.touch_read(PAGE_SIZE + 7).unwrap(), 0x5a);
+        assert!(matches!(m.read(4 * PAGE_SIZE - 2, &mut buf), Err(RangeError::OutOfBounds { .. })));
+        assert!(m.touch_write(4 * PAGE_SIZE, 1).is_err());
+    }
+
+    #[test]
+    fn bad_lengths_are_refused() {
+        assert!(matches!(
+            Mapping::anonymous(0, Protection::ReadWrite),
+            Err(MmError::Range(RangeError::Empty))
+        ));
+        assert!(matches!(
+            Mapping::anonymous(100, Protection::ReadWrite),
+            Err(MmError::Range(RangeError::UnalignedLength(100)))
+        ));
+    }
+
+    #[test]
+    fn dontneed_zeroes_private_anonymous() {
+        let m = Mapping::anonymous(2 * PAGE_SIZE, Protection::ReadWrite).unwrap();
+        m.fill(0, 2 * PAGE_SIZE, 7).unwrap();
+        m.advise(m.subrange(0, PAGE_SIZE).unwrap(), Advise::DontNeed).unwrap();
+        assert_eq!(m.touch_read(0).unwrap(), 0);
+        assert_eq!(m.touch_read(PAGE_SIZE).unwrap(), 7);
+        // A range outside the mapping is refused before any system call.
+        let outside = PageRange::new(m.range().end(), PAGE_SIZE).unwrap();
+        assert!(matches!(m.advise(outside, Advise::DontNeed), Err(MmError::Range(_))));
+    }
+
+    #[test]
+    fn aligned_mapping_is_aligned() {
+        let m = Mapping::anonymous_aligned(4 << 20, 2 << 20, Protection::ReadWrite).unwrap();
+        assert!(m.addr().is_aligned_to(2 << 20));
+        m.fill(0, m.len(), 1).unwrap();
+    }
+
+    #[test]
+    fn memfd_punch_hole_and_shared_views() {
+        let f = Memfd::create(c"hmm-test", 4 * PAGE_SIZE as u64, false).unwrap();
+        let a = f.map(0, 4 * PAGE_SIZE, Protection::ReadWrite, true).unwrap();
+        let b = f.map(0, 4 * PAGE_SIZE, Protection::Read, true).unwrap();
+        a.fill(0, 4 * PAGE_SIZE, 9).unwrap();
+        assert_eq!(b.touch_read(3 * PAGE_SIZE).unwrap(), 9);
+        f.punch_hole(PAGE_SIZE as u64, PAGE_SIZE as u64).unwrap();
+        assert_eq!(b.touch_read(PAGE_SIZE).unwrap(), 0);
+        assert_eq!(b.touch_read(2 * PAGE_SIZE).unwrap(), 9);
+    }
+
+    #[test]
+    fn remap_and_partial_unmap() {
+        let m = Mapping::anonymous(4 * PAGE_SIZE, Protection::ReadWrite).unwrap();
+        m.fill(0, 4 * PAGE_SIZE, 3).unwrap();
+        let m = m.remap(8 * PAGE_SIZE).map_err(|(_, e)| e).unwrap();
+        assert_eq!(m.touch_read(3 * PAGE_SIZE).unwrap(), 3);
+        assert_eq!(m.touch_read(5 * PAGE_SIZE).unwrap(), 0);
+        let hole = m.subrange(2 * PAGE_SIZE, PAGE_SIZE).unwrap();
+        let (before, after) = m.unmap_part(hole).map_err(|(_, e)| e).unwrap();
+        assert_eq!(before.unwrap().len(), 2 * PAGE_SIZE);
+        assert_eq!(after.unwrap().len(), 5 * PAGE_SIZE);
+    }
+
+    #[test]
+    fn dontunmap_leaves_an_empty_source() {
+        let m = Mapping::anonymous(2 * PAGE_SIZE, Protection::ReadWrite).unwrap();
+        m.fill(0, 2 * PAGE_SIZE, 4).unwrap();
+        let moved = m.remap_dontunmap().unwrap();
+        assert_eq!(moved.touch_read(PAGE_SIZE).unwrap(), 4);
+        assert_eq!(m.touch_read(PAGE_SIZE).unwrap(), 0);
+    }
+}
