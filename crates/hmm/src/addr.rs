@@ -18,6 +18,9 @@ pub const PAGE_SHIFT: u32 = 12;
 pub const HUGE_PAGE_SIZE: usize = 2 << 20;
 
 const _: () = assert!(1 << PAGE_SHIFT == PAGE_SIZE);
+// hmm runs on 64-bit Linux only: kernel `__u64` addresses and lengths convert to
+// `usize` without loss, which the casts in the OS layer rely on.
+const _: () = assert!(usize::BITS == 64, "hmm needs a 64-bit target");
 
 /// Why a range was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -73,7 +76,7 @@ impl VirtAddr {
 
     /// Whether the address is a multiple of [`PAGE_SIZE`].
     pub const fn is_page_aligned(self) -> bool {
-        self.0 % PAGE_SIZE == 0
+        self.0.is_multiple_of(PAGE_SIZE)
     }
 
     /// Whether the address is a multiple of `align` (a power of two).
@@ -131,7 +134,7 @@ impl PageRange {
         if !start.is_page_aligned() {
             return Err(RangeError::UnalignedStart(start));
         }
-        if len % PAGE_SIZE != 0 {
+        if !len.is_multiple_of(PAGE_SIZE) {
             return Err(RangeError::UnalignedLength(len));
         }
         if start.checked_add(len).is_none() {

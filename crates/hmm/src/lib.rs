@@ -29,3 +29,8 @@ pub mod os;
 pub mod probe;
 
 pub use addr::{HUGE_PAGE_SIZE, PAGE_SHIFT, PAGE_SIZE, PageRange, RangeError, VirtAddr};
+
+/// The README's example, compiled with the doc tests so that it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeExample;

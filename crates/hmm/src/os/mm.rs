@@ -528,7 +528,7 @@ impl Drop for Mapping {
 fn check_len(len: usize) -> Result<(), RangeError> {
     if len == 0 {
         Err(RangeError::Empty)
-    } else if len % PAGE_SIZE != 0 {
+    } else if !len.is_multiple_of(PAGE_SIZE) {
         Err(RangeError::UnalignedLength(len))
     } else {
         Ok(())

@@ -37,6 +37,17 @@
 //! [`Filled`] or [`FillError`]; the `*_all` variants retry partial results while
 //! the kernel makes progress.
 //!
+//! # The fork hazard
+//!
+//! With `UFFD_FEATURE_EVENT_FORK`, `fork(2)` in any thread of the process does
+//! not return until the FORK event has been read. glibc's `fork()` holds every
+//! malloc arena lock across that system call. A thread that reads events and
+//! calls `malloc` meanwhile therefore deadlocks with the forking thread: it
+//! waits for the lock, and the lock's holder waits for it to read the event.
+//! The thread that reads events must not allocate between reads:
+//! [`Uffd::read_events`] allocates nothing when its output vector already has
+//! room for `max` more events.
+//!
 //! # Closing
 //!
 //! [`Uffd::close`] waits for operations in flight on other threads and makes
@@ -1099,8 +1110,11 @@ impl Uffd {
         }
     }
 
-    /// Reads up to `max` messages into `out`; returns how many were read. On a
-    /// non-blocking descriptor, returns 0 when none waits.
+    /// Reads up to `max` (at most 64) messages into `out`; returns how many were
+    /// read. On a non-blocking descriptor, returns 0 when none waits.
+    ///
+    /// Allocates nothing when `out` has room for `max` more events (see the fork
+    /// hazard in the module docs).
     pub fn read_events(&self, out: &mut Vec<UffdEvent>, max: usize) -> Result<usize, UffdError> {
         let max = max.clamp(1, 64);
         let mut buf = [0u8; MSG_SIZE * 64];

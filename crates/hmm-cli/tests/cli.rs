@@ -1,0 +1,110 @@
+//! The `hmm` program as a person or a script runs it.
+
+use std::process::Command;
+
+fn hmm(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_hmm")).args(args).output().expect("run hmm")
+}
+
+fn usable() -> bool {
+    hmm::probe::probe().usable().is_ok()
+}
+
+#[test]
+fn check_prints_a_table_and_its_exit_code_follows_the_verdict() {
+    let out = hmm(&["check"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    for needle in
+        ["feature", "present", "used for", "userfaultfd", "move", "pagemap-scan", "verdict:"]
+    {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+    assert_eq!(out.status.success(), usable(), "{text}");
+    if !usable() {
+        assert!(text.contains("fix:"), "an unusable verdict says how to fix it:\n{text}");
+    }
+}
+
+#[test]
+fn check_json_lists_every_feature_with_its_purpose() {
+    let out = hmm(&["check", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let features = v["features"].as_array().expect("features array");
+    assert!(features.len() >= 15);
+    for f in features {
+        assert!(f["name"].is_string() && f["present"].is_boolean() && f["required"].is_boolean());
+        assert!(!f["used_for"].as_str().unwrap().is_empty());
+        assert!(!f["if_missing"].as_str().unwrap().is_empty());
+    }
+    assert!(v["kernel_release"].is_string());
+    let status = v["verdict"]["status"].as_str().unwrap();
+    assert!(["ready", "degraded", "unusable"].contains(&status));
+    assert_eq!(out.status.success(), status != "unusable");
+}
+
+#[test]
+fn bench_quick_json_prints_exactly_the_baseline_keys() {
+    let out = hmm(&["bench", "--quick", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(text.trim().lines().count(), 1, "one JSON object on one line: {text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let obj = v.as_object().unwrap();
+    let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "kernel_first_touch_us",
+            "memcpy_gbps",
+            "pagemap_scan_mpages_s",
+            "uffd_move_gbps",
+            "uffd_roundtrip_us_p50",
+            "uffd_roundtrip_us_p99",
+        ]
+    );
+    let num = |k: &str| obj[k].as_f64();
+    assert!(num("memcpy_gbps").unwrap() > 0.0 && num("kernel_first_touch_us").unwrap() > 0.0);
+    if usable() {
+        let (p50, p99) =
+            (num("uffd_roundtrip_us_p50").unwrap(), num("uffd_roundtrip_us_p99").unwrap());
+        assert!(p50 > 0.0 && p99 >= p50, "p50 {p50} p99 {p99}");
+        if hmm::probe::probe().has("move") {
+            assert!(num("uffd_move_gbps").unwrap() > 0.0);
+        }
+        if hmm::probe::probe().has("pagemap-scan") {
+            assert!(num("pagemap_scan_mpages_s").unwrap() > 0.0);
+        }
+    }
+}
+
+#[test]
+fn bench_table_names_every_key() {
+    let out = hmm(&["bench", "--quick"]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    for key in [
+        "memcpy_gbps",
+        "kernel_first_touch_us",
+        "uffd_roundtrip_us_p99",
+        "uffd_move_gbps",
+        "pagemap_scan_mpages_s",
+    ] {
+        assert!(text.contains(key), "{key} missing:\n{text}");
+    }
+}
+
+#[test]
+fn demo_prints_the_probe_and_the_walk_through() {
+    let out = hmm(&["demo"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("verdict:") && text.contains("Migration to a device"), "{text}");
+    assert_eq!(out.status.success(), usable());
+}
+
+#[test]
+fn unknown_subcommand_is_a_usage_error() {
+    let out = hmm(&["frobnicate"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unrecognized subcommand"));
+}

@@ -1,0 +1,81 @@
+//! Helpers shared by the integration tests.
+
+#![allow(dead_code)]
+
+use std::sync::{Barrier, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use hmm::os::uffd::{Uffd, UffdEvent};
+
+/// Returns `true` (after printing why) when this machine cannot run userfaultfd
+/// tests: the test then ends early.
+pub fn skip_without_uffd() -> bool {
+    match hmm::probe::probe().usable() {
+        Ok(()) => false,
+        Err((reason, fix)) => {
+            eprintln!("SKIP: userfaultfd unusable here: {reason} (fix: {fix})");
+            true
+        }
+    }
+}
+
+/// Returns `true` (after printing why) when the probe lacks `feature`.
+pub fn skip_without(feature: &str) -> bool {
+    if skip_without_uffd() {
+        return true;
+    }
+    if hmm::probe::probe().has(feature) {
+        false
+    } else {
+        eprintln!("SKIP: this kernel lacks {feature}");
+        true
+    }
+}
+
+static FORK_LOCK: Mutex<()> = Mutex::new(());
+
+/// Held by every test that forks or enables `EVENT_FORK`: a fork blocks until
+/// every descriptor with `EVENT_FORK` that covers a copied range has its FORK
+/// event read, so such tests must not overlap.
+pub fn fork_lock() -> MutexGuard<'static, ()> {
+    FORK_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs `op` while another thread reads events from `uffd`, until `want` events
+/// have arrived or 10 seconds pass; `on_event` sees each as it arrives.
+///
+/// The reading loop allocates nothing (its vectors are sized up front, before
+/// `op` may start): while a fork waits for its FORK event to be read, glibc
+/// holds the malloc locks.
+pub fn with_reader<T: Send>(
+    uffd: &Uffd,
+    want: usize,
+    mut on_event: impl FnMut(&UffdEvent) + Send,
+    op: impl FnOnce() -> T + Send,
+) -> (T, Vec<UffdEvent>) {
+    let ready = Barrier::new(2);
+    thread::scope(|s| {
+        let ready = &ready;
+        let reader = s.spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut got = Vec::with_capacity(want + 16);
+            let mut batch = Vec::with_capacity(16);
+            // Only now may `op` fork: this thread has done its allocating.
+            ready.wait();
+            while got.len() < want && Instant::now() < deadline {
+                if uffd.poll(Some(Duration::from_millis(50))).expect("poll") {
+                    uffd.read_events(&mut batch, 16).expect("read events");
+                    for ev in &batch {
+                        on_event(ev);
+                    }
+                    got.append(&mut batch);
+                }
+            }
+            got
+        });
+        ready.wait();
+        let out = op();
+        (out, reader.join().expect("reader thread"))
+    })
+}
