@@ -108,3 +108,59 @@ fn unknown_subcommand_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unrecognized subcommand"));
 }
+
+/// Runs `hmm check --json` as user `nobody` (needs root and `setpriv`): the real
+/// failure path when the kernel withholds full userfaultfd from ordinary users.
+#[test]
+fn check_as_an_unprivileged_user_explains_what_is_missing_and_the_fix() {
+    let probe = hmm::probe::probe();
+    if !probe.root || !std::path::Path::new("/usr/bin/setpriv").exists() {
+        eprintln!("SKIP: needs root and /usr/bin/setpriv to run hmm as another user");
+        return;
+    }
+    let out = Command::new("/usr/bin/setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            env!("CARGO_BIN_EXE_hmm"),
+            "check",
+            "--json",
+        ])
+        .output()
+        .expect("run setpriv");
+    if out.stdout.is_empty() {
+        eprintln!(
+            "SKIP: user nobody cannot run the test binary: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(v["root"], false);
+    let dev_open_to_all = std::fs::metadata("/dev/userfaultfd")
+        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o006 == 0o006)
+        .unwrap_or(false);
+    if probe.unprivileged_userfaultfd == Some(0) && !dev_open_to_all {
+        assert_eq!(out.status.code(), Some(1), "an unusable kernel fails the check");
+        assert_eq!(v["verdict"]["status"], "unusable");
+        let reason = v["verdict"]["reason"].as_str().unwrap();
+        let fix = v["verdict"]["fix"].as_str().unwrap();
+        assert!(reason.contains("vm.unprivileged_userfaultfd is 0"), "{reason}");
+        assert!(fix.contains("sysctl -w vm.unprivileged_userfaultfd=1"), "{fix}");
+        assert!(fix.contains("/dev/userfaultfd"), "{fix}");
+        // The fallback worked, and the check says why the better paths did not.
+        assert_eq!(v["uffd"]["origin"], "user-mode-only");
+        let attempts = v["uffd"]["attempts"].to_string();
+        assert!(
+            attempts.contains("userfaultfd(2)") && attempts.contains("/dev/userfaultfd"),
+            "{attempts}"
+        );
+        // EVENT_FORK needs CAP_SYS_PTRACE even where userfaultfd itself is allowed.
+        let fork =
+            v["features"].as_array().unwrap().iter().find(|f| f["name"] == "event-fork").unwrap();
+        assert_eq!(fork["present"], false);
+    } else {
+        assert!(out.status.success(), "ordinary users may use userfaultfd here");
+    }
+}

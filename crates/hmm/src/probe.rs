@@ -252,7 +252,9 @@ fn run_probe() -> Probe {
                 origin: origin_name(info.origin),
                 api_features: info.features.bits(),
                 api_feature_names: info.features.names(),
-                attempts: Vec::new(),
+                attempts: info.refused.map_or_else(Vec::new, |(syscall, dev_node)| {
+                    attempts_text(&CreateAttempts { syscall, dev_node, user_mode_only: None })
+                }),
             },
             info.features,
             Some(info.origin),

@@ -655,6 +655,9 @@ pub struct ApiInfo {
     pub ioctls: Ioctls,
     /// How the descriptor was obtained.
     pub origin: UffdOrigin,
+    /// Why the better paths failed, when the descriptor came from a fallback:
+    /// the system call's error, then `/dev/userfaultfd`'s.
+    pub refused: Option<(Errno, Errno)>,
 }
 
 /// A userfaultfd descriptor after the API handshake.
@@ -748,26 +751,26 @@ fn dev_node_uffd(flags: u32) -> Result<OwnedFd, Errno> {
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
+/// A new descriptor, how it was obtained, and why better paths failed.
+type Created = (OwnedFd, UffdOrigin, Option<(Errno, Errno)>);
+
 /// Creates a raw descriptor (before `UFFDIO_API`), trying the paths in order.
-fn create(
-    nonblocking: bool,
-    allow_user_mode_only: bool,
-) -> Result<(OwnedFd, UffdOrigin), UffdError> {
+fn create(nonblocking: bool, allow_user_mode_only: bool) -> Result<Created, UffdError> {
     let mut flags = g::O_CLOEXEC;
     if nonblocking {
         flags |= g::O_NONBLOCK;
     }
     let syscall = match syscall_uffd(flags) {
-        Ok(fd) => return Ok((fd, UffdOrigin::Syscall)),
+        Ok(fd) => return Ok((fd, UffdOrigin::Syscall, None)),
         Err(e) => e,
     };
     let dev_node = match dev_node_uffd(flags) {
-        Ok(fd) => return Ok((fd, UffdOrigin::DevNode)),
+        Ok(fd) => return Ok((fd, UffdOrigin::DevNode, None)),
         Err(e) => e,
     };
     let user_mode_only = if allow_user_mode_only {
         match syscall_uffd(flags | g::UFFD_USER_MODE_ONLY) {
-            Ok(fd) => return Ok((fd, UffdOrigin::UserModeOnly)),
+            Ok(fd) => return Ok((fd, UffdOrigin::UserModeOnly, Some((syscall, dev_node)))),
             Err(e) => Some(e),
         }
     } else {
@@ -785,10 +788,10 @@ fn api(fd: &OwnedFd, features: Features) -> Result<(Features, Ioctls), Errno> {
 
 /// Asks the kernel which features and ioctls it offers, on a throw-away descriptor.
 pub fn probe_api(allow_user_mode_only: bool) -> Result<ApiInfo, UffdError> {
-    let (fd, origin) = create(true, allow_user_mode_only)?;
+    let (fd, origin, refused) = create(true, allow_user_mode_only)?;
     let (features, ioctls) = api(&fd, Features::NONE)
         .map_err(|errno| UffdError::Api { features: Features::NONE, errno })?;
-    Ok(ApiInfo { features, ioctls, origin })
+    Ok(ApiInfo { features, ioctls, origin, refused })
 }
 
 impl Uffd {
@@ -800,7 +803,7 @@ impl Uffd {
             return Err(UffdError::MissingFeatures(missing));
         }
         let features = (opts.wanted | opts.required).intersection(info.features);
-        let (fd, origin) = create(opts.nonblocking, opts.allow_user_mode_only)?;
+        let (fd, origin, _) = create(opts.nonblocking, opts.allow_user_mode_only)?;
         api(&fd, features).map_err(|errno| UffdError::Api { features, errno })?;
         Ok(Uffd { fd: RwLock::new(Some(fd)), features, origin })
     }
