@@ -429,34 +429,12 @@ impl Mapping {
             });
             return Err((self, e));
         }
-        let to = target.range;
-        // SAFETY: both ranges are owned here (`self`, `target`); the kernel replaces
-        // `target`'s pages atomically, so nothing else can be mapped there meanwhile.
-        let res = unsafe {
-            rustix::mm::mremap_fixed(
-                range_ptr(self.range),
-                self.len(),
-                self.len(),
-                MremapFlags::MAYMOVE,
-                range_ptr(to),
-            )
-        };
-        match res {
-            Ok(p) => {
-                // `target` was replaced by the move: forget it rather than unmap.
-                std::mem::forget(target);
-                let out = Mapping {
-                    range: PageRange::new(VirtAddr::new(p as usize), to.len())
-                        .expect("kernel range"),
-                    backing: self.backing,
-                };
+        match self.remap_onto(target, MremapFlags::empty()) {
+            Ok(moved) => {
                 std::mem::forget(self);
-                Ok(out)
+                Ok(moved)
             }
-            Err(errno) => {
-                let range = self.range;
-                Err((self, MmError::Remap { range, errno }))
-            }
+            Err(e) => Err((self, e)),
         }
     }
 
@@ -469,21 +447,30 @@ impl Mapping {
     /// call without one would pass whatever the register happens to hold.
     pub fn remap_dontunmap(&self) -> Result<Mapping, MmError> {
         let target = Mapping::anonymous(self.len(), Protection::None)?;
+        self.remap_onto(target, MremapFlags::DONTUNMAP)
+    }
+
+    /// `mremap(MREMAP_MAYMOVE | MREMAP_FIXED | extra)` of this mapping's pages onto
+    /// `target`'s range (of the same length), which they replace. On success the
+    /// returned mapping owns that range; the caller decides what `self` still owns
+    /// (nothing after a plain move, an empty range after `MREMAP_DONTUNMAP`).
+    fn remap_onto(&self, target: Mapping, extra: MremapFlags) -> Result<Mapping, MmError> {
         let to = target.range;
-        // SAFETY: the pages of `self` are not referenced by Rust; after the call the
-        // old range is still mapped (and owned by `self`), now without pages, and the
-        // new range replaces `target`'s reservation, which is owned here.
+        // SAFETY: the pages of `self` are not referenced by Rust, and `target`'s range
+        // is owned here; the kernel replaces it atomically, so nothing else can be
+        // mapped there meanwhile.
         let res = unsafe {
             rustix::mm::mremap_fixed(
                 range_ptr(self.range),
                 self.len(),
                 self.len(),
-                MremapFlags::MAYMOVE | MremapFlags::DONTUNMAP,
+                MremapFlags::MAYMOVE | extra,
                 range_ptr(to),
             )
         };
         match res {
             Ok(_) => {
+                // The pages now live in `target`'s range: hand it over without unmapping.
                 std::mem::forget(target);
                 Ok(Mapping { range: to, backing: self.backing })
             }

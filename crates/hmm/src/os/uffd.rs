@@ -879,13 +879,10 @@ impl Uffd {
     ) -> Result<(), UffdError> {
         let g = self.guard();
         let fd = g.as_ref().ok_or(UffdError::Closed)?;
-        let mut mode = 0;
-        if protect {
-            mode |= sys::UFFDIO_WRITEPROTECT_MODE_WP;
-        }
-        if dont_wake {
-            mode |= sys::UFFDIO_WRITEPROTECT_MODE_DONTWAKE;
-        }
+        let mode = mode(&[
+            (protect, sys::UFFDIO_WRITEPROTECT_MODE_WP),
+            (dont_wake, sys::UFFDIO_WRITEPROTECT_MODE_DONTWAKE),
+        ]);
         let mut arg = sys::uffdio_writeprotect { range: raw_range(range), mode };
         // SAFETY: UFFDIO_WRITEPROTECT takes a `uffdio_writeprotect`; it changes
         // page protection only.
@@ -972,13 +969,10 @@ impl Uffd {
         dont_wake: bool,
         write_protect: bool,
     ) -> Result<Filled, FillError> {
-        let mut mode = 0;
-        if dont_wake {
-            mode |= sys::UFFDIO_COPY_MODE_DONTWAKE;
-        }
-        if write_protect {
-            mode |= sys::UFFDIO_COPY_MODE_WP;
-        }
+        let mode = mode(&[
+            (dont_wake, sys::UFFDIO_COPY_MODE_DONTWAKE),
+            (write_protect, sys::UFFDIO_COPY_MODE_WP),
+        ]);
         let mut arg = sys::uffdio_copy {
             dst: dst.start().as_u64(),
             src: src as u64,
@@ -991,7 +985,7 @@ impl Uffd {
 
     /// `UFFDIO_ZEROPAGE`: maps the zero page at the missing pages of `dst`.
     pub fn zeropage(&self, dst: PageRange, dont_wake: bool) -> Result<Filled, FillError> {
-        let mode = if dont_wake { sys::UFFDIO_ZEROPAGE_MODE_DONTWAKE } else { 0 };
+        let mode = mode(&[(dont_wake, sys::UFFDIO_ZEROPAGE_MODE_DONTWAKE)]);
         let mut arg = sys::uffdio_zeropage { range: raw_range(dst), mode, zeropage: 0 };
         self.fill(FillOp::ZeroPage, sys::UFFDIO_ZEROPAGE, dst.len(), &mut arg, |a| a.zeropage)
     }
@@ -1003,20 +997,17 @@ impl Uffd {
         dont_wake: bool,
         write_protect: bool,
     ) -> Result<Filled, FillError> {
-        let mut mode = 0;
-        if dont_wake {
-            mode |= sys::UFFDIO_CONTINUE_MODE_DONTWAKE;
-        }
-        if write_protect {
-            mode |= sys::UFFDIO_CONTINUE_MODE_WP;
-        }
+        let mode = mode(&[
+            (dont_wake, sys::UFFDIO_CONTINUE_MODE_DONTWAKE),
+            (write_protect, sys::UFFDIO_CONTINUE_MODE_WP),
+        ]);
         let mut arg = sys::uffdio_continue { range: raw_range(dst), mode, mapped: 0 };
         self.fill(FillOp::Continue, sys::UFFDIO_CONTINUE, dst.len(), &mut arg, |a| a.mapped)
     }
 
     /// `UFFDIO_POISON`: marks the missing pages of `dst` poisoned; a touch gets SIGBUS.
     pub fn poison(&self, dst: PageRange, dont_wake: bool) -> Result<Filled, FillError> {
-        let mode = if dont_wake { sys::UFFDIO_POISON_MODE_DONTWAKE } else { 0 };
+        let mode = mode(&[(dont_wake, sys::UFFDIO_POISON_MODE_DONTWAKE)]);
         let mut arg = sys::uffdio_poison { range: raw_range(dst), mode, updated: 0 };
         self.fill(FillOp::Poison, sys::UFFDIO_POISON, dst.len(), &mut arg, |a| a.updated)
     }
@@ -1042,13 +1033,10 @@ impl Uffd {
                 errno,
             });
         }
-        let mut mode = 0;
-        if dont_wake {
-            mode |= sys::UFFDIO_MOVE_MODE_DONTWAKE;
-        }
-        if allow_src_holes {
-            mode |= sys::UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES;
-        }
+        let mode = mode(&[
+            (dont_wake, sys::UFFDIO_MOVE_MODE_DONTWAKE),
+            (allow_src_holes, sys::UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES),
+        ]);
         let mut arg = sys::uffdio_move {
             dst: dst.start().as_u64(),
             src: src_range.start().as_u64(),
@@ -1167,6 +1155,11 @@ impl Uffd {
         }
         Ok(count)
     }
+}
+
+/// The OR of the mode bits whose condition holds.
+fn mode(bits: &[(bool, u64)]) -> u64 {
+    bits.iter().filter(|(on, _)| *on).fold(0, |m, (_, bit)| m | bit)
 }
 
 fn raw_range(r: PageRange) -> sys::uffdio_range {
