@@ -79,9 +79,10 @@ impl VirtAddr {
         self.0.is_multiple_of(PAGE_SIZE)
     }
 
-    /// Whether the address is a multiple of `align` (a power of two).
+    /// Whether the address is a multiple of `align` (false unless `align` is a
+    /// power of two).
     pub const fn is_aligned_to(self, align: usize) -> bool {
-        self.0 & (align - 1) == 0
+        align.is_power_of_two() && self.0 & (align - 1) == 0
     }
 
     /// The page that contains this address.

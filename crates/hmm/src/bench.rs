@@ -222,13 +222,13 @@ fn populated(len: usize) -> Result<Mapping, BenchError> {
 }
 
 fn memcpy_gbps(reps: usize) -> Result<f64, BenchError> {
-    let src = populated(BIG)?;
-    let dst = populated(BIG)?;
+    let mut src = populated(BIG)?;
+    let mut dst = populated(BIG)?;
     src.fill(0, BIG, 0x5a).expect("inside");
     let mut runs = Vec::with_capacity(reps);
     for _ in 0..reps {
         let t = Instant::now();
-        dst.copy_from(0, &src, 0, BIG).expect("inside");
+        dst.copy_from(0, &mut src, 0, BIG).expect("inside");
         runs.push(gbps(BIG, t.elapsed()));
     }
     Ok(median(&mut runs))
@@ -262,7 +262,7 @@ fn uffd_roundtrip_us(faults: usize) -> Result<Option<(f64, f64)>, BenchError> {
     let n = faults + WARMUP;
     let area = Mapping::anonymous(n * PAGE_SIZE, Protection::ReadWrite)?;
     area.advise(area.range(), Advise::NoHugePage)?;
-    uffd.register(area.range(), RegisterMode::MISSING)?;
+    uffd.register(&area, area.range(), RegisterMode::MISSING)?;
     let page = vec![0x3cu8; PAGE_SIZE];
     let samples = thread::scope(|s| -> Result<Vec<f64>, BenchError> {
         let server = s.spawn(|| -> Result<(), String> {
@@ -323,8 +323,8 @@ fn uffd_move_gbps(reps: usize) -> Result<Option<f64>, BenchError> {
     a.fill(0, BIG, 0x11).expect("inside");
     let b = Mapping::anonymous(BIG, Protection::ReadWrite)?;
     b.advise(b.range(), Advise::NoHugePage)?;
-    uffd.register(a.range(), RegisterMode::MISSING)?;
-    uffd.register(b.range(), RegisterMode::MISSING)?;
+    uffd.register(&a, a.range(), RegisterMode::MISSING)?;
+    uffd.register(&b, b.range(), RegisterMode::MISSING)?;
     let mut runs = Vec::with_capacity(reps);
     for i in 0..reps.max(1) {
         let (src, dst) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };

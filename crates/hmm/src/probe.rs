@@ -158,14 +158,14 @@ fn try_ioctls(uffd: &Uffd) -> Scratch {
         minor_shmem: Err("not tried".into()),
     };
     let Ok(dst) = Mapping::anonymous(2 * PAGE_SIZE, Protection::ReadWrite) else { return s };
-    match uffd.register(dst.range(), RegisterMode::MISSING | RegisterMode::WP) {
+    match uffd.register(&dst, dst.range(), RegisterMode::MISSING | RegisterMode::WP) {
         Ok(io) => {
             s.range_ioctls = Some(io);
             s.wp_register = Ok(());
         }
         Err(e) => {
             s.wp_register = fail(&e);
-            s.range_ioctls = uffd.register(dst.range(), RegisterMode::MISSING).ok();
+            s.range_ioctls = uffd.register(&dst, dst.range(), RegisterMode::MISSING).ok();
         }
     }
     if s.range_ioctls.is_some() {
@@ -187,7 +187,7 @@ fn try_ioctls(uffd: &Uffd) -> Scratch {
     s.minor_shmem = (|| {
         let f = Memfd::create(c"hmm-probe", PAGE_SIZE as u64, false).map_err(|e| e.to_string())?;
         let m = f.map(0, PAGE_SIZE, Protection::ReadWrite, true).map_err(|e| e.to_string())?;
-        uffd.register(m.range(), RegisterMode::MINOR).map_err(|e| e.to_string())?;
+        uffd.register(&m, m.range(), RegisterMode::MINOR).map_err(|e| e.to_string())?;
         uffd.unregister(m.range()).map_err(|e| e.to_string())
     })();
     s

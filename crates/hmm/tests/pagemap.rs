@@ -69,8 +69,8 @@ fn scan_reports_written_pages_under_async_write_protection() {
     let pm = Pagemap::open().unwrap();
     let m = anon(8);
     m.fill(0, 8 * PAGE_SIZE, 1).unwrap();
-    uffd.register(m.range(), RegisterMode::WP).unwrap();
-    uffd.write_protect(m.range(), true, false).unwrap();
+    uffd.register(&m, m.range(), RegisterMode::WP).unwrap();
+    uffd.write_protect(m.range()).unwrap();
     // Writes resolve without a fault message (async mode) and mark the page written.
     m.touch_write(3 * PAGE_SIZE, 2).unwrap();
     m.touch_write(5 * PAGE_SIZE, 2).unwrap();

@@ -45,7 +45,7 @@ fn missing_fault_is_delivered_with_address_and_thread_and_served_by_copy() {
     }
     let uffd = open(Features::THREAD_ID);
     let m = anon(4);
-    uffd.register(m.range(), RegisterMode::MISSING).unwrap();
+    uffd.register(&m, m.range(), RegisterMode::MISSING).unwrap();
     let data = vec![0xC3u8; PAGE_SIZE];
     let target = page_of(&m, 2);
     let (toucher, events) = with_reader(
@@ -84,7 +84,7 @@ fn write_fault_has_the_write_flag_and_zeropage_serves_reads() {
     }
     let uffd = open(Features::NONE);
     let m = anon(2);
-    uffd.register(m.range(), RegisterMode::MISSING).unwrap();
+    uffd.register(&m, m.range(), RegisterMode::MISSING).unwrap();
     let page = vec![0u8; PAGE_SIZE];
     let (_, events) = with_reader(
         &uffd,
@@ -126,7 +126,7 @@ fn copy_dontwake_leaves_the_thread_waiting_until_wake() {
     }
     let uffd = open(Features::NONE);
     let m = anon(1);
-    uffd.register(m.range(), RegisterMode::MISSING).unwrap();
+    uffd.register(&m, m.range(), RegisterMode::MISSING).unwrap();
     let done = AtomicBool::new(false);
     thread::scope(|s| {
         let t = s.spawn(|| {
@@ -152,7 +152,7 @@ fn copy_into_a_populated_page_reports_exists() {
     }
     let uffd = open(Features::NONE);
     let m = anon(2);
-    uffd.register(m.range(), RegisterMode::MISSING).unwrap();
+    uffd.register(&m, m.range(), RegisterMode::MISSING).unwrap();
     uffd.copy(page_of(&m, 0), &[1; PAGE_SIZE], false, false).unwrap();
     let e = uffd.copy(m.range(), &[2; 2 * PAGE_SIZE], false, false).unwrap_err();
     assert_eq!((e.kind, e.done), (FillErrorKind::Exists, 0));
@@ -170,7 +170,7 @@ fn move_moves_bytes_and_leaves_the_source_missing() {
         src.fill(i * PAGE_SIZE, PAGE_SIZE, 0x10 + i as u8).unwrap();
     }
     let dst = anon(4);
-    uffd.register(dst.range(), RegisterMode::MISSING).unwrap();
+    uffd.register(&dst, dst.range(), RegisterMode::MISSING).unwrap();
     let moved = uffd.move_pages(dst.range(), &src, src.range(), false, false).unwrap();
     assert_eq!(moved.bytes, 4 * PAGE_SIZE);
     for i in 0..4 {
@@ -191,7 +191,7 @@ fn move_into_a_populated_page_reports_exists() {
     let src = anon(1);
     src.fill(0, PAGE_SIZE, 5).unwrap();
     let dst = anon(1);
-    uffd.register(dst.range(), RegisterMode::MISSING).unwrap();
+    uffd.register(&dst, dst.range(), RegisterMode::MISSING).unwrap();
     uffd.copy(dst.range(), &[7; PAGE_SIZE], false, false).unwrap();
     let e = uffd.move_pages(dst.range(), &src, src.range(), false, false).unwrap_err();
     assert_eq!((e.kind, e.done), (FillErrorKind::Exists, 0));
@@ -209,7 +209,7 @@ fn move_from_a_hole_is_reported_unless_holes_are_allowed() {
     src.fill(0, PAGE_SIZE, 1).unwrap();
     src.fill(2 * PAGE_SIZE, PAGE_SIZE, 3).unwrap(); // page 1 is a hole
     let dst = anon(3);
-    uffd.register(dst.range(), RegisterMode::MISSING).unwrap();
+    uffd.register(&dst, dst.range(), RegisterMode::MISSING).unwrap();
 
     // A hole at the start: nothing moves.
     let hole = page_of(&src, 1);
@@ -242,7 +242,7 @@ fn poison_makes_a_touch_end_in_sigbus() {
     let touch_poisoned = run_in_child(|| {
         let uffd = open(Features::POISON);
         let m = anon(2);
-        uffd.register(m.range(), RegisterMode::MISSING).unwrap();
+        uffd.register(&m, m.range(), RegisterMode::MISSING).unwrap();
         uffd.poison(page_of(&m, 0), false).unwrap();
         i32::from(m.touch_read(0).unwrap()) + 10
     })
@@ -252,7 +252,7 @@ fn poison_makes_a_touch_end_in_sigbus() {
     let touch_neighbour = run_in_child(|| {
         let uffd = open(Features::POISON);
         let m = anon(2);
-        uffd.register(m.range(), RegisterMode::MISSING).unwrap();
+        uffd.register(&m, m.range(), RegisterMode::MISSING).unwrap();
         uffd.poison(page_of(&m, 0), false).unwrap();
         uffd.copy(page_of(&m, 1), &[42; PAGE_SIZE], false, false).unwrap();
         i32::from(m.touch_read(PAGE_SIZE).unwrap())
@@ -269,7 +269,7 @@ fn fork_event_hands_over_a_descriptor_that_serves_the_child() {
     let _g = fork_lock();
     let uffd = open(Features::EVENT_FORK);
     let m = anon(2);
-    uffd.register(m.range(), RegisterMode::MISSING).unwrap();
+    uffd.register(&m, m.range(), RegisterMode::MISSING).unwrap();
     let served = std::sync::Mutex::new(None);
     let (outcome, events) = with_reader(
         &uffd,
@@ -308,7 +308,7 @@ fn unmap_event_names_the_unmapped_range() {
     }
     let uffd = open(Features::EVENT_UNMAP);
     let m = anon(4);
-    uffd.register(m.range(), RegisterMode::MISSING).unwrap();
+    uffd.register(&m, m.range(), RegisterMode::MISSING).unwrap();
     let hole = page_of(&m, 1).start();
     let hole_range = m.range().subrange(PAGE_SIZE, 2 * PAGE_SIZE).unwrap();
     let (rest, events) =
@@ -335,7 +335,7 @@ fn remap_event_names_old_and_new_addresses() {
     let uffd = open(Features::EVENT_REMAP);
     let m = anon(4);
     m.fill(0, 4 * PAGE_SIZE, 6).unwrap();
-    uffd.register(m.range(), RegisterMode::MISSING).unwrap();
+    uffd.register(&m, m.range(), RegisterMode::MISSING).unwrap();
     let target = anon(4);
     let (from, to) = (m.addr(), target.addr());
     let (moved, events) =
@@ -359,7 +359,7 @@ fn remove_event_names_the_dropped_range() {
     let uffd = open(Features::EVENT_REMOVE);
     let m = anon(4);
     m.fill(0, 4 * PAGE_SIZE, 6).unwrap();
-    uffd.register(m.range(), RegisterMode::MISSING).unwrap();
+    uffd.register(&m, m.range(), RegisterMode::MISSING).unwrap();
     let dropped = m.range().subrange(2 * PAGE_SIZE, 2 * PAGE_SIZE).unwrap();
     let ((), events) =
         with_reader(&uffd, 1, |_| {}, || m.advise(dropped, Advise::DontNeed).unwrap());
@@ -383,7 +383,7 @@ fn minor_fault_is_served_by_continue() {
     let view = f.map(0, 2 * PAGE_SIZE, Protection::ReadWrite, true).unwrap();
     let managed = f.map(0, 2 * PAGE_SIZE, Protection::ReadWrite, true).unwrap();
     view.fill(PAGE_SIZE, PAGE_SIZE, 0x66).unwrap(); // in the page cache, not mapped in `managed`
-    uffd.register(managed.range(), RegisterMode::MINOR).unwrap();
+    uffd.register(&managed, managed.range(), RegisterMode::MINOR).unwrap();
     let (value, events) = with_reader(
         &uffd,
         1,
@@ -405,7 +405,7 @@ fn write_protect_fault_has_the_wp_flag_and_unprotect_releases_it() {
     }
     let uffd = open(Features::PAGEFAULT_FLAG_WP);
     let m = anon(1);
-    uffd.register(m.range(), RegisterMode::MISSING | RegisterMode::WP).unwrap();
+    uffd.register(&m, m.range(), RegisterMode::MISSING | RegisterMode::WP).unwrap();
     uffd.copy(m.range(), &[1; PAGE_SIZE], false, true).unwrap(); // installed write-protected
     assert_eq!(m.touch_read(0).unwrap(), 1, "reads do not fault");
     let ((), events) = with_reader(
@@ -413,8 +413,7 @@ fn write_protect_fault_has_the_wp_flag_and_unprotect_releases_it() {
         1,
         |ev| {
             if let UffdEvent::PageFault { addr, .. } = ev {
-                uffd.write_protect(PageRange::new(*addr, PAGE_SIZE).unwrap(), false, false)
-                    .unwrap();
+                uffd.write_unprotect(PageRange::new(*addr, PAGE_SIZE).unwrap(), false).unwrap();
             }
         },
         || thread::scope(|s| s.spawn(|| m.touch_write(0, 2).unwrap()).join().unwrap()),
@@ -448,13 +447,20 @@ fn bad_input_gives_typed_errors() {
     let e = uffd.zeropage(page_of(&m, 0), false).unwrap_err();
     assert_eq!(e.kind, FillErrorKind::NotRegistered, "{e}");
 
-    // A range that is not mapped cannot be registered (the first pages of the
-    // address space lie below vm.mmap_min_addr and are never mapped).
-    let gone = PageRange::new(VirtAddr::new(PAGE_SIZE), PAGE_SIZE).unwrap();
-    assert!(matches!(uffd.register(gone, RegisterMode::MISSING), Err(UffdError::Register { .. })));
+    // Only a mapping's own pages can be registered, checked before the kernel is asked.
+    let outside = PageRange::new(m.range().end(), PAGE_SIZE).unwrap();
+    assert!(matches!(
+        uffd.register(&m, outside, RegisterMode::MISSING),
+        Err(UffdError::Range(RangeError::OutOfBounds { .. }))
+    ));
+    // A mode the kernel refuses for this kind of memory: MINOR needs shmem or hugetlbfs.
+    match uffd.register(&m, m.range(), RegisterMode::MINOR) {
+        Err(UffdError::Register { errno, .. }) => assert_eq!(errno, rustix::io::Errno::INVAL),
+        other => panic!("MINOR on private anonymous memory must be refused: {other:?}"),
+    }
 
     // A source buffer whose length differs from the destination's.
-    uffd.register(m.range(), RegisterMode::MISSING).unwrap();
+    uffd.register(&m, m.range(), RegisterMode::MISSING).unwrap();
     let e = uffd.copy(m.range(), &[0; PAGE_SIZE], false, false).unwrap_err();
     assert_eq!((e.kind, e.done), (FillErrorKind::Invalid, 0));
     // A MOVE source range outside the mapping it names.
@@ -465,7 +471,7 @@ fn bad_input_gives_typed_errors() {
     // A closed descriptor.
     uffd.close();
     assert!(uffd.is_closed());
-    assert!(matches!(uffd.register(m.range(), RegisterMode::MISSING), Err(UffdError::Closed)));
+    assert!(matches!(uffd.register(&m, m.range(), RegisterMode::MISSING), Err(UffdError::Closed)));
     assert!(matches!(uffd.poll(Some(Duration::ZERO)), Err(UffdError::Closed)));
     assert!(matches!(uffd.read_events(&mut Vec::new(), 1), Err(UffdError::Closed)));
     assert_eq!(

@@ -5,7 +5,9 @@
 //!
 //! A [`Mapping`] owns a range of the address space from `mmap` until drop. Its
 //! memory is never lent out as a Rust reference: bytes go in and out through
-//! copies ([`Mapping::read`], [`Mapping::write`]) made with raw pointers. That is
+//! copies ([`Mapping::read`], [`Mapping::write`]) made with relaxed atomic
+//! accesses, so threads may read and write the same bytes at once without a
+//! data race (they see some interleaving of whole words or bytes). That is
 //! what makes it sound to let the kernel change the memory underneath at any time
 //! (`MADV_DONTNEED`, `UFFDIO_MOVE`, a poisoned page, another thread's write): no
 //! Rust reference can observe the change. Every operation that can drop, move or
@@ -15,6 +17,7 @@
 use std::ffi::CStr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use rustix::fs::{FallocateFlags, MemfdFlags};
 use rustix::mm::{Advice, MapFlags, MprotectFlags, MremapFlags, ProtFlags};
@@ -27,6 +30,9 @@ pub enum MmError {
     /// The range given was malformed or outside the mapping.
     #[error(transparent)]
     Range(#[from] RangeError),
+    /// An alignment that is not a power of two of at least a page.
+    #[error("alignment {0:#x} must be a power of two of at least {PAGE_SIZE} bytes")]
+    Alignment(usize),
     /// `mmap` failed.
     #[error("mmap of {len:#x} bytes failed: {errno}")]
     Map {
@@ -183,11 +189,11 @@ pub struct Mapping {
 }
 
 // SAFETY: a `Mapping` is an address range plus metadata. Its memory is reached
-// only through raw-pointer copies, which are valid from any thread.
+// only through the copies below, which are valid from any thread.
 unsafe impl Send for Mapping {}
-// SAFETY: as above; concurrent copies into the same bytes give unspecified bytes,
-// as for memory shared with another process, but never undefined behaviour in
-// this process's Rust state.
+// SAFETY: shared access only reads or writes the memory with atomic accesses
+// (`read`, `write`, `fill`, `touch_*`); the one plain copy, `copy_from`, needs
+// `&mut` on both mappings, so no other thread can access them meanwhile.
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
@@ -204,7 +210,9 @@ impl Mapping {
     /// A private anonymous mapping whose start is a multiple of `align` (a power
     /// of two, at least a page): for transparent huge pages.
     pub fn anonymous_aligned(len: usize, align: usize, prot: Protection) -> Result<Self, MmError> {
-        assert!(align.is_power_of_two() && align >= PAGE_SIZE, "alignment must be a power of two");
+        if !align.is_power_of_two() || align < PAGE_SIZE {
+            return Err(MmError::Alignment(align));
+        }
         check_len(len)?;
         let total =
             len.checked_add(align).ok_or(RangeError::Overflow { start: VirtAddr::new(0), len })?;
@@ -321,57 +329,78 @@ impl Mapping {
     /// with userfaultfd blocks until the fault is served; a poisoned page raises SIGBUS.
     pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<(), RangeError> {
         let src = self.check_bytes(offset, buf.len())?;
-        // SAFETY: `src..src+len` lies inside this live mapping (checked above) and is
-        // never referenced by Rust; `buf` is a distinct Rust allocation.
-        unsafe { ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), buf.len()) };
+        for (i, out) in buf.iter_mut().enumerate() {
+            // SAFETY: `src + i` lies inside this live mapping (checked above), whose
+            // bytes are only ever accessed atomically while shared (see `Sync`).
+            *out = unsafe { AtomicU8::from_ptr(src.wrapping_add(i)) }.load(Ordering::Relaxed);
+        }
         Ok(())
     }
 
     /// Copies `data` into the mapping at `offset`.
     pub fn write(&self, offset: usize, data: &[u8]) -> Result<(), RangeError> {
         let dst = self.check_bytes(offset, data.len())?;
-        // SAFETY: as in `read`; the mapping's pages are not aliased by any Rust reference.
-        unsafe { ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+        for (i, b) in data.iter().enumerate() {
+            // SAFETY: as in `read`.
+            unsafe { AtomicU8::from_ptr(dst.wrapping_add(i)) }.store(*b, Ordering::Relaxed);
+        }
         Ok(())
     }
 
     /// Sets `len` bytes at `offset` to `byte`.
     pub fn fill(&self, offset: usize, len: usize, byte: u8) -> Result<(), RangeError> {
         let dst = self.check_bytes(offset, len)?;
-        // SAFETY: as in `write`.
-        unsafe { ptr::write_bytes(dst, byte, len) };
+        // Whole aligned words where possible: the mapping is page aligned.
+        let word = u64::from_ne_bytes([byte; 8]);
+        let head = (offset.next_multiple_of(8) - offset).min(len);
+        let words = (len - head) / 8;
+        for i in 0..head {
+            // SAFETY: as in `read`.
+            unsafe { AtomicU8::from_ptr(dst.wrapping_add(i)) }.store(byte, Ordering::Relaxed);
+        }
+        for w in 0..words {
+            // SAFETY: as in `read`; `dst + head` is 8-byte aligned (mapping start is
+            // page aligned and `offset + head` is a multiple of 8).
+            unsafe { AtomicU64::from_ptr(dst.wrapping_add(head + 8 * w).cast::<u64>()) }
+                .store(word, Ordering::Relaxed);
+        }
+        for i in head + 8 * words..len {
+            // SAFETY: as in `read`.
+            unsafe { AtomicU8::from_ptr(dst.wrapping_add(i)) }.store(byte, Ordering::Relaxed);
+        }
         Ok(())
     }
 
-    /// Copies `len` bytes from `src` at `src_offset` to this mapping at `offset`
-    /// (a plain `memcpy`; the benchmark's baseline).
+    /// Copies `len` bytes from `src` at `src_offset` to this mapping at `offset`:
+    /// a plain `memcpy` (the benchmark's baseline). Exclusive access to both
+    /// mappings keeps other threads out meanwhile.
     pub fn copy_from(
-        &self,
+        &mut self,
         offset: usize,
-        src: &Mapping,
+        src: &mut Mapping,
         src_offset: usize,
         len: usize,
     ) -> Result<(), RangeError> {
         let dst = self.check_bytes(offset, len)?;
         let from = src.check_bytes(src_offset, len)?;
-        // SAFETY: both ranges lie inside live mappings; `ptr::copy` allows overlap
-        // should `src` be `self`.
-        unsafe { ptr::copy(from, dst, len) };
+        // SAFETY: both ranges lie inside live mappings borrowed exclusively, so no
+        // other thread accesses them; two distinct `Mapping`s never overlap.
+        unsafe { ptr::copy_nonoverlapping(from, dst, len) };
         Ok(())
     }
 
     /// Reads one byte with a single load: one CPU touch of that page.
     pub fn touch_read(&self, offset: usize) -> Result<u8, RangeError> {
         let p = self.check_bytes(offset, 1)?;
-        // SAFETY: inside the live mapping; a volatile load so the touch is not elided.
-        Ok(unsafe { ptr::read_volatile(p) })
+        // SAFETY: inside the live mapping, accessed atomically (see `read`).
+        Ok(unsafe { AtomicU8::from_ptr(p) }.load(Ordering::Relaxed))
     }
 
     /// Writes one byte with a single store: one CPU write touch of that page.
     pub fn touch_write(&self, offset: usize, value: u8) -> Result<(), RangeError> {
         let p = self.check_bytes(offset, 1)?;
-        // SAFETY: inside the live mapping; a volatile store so the touch is not elided.
-        unsafe { ptr::write_volatile(p, value) };
+        // SAFETY: inside the live mapping, accessed atomically (see `read`).
+        unsafe { AtomicU8::from_ptr(p) }.store(value, Ordering::Relaxed);
         Ok(())
     }
 
@@ -604,6 +633,26 @@ mod tests {
         assert_eq!(m.touch_read(PAGE_SIZE + 7).unwrap(), 0x5a);
         assert!(matches!(m.read(4 * PAGE_SIZE - 2, &mut buf), Err(RangeError::OutOfBounds { .. })));
         assert!(m.touch_write(4 * PAGE_SIZE, 1).is_err());
+    }
+
+    #[test]
+    fn fill_covers_unaligned_heads_and_tails_exactly() {
+        let m = Mapping::anonymous(PAGE_SIZE, Protection::ReadWrite).unwrap();
+        m.fill(3, 21, 0xEE).unwrap();
+        let mut buf = [0u8; 32];
+        m.read(0, &mut buf).unwrap();
+        let expect: Vec<u8> =
+            (0..32).map(|i| if (3..24).contains(&i) { 0xEE } else { 0 }).collect();
+        assert_eq!(buf.to_vec(), expect);
+        m.fill(5, 2, 0x11).unwrap(); // shorter than the head
+        assert_eq!(
+            (m.touch_read(4).unwrap(), m.touch_read(5).unwrap(), m.touch_read(7).unwrap()),
+            (0xEE, 0x11, 0xEE)
+        );
+        assert!(matches!(
+            Mapping::anonymous_aligned(PAGE_SIZE, 3 * PAGE_SIZE, Protection::ReadWrite),
+            Err(MmError::Alignment(_))
+        ));
     }
 
     #[test]

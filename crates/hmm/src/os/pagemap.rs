@@ -229,6 +229,8 @@ pub struct ScanOutput {
 #[derive(Debug)]
 pub struct Pagemap {
     fd: OwnedFd,
+    /// Categories this kernel can report (`PAGE_IS_GUARD` arrived in 6.15).
+    reportable: Categories,
 }
 
 /// Regions per `PAGEMAP_SCAN` call by default.
@@ -243,7 +245,18 @@ impl Pagemap {
             rustix::fs::Mode::empty(),
         )
         .map_err(PagemapError::Open)?;
-        Ok(Self { fd })
+        let reportable = if probe_scan(&fd, Categories::ALL) {
+            Categories::ALL
+        } else {
+            Categories(Categories::ALL.0 & !Categories::GUARD.0)
+        };
+        Ok(Self { fd, reportable })
+    }
+
+    /// The categories this kernel reports; a request's `return_mask` is limited
+    /// to them, so [`ScanRequest::default`] works on every kernel with the ioctl.
+    pub fn reportable(&self) -> Categories {
+        self.reportable
     }
 
     /// Scans `range`, continuing from `walk_end` until the whole range is walked.
@@ -289,7 +302,7 @@ impl Pagemap {
                 category_inverted: req.category_inverted.0,
                 category_mask: req.category_mask.0,
                 category_anyof_mask: req.category_anyof_mask.0,
-                return_mask: req.return_mask.0,
+                return_mask: req.return_mask.0 & self.reportable.0,
             };
             // SAFETY: PAGEMAP_SCAN takes a `pm_scan_arg`; the kernel writes at most
             // `vec_len` `page_region`s to `vec`, which points to that many elements.
@@ -300,7 +313,7 @@ impl Pagemap {
                 Ok(n) => usize::try_from(n)
                     .map_err(|_| PagemapError::Inconsistent(VirtAddr::new(at as usize)))?,
                 Err(Errno::NOTTY) => return Err(PagemapError::Unsupported),
-                Err(Errno::INVAL) if calls == 1 && !probe_supported(&self.fd) => {
+                Err(Errno::INVAL) if calls == 1 && !probe_scan(&self.fd, Categories::PRESENT) => {
                     return Err(PagemapError::Unsupported);
                 }
                 Err(errno) => return Err(PagemapError::Scan { range, errno }),
@@ -376,9 +389,10 @@ fn push_joined(out: &mut Vec<PageRegion>, r: PageRegion) {
     out.push(r);
 }
 
-/// Whether `PAGEMAP_SCAN` exists: an empty, well-formed request on page 0..1
-/// succeeds where it does, and fails with `ENOTTY`/`EINVAL` where it does not.
-fn probe_supported(fd: &OwnedFd) -> bool {
+/// Whether a well-formed scan of page 0 reporting `return_mask` succeeds: it
+/// fails with `ENOTTY` where the ioctl does not exist, and with `EINVAL` where a
+/// category is unknown to the kernel.
+fn probe_scan(fd: &OwnedFd, return_mask: Categories) -> bool {
     let mut region = sys::page_region { start: 0, end: 0, categories: 0 };
     let mut arg = sys::pm_scan_arg {
         size: core::mem::size_of::<sys::pm_scan_arg>() as u64,
@@ -392,7 +406,7 @@ fn probe_supported(fd: &OwnedFd) -> bool {
         category_inverted: 0,
         category_mask: 0,
         category_anyof_mask: 0,
-        return_mask: u64::from(g::PAGE_IS_PRESENT),
+        return_mask: return_mask.0,
     };
     // SAFETY: as in `scan_with_buffer`: `vec` points to one `page_region`.
     unsafe { ioctl_ptr(fd, sys::PAGEMAP_SCAN, &mut arg) }.is_ok()
@@ -400,7 +414,7 @@ fn probe_supported(fd: &OwnedFd) -> bool {
 
 /// Whether this kernel has `PAGEMAP_SCAN`.
 pub fn scan_supported() -> Result<bool, PagemapError> {
-    Ok(probe_supported(&Pagemap::open()?.fd))
+    Ok(probe_scan(&Pagemap::open()?.fd, Categories::PRESENT))
 }
 
 #[cfg(test)]

@@ -51,10 +51,11 @@
 //! # Closing
 //!
 //! [`Uffd::close`] waits for operations in flight on other threads and makes
-//! every later call fail with [`UffdError::Closed`]. A thread blocked in
-//! [`Uffd::read_events`] on a *blocking* descriptor holds the descriptor until a
-//! message arrives; the fault service uses non-blocking descriptors and
-//! [`Uffd::poll`] with a timeout so that it never holds it for long.
+//! every later call fail with [`UffdError::Closed`]. [`Uffd::poll`] waits in
+//! slices of at most 100 ms, so a waiting thread delays a close by no more than
+//! that. A thread blocked in [`Uffd::read_events`] on a *blocking* descriptor
+//! holds it until a message arrives: close such a descriptor only after its
+//! reader has stopped.
 
 use std::fmt;
 use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
@@ -498,7 +499,7 @@ pub(crate) fn decode_fill(
                 (usize::try_from(field).unwrap_or(len).min(len), errno)
             } else if field < 0 {
                 // The kernel's reason, as a negative errno.
-                let raw = i32::try_from(-field).unwrap_or(i32::MAX);
+                let raw = i32::try_from(field.unsigned_abs()).unwrap_or(i32::MAX);
                 (0, Errno::from_raw_os_error(raw))
             } else {
                 (0, errno)
@@ -835,8 +836,20 @@ impl Uffd {
         self.fd.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers `range` in `mode`; returns the ioctls the range allows.
-    pub fn register(&self, range: PageRange, mode: RegisterMode) -> Result<Ioctls, UffdError> {
+    /// Registers `range`, which must lie inside `mapping`, in `mode`; returns the
+    /// ioctls the range allows.
+    ///
+    /// Only a [`Mapping`]'s memory can be registered: the fill ioctls write only
+    /// into registered ranges, and a `Mapping`'s bytes are never borrowed by Rust,
+    /// so no Rust-owned memory (a `Vec`'s untouched pages, say) can be filled
+    /// behind its owner's back.
+    pub fn register(
+        &self,
+        mapping: &Mapping,
+        range: PageRange,
+        mode: RegisterMode,
+    ) -> Result<Ioctls, UffdError> {
+        let range = mapping.check(range)?;
         let g = self.guard();
         let fd = g.as_ref().ok_or(UffdError::Closed)?;
         let mut arg = sys::uffdio_register { range: raw_range(range), mode: mode.0, ioctls: 0 };
@@ -869,20 +882,23 @@ impl Uffd {
         Ok(())
     }
 
-    /// Write-protects (`protect`) or unprotects `range`; unprotecting wakes
-    /// waiting writers unless `dont_wake`.
-    pub fn write_protect(
-        &self,
-        range: PageRange,
-        protect: bool,
-        dont_wake: bool,
-    ) -> Result<(), UffdError> {
+    /// Write-protects `range` (WP mode): writes fault, or with `WP_ASYNC` are
+    /// recorded, until [`write_unprotect`](Self::write_unprotect).
+    pub fn write_protect(&self, range: PageRange) -> Result<(), UffdError> {
+        self.writeprotect(range, sys::UFFDIO_WRITEPROTECT_MODE_WP)
+    }
+
+    /// Removes write protection from `range`, waking blocked writers unless
+    /// `dont_wake`.
+    pub fn write_unprotect(&self, range: PageRange, dont_wake: bool) -> Result<(), UffdError> {
+        self.writeprotect(range, mode(&[(dont_wake, sys::UFFDIO_WRITEPROTECT_MODE_DONTWAKE)]))
+    }
+
+    // The kernel refuses WP together with DONTWAKE (protecting wakes no one), which
+    // the two public calls above make impossible to ask for.
+    fn writeprotect(&self, range: PageRange, mode: u64) -> Result<(), UffdError> {
         let g = self.guard();
         let fd = g.as_ref().ok_or(UffdError::Closed)?;
-        let mode = mode(&[
-            (protect, sys::UFFDIO_WRITEPROTECT_MODE_WP),
-            (dont_wake, sys::UFFDIO_WRITEPROTECT_MODE_DONTWAKE),
-        ]);
         let mut arg = sys::uffdio_writeprotect { range: raw_range(range), mode };
         // SAFETY: UFFDIO_WRITEPROTECT takes a `uffdio_writeprotect`; it changes
         // page protection only.
@@ -910,10 +926,11 @@ impl Uffd {
                 errno: Errno::BADF,
             });
         };
-        // SAFETY: each caller pairs `opcode` with its argument type `T`; the fill
-        // ioctls only populate pages that have no entry (COPY, ZEROPAGE, CONTINUE,
-        // POISON) or move pages out of a range the caller owns as a `Mapping` (MOVE),
-        // so no memory a Rust reference can observe changes.
+        // SAFETY: each caller pairs `opcode` with its argument type `T`. The kernel
+        // fills only ranges registered with this descriptor, which `register` allows
+        // only inside a `Mapping` (or that a forked child inherited from one), and
+        // MOVE takes its source from a `Mapping` too: no memory a Rust reference can
+        // observe changes.
         let res = unsafe { ioctl_ptr(fd, opcode, arg) }.map(drop);
         decode_fill(op, res, field(arg), len)
     }
@@ -1082,18 +1099,38 @@ impl Uffd {
         })
     }
 
-    /// Waits until a message can be read, for at most `timeout` (`None`: forever).
-    /// Returns whether one can.
+    /// Waits until a message can be read, for at most `timeout` (`None`: until
+    /// one can, or the descriptor is closed). Returns whether one can.
+    ///
+    /// The wait is made in slices of at most 100 ms, each holding the descriptor
+    /// only for its length, so that [`close`](Self::close) never waits long.
     pub fn poll(&self, timeout: Option<Duration>) -> Result<bool, UffdError> {
+        const SLICE: Duration = Duration::from_millis(100);
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        loop {
+            let wait = match deadline {
+                Some(d) => d.saturating_duration_since(std::time::Instant::now()).min(SLICE),
+                None => SLICE,
+            };
+            if self.poll_once(wait)? {
+                return Ok(true);
+            }
+            if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                return Ok(false);
+            }
+        }
+    }
+
+    fn poll_once(&self, wait: Duration) -> Result<bool, UffdError> {
         let g = self.guard();
         let fd = g.as_ref().ok_or(UffdError::Closed)?;
-        let ts = timeout.map(|d| rustix::time::Timespec {
-            tv_sec: d.as_secs().try_into().unwrap_or(i64::MAX),
-            tv_nsec: d.subsec_nanos().into(),
-        });
+        let ts = rustix::time::Timespec {
+            tv_sec: wait.as_secs().try_into().unwrap_or(i64::MAX),
+            tv_nsec: wait.subsec_nanos().into(),
+        };
         let mut fds = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
         loop {
-            match rustix::event::poll(&mut fds, ts.as_ref()) {
+            match rustix::event::poll(&mut fds, Some(&ts)) {
                 Ok(n) => return Ok(n > 0),
                 Err(Errno::INTR) => continue,
                 Err(e) => return Err(UffdError::Read(e)),
