@@ -458,6 +458,14 @@ pub struct FillError {
     pub errno: Errno,
 }
 
+impl FillError {
+    /// A request refused before any page was done, classified by its errno
+    /// (`EINVAL` for a malformed request, `EBADF` for a closed descriptor).
+    fn refused(op: FillOp, len: usize, errno: Errno) -> Self {
+        FillError { op, done: 0, len, kind: classify(op, errno), errno }
+    }
+}
+
 /// A fill ioctl that did the whole range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Filled {
@@ -918,13 +926,7 @@ impl Uffd {
     ) -> Result<Filled, FillError> {
         let g = self.guard();
         let Some(fd) = g.as_ref() else {
-            return Err(FillError {
-                op,
-                done: 0,
-                len,
-                kind: FillErrorKind::Closed,
-                errno: Errno::BADF,
-            });
+            return Err(FillError::refused(op, len, Errno::BADF));
         };
         // SAFETY: each caller pairs `opcode` with its argument type `T`. The kernel
         // fills only ranges registered with this descriptor, which `register` allows
@@ -946,14 +948,7 @@ impl Uffd {
         write_protect: bool,
     ) -> Result<Filled, FillError> {
         if src.len() != dst.len() {
-            let errno = Errno::INVAL;
-            return Err(FillError {
-                op: FillOp::Copy,
-                done: 0,
-                len: dst.len(),
-                kind: FillErrorKind::Invalid,
-                errno,
-            });
+            return Err(FillError::refused(FillOp::Copy, dst.len(), Errno::INVAL));
         }
         self.copy_raw(dst, src.as_ptr() as usize, dont_wake, write_protect)
     }
@@ -967,14 +962,7 @@ impl Uffd {
         dont_wake: bool,
     ) -> Result<Filled, FillError> {
         if src.check(src_range).is_err() || src_range.len() != dst.len() {
-            let errno = Errno::INVAL;
-            return Err(FillError {
-                op: FillOp::Copy,
-                done: 0,
-                len: dst.len(),
-                kind: FillErrorKind::Invalid,
-                errno,
-            });
+            return Err(FillError::refused(FillOp::Copy, dst.len(), Errno::INVAL));
         }
         self.copy_raw(dst, src_range.start().get(), dont_wake, false)
     }
@@ -1041,14 +1029,7 @@ impl Uffd {
         allow_src_holes: bool,
     ) -> Result<Filled, FillError> {
         if src.check(src_range).is_err() || src_range.len() != dst.len() {
-            let errno = Errno::INVAL;
-            return Err(FillError {
-                op: FillOp::Move,
-                done: 0,
-                len: dst.len(),
-                kind: FillErrorKind::Invalid,
-                errno,
-            });
+            return Err(FillError::refused(FillOp::Move, dst.len(), Errno::INVAL));
         }
         let mode = mode(&[
             (dont_wake, sys::UFFDIO_MOVE_MODE_DONTWAKE),
