@@ -25,10 +25,24 @@
 
 pub mod addr;
 pub mod bench;
+pub mod devmem;
+pub mod dma;
+pub mod fault;
+pub mod migrate;
 pub mod os;
+pub mod page;
 pub mod probe;
+pub mod space;
+pub mod swdev;
 
 pub use addr::{HUGE_PAGE_SIZE, PAGE_SHIFT, PAGE_SIZE, PageRange, RangeError, VirtAddr};
+pub use devmem::{DeviceMemory, DeviceMemoryConfig, DevicePagemapOps, DeviceStats, MemoryKind};
+pub use dma::{DmaEngine, DmaError, DmaFence, DmaJob};
+pub use fault::{CpuFault, FaultBackError};
+pub use migrate::{Migration, MigrationReport, PageStatus, Selection, SkipReason};
+pub use page::{DeviceId, DevicePage, Residency};
+pub use space::{AdoptRefusal, Hmm, HmmConfig, HmmError, ManagedRange, RangeStats};
+pub use swdev::{EngineKind, OpCounters, SoftwareDevice, SoftwareDeviceConfig};
 
 /// The README's example, compiled with the doc tests so that it stays true.
 #[cfg(doctest)]

@@ -186,6 +186,9 @@ pub enum Backing {
 pub struct Mapping {
     range: PageRange,
     backing: Backing,
+    /// Whether drop unmaps the range (false for a range lent by its owner, see
+    /// [`Mapping::from_raw`]).
+    owned: bool,
 }
 
 // SAFETY: a `Mapping` is an address range plus metadata. Its memory is reached
@@ -230,7 +233,7 @@ impl Mapping {
         if tail > 0 {
             raw_munmap(PageRange::new(inner.end(), tail)?);
         }
-        Ok(Self { range: inner, backing: Backing::PrivateAnon })
+        Ok(Self { range: inner, backing: Backing::PrivateAnon, owned: true })
     }
 
     /// Maps `len` bytes of `fd` at `offset`; `shared` picks `MAP_SHARED` over `MAP_PRIVATE`.
@@ -252,7 +255,7 @@ impl Mapping {
         let ptr =
             unsafe { rustix::mm::mmap(ptr::null_mut(), len, prot.prot_flags(), flags, fd, offset) }
                 .map_err(|errno| MmError::Map { len, errno })?;
-        Ok(Self { range: PageRange::new(VirtAddr::new(ptr as usize), len)?, backing })
+        Ok(Self { range: PageRange::new(VirtAddr::new(ptr as usize), len)?, backing, owned: true })
     }
 
     fn map_anon(
@@ -273,7 +276,7 @@ impl Mapping {
             )
         }
         .map_err(|errno| MmError::Map { len, errno })?;
-        Ok(Self { range: PageRange::new(VirtAddr::new(ptr as usize), len)?, backing })
+        Ok(Self { range: PageRange::new(VirtAddr::new(ptr as usize), len)?, backing, owned: true })
     }
 
     /// The whole range.
@@ -294,6 +297,25 @@ impl Mapping {
     /// Always false: a mapping holds at least one page.
     pub fn is_empty(&self) -> bool {
         false
+    }
+
+    /// Wraps a range its owner lends: the memory of an `mmap` made elsewhere, or a
+    /// page-aligned buffer. Dropping the `Mapping` leaves the range mapped.
+    ///
+    /// # Safety
+    ///
+    /// `range` must be mapped with `backing` for as long as the `Mapping` lives, and
+    /// while it lives no Rust reference may point into it: the kernel (through the
+    /// calls of this module) may drop, move or replace its pages at any time, and
+    /// other threads write it through atomic copies. The owner may still reach the
+    /// bytes through raw pointers and atomic or volatile accesses.
+    pub unsafe fn from_raw(range: PageRange, backing: Backing) -> Self {
+        Self { range, backing, owned: false }
+    }
+
+    /// Whether dropping this `Mapping` unmaps its range.
+    pub fn is_owned(&self) -> bool {
+        self.owned
     }
 
     /// What backs the mapping.
@@ -389,6 +411,34 @@ impl Mapping {
         Ok(())
     }
 
+    /// Copies `len` bytes (a multiple of 8) from `src` at `src_offset` to this
+    /// mapping at `offset`, both 8-byte aligned, with relaxed atomic word
+    /// accesses: as fast as `memcpy` for page-sized copies, and sound while other
+    /// threads touch either range (they see whole words).
+    pub fn copy_words_from(
+        &self,
+        offset: usize,
+        src: &Mapping,
+        src_offset: usize,
+        len: usize,
+    ) -> Result<(), RangeError> {
+        let dst = self.check_bytes(offset, len)?;
+        let from = src.check_bytes(src_offset, len)?;
+        if !(offset | src_offset | len).is_multiple_of(8) {
+            return Err(RangeError::OutOfBounds { offset, len, outer: self.len() });
+        }
+        let (dst, from) = (dst.cast::<u64>(), from.cast::<u64>());
+        for w in 0..len / 8 {
+            // SAFETY: both words lie inside live mappings (checked above) and are
+            // 8-byte aligned (mappings are page aligned, offsets multiples of 8);
+            // shared bytes are only accessed atomically (see `Sync`).
+            let v = unsafe { AtomicU64::from_ptr(from.wrapping_add(w)) }.load(Ordering::Relaxed);
+            // SAFETY: as above, for the destination word.
+            unsafe { AtomicU64::from_ptr(dst.wrapping_add(w)) }.store(v, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
     /// Reads one byte with a single load: one CPU touch of that page.
     pub fn touch_read(&self, offset: usize) -> Result<u8, RangeError> {
         let p = self.check_bytes(offset, 1)?;
@@ -435,10 +485,11 @@ impl Mapping {
         match res {
             Ok(p) => {
                 let backing = self.backing;
+                let self_owned = self.owned;
                 std::mem::forget(self);
                 let range =
                     PageRange::new(VirtAddr::new(p as usize), new_len).expect("kernel range");
-                Ok(Mapping { range, backing })
+                Ok(Mapping { range, backing, owned: self_owned })
             }
             Err(errno) => {
                 let range = self.range;
@@ -501,7 +552,7 @@ impl Mapping {
             Ok(_) => {
                 // The pages now live in `target`'s range: hand it over without unmapping.
                 std::mem::forget(target);
-                Ok(Mapping { range: to, backing: self.backing })
+                Ok(Mapping { range: to, backing: self.backing, owned: self.owned })
             }
             Err(errno) => Err(MmError::Remap { range: self.range, errno }),
         }
@@ -518,6 +569,7 @@ impl Mapping {
             Err(e) => return Err((self, e.into())),
         };
         let backing = self.backing;
+        let owned = self.owned;
         let whole = self.range;
         std::mem::forget(self);
         raw_munmap(range);
@@ -526,17 +578,49 @@ impl Mapping {
         let before = (head > 0).then(|| Mapping {
             range: PageRange::new(whole.start(), head).expect("aligned"),
             backing,
+            owned,
         });
         let after = (tail > 0).then(|| Mapping {
             range: PageRange::new(range.end(), tail).expect("aligned"),
             backing,
+            owned,
         });
         Ok((before, after))
     }
 }
 
+impl Mapping {
+    /// Ends this `Mapping`, unmapping (when owned) every part of its range except
+    /// `gone`: parts already unmapped by someone else, which may since have been
+    /// reused by other mappings.
+    pub fn unmap_except(self, gone: &[PageRange]) {
+        let owned = self.owned;
+        let whole = self.range;
+        std::mem::forget(self);
+        if !owned {
+            return;
+        }
+        let mut gone: Vec<PageRange> = gone.to_vec();
+        gone.sort_by_key(|r| r.start());
+        let mut at = whole.start();
+        let unmap_to = |stop: VirtAddr, at: VirtAddr| {
+            if stop > at {
+                raw_munmap(PageRange::new(at, stop.get() - at.get()).expect("inside"));
+            }
+        };
+        for g in &gone {
+            unmap_to(g.start().max(at).min(whole.end()), at);
+            at = at.max(g.end().min(whole.end()));
+        }
+        unmap_to(whole.end(), at);
+    }
+}
+
 impl Drop for Mapping {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         raw_munmap(self.range);
     }
 }

@@ -21,6 +21,8 @@
 
 #![allow(unsafe_code)]
 
+pub mod event;
+pub mod maps;
 pub mod mm;
 pub mod pagemap;
 pub mod process;

@@ -461,7 +461,7 @@ pub struct FillError {
 impl FillError {
     /// A request refused before any page was done, classified by its errno
     /// (`EINVAL` for a malformed request, `EBADF` for a closed descriptor).
-    fn refused(op: FillOp, len: usize, errno: Errno) -> Self {
+    pub fn refused(op: FillOp, len: usize, errno: Errno) -> Self {
         FillError { op, done: 0, len, kind: classify(op, errno), errno }
     }
 }
@@ -1100,6 +1100,19 @@ impl Uffd {
                 return Ok(false);
             }
         }
+    }
+
+    /// Waits until a message can be read or `notifier` is signalled, for at most
+    /// `timeout`. Holds the descriptor for the whole wait: a thread that needs
+    /// [`close`](Self::close) to proceed must signal the notifier first.
+    pub fn poll_with(
+        &self,
+        notifier: &super::event::Notifier,
+        timeout: Option<Duration>,
+    ) -> Result<super::event::Ready, UffdError> {
+        let g = self.guard();
+        let fd = g.as_ref().ok_or(UffdError::Closed)?;
+        notifier.poll_with(fd.as_fd(), timeout).map_err(UffdError::Read)
     }
 
     fn poll_once(&self, wait: Duration) -> Result<bool, UffdError> {

@@ -1,0 +1,467 @@
+//! Device memory: the kernel's ZONE_DEVICE, hot-plugged by a driver.
+//!
+//! A device registers a region of some capacity and kind with a set of
+//! callbacks ([`DevicePagemapOps`]). Each page of the region has a 16-byte
+//! descriptor: a reference count, the virtual address it backs, and a word of
+//! driver data; its owner is the region. Descriptors are created a chunk at a
+//! time as the region fills, and allocation past the capacity fails.
+//!
+//! # Reference counting
+//!
+//! A page's count is zero while it is free. Allocation sets it to one, held by
+//! the migration that allocated it; when that migration commits, the reference
+//! passes to the managed page that now lives there. Whoever drops the last
+//! reference frees the page: the driver's `page_free` runs, the page returns to
+//! the free list and the capacity is returned.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::addr::{PAGE_SIZE, VirtAddr};
+use crate::fault::{CpuFault, FaultBackError};
+
+use crate::page::{DeviceId, DevicePage};
+
+/// The kind of a device memory region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryKind {
+    /// The CPU cannot address it: a CPU touch faults and migrates the page back.
+    Private,
+}
+
+/// The driver's callbacks (the kernel's `dev_pagemap_ops`).
+pub trait DevicePagemapOps: Send + Sync {
+    /// The last reference to `page` is gone: the driver may reuse it. Called
+    /// without any hmm lock held.
+    fn page_free(&self, page: DevicePage);
+
+    /// The engine hmm copies with when it moves this device's pages itself
+    /// (eviction, release, fault-back by default).
+    fn dma(&self) -> &dyn crate::dma::DmaEngine;
+
+    /// A CPU touched a page that lives in this device's private memory. The
+    /// driver must bring at least the faulting page back; it cannot refuse: an
+    /// error other than [`FaultBackError::NoMemory`] poisons the page. The
+    /// default brings back the fault-around window with [`dma`](Self::dma).
+    fn migrate_to_ram(&self, fault: &mut CpuFault<'_>) -> Result<(), FaultBackError> {
+        fault.migrate(self.dma())
+    }
+}
+
+/// How to register a region.
+#[derive(Debug, Clone)]
+pub struct DeviceMemoryConfig {
+    /// A name for messages and reports.
+    pub name: String,
+    /// Private (or, later, coherent).
+    pub kind: MemoryKind,
+    /// Capacity in bytes (a multiple of the page size).
+    pub capacity: usize,
+    /// Descriptors are created this many pages at a time.
+    pub chunk_pages: u32,
+}
+
+impl DeviceMemoryConfig {
+    /// A private region of `capacity` bytes, descriptors made 512 pages (2 MiB) at a time.
+    pub fn private(name: impl Into<String>, capacity: usize) -> Self {
+        Self { name: name.into(), kind: MemoryKind::Private, capacity, chunk_pages: 512 }
+    }
+}
+
+/// Why device memory could not be registered.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceMemoryError {
+    /// Zero or unaligned capacity, or too large to index.
+    #[error(
+        "device memory capacity {0:#x} must be a non-zero multiple of {PAGE_SIZE} bytes and at most 2^32 pages"
+    )]
+    Capacity(usize),
+    /// A chunk size of zero.
+    #[error("chunk_pages must be at least 1")]
+    Chunk,
+    /// Every device id is taken.
+    #[error("too many device memory regions (at most {})", DeviceId::MAX)]
+    TooMany,
+}
+
+/// A page's descriptor (the kernel's `struct page` for device memory).
+#[derive(Debug, Default)]
+struct Descriptor {
+    refcount: AtomicU32,
+    driver_data: AtomicU32,
+    /// The virtual address the page backs (0: none).
+    backs: AtomicU64,
+}
+
+const _: () = assert!(std::mem::size_of::<Descriptor>() == 16);
+
+/// Counters of one device region (all monotonic except `pages_resident`).
+#[derive(Debug, Default)]
+pub struct DeviceCounters {
+    pub(crate) migrated_to_device: AtomicU64,
+    pub(crate) migrated_to_system: AtomicU64,
+    pub(crate) cpu_faults: AtomicU64,
+    pub(crate) pages_poisoned: AtomicU64,
+    pub(crate) pages_freed: AtomicU64,
+}
+
+/// A snapshot of a region's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct DeviceStats {
+    /// Pages allocated now (each backs a managed page or an in-flight migration).
+    pub pages_resident: u64,
+    /// Capacity in pages.
+    pub capacity_pages: u64,
+    /// Pages migrated into this device.
+    pub migrated_to_device: u64,
+    /// Pages migrated from this device to system memory.
+    pub migrated_to_system: u64,
+    /// Bytes moved into the device.
+    pub bytes_to_device: u64,
+    /// Bytes moved out of the device.
+    pub bytes_to_system: u64,
+    /// CPU faults on this device's pages served.
+    pub cpu_faults: u64,
+    /// Pages lost because the device failed.
+    pub pages_poisoned: u64,
+    /// Pages whose last reference went away (`page_free` calls).
+    pub pages_freed: u64,
+}
+
+struct FreeList {
+    /// Free page indices, reused last-in first-out.
+    free: Vec<u32>,
+    /// Chunks whose descriptors exist.
+    chunks: u32,
+}
+
+/// A region of device memory registered with an `Hmm` instance.
+pub struct DeviceMemory {
+    id: DeviceId,
+    name: String,
+    kind: MemoryKind,
+    capacity_pages: u32,
+    chunk_pages: u32,
+    chunks: Box<[OnceLock<Box<[Descriptor]>>]>,
+    free: Mutex<FreeList>,
+    allocated: AtomicU64,
+    fail_next_alloc: AtomicU32,
+    failed: AtomicBool,
+    ops: Arc<dyn DevicePagemapOps>,
+    pub(crate) counters: DeviceCounters,
+}
+
+impl fmt::Debug for DeviceMemory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeviceMemory")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("capacity_pages", &self.capacity_pages)
+            .field("allocated", &self.allocated.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeviceMemory {
+    pub(crate) fn new(
+        id: DeviceId,
+        config: DeviceMemoryConfig,
+        ops: Arc<dyn DevicePagemapOps>,
+    ) -> Result<Self, DeviceMemoryError> {
+        let pages = config.capacity / PAGE_SIZE;
+        if config.capacity == 0
+            || !config.capacity.is_multiple_of(PAGE_SIZE)
+            || pages > u32::MAX as usize
+        {
+            return Err(DeviceMemoryError::Capacity(config.capacity));
+        }
+        if config.chunk_pages == 0 {
+            return Err(DeviceMemoryError::Chunk);
+        }
+        let capacity_pages = pages as u32;
+        let chunk_pages = config.chunk_pages.min(capacity_pages);
+        let nchunks = capacity_pages.div_ceil(chunk_pages) as usize;
+        Ok(Self {
+            id,
+            name: config.name,
+            kind: config.kind,
+            capacity_pages,
+            chunk_pages,
+            chunks: (0..nchunks).map(|_| OnceLock::new()).collect(),
+            free: Mutex::new(FreeList { free: Vec::new(), chunks: 0 }),
+            allocated: AtomicU64::new(0),
+            fail_next_alloc: AtomicU32::new(0),
+            failed: AtomicBool::new(false),
+            ops,
+            counters: DeviceCounters::default(),
+        })
+    }
+
+    /// The region's identity (its owner).
+    pub fn id(&self) -> DeviceId {
+        self.id
+    }
+
+    /// The name given at registration.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Private or coherent.
+    pub fn kind(&self) -> MemoryKind {
+        self.kind
+    }
+
+    /// Capacity in pages.
+    pub fn capacity_pages(&self) -> u32 {
+        self.capacity_pages
+    }
+
+    /// Pages allocated now.
+    pub fn allocated_pages(&self) -> u64 {
+        self.allocated.load(Ordering::Acquire)
+    }
+
+    /// Whether the device was marked failed.
+    pub fn is_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_failed(&self) {
+        self.failed.store(true, Ordering::Release);
+    }
+
+    /// Makes the next `n` allocations fail (fault injection for tests).
+    pub fn fail_next_allocs(&self, n: u32) {
+        self.fail_next_alloc.store(n, Ordering::Release);
+    }
+
+    pub(crate) fn ops(&self) -> &Arc<dyn DevicePagemapOps> {
+        &self.ops
+    }
+
+    fn descriptor(&self, index: u32) -> &Descriptor {
+        let chunk = self.chunks[(index / self.chunk_pages) as usize]
+            .get()
+            .expect("descriptor of an allocated page exists");
+        &chunk[(index % self.chunk_pages) as usize]
+    }
+
+    /// Allocates up to `n` pages, each with a reference held by the caller.
+    /// Returns fewer (possibly none) when the region is full or an injected
+    /// failure is pending.
+    pub(crate) fn alloc(&self, n: usize) -> Vec<DevicePage> {
+        if self
+            .fail_next_alloc
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| v.checked_sub(1))
+            .is_ok()
+        {
+            return Vec::new();
+        }
+        let mut out = Vec::with_capacity(n);
+        let mut fl = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        while out.len() < n {
+            if fl.free.is_empty() && !self.grow(&mut fl) {
+                break;
+            }
+            let index = fl.free.pop().expect("grown");
+            let d = self.descriptor(index);
+            let was = d.refcount.swap(1, Ordering::AcqRel);
+            debug_assert_eq!(was, 0, "a free page has no references");
+            d.backs.store(0, Ordering::Relaxed);
+            d.driver_data.store(0, Ordering::Relaxed);
+            out.push(DevicePage { dev: self.id, index });
+        }
+        drop(fl);
+        self.allocated.fetch_add(out.len() as u64, Ordering::AcqRel);
+        out
+    }
+
+    /// Creates the descriptors of the next chunk; false when the region is full.
+    fn grow(&self, fl: &mut FreeList) -> bool {
+        if fl.chunks as usize >= self.chunks.len() {
+            return false;
+        }
+        let first = fl.chunks * self.chunk_pages;
+        let count = self.chunk_pages.min(self.capacity_pages - first);
+        self.chunks[fl.chunks as usize]
+            .get_or_init(|| (0..count).map(|_| Descriptor::default()).collect());
+        fl.chunks += 1;
+        // Pushed in reverse so that pages are handed out in ascending order.
+        fl.free.extend((first..first + count).rev());
+        true
+    }
+
+    /// Drops a reference to `page`; the last one frees it (`page_free`).
+    pub(crate) fn put(&self, page: DevicePage) {
+        debug_assert_eq!(page.dev, self.id);
+        let d = self.descriptor(page.index);
+        let was = d.refcount.fetch_sub(1, Ordering::AcqRel);
+        assert!(was > 0, "device page {page} released more often than taken");
+        if was == 1 {
+            d.backs.store(0, Ordering::Relaxed);
+            self.ops.page_free(page);
+            self.counters.pages_freed.fetch_add(1, Ordering::Relaxed);
+            self.free.lock().unwrap_or_else(|e| e.into_inner()).free.push(page.index);
+            self.allocated.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Records the address `page` backs.
+    pub(crate) fn set_backs(&self, page: DevicePage, addr: VirtAddr) {
+        self.descriptor(page.index).backs.store(addr.as_u64(), Ordering::Release);
+    }
+
+    /// The virtual address `page` backs, if it backs one.
+    pub fn backs(&self, page: DevicePage) -> Option<VirtAddr> {
+        if page.dev != self.id || page.index >= self.capacity_pages {
+            return None;
+        }
+        let chunk = self.chunks[(page.index / self.chunk_pages) as usize].get()?;
+        let a = chunk[(page.index % self.chunk_pages) as usize].backs.load(Ordering::Acquire);
+        (a != 0).then(|| VirtAddr::new(a as usize))
+    }
+
+    /// The reference count of `page` (0 when free).
+    pub fn refcount(&self, page: DevicePage) -> u32 {
+        if page.dev != self.id || page.index >= self.capacity_pages {
+            return 0;
+        }
+        self.chunks[(page.index / self.chunk_pages) as usize]
+            .get()
+            .map_or(0, |c| c[(page.index % self.chunk_pages) as usize].refcount.load(Ordering::Acquire))
+    }
+
+    /// The driver's word for `page`.
+    pub fn driver_data(&self, page: DevicePage) -> u32 {
+        self.descriptor(page.index).driver_data.load(Ordering::Acquire)
+    }
+
+    /// Sets the driver's word for an allocated `page`.
+    pub fn set_driver_data(&self, page: DevicePage, value: u32) {
+        self.descriptor(page.index).driver_data.store(value, Ordering::Release);
+    }
+
+    /// Every allocated page that backs an address, with that address.
+    pub(crate) fn resident_pages(&self) -> Vec<(DevicePage, VirtAddr)> {
+        let mut out = Vec::new();
+        for (c, chunk) in self.chunks.iter().enumerate() {
+            let Some(chunk) = chunk.get() else { break };
+            for (i, d) in chunk.iter().enumerate() {
+                let a = d.backs.load(Ordering::Acquire);
+                if a != 0 && d.refcount.load(Ordering::Acquire) > 0 {
+                    let index = c as u32 * self.chunk_pages + i as u32;
+                    out.push((DevicePage { dev: self.id, index }, VirtAddr::new(a as usize)));
+                }
+            }
+        }
+        out
+    }
+
+    /// Bytes of descriptors created so far.
+    pub fn descriptor_bytes(&self) -> usize {
+        let chunks = self.free.lock().unwrap_or_else(|e| e.into_inner()).chunks as usize;
+        chunks * self.chunk_pages as usize * std::mem::size_of::<Descriptor>()
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> DeviceStats {
+        let c = &self.counters;
+        let to_dev = c.migrated_to_device.load(Ordering::Relaxed);
+        let to_sys = c.migrated_to_system.load(Ordering::Relaxed);
+        DeviceStats {
+            pages_resident: self.allocated_pages(),
+            capacity_pages: u64::from(self.capacity_pages),
+            migrated_to_device: to_dev,
+            migrated_to_system: to_sys,
+            bytes_to_device: to_dev * PAGE_SIZE as u64,
+            bytes_to_system: to_sys * PAGE_SIZE as u64,
+            cpu_faults: c.cpu_faults.load(Ordering::Relaxed),
+            pages_poisoned: c.pages_poisoned.load(Ordering::Relaxed),
+            pages_freed: c.pages_freed.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex as StdMutex;
+
+    #[derive(Default)]
+    struct Recorder(StdMutex<Vec<DevicePage>>);
+
+    impl DevicePagemapOps for Recorder {
+        fn page_free(&self, page: DevicePage) {
+            self.0.lock().unwrap().push(page);
+        }
+        fn dma(&self) -> &dyn crate::dma::DmaEngine {
+            unreachable!("no copies in unit tests")
+        }
+    }
+
+    fn region(pages: usize, chunk: u32) -> (DeviceMemory, Arc<Recorder>) {
+        let rec = Arc::new(Recorder::default());
+        let mut cfg = DeviceMemoryConfig::private("t", pages * PAGE_SIZE);
+        cfg.chunk_pages = chunk;
+        (DeviceMemory::new(DeviceId(3), cfg, rec.clone()).unwrap(), rec)
+    }
+
+    #[test]
+    fn capacity_is_enforced_and_returned_on_free() {
+        let (m, rec) = region(10, 4);
+        let a = m.alloc(7);
+        assert_eq!(a.len(), 7);
+        assert_eq!(a[0], DevicePage { dev: DeviceId(3), index: 0 }, "ascending order");
+        let b = m.alloc(7);
+        assert_eq!(b.len(), 3, "only what fits");
+        assert!(m.alloc(1).is_empty());
+        assert_eq!(m.allocated_pages(), 10);
+        m.put(a[2]);
+        assert_eq!(*rec.0.lock().unwrap(), vec![a[2]], "page_free on the last reference");
+        assert_eq!(m.allocated_pages(), 9);
+        assert_eq!(m.alloc(5), vec![a[2]], "a freed page is reused");
+        assert_eq!(m.descriptor_bytes(), 3 * 4 * 16, "three chunks of four descriptors");
+    }
+
+    #[test]
+    fn references_keep_a_page_alive() {
+        let (m, rec) = region(4, 512);
+        let p = m.alloc(1)[0];
+        m.get(p);
+        m.set_backs(p, VirtAddr::new(0x7000));
+        m.set_driver_data(p, 42);
+        assert_eq!(m.refcount(p), 2);
+        m.put(p);
+        assert!(rec.0.lock().unwrap().is_empty());
+        assert_eq!(m.backs(p), Some(VirtAddr::new(0x7000)));
+        assert_eq!(m.driver_data(p), 42);
+        assert_eq!(m.resident_pages(), vec![(p, VirtAddr::new(0x7000))]);
+        m.put(p);
+        assert_eq!(rec.0.lock().unwrap().len(), 1);
+        assert_eq!(m.backs(p), None);
+        assert_eq!(m.refcount(p), 0);
+    }
+
+    #[test]
+    fn injected_failures_fail_whole_allocations() {
+        let (m, _) = region(8, 8);
+        m.fail_next_allocs(1);
+        assert!(m.alloc(4).is_empty());
+        assert_eq!(m.alloc(4).len(), 4);
+    }
+
+    #[test]
+    fn bad_configurations_are_refused() {
+        let rec: Arc<dyn DevicePagemapOps> = Arc::new(Recorder::default());
+        for cap in [0, 100, PAGE_SIZE + 1] {
+            let r = DeviceMemory::new(DeviceId(0), DeviceMemoryConfig::private("x", cap), rec.clone());
+            assert!(matches!(r, Err(DeviceMemoryError::Capacity(c)) if c == cap));
+        }
+        let mut cfg = DeviceMemoryConfig::private("x", PAGE_SIZE);
+        cfg.chunk_pages = 0;
+        assert!(matches!(DeviceMemory::new(DeviceId(0), cfg, rec), Err(DeviceMemoryError::Chunk)));
+    }
+}

@@ -1,0 +1,341 @@
+//! DMA engines: asynchronous batched copies between system and device memory.
+//!
+//! A migration hands its engine one [`DmaJob`] per phase and waits on the
+//! [`DmaFence`] it gets back; each copy of the job completes with its own
+//! result, so a failure costs only the pages it touched.
+//!
+//! The system side of a copy is never a managed address the engine could
+//! fault on:
+//! - towards a device, the source is a page that setup moved out of the
+//!   managed range into hmm's own staging memory ([`SystemSource::Staged`]),
+//!   or nothing at all for a page that was never populated ([`SystemSource::Zero`]);
+//! - towards system memory, the engine installs the data at the managed
+//!   address through the kernel ([`SystemSink`]: `UFFDIO_COPY` or
+//!   `UFFDIO_MOVE` into the absent page), so it never touches the address itself.
+
+use std::fmt;
+use std::sync::{Arc, Condvar, Mutex};
+
+use crate::addr::{PAGE_SIZE, PageRange, VirtAddr};
+use crate::os::mm::Mapping;
+use rustix::io::Errno;
+
+use crate::os::uffd::{FillError, FillErrorKind, FillOp, Uffd};
+use crate::page::DevicePage;
+
+/// Where the data for a device page comes from.
+#[derive(Debug, Clone)]
+pub enum SystemSource {
+    /// The page was never populated: the device page must read as zeros.
+    Zero,
+    /// The page's data, isolated in staging memory at `offset`.
+    Staged {
+        /// hmm's staging mapping (private anonymous, never managed).
+        staging: Arc<Mapping>,
+        /// Byte offset of the page in it.
+        offset: usize,
+    },
+}
+
+/// One page towards a device.
+#[derive(Debug, Clone)]
+pub struct ToDevice {
+    /// The data.
+    pub src: SystemSource,
+    /// The device page to fill (allocated, referenced by the migration).
+    pub dst: DevicePage,
+}
+
+/// One page towards system memory.
+#[derive(Debug, Clone, Copy)]
+pub struct ToSystem {
+    /// The device page holding the data.
+    pub src: DevicePage,
+    /// The managed address to install it at (absent while the migration runs).
+    pub dst: VirtAddr,
+}
+
+/// A batch of copies in one direction.
+#[derive(Debug)]
+pub enum DmaJob {
+    /// System (or zero) to device.
+    ToDevice(Vec<ToDevice>),
+    /// Device to system, installed through `sink`.
+    ToSystem {
+        /// The copies.
+        copies: Vec<ToSystem>,
+        /// Installs pages at managed addresses.
+        sink: Arc<SystemSink>,
+    },
+}
+
+impl DmaJob {
+    /// Number of copies.
+    pub fn len(&self) -> usize {
+        match self {
+            DmaJob::ToDevice(v) => v.len(),
+            DmaJob::ToSystem { copies, .. } => copies.len(),
+        }
+    }
+
+    /// Whether the job is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Why one copy failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DmaError {
+    /// System memory could not be had for the destination.
+    #[error("out of system memory")]
+    NoMemory,
+    /// The device failed: its memory cannot be read or written.
+    #[error("device failed")]
+    DeviceFailed,
+    /// The destination address was populated behind the migration.
+    #[error("destination already populated")]
+    Exists,
+    /// Anything else, with what the engine knows.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<FillError> for DmaError {
+    fn from(e: FillError) -> Self {
+        match e.kind {
+            FillErrorKind::NoMemory => DmaError::NoMemory,
+            FillErrorKind::Exists => DmaError::Exists,
+            _ => DmaError::Failed(e.to_string()),
+        }
+    }
+}
+
+/// A DMA engine.
+pub trait DmaEngine: Send + Sync {
+    /// A short name for reports ("copy", "zero-copy").
+    fn name(&self) -> &str;
+
+    /// Starts `job`; returns at once with a fence that completes when every
+    /// copy has a result.
+    fn submit(&self, job: DmaJob) -> DmaFence;
+}
+
+struct FenceState {
+    remaining: usize,
+    results: Vec<Result<(), DmaError>>,
+}
+
+struct FenceInner {
+    state: Mutex<FenceState>,
+    done: Condvar,
+}
+
+/// Completion of a submitted job.
+pub struct DmaFence(Arc<FenceInner>);
+
+/// The engine's side of a fence: reports each copy's result once.
+#[derive(Clone)]
+pub struct FenceCompleter(Arc<FenceInner>);
+
+impl fmt::Debug for FenceCompleter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("FenceCompleter")
+    }
+}
+
+impl fmt::Debug for DmaFence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
+        f.debug_struct("DmaFence").field("remaining", &s.remaining).finish()
+    }
+}
+
+impl DmaFence {
+    /// A fence for `n` copies, and the completer the engine reports through.
+    pub fn new(n: usize) -> (DmaFence, FenceCompleter) {
+        let inner = Arc::new(FenceInner {
+            state: Mutex::new(FenceState {
+                remaining: n,
+                results: vec![Err(DmaError::Failed("not completed".into())); n],
+            }),
+            done: Condvar::new(),
+        });
+        (DmaFence(inner.clone()), FenceCompleter(inner))
+    }
+
+    /// Waits for every copy; returns their results in job order.
+    pub fn wait(self) -> Vec<Result<(), DmaError>> {
+        let mut s = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
+        while s.remaining > 0 {
+            s = self.0.done.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        std::mem::take(&mut s.results)
+    }
+}
+
+impl FenceCompleter {
+    /// Reports the results of copies `first..first + results.len()`.
+    pub fn complete(&self, first: usize, results: Vec<Result<(), DmaError>>) {
+        let mut s = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
+        let n = results.len();
+        for (slot, r) in s.results[first..first + n].iter_mut().zip(results) {
+            *slot = r;
+        }
+        s.remaining -= n;
+        if s.remaining == 0 {
+            self.0.done.notify_all();
+        }
+    }
+}
+
+/// Installs pages at managed addresses through the kernel, without waking
+/// waiters: the migration wakes them once its pages are committed.
+#[derive(Debug)]
+pub struct SystemSink {
+    uffd: Arc<Uffd>,
+}
+
+impl SystemSink {
+    pub(crate) fn new(uffd: Arc<Uffd>) -> Self {
+        Self { uffd }
+    }
+
+    /// Copies `pages` pages from `src` at `src_offset` into the absent pages at `dst`
+    /// (`UFFDIO_COPY`). Returns one result per page.
+    pub fn install_copy(
+        &self,
+        dst: VirtAddr,
+        src: &Mapping,
+        src_offset: usize,
+        pages: usize,
+    ) -> Vec<Result<(), DmaError>> {
+        per_page(dst, pages, |d, done| {
+            let s = src
+                .subrange(src_offset + done, d.len())
+                .map_err(|_| FillError::refused(FillOp::Copy, d.len(), Errno::INVAL))?;
+            self.uffd.copy_from(d, src, s, true).map(drop)
+        })
+    }
+
+    /// Moves `pages` pages of `src` at `src_offset` into the absent pages at `dst`
+    /// (`UFFDIO_MOVE`, zero-copy). The source must be private anonymous and
+    /// writable like the destination; refusals come back per page for the caller
+    /// to copy instead.
+    pub fn install_move(
+        &self,
+        dst: VirtAddr,
+        src: &Mapping,
+        src_offset: usize,
+        pages: usize,
+    ) -> Vec<Result<(), DmaError>> {
+        per_page(dst, pages, |d, done| {
+            let s = src
+                .subrange(src_offset + done, d.len())
+                .map_err(|_| FillError::refused(FillOp::Move, d.len(), Errno::INVAL))?;
+            self.uffd.move_pages(d, src, s, true, false).map(drop)
+        })
+    }
+
+    /// Maps the zero page at the absent pages at `dst` (`UFFDIO_ZEROPAGE`).
+    pub fn install_zero(&self, dst: VirtAddr, pages: usize) -> Vec<Result<(), DmaError>> {
+        per_page(dst, pages, |d, _| self.uffd.zeropage(d, true).map(drop))
+    }
+}
+
+/// Runs `op` over `pages` pages from `dst`: one ioctl for the whole run while it
+/// succeeds, continuing after a page that fails; `op` gets the remaining range
+/// and the bytes already done. Returns one result per page.
+///
+/// The kernel reports how many bytes an ioctl completed before failing; the
+/// page at that point failed with the reported reason. `EAGAIN` with progress
+/// just continues; `EAGAIN` with none means an address-space change is being
+/// reported to the fault service, so the call is retried (a bounded number of
+/// times) once it has had a chance to read it.
+fn per_page(
+    dst: VirtAddr,
+    pages: usize,
+    mut op: impl FnMut(PageRange, usize) -> Result<(), FillError>,
+) -> Vec<Result<(), DmaError>> {
+    const MAX_AGAIN: u32 = 10_000;
+    let mut out: Vec<Result<(), DmaError>> = Vec::with_capacity(pages);
+    let mut again = 0;
+    while out.len() < pages {
+        let done = out.len() * PAGE_SIZE;
+        let Ok(rest) = PageRange::from_pages(VirtAddr::new(dst.get() + done), pages - out.len())
+        else {
+            out.resize(pages, Err(DmaError::Failed("range overflow".into())));
+            break;
+        };
+        match op(rest, done) {
+            Ok(()) => out.resize(pages, Ok(())),
+            Err(e) => {
+                let ok_pages = (e.done / PAGE_SIZE).min(rest.pages());
+                out.extend((0..ok_pages).map(|_| Ok(())));
+                if e.kind == FillErrorKind::Again {
+                    if ok_pages == 0 {
+                        again += 1;
+                        if again > MAX_AGAIN {
+                            out.push(Err(DmaError::Failed(e.to_string())));
+                        } else {
+                            std::thread::yield_now();
+                        }
+                    }
+                    continue;
+                }
+                if out.len() < pages {
+                    out.push(Err(e.into()));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fence_collects_results_in_order_from_many_threads() {
+        let (fence, done) = DmaFence::new(6);
+        let hs: Vec<_> = (0..3)
+            .map(|t| {
+                let done = done.clone();
+                std::thread::spawn(move || {
+                    let r = if t == 1 { Err(DmaError::NoMemory) } else { Ok(()) };
+                    done.complete(t * 2, vec![r.clone(), r]);
+                })
+            })
+            .collect();
+        let results = fence.wait();
+        for h in hs {
+            h.join().unwrap();
+        }
+        assert_eq!(results.len(), 6);
+        assert!(results[..2].iter().all(Result::is_ok));
+        assert_eq!(results[2], Err(DmaError::NoMemory));
+        assert_eq!(results[3], Err(DmaError::NoMemory));
+        assert!(results[4..].iter().all(Result::is_ok));
+    }
+
+    #[test]
+    fn per_page_continues_after_a_failing_page() {
+        let base = VirtAddr::new(0x10_0000);
+        let bad = base.get() + 2 * PAGE_SIZE;
+        let mut calls = 0;
+        let out = per_page(base, 5, |r, _| {
+            calls += 1;
+            if r.contains(VirtAddr::new(bad)) {
+                let done = bad - r.start().get();
+                Err(FillError { done, ..FillError::refused(FillOp::Copy, r.len(), Errno::EXIST) })
+            } else {
+                Ok(())
+            }
+        });
+        assert_eq!(out.len(), 5);
+        assert_eq!(out.iter().filter(|r| r.is_err()).count(), 1);
+        assert_eq!(out[2], Err(DmaError::Exists));
+        assert_eq!(calls, 2, "one call up to the failure, one for the rest");
+    }
+}

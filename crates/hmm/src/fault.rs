@@ -1,0 +1,484 @@
+//! The fault service: one named thread per `Hmm` instance that reads the
+//! userfaultfd and keeps the page records true.
+//!
+//! # What it serves
+//!
+//! - **A CPU touch of a device page**: the device's `migrate_to_ram` brings
+//!   the faulting page back first, then the fault-around window (never
+//!   crossing the managed range), then the thread is woken.
+//! - **A first touch of a never-populated page**: the zero page is mapped over
+//!   a window of never-populated pages around it (a write then takes an
+//!   ordinary kernel copy-on-write fault).
+//! - **A touch of a page mid-migration**: nothing; the migration wakes the
+//!   thread when it finalizes, and the thread retries.
+//! - **A touch of a poisoned page**: the poison marker is (re)installed, and the
+//!   thread gets SIGBUS.
+//! - **Discards and unmaps** (`REMOVE`, `UNMAP` events): the pages become
+//!   `None` (or `Unmapped`) and their device pages are freed.
+//! - **`mremap`** (`REMAP` event): the device pages of the moved part are
+//!   installed at the new address, the new range is left unmanaged, and the
+//!   old pages are recorded unmapped.
+//!
+//! # When system memory cannot be had
+//!
+//! A fault-back whose copy fails for lack of memory is never zero-filled and
+//! never poisoned: the page stays on the device, the faulting thread stays
+//! blocked, and the fault is retried with a growing delay (1 ms doubling to
+//! 100 ms) until memory is found. The retries are counted
+//! ([`Hmm::fault_stats`](crate::Hmm::fault_stats)).
+//!
+//! # Ordering hazards
+//!
+//! - `EAGAIN` with nothing done from a fill means an address-space change is
+//!   queued as an event: the fault goes back on the retry list, and the
+//!   events are read first.
+//! - `EEXIST` means the page is already there: success.
+//! - The service never touches a managed address itself (it reaches pages
+//!   only through ioctls), so it cannot fault on itself.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::addr::{PAGE_SIZE, PageRange, VirtAddr};
+use crate::dma::{DmaEngine, DmaJob, ToSystem};
+use crate::migrate::{Migration, PageStatus, Selection, SkipReason};
+use crate::os::uffd::{FillErrorKind, UffdEvent};
+use crate::page::{DevicePage, Residency};
+use crate::space::{Inner, Range};
+
+/// Why a fault-back did not bring the faulting page back.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FaultBackError {
+    /// System memory could not be had: the fault is retried later.
+    #[error("out of system memory")]
+    NoMemory,
+    /// The device failed: the page is poisoned.
+    #[error("the device failed")]
+    DeviceFailed,
+    /// The page was not where the fault said (another migration took it):
+    /// the thread is woken and faults again if needed.
+    #[error("the page is busy")]
+    Busy,
+    /// Anything else: the page is poisoned.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A CPU fault on a device-private page, handed to the device's
+/// `migrate_to_ram`.
+pub struct CpuFault<'a> {
+    inner: &'a Arc<Inner>,
+    range: Arc<Range>,
+    addr: VirtAddr,
+    page: DevicePage,
+    window: PageRange,
+    write: bool,
+}
+
+impl std::fmt::Debug for CpuFault<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CpuFault")
+            .field("addr", &self.addr)
+            .field("page", &self.page)
+            .field("window", &self.window)
+            .field("write", &self.write)
+            .finish()
+    }
+}
+
+impl CpuFault<'_> {
+    /// The faulting address.
+    pub fn addr(&self) -> VirtAddr {
+        self.addr
+    }
+
+    /// The device page holding it.
+    pub fn device_page(&self) -> DevicePage {
+        self.page
+    }
+
+    /// The fault-around window (inside the managed range, containing the address).
+    pub fn window(&self) -> PageRange {
+        self.window
+    }
+
+    /// Whether the touch was a write.
+    pub fn is_write(&self) -> bool {
+        self.write
+    }
+
+    /// Brings the faulting page back with `engine`, then the rest of the window.
+    pub fn migrate(&mut self, engine: &dyn DmaEngine) -> Result<(), FaultBackError> {
+        let page = PageRange::from_pages(self.addr.page_down(), 1).expect("one page");
+        let sel = Selection::Device(self.page.dev);
+        let mut m = Migration::setup_in(self.inner, self.range.clone(), page, sel)
+            .map_err(|e| FaultBackError::Other(e.to_string()))?;
+        m.copy(engine);
+        let statuses = m.statuses();
+        let report = m.finalize();
+        let first = match statuses.first() {
+            Some(PageStatus::Migrated) => Ok(()),
+            Some(PageStatus::Skipped(SkipReason::CopyFailed(crate::dma::DmaError::NoMemory))) => {
+                return Err(FaultBackError::NoMemory);
+            }
+            Some(PageStatus::Skipped(SkipReason::CopyFailed(crate::dma::DmaError::DeviceFailed))) => {
+                return Err(FaultBackError::DeviceFailed);
+            }
+            _ if report.migrated == 0 => Err(FaultBackError::Busy),
+            _ => Ok(()),
+        };
+        // The rest of the window, before and after the page.
+        let w = self.window;
+        for part in [
+            PageRange::new(w.start(), page.start().get() - w.start().get()),
+            PageRange::new(page.end(), w.end().get() - page.end().get()),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if let Ok(mut m) = Migration::setup_in(self.inner, self.range.clone(), part, sel) {
+                if m.collected() > 0 {
+                    m.copy(engine);
+                }
+                m.finalize();
+            }
+        }
+        first
+    }
+}
+
+/// Starts the service thread.
+pub(crate) fn start(inner: Arc<Inner>) -> std::io::Result<JoinHandle<()>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = std::thread::Builder::new().name("hmm-fault".into()).spawn(move || {
+        // Record this thread's stack: adoption refuses it.
+        let marker = 0u8;
+        let here = VirtAddr::new(&marker as *const u8 as usize);
+        if let Ok(Some(vma)) = crate::os::maps::vma_containing(here) {
+            let _ = inner.service_stack.set(vma.range);
+        }
+        let _ = tx.send(());
+        Service::new(inner).run();
+    })?;
+    let _ = rx.recv();
+    Ok(h)
+}
+
+struct Retry {
+    addr: VirtAddr,
+    write: bool,
+    due: Instant,
+    delay: Duration,
+}
+
+struct Service {
+    inner: Arc<Inner>,
+    events: Vec<UffdEvent>,
+    retries: Vec<Retry>,
+}
+
+impl Service {
+    fn new(inner: Arc<Inner>) -> Self {
+        Self { inner, events: Vec::with_capacity(64), retries: Vec::new() }
+    }
+
+    fn run(&mut self) {
+        loop {
+            if self.inner.stopping.load(Ordering::Acquire) {
+                return;
+            }
+            let timeout = self.retries.iter().map(|r| r.due).min().map(|d| d.saturating_duration_since(Instant::now()));
+            match self.inner.uffd.poll_with(&self.inner.notifier, timeout) {
+                Ok(_) => {}
+                Err(e) => {
+                    if !self.inner.stopping.load(Ordering::Acquire) {
+                        tracing::error!(error = %e, "fault service cannot poll; stopping");
+                    }
+                    return;
+                }
+            }
+            loop {
+                match self.inner.uffd.read_events(&mut self.events, 64) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) => {
+                        if !self.inner.stopping.load(Ordering::Acquire) {
+                            tracing::error!(error = %e, "fault service cannot read events; stopping");
+                        }
+                        return;
+                    }
+                }
+                let events = std::mem::take(&mut self.events);
+                self.inner.counters.events.fetch_add(events.len() as u64, Ordering::Relaxed);
+                for ev in &events {
+                    self.handle(ev);
+                }
+                self.events = events;
+                self.events.clear();
+            }
+            self.run_retries();
+        }
+    }
+
+    fn run_retries(&mut self) {
+        let now = Instant::now();
+        let due: Vec<Retry> = {
+            let (due, later) = std::mem::take(&mut self.retries).into_iter().partition(|r| r.due <= now);
+            self.retries = later;
+            due
+        };
+        for r in due {
+            self.fault(r.addr, r.write, r.delay);
+        }
+    }
+
+    fn handle(&mut self, ev: &UffdEvent) {
+        match ev {
+            UffdEvent::PageFault { addr, flags, .. } => {
+                self.inner.counters.faults_read.fetch_add(1, Ordering::Relaxed);
+                self.fault(*addr, flags.write, Duration::ZERO);
+            }
+            UffdEvent::Remove { start, end } => self.invalidate(start.get(), end.get(), false),
+            UffdEvent::Unmap { start, end } => self.invalidate(start.get(), end.get(), true),
+            UffdEvent::Remap { from, to, len } => self.remap(from.get(), to.get(), *len),
+            UffdEvent::Fork { .. } => {
+                // EVENT_FORK is not enabled; dropping the child descriptor is all
+                // there is to do.
+            }
+        }
+    }
+
+    fn retry_later(&mut self, addr: VirtAddr, write: bool, delay: Duration) {
+        self.retries.push(Retry { addr, write, due: Instant::now() + delay, delay });
+    }
+
+    /// Serves one fault at `addr`. `delay` is the wait before this attempt (for
+    /// the backoff of memory-starved retries).
+    fn fault(&mut self, addr: VirtAddr, write: bool, delay: Duration) {
+        let page = PageRange::from_pages(addr.page_down(), 1).expect("one page");
+        let Some(r) = self.inner.find(page.start()) else {
+            // Not managed (any more): a registered range hmm let go of, such as
+            // the new home of a remapped range. It is plain anonymous memory: an
+            // absent page reads as zeros.
+            self.zero(page, None, write, delay);
+            return;
+        };
+        let i = r.index(page.start());
+        let e = r.lock()[i];
+        if e.is_migrating() {
+            return; // the migration wakes the thread when it ends
+        }
+        match e.residency() {
+            Residency::None | Residency::System => self.zero(page, Some(&r), write, delay),
+            Residency::Device(p) => self.fault_back(&r, page.start(), p, write, delay),
+            Residency::Poisoned => {
+                let _ = self.inner.uffd.poison(page, false);
+                let _ = self.inner.uffd.wake(page);
+            }
+            Residency::Unmapped => {
+                let _ = self.inner.uffd.wake(page);
+            }
+        }
+    }
+
+    /// Maps the zero page at the fault (and around it, over never-populated
+    /// pages of the same range).
+    fn zero(&mut self, page: PageRange, r: Option<&Arc<Range>>, write: bool, delay: Duration) {
+        let Some(r) = r else {
+            match self.inner.uffd.zeropage(page, false) {
+                Err(e) if e.kind == FillErrorKind::Again => self.retry_later(page.start(), write, delay),
+                _ => {
+                    let _ = self.inner.uffd.wake(page);
+                }
+            }
+            return;
+        };
+        let around = self.inner.config.zero_fill_around_pages.max(1);
+        let mut t = r.lock();
+        let i = r.index(page.start());
+        let movable = |e: &crate::page::PageEntry| {
+            !e.is_migrating() && matches!(e.residency(), Residency::None)
+        };
+        let (mut a, mut b) = (i, i + 1);
+        if movable(&t[i]) {
+            while a > 0 && i - (a - 1) < around / 2 && movable(&t[a - 1]) {
+                a -= 1;
+            }
+            while b < t.len() && b - a < around && movable(&t[b]) {
+                b += 1;
+            }
+        }
+        let window = PageRange::from_pages(r.page_addr(a), b - a).expect("inside");
+        // The faulting page first (it may be a `System` page whose contents the
+        // kernel dropped, e.g. after MADV_FREE), then the rest without waking.
+        let res = self.inner.uffd.zeropage(page, true);
+        match res {
+            Ok(_) => {}
+            Err(e) if e.kind == FillErrorKind::Exists => {}
+            Err(e) if e.kind == FillErrorKind::Again => {
+                drop(t);
+                self.retry_later(page.start(), write, delay);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(addr = %page.start(), error = %e, "cannot map the zero page");
+            }
+        }
+        let _ = t[i].populate();
+        let mut filled = 1;
+        for part in [
+            PageRange::new(window.start(), page.start().get() - window.start().get()),
+            PageRange::new(page.end(), window.end().get() - page.end().get()),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let done = match self.inner.uffd.zeropage(part, true) {
+                Ok(_) => part.pages(),
+                Err(e) => e.done / PAGE_SIZE,
+            };
+            let first = r.index(part.start());
+            for e in &mut t[first..first + done] {
+                let _ = e.populate();
+            }
+            filled += done;
+        }
+        drop(t);
+        r.counters.zero_fills.fetch_add(filled as u64, Ordering::Relaxed);
+        let _ = self.inner.uffd.wake(window);
+    }
+
+    fn fault_back(
+        &mut self,
+        r: &Arc<Range>,
+        addr: VirtAddr,
+        p: DevicePage,
+        write: bool,
+        delay: Duration,
+    ) {
+        let Some(mem) = self.inner.device(p.dev) else {
+            tracing::error!(%addr, page = %p, "a page lives on an unregistered device");
+            let _ = self.inner.uffd.wake(PageRange::from_pages(addr, 1).expect("page"));
+            return;
+        };
+        let around = self.inner.config.fault_around_pages.max(1);
+        let rr = r.range();
+        let half = (around / 2) * PAGE_SIZE;
+        let lo = addr.get().saturating_sub(half).max(rr.start().get());
+        let hi = (lo + around * PAGE_SIZE).min(rr.end().get()).max(addr.get() + PAGE_SIZE);
+        let window = PageRange::new(VirtAddr::new(lo), hi - lo).expect("inside the range");
+        let mut f = CpuFault { inner: &self.inner, range: r.clone(), addr, page: p, window, write };
+        let res = if mem.is_failed() {
+            Err(FaultBackError::DeviceFailed)
+        } else {
+            mem.ops().migrate_to_ram(&mut f)
+        };
+        match res {
+            Ok(()) => {
+                r.counters.cpu_faults.fetch_add(1, Ordering::Relaxed);
+                mem.counters.cpu_faults.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(FaultBackError::Busy) => {
+                let _ = self.inner.uffd.wake(PageRange::from_pages(addr, 1).expect("page"));
+            }
+            Err(FaultBackError::NoMemory) => {
+                self.inner.counters.fault_retries_no_memory.fetch_add(1, Ordering::Relaxed);
+                let next = (delay * 2).clamp(Duration::from_millis(1), Duration::from_millis(100));
+                tracing::warn!(%addr, retry_in = ?next, "no system memory for a fault-back; retrying");
+                self.retry_later(addr, write, next);
+            }
+            Err(e) => {
+                tracing::error!(%addr, page = %p, error = %e, "fault-back failed; poisoning the page");
+                self.poison_page(r, addr, p);
+            }
+        }
+    }
+
+    fn poison_page(&mut self, r: &Arc<Range>, addr: VirtAddr, p: DevicePage) {
+        let one = PageRange::from_pages(addr, 1).expect("page");
+        let i = r.index(addr);
+        let mut t = r.lock();
+        if t[i].device_page() == Some(p) && !t[i].is_migrating() {
+            let _ = self.inner.uffd.poison(one, false);
+            let _ = t[i].poison();
+            drop(t);
+            r.counters.pages_poisoned.fetch_add(1, Ordering::Relaxed);
+            if let Some(mem) = self.inner.device(p.dev) {
+                mem.counters.pages_poisoned.fetch_add(1, Ordering::Relaxed);
+            }
+            self.inner.put_page(p);
+        } else {
+            drop(t);
+            let _ = self.inner.uffd.wake(one);
+        }
+    }
+
+    /// The application discarded (`MADV_DONTNEED`, `MADV_REMOVE`) or unmapped
+    /// `[start, end)`: free the device pages that held it.
+    fn invalidate(&mut self, start: usize, end: usize, unmapped: bool) {
+        for r in self.overlapping(start, end) {
+            let rr = r.range();
+            let a = r.index(VirtAddr::new(start.max(rr.start().get())));
+            let b = r.index(VirtAddr::new(end.min(rr.end().get()) - 1)) + 1;
+            let freed: Vec<DevicePage> = {
+                let mut t = r.lock();
+                t[a..b].iter_mut().filter_map(|e| e.invalidate(unmapped)).collect()
+            };
+            for p in freed {
+                self.inner.put_page(p);
+            }
+        }
+    }
+
+    /// `mremap` moved `[from, from + len)` to `to`: the device pages of the old
+    /// part are installed at the new address (which stays registered with this
+    /// descriptor), then the new range is unregistered: hmm no longer manages it.
+    fn remap(&mut self, from: usize, to: usize, len: usize) {
+        for r in self.overlapping(from, from + len) {
+            let rr = r.range();
+            let a = r.index(VirtAddr::new(from.max(rr.start().get())));
+            let b = r.index(VirtAddr::new((from + len).min(rr.end().get()) - 1)) + 1;
+            let moved: Vec<(usize, DevicePage)> = {
+                let mut t = r.lock();
+                t[a..b]
+                    .iter_mut()
+                    .enumerate()
+                    .filter_map(|(k, e)| {
+                        let p = e.device_page();
+                        e.invalidate(true);
+                        p.map(|p| (a + k, p))
+                    })
+                    .collect()
+            };
+            for (i, p) in moved {
+                let dst = VirtAddr::new(to + (r.page_addr(i).get() - from));
+                if let Some(mem) = self.inner.device(p.dev) {
+                    let job = DmaJob::ToSystem {
+                        copies: vec![ToSystem { src: p, dst }],
+                        sink: self.inner.sink.clone(),
+                    };
+                    if let Some(Err(e)) = mem.ops().dma().submit(job).wait().pop() {
+                        tracing::error!(%dst, error = %e, "cannot bring a device page to its remapped address");
+                    }
+                }
+                self.inner.put_page(p);
+            }
+        }
+        if let Ok(new) = PageRange::new(VirtAddr::new(to), len) {
+            let _ = self.inner.uffd.unregister(new);
+        }
+    }
+
+    fn overlapping(&self, start: usize, end: usize) -> Vec<Arc<Range>> {
+        let ranges = self.inner.ranges.read().unwrap_or_else(|e| e.into_inner());
+        ranges
+            .range(..end)
+            .rev()
+            .map(|(_, r)| r)
+            .take_while(|r| r.range().end().get() > start)
+            .cloned()
+            .collect()
+    }
+}

@@ -1,0 +1,581 @@
+//! Three-phase migration over a range (the kernel's `migrate_vma_*`).
+//!
+//! A [`Migration`] is a value that goes through its phases:
+//!
+//! 1. **setup** ([`Hmm::migrate`](crate::Hmm::migrate)): collect the pages that
+//!    match the selection and make each unreachable, so no CPU write can be
+//!    lost during the copy. A system page is moved (`UFFDIO_MOVE`, no copy) out
+//!    of the managed range into hmm's staging memory; its address is then empty
+//!    and a CPU touch waits in the fault service until the migration ends. A
+//!    device page is already unreachable. A page never populated has no source
+//!    at all.
+//! 2. **allocate and copy** ([`allocate_on`](Migration::allocate_on),
+//!    [`copy`](Migration::copy)): destinations are allocated (device pages, or
+//!    for the way back the page's own address), and the DMA engine copies.
+//! 3. **finalize** ([`finalize`](Migration::finalize)): each copied page is
+//!    committed; every other page gets its source back (a staged page is moved
+//!    back into place). Threads waiting on the range are woken.
+//!
+//! Each page ends with a [`PageStatus`]; a page that did not move says why.
+//! Dropping a migration before `finalize` restores every source.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use crate::addr::{HUGE_PAGE_SIZE, PAGE_SIZE, PageRange, VirtAddr};
+use crate::devmem::DeviceMemory;
+use crate::dma::{DmaEngine, DmaError, DmaJob, SystemSource, ToDevice, ToSystem};
+use crate::os::mm::{Mapping, Protection};
+use crate::os::uffd::{FillErrorKind, RegisterMode};
+use crate::page::{DeviceId, DevicePage, Residency};
+use crate::space::{HmmError, Inner, Range};
+
+/// Which pages a migration collects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Selection {
+    /// Pages in system memory, and pages never populated (they get a zeroed
+    /// destination without any system page being allocated).
+    System,
+    /// Pages in the private memory of this device.
+    Device(DeviceId),
+}
+
+/// Why a page did not move.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SkipReason {
+    /// It does not match the selection (it lives elsewhere).
+    #[error("not selected: it lives in {0}")]
+    NotSelected(String),
+    /// Another migration holds it, or the kernel would not release it now.
+    #[error("busy: another migration holds it, or it is pinned or shared with a forked child")]
+    Busy,
+    /// The destination device has no free page.
+    #[error("no device memory")]
+    NoDeviceMemory,
+    /// The mapping does not allow moving it (not writable, not anonymous).
+    #[error("not movable: {0}")]
+    NotMovable(String),
+    /// The copy failed; the source stays where it was.
+    #[error("copy failed: {0}")]
+    CopyFailed(DmaError),
+    /// The application discarded or unmapped it during the migration.
+    #[error("discarded by the application during the migration")]
+    Invalidated,
+    /// It was lost with its device.
+    #[error("poisoned: its device failed")]
+    Poisoned,
+    /// It is no longer mapped.
+    #[error("unmapped")]
+    Unmapped,
+    /// The destination device failed.
+    #[error("the destination device failed")]
+    DeviceFailed,
+}
+
+/// The outcome for one page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PageStatus {
+    /// Collected, not yet finished.
+    Pending,
+    /// Moved.
+    Migrated,
+    /// Not moved, and why.
+    Skipped(SkipReason),
+}
+
+/// The pages of one or more migrations that did not move, and how many did.
+#[derive(Debug, Clone, Default)]
+pub struct MigrationReport {
+    /// Pages moved.
+    pub migrated: usize,
+    /// Pages not moved, with the reason.
+    pub skipped: Vec<(VirtAddr, SkipReason)>,
+}
+
+impl MigrationReport {
+    /// Whether every page moved.
+    pub fn all_migrated(&self) -> bool {
+        self.skipped.is_empty()
+    }
+
+    /// Adds another report's pages.
+    pub fn append(&mut self, other: MigrationReport) {
+        self.migrated += other.migrated;
+        self.skipped.extend(other.skipped);
+    }
+
+    /// Pages skipped for `reason`.
+    pub fn count(&self, reason: &SkipReason) -> usize {
+        self.skipped.iter().filter(|(_, r)| r == reason).count()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Src {
+    /// Not collected: nothing to do (the status says why).
+    None,
+    /// Never populated: the destination gets zeros.
+    Zero,
+    /// To be moved into staging (between setup's collection and isolation).
+    Isolating,
+    /// In staging at the page's own offset.
+    Staged,
+    /// A device page (the page-table entry's reference).
+    Device(DevicePage),
+}
+
+#[derive(Debug)]
+struct Slot {
+    src: Src,
+    dst: Option<DevicePage>,
+    status: PageStatus,
+}
+
+/// A migration between setup and finalize (see the [module docs](self)).
+pub struct Migration {
+    inner: Arc<Inner>,
+    rec: Arc<Range>,
+    range: PageRange,
+    first: usize,
+    select: Selection,
+    slots: Vec<Slot>,
+    staging: Option<Arc<Mapping>>,
+    finalized: bool,
+}
+
+impl std::fmt::Debug for Migration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Migration")
+            .field("range", &self.range)
+            .field("select", &self.select)
+            .field("collected", &self.collected())
+            .finish_non_exhaustive()
+    }
+}
+
+fn residency_name(r: Residency) -> String {
+    match r {
+        Residency::None => "nowhere (never populated)".into(),
+        Residency::System => "system memory".into(),
+        Residency::Device(p) => format!("device {}", p.dev),
+        Residency::Poisoned => "poisoned memory".into(),
+        Residency::Unmapped => "unmapped memory".into(),
+    }
+}
+
+impl Migration {
+    /// Setup over `range`, which must lie inside one managed range.
+    pub(crate) fn setup(
+        inner: Arc<Inner>,
+        range: PageRange,
+        select: Selection,
+    ) -> Result<Self, HmmError> {
+        if inner.shut_down.load(Ordering::Acquire) {
+            return Err(HmmError::ShutDown);
+        }
+        let rec = inner.find_containing(range)?;
+        Self::setup_in(&inner, rec, range, select)
+    }
+
+    pub(crate) fn setup_in(
+        inner: &Arc<Inner>,
+        rec: Arc<Range>,
+        range: PageRange,
+        select: Selection,
+    ) -> Result<Self, HmmError> {
+        let first = rec.index(range.start());
+        let mut slots = Vec::with_capacity(range.pages());
+        {
+            let mut t = rec.lock();
+            for e in &mut t[first..first + range.pages()] {
+                let r = e.residency();
+                let (src, status) = if e.is_migrating() {
+                    (Src::None, PageStatus::Skipped(SkipReason::Busy))
+                } else {
+                    match (select, r) {
+                        (Selection::System, Residency::None) => (Src::Zero, PageStatus::Pending),
+                        (Selection::System, Residency::System) => {
+                            (Src::Isolating, PageStatus::Pending)
+                        }
+                        (Selection::Device(d), Residency::Device(p)) if p.dev == d => {
+                            (Src::Device(p), PageStatus::Pending)
+                        }
+                        (_, Residency::Poisoned) => {
+                            (Src::None, PageStatus::Skipped(SkipReason::Poisoned))
+                        }
+                        (_, Residency::Unmapped) => {
+                            (Src::None, PageStatus::Skipped(SkipReason::Unmapped))
+                        }
+                        (_, r) => (
+                            Src::None,
+                            PageStatus::Skipped(SkipReason::NotSelected(residency_name(r))),
+                        ),
+                    }
+                };
+                if status == PageStatus::Pending {
+                    e.begin_migration().expect("checked: not migrating, movable state");
+                }
+                slots.push(Slot { src, dst: None, status });
+            }
+        }
+        let mut me = Migration {
+            inner: inner.clone(),
+            rec,
+            range,
+            first,
+            select,
+            slots,
+            staging: None,
+            finalized: false,
+        };
+        me.isolate()?;
+        Ok(me)
+    }
+
+    /// Moves every collected system page into fresh staging memory.
+    fn isolate(&mut self) -> Result<(), HmmError> {
+        if !self.slots.iter().any(|s| s.src == Src::Isolating) {
+            return Ok(());
+        }
+        let staging = Mapping::anonymous_aligned(self.range.len(), HUGE_PAGE_SIZE, Protection::ReadWrite)?;
+        if let Err(e) = self.inner.staging_uffd.register(&staging, staging.range(), RegisterMode::MISSING) {
+            self.fail_isolating(SkipReason::NotMovable(format!("no staging memory: {e}")));
+            return Ok(());
+        }
+        let rec = self.rec.clone();
+        let mapping = rec.mapping();
+        let mut i = 0;
+        let mut again = 0u32;
+        while i < self.slots.len() {
+            if self.slots[i].src != Src::Isolating {
+                i += 1;
+                continue;
+            }
+            let mut j = i;
+            while j < self.slots.len() && self.slots[j].src == Src::Isolating {
+                j += 1;
+            }
+            let len = (j - i) * PAGE_SIZE;
+            let src = self.range.subrange(i * PAGE_SIZE, len).expect("inside");
+            let dst = staging.subrange(i * PAGE_SIZE, len).expect("inside");
+            match self.inner.staging_uffd.move_pages(dst, mapping, src, true, false) {
+                Ok(_) => {
+                    self.slots[i..j].iter_mut().for_each(|s| s.src = Src::Staged);
+                    i = j;
+                }
+                Err(e) => {
+                    let done = e.done / PAGE_SIZE;
+                    self.slots[i..i + done].iter_mut().for_each(|s| s.src = Src::Staged);
+                    let k = i + done;
+                    match e.kind {
+                        FillErrorKind::Again if done > 0 => {}
+                        FillErrorKind::Again => {
+                            // An event is being reported: let the fault service read it.
+                            again += 1;
+                            if again > 10_000 {
+                                self.skip(k, SkipReason::Busy);
+                            } else {
+                                std::thread::yield_now();
+                            }
+                        }
+                        // The page is absent after all (discarded, or reclaimed after
+                        // MADV_FREE): it reads as zeros, so it moves as a zero page.
+                        FillErrorKind::SourceHole => self.slots[k].src = Src::Zero,
+                        FillErrorKind::Busy => self.skip(k, SkipReason::Busy),
+                        FillErrorKind::Invalid => {
+                            for s in k..j {
+                                self.skip(s, SkipReason::NotMovable(
+                                    "the mapping does not allow moving pages (read-only or changed)".into(),
+                                ));
+                            }
+                        }
+                        _ => self.skip(k, SkipReason::NotMovable(e.to_string())),
+                    }
+                    i = k.max(i + done);
+                }
+            }
+        }
+        self.staging = Some(Arc::new(staging));
+        self.release_skipped();
+        Ok(())
+    }
+
+    fn fail_isolating(&mut self, reason: SkipReason) {
+        for k in 0..self.slots.len() {
+            if self.slots[k].src == Src::Isolating {
+                self.skip(k, reason.clone());
+            }
+        }
+        self.release_skipped();
+    }
+
+    /// Marks slot `k` not moved; its page still has its source in place.
+    fn skip(&mut self, k: usize, reason: SkipReason) {
+        let s = &mut self.slots[k];
+        s.src = Src::None;
+        s.status = PageStatus::Skipped(reason);
+        s.dst = None;
+    }
+
+    /// Gives back the pages skipped after collection (their source never moved).
+    fn release_skipped(&mut self) {
+        let mut t = self.rec.lock();
+        for (k, s) in self.slots.iter().enumerate() {
+            let e = &mut t[self.first + k];
+            if s.src == Src::None && e.is_migrating() && matches!(s.status, PageStatus::Skipped(_)) {
+                let _ = e.abort();
+            }
+        }
+    }
+
+    /// Pages collected and still pending.
+    pub fn collected(&self) -> usize {
+        self.slots.iter().filter(|s| s.status == PageStatus::Pending).count()
+    }
+
+    /// The range.
+    pub fn range(&self) -> PageRange {
+        self.range
+    }
+
+    /// The status of every page, in order.
+    pub fn statuses(&self) -> Vec<PageStatus> {
+        self.slots.iter().map(|s| s.status.clone()).collect()
+    }
+
+    /// Allocates a destination page of `mem` for every collected page (towards a
+    /// device). Pages that find none are skipped with "no device memory".
+    pub fn allocate_on(&mut self, mem: &DeviceMemory) {
+        let want: Vec<usize> = (0..self.slots.len())
+            .filter(|&k| self.slots[k].status == PageStatus::Pending && self.slots[k].dst.is_none())
+            .collect();
+        if want.is_empty() {
+            return;
+        }
+        if mem.is_failed() {
+            for k in want {
+                self.slots[k].status = PageStatus::Skipped(SkipReason::DeviceFailed);
+            }
+            return;
+        }
+        let got = mem.alloc(want.len());
+        for (n, k) in want.into_iter().enumerate() {
+            match got.get(n) {
+                Some(p) => self.slots[k].dst = Some(*p),
+                None => self.slots[k].status = PageStatus::Skipped(SkipReason::NoDeviceMemory),
+            }
+        }
+    }
+
+    /// Copies every collected page that has a destination with `engine`, and
+    /// waits for the copies.
+    pub fn copy(&mut self, engine: &dyn DmaEngine) {
+        let mut idx = Vec::new();
+        let job = match self.select {
+            Selection::System => {
+                let mut v = Vec::new();
+                for (k, s) in self.slots.iter().enumerate() {
+                    let (PageStatus::Pending, Some(dst)) = (&s.status, s.dst) else { continue };
+                    let src = match s.src {
+                        Src::Zero => SystemSource::Zero,
+                        Src::Staged => SystemSource::Staged {
+                            staging: self.staging.clone().expect("staged pages have staging"),
+                            offset: k * PAGE_SIZE,
+                        },
+                        _ => continue,
+                    };
+                    idx.push(k);
+                    v.push(ToDevice { src, dst });
+                }
+                DmaJob::ToDevice(v)
+            }
+            Selection::Device(_) => {
+                let mut v = Vec::new();
+                for (k, s) in self.slots.iter().enumerate() {
+                    let (PageStatus::Pending, Src::Device(src)) = (&s.status, s.src) else {
+                        continue;
+                    };
+                    idx.push(k);
+                    v.push(ToSystem { src, dst: self.addr(k) });
+                }
+                DmaJob::ToSystem { copies: v, sink: self.inner.sink.clone() }
+            }
+        };
+        if job.is_empty() {
+            return;
+        }
+        let results = engine.submit(job).wait();
+        for (k, r) in idx.into_iter().zip(results) {
+            self.slots[k].status = match r {
+                Ok(()) => PageStatus::Migrated,
+                Err(e) => PageStatus::Skipped(SkipReason::CopyFailed(e)),
+            };
+        }
+    }
+
+    fn addr(&self, k: usize) -> VirtAddr {
+        VirtAddr::new(self.range.start().get() + k * PAGE_SIZE)
+    }
+
+    /// Commits every copied page, restores every other source, wakes waiters.
+    pub fn finalize(mut self) -> MigrationReport {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> MigrationReport {
+        self.finalized = true;
+        // Pages collected but never copied (no destination, or `copy` not called).
+        for s in &mut self.slots {
+            if s.status == PageStatus::Pending {
+                s.status = PageStatus::Skipped(SkipReason::CopyFailed(DmaError::Failed(
+                    "not copied".into(),
+                )));
+            }
+        }
+        // 1. Staged sources of pages that did not move go back into place, unless
+        //    the application discarded them meanwhile. No lock is held across the
+        //    ioctls (see the lock rules in `space`).
+        let restore: Vec<usize> = {
+            let t = self.rec.lock();
+            (0..self.slots.len())
+                .filter(|&k| {
+                    self.slots[k].src == Src::Staged
+                        && self.slots[k].status != PageStatus::Migrated
+                        && !t[self.first + k].is_invalidated()
+                })
+                .collect()
+        };
+        for k in restore {
+            self.restore_staged(k);
+        }
+        // 2. Commit or abort each collected page under the lock.
+        let mut put = Vec::new();
+        let mut moved = 0u64;
+        let mem = match self.select {
+            Selection::System => self.slots.iter().find_map(|s| s.dst).and_then(|p| self.inner.device(p.dev)),
+            Selection::Device(d) => self.inner.device(d),
+        };
+        {
+            let mut t = self.rec.lock();
+            for (k, s) in self.slots.iter_mut().enumerate() {
+                if s.src == Src::None {
+                    continue;
+                }
+                let e = &mut t[self.first + k];
+                if !e.is_migrating() {
+                    continue;
+                }
+                if s.status == PageStatus::Migrated {
+                    let to = match (self.select, s.dst) {
+                        (Selection::System, Some(p)) => Residency::Device(p),
+                        _ => Residency::System,
+                    };
+                    let committed = e.commit(to).expect("migrating page commits");
+                    match (self.select, committed) {
+                        (Selection::System, true) => {
+                            let p = s.dst.expect("device destination");
+                            if let Some(m) = &mem {
+                                m.set_backs(p, VirtAddr::new(self.range.start().get() + k * PAGE_SIZE));
+                            }
+                            moved += 1;
+                        }
+                        (Selection::System, false) => {
+                            put.extend(s.dst);
+                            s.status = PageStatus::Skipped(SkipReason::Invalidated);
+                        }
+                        (Selection::Device(_), c) => {
+                            // The device page's reference went with the entry.
+                            if let Src::Device(p) = s.src {
+                                put.push(p);
+                            }
+                            if c {
+                                moved += 1;
+                            } else {
+                                s.status = PageStatus::Skipped(SkipReason::Invalidated);
+                            }
+                        }
+                    }
+                } else {
+                    let kept = e.abort().expect("migrating page aborts");
+                    put.extend(s.dst.take());
+                    if !kept {
+                        if let Src::Device(p) = s.src {
+                            put.push(p);
+                        }
+                        s.status = PageStatus::Skipped(SkipReason::Invalidated);
+                    }
+                }
+            }
+        }
+        for p in put {
+            self.inner.put_page(p);
+        }
+        // 3. Threads that touched the range meanwhile wait in the kernel: wake them
+        //    (they retry and find the page, or fault again on its new home).
+        let _ = self.inner.uffd.wake(self.range);
+        let c = &self.rec.counters;
+        match self.select {
+            Selection::System => {
+                c.migrated_to_device.fetch_add(moved, Ordering::Relaxed);
+                if let Some(m) = &mem {
+                    m.counters.migrated_to_device.fetch_add(moved, Ordering::Relaxed);
+                }
+            }
+            Selection::Device(_) => {
+                c.migrated_to_system.fetch_add(moved, Ordering::Relaxed);
+                if let Some(m) = &mem {
+                    m.counters.migrated_to_system.fetch_add(moved, Ordering::Relaxed);
+                }
+            }
+        }
+        let mut report = MigrationReport::default();
+        for (k, s) in self.slots.iter().enumerate() {
+            match &s.status {
+                PageStatus::Migrated => report.migrated += 1,
+                PageStatus::Skipped(r) => report.skipped.push((self.addr(k), r.clone())),
+                PageStatus::Pending => unreachable!("every page was settled above"),
+            }
+        }
+        report
+    }
+
+    /// Moves staged page `k` back to its address (the page is absent there: a
+    /// CPU touch waits on the migration). Falls back to copying, so the data is
+    /// never left behind.
+    fn restore_staged(&mut self, k: usize) {
+        let staging = self.staging.clone().expect("staged pages have staging");
+        let dst = PageRange::from_pages(self.addr(k), 1).expect("one page");
+        let src = staging.subrange(k * PAGE_SIZE, PAGE_SIZE).expect("inside");
+        for attempt in 0..100_000u32 {
+            let r = self.inner.uffd.move_pages(dst, &staging, src, true, false);
+            let r = match r {
+                Err(e) if e.kind == FillErrorKind::Invalid => {
+                    self.inner.uffd.copy_from(dst, &staging, src, true)
+                }
+                r => r,
+            };
+            match r {
+                Ok(_) => return,
+                Err(e) if e.kind == FillErrorKind::Again => {
+                    if attempt > 10 {
+                        std::thread::sleep(std::time::Duration::from_micros(100));
+                    } else {
+                        std::thread::yield_now();
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(addr = %self.addr(k), error = %e, "cannot put a page back after a failed migration");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Migration {
+    fn drop(&mut self) {
+        if !self.finalized {
+            self.finish();
+        }
+    }
+}

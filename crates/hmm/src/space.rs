@@ -1,0 +1,911 @@
+//! The address space hmm manages: an [`Hmm`] instance, its managed ranges and
+//! device memory, and the fault service that keeps them consistent.
+//!
+//! # Locks
+//!
+//! - `ranges` (read-write): the registry of managed ranges. Held only to look
+//!   a range up or to add or remove one, never across a system call.
+//! - a range's `table` (mutex): its page records. Held only for state
+//!   transitions, never across an ioctl that could wait for the fault service
+//!   (`UFFDIO_MOVE` and `UFFDIO_COPY` return `EAGAIN` rather than wait, but a
+//!   migration that retried them while holding the table would starve the
+//!   service, which needs the table to record the event that caused the
+//!   `EAGAIN`).
+//! - `devices` (read-write): the registered device regions.
+//!
+//! Order: `ranges` before `table`; `devices` is never held with either.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::addr::{HUGE_PAGE_SIZE, PAGE_SIZE, PageRange, RangeError, VirtAddr};
+use crate::devmem::{DeviceMemory, DeviceMemoryConfig, DeviceMemoryError, DevicePagemapOps};
+use crate::dma::SystemSink;
+use crate::migrate::{Migration, MigrationReport, Selection};
+use crate::os::event::Notifier;
+use crate::os::maps;
+use crate::os::mm::{Advise, Backing, Mapping, MmError, Protection};
+use crate::os::uffd::{Features, RegisterMode, Uffd, UffdError, UffdOptions};
+use crate::page::{DeviceId, DevicePage, PageEntry, Residency};
+
+/// Tunables of an [`Hmm`] instance.
+#[derive(Debug, Clone, Copy)]
+pub struct HmmConfig {
+    /// Pages brought back around a faulting page (0: the faulting page only).
+    pub fault_around_pages: usize,
+    /// Never-populated pages zero-filled around a first touch.
+    pub zero_fill_around_pages: usize,
+}
+
+impl Default for HmmConfig {
+    fn default() -> Self {
+        Self { fault_around_pages: 128, zero_fill_around_pages: 64 }
+    }
+}
+
+impl HmmConfig {
+    /// The largest fault-around window accepted (2 MiB).
+    pub const MAX_FAULT_AROUND: usize = 512;
+}
+
+/// Errors of the address-space operations.
+#[derive(Debug, thiserror::Error)]
+pub enum HmmError {
+    /// userfaultfd could not be opened with what hmm needs.
+    #[error("cannot start hmm: {0} (run `hmm check` to see what this kernel lacks)")]
+    Uffd(#[from] UffdError),
+    /// A mapping operation failed.
+    #[error(transparent)]
+    Mm(#[from] MmError),
+    /// A malformed range.
+    #[error(transparent)]
+    Range(#[from] RangeError),
+    /// The fault service thread could not start.
+    #[error("cannot start the fault service thread: {0}")]
+    Thread(std::io::Error),
+    /// The eventfd for the fault service could not be made.
+    #[error("cannot create the fault service's wake-up eventfd: {0}")]
+    Notifier(rustix::io::Errno),
+    /// A configuration value out of bounds.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The range is not entirely inside one managed range.
+    #[error("{0} is not managed by this hmm instance (allocate it with Hmm::alloc or adopt it)")]
+    NotManaged(PageRange),
+    /// Memory that cannot be adopted, with the reason.
+    #[error("cannot adopt {range}: {reason}")]
+    Adopt {
+        /// The range offered.
+        range: PageRange,
+        /// Why it was refused, and what to do.
+        reason: AdoptRefusal,
+    },
+    /// Device memory registration failed.
+    #[error(transparent)]
+    Device(#[from] DeviceMemoryError),
+    /// The device is not registered with this instance.
+    #[error("device {0} is not registered with this hmm instance")]
+    UnknownDevice(DeviceId),
+    /// The instance was shut down.
+    #[error("this hmm instance has been shut down")]
+    ShutDown,
+}
+
+/// Why memory could not be adopted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdoptRefusal {
+    /// Part of the range is not mapped.
+    #[error("part of it is not mapped")]
+    NotMapped,
+    /// Shared memory: other mappings of it could not follow a migration.
+    #[error("it is shared memory; only private anonymous memory can move to device-private memory")]
+    Shared,
+    /// hugetlbfs memory.
+    #[error("it is hugetlbfs memory, which hmm cannot migrate; use transparent huge pages")]
+    Hugetlb,
+    /// File-backed memory.
+    #[error("it is a file mapping ({0}); only private anonymous memory can be managed")]
+    FileBacked(String),
+    /// Not readable and writable.
+    #[error("it is not readable and writable (make it PROT_READ|PROT_WRITE first)")]
+    Protection,
+    /// The process heap or a stack, which hmm's own threads use.
+    #[error("it is {0}, which hmm's own threads use; allocate a managed range or use hmm::Arena")]
+    Reserved(String),
+    /// Already managed.
+    #[error("it overlaps a range this hmm instance already manages ({0})")]
+    Overlaps(PageRange),
+    /// Registered with another userfaultfd.
+    #[error("it is registered with another userfaultfd")]
+    OtherUffd,
+}
+
+/// Counters of one managed range.
+#[derive(Debug, Default)]
+pub(crate) struct RangeCounters {
+    pub(crate) migrated_to_device: AtomicU64,
+    pub(crate) migrated_to_system: AtomicU64,
+    pub(crate) cpu_faults: AtomicU64,
+    pub(crate) zero_fills: AtomicU64,
+    pub(crate) pages_poisoned: AtomicU64,
+}
+
+/// Where the pages of a managed range live, and what happened to them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RangeStats {
+    /// Pages never populated.
+    pub pages_none: u64,
+    /// Pages in system memory.
+    pub pages_system: u64,
+    /// Pages resident on each device, by device id.
+    pub pages_on_device: BTreeMap<u16, u64>,
+    /// Pages poisoned.
+    pub pages_poisoned: u64,
+    /// Pages being migrated now.
+    pub pages_migrating: u64,
+    /// Pages migrated to a device.
+    pub migrated_to_device: u64,
+    /// Pages migrated back to system memory.
+    pub migrated_to_system: u64,
+    /// CPU faults on device pages served.
+    pub cpu_faults: u64,
+    /// First touches of never-populated pages served.
+    pub zero_fills: u64,
+}
+
+/// One managed range: its memory and its page records.
+pub(crate) struct Range {
+    /// Always `Some` until drop.
+    mapping: Option<Mapping>,
+    pub(crate) table: Mutex<Vec<PageEntry>>,
+    pub(crate) counters: RangeCounters,
+    /// Memory hmm created (freed with the range) rather than adopted.
+    pub(crate) created: bool,
+}
+
+impl Range {
+    pub(crate) fn mapping(&self) -> &Mapping {
+        self.mapping.as_ref().expect("a range has its mapping until dropped")
+    }
+
+    pub(crate) fn range(&self) -> PageRange {
+        self.mapping().range()
+    }
+
+    /// Index of the page holding `addr`.
+    pub(crate) fn index(&self, addr: VirtAddr) -> usize {
+        addr.offset_from(self.range().start()).expect("inside the range") / PAGE_SIZE
+    }
+
+    pub(crate) fn page_addr(&self, index: usize) -> VirtAddr {
+        VirtAddr::new(self.range().start().get() + index * PAGE_SIZE)
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Vec<PageEntry>> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for Range {
+    fn drop(&mut self) {
+        // Parts the application unmapped may hold someone else's memory by now.
+        let gone: Vec<PageRange> = {
+            let t = self.table.get_mut().unwrap_or_else(|e| e.into_inner());
+            let start = self.mapping.as_ref().map(|m| m.addr().get()).unwrap_or(0);
+            t.iter()
+                .enumerate()
+                .filter(|(_, e)| e.residency() == Residency::Unmapped)
+                .map(|(i, _)| PageRange::from_pages(VirtAddr::new(start + i * PAGE_SIZE), 1).expect("page"))
+                .collect()
+        };
+        if let Some(m) = self.mapping.take() {
+            m.unmap_except(&gone);
+        }
+    }
+}
+
+/// Instance-wide counters.
+#[derive(Debug, Default)]
+pub(crate) struct HmmCounters {
+    pub(crate) faults_read: AtomicU64,
+    pub(crate) fault_retries_no_memory: AtomicU64,
+    pub(crate) events: AtomicU64,
+}
+
+/// The state shared by an [`Hmm`] handle, its ranges, devices and fault service.
+pub(crate) struct Inner {
+    pub(crate) uffd: Arc<Uffd>,
+    /// Registers hmm's staging memory, the destination of setup's moves. It
+    /// reports no events, and with `UFFD_FEATURE_SIGBUS` a stray touch of an
+    /// empty staging page is a SIGBUS, never a hang.
+    pub(crate) staging_uffd: Uffd,
+    pub(crate) ranges: RwLock<BTreeMap<usize, Arc<Range>>>,
+    pub(crate) devices: RwLock<Vec<Option<Arc<DeviceMemory>>>>,
+    pub(crate) config: HmmConfig,
+    pub(crate) sink: Arc<SystemSink>,
+    pub(crate) notifier: Notifier,
+    pub(crate) stopping: AtomicBool,
+    pub(crate) shut_down: AtomicBool,
+    pub(crate) service_stack: OnceLock<PageRange>,
+    pub(crate) counters: HmmCounters,
+    service: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl fmt::Debug for Inner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hmm")
+            .field("ranges", &self.ranges.read().map(|r| r.len()).unwrap_or(0))
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An hmm instance: one userfaultfd, one fault service thread, the ranges it
+/// manages and the device memory registered with it.
+///
+/// Dropping it brings every device-resident page back to system memory, stops
+/// the fault service and leaves the ranges as plain memory.
+#[derive(Debug)]
+pub struct Hmm {
+    inner: Arc<Inner>,
+}
+
+/// A range of memory managed by an [`Hmm`] instance.
+///
+/// The CPU reaches its bytes through [`read`](Self::read) and
+/// [`write`](Self::write) (or through raw pointers, see
+/// [`as_ptr`](Self::as_ptr)); a touch of a page that lives on a device brings
+/// it back first. Dropping the handle frees memory hmm created, and hands
+/// adopted memory back in system memory.
+pub struct ManagedRange {
+    inner: Arc<Inner>,
+    range: Arc<Range>,
+}
+
+impl fmt::Debug for ManagedRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ManagedRange").field("range", &self.range.range()).finish()
+    }
+}
+
+impl Hmm {
+    /// Starts an instance with the default configuration.
+    pub fn new() -> Result<Self, HmmError> {
+        Self::with_config(HmmConfig::default())
+    }
+
+    /// Starts an instance.
+    pub fn with_config(config: HmmConfig) -> Result<Self, HmmError> {
+        if config.fault_around_pages > HmmConfig::MAX_FAULT_AROUND {
+            return Err(HmmError::Config(format!(
+                "fault_around_pages {} exceeds {}",
+                config.fault_around_pages,
+                HmmConfig::MAX_FAULT_AROUND
+            )));
+        }
+        let uffd = Uffd::open(UffdOptions {
+            wanted: Features::EVENT_UNMAP
+                | Features::EVENT_REMOVE
+                | Features::EVENT_REMAP
+                | Features::POISON
+                | Features::THREAD_ID,
+            required: Features::MOVE,
+            nonblocking: true,
+            allow_user_mode_only: false,
+        })?;
+        let staging_uffd = Uffd::open(UffdOptions {
+            wanted: Features::SIGBUS,
+            required: Features::MOVE,
+            nonblocking: true,
+            allow_user_mode_only: false,
+        })?;
+        let uffd = Arc::new(uffd);
+        let inner = Arc::new(Inner {
+            sink: Arc::new(SystemSink::new(uffd.clone())),
+            uffd,
+            staging_uffd,
+            ranges: RwLock::new(BTreeMap::new()),
+            devices: RwLock::new(Vec::new()),
+            config,
+            notifier: Notifier::new().map_err(HmmError::Notifier)?,
+            stopping: AtomicBool::new(false),
+            shut_down: AtomicBool::new(false),
+            service_stack: OnceLock::new(),
+            counters: HmmCounters::default(),
+            service: Mutex::new(None),
+        });
+        let handle = crate::fault::start(inner.clone()).map_err(HmmError::Thread)?;
+        *inner.service.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+        Ok(Self { inner })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> HmmConfig {
+        self.inner.config
+    }
+
+    /// A new managed range of `len` bytes (private anonymous, read-write, never populated).
+    pub fn alloc(&self, len: usize) -> Result<ManagedRange, HmmError> {
+        let m = Mapping::anonymous(len, Protection::ReadWrite)?;
+        self.manage(m, true, false)
+    }
+
+    /// A new managed range aligned to 2 MiB with transparent huge pages enabled.
+    pub fn alloc_huge(&self, len: usize) -> Result<ManagedRange, HmmError> {
+        let m = Mapping::anonymous_aligned(len, HUGE_PAGE_SIZE, Protection::ReadWrite)?;
+        m.advise(m.range(), Advise::HugePage)?;
+        self.manage(m, true, false)
+    }
+
+    /// Adopts memory the application already has: a [`Mapping`] it made, or one
+    /// lent with [`Mapping::from_raw`] (an `mmap` of its own, a page-aligned
+    /// buffer). The memory must be private anonymous, readable and writable, and
+    /// not the heap or a stack; its contents stay as they are.
+    pub fn adopt(&self, mapping: Mapping) -> Result<ManagedRange, HmmError> {
+        let range = mapping.range();
+        let refuse = |reason| Err(HmmError::Adopt { range, reason });
+        match mapping.backing() {
+            Backing::PrivateAnon => {}
+            Backing::SharedAnon => return refuse(AdoptRefusal::Shared),
+            Backing::SharedFile | Backing::PrivateFile => {
+                return refuse(AdoptRefusal::FileBacked("a file".into()));
+            }
+        }
+        let vmas = maps::vmas_overlapping(range).map_err(|e| MmError::Map {
+            len: range.len(),
+            errno: rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO),
+        })?;
+        let mut at = range.start();
+        for v in &vmas {
+            if v.range.start() > at {
+                return refuse(AdoptRefusal::NotMapped);
+            }
+            at = v.range.end();
+            if v.is_hugetlb() {
+                return refuse(AdoptRefusal::Hugetlb);
+            }
+            if v.shared {
+                return refuse(AdoptRefusal::Shared);
+            }
+            if v.path == "[heap]" || v.path.starts_with("[stack") {
+                return refuse(AdoptRefusal::Reserved(v.path.clone()));
+            }
+            if !v.is_private_anonymous() {
+                return refuse(AdoptRefusal::FileBacked(v.path.clone()));
+            }
+            if !(v.read && v.write) {
+                return refuse(AdoptRefusal::Protection);
+            }
+            if let Some(stack) = self.inner.service_stack.get() {
+                if stack.start() < range.end() && range.start() < stack.end() {
+                    return refuse(AdoptRefusal::Reserved("the fault service's stack".into()));
+                }
+            }
+        }
+        if at < range.end() {
+            return refuse(AdoptRefusal::NotMapped);
+        }
+        self.manage(mapping, false, true)
+    }
+
+    fn manage(
+        &self,
+        mapping: Mapping,
+        created: bool,
+        scan: bool,
+    ) -> Result<ManagedRange, HmmError> {
+        let inner = &self.inner;
+        if inner.shut_down.load(Ordering::Acquire) {
+            return Err(HmmError::ShutDown);
+        }
+        let range = mapping.range();
+        let mut table = vec![PageEntry::NONE; range.pages()];
+        if scan {
+            // Adopted memory may already hold data: every page the kernel maps
+            // (or has swapped out) is system memory.
+            let pm = crate::os::pagemap::Pagemap::open()
+                .map_err(|e| HmmError::Config(format!("cannot read the page table: {e}")))?;
+            for (i, e) in pm
+                .entries(range)
+                .map_err(|e| HmmError::Config(format!("cannot read the page table: {e}")))?
+                .into_iter()
+                .enumerate()
+            {
+                if e.present() || e.swapped() {
+                    table[i] = PageEntry::SYSTEM;
+                }
+            }
+        }
+        {
+            let mut ranges = inner.ranges.write().unwrap_or_else(|e| e.into_inner());
+            if let Some(r) = overlapping(&ranges, range) {
+                let existing = r.range();
+                drop(ranges);
+                return Err(HmmError::Adopt { range, reason: AdoptRefusal::Overlaps(existing) });
+            }
+            if let Err(e) = inner.uffd.register(&mapping, range, RegisterMode::MISSING) {
+                drop(ranges);
+                if let UffdError::Register { errno: rustix::io::Errno::BUSY, .. } = e {
+                    return Err(HmmError::Adopt { range, reason: AdoptRefusal::OtherUffd });
+                }
+                return Err(e.into());
+            }
+            let r = Arc::new(Range {
+                mapping: Some(mapping),
+                table: Mutex::new(table),
+                counters: RangeCounters::default(),
+                created,
+            });
+            ranges.insert(range.start().get(), r.clone());
+            Ok(ManagedRange { inner: inner.clone(), range: r })
+        }
+    }
+
+    /// Registers a region of device memory with its driver callbacks.
+    pub fn register_device_memory(
+        &self,
+        config: DeviceMemoryConfig,
+        ops: Arc<dyn DevicePagemapOps>,
+    ) -> Result<Arc<DeviceMemory>, HmmError> {
+        let mut devs = self.inner.devices.write().unwrap_or_else(|e| e.into_inner());
+        let slot = devs.iter().position(Option::is_none).unwrap_or(devs.len());
+        if slot >= DeviceId::MAX {
+            return Err(DeviceMemoryError::TooMany.into());
+        }
+        let id = DeviceId(slot as u16);
+        let mem = Arc::new(DeviceMemory::new(id, config, ops)?);
+        if slot == devs.len() {
+            devs.push(Some(mem.clone()));
+        } else {
+            devs[slot] = Some(mem.clone());
+        }
+        Ok(mem)
+    }
+
+    /// Brings every page of `mem` back to system memory, then unregisters it.
+    pub fn unregister_device_memory(&self, mem: &DeviceMemory) -> Result<(), HmmError> {
+        self.inner.release_device(mem.id())
+    }
+
+    /// Starts a three-phase migration of `range` (setup): see [`Migration`].
+    pub fn migrate(&self, range: PageRange, select: Selection) -> Result<Migration, HmmError> {
+        Migration::setup(self.inner.clone(), range, select)
+    }
+
+    /// Migrates `range` into `mem`: setup, copy with `engine`, finalize, in
+    /// batches of at most 16 MiB. Every page gets a status in the report.
+    pub fn migrate_to_device(
+        &self,
+        range: PageRange,
+        mem: &Arc<DeviceMemory>,
+        engine: &dyn crate::dma::DmaEngine,
+    ) -> Result<MigrationReport, HmmError> {
+        self.inner.migrate_to_device(range, mem, engine)
+    }
+
+    /// Migrates the pages of `range` that live on `mem` back to system memory.
+    pub fn migrate_to_system(
+        &self,
+        range: PageRange,
+        mem: &Arc<DeviceMemory>,
+        engine: &dyn crate::dma::DmaEngine,
+    ) -> Result<MigrationReport, HmmError> {
+        self.inner.migrate_to_system(range, mem, engine)
+    }
+
+    /// Evicts the given pages of `mem` to system memory without knowing their
+    /// addresses (the kernel's `migrate_device_range`). Returns how many moved.
+    pub fn evict(&self, mem: &DeviceMemory, pages: &[DevicePage]) -> Result<usize, HmmError> {
+        self.inner.evict(mem.id(), pages)
+    }
+
+    /// Marks `mem` failed: every page that lives on it is poisoned (a CPU touch
+    /// gets SIGBUS) and freed. Pages on other devices are untouched.
+    pub fn device_failed(&self, mem: &DeviceMemory) -> usize {
+        self.inner.poison_device(mem.id())
+    }
+
+    /// Where the page holding `addr` lives, if hmm manages it.
+    pub fn residency(&self, addr: VirtAddr) -> Option<Residency> {
+        let r = self.inner.find(addr)?;
+        let i = r.index(addr);
+        Some(r.lock()[i].residency())
+    }
+
+    /// Bytes of per-page metadata hmm keeps for its managed ranges, and the
+    /// number of pages they cover.
+    pub fn metadata(&self) -> (usize, usize) {
+        let ranges = self.inner.ranges.read().unwrap_or_else(|e| e.into_inner());
+        let mut bytes = 0;
+        let mut pages = 0;
+        for r in ranges.values() {
+            let t = r.lock();
+            bytes += t.capacity() * std::mem::size_of::<PageEntry>() + std::mem::size_of::<Range>();
+            pages += t.len();
+        }
+        (bytes, pages)
+    }
+
+    /// CPU faults the fault service read, and fault-backs retried because system
+    /// memory could not be had.
+    pub fn fault_stats(&self) -> (u64, u64) {
+        let c = &self.inner.counters;
+        (c.faults_read.load(Ordering::Relaxed), c.fault_retries_no_memory.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+}
+
+impl Drop for Hmm {
+    fn drop(&mut self) {
+        self.inner.shutdown();
+    }
+}
+
+fn overlapping(ranges: &BTreeMap<usize, Arc<Range>>, range: PageRange) -> Option<&Arc<Range>> {
+    ranges
+        .range(..range.end().get())
+        .next_back()
+        .map(|(_, r)| r)
+        .filter(|r| r.range().end() > range.start())
+}
+
+impl Inner {
+    /// The managed range holding `addr`.
+    pub(crate) fn find(&self, addr: VirtAddr) -> Option<Arc<Range>> {
+        let ranges = self.ranges.read().unwrap_or_else(|e| e.into_inner());
+        ranges
+            .range(..=addr.get())
+            .next_back()
+            .map(|(_, r)| r)
+            .filter(|r| r.range().contains(addr))
+            .cloned()
+    }
+
+    /// The managed range wholly containing `range`.
+    pub(crate) fn find_containing(&self, range: PageRange) -> Result<Arc<Range>, HmmError> {
+        match self.find(range.start()) {
+            Some(r) if range.end() <= r.range().end() => Ok(r),
+            _ => Err(HmmError::NotManaged(range)),
+        }
+    }
+
+    pub(crate) fn device(&self, id: DeviceId) -> Option<Arc<DeviceMemory>> {
+        let devs = self.devices.read().unwrap_or_else(|e| e.into_inner());
+        devs.get(id.index()).and_then(Clone::clone)
+    }
+
+    /// Drops a reference to a device page (freeing it when last).
+    pub(crate) fn put_page(&self, page: DevicePage) {
+        if let Some(d) = self.device(page.dev) {
+            d.put(page);
+        }
+    }
+
+    pub(crate) fn migrate_to_device(
+        self: &Arc<Self>,
+        range: PageRange,
+        mem: &Arc<DeviceMemory>,
+        engine: &dyn crate::dma::DmaEngine,
+    ) -> Result<MigrationReport, HmmError> {
+        self.migrate_batches(range, |r| {
+            let mut m = Migration::setup(self.clone(), r, Selection::System)?;
+            m.allocate_on(mem);
+            m.copy(engine);
+            Ok(m.finalize())
+        })
+    }
+
+    pub(crate) fn migrate_to_system(
+        self: &Arc<Self>,
+        range: PageRange,
+        mem: &Arc<DeviceMemory>,
+        engine: &dyn crate::dma::DmaEngine,
+    ) -> Result<MigrationReport, HmmError> {
+        self.migrate_batches(range, |r| {
+            let mut m = Migration::setup(self.clone(), r, Selection::Device(mem.id()))?;
+            m.copy(engine);
+            Ok(m.finalize())
+        })
+    }
+
+    fn migrate_batches(
+        &self,
+        range: PageRange,
+        mut batch: impl FnMut(PageRange) -> Result<MigrationReport, HmmError>,
+    ) -> Result<MigrationReport, HmmError> {
+        const BATCH: usize = 16 << 20;
+        self.find_containing(range)?;
+        let mut report = MigrationReport::default();
+        let mut off = 0;
+        while off < range.len() {
+            let len = BATCH.min(range.len() - off);
+            report.append(batch(range.subrange(off, len)?)?);
+            off += len;
+        }
+        Ok(report)
+    }
+
+    /// Evicts `pages` of device `dev`, grouped into runs of adjacent addresses.
+    pub(crate) fn evict(self: &Arc<Self>, dev: DeviceId, pages: &[DevicePage]) -> Result<usize, HmmError> {
+        let mem = self.device(dev).ok_or(HmmError::UnknownDevice(dev))?;
+        let mut addrs: Vec<VirtAddr> = pages.iter().filter_map(|p| mem.backs(*p)).collect();
+        addrs.sort();
+        addrs.dedup();
+        let mut moved = 0;
+        let mut i = 0;
+        while i < addrs.len() {
+            let mut j = i + 1;
+            while j < addrs.len() && addrs[j].get() == addrs[j - 1].get() + PAGE_SIZE {
+                j += 1;
+            }
+            let run = PageRange::from_pages(addrs[i], j - i)?;
+            // A run may span ranges only if they are adjacent: split at range ends.
+            let mut at = run.start();
+            while at < run.end() {
+                let Some(r) = self.find(at) else {
+                    at = VirtAddr::new(at.get() + PAGE_SIZE);
+                    continue;
+                };
+                let end = r.range().end().min(run.end());
+                let part = PageRange::new(at, end.get() - at.get())?;
+                let mut m = Migration::setup_in(self, r, part, Selection::Device(dev))?;
+                m.copy(mem.ops().dma());
+                moved += m.finalize().migrated;
+                at = end;
+            }
+            i = j;
+        }
+        Ok(moved)
+    }
+
+    /// Evicts every page of `dev` (retrying pages caught mid-migration), then
+    /// unregisters it.
+    pub(crate) fn release_device(self: &Arc<Self>, dev: DeviceId) -> Result<(), HmmError> {
+        let mem = self.device(dev).ok_or(HmmError::UnknownDevice(dev))?;
+        for attempt in 0.. {
+            let pages: Vec<DevicePage> = mem.resident_pages().into_iter().map(|(p, _)| p).collect();
+            if pages.is_empty() {
+                break;
+            }
+            self.evict(dev, &pages)?;
+            if attempt > 1000 {
+                tracing::error!(device = %dev, left = pages.len(), "pages stayed on the device through release");
+                break;
+            }
+            if attempt > 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        let mut devs = self.devices.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = devs.get_mut(dev.index()) {
+            *slot = None;
+        }
+        Ok(())
+    }
+
+    /// Poisons every page living on `dev`; returns how many.
+    pub(crate) fn poison_device(&self, dev: DeviceId) -> usize {
+        let Some(mem) = self.device(dev) else { return 0 };
+        mem.set_failed();
+        let mut poisoned = 0;
+        for (page, addr) in mem.resident_pages() {
+            let Some(r) = self.find(addr) else { continue };
+            let i = r.index(addr);
+            let mut t = r.lock();
+            if t[i].device_page() != Some(page) || t[i].is_migrating() {
+                continue;
+            }
+            let one = PageRange::from_pages(addr, 1).expect("one page");
+            // The page is absent (it lives on the device): the marker goes in
+            // its place, and the next touch gets SIGBUS.
+            let res = self.uffd.poison(one, false);
+            if res.is_err() && !self.uffd.features().contains(Features::POISON) {
+                tracing::error!(%addr, "UFFDIO_POISON unavailable: the page stays lost on a failed device");
+                continue;
+            }
+            t[i].poison().expect("device page, not migrating");
+            drop(t);
+            r.counters.pages_poisoned.fetch_add(1, Ordering::Relaxed);
+            mem.counters.pages_poisoned.fetch_add(1, Ordering::Relaxed);
+            mem.put(page);
+            poisoned += 1;
+        }
+        poisoned
+    }
+
+    /// Brings every device page of `r` back (or frees them when `discard`), then
+    /// unregisters it and removes it from the registry.
+    pub(crate) fn unmanage(self: &Arc<Self>, r: &Arc<Range>) {
+        let devs: Vec<DeviceId> = {
+            let t = r.lock();
+            let mut d: Vec<DeviceId> = t.iter().filter_map(|e| e.device_page()).map(|p| p.dev).collect();
+            d.sort();
+            d.dedup();
+            d
+        };
+        if !r.created {
+            for dev in devs {
+                if let Some(mem) = self.device(dev) {
+                    if mem.is_failed() {
+                        continue;
+                    }
+                    if let Ok(mut m) =
+                        Migration::setup_in(self, r.clone(), r.range(), Selection::Device(dev))
+                    {
+                        m.copy(mem.ops().dma());
+                        m.finalize();
+                    }
+                }
+            }
+        }
+        {
+            let mut ranges = self.ranges.write().unwrap_or_else(|e| e.into_inner());
+            ranges.remove(&r.range().start().get());
+        }
+        // Free what remains on devices (hmm-created memory is going away).
+        let freed: Vec<DevicePage> = {
+            let mut t = r.lock();
+            t.iter_mut().filter_map(|e| if e.is_migrating() { None } else { e.invalidate(false) }).collect()
+        };
+        for p in freed {
+            self.put_page(p);
+        }
+        if !self.uffd.is_closed() {
+            let _ = self.uffd.unregister(r.range());
+        }
+    }
+
+    /// Brings every page back, stops the fault service, closes the descriptors.
+    pub(crate) fn shutdown(self: &Arc<Self>) {
+        if self.shut_down.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let ranges: Vec<Arc<Range>> = {
+            let r = self.ranges.read().unwrap_or_else(|e| e.into_inner());
+            r.values().cloned().collect()
+        };
+        let devs: Vec<DeviceId> = {
+            let d = self.devices.read().unwrap_or_else(|e| e.into_inner());
+            d.iter().flatten().map(|m| m.id()).collect()
+        };
+        for dev in devs {
+            let _ = self.release_device(dev);
+        }
+        for r in &ranges {
+            let _ = self.uffd.unregister(r.range());
+        }
+        self.stopping.store(true, Ordering::Release);
+        self.notifier.notify();
+        if let Some(h) = self.service.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = h.join();
+        }
+        self.ranges.write().unwrap_or_else(|e| e.into_inner()).clear();
+        self.uffd.close();
+        self.staging_uffd.close();
+    }
+}
+
+impl ManagedRange {
+    /// The whole range.
+    pub fn range(&self) -> PageRange {
+        self.range.range()
+    }
+
+    /// First address.
+    pub fn addr(&self) -> VirtAddr {
+        self.range().start()
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.range().len()
+    }
+
+    /// Always false: a range holds at least one page.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Number of pages.
+    pub fn pages(&self) -> usize {
+        self.range().pages()
+    }
+
+    /// The range of pages `first..first + count`.
+    pub fn pages_range(&self, first: usize, count: usize) -> Result<PageRange, RangeError> {
+        self.range().subrange(first * PAGE_SIZE, count * PAGE_SIZE)
+    }
+
+    /// The first byte's address, for handing to code that takes raw pointers.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.addr().get() as *mut u8
+    }
+
+    /// Copies bytes out, as the CPU would read them: device pages fault back.
+    pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<(), RangeError> {
+        self.range.mapping().read(offset, buf)
+    }
+
+    /// Copies `data` in, as the CPU would write it.
+    pub fn write(&self, offset: usize, data: &[u8]) -> Result<(), RangeError> {
+        self.range.mapping().write(offset, data)
+    }
+
+    /// Sets `len` bytes at `offset` to `byte`.
+    pub fn fill(&self, offset: usize, len: usize, byte: u8) -> Result<(), RangeError> {
+        self.range.mapping().fill(offset, len, byte)
+    }
+
+    /// One CPU read of the byte at `offset`.
+    pub fn touch_read(&self, offset: usize) -> Result<u8, RangeError> {
+        self.range.mapping().touch_read(offset)
+    }
+
+    /// One CPU write of the byte at `offset`.
+    pub fn touch_write(&self, offset: usize, value: u8) -> Result<(), RangeError> {
+        self.range.mapping().touch_write(offset, value)
+    }
+
+    /// `madvise` over part of the range, made directly as the application would
+    /// (hmm learns of discards from the kernel's events, like any other).
+    pub fn advise(&self, part: PageRange, advice: Advise) -> Result<(), MmError> {
+        self.range.mapping().advise(part, advice)
+    }
+
+    /// `mprotect` over part of the range, made directly.
+    pub fn protect(&self, part: PageRange, prot: Protection) -> Result<(), MmError> {
+        self.range.mapping().protect(part, prot)
+    }
+
+    /// Where page `index` lives.
+    pub fn residency(&self, index: usize) -> Residency {
+        self.range.lock()[index].residency()
+    }
+
+    /// Where every page lives, in order.
+    pub fn residencies(&self) -> Vec<Residency> {
+        self.range.lock().iter().map(|e| e.residency()).collect()
+    }
+
+    /// Where the pages live and what happened to them.
+    pub fn stats(&self) -> RangeStats {
+        let mut s = RangeStats::default();
+        for e in self.range.lock().iter() {
+            if e.is_migrating() {
+                s.pages_migrating += 1;
+            }
+            match e.residency() {
+                Residency::None | Residency::Unmapped => s.pages_none += 1,
+                Residency::System => s.pages_system += 1,
+                Residency::Device(p) => *s.pages_on_device.entry(p.dev.0).or_default() += 1,
+                Residency::Poisoned => s.pages_poisoned += 1,
+            }
+        }
+        let c = &self.range.counters;
+        s.migrated_to_device = c.migrated_to_device.load(Ordering::Relaxed);
+        s.migrated_to_system = c.migrated_to_system.load(Ordering::Relaxed);
+        s.cpu_faults = c.cpu_faults.load(Ordering::Relaxed);
+        s.zero_fills = c.zero_fills.load(Ordering::Relaxed);
+        s
+    }
+
+    /// The underlying mapping.
+    pub fn mapping(&self) -> &Mapping {
+        self.range.mapping()
+    }
+}
+
+impl Drop for ManagedRange {
+    fn drop(&mut self) {
+        if !self.inner.shut_down.load(Ordering::Acquire) {
+            self.inner.unmanage(&self.range);
+        }
+    }
+}
