@@ -430,7 +430,7 @@ mod tests {
     fn references_keep_a_page_alive() {
         let (m, rec) = region(4, 512);
         let p = m.alloc(1)[0];
-        m.get(p);
+        m.descriptor(p.index).refcount.fetch_add(1, Ordering::AcqRel);
         m.set_backs(p, VirtAddr::new(0x7000));
         m.set_driver_data(p, 42);
         assert_eq!(m.refcount(p), 2);

@@ -86,10 +86,10 @@ mod tests {
         let v = parse_line("7f0000000000-7f0000002000 rw-p 00000000 00:00 0 ").unwrap();
         assert!(v.is_private_anonymous() && v.read && v.write && !v.exec);
         assert_eq!(v.range.len(), 0x2000);
-        let v = parse_line("55d0-56d0 r-xp 00001000 fd:01 1234   /usr/bin/cat").unwrap();
+        let v = parse_line("55d000-56d000 r-xp 00001000 fd:01 1234   /usr/bin/cat").unwrap();
         assert!(!v.is_private_anonymous());
         assert_eq!(v.path, "/usr/bin/cat");
-        let v = parse_line("7f00-8f00 rw-s 00000000 00:01 77 /dev/zero (deleted)").unwrap();
+        let v = parse_line("7f0000-8f0000 rw-s 00000000 00:01 77 /dev/zero (deleted)").unwrap();
         assert!(v.shared && !v.is_private_anonymous());
         let v = parse_line("5000-6000 rw-p 00000000 00:00 0  [heap]").unwrap();
         assert!(!v.is_private_anonymous(), "the heap is refused by name");
