@@ -1,0 +1,254 @@
+//! Migration and fault-back beyond the scenarios: integrity under concurrent
+//! touches, device failure, capacity, discards, bad input, both engines.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use hmm::os::mm::{Advise, Mapping, Memfd, Protection};
+use hmm::{
+    AdoptRefusal, Hmm, HmmConfig, HmmError, PAGE_SIZE, Residency, SkipReason, SoftwareDevice,
+    SoftwareDeviceConfig,
+};
+
+/// A small deterministic generator (xorshift) for test data.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut r = Rng(seed);
+    (0..len / 8).flat_map(|_| r.next().to_ne_bytes()).collect()
+}
+
+fn integrity_with(config: SoftwareDeviceConfig) {
+    let hmm = Hmm::new().unwrap();
+    let pages = 2048;
+    let dev = SoftwareDevice::new(&hmm, config).unwrap();
+    let r = hmm.alloc(pages * PAGE_SIZE).unwrap();
+    let data = random_bytes(r.len(), 0x9e37_79b9_7f4a_7c15);
+    r.write(0, &data).unwrap();
+    let rep = dev.migrate_to_device(r.range()).unwrap();
+    assert_eq!(rep.migrated, pages);
+    // Two threads touch every page in random orders, checking every byte.
+    std::thread::scope(|s| {
+        for t in 0..2u64 {
+            let (r, data) = (&r, &data);
+            s.spawn(move || {
+                let mut order: Vec<usize> = (0..pages).collect();
+                let mut rng = Rng(t + 7);
+                for i in (1..pages).rev() {
+                    order.swap(i, rng.next() as usize % (i + 1));
+                }
+                let mut buf = vec![0u8; PAGE_SIZE];
+                for p in order {
+                    r.read(p * PAGE_SIZE, &mut buf).unwrap();
+                    assert_eq!(buf, data[p * PAGE_SIZE..(p + 1) * PAGE_SIZE], "page {p}");
+                }
+            });
+        }
+    });
+    assert!(r.residencies().iter().all(|x| *x == Residency::System));
+    assert_eq!(dev.stats().pages_resident, 0);
+    assert_eq!(dev.stats().migrated_to_system, pages as u64);
+}
+
+#[test]
+fn integrity_under_concurrent_fault_back_zero_copy() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    integrity_with(SoftwareDeviceConfig::new("zc", 4096 * PAGE_SIZE));
+}
+
+#[test]
+fn integrity_under_concurrent_fault_back_copy_engine() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    integrity_with(SoftwareDeviceConfig::new("copy", 4096 * PAGE_SIZE).with_copy_engine(2));
+}
+
+#[test]
+fn device_failure_poisons_only_its_pages() {
+    if common::skip_without_uffd() || common::skip_without("UFFDIO_POISON") {
+        return;
+    }
+    if std::env::var("HMM_TEST_CHILD").as_deref() == Ok("device-failure") {
+        let hmm = Hmm::new().unwrap();
+        let a = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("a", 64 * PAGE_SIZE)).unwrap();
+        let b = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("b", 64 * PAGE_SIZE)).unwrap();
+        let r = hmm.alloc(8 * PAGE_SIZE).unwrap();
+        r.fill(0, r.len(), 0x42).unwrap();
+        assert_eq!(a.migrate_to_device(r.pages_range(0, 4).unwrap()).unwrap().migrated, 4);
+        assert_eq!(b.migrate_to_device(r.pages_range(4, 4).unwrap()).unwrap().migrated, 4);
+        assert_eq!(a.fail(), 4);
+        assert_eq!(r.residency(0), Residency::Poisoned);
+        for p in 4..8 {
+            assert_eq!(r.touch_read(p * PAGE_SIZE).unwrap(), 0x42);
+        }
+        println!("healthy-device-pages-ok");
+        let v = r.touch_read(0);
+        println!("unreachable: read {v:?} from a poisoned page");
+        std::process::exit(0);
+    }
+    let _g = common::fork_lock();
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "device_failure_poisons_only_its_pages", "--nocapture", "--test-threads=1"])
+        .env("HMM_TEST_CHILD", "device-failure")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(7), "SIGBUS expected; stdout: {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("healthy-device-pages-ok"), "{stdout}");
+    assert!(!stdout.contains("unreachable"), "{stdout}");
+}
+
+#[test]
+fn capacity_moves_what_fits_and_loses_nothing() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    let dev = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("small", 64 * PAGE_SIZE)).unwrap();
+    let r = hmm.alloc(100 * PAGE_SIZE).unwrap();
+    let data = random_bytes(r.len(), 3);
+    r.write(0, &data).unwrap();
+    let rep = dev.migrate_to_device(r.range()).unwrap();
+    assert_eq!(rep.migrated, 64);
+    assert_eq!(rep.count(&SkipReason::NoDeviceMemory), 36);
+    assert!(rep.skipped.iter().all(|(_, why)| why.to_string() == "no device memory"));
+    assert_eq!(dev.stats().pages_resident, 64);
+    let mut back = vec![0u8; r.len()];
+    r.read(0, &mut back).unwrap();
+    assert!(back == data, "every byte survives");
+}
+
+/// Waits (up to 5 s) for the fault service to have handled an event.
+fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn direct_discard_returns_device_pages() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    let dev = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("d", 256 * PAGE_SIZE)).unwrap();
+    let r = hmm.alloc(128 * PAGE_SIZE).unwrap();
+    r.fill(0, r.len(), 0x77).unwrap();
+    assert_eq!(dev.migrate_to_device(r.range()).unwrap().migrated, 128);
+    // The application discards the middle half itself.
+    r.advise(r.pages_range(32, 64).unwrap(), Advise::DontNeed).unwrap();
+    eventually("device pages of the discarded part freed", || dev.stats().pages_resident == 64);
+    assert_eq!(dev.stats().pages_freed, 64);
+    let mut page = vec![0u8; PAGE_SIZE];
+    r.read(40 * PAGE_SIZE, &mut page).unwrap();
+    assert!(page.iter().all(|b| *b == 0), "a discarded page reads as zeros");
+    r.read(10 * PAGE_SIZE, &mut page).unwrap();
+    assert!(page.iter().all(|b| *b == 0x77), "the rest keeps its data");
+    // Dropping the range frees what is left on the device.
+    drop(r);
+    assert_eq!(dev.stats().pages_resident, 0);
+}
+
+#[test]
+fn dropping_hmm_brings_every_page_back() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    let dev = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("d", 64 * PAGE_SIZE)).unwrap();
+    let m = Mapping::anonymous(32 * PAGE_SIZE, Protection::ReadWrite).unwrap();
+    let data = random_bytes(m.len(), 11);
+    m.write(0, &data).unwrap();
+    let r = hmm.adopt(m).unwrap();
+    assert!(r.residencies().iter().all(|x| *x == Residency::System), "adopted data is seen");
+    assert_eq!(dev.migrate_to_device(r.range()).unwrap().migrated, 32);
+    drop(hmm);
+    assert_eq!(dev.stats().pages_resident, 0);
+    let mut back = vec![0u8; r.len()];
+    r.read(0, &mut back).unwrap();
+    assert!(back == data);
+    drop(dev);
+}
+
+#[test]
+fn bad_input_gets_typed_errors_and_leaves_data_alone() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    assert!(matches!(hmm.alloc(0), Err(HmmError::Mm(_))));
+    assert!(matches!(hmm.alloc(100), Err(HmmError::Mm(_))));
+    assert!(matches!(Hmm::with_config(HmmConfig { fault_around_pages: 4096, ..Default::default() }), Err(HmmError::Config(_))));
+    let dev = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("d", 16 * PAGE_SIZE)).unwrap();
+    let r = hmm.alloc(8 * PAGE_SIZE).unwrap();
+    r.fill(0, r.len(), 9).unwrap();
+    // A range that is not (wholly) managed.
+    let outside = hmm::PageRange::new(r.range().start(), 16 * PAGE_SIZE).unwrap();
+    let e = dev.migrate_to_device(outside).unwrap_err();
+    assert!(matches!(e, HmmError::NotManaged(x) if x == outside), "{e}");
+    // Unaligned addresses cannot even be expressed as a range.
+    assert!(hmm::PageRange::new(hmm::VirtAddr::new(r.addr().get() + 1), PAGE_SIZE).is_err());
+    // Adopting what is already managed.
+    let other = Mapping::anonymous(PAGE_SIZE, Protection::ReadWrite).unwrap();
+    let first = hmm.adopt(other).unwrap();
+    drop(first);
+    // File-backed memory.
+    let fd = Memfd::create(c"hmm-test", 4 * PAGE_SIZE as u64, false).unwrap();
+    let file = fd.map(0, 4 * PAGE_SIZE, Protection::ReadWrite, false).unwrap();
+    let e = hmm.adopt(file).unwrap_err();
+    assert!(matches!(e, HmmError::Adopt { reason: AdoptRefusal::FileBacked(_), .. }), "{e}");
+    // hugetlb memory, where the machine has huge pages reserved.
+    match Memfd::create(c"hmm-huge", hmm::HUGE_PAGE_SIZE as u64, true)
+        .and_then(|fd| fd.map(0, hmm::HUGE_PAGE_SIZE, Protection::ReadWrite, false))
+    {
+        Ok(huge) => {
+            let e = hmm.adopt(huge).unwrap_err();
+            assert!(matches!(e, HmmError::Adopt { .. }), "{e}");
+        }
+        Err(e) => eprintln!("SKIP hugetlb part: {e}"),
+    }
+    // Read-only memory cannot be adopted.
+    let ro = Mapping::anonymous(PAGE_SIZE, Protection::Read).unwrap();
+    let e = hmm.adopt(ro).unwrap_err();
+    assert!(matches!(e, HmmError::Adopt { reason: AdoptRefusal::Protection, .. }), "{e}");
+    // Nothing above touched the managed data.
+    let mut back = vec![0u8; r.len()];
+    r.read(0, &mut back).unwrap();
+    assert!(back.iter().all(|b| *b == 9));
+}
+
+#[test]
+fn fault_around_window_is_configurable_and_bounded_by_the_range() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::with_config(HmmConfig { fault_around_pages: 8, ..Default::default() }).unwrap();
+    let dev = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("d", 64 * PAGE_SIZE)).unwrap();
+    let r = hmm.alloc(32 * PAGE_SIZE).unwrap();
+    r.fill(0, r.len(), 1).unwrap();
+    assert_eq!(dev.migrate_to_device(r.range()).unwrap().migrated, 32);
+    assert_eq!(r.touch_read(16 * PAGE_SIZE).unwrap(), 1);
+    let back = r.residencies().iter().filter(|x| **x == Residency::System).count();
+    assert_eq!(back, 8, "one fault brought back its window of 8 pages");
+    assert_eq!(r.touch_read(0).unwrap(), 1);
+    let back2 = r.residencies().iter().filter(|x| **x == Residency::System).count();
+    assert!(back2 <= 8 + 8, "the window at the range start does not cross it");
+    assert_eq!(r.residency(0), Residency::System);
+}
