@@ -329,9 +329,9 @@ impl DeviceMemory {
         if page.dev != self.id || page.index >= self.capacity_pages {
             return 0;
         }
-        self.chunks[(page.index / self.chunk_pages) as usize]
-            .get()
-            .map_or(0, |c| c[(page.index % self.chunk_pages) as usize].refcount.load(Ordering::Acquire))
+        self.chunks[(page.index / self.chunk_pages) as usize].get().map_or(0, |c| {
+            c[(page.index % self.chunk_pages) as usize].refcount.load(Ordering::Acquire)
+        })
     }
 
     /// The driver's word for `page`.
@@ -457,7 +457,8 @@ mod tests {
     fn bad_configurations_are_refused() {
         let rec: Arc<dyn DevicePagemapOps> = Arc::new(Recorder::default());
         for cap in [0, 100, PAGE_SIZE + 1] {
-            let r = DeviceMemory::new(DeviceId(0), DeviceMemoryConfig::private("x", cap), rec.clone());
+            let r =
+                DeviceMemory::new(DeviceId(0), DeviceMemoryConfig::private("x", cap), rec.clone());
             assert!(matches!(r, Err(DeviceMemoryError::Capacity(c)) if c == cap));
         }
         let mut cfg = DeviceMemoryConfig::private("x", PAGE_SIZE);

@@ -123,7 +123,9 @@ impl CpuFault<'_> {
             Some(PageStatus::Skipped(SkipReason::CopyFailed(crate::dma::DmaError::NoMemory))) => {
                 return Err(FaultBackError::NoMemory);
             }
-            Some(PageStatus::Skipped(SkipReason::CopyFailed(crate::dma::DmaError::DeviceFailed))) => {
+            Some(PageStatus::Skipped(SkipReason::CopyFailed(
+                crate::dma::DmaError::DeviceFailed,
+            ))) => {
                 return Err(FaultBackError::DeviceFailed);
             }
             _ if report.migrated == 0 => Err(FaultBackError::Busy),
@@ -189,7 +191,12 @@ impl Service {
             if self.inner.stopping.load(Ordering::Acquire) {
                 return;
             }
-            let timeout = self.retries.iter().map(|r| r.due).min().map(|d| d.saturating_duration_since(Instant::now()));
+            let timeout = self
+                .retries
+                .iter()
+                .map(|r| r.due)
+                .min()
+                .map(|d| d.saturating_duration_since(Instant::now()));
             match self.inner.uffd.poll_with(&self.inner.notifier, timeout) {
                 Ok(_) => {}
                 Err(e) => {
@@ -225,7 +232,8 @@ impl Service {
     fn run_retries(&mut self) {
         let now = Instant::now();
         let due: Vec<Retry> = {
-            let (due, later) = std::mem::take(&mut self.retries).into_iter().partition(|r| r.due <= now);
+            let (due, later) =
+                std::mem::take(&mut self.retries).into_iter().partition(|r| r.due <= now);
             self.retries = later;
             due
         };
@@ -288,7 +296,9 @@ impl Service {
     fn zero(&mut self, page: PageRange, r: Option<&Arc<Range>>, write: bool, delay: Duration) {
         let Some(r) = r else {
             match self.inner.uffd.zeropage(page, false) {
-                Err(e) if e.kind == FillErrorKind::Again => self.retry_later(page.start(), write, delay),
+                Err(e) if e.kind == FillErrorKind::Again => {
+                    self.retry_later(page.start(), write, delay)
+                }
                 _ => {
                     let _ = self.inner.uffd.wake(page);
                 }

@@ -237,8 +237,11 @@ impl Migration {
         if !self.slots.iter().any(|s| s.src == Src::Isolating) {
             return Ok(());
         }
-        let staging = Mapping::anonymous_aligned(self.range.len(), HUGE_PAGE_SIZE, Protection::ReadWrite)?;
-        if let Err(e) = self.inner.staging_uffd.register(&staging, staging.range(), RegisterMode::MISSING) {
+        let staging =
+            Mapping::anonymous_aligned(self.range.len(), HUGE_PAGE_SIZE, Protection::ReadWrite)?;
+        if let Err(e) =
+            self.inner.staging_uffd.register(&staging, staging.range(), RegisterMode::MISSING)
+        {
             self.fail_isolating(SkipReason::NotMovable(format!("no staging memory: {e}")));
             return Ok(());
         }
@@ -322,7 +325,8 @@ impl Migration {
         let mut t = self.rec.lock();
         for (k, s) in self.slots.iter().enumerate() {
             let e = &mut t[self.first + k];
-            if s.src == Src::None && e.is_migrating() && matches!(s.status, PageStatus::Skipped(_)) {
+            if s.src == Src::None && e.is_migrating() && matches!(s.status, PageStatus::Skipped(_))
+            {
                 let _ = e.abort();
             }
         }
@@ -452,7 +456,9 @@ impl Migration {
         let mut put = Vec::new();
         let mut moved = 0u64;
         let mem = match self.select {
-            Selection::System => self.slots.iter().find_map(|s| s.dst).and_then(|p| self.inner.device(p.dev)),
+            Selection::System => {
+                self.slots.iter().find_map(|s| s.dst).and_then(|p| self.inner.device(p.dev))
+            }
             Selection::Device(d) => self.inner.device(d),
         };
         {
@@ -475,7 +481,10 @@ impl Migration {
                         (Selection::System, true) => {
                             let p = s.dst.expect("device destination");
                             if let Some(m) = &mem {
-                                m.set_backs(p, VirtAddr::new(self.range.start().get() + k * PAGE_SIZE));
+                                m.set_backs(
+                                    p,
+                                    VirtAddr::new(self.range.start().get() + k * PAGE_SIZE),
+                                );
                             }
                             moved += 1;
                         }

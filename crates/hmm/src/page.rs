@@ -128,9 +128,7 @@ impl PageEntry {
             Residency::None => Self(K_NONE),
             Residency::System => Self(K_SYSTEM),
             Residency::Device(p) => Self(
-                K_DEVICE
-                    | (u64::from(p.dev.0) << DEV_SHIFT)
-                    | (u64::from(p.index) << INDEX_SHIFT),
+                K_DEVICE | (u64::from(p.dev.0) << DEV_SHIFT) | (u64::from(p.index) << INDEX_SHIFT),
             ),
             Residency::Poisoned => Self(K_POISONED),
             Residency::Unmapped => Self(K_UNMAPPED),

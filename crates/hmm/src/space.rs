@@ -199,7 +199,9 @@ impl Drop for Range {
             t.iter()
                 .enumerate()
                 .filter(|(_, e)| e.residency() == Residency::Unmapped)
-                .map(|(i, _)| PageRange::from_pages(VirtAddr::new(start + i * PAGE_SIZE), 1).expect("page"))
+                .map(|(i, _)| {
+                    PageRange::from_pages(VirtAddr::new(start + i * PAGE_SIZE), 1).expect("page")
+                })
                 .collect()
         };
         if let Some(m) = self.mapping.take() {
@@ -380,10 +382,11 @@ impl Hmm {
             if !(v.read && v.write) {
                 return refuse(AdoptRefusal::Protection);
             }
-            if let Some(stack) = self.inner.service_stack.get() {
-                if stack.start() < range.end() && range.start() < stack.end() {
-                    return refuse(AdoptRefusal::Reserved("the fault service's stack".into()));
-                }
+            if let Some(stack) = self.inner.service_stack.get()
+                && stack.start() < range.end()
+                && range.start() < stack.end()
+            {
+                return refuse(AdoptRefusal::Reserved("the fault service's stack".into()));
             }
         }
         if at < range.end() {
@@ -633,7 +636,11 @@ impl Inner {
     }
 
     /// Evicts `pages` of device `dev`, grouped into runs of adjacent addresses.
-    pub(crate) fn evict(self: &Arc<Self>, dev: DeviceId, pages: &[DevicePage]) -> Result<usize, HmmError> {
+    pub(crate) fn evict(
+        self: &Arc<Self>,
+        dev: DeviceId,
+        pages: &[DevicePage],
+    ) -> Result<usize, HmmError> {
         let mem = self.device(dev).ok_or(HmmError::UnknownDevice(dev))?;
         let mut addrs: Vec<VirtAddr> = pages.iter().filter_map(|p| mem.backs(*p)).collect();
         addrs.sort();
@@ -725,7 +732,8 @@ impl Inner {
     pub(crate) fn unmanage(self: &Arc<Self>, r: &Arc<Range>) {
         let devs: Vec<DeviceId> = {
             let t = r.lock();
-            let mut d: Vec<DeviceId> = t.iter().filter_map(|e| e.device_page()).map(|p| p.dev).collect();
+            let mut d: Vec<DeviceId> =
+                t.iter().filter_map(|e| e.device_page()).map(|p| p.dev).collect();
             d.sort();
             d.dedup();
             d
@@ -752,7 +760,9 @@ impl Inner {
         // Free what remains on devices (hmm-created memory is going away).
         let freed: Vec<DevicePage> = {
             let mut t = r.lock();
-            t.iter_mut().filter_map(|e| if e.is_migrating() { None } else { e.invalidate(false) }).collect()
+            t.iter_mut()
+                .filter_map(|e| if e.is_migrating() { None } else { e.invalidate(false) })
+                .collect()
         };
         for p in freed {
             self.put_page(p);

@@ -18,7 +18,9 @@ use std::thread::JoinHandle;
 
 use crate::addr::{PAGE_SIZE, PageRange};
 use crate::devmem::{DeviceMemory, DeviceMemoryConfig, DevicePagemapOps, DeviceStats};
-use crate::dma::{DmaEngine, DmaError, DmaFence, DmaJob, FenceCompleter, SystemSource, ToDevice, ToSystem};
+use crate::dma::{
+    DmaEngine, DmaError, DmaFence, DmaJob, FenceCompleter, SystemSource, ToDevice, ToSystem,
+};
 use crate::migrate::MigrationReport;
 use crate::os::mm::{Advise, Mapping, Protection};
 use crate::os::uffd::{Features, FillErrorKind, RegisterMode, Uffd, UffdOptions};
@@ -144,7 +146,11 @@ impl SoftwareDevice {
                     allow_user_mode_only: false,
                 })?);
                 u.register(&pool, pool.range(), RegisterMode::MISSING)?;
-                let e = MoveEngine { pool: pool.clone(), uffd: u.clone(), fail_to_system: fail_to_system.clone() };
+                let e = MoveEngine {
+                    pool: pool.clone(),
+                    uffd: u.clone(),
+                    fail_to_system: fail_to_system.clone(),
+                };
                 (Box::new(e), Some(u))
             }
         };
@@ -191,7 +197,9 @@ impl SoftwareDevice {
             let local = {
                 let t = r.lock();
                 match t[first + k].residency() {
-                    Residency::Device(p) if p.dev == self.mem.id() && !t[first + k].is_migrating() => {
+                    Residency::Device(p)
+                        if p.dev == self.mem.id() && !t[first + k].is_migrating() =>
+                    {
                         // The entry cannot change while the table is locked, so
                         // the device page stays allocated and populated.
                         self.core.pool.read(p.index as usize * PAGE_SIZE, buf)?;
@@ -211,7 +219,8 @@ impl SoftwareDevice {
     /// Evicts every page of this device back to system memory.
     pub fn release(&self) -> Result<(), HmmError> {
         loop {
-            let pages: Vec<DevicePage> = self.mem.resident_pages().into_iter().map(|(p, _)| p).collect();
+            let pages: Vec<DevicePage> =
+                self.mem.resident_pages().into_iter().map(|(p, _)| p).collect();
             if pages.is_empty() {
                 return Ok(());
             }
@@ -243,10 +252,10 @@ impl SoftwareDevice {
 
 impl Drop for SoftwareDevice {
     fn drop(&mut self) {
-        if !self.hmm.shut_down.load(Ordering::Acquire) {
-            if let Err(e) = self.hmm.release_device(self.mem.id()) {
-                tracing::error!(error = %e, "releasing a software device");
-            }
+        if !self.hmm.shut_down.load(Ordering::Acquire)
+            && let Err(e) = self.hmm.release_device(self.mem.id())
+        {
+            tracing::error!(error = %e, "releasing a software device");
         }
     }
 }
@@ -270,21 +279,27 @@ pub(crate) struct CopyEngine {
 }
 
 impl CopyEngine {
-    fn new(pool: Arc<Mapping>, workers: usize, fail_to_system: Arc<AtomicU32>) -> std::io::Result<Self> {
+    fn new(
+        pool: Arc<Mapping>,
+        workers: usize,
+        fail_to_system: Arc<AtomicU32>,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = channel::<Work>();
         let rx = Arc::new(Mutex::new(rx));
         let mut handles = Vec::with_capacity(workers);
         for n in 0..workers {
             let rx: Arc<Mutex<Receiver<Work>>> = rx.clone();
-            handles.push(std::thread::Builder::new().name(format!("hmm-dma-{n}")).spawn(move || {
-                loop {
-                    let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-                    match job {
-                        Ok(job) => job(),
-                        Err(_) => return,
+            handles.push(std::thread::Builder::new().name(format!("hmm-dma-{n}")).spawn(
+                move || {
+                    loop {
+                        let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                        match job {
+                            Ok(job) => job(),
+                            Err(_) => return,
+                        }
                     }
-                }
-            })?);
+                },
+            )?);
         }
         Ok(Self { pool, queue: Some(tx), workers: handles, fail_to_system })
     }
@@ -303,7 +318,9 @@ fn to_device_copy(pool: &Mapping, op: &ToDevice) -> Result<(), DmaError> {
     let off = op.dst.index as usize * PAGE_SIZE;
     let r = match &op.src {
         SystemSource::Zero => pool.fill(off, PAGE_SIZE, 0),
-        SystemSource::Staged { staging, offset } => pool.copy_words_from(off, staging, *offset, PAGE_SIZE),
+        SystemSource::Staged { staging, offset } => {
+            pool.copy_words_from(off, staging, *offset, PAGE_SIZE)
+        }
     };
     r.map_err(|e| DmaError::Failed(e.to_string()))
 }
@@ -351,7 +368,8 @@ fn to_system_copies(
             for (k, r) in res.iter_mut().enumerate() {
                 if matches!(r, Err(DmaError::Failed(_))) {
                     let one = sink.install_copy(copies[i + k].dst, pool, off + k * PAGE_SIZE, 1);
-                    *r = one.into_iter().next().unwrap_or(Err(DmaError::Failed("no result".into())));
+                    *r =
+                        one.into_iter().next().unwrap_or(Err(DmaError::Failed("no result".into())));
                 }
             }
         }
@@ -372,10 +390,10 @@ impl DmaEngine for CopyEngine {
         // Split into one slice per worker, at least 16 pages each.
         let per = n.div_ceil(workers).max(16);
         let send = |work: Work, done: &FenceCompleter, first: usize, len: usize| {
-            if let Some(q) = &self.queue {
-                if q.send(work).is_ok() {
-                    return;
-                }
+            if let Some(q) = &self.queue
+                && q.send(work).is_ok()
+            {
+                return;
             }
             done.complete(first, vec![Err(DmaError::Failed("engine stopped".into())); len]);
         };
@@ -386,7 +404,10 @@ impl DmaEngine for CopyEngine {
                     let len = per.min(n - first);
                     let (ops, pool, d) = (ops.clone(), self.pool.clone(), done.clone());
                     let work: Work = Box::new(move || {
-                        let res = ops[first..first + len].iter().map(|op| to_device_copy(&pool, op)).collect();
+                        let res = ops[first..first + len]
+                            .iter()
+                            .map(|op| to_device_copy(&pool, op))
+                            .collect();
                         d.complete(first, res);
                     });
                     send(work, &done, first, len);
@@ -404,7 +425,10 @@ impl DmaEngine for CopyEngine {
                         self.fail_to_system.clone(),
                     );
                     let work: Work = Box::new(move || {
-                        d.complete(first, to_system_copies(&pool, &s, &c[first..first + len], &f, false));
+                        d.complete(
+                            first,
+                            to_system_copies(&pool, &s, &c[first..first + len], &f, false),
+                        );
                     });
                     send(work, &done, first, len);
                 }
@@ -433,7 +457,12 @@ impl MoveEngine {
                     SystemSource::Staged { staging, offset } => {
                         let src = staging.subrange(*offset, PAGE_SIZE).expect("inside staging");
                         match self.uffd.move_pages(slot, staging, src, true, false) {
-                            Err(e) if matches!(e.kind, FillErrorKind::Invalid | FillErrorKind::Busy) => {
+                            Err(e)
+                                if matches!(
+                                    e.kind,
+                                    FillErrorKind::Invalid | FillErrorKind::Busy
+                                ) =>
+                            {
                                 self.uffd.copy_from(slot, staging, src, true)
                             }
                             r => r,

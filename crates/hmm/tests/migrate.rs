@@ -102,13 +102,23 @@ fn device_failure_poisons_only_its_pages() {
     }
     let _g = common::fork_lock();
     let out = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "device_failure_poisons_only_its_pages", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "device_failure_poisons_only_its_pages",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("HMM_TEST_CHILD", "device-failure")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     use std::os::unix::process::ExitStatusExt;
-    assert_eq!(out.status.signal(), Some(7), "SIGBUS expected; stdout: {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.signal(),
+        Some(7),
+        "SIGBUS expected; stdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("healthy-device-pages-ok"), "{stdout}");
     assert!(!stdout.contains("unreachable"), "{stdout}");
 }
@@ -119,7 +129,8 @@ fn capacity_moves_what_fits_and_loses_nothing() {
         return;
     }
     let hmm = Hmm::new().unwrap();
-    let dev = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("small", 64 * PAGE_SIZE)).unwrap();
+    let dev =
+        SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("small", 64 * PAGE_SIZE)).unwrap();
     let r = hmm.alloc(100 * PAGE_SIZE).unwrap();
     let data = random_bytes(r.len(), 3);
     r.write(0, &data).unwrap();
@@ -195,7 +206,10 @@ fn bad_input_gets_typed_errors_and_leaves_data_alone() {
     let hmm = Hmm::new().unwrap();
     assert!(matches!(hmm.alloc(0), Err(HmmError::Mm(_))));
     assert!(matches!(hmm.alloc(100), Err(HmmError::Mm(_))));
-    assert!(matches!(Hmm::with_config(HmmConfig { fault_around_pages: 4096, ..Default::default() }), Err(HmmError::Config(_))));
+    assert!(matches!(
+        Hmm::with_config(HmmConfig { fault_around_pages: 4096, ..Default::default() }),
+        Err(HmmError::Config(_))
+    ));
     let dev = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("d", 16 * PAGE_SIZE)).unwrap();
     let r = hmm.alloc(8 * PAGE_SIZE).unwrap();
     r.fill(0, r.len(), 9).unwrap();

@@ -3,9 +3,7 @@
 
 mod common;
 
-use hmm::{
-    Hmm, PAGE_SIZE, Residency, SkipReason, SoftwareDevice, SoftwareDeviceConfig,
-};
+use hmm::{Hmm, PAGE_SIZE, Residency, SkipReason, SoftwareDevice, SoftwareDeviceConfig};
 
 const NPAGES: usize = 1024;
 
@@ -42,7 +40,11 @@ fn migrate() {
     fill_index(&r);
     let rep = dev.migrate_to_device(r.range()).unwrap();
     assert_eq!(rep.migrated, NPAGES, "cpages: {:?}", rep.skipped.first());
-    assert!(r.residencies().iter().all(|x| matches!(x, Residency::Device(p) if p.dev == dev.memory().id())));
+    assert!(
+        r.residencies()
+            .iter()
+            .all(|x| matches!(x, Residency::Device(p) if p.dev == dev.memory().id()))
+    );
     let (bytes, c) = dev.read(r.range()).unwrap();
     assert_eq!(c.cpages, NPAGES as u64);
     check_index(&bytes, 0);
@@ -106,8 +108,11 @@ fn migrate_shared() {
         return;
     }
     let hmm = Hmm::new().unwrap();
-    let m = hmm::os::mm::Mapping::shared_anonymous(NPAGES * PAGE_SIZE, hmm::os::mm::Protection::ReadWrite)
-        .unwrap();
+    let m = hmm::os::mm::Mapping::shared_anonymous(
+        NPAGES * PAGE_SIZE,
+        hmm::os::mm::Protection::ReadWrite,
+    )
+    .unwrap();
     m.fill(0, PAGE_SIZE, 0x5a).unwrap();
     let range = m.range();
     let err = hmm.adopt(m).unwrap_err();
