@@ -135,7 +135,7 @@ fn render_probe(p: &Probe) -> String {
 fn bench(json: bool, quick: bool) -> ExitCode {
     let show = !json && std::io::stderr().is_terminal();
     let bar = ProgressBar::with_draw_target(
-        Some(5),
+        Some(bench::ALL_STEPS as u64),
         if show { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() },
     );
     bar.set_style(
@@ -144,9 +144,12 @@ fn bench(json: bool, quick: bool) -> ExitCode {
     );
     bar.enable_steady_tick(std::time::Duration::from_millis(120));
     if !json && !show {
-        eprintln!("measuring baselines{}...", if quick { " (quick)" } else { "" });
+        eprintln!(
+            "measuring baselines and migration figures{}...",
+            if quick { " (quick)" } else { "" }
+        );
     }
-    let res = bench::run_baselines(BenchOptions { quick }, &mut |step| {
+    let res = bench::run_all(BenchOptions { quick }, &mut |step| {
         bar.set_position(step.index as u64);
         bar.set_message(step.name);
         if !json && !show {
@@ -162,13 +165,13 @@ fn bench(json: bool, quick: bool) -> ExitCode {
         }
     };
     if json {
-        out(&format!("{}\n", serde_json::to_string(&b).expect("baselines serialize")));
+        out(&format!("{}\n", serde_json::to_string(&b).expect("bench report serializes")));
         return ExitCode::SUCCESS;
     }
-    let mut s = format!("{:<24} {:>12}  {:<9} what\n", "key", "value", "unit");
+    let mut s = format!("{:<34} {:>12}  {:<9} what\n", "key", "value", "unit");
     for r in b.rows() {
         let v = r.value.map_or_else(|| "n/a".to_string(), |v| format!("{v:.3}"));
-        s.push_str(&format!("{:<24} {:>12}  {:<9} {}\n", r.key, v, r.unit, r.what));
+        s.push_str(&format!("{:<34} {:>12}  {:<9} {}\n", r.key, v, r.unit, r.what));
     }
     out(&s);
     ExitCode::SUCCESS

@@ -390,3 +390,209 @@ mod tests {
         assert_eq!(keys.len(), 6);
     }
 }
+
+/// The migration figures (issue keys), measured after the baselines in the same run.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Default)]
+pub struct MigrationFigures {
+    /// Populated anonymous memory to a software device, copying engine (2 workers), GB/s.
+    pub migrate_to_device_gbps: Option<f64>,
+    /// The same with the zero-copy (`UFFDIO_MOVE`) engine, GB/s.
+    pub migrate_to_device_zero_copy_gbps: Option<f64>,
+    /// Device back to system memory (`migrate_to_system`, zero-copy engine), GB/s.
+    pub migrate_to_system_gbps: Option<f64>,
+    /// One thread reading one byte per page, in order, of device-resident memory, GB/s.
+    pub fault_back_sequential_gbps: Option<f64>,
+    /// A single-page fault-back at a random address (fault-around off), median, microseconds.
+    pub fault_back_random_us_p50: Option<f64>,
+    /// The same, 99th percentile.
+    pub fault_back_random_us_p99: Option<f64>,
+    /// Bytes of hmm metadata per 4 KiB page of managed memory.
+    pub metadata_bytes_per_page: Option<f64>,
+    /// Bytes of device page descriptors per 4 KiB page of device memory in use.
+    pub device_descriptor_bytes_per_page: Option<f64>,
+}
+
+impl MigrationFigures {
+    /// The figures as table rows.
+    pub fn rows(&self) -> Vec<Row> {
+        let row = |key, value, unit, what| Row { key, value, unit, what };
+        vec![
+            row(
+                "migrate_to_device_gbps",
+                self.migrate_to_device_gbps,
+                "GB/s",
+                "migrate to device, copying engine",
+            ),
+            row(
+                "migrate_to_device_zero_copy_gbps",
+                self.migrate_to_device_zero_copy_gbps,
+                "GB/s",
+                "migrate to device, zero-copy engine",
+            ),
+            row(
+                "migrate_to_system_gbps",
+                self.migrate_to_system_gbps,
+                "GB/s",
+                "migrate back to system memory",
+            ),
+            row(
+                "fault_back_sequential_gbps",
+                self.fault_back_sequential_gbps,
+                "GB/s",
+                "CPU reads device memory in order (fault-back)",
+            ),
+            row(
+                "fault_back_random_us_p50",
+                self.fault_back_random_us_p50,
+                "us",
+                "random single-page fault-back, median",
+            ),
+            row(
+                "fault_back_random_us_p99",
+                self.fault_back_random_us_p99,
+                "us",
+                "random single-page fault-back, p99",
+            ),
+            row(
+                "metadata_bytes_per_page",
+                self.metadata_bytes_per_page,
+                "B/page",
+                "hmm metadata per managed page",
+            ),
+            row(
+                "device_descriptor_bytes_per_page",
+                self.device_descriptor_bytes_per_page,
+                "B/page",
+                "device page descriptors per device page",
+            ),
+        ]
+    }
+}
+
+/// Everything `hmm bench` reports: the baselines and the figures compared to them.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct BenchReport {
+    /// The baselines.
+    #[serde(flatten)]
+    pub baselines: Baselines,
+    /// The migration figures.
+    #[serde(flatten)]
+    pub migration: MigrationFigures,
+}
+
+impl BenchReport {
+    /// Every row, baselines first.
+    pub fn rows(&self) -> Vec<Row> {
+        let mut r = self.baselines.rows();
+        r.extend(self.migration.rows());
+        r
+    }
+}
+
+/// Number of steps [`run_all`] reports.
+pub const ALL_STEPS: usize = 9;
+
+/// Measures the baselines, then the migration figures.
+pub fn run_all(
+    opts: BenchOptions,
+    progress: &mut dyn FnMut(Step),
+) -> Result<BenchReport, BenchError> {
+    let mut relabel = |s: Step| progress(Step { total: ALL_STEPS, ..s });
+    let baselines = run_baselines(opts, &mut relabel)?;
+    let migration = if crate::probe::probe().usable().is_ok() {
+        run_migration(opts, &mut |s| progress(Step { index: s.index + 5, total: ALL_STEPS, ..s }))?
+    } else {
+        MigrationFigures::default()
+    };
+    Ok(BenchReport { baselines, migration })
+}
+
+fn hmm_err(e: crate::space::HmmError) -> BenchError {
+    BenchError::Server(e.to_string())
+}
+
+/// Measures the migration figures on software devices.
+pub fn run_migration(
+    opts: BenchOptions,
+    progress: &mut dyn FnMut(Step),
+) -> Result<MigrationFigures, BenchError> {
+    use crate::space::{Hmm, HmmConfig};
+    use crate::swdev::{SoftwareDevice, SoftwareDeviceConfig};
+    let size = if opts.quick { 256 << 20 } else { 1 << 30 };
+    let mut f = MigrationFigures::default();
+    let step =
+        |progress: &mut dyn FnMut(Step), index, name| progress(Step { name, index, total: 4 });
+
+    step(progress, 0, "migrate to device (copy, zero-copy)");
+    let hmm = Hmm::new().map_err(hmm_err)?;
+    let r = hmm.alloc(size).map_err(hmm_err)?;
+    r.advise(r.range(), Advise::NoHugePage)?;
+    r.advise(r.range(), Advise::PopulateWrite)?;
+    {
+        let mut cfg = SoftwareDeviceConfig::new("bench-copy", size).with_copy_engine(2);
+        cfg.prefault = true;
+        let dev = SoftwareDevice::new(&hmm, cfg).map_err(hmm_err)?;
+        let t = Instant::now();
+        let rep = dev.migrate_to_device(r.range()).map_err(hmm_err)?;
+        f.migrate_to_device_gbps =
+            (rep.migrated * PAGE_SIZE == size).then(|| gbps(size, t.elapsed()));
+        let (bytes, pages) = hmm.metadata();
+        f.metadata_bytes_per_page = Some(bytes as f64 / pages as f64);
+        f.device_descriptor_bytes_per_page = Some(
+            dev.memory().descriptor_bytes() as f64 / dev.memory().allocated_pages().max(1) as f64,
+        );
+        dev.migrate_to_system(r.range()).map_err(hmm_err)?;
+    }
+    let dev =
+        SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("bench-zc", size)).map_err(hmm_err)?;
+    let t = Instant::now();
+    let rep = dev.migrate_to_device(r.range()).map_err(hmm_err)?;
+    f.migrate_to_device_zero_copy_gbps =
+        (rep.migrated * PAGE_SIZE == size).then(|| gbps(size, t.elapsed()));
+
+    step(progress, 1, "migrate to system");
+    let t = Instant::now();
+    let rep = dev.migrate_to_system(r.range()).map_err(hmm_err)?;
+    f.migrate_to_system_gbps = (rep.migrated * PAGE_SIZE == size).then(|| gbps(size, t.elapsed()));
+
+    step(progress, 2, "sequential fault-back");
+    dev.migrate_to_device(r.range()).map_err(hmm_err)?;
+    let t = Instant::now();
+    let mut sum = 0u64;
+    for p in 0..size / PAGE_SIZE {
+        sum += u64::from(r.touch_read(p * PAGE_SIZE).map_err(MmError::from)?);
+    }
+    f.fault_back_sequential_gbps = Some(gbps(size, t.elapsed()));
+    std::hint::black_box(sum);
+    drop(dev);
+    drop(r);
+    drop(hmm);
+
+    step(progress, 3, "random fault-back");
+    let hmm = Hmm::with_config(HmmConfig { fault_around_pages: 1, ..HmmConfig::default() })
+        .map_err(hmm_err)?;
+    let pages = if opts.quick { 2_000 } else { 20_000 };
+    let r = hmm.alloc(pages * PAGE_SIZE).map_err(hmm_err)?;
+    r.fill(0, r.len(), 1).map_err(MmError::from)?;
+    let dev = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("bench-rand", r.len()))
+        .map_err(hmm_err)?;
+    dev.migrate_to_device(r.range()).map_err(hmm_err)?;
+    let mut order: Vec<usize> = (0..pages).collect();
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    for i in (1..pages).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        order.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    let mut lat = Vec::with_capacity(pages);
+    for p in order {
+        let t = Instant::now();
+        std::hint::black_box(r.touch_read(p * PAGE_SIZE).map_err(MmError::from)?);
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    lat.sort_by(f64::total_cmp);
+    f.fault_back_random_us_p50 = Some(quantile(&lat, 0.5));
+    f.fault_back_random_us_p99 = Some(quantile(&lat, 0.99));
+    Ok(f)
+}

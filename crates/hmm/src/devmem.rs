@@ -130,8 +130,9 @@ pub struct DeviceStats {
 }
 
 struct FreeList {
-    /// Free page indices, reused last-in first-out.
-    free: Vec<u32>,
+    /// Free page indices, lowest first: allocations come out ascending, so the
+    /// pages of a migration are mostly contiguous and engines move them in runs.
+    free: std::collections::BTreeSet<u32>,
     /// Chunks whose descriptors exist.
     chunks: u32,
 }
@@ -190,7 +191,7 @@ impl DeviceMemory {
             capacity_pages,
             chunk_pages,
             chunks: (0..nchunks).map(|_| OnceLock::new()).collect(),
-            free: Mutex::new(FreeList { free: Vec::new(), chunks: 0 }),
+            free: Mutex::new(FreeList { free: std::collections::BTreeSet::new(), chunks: 0 }),
             allocated: AtomicU64::new(0),
             fail_next_alloc: AtomicU32::new(0),
             failed: AtomicBool::new(false),
@@ -266,7 +267,7 @@ impl DeviceMemory {
             if fl.free.is_empty() && !self.grow(&mut fl) {
                 break;
             }
-            let index = fl.free.pop().expect("grown");
+            let index = fl.free.pop_first().expect("grown");
             let d = self.descriptor(index);
             let was = d.refcount.swap(1, Ordering::AcqRel);
             debug_assert_eq!(was, 0, "a free page has no references");
@@ -289,8 +290,7 @@ impl DeviceMemory {
         self.chunks[fl.chunks as usize]
             .get_or_init(|| (0..count).map(|_| Descriptor::default()).collect());
         fl.chunks += 1;
-        // Pushed in reverse so that pages are handed out in ascending order.
-        fl.free.extend((first..first + count).rev());
+        fl.free.extend(first..first + count);
         true
     }
 
@@ -304,7 +304,7 @@ impl DeviceMemory {
             d.backs.store(0, Ordering::Relaxed);
             self.ops.page_free(page);
             self.counters.pages_freed.fetch_add(1, Ordering::Relaxed);
-            self.free.lock().unwrap_or_else(|e| e.into_inner()).free.push(page.index);
+            self.free.lock().unwrap_or_else(|e| e.into_inner()).free.insert(page.index);
             self.allocated.fetch_sub(1, Ordering::AcqRel);
         }
     }

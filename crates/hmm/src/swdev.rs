@@ -78,6 +78,9 @@ pub struct OpCounters {
 /// Device memory plus what the engines share.
 struct Core {
     pool: Arc<Mapping>,
+    /// Zero-copy engine: which device pages hold a page (so that freeing one
+    /// that was moved out costs no system call).
+    populated: Arc<Populated>,
     /// The zero-copy engine's descriptor (device memory registered with it).
     pool_uffd: Option<Arc<Uffd>>,
     engine: Box<dyn DmaEngine>,
@@ -85,7 +88,7 @@ struct Core {
 
 impl DevicePagemapOps for Core {
     fn page_free(&self, page: DevicePage) {
-        if self.pool_uffd.is_some() {
+        if self.pool_uffd.is_some() && self.populated.take(page.index) {
             // Empty the page so the next move can land on it (a page moved out
             // is empty already; this drops a copied or zero page).
             let slot = slot_range(&self.pool, page);
@@ -95,6 +98,28 @@ impl DevicePagemapOps for Core {
 
     fn dma(&self) -> &dyn DmaEngine {
         self.engine.as_ref()
+    }
+}
+
+/// One bit per device page.
+struct Populated(Vec<std::sync::atomic::AtomicU64>);
+
+impl Populated {
+    fn new(pages: usize) -> Self {
+        Self((0..pages.div_ceil(64)).map(|_| std::sync::atomic::AtomicU64::new(0)).collect())
+    }
+    fn set(&self, index: u32, on: bool) {
+        let (w, b) = (index as usize / 64, 1u64 << (index % 64));
+        if on {
+            self.0[w].fetch_or(b, Ordering::AcqRel);
+        } else {
+            self.0[w].fetch_and(!b, Ordering::AcqRel);
+        }
+    }
+    /// Clears the bit; returns whether it was set.
+    fn take(&self, index: u32) -> bool {
+        let (w, b) = (index as usize / 64, 1u64 << (index % 64));
+        self.0[w].fetch_and(!b, Ordering::AcqRel) & b != 0
     }
 }
 
@@ -129,6 +154,7 @@ impl SoftwareDevice {
         let pool = Arc::new(Mapping::anonymous(config.capacity, Protection::ReadWrite)?);
         pool.advise(pool.range(), Advise::NoHugePage)?;
         let fail_to_system = Arc::new(AtomicU32::new(0));
+        let populated = Arc::new(Populated::new(config.capacity / PAGE_SIZE));
         let (engine, pool_uffd): (Box<dyn DmaEngine>, _) = match config.engine {
             EngineKind::Copy { workers } => {
                 if config.prefault {
@@ -150,11 +176,12 @@ impl SoftwareDevice {
                     pool: pool.clone(),
                     uffd: u.clone(),
                     fail_to_system: fail_to_system.clone(),
+                    populated: populated.clone(),
                 };
                 (Box::new(e), Some(u))
             }
         };
-        let core = Arc::new(Core { pool: pool.clone(), pool_uffd, engine });
+        let core = Arc::new(Core { pool: pool.clone(), populated, pool_uffd, engine });
         let mut mc = DeviceMemoryConfig::private(config.name, config.capacity);
         mc.chunk_pages = 512;
         let mem = hmm.register_device_memory(mc, core)?;
@@ -445,33 +472,65 @@ pub(crate) struct MoveEngine {
     pool: Arc<Mapping>,
     uffd: Arc<Uffd>,
     fail_to_system: Arc<AtomicU32>,
+    populated: Arc<Populated>,
 }
 
 impl MoveEngine {
+    /// Moves staged pages into device memory, one ioctl per run of pages whose
+    /// staging offsets and device pages both follow on; zero pages get the
+    /// zero page; a run the kernel will not move is copied page by page.
     fn to_device(&self, ops: &[ToDevice]) -> Vec<Result<(), DmaError>> {
-        ops.iter()
-            .map(|op| {
-                let slot = slot_range(&self.pool, op.dst);
-                let r = match &op.src {
-                    SystemSource::Zero => self.uffd.zeropage(slot, true),
-                    SystemSource::Staged { staging, offset } => {
-                        let src = staging.subrange(*offset, PAGE_SIZE).expect("inside staging");
-                        match self.uffd.move_pages(slot, staging, src, true, false) {
+        let mut out = Vec::with_capacity(ops.len());
+        let mut i = 0;
+        while i < ops.len() {
+            let SystemSource::Staged { staging, offset } = &ops[i].src else {
+                let slot = slot_range(&self.pool, ops[i].dst);
+                out.push(self.uffd.zeropage(slot, true).map(drop).map_err(DmaError::from));
+                i += 1;
+                continue;
+            };
+            let mut j = i + 1;
+            while j < ops.len()
+                && ops[j].dst.index == ops[j - 1].dst.index + 1
+                && matches!(&ops[j].src, SystemSource::Staged { staging: s, offset: o }
+                    if Arc::ptr_eq(s, staging) && *o == offset + (j - i) * PAGE_SIZE)
+            {
+                j += 1;
+            }
+            let n = j - i;
+            let slots = self
+                .pool
+                .subrange(ops[i].dst.index as usize * PAGE_SIZE, n * PAGE_SIZE)
+                .expect("device pages inside the pool");
+            let src = staging.subrange(*offset, n * PAGE_SIZE).expect("inside staging");
+            match self.uffd.move_pages_all(slots, staging, src, true, false) {
+                Ok(_) => out.extend((0..n).map(|_| Ok(()))),
+                Err(e) => {
+                    let done = e.done / PAGE_SIZE;
+                    out.extend((0..done).map(|_| Ok(())));
+                    for (k, op) in ops.iter().enumerate().take(j).skip(i + done) {
+                        let slot = slot_range(&self.pool, op.dst);
+                        let one = staging
+                            .subrange(offset + (k - i) * PAGE_SIZE, PAGE_SIZE)
+                            .expect("inside");
+                        let r = match self.uffd.move_pages(slot, staging, one, true, false) {
                             Err(e)
                                 if matches!(
                                     e.kind,
                                     FillErrorKind::Invalid | FillErrorKind::Busy
                                 ) =>
                             {
-                                self.uffd.copy_from(slot, staging, src, true)
+                                self.uffd.copy_from(slot, staging, one, true)
                             }
                             r => r,
-                        }
+                        };
+                        out.push(r.map(drop).map_err(DmaError::from));
                     }
-                };
-                r.map(drop).map_err(DmaError::from)
-            })
-            .collect()
+                }
+            }
+            i = j;
+        }
+        out
     }
 }
 
@@ -483,9 +542,21 @@ impl DmaEngine for MoveEngine {
     fn submit(&self, job: DmaJob) -> DmaFence {
         let (fence, done) = DmaFence::new(job.len());
         let res = match job {
-            DmaJob::ToDevice(ops) => self.to_device(&ops),
+            DmaJob::ToDevice(ops) => {
+                // Marked before filling: a failed fill leaves at worst an empty
+                // page that `page_free` empties again.
+                ops.iter().for_each(|op| self.populated.set(op.dst.index, true));
+                self.to_device(&ops)
+            }
             DmaJob::ToSystem { copies, sink } => {
-                to_system_copies(&self.pool, &sink, &copies, &self.fail_to_system, true)
+                let res = to_system_copies(&self.pool, &sink, &copies, &self.fail_to_system, true);
+                // A page that came back by copy still holds its data: keep its bit.
+                for (c, r) in copies.iter().zip(&res) {
+                    if r.is_ok() {
+                        self.populated.set(c.src.index, false);
+                    }
+                }
+                res
             }
         };
         done.complete(0, res);
