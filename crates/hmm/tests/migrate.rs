@@ -172,9 +172,10 @@ fn direct_discard_returns_device_pages() {
     assert!(page.iter().all(|b| *b == 0), "a discarded page reads as zeros");
     r.read(10 * PAGE_SIZE, &mut page).unwrap();
     assert!(page.iter().all(|b| *b == 0x77), "the rest keeps its data");
-    // Dropping the range frees what is left on the device.
+    // Dropping the range frees what is left on the device (a fault-around
+    // window still in flight frees its pages when it finishes).
     drop(r);
-    assert_eq!(dev.stats().pages_resident, 0);
+    eventually("every device page freed", || dev.stats().pages_resident == 0);
 }
 
 #[test]

@@ -72,10 +72,12 @@ fn migrate_fault() {
     check_index(&half, 0);
     assert!(r.residencies()[..NPAGES / 2].iter().all(|x| *x == Residency::System));
     assert!(r.stats().cpu_faults > 0);
+    // Fault-around may have brought back a few pages past the half as well.
+    let back = r.residencies().iter().filter(|x| **x == Residency::System).count();
     // Migrating the whole range again moves every page (the half already there is
     // not selected twice: it stays on the device and counts as resident).
     let rep = dev.migrate_to_device(r.range()).unwrap();
-    assert_eq!(rep.migrated, NPAGES / 2);
+    assert_eq!(rep.migrated, back);
     assert!(rep.skipped.iter().all(|(_, why)| matches!(why, SkipReason::NotSelected(_))));
     assert_eq!(dev.stats().pages_resident, NPAGES as u64, "cpages = 1024 on the device");
     let (bytes, _) = dev.read(r.range()).unwrap();
