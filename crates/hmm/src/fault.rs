@@ -132,14 +132,7 @@ impl CpuFault<'_> {
             _ => Ok(()),
         };
         // The rest of the window, before and after the page.
-        let w = self.window;
-        for part in [
-            PageRange::new(w.start(), page.start().get() - w.start().get()),
-            PageRange::new(page.end(), w.end().get() - page.end().get()),
-        ]
-        .into_iter()
-        .flatten()
-        {
+        for part in outside(self.window, page) {
             if let Ok(mut m) = Migration::setup_in(self.inner, self.range.clone(), part, sel) {
                 if m.collected() > 0 {
                     m.copy(engine);
@@ -149,6 +142,16 @@ impl CpuFault<'_> {
         }
         first
     }
+}
+
+/// The parts of `window` before and after `page` (which lies inside it), if not empty.
+fn outside(window: PageRange, page: PageRange) -> impl Iterator<Item = PageRange> {
+    [
+        PageRange::new(window.start(), page.start().get() - window.start().get()),
+        PageRange::new(page.end(), window.end().get() - page.end().get()),
+    ]
+    .into_iter()
+    .flatten()
 }
 
 /// Starts the service thread.
@@ -218,7 +221,6 @@ impl Service {
                     }
                 }
                 let events = std::mem::take(&mut self.events);
-                self.inner.counters.events.fetch_add(events.len() as u64, Ordering::Relaxed);
                 for ev in &events {
                     self.handle(ev);
                 }
@@ -338,13 +340,7 @@ impl Service {
         }
         let _ = t[i].populate();
         let mut filled = 1;
-        for part in [
-            PageRange::new(window.start(), page.start().get() - window.start().get()),
-            PageRange::new(page.end(), window.end().get() - page.end().get()),
-        ]
-        .into_iter()
-        .flatten()
-        {
+        for part in outside(window, page) {
             let done = match self.inner.uffd.zeropage(part, true) {
                 Ok(_) => part.pages(),
                 Err(e) => e.done / PAGE_SIZE,
@@ -428,10 +424,8 @@ impl Service {
     /// The application discarded (`MADV_DONTNEED`, `MADV_REMOVE`) or unmapped
     /// `[start, end)`: free the device pages that held it.
     fn invalidate(&mut self, start: usize, end: usize, unmapped: bool) {
-        for r in self.overlapping(start, end) {
-            let rr = r.range();
-            let a = r.index(VirtAddr::new(start.max(rr.start().get())));
-            let b = r.index(VirtAddr::new(end.min(rr.end().get()) - 1)) + 1;
+        for r in self.inner.overlapping(start, end) {
+            let (a, b) = r.clip(start, end);
             let freed: Vec<DevicePage> = {
                 let mut t = r.lock();
                 t[a..b].iter_mut().filter_map(|e| e.invalidate(unmapped)).collect()
@@ -446,10 +440,8 @@ impl Service {
     /// part are installed at the new address (which stays registered with this
     /// descriptor), then the new range is unregistered: hmm no longer manages it.
     fn remap(&mut self, from: usize, to: usize, len: usize) {
-        for r in self.overlapping(from, from + len) {
-            let rr = r.range();
-            let a = r.index(VirtAddr::new(from.max(rr.start().get())));
-            let b = r.index(VirtAddr::new((from + len).min(rr.end().get()) - 1)) + 1;
+        for r in self.inner.overlapping(from, from + len) {
+            let (a, b) = r.clip(from, from + len);
             let moved: Vec<(usize, DevicePage)> = {
                 let mut t = r.lock();
                 t[a..b]
@@ -479,16 +471,5 @@ impl Service {
         if let Ok(new) = PageRange::new(VirtAddr::new(to), len) {
             let _ = self.inner.uffd.unregister(new);
         }
-    }
-
-    fn overlapping(&self, start: usize, end: usize) -> Vec<Arc<Range>> {
-        let ranges = self.inner.ranges.read().unwrap_or_else(|e| e.into_inner());
-        ranges
-            .range(..end)
-            .rev()
-            .map(|(_, r)| r)
-            .take_while(|r| r.range().end().get() > start)
-            .cloned()
-            .collect()
     }
 }

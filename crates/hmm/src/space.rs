@@ -90,6 +90,23 @@ pub enum HmmError {
     /// The device is not registered with this instance.
     #[error("device {0} is not registered with this hmm instance")]
     UnknownDevice(DeviceId),
+    /// `/proc/self/maps` or the page table could not be read.
+    #[error("cannot inspect {range}: {error}")]
+    Inspect {
+        /// The range being inspected.
+        range: PageRange,
+        /// What failed.
+        error: String,
+    },
+    /// Pages stayed on a device through repeated eviction (each was caught in
+    /// another migration every time).
+    #[error("{pages} pages stayed on device {device} through eviction")]
+    PagesLeft {
+        /// The device.
+        device: DeviceId,
+        /// Pages still there.
+        pages: usize,
+    },
     /// The instance was shut down.
     #[error("this hmm instance has been shut down")]
     ShutDown,
@@ -181,6 +198,14 @@ impl Range {
         addr.offset_from(self.range().start()).expect("inside the range") / PAGE_SIZE
     }
 
+    /// The page indices of `[start, end)` (which overlaps the range) inside it.
+    pub(crate) fn clip(&self, start: usize, end: usize) -> (usize, usize) {
+        let rr = self.range();
+        let a = self.index(VirtAddr::new(start.max(rr.start().get())));
+        let b = self.index(VirtAddr::new(end.min(rr.end().get()) - 1)) + 1;
+        (a, b)
+    }
+
     pub(crate) fn page_addr(&self, index: usize) -> VirtAddr {
         VirtAddr::new(self.range().start().get() + index * PAGE_SIZE)
     }
@@ -215,7 +240,6 @@ impl Drop for Range {
 pub(crate) struct HmmCounters {
     pub(crate) faults_read: AtomicU64,
     pub(crate) fault_retries_no_memory: AtomicU64,
-    pub(crate) events: AtomicU64,
 }
 
 /// The state shared by an [`Hmm`] handle, its ranges, devices and fault service.
@@ -357,10 +381,8 @@ impl Hmm {
                 return refuse(AdoptRefusal::FileBacked("a file".into()));
             }
         }
-        let vmas = maps::vmas_overlapping(range).map_err(|e| MmError::Map {
-            len: range.len(),
-            errno: rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO),
-        })?;
+        let vmas = maps::vmas_overlapping(range)
+            .map_err(|e| HmmError::Inspect { range, error: format!("/proc/self/maps: {e}") })?;
         let mut at = range.start();
         for v in &vmas {
             if v.range.start() > at {
@@ -410,14 +432,9 @@ impl Hmm {
         if scan {
             // Adopted memory may already hold data: every page the kernel maps
             // (or has swapped out) is system memory.
-            let pm = crate::os::pagemap::Pagemap::open()
-                .map_err(|e| HmmError::Config(format!("cannot read the page table: {e}")))?;
-            for (i, e) in pm
-                .entries(range)
-                .map_err(|e| HmmError::Config(format!("cannot read the page table: {e}")))?
-                .into_iter()
-                .enumerate()
-            {
+            let inspect = |e| HmmError::Inspect { range, error: format!("page table: {e}") };
+            let pm = crate::os::pagemap::Pagemap::open().map_err(inspect)?;
+            for (i, e) in pm.entries(range).map_err(inspect)?.into_iter().enumerate() {
                 if e.present() || e.swapped() {
                     table[i] = PageEntry::SYSTEM;
                 }
@@ -425,8 +442,10 @@ impl Hmm {
         }
         {
             let mut ranges = inner.ranges.write().unwrap_or_else(|e| e.into_inner());
-            if let Some(r) = overlapping(&ranges, range) {
-                let existing = r.range();
+            let existing = overlapping(&ranges, range.start().get(), range.end().get())
+                .next()
+                .map(|r| r.range());
+            if let Some(existing) = existing {
                 drop(ranges);
                 return Err(HmmError::Adopt { range, reason: AdoptRefusal::Overlaps(existing) });
             }
@@ -551,15 +570,35 @@ impl Drop for Hmm {
     }
 }
 
-fn overlapping(ranges: &BTreeMap<usize, Arc<Range>>, range: PageRange) -> Option<&Arc<Range>> {
-    ranges
-        .range(..range.end().get())
-        .next_back()
-        .map(|(_, r)| r)
-        .filter(|r| r.range().end() > range.start())
+/// The ranges of `ranges` overlapping `[start, end)`, highest first.
+fn overlapping(
+    ranges: &BTreeMap<usize, Arc<Range>>,
+    start: usize,
+    end: usize,
+) -> impl Iterator<Item = &Arc<Range>> {
+    ranges.range(..end).rev().map(|(_, r)| r).take_while(move |r| r.range().end().get() > start)
 }
 
 impl Inner {
+    /// The managed ranges overlapping `[start, end)`.
+    pub(crate) fn overlapping(&self, start: usize, end: usize) -> Vec<Arc<Range>> {
+        let ranges = self.ranges.read().unwrap_or_else(|e| e.into_inner());
+        overlapping(&ranges, start, end).cloned().collect()
+    }
+
+    /// Brings the pages of `part` (inside `r`) that live on `mem` back to system
+    /// memory with the device's own engine.
+    fn bring_back(
+        self: &Arc<Self>,
+        r: Arc<Range>,
+        part: PageRange,
+        mem: &DeviceMemory,
+    ) -> Result<MigrationReport, HmmError> {
+        let mut m = Migration::setup_in(self, r, part, Selection::Device(mem.id()))?;
+        m.copy(mem.ops().dma());
+        Ok(m.finalize())
+    }
+
     /// The managed range holding `addr`.
     pub(crate) fn find(&self, addr: VirtAddr) -> Option<Arc<Range>> {
         let ranges = self.ranges.read().unwrap_or_else(|e| e.into_inner());
@@ -662,9 +701,7 @@ impl Inner {
                 };
                 let end = r.range().end().min(run.end());
                 let part = PageRange::new(at, end.get() - at.get())?;
-                let mut m = Migration::setup_in(self, r, part, Selection::Device(dev))?;
-                m.copy(mem.ops().dma());
-                moved += m.finalize().migrated;
+                moved += self.bring_back(r, part, &mem)?.migrated;
                 at = end;
             }
             i = j;
@@ -672,23 +709,31 @@ impl Inner {
         Ok(moved)
     }
 
-    /// Evicts every page of `dev` (retrying pages caught mid-migration), then
-    /// unregisters it.
-    pub(crate) fn release_device(self: &Arc<Self>, dev: DeviceId) -> Result<(), HmmError> {
+    /// Evicts every page of `dev`, retrying pages caught mid-migration for up to
+    /// about a second.
+    pub(crate) fn evict_all(self: &Arc<Self>, dev: DeviceId) -> Result<(), HmmError> {
         let mem = self.device(dev).ok_or(HmmError::UnknownDevice(dev))?;
         for attempt in 0.. {
             let pages: Vec<DevicePage> = mem.resident_pages().into_iter().map(|(p, _)| p).collect();
             if pages.is_empty() {
-                break;
+                return Ok(());
             }
             self.evict(dev, &pages)?;
             if attempt > 1000 {
-                tracing::error!(device = %dev, left = pages.len(), "pages stayed on the device through release");
-                break;
+                return Err(HmmError::PagesLeft { device: dev, pages: pages.len() });
             }
             if attempt > 0 {
                 std::thread::sleep(Duration::from_millis(1));
             }
+        }
+        unreachable!("the loop returns")
+    }
+
+    /// Evicts every page of `dev` (retrying pages caught mid-migration), then
+    /// unregisters it.
+    pub(crate) fn release_device(self: &Arc<Self>, dev: DeviceId) -> Result<(), HmmError> {
+        if let Err(e) = self.evict_all(dev) {
+            tracing::error!(device = %dev, error = %e, "releasing the device anyway");
         }
         let mut devs = self.devices.write().unwrap_or_else(|e| e.into_inner());
         if let Some(slot) = devs.get_mut(dev.index()) {
@@ -740,16 +785,10 @@ impl Inner {
         };
         if !r.created {
             for dev in devs {
-                if let Some(mem) = self.device(dev) {
-                    if mem.is_failed() {
-                        continue;
-                    }
-                    if let Ok(mut m) =
-                        Migration::setup_in(self, r.clone(), r.range(), Selection::Device(dev))
-                    {
-                        m.copy(mem.ops().dma());
-                        m.finalize();
-                    }
+                if let Some(mem) = self.device(dev)
+                    && !mem.is_failed()
+                {
+                    let _ = self.bring_back(r.clone(), r.range(), &mem);
                 }
             }
         }

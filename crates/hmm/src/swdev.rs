@@ -245,14 +245,7 @@ impl SoftwareDevice {
 
     /// Evicts every page of this device back to system memory.
     pub fn release(&self) -> Result<(), HmmError> {
-        loop {
-            let pages: Vec<DevicePage> =
-                self.mem.resident_pages().into_iter().map(|(p, _)| p).collect();
-            if pages.is_empty() {
-                return Ok(());
-            }
-            self.hmm.evict(self.mem.id(), &pages)?;
-        }
+        self.hmm.evict_all(self.mem.id())
     }
 
     /// Makes the next device-memory allocation fail once.
