@@ -42,6 +42,13 @@ pub enum RangeError {
         /// Length of the refused range.
         len: usize,
     },
+    /// The memory is lent to an arena: its bytes are reached through the arena's
+    /// references only.
+    #[error("{0} is lent to an arena: reach its bytes through the references the arena gave out")]
+    Claimed(PageRange),
+    /// The part was unmapped.
+    #[error("{0} was unmapped")]
+    Unmapped(PageRange),
     /// A sub-range does not lie inside the range it was cut from.
     #[error("offset {offset:#x} + length {len:#x} lies outside a range of {outer:#x} bytes")]
     OutOfBounds {
@@ -181,6 +188,19 @@ impl PageRange {
     /// Whether `addr` lies inside the range.
     pub const fn contains(self, addr: VirtAddr) -> bool {
         addr.0 >= self.start.0 && addr.0 < self.start.0 + self.len
+    }
+
+    /// Whether the two ranges share a byte.
+    pub const fn overlaps(self, other: PageRange) -> bool {
+        self.start.get() < other.end().get() && other.start.get() < self.end().get()
+    }
+
+    /// The smallest page range holding the `len > 0` bytes at `addr` (which must
+    /// not run past the end of the address space).
+    pub(crate) fn containing(addr: usize, len: usize) -> Self {
+        let start = addr & !(PAGE_SIZE - 1);
+        let end = (addr + len).next_multiple_of(PAGE_SIZE);
+        Self::new(VirtAddr::new(start), end - start).expect("a checked span of bytes")
     }
 
     /// The sub-range `[start + offset, start + offset + len)`, checked against this range.

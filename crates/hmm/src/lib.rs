@@ -40,8 +40,9 @@ pub use devmem::{DeviceMemory, DeviceMemoryConfig, DevicePagemapOps, DeviceStats
 pub use dma::{DmaEngine, DmaError, DmaFence, DmaJob};
 pub use fault::{CpuFault, FaultBackError};
 pub use migrate::{Migration, MigrationReport, PageStatus, Selection, SkipReason};
+pub use os::arena::ArenaError;
 pub use page::{DeviceId, DevicePage, Residency};
-pub use space::{AdoptRefusal, Hmm, HmmConfig, HmmError, ManagedRange, RangeStats};
+pub use space::{AdoptRefusal, Arena, Hmm, HmmConfig, HmmError, ManagedRange, RangeStats};
 pub use swdev::{EngineKind, OpCounters, SoftwareDevice, SoftwareDeviceConfig};
 
 /// The README's example, compiled with the doc tests so that it stays true.

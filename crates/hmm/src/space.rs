@@ -26,6 +26,7 @@ use crate::addr::{HUGE_PAGE_SIZE, PAGE_SIZE, PageRange, RangeError, VirtAddr};
 use crate::devmem::{DeviceMemory, DeviceMemoryConfig, DeviceMemoryError, DevicePagemapOps};
 use crate::dma::SystemSink;
 use crate::migrate::{Migration, MigrationReport, Selection};
+use crate::os::arena::ArenaError;
 use crate::os::event::Notifier;
 use crate::os::maps;
 use crate::os::mm::{Advise, Backing, Mapping, MmError, Protection};
@@ -107,10 +108,17 @@ pub enum HmmError {
         /// Pages still there.
         pages: usize,
     },
+    /// An arena could not be made or could not allocate.
+    #[error(transparent)]
+    Arena(#[from] ArenaError),
     /// The instance was shut down.
     #[error("this hmm instance has been shut down")]
     ShutDown,
 }
+
+/// An arena in memory hmm manages (see [`Hmm::arena`]); its owner is the
+/// managed range, whose [`stats`](ManagedRange::stats) it shares.
+pub type Arena = crate::os::arena::Arena<ManagedRange>;
 
 /// Why memory could not be adopted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -367,6 +375,24 @@ impl Hmm {
         self.manage(m, true, false)
     }
 
+    /// A new managed range of `len` bytes holding an [`Arena`]: ordinary Rust
+    /// values placed in memory hmm manages, which migrations move like any
+    /// other page (a CPU touch of a value on a device faults it back).
+    ///
+    /// ```
+    /// # fn main() -> Result<(), hmm::HmmError> {
+    /// let hmm = hmm::Hmm::new()?;
+    /// let arena = hmm.arena(1 << 20)?;
+    /// let node = arena.alloc([7u64; 4])?;
+    /// node[1] = 9;
+    /// assert_eq!(hmm.residency(arena.range().start()), Some(hmm::Residency::System));
+    /// # Ok(()) }
+    /// ```
+    pub fn arena(&self, len: usize) -> Result<Arena, HmmError> {
+        let r = Arc::new(self.alloc(len)?);
+        Ok(Arena::new(r, |r| r.range.mapping())?)
+    }
+
     /// Adopts memory the application already has: a [`Mapping`] it made, or one
     /// lent with [`Mapping::from_raw`] (an `mmap` of its own, a page-aligned
     /// buffer). The memory must be private anonymous, readable and writable, and
@@ -457,7 +483,9 @@ impl Hmm {
                 return Err(e.into());
             }
             let r = Arc::new(Range {
-                mapping: Some(mapping),
+                // Guarded: parts can be unmapped (`ManagedRange::unmap`) or lent to
+                // an arena while the fault service and devices share the range.
+                mapping: Some(mapping.guarded()),
                 table: Mutex::new(table),
                 counters: RangeCounters::default(),
                 created,
@@ -906,6 +934,16 @@ impl ManagedRange {
     /// (hmm learns of discards from the kernel's events, like any other).
     pub fn advise(&self, part: PageRange, advice: Advise) -> Result<(), MmError> {
         self.range.mapping().advise(part, advice)
+    }
+
+    /// Unmaps `part` as the application's own `munmap` would. hmm learns of it
+    /// the way it learns of any `munmap`, from the kernel's unmap event: once
+    /// the fault service has read it (moments later), the device pages that
+    /// held `part` are freed and its pages read as
+    /// [`Residency::Unmapped`]. The rest of the range keeps working; accesses to
+    /// `part` through this handle then fail with [`RangeError::Unmapped`].
+    pub fn unmap(&self, part: PageRange) -> Result<(), MmError> {
+        self.range.mapping().punch(part)
     }
 
     /// `mprotect` over part of the range, made directly.

@@ -179,6 +179,87 @@ fn direct_discard_returns_device_pages() {
 }
 
 #[test]
+fn direct_munmap_returns_every_device_page() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    let dev = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("d", 256 * PAGE_SIZE)).unwrap();
+    let r = hmm.alloc(128 * PAGE_SIZE).unwrap();
+    let data = random_bytes(r.len(), 5);
+    r.write(0, &data).unwrap();
+    assert_eq!(dev.migrate_to_device(r.range()).unwrap().migrated, 128);
+    // The application unmaps the head and a part of the middle itself: hmm
+    // hears of it only through the kernel's unmap event.
+    let (head, middle) = (r.pages_range(0, 16).unwrap(), r.pages_range(50, 30).unwrap());
+    r.unmap(head).unwrap();
+    r.unmap(middle).unwrap();
+    eventually("device pages of the unmapped parts freed", || dev.stats().pages_resident == 82);
+    assert_eq!(dev.stats().pages_freed, 46);
+    let res = r.residencies();
+    assert!(res[..16].iter().chain(&res[50..80]).all(|x| *x == Residency::Unmapped), "{res:?}");
+    // The unmapped parts are refused, not read.
+    let mut page = vec![0u8; PAGE_SIZE];
+    assert_eq!(r.read(60 * PAGE_SIZE, &mut page), Err(hmm::RangeError::Unmapped(middle)));
+    assert!(r.unmap(r.pages_range(70, 20).unwrap()).is_err(), "overlaps an unmapped part");
+    // The rest faults back with its bytes.
+    for p in (16..50).chain(80..128) {
+        r.read(p * PAGE_SIZE, &mut page).unwrap();
+        assert!(page[..] == data[p * PAGE_SIZE..(p + 1) * PAGE_SIZE], "page {p}");
+    }
+    // A migration over the whole range skips the unmapped pages with the reason.
+    let rep = dev.migrate_to_device(r.range()).unwrap();
+    assert_eq!((rep.migrated, rep.count(&SkipReason::Unmapped)), (82, 46));
+    // Unmapping the rest piece by piece returns every device page.
+    r.unmap(r.pages_range(16, 34).unwrap()).unwrap();
+    r.unmap(r.pages_range(80, 48).unwrap()).unwrap();
+    eventually("every device page freed", || dev.stats().pages_resident == 0);
+    assert_eq!(dev.stats().pages_freed, 46 + 82 + 82);
+    drop(r);
+    assert_eq!(dev.stats().pages_resident, 0);
+}
+
+#[test]
+fn arena_values_migrate_and_fault_back() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    struct Node<'a> {
+        value: u64,
+        next: Option<&'a Node<'a>>,
+    }
+    let hmm = Hmm::new().unwrap();
+    let dev = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("d", 4 << 20)).unwrap();
+    let arena = hmm.arena(4 << 20).unwrap();
+    // An ordinary linked list, built by ordinary code, in managed memory.
+    let mut head: Option<&Node<'_>> = None;
+    for value in 0..100_000u64 {
+        head = Some(arena.alloc(Node { value: value * 3, next: head }).unwrap());
+    }
+    let used = arena.used().div_ceil(PAGE_SIZE);
+    let rep = dev.migrate_to_device(arena.range()).unwrap();
+    assert_eq!(rep.migrated, arena.range().pages(), "{:?}", rep.skipped.first());
+    assert_eq!(dev.stats().pages_resident as usize, arena.range().pages());
+    // Following the pointers faults every page back, with the right bytes.
+    let (mut n, mut sum, mut at) = (0u64, 0u64, head);
+    while let Some(node) = at {
+        sum += node.value;
+        n += 1;
+        at = node.next;
+    }
+    assert_eq!((n, sum), (100_000, 3 * (99_999 * 100_000 / 2)));
+    assert!(arena.owner().stats().cpu_faults > 0, "the walk faulted pages back");
+    eventually("every used page back in system memory", || {
+        arena.owner().residencies()[..used].iter().all(|r| *r == Residency::System)
+    });
+    // Nothing but the arena reaches its bytes.
+    assert!(matches!(arena.owner().touch_read(0), Err(hmm::RangeError::Claimed(_))));
+    assert!(arena.owner().unmap(arena.range()).is_err());
+    // Full is an error, not a panic.
+    assert!(matches!(arena.alloc_slice_with(8 << 20, |_| 0u8), Err(hmm::ArenaError::Full { .. })));
+}
+
+#[test]
 fn dropping_hmm_brings_every_page_back() {
     if common::skip_without_uffd() {
         return;

@@ -18,6 +18,7 @@ use std::ffi::CStr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{RwLock, RwLockReadGuard};
 
 use rustix::fs::{FallocateFlags, MemfdFlags};
 use rustix::mm::{Advice, MapFlags, MprotectFlags, MremapFlags, ProtFlags};
@@ -73,6 +74,18 @@ pub enum MmError {
         #[source]
         errno: rustix::io::Errno,
     },
+    /// `munmap` failed.
+    #[error("munmap of {range} failed: {errno}")]
+    Unmap {
+        /// Range.
+        range: PageRange,
+        /// The kernel's error.
+        #[source]
+        errno: rustix::io::Errno,
+    },
+    /// [`Mapping::punch`] on a mapping that was not made guarded.
+    #[error("{0} cannot have parts unmapped while shared: make it with `Mapping::guarded`")]
+    NotGuarded(PageRange),
     /// `memfd_create`, `ftruncate` or `fallocate` failed.
     #[error("{what} failed: {errno}")]
     File {
@@ -189,6 +202,39 @@ pub struct Mapping {
     /// Whether drop unmaps the range (false for a range lent by its owner, see
     /// [`Mapping::from_raw`]).
     owned: bool,
+    /// For a [`guarded`](Mapping::guarded) mapping: its holes and whether it is
+    /// lent. Every access to the bytes holds the read lock across its check and
+    /// its touch; [`punch`](Mapping::punch) and lending to an arena take the
+    /// write lock, so no access can land on an address being given back to the
+    /// kernel, nor overlap the arena's references.
+    guard: Option<Box<RwLock<GuardState>>>,
+}
+
+#[derive(Debug, Default)]
+struct GuardState {
+    /// Parts unmapped with [`Mapping::punch`].
+    holes: Vec<PageRange>,
+    /// Lent to an [`Arena`](super::arena::Arena): the bytes are reached through
+    /// Rust references, so every method here that reaches or changes them refuses.
+    claimed: bool,
+}
+
+/// Why a mapping cannot be lent to an arena.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ClaimRefused {
+    /// It was not made with [`Mapping::guarded`].
+    NotGuarded,
+    /// It is lent already.
+    Claimed,
+    /// Parts of it were unmapped.
+    Holes,
+}
+
+/// An access to a mapping's bytes in progress: holds off [`Mapping::punch`]
+/// and arenas.
+struct Access<'a> {
+    ptr: *mut u8,
+    _guard: Option<RwLockReadGuard<'a, GuardState>>,
 }
 
 // SAFETY: a `Mapping` is an address range plus metadata. Its memory is reached
@@ -200,6 +246,10 @@ unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
+    fn raw(range: PageRange, backing: Backing, owned: bool) -> Self {
+        Self { range, backing, owned, guard: None }
+    }
+
     /// A new private anonymous mapping of `len` bytes (a non-zero multiple of the page size).
     pub fn anonymous(len: usize, prot: Protection) -> Result<Self, MmError> {
         Self::map_anon(len, prot, MapFlags::PRIVATE, Backing::PrivateAnon)
@@ -233,7 +283,7 @@ impl Mapping {
         if tail > 0 {
             raw_munmap(PageRange::new(inner.end(), tail)?);
         }
-        Ok(Self { range: inner, backing: Backing::PrivateAnon, owned: true })
+        Ok(Self::raw(inner, Backing::PrivateAnon, true))
     }
 
     /// Maps `len` bytes of `fd` at `offset`; `shared` picks `MAP_SHARED` over `MAP_PRIVATE`.
@@ -255,7 +305,7 @@ impl Mapping {
         let ptr =
             unsafe { rustix::mm::mmap(ptr::null_mut(), len, prot.prot_flags(), flags, fd, offset) }
                 .map_err(|errno| MmError::Map { len, errno })?;
-        Ok(Self { range: PageRange::new(VirtAddr::new(ptr as usize), len)?, backing, owned: true })
+        Ok(Self::raw(PageRange::new(VirtAddr::new(ptr as usize), len)?, backing, true))
     }
 
     fn map_anon(
@@ -276,7 +326,7 @@ impl Mapping {
             )
         }
         .map_err(|errno| MmError::Map { len, errno })?;
-        Ok(Self { range: PageRange::new(VirtAddr::new(ptr as usize), len)?, backing, owned: true })
+        Ok(Self::raw(PageRange::new(VirtAddr::new(ptr as usize), len)?, backing, true))
     }
 
     /// The whole range.
@@ -310,7 +360,7 @@ impl Mapping {
     /// other threads write it through atomic copies. The owner may still reach the
     /// bytes through raw pointers and atomic or volatile accesses.
     pub unsafe fn from_raw(range: PageRange, backing: Backing) -> Self {
-        Self { range, backing, owned: false }
+        Self::raw(range, backing, false)
     }
 
     /// Whether dropping this `Mapping` unmaps its range.
@@ -340,17 +390,118 @@ impl Mapping {
         }
     }
 
-    fn check_bytes(&self, offset: usize, len: usize) -> Result<*mut u8, RangeError> {
+    /// Starts an access to `[offset, offset + len)`: checks it lies inside the
+    /// mapping, is not lent to an arena, and is not unmapped.
+    fn access(&self, offset: usize, len: usize) -> Result<Access<'_>, RangeError> {
         match offset.checked_add(len) {
-            Some(end) if end <= self.len() => Ok((self.addr().get() + offset) as *mut u8),
-            _ => Err(RangeError::OutOfBounds { offset, len, outer: self.len() }),
+            Some(end) if end <= self.len() => {}
+            _ => return Err(RangeError::OutOfBounds { offset, len, outer: self.len() }),
         }
+        if len == 0 {
+            return Ok(Access { ptr: (self.addr().get() + offset) as *mut u8, _guard: None });
+        }
+        self.access_range(PageRange::containing(self.addr().get() + offset, len)).map(|mut a| {
+            a.ptr = (self.addr().get() + offset) as *mut u8;
+            a
+        })
+    }
+
+    /// [`access`](Self::access) for whole pages.
+    fn access_range(&self, range: PageRange) -> Result<Access<'_>, RangeError> {
+        let range = self.check(range)?;
+        let guard = self.guard.as_ref().map(|g| g.read().unwrap_or_else(|e| e.into_inner()));
+        if let Some(g) = &guard {
+            if g.claimed {
+                return Err(RangeError::Claimed(self.range));
+            }
+            if let Some(h) = g.holes.iter().find(|h| h.overlaps(range)) {
+                return Err(RangeError::Unmapped(*h));
+            }
+        }
+        Ok(Access { ptr: range.start().get() as *mut u8, _guard: guard })
+    }
+
+    fn guard_mut(&self) -> Option<std::sync::RwLockWriteGuard<'_, GuardState>> {
+        self.guard.as_ref().map(|g| g.write().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Makes every access take a read lock, so that parts of the mapping can be
+    /// unmapped with [`punch`](Self::punch), or the whole lent to an
+    /// [`Arena`](super::arena::Arena), while it is shared. Meant for the memory
+    /// hmm manages, not for device memory on the copy path.
+    pub fn guarded(mut self) -> Self {
+        self.guard.get_or_insert_with(Default::default);
+        self
+    }
+
+    /// Unmaps `part` now, as the application's own `munmap` would; what remains
+    /// stays mapped and usable, and any later access to `part` through this
+    /// `Mapping` fails with [`RangeError::Unmapped`]. Needs a
+    /// [`guarded`](Self::guarded) mapping that is not lent to an arena.
+    pub fn punch(&self, part: PageRange) -> Result<(), MmError> {
+        let part = self.check(part)?;
+        let Some(mut g) = self.guard_mut() else {
+            return Err(MmError::NotGuarded(self.range));
+        };
+        if g.claimed {
+            return Err(RangeError::Claimed(self.range).into());
+        }
+        if let Some(hole) = g.holes.iter().find(|h| h.overlaps(part)) {
+            return Err(RangeError::Unmapped(*hole).into());
+        }
+        if self.owned {
+            raw_munmap(part);
+        } else {
+            // SAFETY: `part` lies inside this mapping (checked), whose owner lent it
+            // with the promise that no Rust reference points into it (`from_raw`);
+            // the write lock keeps this mapping's own accesses out until it is
+            // recorded as a hole.
+            unsafe { rustix::mm::munmap(range_ptr(part), part.len()) }
+                .map_err(|errno| MmError::Unmap { range: part, errno })?;
+        }
+        g.holes.push(part);
+        Ok(())
+    }
+
+    /// The parts unmapped with [`punch`](Self::punch), in the order they went.
+    pub fn holes(&self) -> Vec<PageRange> {
+        self.guard
+            .as_ref()
+            .map(|g| g.read().unwrap_or_else(|e| e.into_inner()).holes.clone())
+            .unwrap_or_default()
+    }
+
+    /// Lends the bytes to an arena: waits for accesses in progress, then refuses
+    /// every later one until [`unclaim`](Self::unclaim).
+    pub(super) fn claim(&self) -> Result<(), ClaimRefused> {
+        let Some(mut g) = self.guard_mut() else { return Err(ClaimRefused::NotGuarded) };
+        if g.claimed {
+            return Err(ClaimRefused::Claimed);
+        }
+        if !g.holes.is_empty() {
+            return Err(ClaimRefused::Holes);
+        }
+        g.claimed = true;
+        Ok(())
+    }
+
+    /// Ends an arena's loan.
+    pub(super) fn unclaim(&self) {
+        if let Some(mut g) = self.guard_mut() {
+            g.claimed = false;
+        }
+    }
+
+    /// Whether the bytes are lent to an arena.
+    pub fn is_claimed(&self) -> bool {
+        self.guard.as_ref().is_some_and(|g| g.read().unwrap_or_else(|e| e.into_inner()).claimed)
     }
 
     /// Copies bytes out of the mapping at `offset`. A touch of a page registered
     /// with userfaultfd blocks until the fault is served; a poisoned page raises SIGBUS.
     pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<(), RangeError> {
-        let src = self.check_bytes(offset, buf.len())?;
+        let a = self.access(offset, buf.len())?;
+        let src = a.ptr;
         for (i, out) in buf.iter_mut().enumerate() {
             // SAFETY: `src + i` lies inside this live mapping (checked above), whose
             // bytes are only ever accessed atomically while shared (see `Sync`).
@@ -361,7 +512,8 @@ impl Mapping {
 
     /// Copies `data` into the mapping at `offset`.
     pub fn write(&self, offset: usize, data: &[u8]) -> Result<(), RangeError> {
-        let dst = self.check_bytes(offset, data.len())?;
+        let a = self.access(offset, data.len())?;
+        let dst = a.ptr;
         for (i, b) in data.iter().enumerate() {
             // SAFETY: as in `read`.
             unsafe { AtomicU8::from_ptr(dst.wrapping_add(i)) }.store(*b, Ordering::Relaxed);
@@ -371,7 +523,8 @@ impl Mapping {
 
     /// Sets `len` bytes at `offset` to `byte`.
     pub fn fill(&self, offset: usize, len: usize, byte: u8) -> Result<(), RangeError> {
-        let dst = self.check_bytes(offset, len)?;
+        let a = self.access(offset, len)?;
+        let dst = a.ptr;
         // Whole aligned words where possible: the mapping is page aligned.
         let word = u64::from_ne_bytes([byte; 8]);
         let head = (offset.next_multiple_of(8) - offset).min(len);
@@ -403,8 +556,8 @@ impl Mapping {
         src_offset: usize,
         len: usize,
     ) -> Result<(), RangeError> {
-        let dst = self.check_bytes(offset, len)?;
-        let from = src.check_bytes(src_offset, len)?;
+        let (a, b) = (self.access(offset, len)?, src.access(src_offset, len)?);
+        let (dst, from) = (a.ptr, b.ptr);
         // SAFETY: both ranges lie inside live mappings borrowed exclusively, so no
         // other thread accesses them; two distinct `Mapping`s never overlap.
         unsafe { ptr::copy_nonoverlapping(from, dst, len) };
@@ -422,8 +575,8 @@ impl Mapping {
         src_offset: usize,
         len: usize,
     ) -> Result<(), RangeError> {
-        let dst = self.check_bytes(offset, len)?;
-        let from = src.check_bytes(src_offset, len)?;
+        let (a, b) = (self.access(offset, len)?, src.access(src_offset, len)?);
+        let (dst, from) = (a.ptr, b.ptr);
         if !(offset | src_offset | len).is_multiple_of(8) {
             return Err(RangeError::OutOfBounds { offset, len, outer: self.len() });
         }
@@ -441,14 +594,16 @@ impl Mapping {
 
     /// Reads one byte with a single load: one CPU touch of that page.
     pub fn touch_read(&self, offset: usize) -> Result<u8, RangeError> {
-        let p = self.check_bytes(offset, 1)?;
+        let a = self.access(offset, 1)?;
+        let p = a.ptr;
         // SAFETY: inside the live mapping, accessed atomically (see `read`).
         Ok(unsafe { AtomicU8::from_ptr(p) }.load(Ordering::Relaxed))
     }
 
     /// Writes one byte with a single store: one CPU write touch of that page.
     pub fn touch_write(&self, offset: usize, value: u8) -> Result<(), RangeError> {
-        let p = self.check_bytes(offset, 1)?;
+        let a = self.access(offset, 1)?;
+        let p = a.ptr;
         // SAFETY: inside the live mapping, accessed atomically (see `read`).
         unsafe { AtomicU8::from_ptr(p) }.store(value, Ordering::Relaxed);
         Ok(())
@@ -456,7 +611,7 @@ impl Mapping {
 
     /// `madvise` over `range`, which must lie inside this mapping.
     pub fn advise(&self, range: PageRange, advice: Advise) -> Result<(), MmError> {
-        let range = self.check(range)?;
+        let _a = self.access_range(range)?;
         // SAFETY: the range is inside this mapping, whose memory no Rust reference
         // aliases, so dropping or repopulating its pages breaks no Rust invariant.
         unsafe { rustix::mm::madvise(range_ptr(range), range.len(), advice.raw()) }
@@ -465,7 +620,7 @@ impl Mapping {
 
     /// `mprotect` over `range`, which must lie inside this mapping.
     pub fn protect(&self, range: PageRange, prot: Protection) -> Result<(), MmError> {
-        let range = self.check(range)?;
+        let _a = self.access_range(range)?;
         // SAFETY: the range is inside this mapping, reached only through copies that
         // fault (SIGSEGV) rather than misbehave when access is removed.
         unsafe { rustix::mm::mprotect(range_ptr(range), range.len(), prot.mprotect_flags()) }
@@ -489,7 +644,7 @@ impl Mapping {
                 std::mem::forget(self);
                 let range =
                     PageRange::new(VirtAddr::new(p as usize), new_len).expect("kernel range");
-                Ok(Mapping { range, backing, owned: self_owned })
+                Ok(Mapping::raw(range, backing, self_owned))
             }
             Err(errno) => {
                 let range = self.range;
@@ -526,6 +681,7 @@ impl Mapping {
     /// kernel reads a destination hint whenever `MREMAP_DONTUNMAP` is set, so a
     /// call without one would pass whatever the register happens to hold.
     pub fn remap_dontunmap(&self) -> Result<Mapping, MmError> {
+        let _a = self.access_range(self.range)?;
         let target = Mapping::anonymous(self.len(), Protection::None)?;
         self.remap_onto(target, MremapFlags::DONTUNMAP)
     }
@@ -552,7 +708,7 @@ impl Mapping {
             Ok(_) => {
                 // The pages now live in `target`'s range: hand it over without unmapping.
                 std::mem::forget(target);
-                Ok(Mapping { range: to, backing: self.backing, owned: self.owned })
+                Ok(Mapping::raw(to, self.backing, self.owned))
             }
             Err(errno) => Err(MmError::Remap { range: self.range, errno }),
         }
@@ -575,15 +731,11 @@ impl Mapping {
         raw_munmap(range);
         let head = range.start().offset_from(whole.start()).expect("inside");
         let tail = whole.end().offset_from(range.end()).expect("inside");
-        let before = (head > 0).then(|| Mapping {
-            range: PageRange::new(whole.start(), head).expect("aligned"),
-            backing,
-            owned,
+        let before = (head > 0).then(|| {
+            Mapping::raw(PageRange::new(whole.start(), head).expect("aligned"), backing, owned)
         });
-        let after = (tail > 0).then(|| Mapping {
-            range: PageRange::new(range.end(), tail).expect("aligned"),
-            backing,
-            owned,
+        let after = (tail > 0).then(|| {
+            Mapping::raw(PageRange::new(range.end(), tail).expect("aligned"), backing, owned)
         });
         Ok((before, after))
     }
@@ -596,11 +748,14 @@ impl Mapping {
     pub fn unmap_except(self, gone: &[PageRange]) {
         let owned = self.owned;
         let whole = self.range;
-        std::mem::forget(self);
+        let mut gone: Vec<PageRange> = gone.to_vec();
+        gone.extend(self.holes());
+        // Not `forget`: the hole list is freed with the rest of `self` below.
+        let mut me = std::mem::ManuallyDrop::new(self);
+        drop(me.guard.take());
         if !owned {
             return;
         }
-        let mut gone: Vec<PageRange> = gone.to_vec();
         gone.sort_by_key(|r| r.start());
         let mut at = whole.start();
         let unmap_to = |stop: VirtAddr, at: VirtAddr| {
@@ -621,7 +776,13 @@ impl Drop for Mapping {
         if !self.owned {
             return;
         }
-        raw_munmap(self.range);
+        let holes = self.holes();
+        if holes.is_empty() {
+            raw_munmap(self.range);
+        } else {
+            let me = std::mem::replace(self, Mapping::raw(self.range, self.backing, false));
+            me.unmap_except(&holes);
+        }
     }
 }
 
@@ -705,6 +866,28 @@ impl AsFd for Memfd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn punched_parts_are_refused_and_the_rest_stays_usable() {
+        let plain = Mapping::anonymous(PAGE_SIZE, Protection::ReadWrite).unwrap();
+        assert!(matches!(plain.punch(plain.range()), Err(MmError::NotGuarded(_))));
+        let m = Mapping::anonymous(4 * PAGE_SIZE, Protection::ReadWrite).unwrap().guarded();
+        m.fill(0, m.len(), 3).unwrap();
+        let hole = m.subrange(PAGE_SIZE, 2 * PAGE_SIZE).unwrap();
+        m.punch(hole).unwrap();
+        assert_eq!(m.holes(), vec![hole]);
+        assert_eq!(m.touch_read(2 * PAGE_SIZE), Err(RangeError::Unmapped(hole)));
+        // A copy that merely crosses the hole is refused whole.
+        let mut buf = vec![0u8; 2];
+        assert_eq!(m.read(PAGE_SIZE - 1, &mut buf), Err(RangeError::Unmapped(hole)));
+        assert!(m.advise(hole, Advise::DontNeed).is_err());
+        assert!(m.punch(m.subrange(2 * PAGE_SIZE, 2 * PAGE_SIZE).unwrap()).is_err());
+        assert_eq!(m.touch_read(3 * PAGE_SIZE + 5).unwrap(), 3);
+        // (That the kernel really unmapped the hole is shown by its unmap event
+        // in the `direct_munmap` integration test: checking `/proc/self/maps`
+        // here would race with other tests mapping into the freed addresses.)
+        drop(m);
+    }
 
     #[test]
     fn read_write_fill_round_trip() {

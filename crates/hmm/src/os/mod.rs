@@ -21,6 +21,7 @@
 
 #![allow(unsafe_code)]
 
+pub mod arena;
 pub mod event;
 pub mod maps;
 pub mod mm;
