@@ -58,12 +58,16 @@ fn bench_quick_json_prints_exactly_the_documented_keys() {
             "device_descriptor_bytes_per_page",
             "fault_back_random_us_p50",
             "fault_back_random_us_p99",
+            "fault_back_sequential_4k_gbps",
             "fault_back_sequential_gbps",
             "kernel_first_touch_us",
             "memcpy_gbps",
             "metadata_bytes_per_page",
+            "migrate_to_device_4k_gbps",
             "migrate_to_device_gbps",
+            "migrate_to_device_zero_copy_4k_gbps",
             "migrate_to_device_zero_copy_gbps",
+            "migrate_to_system_4k_gbps",
             "migrate_to_system_gbps",
             "pagemap_scan_mpages_s",
             "uffd_move_gbps",
@@ -82,6 +86,12 @@ fn bench_quick_json_prints_exactly_the_documented_keys() {
         }
         if hmm::probe::probe().has("pagemap-scan") {
             assert!(num("pagemap_scan_mpages_s").unwrap() > 0.0);
+        }
+        // Every migration figure was measured (each pass moved every page).
+        for (k, v) in
+            obj.iter().filter(|(k, _)| !k.starts_with("uffd") && !k.starts_with("pagemap"))
+        {
+            assert!(v.as_f64().is_some_and(|x| x > 0.0), "{k} = {v}");
         }
     }
 }

@@ -392,6 +392,13 @@ mod tests {
 }
 
 /// The migration figures (issue keys), measured after the baselines in the same run.
+///
+/// The memory migrated is populated private anonymous memory, as an
+/// application has it: the main keys use a range made with
+/// [`Hmm::alloc_huge`](crate::Hmm::alloc_huge), so the kernel backs it with
+/// transparent huge pages where it can (the usual case for large buffers); the
+/// `_4k` keys repeat the measurement on memory advised `MADV_NOHUGEPAGE`, which
+/// moves 4 KiB page by page.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Default)]
 pub struct MigrationFigures {
     /// Populated anonymous memory to a software device, copying engine (2 workers), GB/s.
@@ -402,6 +409,14 @@ pub struct MigrationFigures {
     pub migrate_to_system_gbps: Option<f64>,
     /// One thread reading one byte per page, in order, of device-resident memory, GB/s.
     pub fault_back_sequential_gbps: Option<f64>,
+    /// `migrate_to_device_gbps` on 4 KiB pages.
+    pub migrate_to_device_4k_gbps: Option<f64>,
+    /// `migrate_to_device_zero_copy_gbps` on 4 KiB pages.
+    pub migrate_to_device_zero_copy_4k_gbps: Option<f64>,
+    /// `migrate_to_system_gbps` on 4 KiB pages.
+    pub migrate_to_system_4k_gbps: Option<f64>,
+    /// `fault_back_sequential_gbps` on 4 KiB pages (default fault-around window).
+    pub fault_back_sequential_4k_gbps: Option<f64>,
     /// A single-page fault-back at a random address (fault-around off), median, microseconds.
     pub fault_back_random_us_p50: Option<f64>,
     /// The same, 99th percentile.
@@ -440,6 +455,30 @@ impl MigrationFigures {
                 self.fault_back_sequential_gbps,
                 "GB/s",
                 "CPU reads device memory in order (fault-back)",
+            ),
+            row(
+                "migrate_to_device_4k_gbps",
+                self.migrate_to_device_4k_gbps,
+                "GB/s",
+                "the same four on 4 KiB pages: copying engine",
+            ),
+            row(
+                "migrate_to_device_zero_copy_4k_gbps",
+                self.migrate_to_device_zero_copy_4k_gbps,
+                "GB/s",
+                "4 KiB pages: zero-copy engine",
+            ),
+            row(
+                "migrate_to_system_4k_gbps",
+                self.migrate_to_system_4k_gbps,
+                "GB/s",
+                "4 KiB pages: back to system memory",
+            ),
+            row(
+                "fault_back_sequential_4k_gbps",
+                self.fault_back_sequential_4k_gbps,
+                "GB/s",
+                "4 KiB pages: sequential fault-back",
             ),
             row(
                 "fault_back_random_us_p50",
@@ -511,6 +550,56 @@ fn hmm_err(e: crate::space::HmmError) -> BenchError {
     BenchError::Server(e.to_string())
 }
 
+/// Four figures of one kind of memory.
+struct Pass {
+    copy: Option<f64>,
+    zero_copy: Option<f64>,
+    to_system: Option<f64>,
+    sequential: Option<f64>,
+}
+
+/// Migrates `size` bytes of populated memory (huge pages or 4 KiB pages) to a
+/// copying device, then to a zero-copy device and back, then faults it back
+/// in order. Each engine gets fresh memory, so none sees what another left.
+fn migration_pass(hmm: &crate::space::Hmm, size: usize, huge: bool) -> Result<Pass, BenchError> {
+    use crate::swdev::{SoftwareDevice, SoftwareDeviceConfig};
+    let populated = || -> Result<crate::space::ManagedRange, BenchError> {
+        let r = if huge { hmm.alloc_huge(size) } else { hmm.alloc(size) }.map_err(hmm_err)?;
+        if !huge {
+            r.advise(r.range(), Advise::NoHugePage)?;
+        }
+        r.advise(r.range(), Advise::PopulateWrite)?;
+        Ok(r)
+    };
+    let whole = |rep: crate::migrate::MigrationReport, t: Instant| {
+        (rep.migrated * PAGE_SIZE == size).then(|| gbps(size, t.elapsed()))
+    };
+    let copy = {
+        let r = populated()?;
+        let mut cfg = SoftwareDeviceConfig::new("bench-copy", size).with_copy_engine(2);
+        cfg.prefault = true;
+        let dev = SoftwareDevice::new(hmm, cfg).map_err(hmm_err)?;
+        let t = Instant::now();
+        whole(dev.migrate_to_device(r.range()).map_err(hmm_err)?, t)
+    };
+    let r = populated()?;
+    let dev =
+        SoftwareDevice::new(hmm, SoftwareDeviceConfig::new("bench-zc", size)).map_err(hmm_err)?;
+    let t = Instant::now();
+    let zero_copy = whole(dev.migrate_to_device(r.range()).map_err(hmm_err)?, t);
+    let t = Instant::now();
+    let to_system = whole(dev.migrate_to_system(r.range()).map_err(hmm_err)?, t);
+    dev.migrate_to_device(r.range()).map_err(hmm_err)?;
+    let t = Instant::now();
+    let mut sum = 0u64;
+    for p in 0..size / PAGE_SIZE {
+        sum += u64::from(r.touch_read(p * PAGE_SIZE).map_err(MmError::from)?);
+    }
+    let sequential = Some(gbps(size, t.elapsed()));
+    std::hint::black_box(sum);
+    Ok(Pass { copy, zero_copy, to_system, sequential })
+}
+
 /// Measures the migration figures on software devices.
 pub fn run_migration(
     opts: BenchOptions,
@@ -523,49 +612,33 @@ pub fn run_migration(
     let step =
         |progress: &mut dyn FnMut(Step), index, name| progress(Step { name, index, total: 4 });
 
-    step(progress, 0, "migrate to device (copy, zero-copy)");
+    step(progress, 0, "migrations of huge-page memory");
     let hmm = Hmm::new().map_err(hmm_err)?;
-    let r = hmm.alloc(size).map_err(hmm_err)?;
-    r.advise(r.range(), Advise::NoHugePage)?;
-    r.advise(r.range(), Advise::PopulateWrite)?;
+    let p = migration_pass(&hmm, size, true)?;
+    f.migrate_to_device_gbps = p.copy;
+    f.migrate_to_device_zero_copy_gbps = p.zero_copy;
+    f.migrate_to_system_gbps = p.to_system;
+    f.fault_back_sequential_gbps = p.sequential;
+
+    step(progress, 1, "migrations of 4 KiB-page memory");
+    let p = migration_pass(&hmm, size, false)?;
+    f.migrate_to_device_4k_gbps = p.copy;
+    f.migrate_to_device_zero_copy_4k_gbps = p.zero_copy;
+    f.migrate_to_system_4k_gbps = p.to_system;
+    f.fault_back_sequential_4k_gbps = p.sequential;
+
+    step(progress, 2, "metadata");
     {
-        let mut cfg = SoftwareDeviceConfig::new("bench-copy", size).with_copy_engine(2);
-        cfg.prefault = true;
-        let dev = SoftwareDevice::new(&hmm, cfg).map_err(hmm_err)?;
-        let t = Instant::now();
-        let rep = dev.migrate_to_device(r.range()).map_err(hmm_err)?;
-        f.migrate_to_device_gbps =
-            (rep.migrated * PAGE_SIZE == size).then(|| gbps(size, t.elapsed()));
+        let r = hmm.alloc(size).map_err(hmm_err)?;
+        let dev = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("bench-meta", size))
+            .map_err(hmm_err)?;
+        dev.migrate_to_device(r.range()).map_err(hmm_err)?;
         let (bytes, pages) = hmm.metadata();
         f.metadata_bytes_per_page = Some(bytes as f64 / pages as f64);
         f.device_descriptor_bytes_per_page = Some(
             dev.memory().descriptor_bytes() as f64 / dev.memory().allocated_pages().max(1) as f64,
         );
-        dev.migrate_to_system(r.range()).map_err(hmm_err)?;
     }
-    let dev =
-        SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("bench-zc", size)).map_err(hmm_err)?;
-    let t = Instant::now();
-    let rep = dev.migrate_to_device(r.range()).map_err(hmm_err)?;
-    f.migrate_to_device_zero_copy_gbps =
-        (rep.migrated * PAGE_SIZE == size).then(|| gbps(size, t.elapsed()));
-
-    step(progress, 1, "migrate to system");
-    let t = Instant::now();
-    let rep = dev.migrate_to_system(r.range()).map_err(hmm_err)?;
-    f.migrate_to_system_gbps = (rep.migrated * PAGE_SIZE == size).then(|| gbps(size, t.elapsed()));
-
-    step(progress, 2, "sequential fault-back");
-    dev.migrate_to_device(r.range()).map_err(hmm_err)?;
-    let t = Instant::now();
-    let mut sum = 0u64;
-    for p in 0..size / PAGE_SIZE {
-        sum += u64::from(r.touch_read(p * PAGE_SIZE).map_err(MmError::from)?);
-    }
-    f.fault_back_sequential_gbps = Some(gbps(size, t.elapsed()));
-    std::hint::black_box(sum);
-    drop(dev);
-    drop(r);
     drop(hmm);
 
     step(progress, 3, "random fault-back");

@@ -129,12 +129,47 @@ pub struct DeviceStats {
     pub pages_freed: u64,
 }
 
+/// Free pages, one bit each (set = free), over the chunks made so far.
+/// Allocation takes the lowest free pages first, so the pages of a migration
+/// are mostly contiguous and engines move them in runs (whole huge pages when
+/// a run is 512 pages on a 512-page boundary).
 struct FreeList {
-    /// Free page indices, lowest first: allocations come out ascending, so the
-    /// pages of a migration are mostly contiguous and engines move them in runs.
-    free: std::collections::BTreeSet<u32>,
+    bits: Vec<u64>,
+    /// No word below this one has a free bit.
+    hint: usize,
+    /// Free pages.
+    count: u32,
     /// Chunks whose descriptors exist.
     chunks: u32,
+}
+
+impl FreeList {
+    fn new(capacity_pages: u32) -> Self {
+        Self { bits: vec![0; capacity_pages.div_ceil(64) as usize], hint: 0, count: 0, chunks: 0 }
+    }
+
+    fn insert(&mut self, index: u32) {
+        let w = index as usize / 64;
+        let b = 1u64 << (index % 64);
+        debug_assert_eq!(self.bits[w] & b, 0, "page {index} freed twice");
+        self.bits[w] |= b;
+        self.hint = self.hint.min(w);
+        self.count += 1;
+    }
+
+    fn pop_lowest(&mut self) -> Option<u32> {
+        if self.count == 0 {
+            return None;
+        }
+        while self.bits[self.hint] == 0 {
+            self.hint += 1;
+        }
+        let w = self.hint;
+        let bit = self.bits[w].trailing_zeros();
+        self.bits[w] &= !(1u64 << bit);
+        self.count -= 1;
+        Some((w * 64) as u32 + bit)
+    }
 }
 
 /// A region of device memory registered with an `Hmm` instance.
@@ -191,7 +226,7 @@ impl DeviceMemory {
             capacity_pages,
             chunk_pages,
             chunks: (0..nchunks).map(|_| OnceLock::new()).collect(),
-            free: Mutex::new(FreeList { free: std::collections::BTreeSet::new(), chunks: 0 }),
+            free: Mutex::new(FreeList::new(capacity_pages)),
             allocated: AtomicU64::new(0),
             fail_next_alloc: AtomicU32::new(0),
             failed: AtomicBool::new(false),
@@ -239,7 +274,9 @@ impl DeviceMemory {
         self.fail_next_alloc.store(n, Ordering::Release);
     }
 
-    pub(crate) fn ops(&self) -> &Arc<dyn DevicePagemapOps> {
+    /// The driver callbacks the region was registered with (its DMA engine
+    /// among them).
+    pub fn ops(&self) -> &Arc<dyn DevicePagemapOps> {
         &self.ops
     }
 
@@ -264,10 +301,10 @@ impl DeviceMemory {
         let mut out = Vec::with_capacity(n);
         let mut fl = self.free.lock().unwrap_or_else(|e| e.into_inner());
         while out.len() < n {
-            if fl.free.is_empty() && !self.grow(&mut fl) {
+            if fl.count == 0 && !self.grow(&mut fl) {
                 break;
             }
-            let index = fl.free.pop_first().expect("grown");
+            let index = fl.pop_lowest().expect("grown");
             let d = self.descriptor(index);
             let was = d.refcount.swap(1, Ordering::AcqRel);
             debug_assert_eq!(was, 0, "a free page has no references");
@@ -290,23 +327,39 @@ impl DeviceMemory {
         self.chunks[fl.chunks as usize]
             .get_or_init(|| (0..count).map(|_| Descriptor::default()).collect());
         fl.chunks += 1;
-        fl.free.extend(first..first + count);
+        (first..first + count).for_each(|i| fl.insert(i));
         true
     }
 
     /// Drops a reference to `page`; the last one frees it (`page_free`).
     pub(crate) fn put(&self, page: DevicePage) {
-        debug_assert_eq!(page.dev, self.id);
-        let d = self.descriptor(page.index);
-        let was = d.refcount.fetch_sub(1, Ordering::AcqRel);
-        assert!(was > 0, "device page {page} released more often than taken");
-        if was == 1 {
-            d.backs.store(0, Ordering::Relaxed);
-            self.ops.page_free(page);
-            self.counters.pages_freed.fetch_add(1, Ordering::Relaxed);
-            self.free.lock().unwrap_or_else(|e| e.into_inner()).free.insert(page.index);
-            self.allocated.fetch_sub(1, Ordering::AcqRel);
+        self.put_all(std::slice::from_ref(&page));
+    }
+
+    /// Drops a reference to each of `pages` (all of this region); the last
+    /// reference of a page frees it. The free list is locked once.
+    pub(crate) fn put_all(&self, pages: &[DevicePage]) {
+        let mut freed = Vec::new();
+        for &page in pages {
+            debug_assert_eq!(page.dev, self.id);
+            let d = self.descriptor(page.index);
+            let was = d.refcount.fetch_sub(1, Ordering::AcqRel);
+            assert!(was > 0, "device page {page} released more often than taken");
+            if was == 1 {
+                d.backs.store(0, Ordering::Relaxed);
+                self.ops.page_free(page);
+                freed.push(page.index);
+            }
         }
+        if freed.is_empty() {
+            return;
+        }
+        let n = freed.len() as u64;
+        let mut fl = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        freed.into_iter().for_each(|i| fl.insert(i));
+        drop(fl);
+        self.counters.pages_freed.fetch_add(n, Ordering::Relaxed);
+        self.allocated.fetch_sub(n, Ordering::AcqRel);
     }
 
     /// Records the address `page` backs.
@@ -389,6 +442,25 @@ impl DeviceMemory {
 mod tests {
     use super::*;
     use std::sync::Mutex as StdMutex;
+
+    #[test]
+    fn free_list_hands_out_the_lowest_free_pages() {
+        let mut fl = FreeList::new(200);
+        (0..200).for_each(|i| fl.insert(i));
+        let got: Vec<u32> = (0..130).map(|_| fl.pop_lowest().unwrap()).collect();
+        assert_eq!(got, (0..130).collect::<Vec<_>>());
+        for i in [129, 3, 64, 70] {
+            fl.insert(i);
+        }
+        assert_eq!(fl.count, 74);
+        let got: Vec<u32> = (0..6).map(|_| fl.pop_lowest().unwrap()).collect();
+        assert_eq!(got, vec![3, 64, 70, 129, 130, 131]);
+        while fl.pop_lowest().is_some() {}
+        assert_eq!(fl.count, 0);
+        fl.insert(199);
+        assert_eq!(fl.pop_lowest(), Some(199));
+        assert_eq!(fl.pop_lowest(), None);
+    }
 
     #[derive(Default)]
     struct Recorder(StdMutex<Vec<DevicePage>>);

@@ -8,7 +8,11 @@
 //!   crossing the managed range), then the thread is woken.
 //! - **A first touch of a never-populated page**: the zero page is mapped over
 //!   a window of never-populated pages around it (a write then takes an
-//!   ordinary kernel copy-on-write fault).
+//!   ordinary kernel copy-on-write fault). In a range made with
+//!   [`Hmm::alloc_huge`](crate::Hmm::alloc_huge) whose 2 MiB block around the
+//!   touch is entirely unpopulated, a zeroed transparent huge page is moved in
+//!   instead (populated in the service's own staging page, then one PMD move),
+//!   so the range holds huge pages from the start.
 //! - **A touch of a page mid-migration**: nothing; the migration wakes the
 //!   thread when it finalizes, and the thread retries.
 //! - **A touch of a poisoned page**: the poison marker is (re)installed, and the
@@ -41,9 +45,10 @@ use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::addr::{PAGE_SIZE, PageRange, VirtAddr};
+use crate::addr::{HUGE_PAGE_SIZE, PAGE_SIZE, PageRange, VirtAddr};
 use crate::dma::{DmaEngine, DmaJob, ToSystem};
 use crate::migrate::{Migration, PageStatus, Selection, SkipReason};
+use crate::os::mm::{Advise, Mapping, Protection};
 use crate::os::uffd::{FillErrorKind, UffdEvent};
 use crate::page::{DevicePage, Residency};
 use crate::space::{Inner, Range};
@@ -109,16 +114,22 @@ impl CpuFault<'_> {
         self.write
     }
 
-    /// Brings the faulting page back with `engine`, then the rest of the window.
+    /// Brings the faulting page back with `engine`, then the rest of the
+    /// window. A window that is one whole 2 MiB block comes back in one
+    /// migration, so an engine can move it as a huge page.
     pub fn migrate(&mut self, engine: &dyn DmaEngine) -> Result<(), FaultBackError> {
         let page = PageRange::from_pages(self.addr.page_down(), 1).expect("one page");
+        let whole = self.window.len() == HUGE_PAGE_SIZE
+            && self.window.start().is_aligned_to(HUGE_PAGE_SIZE);
+        let first_part = if whole { self.window } else { page };
         let sel = Selection::Device(self.page.dev);
-        let mut m = Migration::setup_in(self.inner, self.range.clone(), page, sel)
+        let mut m = Migration::setup_in(self.inner, self.range.clone(), first_part, sel)
             .map_err(|e| FaultBackError::Other(e.to_string()))?;
         m.copy(engine);
+        let at = (page.start().get() - first_part.start().get()) / PAGE_SIZE;
         let statuses = m.statuses();
         let report = m.finalize();
-        let first = match statuses.first() {
+        let first = match statuses.get(at) {
             Some(PageStatus::Migrated) => Ok(()),
             Some(PageStatus::Skipped(SkipReason::CopyFailed(crate::dma::DmaError::NoMemory))) => {
                 return Err(FaultBackError::NoMemory);
@@ -132,7 +143,7 @@ impl CpuFault<'_> {
             _ => Ok(()),
         };
         // The rest of the window, before and after the page.
-        for part in outside(self.window, page) {
+        for part in outside(self.window, first_part) {
             if let Ok(mut m) = Migration::setup_in(self.inner, self.range.clone(), part, sel) {
                 if m.collected() > 0 {
                     m.copy(engine);
@@ -142,6 +153,14 @@ impl CpuFault<'_> {
         }
         first
     }
+}
+
+/// The 2 MiB-aligned block holding `addr`, if it lies wholly inside `r`.
+fn huge_block(r: &Range, addr: VirtAddr) -> Option<PageRange> {
+    let start = VirtAddr::new(addr.get() & !(HUGE_PAGE_SIZE - 1));
+    let block = PageRange::new(start, HUGE_PAGE_SIZE).ok()?;
+    let rr = r.range();
+    (rr.start() <= block.start() && block.end() <= rr.end()).then_some(block)
 }
 
 /// The parts of `window` before and after `page` (which lies inside it), if not empty.
@@ -182,11 +201,14 @@ struct Service {
     inner: Arc<Inner>,
     events: Vec<UffdEvent>,
     retries: Vec<Retry>,
+    /// Where zeroed huge pages are made before they move into a huge range:
+    /// hmm's own memory, never managed. Made on first use.
+    thp_src: Option<Mapping>,
 }
 
 impl Service {
     fn new(inner: Arc<Inner>) -> Self {
-        Self { inner, events: Vec::with_capacity(64), retries: Vec::new() }
+        Self { inner, events: Vec::with_capacity(64), retries: Vec::new(), thp_src: None }
     }
 
     fn run(&mut self) {
@@ -210,22 +232,27 @@ impl Service {
                 }
             }
             loop {
-                match self.inner.uffd.read_events(&mut self.events, 64) {
+                let got = match self.inner.uffd.read_events(&mut self.events, 64) {
                     Ok(0) => break,
-                    Ok(_) => {}
+                    Ok(n) => n,
                     Err(e) => {
                         if !self.inner.stopping.load(Ordering::Acquire) {
                             tracing::error!(error = %e, "fault service cannot read events; stopping");
                         }
                         return;
                     }
-                }
+                };
                 let events = std::mem::take(&mut self.events);
                 for ev in &events {
                     self.handle(ev);
                 }
                 self.events = events;
                 self.events.clear();
+                if got < 64 {
+                    // The queue was drained: `poll` says when more arrive (a
+                    // second read would cost a system call per fault).
+                    break;
+                }
             }
             self.run_retries();
         }
@@ -307,6 +334,9 @@ impl Service {
             }
             return;
         };
+        if r.huge && self.zero_huge(page, r) {
+            return;
+        }
         let around = self.inner.config.zero_fill_around_pages.max(1);
         let mut t = r.lock();
         let i = r.index(page.start());
@@ -356,6 +386,61 @@ impl Service {
         let _ = self.inner.uffd.wake(window);
     }
 
+    /// Fills the 2 MiB block around `page` with a zeroed huge page, if the
+    /// block lies inside the range and none of it is populated. Returns whether
+    /// the faulting page was filled (and the block woken).
+    fn zero_huge(&mut self, page: PageRange, r: &Arc<Range>) -> bool {
+        let Some(block) = huge_block(r, page.start()) else { return false };
+        let first = r.index(block.start());
+        let empty = |t: &[crate::page::PageEntry]| {
+            t[first..first + block.pages()]
+                .iter()
+                .all(|e| !e.is_migrating() && matches!(e.residency(), Residency::None))
+        };
+        if !empty(&r.lock()) {
+            return false;
+        }
+        if self.thp_src.is_none() {
+            let made =
+                Mapping::anonymous_aligned(HUGE_PAGE_SIZE, HUGE_PAGE_SIZE, Protection::ReadWrite)
+                    .and_then(|m| m.advise(m.range(), Advise::HugePage).map(|_| m));
+            match made {
+                Ok(m) => self.thp_src = Some(m),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no staging for huge zero-fills; filling pages");
+                    return false;
+                }
+            }
+        }
+        let src = self.thp_src.as_ref().expect("made above");
+        // The kernel allocates a zeroed huge page (or zeroed small pages when it
+        // has none); nothing else ever writes this memory. Done without the
+        // table lock: it is the slow part.
+        if let Err(e) = src.advise(src.range(), Advise::PopulateWrite) {
+            tracing::warn!(error = %e, "cannot populate huge zero-fill staging");
+            return false;
+        }
+        let mut t = r.lock();
+        if !empty(&t) {
+            return false;
+        }
+        let done = match self.inner.uffd.move_pages(block, src, src.range(), true, false) {
+            Ok(_) => block.pages(),
+            Err(e) => e.done / PAGE_SIZE,
+        };
+        for e in &mut t[first..first + done] {
+            let _ = e.populate();
+        }
+        drop(t);
+        r.counters.zero_fills.fetch_add(done as u64, Ordering::Relaxed);
+        if done == 0 {
+            return false;
+        }
+        let filled = PageRange::from_pages(block.start(), done).expect("inside");
+        let _ = self.inner.uffd.wake(filled);
+        filled.contains(page.start())
+    }
+
     fn fault_back(
         &mut self,
         r: &Arc<Range>,
@@ -369,12 +454,18 @@ impl Service {
             let _ = self.inner.uffd.wake(PageRange::from_pages(addr, 1).expect("page"));
             return;
         };
-        let around = self.inner.config.fault_around_pages.max(1);
-        let rr = r.range();
-        let half = (around / 2) * PAGE_SIZE;
-        let lo = addr.get().saturating_sub(half).max(rr.start().get());
-        let hi = (lo + around * PAGE_SIZE).min(rr.end().get()).max(addr.get() + PAGE_SIZE);
-        let window = PageRange::new(VirtAddr::new(lo), hi - lo).expect("inside the range");
+        let window = match huge_block(r, addr).filter(|_| r.huge) {
+            // A huge range comes back a block at a time.
+            Some(block) => block,
+            None => {
+                let around = self.inner.config.fault_around_pages.max(1);
+                let rr = r.range();
+                let half = (around / 2) * PAGE_SIZE;
+                let lo = addr.get().saturating_sub(half).max(rr.start().get());
+                let hi = (lo + around * PAGE_SIZE).min(rr.end().get()).max(addr.get() + PAGE_SIZE);
+                PageRange::new(VirtAddr::new(lo), hi - lo).expect("inside the range")
+            }
+        };
         let mut f = CpuFault { inner: &self.inner, range: r.clone(), addr, page: p, window, write };
         let res = if mem.is_failed() {
             Err(FaultBackError::DeviceFailed)

@@ -24,11 +24,15 @@ use std::sync::atomic::Ordering;
 
 use crate::addr::{HUGE_PAGE_SIZE, PAGE_SIZE, PageRange, VirtAddr};
 use crate::devmem::DeviceMemory;
-use crate::dma::{DmaEngine, DmaError, DmaJob, SystemSource, ToDevice, ToSystem};
+use crate::dma::{DmaEngine, DmaError, DmaFence, DmaJob, SystemSource, ToDevice, ToSystem};
 use crate::os::mm::{Mapping, Protection};
 use crate::os::uffd::{FillErrorKind, RegisterMode};
 use crate::page::{DeviceId, DevicePage, Residency};
 use crate::space::{HmmError, Inner, Range};
+
+/// How long [`Migration::setup`] waits for pages held by another migration
+/// before reporting them busy.
+const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Which pages a migration collects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,6 +144,8 @@ pub struct Migration {
     select: Selection,
     slots: Vec<Slot>,
     staging: Option<Arc<Mapping>>,
+    /// Copies submitted and not yet waited for, with the slot of each.
+    in_flight: Option<(DmaFence, Vec<usize>)>,
     finalized: bool,
 }
 
@@ -174,6 +180,13 @@ impl Migration {
             return Err(HmmError::ShutDown);
         }
         let rec = inner.find_containing(range)?;
+        // Pages another migration holds (most often a fault-around window the
+        // fault service is bringing back) are waited for, briefly, rather than
+        // skipped: an application's migration should not lose to hmm's own.
+        // Only application threads come through here, never the fault
+        // service, so the wait cannot block the migration it waits on.
+        let first = rec.index(range.start());
+        rec.wait_settled(first..first + range.pages(), SETTLE_WAIT);
         Self::setup_in(&inner, rec, range, select)
     }
 
@@ -226,6 +239,7 @@ impl Migration {
             select,
             slots,
             staging: None,
+            in_flight: None,
             finalized: false,
         };
         me.isolate()?;
@@ -374,6 +388,17 @@ impl Migration {
     /// Copies every collected page that has a destination with `engine`, and
     /// waits for the copies.
     pub fn copy(&mut self, engine: &dyn DmaEngine) {
+        self.start_copy(engine);
+        self.wait_copy();
+    }
+
+    /// Submits the copies of [`copy`](Self::copy) and returns without waiting:
+    /// the caller can prepare the next migration meanwhile. `finalize` (or
+    /// [`wait_copy`](Self::wait_copy)) waits for them; a migration dropped
+    /// with copies in flight waits too, since the engine is still reading its
+    /// staging memory.
+    pub fn start_copy(&mut self, engine: &dyn DmaEngine) {
+        self.wait_copy();
         let mut idx = Vec::new();
         let job = match self.select {
             Selection::System => {
@@ -408,8 +433,14 @@ impl Migration {
         if job.is_empty() {
             return;
         }
-        let results = engine.submit(job).wait();
-        for (k, r) in idx.into_iter().zip(results) {
+        self.in_flight = Some((engine.submit(job), idx));
+    }
+
+    /// Waits for the copies [`start_copy`](Self::start_copy) submitted, if any,
+    /// and records their results.
+    pub fn wait_copy(&mut self) {
+        let Some((fence, idx)) = self.in_flight.take() else { return };
+        for (k, r) in idx.into_iter().zip(fence.wait()) {
             self.slots[k].status = match r {
                 Ok(()) => PageStatus::Migrated,
                 Err(e) => PageStatus::Skipped(SkipReason::CopyFailed(e)),
@@ -427,6 +458,7 @@ impl Migration {
     }
 
     fn finish(&mut self) -> MigrationReport {
+        self.wait_copy();
         self.finalized = true;
         // Pages collected but never copied (no destination, or `copy` not called).
         for s in &mut self.slots {
@@ -516,11 +548,12 @@ impl Migration {
                 }
             }
         }
-        for p in put {
-            self.inner.put_page(p);
-        }
-        // 3. Threads that touched the range meanwhile wait in the kernel: wake them
-        //    (they retry and find the page, or fault again on its new home).
+        self.rec.settled.notify_all();
+        // 3. Free the device pages (before waking: a woken thread may migrate
+        //    again at once and find their capacity), then wake the threads that
+        //    touched the range meanwhile and wait in the kernel (they retry and
+        //    find the page, or fault again on its new home).
+        self.inner.put_pages(&put);
         let _ = self.inner.uffd.wake(self.range);
         let c = &self.rec.counters;
         match self.select {

@@ -18,7 +18,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -187,9 +187,15 @@ pub(crate) struct Range {
     /// Always `Some` until drop.
     mapping: Option<Mapping>,
     pub(crate) table: Mutex<Vec<PageEntry>>,
+    /// Signalled (with `table`) whenever a migration of pages of this range
+    /// finishes, for migrations waiting on pages another one holds.
+    pub(crate) settled: Condvar,
     pub(crate) counters: RangeCounters,
     /// Memory hmm created (freed with the range) rather than adopted.
     pub(crate) created: bool,
+    /// Made with [`Hmm::alloc_huge`]: first touches and fault-backs work in
+    /// whole 2 MiB blocks, so pages stay transparent huge pages end to end.
+    pub(crate) huge: bool,
 }
 
 impl Range {
@@ -220,6 +226,23 @@ impl Range {
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Vec<PageEntry>> {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits (up to `limit`) until no page of `pages` is held by a migration.
+    /// Returns whether they all settled.
+    pub(crate) fn wait_settled(&self, pages: std::ops::Range<usize>, limit: Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        let mut t = self.lock();
+        loop {
+            if !t[pages.clone()].iter().any(|e| e.is_migrating()) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            t = self.settled.wait_timeout(t, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
     }
 }
 
@@ -365,14 +388,21 @@ impl Hmm {
     /// A new managed range of `len` bytes (private anonymous, read-write, never populated).
     pub fn alloc(&self, len: usize) -> Result<ManagedRange, HmmError> {
         let m = Mapping::anonymous(len, Protection::ReadWrite)?;
-        self.manage(m, true, false)
+        self.manage(m, true, false, false)
     }
 
     /// A new managed range aligned to 2 MiB with transparent huge pages enabled.
+    ///
+    /// The range works in whole 2 MiB blocks where it can: a first touch fills
+    /// the block around it with a zeroed huge page (moved in with one
+    /// `UFFDIO_MOVE`), migrations move huge pages whole when the device's pages
+    /// for the block are contiguous, and a CPU touch of a device page brings
+    /// its whole block back. A block that is partly populated, or whose huge
+    /// page the kernel cannot allocate, works page by page.
     pub fn alloc_huge(&self, len: usize) -> Result<ManagedRange, HmmError> {
         let m = Mapping::anonymous_aligned(len, HUGE_PAGE_SIZE, Protection::ReadWrite)?;
         m.advise(m.range(), Advise::HugePage)?;
-        self.manage(m, true, false)
+        self.manage(m, true, false, true)
     }
 
     /// A new managed range of `len` bytes holding an [`Arena`]: ordinary Rust
@@ -440,7 +470,7 @@ impl Hmm {
         if at < range.end() {
             return refuse(AdoptRefusal::NotMapped);
         }
-        self.manage(mapping, false, true)
+        self.manage(mapping, false, true, false)
     }
 
     fn manage(
@@ -448,6 +478,7 @@ impl Hmm {
         mapping: Mapping,
         created: bool,
         scan: bool,
+        huge: bool,
     ) -> Result<ManagedRange, HmmError> {
         let inner = &self.inner;
         if inner.shut_down.load(Ordering::Acquire) {
@@ -487,8 +518,10 @@ impl Hmm {
                 // an arena while the fault service and devices share the range.
                 mapping: Some(mapping.guarded()),
                 table: Mutex::new(table),
+                settled: Condvar::new(),
                 counters: RangeCounters::default(),
                 created,
+                huge,
             });
             ranges.insert(range.start().get(), r.clone());
             Ok(ManagedRange { inner: inner.clone(), range: r })
@@ -653,8 +686,18 @@ impl Inner {
 
     /// Drops a reference to a device page (freeing it when last).
     pub(crate) fn put_page(&self, page: DevicePage) {
-        if let Some(d) = self.device(page.dev) {
-            d.put(page);
+        self.put_pages(&[page]);
+    }
+
+    /// Drops a reference to each of `pages`, a device at a time.
+    pub(crate) fn put_pages(&self, pages: &[DevicePage]) {
+        let mut rest = pages;
+        while let Some(first) = rest.first() {
+            let n = rest.iter().take_while(|p| p.dev == first.dev).count();
+            if let Some(d) = self.device(first.dev) {
+                d.put_all(&rest[..n]);
+            }
+            rest = &rest[n..];
         }
     }
 
@@ -664,12 +707,19 @@ impl Inner {
         mem: &Arc<DeviceMemory>,
         engine: &dyn crate::dma::DmaEngine,
     ) -> Result<MigrationReport, HmmError> {
-        self.migrate_batches(range, |r| {
+        // Pipelined: while the engine copies one batch, the next is set up and
+        // given its device pages, and the one before is finalized.
+        let mut in_flight: Option<Migration> = None;
+        let mut report = self.migrate_batches(range, |r| {
             let mut m = Migration::setup(self.clone(), r, Selection::System)?;
             m.allocate_on(mem);
-            m.copy(engine);
-            Ok(m.finalize())
-        })
+            m.start_copy(engine);
+            Ok(in_flight.replace(m).map(Migration::finalize).unwrap_or_default())
+        })?;
+        if let Some(m) = in_flight {
+            report.append(m.finalize());
+        }
+        Ok(report)
     }
 
     pub(crate) fn migrate_to_system(

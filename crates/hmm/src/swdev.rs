@@ -16,7 +16,7 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use crate::addr::{PAGE_SIZE, PageRange};
+use crate::addr::{HUGE_PAGE_SIZE, PAGE_SIZE, PageRange};
 use crate::devmem::{DeviceMemory, DeviceMemoryConfig, DevicePagemapOps, DeviceStats};
 use crate::dma::{
     DmaEngine, DmaError, DmaFence, DmaJob, FenceCompleter, SystemSource, ToDevice, ToSystem,
@@ -75,25 +75,17 @@ pub struct OpCounters {
     pub faults: u64,
 }
 
-/// Device memory plus what the engines share.
+/// The driver side of the device's memory: its callbacks.
 struct Core {
-    pool: Arc<Mapping>,
-    /// Zero-copy engine: which device pages hold a page (so that freeing one
-    /// that was moved out costs no system call).
-    populated: Arc<Populated>,
-    /// The zero-copy engine's descriptor (device memory registered with it).
-    pool_uffd: Option<Arc<Uffd>>,
     engine: Box<dyn DmaEngine>,
 }
 
 impl DevicePagemapOps for Core {
-    fn page_free(&self, page: DevicePage) {
-        if self.pool_uffd.is_some() && self.populated.take(page.index) {
-            // Empty the page so the next move can land on it (a page moved out
-            // is empty already; this drops a copied or zero page).
-            let slot = slot_range(&self.pool, page);
-            let _ = self.pool.advise(slot, Advise::DontNeed);
-        }
+    fn page_free(&self, _page: DevicePage) {
+        // Nothing to do now. The zero-copy engine empties a freed page that
+        // still holds one (it came back by copy) when the page is next filled:
+        // emptying costs a TLB shootdown, which has no place on the path of a
+        // CPU fault.
     }
 
     fn dma(&self) -> &dyn DmaEngine {
@@ -151,37 +143,44 @@ impl std::fmt::Debug for SoftwareDevice {
 impl SoftwareDevice {
     /// Creates a device and registers its memory with `hmm`.
     pub fn new(hmm: &Hmm, config: SoftwareDeviceConfig) -> Result<Self, HmmError> {
-        let pool = Arc::new(Mapping::anonymous(config.capacity, Protection::ReadWrite)?);
-        pool.advise(pool.range(), Advise::NoHugePage)?;
+        // Aligned to 2 MiB, so that device pages allocated in aligned runs of
+        // 512 can hold a transparent huge page whole (moved in and out as one
+        // PMD by the zero-copy engine).
+        let pool = Arc::new(Mapping::anonymous_aligned(
+            config.capacity,
+            HUGE_PAGE_SIZE,
+            Protection::ReadWrite,
+        )?);
         let fail_to_system = Arc::new(AtomicU32::new(0));
-        let populated = Arc::new(Populated::new(config.capacity / PAGE_SIZE));
-        let (engine, pool_uffd): (Box<dyn DmaEngine>, _) = match config.engine {
+        let engine: Box<dyn DmaEngine> = match config.engine {
             EngineKind::Copy { workers } => {
                 if config.prefault {
+                    // Huge pages where the kernel has them: fewer TLB misses
+                    // on the copy path.
+                    pool.advise(pool.range(), Advise::HugePage)?;
                     pool.advise(pool.range(), Advise::PopulateWrite)?;
                 }
                 let e = CopyEngine::new(pool.clone(), workers.max(1), fail_to_system.clone())
                     .map_err(HmmError::Thread)?;
-                (Box::new(e), None)
+                Box::new(e)
             }
             EngineKind::ZeroCopy => {
-                let u = Arc::new(Uffd::open(UffdOptions {
+                let uffd = Uffd::open(UffdOptions {
                     wanted: Features::SIGBUS,
                     required: Features::MOVE,
                     nonblocking: true,
                     allow_user_mode_only: false,
-                })?);
-                u.register(&pool, pool.range(), RegisterMode::MISSING)?;
-                let e = MoveEngine {
+                })?;
+                uffd.register(&pool, pool.range(), RegisterMode::MISSING)?;
+                Box::new(MoveEngine {
                     pool: pool.clone(),
-                    uffd: u.clone(),
+                    uffd: Arc::new(uffd),
                     fail_to_system: fail_to_system.clone(),
-                    populated: populated.clone(),
-                };
-                (Box::new(e), Some(u))
+                    populated: Arc::new(Populated::new(config.capacity / PAGE_SIZE)),
+                })
             }
         };
-        let core = Arc::new(Core { pool: pool.clone(), populated, pool_uffd, engine });
+        let core = Arc::new(Core { engine });
         let mut mc = DeviceMemoryConfig::private(config.name, config.capacity);
         mc.chunk_pages = 512;
         let mem = hmm.register_device_memory(mc, core)?;
@@ -363,39 +362,58 @@ fn runs(copies: &[ToSystem]) -> Vec<(usize, usize)> {
     out
 }
 
+/// Runs shorter than this come back by copy even on the zero-copy engine: a
+/// move must clear the device page's entry, which costs a TLB shootdown (an
+/// inter-processor interrupt, dear in a virtual machine) that a copy into the
+/// empty destination does not, and for a few pages that outweighs the copy.
+const MIN_MOVE_RUN: usize = 8;
+
+/// Installs each copy at its address: by `UFFDIO_MOVE` for runs of at least
+/// [`MIN_MOVE_RUN`] pages when `zero_copy`, by `UFFDIO_COPY` otherwise (and
+/// wherever the kernel refuses a move). Returns each copy's result and whether
+/// the device page was moved out (left empty) rather than copied.
 fn to_system_copies(
     pool: &Mapping,
     sink: &crate::dma::SystemSink,
     copies: &[ToSystem],
     fail: &AtomicU32,
     zero_copy: bool,
-) -> Vec<Result<(), DmaError>> {
+) -> (Vec<Result<(), DmaError>>, Vec<bool>) {
     let mut out = Vec::with_capacity(copies.len());
+    let mut moved = Vec::with_capacity(copies.len());
     for (i, n) in runs(copies) {
         let injected = (0..n).filter(|_| take_injected(fail)).count();
         if injected > 0 {
             out.extend((0..n).map(|_| Err(DmaError::NoMemory)));
+            moved.extend((0..n).map(|_| false));
             continue;
         }
         let off = copies[i].src.index as usize * PAGE_SIZE;
-        let mut res = if zero_copy {
-            sink.install_move(copies[i].dst, pool, off, n)
-        } else {
-            sink.install_copy(copies[i].dst, pool, off, n)
-        };
-        if zero_copy {
-            // Moves the kernel refused (a read-only range, say) are copied.
-            for (k, r) in res.iter_mut().enumerate() {
-                if matches!(r, Err(DmaError::Failed(_))) {
-                    let one = sink.install_copy(copies[i + k].dst, pool, off + k * PAGE_SIZE, 1);
-                    *r =
-                        one.into_iter().next().unwrap_or(Err(DmaError::Failed("no result".into())));
-                }
-            }
+        if !(zero_copy && n >= MIN_MOVE_RUN) {
+            out.extend(sink.install_copy(copies[i].dst, pool, off, n));
+            moved.extend((0..n).map(|_| false));
+            continue;
         }
-        out.extend(res);
+        for (k, r) in sink.install_move(copies[i].dst, pool, off, n).into_iter().enumerate() {
+            // Moves the kernel refused (a read-only range, say) are copied.
+            let (r, m) = match r {
+                Err(DmaError::Failed(_)) => {
+                    let one = sink.install_copy(copies[i + k].dst, pool, off + k * PAGE_SIZE, 1);
+                    (
+                        one.into_iter().next().unwrap_or(Err(DmaError::Failed("no result".into()))),
+                        false,
+                    )
+                }
+                r => {
+                    let ok = r.is_ok();
+                    (r, ok)
+                }
+            };
+            out.push(r);
+            moved.push(m);
+        }
     }
-    out
+    (out, moved)
 }
 
 impl DmaEngine for CopyEngine {
@@ -445,10 +463,9 @@ impl DmaEngine for CopyEngine {
                         self.fail_to_system.clone(),
                     );
                     let work: Work = Box::new(move || {
-                        d.complete(
-                            first,
-                            to_system_copies(&pool, &s, &c[first..first + len], &f, false),
-                        );
+                        let (res, _) =
+                            to_system_copies(&pool, &s, &c[first..first + len], &f, false);
+                        d.complete(first, res);
                     });
                     send(work, &done, first, len);
                 }
@@ -527,6 +544,32 @@ impl MoveEngine {
     }
 }
 
+impl MoveEngine {
+    /// Empties the destination slots that still hold a page (freed after a
+    /// copy back), so moves and zero pages can land there: one `madvise` per
+    /// run of such slots.
+    fn empty_slots(&self, ops: &[ToDevice]) {
+        let mut full: Vec<u32> =
+            ops.iter().map(|op| op.dst.index).filter(|&i| self.populated.take(i)).collect();
+        full.sort_unstable();
+        let mut i = 0;
+        while i < full.len() {
+            let mut j = i + 1;
+            while j < full.len() && full[j] == full[j - 1] + 1 {
+                j += 1;
+            }
+            let run = self
+                .pool
+                .subrange(full[i] as usize * PAGE_SIZE, (j - i) * PAGE_SIZE)
+                .expect("device pages inside the pool");
+            if let Err(e) = self.pool.advise(run, Advise::DontNeed) {
+                tracing::error!(%run, error = %e, "cannot empty device pages for reuse");
+            }
+            i = j;
+        }
+    }
+}
+
 impl DmaEngine for MoveEngine {
     fn name(&self) -> &str {
         "zero-copy"
@@ -538,14 +581,17 @@ impl DmaEngine for MoveEngine {
             DmaJob::ToDevice(ops) => {
                 // Marked before filling: a failed fill leaves at worst an empty
                 // page that `page_free` empties again.
+                self.empty_slots(&ops);
                 ops.iter().for_each(|op| self.populated.set(op.dst.index, true));
                 self.to_device(&ops)
             }
             DmaJob::ToSystem { copies, sink } => {
-                let res = to_system_copies(&self.pool, &sink, &copies, &self.fail_to_system, true);
-                // A page that came back by copy still holds its data: keep its bit.
-                for (c, r) in copies.iter().zip(&res) {
-                    if r.is_ok() {
+                let (res, moved) =
+                    to_system_copies(&self.pool, &sink, &copies, &self.fail_to_system, true);
+                // A page that came back by copy still holds its data: keep its
+                // bit, so that `page_free` empties it.
+                for (c, m) in copies.iter().zip(moved) {
+                    if m {
                         self.populated.set(c.src.index, false);
                     }
                 }

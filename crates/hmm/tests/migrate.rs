@@ -259,6 +259,55 @@ fn arena_values_migrate_and_fault_back() {
     assert!(matches!(arena.alloc_slice_with(8 << 20, |_| 0u8), Err(hmm::ArenaError::Full { .. })));
 }
 
+/// Pages of `range` mapped as part of a transparent huge page.
+fn huge_pages(range: hmm::PageRange) -> usize {
+    use hmm::os::pagemap::{Categories, Pagemap, ScanRequest};
+    let req = ScanRequest {
+        category_mask: Categories::HUGE,
+        return_mask: Categories::HUGE,
+        ..ScanRequest::default()
+    };
+    Pagemap::open().unwrap().scan(range, &req).unwrap().iter().map(|r| r.range.pages()).sum()
+}
+
+#[test]
+fn huge_range_keeps_huge_pages_through_migration_and_fault_back() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    let dev = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("d", 8 << 20)).unwrap();
+    let r = hmm.alloc_huge(8 << 20).unwrap();
+    // The first touch fills the whole 2 MiB block around it.
+    r.touch_write(5 * PAGE_SIZE, 1).unwrap();
+    let block = r.pages_range(0, 512).unwrap();
+    assert_eq!(r.stats().zero_fills, 512, "one block filled by one fault");
+    assert!(r.residencies()[..512].iter().all(|x| *x == Residency::System));
+    assert!(r.residencies()[512..].iter().all(|x| *x == Residency::None));
+    let data = random_bytes(r.len(), 21);
+    r.write(0, &data).unwrap();
+    let thp = huge_pages(block) == 512;
+    if !thp {
+        eprintln!("skipping the huge-page checks: the kernel gave no transparent huge page");
+    }
+    assert_eq!(dev.migrate_to_device(r.range()).unwrap().migrated, 2048);
+    // A touch brings back its whole block, and only it.
+    let faults = r.stats().cpu_faults;
+    assert_eq!(r.touch_read(1024 * PAGE_SIZE + 77).unwrap(), data[1024 * PAGE_SIZE + 77]);
+    eventually("the touched block back", || {
+        r.residencies()[1024..1536].iter().all(|x| *x == Residency::System)
+    });
+    assert_eq!(r.stats().cpu_faults, faults + 1);
+    let res = r.residencies();
+    assert!(res[..1024].iter().chain(&res[1536..]).all(|x| matches!(x, Residency::Device(_))));
+    let mut back = vec![0u8; r.len()];
+    r.read(0, &mut back).unwrap();
+    assert!(back == data, "every byte back");
+    if thp {
+        assert_eq!(huge_pages(block), 512, "the block went and came back as one huge page");
+    }
+}
+
 #[test]
 fn dropping_hmm_brings_every_page_back() {
     if common::skip_without_uffd() {

@@ -138,7 +138,7 @@ fn migrate_multiple() {
             r.write(i * PAGE_SIZE, &(i as u64 + round * 1000).to_ne_bytes()).unwrap();
         }
         let rep = dev.migrate_to_device(r.range()).unwrap();
-        assert_eq!(rep.migrated, NPAGES, "round {round}");
+        assert_eq!(rep.migrated, NPAGES, "round {round}: {:?}", rep.skipped);
         let (bytes, _) = dev.read(r.range()).unwrap();
         for i in 0..NPAGES {
             let w = u64::from_ne_bytes(bytes[i * PAGE_SIZE..i * PAGE_SIZE + 8].try_into().unwrap());
