@@ -4,8 +4,12 @@
 //! # What it serves
 //!
 //! - **A CPU touch of a device page**: the device's `migrate_to_ram` brings
-//!   the faulting page back first, then the fault-around window (never
-//!   crossing the managed range), then the thread is woken.
+//!   the faulting page back first (the thread is woken then), then the rest of
+//!   the fault-around window (never crossing the managed range). A fault right
+//!   at the end of the previous window is a sequential stream: its window
+//!   doubles, up to 512 pages, and runs ahead of the fault, as readahead does.
+//!   With fault-around off (`fault_around_pages` 1) only the faulting page
+//!   comes back, stream or not. In a huge range the window is the 2 MiB block.
 //! - **A first touch of a never-populated page**: the zero page is mapped over
 //!   a window of never-populated pages around it (a write then takes an
 //!   ordinary kernel copy-on-write fault). In a range made with
@@ -51,7 +55,7 @@ use crate::migrate::{Migration, PageStatus, Selection, SkipReason};
 use crate::os::mm::{Advise, Mapping, Protection};
 use crate::os::uffd::{FillErrorKind, UffdEvent};
 use crate::page::{DevicePage, Residency};
-use crate::space::{Inner, Range};
+use crate::space::{HmmConfig, Inner, Range};
 
 /// Why a fault-back did not bring the faulting page back.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -204,11 +208,22 @@ struct Service {
     /// Where zeroed huge pages are made before they move into a huge range:
     /// hmm's own memory, never managed. Made on first use.
     thp_src: Option<Mapping>,
+    /// The end of the last fault-back window and its size in pages: a fault
+    /// right there is a sequential stream, whose window doubles (up to
+    /// [`HmmConfig::MAX_FAULT_AROUND`](crate::HmmConfig::MAX_FAULT_AROUND))
+    /// and runs ahead of the fault, as readahead does.
+    stream: (usize, usize),
 }
 
 impl Service {
     fn new(inner: Arc<Inner>) -> Self {
-        Self { inner, events: Vec::with_capacity(64), retries: Vec::new(), thp_src: None }
+        Self {
+            inner,
+            events: Vec::with_capacity(64),
+            retries: Vec::new(),
+            thp_src: None,
+            stream: (0, 0),
+        }
     }
 
     fn run(&mut self) {
@@ -460,9 +475,16 @@ impl Service {
             None => {
                 let around = self.inner.config.fault_around_pages.max(1);
                 let rr = r.range();
-                let half = (around / 2) * PAGE_SIZE;
-                let lo = addr.get().saturating_sub(half).max(rr.start().get());
-                let hi = (lo + around * PAGE_SIZE).min(rr.end().get()).max(addr.get() + PAGE_SIZE);
+                let (end, last) = self.stream;
+                let (lo, pages) = if around > 1 && end == addr.get() {
+                    // Sequential: a bigger window, ahead of the fault.
+                    (addr.get(), (last * 2).clamp(around, HmmConfig::MAX_FAULT_AROUND))
+                } else {
+                    let half = (around / 2) * PAGE_SIZE;
+                    (addr.get().saturating_sub(half).max(rr.start().get()), around)
+                };
+                let hi = (lo + pages * PAGE_SIZE).min(rr.end().get()).max(addr.get() + PAGE_SIZE);
+                self.stream = (hi, pages);
                 PageRange::new(VirtAddr::new(lo), hi - lo).expect("inside the range")
             }
         };

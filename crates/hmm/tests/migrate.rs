@@ -415,3 +415,34 @@ fn fault_around_window_is_configurable_and_bounded_by_the_range() {
     assert!(back2 <= 8 + 8, "the window at the range start does not cross it");
     assert_eq!(r.residency(0), Residency::System);
 }
+
+#[test]
+fn sequential_faults_grow_the_window_ahead_and_random_ones_do_not() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::with_config(HmmConfig { fault_around_pages: 64, ..Default::default() }).unwrap();
+    let dev = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("d", 4096 * PAGE_SIZE)).unwrap();
+    let r = hmm.alloc(4096 * PAGE_SIZE).unwrap();
+    r.fill(0, r.len(), 3).unwrap();
+    assert_eq!(dev.migrate_to_device(r.range()).unwrap().migrated, 4096);
+    let system = |a: usize, b: usize| r.residencies()[a..b].iter().all(|x| *x == Residency::System);
+    let on_device = |i: usize| matches!(r.residency(i), Residency::Device(_));
+    // A first fault: the configured window, centred (clipped at the range start).
+    assert_eq!(r.touch_read(0).unwrap(), 3);
+    eventually("the first window", || system(0, 64));
+    assert!(on_device(64));
+    // Faults at the end of the last window double it, ahead of the fault.
+    let mut at = 64;
+    for pages in [128, 256, 512, 512] {
+        assert_eq!(r.touch_read(at * PAGE_SIZE).unwrap(), 3);
+        eventually("the next window", || system(at, at + pages));
+        assert!(on_device(at + pages), "a window of {pages} pages from page {at}, no more");
+        at += pages;
+    }
+    assert_eq!(r.stats().cpu_faults, 5);
+    // A fault elsewhere starts over with the configured window.
+    assert_eq!(r.touch_read(3000 * PAGE_SIZE).unwrap(), 3);
+    eventually("a fresh window", || system(3000 - 32, 3000 + 32));
+    assert!(on_device(3000 - 33) && on_device(3000 + 32));
+}
