@@ -213,6 +213,7 @@ fn demo() -> ExitCode {
         return ExitCode::from(1);
     }
     out("\nThis kernel can run hmm. The software-device workload is not built yet; \
-         `hmm bench` measures the kernel baselines.\n");
+         `hmm bench` measures migration and fault-back on the software device \
+         beside the kernel baselines.\n");
     ExitCode::SUCCESS
 }
