@@ -211,12 +211,7 @@ impl SystemSink {
         src_offset: usize,
         pages: usize,
     ) -> Vec<Result<(), DmaError>> {
-        per_page(dst, pages, |d, done| {
-            let s = src
-                .subrange(src_offset + done, d.len())
-                .map_err(|_| FillError::refused(FillOp::Copy, d.len(), Errno::INVAL))?;
-            self.uffd.copy_from(d, src, s, true).map(drop)
-        })
+        self.install(FillOp::Copy, dst, src, src_offset, pages)
     }
 
     /// Moves `pages` pages of `src` at `src_offset` into the absent pages at `dst`
@@ -230,11 +225,27 @@ impl SystemSink {
         src_offset: usize,
         pages: usize,
     ) -> Vec<Result<(), DmaError>> {
+        self.install(FillOp::Move, dst, src, src_offset, pages)
+    }
+
+    /// `install_copy` or `install_move`, by `op`.
+    fn install(
+        &self,
+        op: FillOp,
+        dst: VirtAddr,
+        src: &Mapping,
+        src_offset: usize,
+        pages: usize,
+    ) -> Vec<Result<(), DmaError>> {
         per_page(dst, pages, |d, done| {
             let s = src
                 .subrange(src_offset + done, d.len())
-                .map_err(|_| FillError::refused(FillOp::Move, d.len(), Errno::INVAL))?;
-            self.uffd.move_pages(d, src, s, true, false).map(drop)
+                .map_err(|_| FillError::refused(op, d.len(), Errno::INVAL))?;
+            match op {
+                FillOp::Move => self.uffd.move_pages(d, src, s, true, false),
+                _ => self.uffd.copy_from(d, src, s, true),
+            }
+            .map(drop)
         })
     }
 
