@@ -776,12 +776,12 @@ impl Drop for Mapping {
         if !self.owned {
             return;
         }
-        let holes = self.holes();
-        if holes.is_empty() {
+        if self.guard.is_none() {
             raw_munmap(self.range);
         } else {
+            // `unmap_except` skips the holes.
             let me = std::mem::replace(self, Mapping::raw(self.range, self.backing, false));
-            me.unmap_except(&holes);
+            me.unmap_except(&[]);
         }
     }
 }
