@@ -20,6 +20,16 @@ fn fill_index(r: &hmm::ManagedRange) {
     }
 }
 
+/// An instance, a device of `NPAGES` pages, and a range of `NPAGES` pages
+/// holding [`fill_index`] data.
+fn indexed_range() -> (Hmm, SoftwareDevice, hmm::ManagedRange) {
+    let hmm = Hmm::new().unwrap();
+    let dev = device(&hmm, NPAGES);
+    let r = hmm.alloc(NPAGES * PAGE_SIZE).unwrap();
+    fill_index(&r);
+    (hmm, dev, r)
+}
+
 fn check_index(bytes: &[u8], first_page: usize) {
     for (k, page) in bytes.chunks(PAGE_SIZE).enumerate() {
         let want = ((first_page + k) as u64).to_ne_bytes();
@@ -34,10 +44,7 @@ fn migrate() {
     if common::skip_without_uffd() {
         return;
     }
-    let hmm = Hmm::new().unwrap();
-    let dev = device(&hmm, NPAGES);
-    let r = hmm.alloc(NPAGES * PAGE_SIZE).unwrap();
-    fill_index(&r);
+    let (_hmm, dev, r) = indexed_range();
     let rep = dev.migrate_to_device(r.range()).unwrap();
     assert_eq!(rep.migrated, NPAGES, "cpages: {:?}", rep.skipped.first());
     assert!(
@@ -61,10 +68,7 @@ fn migrate_fault() {
     if common::skip_without_uffd() {
         return;
     }
-    let hmm = Hmm::new().unwrap();
-    let dev = device(&hmm, NPAGES);
-    let r = hmm.alloc(NPAGES * PAGE_SIZE).unwrap();
-    fill_index(&r);
+    let (_hmm, dev, r) = indexed_range();
     assert_eq!(dev.migrate_to_device(r.range()).unwrap().migrated, NPAGES);
     // The CPU reads the first half: it faults back.
     let mut half = vec![0u8; r.len() / 2];
@@ -89,10 +93,7 @@ fn migrate_release() {
     if common::skip_without_uffd() {
         return;
     }
-    let hmm = Hmm::new().unwrap();
-    let dev = device(&hmm, NPAGES);
-    let r = hmm.alloc(NPAGES * PAGE_SIZE).unwrap();
-    fill_index(&r);
+    let (_hmm, dev, r) = indexed_range();
     assert_eq!(dev.migrate_to_device(r.range()).unwrap().migrated, NPAGES);
     dev.release().unwrap();
     assert_eq!(dev.stats().pages_resident, 0);
