@@ -52,6 +52,7 @@ use std::time::{Duration, Instant};
 use crate::addr::{HUGE_PAGE_SIZE, PAGE_SIZE, PageRange, VirtAddr};
 use crate::dma::{DmaEngine, DmaJob, ToSystem};
 use crate::migrate::{Migration, PageStatus, Selection, SkipReason};
+use crate::mirror::InvalidationEvent;
 use crate::os::mm::{Advise, Mapping, Protection};
 use crate::os::uffd::{FillErrorKind, UffdEvent};
 use crate::page::{DevicePage, Residency};
@@ -127,8 +128,9 @@ impl CpuFault<'_> {
             && self.window.start().is_aligned_to(HUGE_PAGE_SIZE);
         let first_part = if whole { self.window } else { page };
         let sel = Selection::Device(self.page.dev);
-        let mut m = Migration::setup_in(self.inner, self.range.clone(), first_part, sel)
-            .map_err(|e| FaultBackError::Other(e.to_string()))?;
+        let mut m =
+            Migration::setup_in(self.inner, self.range.clone(), first_part, sel, sel.owner())
+                .map_err(|e| FaultBackError::Other(e.to_string()))?;
         m.copy(engine);
         let at = (page.start().get() - first_part.start().get()) / PAGE_SIZE;
         let statuses = m.statuses();
@@ -148,7 +150,9 @@ impl CpuFault<'_> {
         };
         // The rest of the window, before and after the page.
         for part in outside(self.window, first_part) {
-            if let Ok(mut m) = Migration::setup_in(self.inner, self.range.clone(), part, sel) {
+            if let Ok(mut m) =
+                Migration::setup_in(self.inner, self.range.clone(), part, sel, sel.owner())
+            {
                 if m.collected() > 0 {
                     m.copy(engine);
                 }
@@ -537,6 +541,10 @@ impl Service {
     /// The application discarded (`MADV_DONTNEED`, `MADV_REMOVE`) or unmapped
     /// `[start, end)`: free the device pages that held it.
     fn invalidate(&mut self, start: usize, end: usize, unmapped: bool) {
+        if let Ok(range) = PageRange::new(VirtAddr::new(start), end - start) {
+            let event = if unmapped { InvalidationEvent::Unmap } else { InvalidationEvent::Clear };
+            self.inner.notifiers.invalidate(range, event);
+        }
         for r in self.inner.overlapping(start, end) {
             let (a, b) = r.clip(start, end);
             let freed: Vec<DevicePage> = {
@@ -553,6 +561,9 @@ impl Service {
     /// part are installed at the new address (which stays registered with this
     /// descriptor), then the new range is unregistered: hmm no longer manages it.
     fn remap(&mut self, from: usize, to: usize, len: usize) {
+        if let Ok(old) = PageRange::new(VirtAddr::new(from), len) {
+            self.inner.notifiers.invalidate(old, InvalidationEvent::Unmap);
+        }
         for r in self.inner.overlapping(from, from + len) {
             let (a, b) = r.clip(from, from + len);
             let moved: Vec<(usize, DevicePage)> = {

@@ -28,7 +28,9 @@ pub mod bench;
 pub mod devmem;
 pub mod dma;
 pub mod fault;
+pub(crate) mod interval;
 pub mod migrate;
+pub mod mirror;
 pub mod os;
 pub mod page;
 pub mod probe;
@@ -40,10 +42,19 @@ pub use devmem::{DeviceMemory, DeviceMemoryConfig, DevicePagemapOps, DeviceStats
 pub use dma::{DmaEngine, DmaError, DmaFence, DmaJob};
 pub use fault::{CpuFault, FaultBackError};
 pub use migrate::{Migration, MigrationReport, PageStatus, Selection, SkipReason};
+pub use mirror::{
+    FaultFlags, IntervalNotifier, Invalidation, InvalidationEvent, PageInfo, RangeFault,
+    RangeFaultError,
+};
 pub use os::arena::ArenaError;
 pub use page::{DeviceId, DevicePage, Residency};
-pub use space::{AdoptRefusal, Arena, Hmm, HmmConfig, HmmError, ManagedRange, RangeStats};
-pub use swdev::{EngineKind, OpCounters, SoftwareDevice, SoftwareDeviceConfig};
+pub use space::{
+    AdoptRefusal, Arena, Hmm, HmmConfig, HmmError, ManagedRange, MirroredRange, RangeStats,
+};
+pub use swdev::{
+    DeviceEntry, EngineKind, MirrorStats, OpCounters, PageSnapshot, SnapshotAccess, SoftwareDevice,
+    SoftwareDeviceConfig,
+};
 
 /// The README's example, compiled with the doc tests so that it stays true.
 #[cfg(doctest)]

@@ -25,6 +25,7 @@ use std::sync::atomic::Ordering;
 use crate::addr::{HUGE_PAGE_SIZE, PAGE_SIZE, PageRange, VirtAddr};
 use crate::devmem::DeviceMemory;
 use crate::dma::{DmaEngine, DmaError, DmaFence, DmaJob, SystemSource, ToDevice, ToSystem};
+use crate::mirror::InvalidationEvent;
 use crate::os::mm::{Mapping, Protection};
 use crate::os::uffd::{FillErrorKind, RegisterMode};
 use crate::page::{DeviceId, DevicePage, Residency};
@@ -42,6 +43,17 @@ pub enum Selection {
     System,
     /// Pages in the private memory of this device.
     Device(DeviceId),
+}
+
+impl Selection {
+    /// The device a migration of this selection is for, when the selection
+    /// says (pages coming back from a device are that device's).
+    pub fn owner(self) -> Option<DeviceId> {
+        match self {
+            Selection::System => None,
+            Selection::Device(d) => Some(d),
+        }
+    }
 }
 
 /// Why a page did not move.
@@ -176,6 +188,17 @@ impl Migration {
         range: PageRange,
         select: Selection,
     ) -> Result<Self, HmmError> {
+        Self::setup_for(inner, range, select, select.owner())
+    }
+
+    /// [`setup`](Self::setup) for `owner`, the device the migration is for
+    /// (named in the `Migrate` invalidation mirrors receive).
+    pub(crate) fn setup_for(
+        inner: Arc<Inner>,
+        range: PageRange,
+        select: Selection,
+        owner: Option<DeviceId>,
+    ) -> Result<Self, HmmError> {
         if inner.shut_down.load(Ordering::Acquire) {
             return Err(HmmError::ShutDown);
         }
@@ -187,14 +210,17 @@ impl Migration {
         // service, so the wait cannot block the migration it waits on.
         let first = rec.index(range.start());
         rec.wait_settled(first..first + range.pages(), SETTLE_WAIT);
-        Self::setup_in(&inner, rec, range, select)
+        Self::setup_in(&inner, rec, range, select, owner)
     }
 
+    /// Setup without waiting for pages other migrations hold (the fault
+    /// service's way: it must never wait on a migration).
     pub(crate) fn setup_in(
         inner: &Arc<Inner>,
         rec: Arc<Range>,
         range: PageRange,
         select: Selection,
+        owner: Option<DeviceId>,
     ) -> Result<Self, HmmError> {
         let first = rec.index(range.start());
         let mut slots = Vec::with_capacity(range.pages());
@@ -242,6 +268,11 @@ impl Migration {
             in_flight: None,
             finalized: false,
         };
+        // Mirrors drop their translations before any page leaves its place
+        // (the kernel's MMU_NOTIFY_MIGRATE), outside the table lock.
+        if me.collected() > 0 {
+            inner.notifiers.invalidate(range, InvalidationEvent::Migrate { owner });
+        }
         me.isolate()?;
         Ok(me)
     }

@@ -26,11 +26,17 @@ use crate::addr::{HUGE_PAGE_SIZE, PAGE_SIZE, PageRange, RangeError, VirtAddr};
 use crate::devmem::{DeviceMemory, DeviceMemoryConfig, DeviceMemoryError, DevicePagemapOps};
 use crate::dma::SystemSink;
 use crate::migrate::{Migration, MigrationReport, Selection};
+use crate::mirror::{
+    IntervalNotifier, Invalidation, InvalidationEvent, Notifiers, PageInfo, RangeFault,
+    RangeFaultError,
+};
 use crate::os::arena::ArenaError;
 use crate::os::event::Notifier;
 use crate::os::maps;
 use crate::os::mm::{Advise, Backing, Mapping, MmError, Protection};
+use crate::os::pagemap::{Pagemap, PagemapError};
 use crate::os::uffd::{Features, RegisterMode, Uffd, UffdError, UffdOptions};
+use crate::os::vm::VmaQuery;
 use crate::page::{DeviceId, DevicePage, PageEntry, Residency};
 
 /// Tunables of an [`Hmm`] instance.
@@ -111,6 +117,41 @@ pub enum HmmError {
     /// An arena could not be made or could not allocate.
     #[error(transparent)]
     Arena(#[from] ArenaError),
+    /// A device fault (`range_fault`) failed.
+    #[error(transparent)]
+    Fault(#[from] RangeFaultError),
+    /// A device write to memory hmm neither manages nor mirrors.
+    #[error(
+        "a device cannot write {0}: hmm neither manages nor mirrors it (allocate it with \
+         Hmm::alloc, adopt it, or hand it to Hmm::mirror)"
+    )]
+    NotWritable(PageRange),
+    /// A device operation that needs memory hmm manages.
+    #[error("{op} needs memory hmm manages, and {range} is not")]
+    NeedsManaged {
+        /// The operation.
+        op: &'static str,
+        /// The range given.
+        range: PageRange,
+    },
+    /// Pages did not move where an operation needed them.
+    #[error("{op}: the page at {addr} did not move: {reason}")]
+    NotMoved {
+        /// The operation.
+        op: &'static str,
+        /// The first page that did not move.
+        addr: VirtAddr,
+        /// Why.
+        reason: crate::migrate::SkipReason,
+    },
+    /// Pages still held exclusively by a device.
+    #[error("{pages} pages are still held exclusively by the device, the first at {addr}")]
+    StillExclusive {
+        /// How many.
+        pages: usize,
+        /// The first.
+        addr: VirtAddr,
+    },
     /// The instance was shut down.
     #[error("this hmm instance has been shut down")]
     ShutDown,
@@ -281,6 +322,9 @@ pub(crate) struct Inner {
     /// empty staging page is a SIGBUS, never a hang.
     pub(crate) staging_uffd: Uffd,
     pub(crate) ranges: RwLock<BTreeMap<usize, Arc<Range>>>,
+    /// Memory devices may write through their page tables that hmm does not
+    /// manage ([`Hmm::mirror`]), by start address.
+    pub(crate) mirrored: RwLock<BTreeMap<usize, Arc<Mapping>>>,
     pub(crate) devices: RwLock<Vec<Option<Arc<DeviceMemory>>>>,
     pub(crate) config: HmmConfig,
     pub(crate) sink: Arc<SystemSink>,
@@ -289,6 +333,10 @@ pub(crate) struct Inner {
     pub(crate) shut_down: AtomicBool,
     pub(crate) service_stack: OnceLock<PageRange>,
     pub(crate) counters: HmmCounters,
+    /// The interval notifiers of devices mirroring this address space.
+    pub(crate) notifiers: Notifiers,
+    vma_query: OnceLock<VmaQuery>,
+    pagemap: OnceLock<Pagemap>,
     service: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -366,6 +414,7 @@ impl Hmm {
             uffd,
             staging_uffd,
             ranges: RwLock::new(BTreeMap::new()),
+            mirrored: RwLock::new(BTreeMap::new()),
             devices: RwLock::new(Vec::new()),
             config,
             notifier: Notifier::new().map_err(HmmError::Notifier)?,
@@ -373,6 +422,9 @@ impl Hmm {
             shut_down: AtomicBool::new(false),
             service_stack: OnceLock::new(),
             counters: HmmCounters::default(),
+            notifiers: Notifiers::new(),
+            vma_query: OnceLock::new(),
+            pagemap: OnceLock::new(),
             service: Mutex::new(None),
         });
         let handle = crate::fault::start(inner.clone()).map_err(HmmError::Thread)?;
@@ -528,6 +580,30 @@ impl Hmm {
         }
     }
 
+    /// Hands hmm a mapping that devices may read and write through their page
+    /// tables but that hmm does not migrate: a shared or private file mapping,
+    /// shared anonymous memory, hugetlb memory, memory the application serves
+    /// with its own userfaultfd. Device writes land in it through the kernel
+    /// (so a shared file mapping's page cache sees them). Dropping the handle
+    /// invalidates mirrors (`Unmap`) and unmaps it.
+    ///
+    /// Devices may *read* any memory of the process; they may write only memory
+    /// hmm manages or mirrors, whose bytes no Rust reference aliases.
+    pub fn mirror(&self, mapping: Mapping) -> Result<MirroredRange, HmmError> {
+        let range = mapping.range();
+        let mut m = self.inner.mirrored.write().unwrap_or_else(|e| e.into_inner());
+        let clash = m.range(..range.end().get()).next_back().map(|(_, x)| x.range());
+        if let Some(other) = clash.filter(|o| o.end() > range.start()) {
+            return Err(HmmError::Adopt { range, reason: AdoptRefusal::Overlaps(other) });
+        }
+        if let Some(r) = self.inner.overlapping(range.start().get(), range.end().get()).first() {
+            return Err(HmmError::Adopt { range, reason: AdoptRefusal::Overlaps(r.range()) });
+        }
+        let mapping = Arc::new(mapping);
+        m.insert(range.start().get(), mapping.clone());
+        Ok(MirroredRange { inner: self.inner.clone(), mapping })
+    }
+
     /// Registers a region of device memory with its driver callbacks.
     pub fn register_device_memory(
         &self,
@@ -620,6 +696,49 @@ impl Hmm {
         (c.faults_read.load(Ordering::Relaxed), c.fault_retries_no_memory.load(Ordering::Relaxed))
     }
 
+    /// Inserts an interval notifier over `range` (any memory of the process,
+    /// managed by hmm or not): `callback` runs for every invalidation hmm makes
+    /// or learns of that overlaps it, with the overlapping part (see
+    /// [`mirror`](crate::mirror) for the retry protocol and its locking rules).
+    /// Dropping the notifier removes it.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), hmm::HmmError> {
+    /// use std::sync::{Arc, Mutex};
+    /// let hmm = hmm::Hmm::new()?;
+    /// let r = hmm.alloc(4 * hmm::PAGE_SIZE)?;
+    /// let seen = Arc::new(Mutex::new(Vec::new()));
+    /// let log = seen.clone();
+    /// let n = hmm.insert_notifier(r.range(), move |inv| log.lock().unwrap().push(inv.event));
+    /// let seq = n.read_begin();
+    /// r.protect(r.pages_range(0, 1)?, hmm::os::mm::Protection::Read)?;
+    /// assert!(n.read_retry(seq), "the protection change moved the sequence");
+    /// assert_eq!(*seen.lock().unwrap(), [hmm::InvalidationEvent::Protection]);
+    /// # Ok(()) }
+    /// ```
+    pub fn insert_notifier(
+        &self,
+        range: PageRange,
+        callback: impl Fn(&Invalidation) + Send + Sync + 'static,
+    ) -> IntervalNotifier {
+        IntervalNotifier::insert(&self.inner, range, Box::new(callback))
+    }
+
+    /// Notifiers inserted and not yet dropped.
+    pub fn notifier_count(&self) -> usize {
+        self.inner.notifiers.len()
+    }
+
+    /// The kernel's `hmm_range_fault`: reports, per page of `req.range`, what a
+    /// device may map (valid, writable, zero page, order, device page), after
+    /// faulting in the pages the request asks for (`MADV_POPULATE_READ/WRITE`,
+    /// or bringing back pages of other devices). A device's own private pages
+    /// are reported, never faulted. Works on any memory of the process; call it
+    /// under the retry protocol of an [`IntervalNotifier`].
+    pub fn range_fault(&self, req: &RangeFault<'_>) -> Result<Vec<PageInfo>, RangeFaultError> {
+        self.inner.range_fault(req)
+    }
+
     pub(crate) fn inner(&self) -> &Arc<Inner> {
         &self.inner
     }
@@ -641,6 +760,34 @@ fn overlapping(
 }
 
 impl Inner {
+    /// The mirrored mapping (see [`Hmm::mirror`]) wholly containing `range`.
+    pub(crate) fn mirrored_containing(&self, range: PageRange) -> Option<Arc<Mapping>> {
+        let m = self.mirrored.read().unwrap_or_else(|e| e.into_inner());
+        m.range(..=range.start().get())
+            .next_back()
+            .map(|(_, x)| x)
+            .filter(|x| x.check(range).is_ok())
+            .cloned()
+    }
+
+    /// `/proc/self/maps`, opened once.
+    pub(crate) fn vma_query(&self) -> std::io::Result<&VmaQuery> {
+        if let Some(q) = self.vma_query.get() {
+            return Ok(q);
+        }
+        let q = VmaQuery::open()?;
+        Ok(self.vma_query.get_or_init(|| q))
+    }
+
+    /// `/proc/self/pagemap`, opened once.
+    pub(crate) fn pagemap(&self) -> Result<&Pagemap, PagemapError> {
+        if let Some(p) = self.pagemap.get() {
+            return Ok(p);
+        }
+        let p = Pagemap::open()?;
+        Ok(self.pagemap.get_or_init(|| p))
+    }
+
     /// The managed ranges overlapping `[start, end)`.
     pub(crate) fn overlapping(&self, start: usize, end: usize) -> Vec<Arc<Range>> {
         let ranges = self.ranges.read().unwrap_or_else(|e| e.into_inner());
@@ -649,13 +796,14 @@ impl Inner {
 
     /// Brings the pages of `part` (inside `r`) that live on `mem` back to system
     /// memory with the device's own engine.
-    fn bring_back(
+    pub(crate) fn bring_back(
         self: &Arc<Self>,
         r: Arc<Range>,
         part: PageRange,
         mem: &DeviceMemory,
     ) -> Result<MigrationReport, HmmError> {
-        let mut m = Migration::setup_in(self, r, part, Selection::Device(mem.id()))?;
+        let sel = Selection::Device(mem.id());
+        let mut m = Migration::setup_in(self, r, part, sel, sel.owner())?;
         m.copy(mem.ops().dma());
         Ok(m.finalize())
     }
@@ -711,7 +859,7 @@ impl Inner {
         // given its device pages, and the one before is finalized.
         let mut in_flight: Option<Migration> = None;
         let mut report = self.migrate_batches(range, |r| {
-            let mut m = Migration::setup(self.clone(), r, Selection::System)?;
+            let mut m = Migration::setup_for(self.clone(), r, Selection::System, Some(mem.id()))?;
             m.allocate_on(mem);
             m.start_copy(engine);
             Ok(in_flight.replace(m).map(Migration::finalize).unwrap_or_default())
@@ -828,11 +976,13 @@ impl Inner {
         for (page, addr) in mem.resident_pages() {
             let Some(r) = self.find(addr) else { continue };
             let i = r.index(addr);
+            let one = PageRange::from_pages(addr, 1).expect("one page");
+            // Mirrors first: the page's contents are about to be lost.
+            self.notifiers.invalidate(one, InvalidationEvent::Clear);
             let mut t = r.lock();
             if t[i].device_page() != Some(page) || t[i].is_migrating() {
                 continue;
             }
-            let one = PageRange::from_pages(addr, 1).expect("one page");
             // The page is absent (it lives on the device): the marker goes in
             // its place, and the next touch gets SIGBUS.
             let res = self.uffd.poison(one, false);
@@ -853,6 +1003,10 @@ impl Inner {
     /// Brings every device page of `r` back (or frees them when `discard`), then
     /// unregisters it and removes it from the registry.
     pub(crate) fn unmanage(self: &Arc<Self>, r: &Arc<Range>) {
+        if r.created {
+            // The memory goes away with the range.
+            self.notifiers.invalidate(r.range(), InvalidationEvent::Unmap);
+        }
         let devs: Vec<DeviceId> = {
             let t = r.lock();
             let mut d: Vec<DeviceId> =
@@ -894,6 +1048,7 @@ impl Inner {
         if self.shut_down.swap(true, Ordering::AcqRel) {
             return;
         }
+        self.notifiers.invalidate_all(InvalidationEvent::Release);
         let ranges: Vec<Arc<Range>> = {
             let r = self.ranges.read().unwrap_or_else(|e| e.into_inner());
             r.values().cloned().collect()
@@ -993,11 +1148,19 @@ impl ManagedRange {
     /// [`Residency::Unmapped`]. The rest of the range keeps working; accesses to
     /// `part` through this handle then fail with [`RangeError::Unmapped`].
     pub fn unmap(&self, part: PageRange) -> Result<(), MmError> {
+        self.range.mapping().check(part)?;
+        self.inner.notifiers.invalidate(part, InvalidationEvent::Unmap);
         self.range.mapping().punch(part)
     }
 
-    /// `mprotect` over part of the range, made directly.
+    /// `mprotect` over part of the range, through hmm: mirrors are invalidated
+    /// first (`Protection`), so a device fills its entries again with the new
+    /// permission. (An `mprotect` hmm does not see, such as
+    /// `self.mapping().protect(..)`, cannot invalidate anything; devices must
+    /// re-validate permission when they write, as the software device does.)
     pub fn protect(&self, part: PageRange, prot: Protection) -> Result<(), MmError> {
+        self.range.mapping().check(part)?;
+        self.inner.notifiers.invalidate(part, InvalidationEvent::Protection);
         self.range.mapping().protect(part, prot)
     }
 
@@ -1044,5 +1207,42 @@ impl Drop for ManagedRange {
         if !self.inner.shut_down.load(Ordering::Acquire) {
             self.inner.unmanage(&self.range);
         }
+    }
+}
+
+/// Memory handed to [`Hmm::mirror`]: devices may read and write it through
+/// their page tables; hmm never migrates it.
+#[derive(Debug)]
+pub struct MirroredRange {
+    inner: Arc<Inner>,
+    mapping: Arc<Mapping>,
+}
+
+impl MirroredRange {
+    /// The range.
+    pub fn range(&self) -> PageRange {
+        self.mapping.range()
+    }
+
+    /// The mapping, for the CPU's accesses.
+    pub fn mapping(&self) -> &Mapping {
+        &self.mapping
+    }
+
+    /// `mprotect` through hmm: mirrors are invalidated first.
+    pub fn protect(&self, part: PageRange, prot: Protection) -> Result<(), MmError> {
+        self.mapping.check(part)?;
+        self.inner.notifiers.invalidate(part, InvalidationEvent::Protection);
+        self.mapping.protect(part, prot)
+    }
+}
+
+impl Drop for MirroredRange {
+    fn drop(&mut self) {
+        self.inner.notifiers.invalidate(self.range(), InvalidationEvent::Unmap);
+        let mut m = self.inner.mirrored.write().unwrap_or_else(|e| e.into_inner());
+        m.remove(&self.range().start().get());
+        // A device write in progress holds its own reference: the mapping is
+        // unmapped when the last one goes.
     }
 }

@@ -16,15 +16,16 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use crate::addr::{HUGE_PAGE_SIZE, PAGE_SIZE, PageRange};
+use crate::addr::{HUGE_PAGE_SIZE, PAGE_SIZE, PageRange, VirtAddr};
 use crate::devmem::{DeviceMemory, DeviceMemoryConfig, DevicePagemapOps, DeviceStats};
 use crate::dma::{
     DmaEngine, DmaError, DmaFence, DmaJob, FenceCompleter, SystemSource, ToDevice, ToSystem,
 };
-use crate::migrate::MigrationReport;
+use crate::migrate::{MigrationReport, SkipReason};
+use crate::mirror::{IntervalNotifier, InvalidationEvent, PageInfo, RangeFault};
 use crate::os::mm::{Advise, Mapping, Protection};
 use crate::os::uffd::{Features, FillErrorKind, RegisterMode, Uffd, UffdOptions};
-use crate::page::{DevicePage, Residency};
+use crate::page::{DeviceId, DevicePage, Residency};
 use crate::space::{Hmm, HmmError, Inner};
 
 /// Which DMA engine a software device uses.
@@ -126,11 +127,11 @@ pub struct SoftwareDevice {
     hmm: Arc<Inner>,
     mem: Arc<DeviceMemory>,
     core: Arc<CoreHandle>,
+    mirror: Arc<DeviceMirror>,
 }
 
 /// The `Arc`-shared pieces the engines point into.
 struct CoreHandle {
-    pool: Arc<Mapping>,
     fail_to_system: Arc<AtomicU32>,
 }
 
@@ -184,10 +185,12 @@ impl SoftwareDevice {
         let mut mc = DeviceMemoryConfig::private(config.name, config.capacity);
         mc.chunk_pages = 512;
         let mem = hmm.register_device_memory(mc, core)?;
+        let mirror = DeviceMirror::new(hmm, mem.id(), pool);
         Ok(Self {
             hmm: hmm.inner().clone(),
             mem,
-            core: Arc::new(CoreHandle { pool, fail_to_system }),
+            core: Arc::new(CoreHandle { fail_to_system }),
+            mirror,
         })
     }
 
@@ -211,35 +214,109 @@ impl SoftwareDevice {
         self.hmm.migrate_to_system(range, &self.mem, self.mem.ops().dma())
     }
 
-    /// Reads `range` as the device sees it: its own pages from device memory,
-    /// the rest through the CPU mapping (bringing back pages of other devices).
+    /// Reads `range` through the device's page table into a buffer: missing
+    /// entries are filled by one batched device fault (`range_fault` under the
+    /// retry protocol), pages of other devices are brought back, the device's
+    /// own pages are read from its memory. Works on any readable memory of the
+    /// process.
     pub fn read(&self, range: PageRange) -> Result<(Vec<u8>, OpCounters), HmmError> {
-        let r = self.hmm.find_containing(range)?;
         let mut out = vec![0u8; range.len()];
         let mut c = OpCounters::default();
-        let first = r.index(range.start());
-        for k in 0..range.pages() {
-            let buf = &mut out[k * PAGE_SIZE..(k + 1) * PAGE_SIZE];
-            let local = {
-                let t = r.lock();
-                match t[first + k].residency() {
-                    Residency::Device(p)
-                        if p.dev == self.mem.id() && !t[first + k].is_migrating() =>
-                    {
-                        // The entry cannot change while the table is locked, so
-                        // the device page stays allocated and populated.
-                        self.core.pool.read(p.index as usize * PAGE_SIZE, buf)?;
-                        true
-                    }
-                    _ => false,
-                }
-            };
-            if !local {
-                r.mapping().read((first + k) * PAGE_SIZE, buf)?;
-            }
-            c.cpages += 1;
-        }
+        self.mirror.read_at(range.start(), &mut out, &mut c)?;
+        c.cpages = range.pages() as u64;
         Ok((out, c))
+    }
+
+    /// Writes `data` at `addr` (page aligned) through the device's page table,
+    /// faulting for write where entries are missing or read-only. The memory
+    /// must be managed by hmm or handed to [`Hmm::mirror`].
+    pub fn write(&self, addr: VirtAddr, data: &[u8]) -> Result<OpCounters, HmmError> {
+        let range = PageRange::containing(addr.get(), data.len().max(1));
+        let mut c = OpCounters::default();
+        self.mirror.write_at(addr, data, &mut c)?;
+        c.cpages = range.pages() as u64;
+        Ok(c)
+    }
+
+    /// What the device's page table would map for each page of `range`, without
+    /// faulting anything (the test driver's snapshot).
+    pub fn snapshot(&self, range: PageRange) -> Result<Vec<PageSnapshot>, HmmError> {
+        let info = self.hmm.range_fault(&RangeFault::snapshot(range, Some(self.mem.id())))?;
+        Ok(info.into_iter().map(PageSnapshot::from_info).collect())
+    }
+
+    /// Gives the device exclusive (atomic) access to `range`, which hmm must
+    /// manage: the pages move into the device's memory and its entries are
+    /// marked atomic. Any CPU access (read or write) then faults, which brings
+    /// the page back and revokes the device's access, and proceeds.
+    pub fn make_exclusive(&self, range: PageRange) -> Result<OpCounters, HmmError> {
+        if self.hmm.find_containing(range).is_err() {
+            return Err(HmmError::NeedsManaged { op: "make_exclusive", range });
+        }
+        self.hmm.notifiers.invalidate(range, InvalidationEvent::Exclusive { owner: self.mem.id() });
+        let mut c = OpCounters::default();
+        // Pages of other devices come back first; then everything moves here.
+        self.hmm.range_fault(&RangeFault::fault(range, false, Some(self.mem.id())))?;
+        let rep = self.migrate_to_device(range)?;
+        if !self.holds(range) {
+            let (addr, reason) =
+                rep.skipped.first().cloned().unwrap_or((range.start(), SkipReason::Busy));
+            return Err(HmmError::NotMoved { op: "make_exclusive", addr, reason });
+        }
+        self.mirror.ensure(range, true, &mut c)?;
+        let mut pt = self.mirror.table.write();
+        for vpn in vpns(range) {
+            match pt.get_mut(&vpn) {
+                Some(e) if e.page.is_some() => e.atomic = true,
+                _ => {
+                    return Err(HmmError::NotMoved {
+                        op: "make_exclusive",
+                        addr: VirtAddr::new(vpn * PAGE_SIZE),
+                        reason: SkipReason::Busy,
+                    });
+                }
+            }
+        }
+        c.cpages = range.pages() as u64;
+        Ok(c)
+    }
+
+    /// Whether every page of `range` lives in this device's memory.
+    fn holds(&self, range: PageRange) -> bool {
+        self.hmm.find_containing(range).is_ok_and(|r| {
+            let first = r.index(range.start());
+            r.lock()[first..first + range.pages()]
+                .iter()
+                .all(|e| matches!(e.residency(), Residency::Device(p) if p.dev == self.mem.id()))
+        })
+    }
+
+    /// Fails if the device still holds any page of `range` exclusively.
+    pub fn check_exclusive(&self, range: PageRange) -> Result<OpCounters, HmmError> {
+        let pt = self.mirror.table.read();
+        let held: Vec<usize> =
+            vpns(range).filter(|v| pt.get(v).is_some_and(|e| e.atomic)).collect();
+        match held.first() {
+            Some(v) => Err(HmmError::StillExclusive {
+                pages: held.len(),
+                addr: VirtAddr::new(v * PAGE_SIZE),
+            }),
+            None => Ok(OpCounters { cpages: range.pages() as u64, faults: 0 }),
+        }
+    }
+
+    /// The device's page-table entry for the page holding `addr`, if any.
+    pub fn entry(&self, addr: VirtAddr) -> Option<DeviceEntry> {
+        self.mirror.table.read().get(&(addr.get() / PAGE_SIZE)).copied()
+    }
+
+    /// Device faults taken and invalidations received since the device was made.
+    pub fn mirror_stats(&self) -> MirrorStats {
+        MirrorStats {
+            faults: self.mirror.faults.load(Ordering::Relaxed),
+            invalidations: self.mirror.table.invalidations.load(Ordering::Relaxed),
+            entries: self.mirror.table.read().len(),
+        }
     }
 
     /// Evicts every page of this device back to system memory.
@@ -282,6 +359,334 @@ impl Drop for SoftwareDevice {
 /// Takes one injected failure, if any is pending.
 fn take_injected(counter: &AtomicU32) -> bool {
     counter.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| v.checked_sub(1)).is_ok()
+}
+
+// ---- the device's page table ----------------------------------------------------------
+
+/// One entry of a software device's page table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceEntry {
+    /// The device's own page, or `None` for the system page at this address
+    /// (reached through the kernel, see [`crate::os::vm`]).
+    pub page: Option<DevicePage>,
+    /// The device may write.
+    pub write: bool,
+    /// The device holds the page exclusively (any CPU access revokes it).
+    pub atomic: bool,
+}
+
+/// How a page looks from a device (the test driver's snapshot states).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageSnapshot {
+    /// What the device may do.
+    pub access: SnapshotAccess,
+    /// The shared zero page.
+    pub zero: bool,
+    /// Mapping order (0: 4 KiB, 9: 2 MiB, 18: 1 GiB).
+    pub order: u8,
+    /// The asking device's own private page.
+    pub device_local: bool,
+}
+
+/// The access part of a [`PageSnapshot`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotAccess {
+    /// Not mapped, no access, or lost.
+    Error,
+    /// Mapped for the CPU but absent (never touched, swapped, or on another device).
+    None,
+    /// Readable.
+    Read,
+    /// Readable and writable.
+    Write,
+}
+
+impl PageSnapshot {
+    fn from_info(p: PageInfo) -> Self {
+        let access = if p.error {
+            SnapshotAccess::Error
+        } else if !p.valid {
+            SnapshotAccess::None
+        } else if p.write {
+            SnapshotAccess::Write
+        } else {
+            SnapshotAccess::Read
+        };
+        Self { access, zero: p.zero, order: p.order, device_local: p.valid && p.device.is_some() }
+    }
+}
+
+/// Counters of a device's mirror.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MirrorStats {
+    /// Device faults taken (`range_fault` calls that filled entries).
+    pub faults: u64,
+    /// Invalidation callbacks received.
+    pub invalidations: u64,
+    /// Entries in the page table now.
+    pub entries: usize,
+}
+
+/// The virtual page numbers of `range`.
+fn vpns(range: PageRange) -> std::ops::Range<usize> {
+    range.start().get() / PAGE_SIZE..range.end().get() / PAGE_SIZE
+}
+
+/// A device page table: virtual page number to entry.
+///
+/// The lock is the one the invalidation callback takes: it is never held
+/// across `range_fault` or an access that can fault into the fault service
+/// (see [`crate::mirror`]); only copies to and from the device's own memory,
+/// which cannot fault, run under it.
+#[derive(Default)]
+struct PageTable {
+    map: std::sync::RwLock<std::collections::BTreeMap<usize, DeviceEntry>>,
+    invalidations: std::sync::atomic::AtomicU64,
+}
+
+type PtRead<'a> = std::sync::RwLockReadGuard<'a, std::collections::BTreeMap<usize, DeviceEntry>>;
+type PtWrite<'a> = std::sync::RwLockWriteGuard<'a, std::collections::BTreeMap<usize, DeviceEntry>>;
+
+impl PageTable {
+    fn read(&self) -> PtRead<'_> {
+        self.map.read().unwrap_or_else(|e| e.into_inner())
+    }
+    fn write(&self) -> PtWrite<'_> {
+        self.map.write().unwrap_or_else(|e| e.into_inner())
+    }
+    /// Drops the entries of `range`.
+    fn clear(&self, range: PageRange) {
+        let mut pt = self.write();
+        let v = vpns(range);
+        if v.len() > pt.len() {
+            pt.retain(|k, _| !v.contains(k));
+        } else {
+            let keys: Vec<usize> = pt.range(v).map(|(k, _)| *k).collect();
+            keys.iter().for_each(|k| {
+                pt.remove(k);
+            });
+        }
+        self.invalidations.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// How many times an access re-faults entries invalidated under it before
+/// giving up (each round is a full device fault; only a storm of concurrent
+/// invalidations gets this far).
+const MAX_REFAULTS: usize = 1000;
+
+/// The mirror side of a software device: its page table, the notifier that
+/// keeps it true, and the accesses through it.
+pub(crate) struct DeviceMirror {
+    hmm: Arc<Inner>,
+    id: DeviceId,
+    pool: Arc<Mapping>,
+    table: Arc<PageTable>,
+    notifier: IntervalNotifier,
+    faults: std::sync::atomic::AtomicU64,
+}
+
+impl DeviceMirror {
+    fn new(hmm: &Hmm, id: DeviceId, pool: Arc<Mapping>) -> Arc<Self> {
+        let table = Arc::new(PageTable::default());
+        let t = table.clone();
+        // One notifier over the whole address space, as the kernel's test
+        // driver has: every invalidation reaches the page table.
+        let notifier =
+            hmm.insert_notifier(crate::mirror::address_space(), move |inv| t.clear(inv.range));
+        Arc::new(Self {
+            hmm: hmm.inner().clone(),
+            id,
+            pool,
+            table,
+            notifier,
+            faults: Default::default(),
+        })
+    }
+
+    /// Fills the entries of `range` that are missing (or read-only, for a
+    /// write) with one batched device fault, under the retry protocol.
+    fn ensure(&self, range: PageRange, write: bool, c: &mut OpCounters) -> Result<(), HmmError> {
+        for _ in 0..MAX_REFAULTS {
+            let first_missing = {
+                let pt = self.table.read();
+                vpns(range).find(|v| pt.get(v).is_none_or(|e| write && !e.write))
+            };
+            let Some(first) = first_missing else { return Ok(()) };
+            let part = PageRange::new(
+                VirtAddr::new(first * PAGE_SIZE),
+                range.end().get() - first * PAGE_SIZE,
+            )?;
+            let seq = self.notifier.read_begin();
+            let info = self.hmm.range_fault(&RangeFault::fault(part, write, Some(self.id)))?;
+            let mut pt = self.table.write();
+            if self.notifier.read_retry(seq) {
+                continue;
+            }
+            for (vpn, p) in vpns(part).zip(info) {
+                if p.valid {
+                    let page = p.device.filter(|d| d.dev == self.id);
+                    pt.insert(vpn, DeviceEntry { page, write: p.write, atomic: false });
+                }
+            }
+            drop(pt);
+            self.faults.fetch_add(1, Ordering::Relaxed);
+            c.faults += 1;
+        }
+        Err(crate::mirror::RangeFaultError::Busy { range, timeout: RangeFault::DEFAULT_TIMEOUT }
+            .into())
+    }
+
+    /// Drops the entry of one page found stale by an access.
+    fn drop_entry(&self, vpn: usize) {
+        self.table.write().remove(&vpn);
+    }
+
+    /// Copies `buf.len()` bytes at `addr` (any alignment) into `buf`.
+    pub(crate) fn read_at(
+        &self,
+        addr: VirtAddr,
+        buf: &mut [u8],
+        c: &mut OpCounters,
+    ) -> Result<(), HmmError> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let mut done = 0;
+        let mut refaults = 0;
+        while done < buf.len() {
+            let at = addr.get() + done;
+            self.ensure(PageRange::containing(at, buf.len() - done), false, c)?;
+            let vpn = at / PAGE_SIZE;
+            let in_page = (PAGE_SIZE - at % PAGE_SIZE).min(buf.len() - done);
+            let pt = self.table.read();
+            let Some(e) = pt.get(&vpn).copied() else { continue };
+            if let Some(p) = e.page {
+                // The device's own memory: read under the table lock, so the
+                // page cannot be freed meanwhile.
+                let off = p.index as usize * PAGE_SIZE + at % PAGE_SIZE;
+                self.pool.read(off, &mut buf[done..done + in_page])?;
+                done += in_page;
+                continue;
+            }
+            // A run of system entries, read through the kernel without the lock.
+            let mut len = in_page;
+            let mut next = vpn + 1;
+            while done + len < buf.len() && pt.get(&next).is_some_and(|e| e.page.is_none()) {
+                len += PAGE_SIZE.min(buf.len() - done - len);
+                next += 1;
+            }
+            drop(pt);
+            let n = crate::os::vm::read_memory(VirtAddr::new(at), &mut buf[done..done + len])
+                .unwrap_or(0);
+            done += n;
+            if n < len {
+                // The page changed under the entry (unmapped, protected): its
+                // entry is stale. Fault again; the fault reports the error.
+                refaults += 1;
+                if refaults > MAX_REFAULTS {
+                    return Err(HmmError::Fault(crate::mirror::RangeFaultError::Fault {
+                        addr: VirtAddr::new(addr.get() + done),
+                        reason: "the page keeps changing under the device".into(),
+                    }));
+                }
+                self.drop_entry((addr.get() + done) / PAGE_SIZE);
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies `data` to `addr` (any alignment) through the page table.
+    pub(crate) fn write_at(
+        &self,
+        addr: VirtAddr,
+        data: &[u8],
+        c: &mut OpCounters,
+    ) -> Result<(), HmmError> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let range = PageRange::containing(addr.get(), data.len());
+        let managed = self.hmm.find_containing(range).ok();
+        let mirrored = if managed.is_none() { self.hmm.mirrored_containing(range) } else { None };
+        let target: &Mapping = match (&managed, &mirrored) {
+            (Some(r), _) => r.mapping(),
+            (None, Some(m)) => m,
+            (None, None) => return Err(HmmError::NotWritable(range)),
+        };
+        let mut done = 0;
+        let mut refaults = 0;
+        while done < data.len() {
+            let at = addr.get() + done;
+            self.ensure(PageRange::containing(at, data.len() - done), true, c)?;
+            let vpn = at / PAGE_SIZE;
+            let in_page = (PAGE_SIZE - at % PAGE_SIZE).min(data.len() - done);
+            let pt = self.table.read();
+            let Some(e) = pt.get(&vpn).copied().filter(|e| e.write) else { continue };
+            if let Some(p) = e.page {
+                // The device's own page: no kernel check on this path, so the
+                // permission is re-validated against the mapping as it is now
+                // (an mprotect hmm did not see must not let the device write).
+                if !self.writable_now(PageRange::containing(at, in_page)) {
+                    drop(pt);
+                    self.drop_entry(vpn);
+                    refaults += 1;
+                    if refaults > MAX_REFAULTS {
+                        return Err(crate::mirror::RangeFaultError::PermissionDenied {
+                            addr: VirtAddr::new(at),
+                        }
+                        .into());
+                    }
+                    continue;
+                }
+                let off = p.index as usize * PAGE_SIZE + at % PAGE_SIZE;
+                self.pool.write(off, &data[done..done + in_page])?;
+                done += in_page;
+                continue;
+            }
+            let mut len = in_page;
+            let mut next = vpn + 1;
+            while done + len < data.len()
+                && pt.get(&next).is_some_and(|e| e.page.is_none() && e.write)
+            {
+                len += PAGE_SIZE.min(data.len() - done - len);
+                next += 1;
+            }
+            drop(pt);
+            let off = at - target.addr().get();
+            match target.write_checked(off, &data[done..done + len]) {
+                Ok(()) => done += len,
+                Err(crate::os::vm::CheckedWriteError::Refused { done: n, .. }) => {
+                    done += n;
+                    refaults += 1;
+                    if refaults > MAX_REFAULTS {
+                        return Err(crate::mirror::RangeFaultError::Fault {
+                            addr: VirtAddr::new(addr.get() + done),
+                            reason: "the page keeps changing under the device".into(),
+                        }
+                        .into());
+                    }
+                    self.drop_entry((addr.get() + done) / PAGE_SIZE);
+                }
+                Err(crate::os::vm::CheckedWriteError::Range(e)) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the mapping allows writing all of `range` now.
+    fn writable_now(&self, range: PageRange) -> bool {
+        let Ok(q) = self.hmm.vma_query() else { return false };
+        let Ok(vmas) = q.overlapping(range) else { return false };
+        let covered: usize = vmas
+            .iter()
+            .filter(|v| v.write)
+            .map(|v| {
+                v.range.end().min(range.end()).get() - v.range.start().max(range.start()).get()
+            })
+            .sum();
+        covered == range.len()
+    }
 }
 
 // ---- the copying engine ----------------------------------------------------------------

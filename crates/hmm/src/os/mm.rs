@@ -232,8 +232,8 @@ pub(super) enum ClaimRefused {
 
 /// An access to a mapping's bytes in progress: holds off [`Mapping::punch`]
 /// and arenas.
-struct Access<'a> {
-    ptr: *mut u8,
+pub(super) struct Access<'a> {
+    pub(super) ptr: *mut u8,
     _guard: Option<RwLockReadGuard<'a, GuardState>>,
 }
 
@@ -392,7 +392,7 @@ impl Mapping {
 
     /// Starts an access to `[offset, offset + len)`: checks it lies inside the
     /// mapping, is not lent to an arena, and is not unmapped.
-    fn access(&self, offset: usize, len: usize) -> Result<Access<'_>, RangeError> {
+    pub(super) fn access(&self, offset: usize, len: usize) -> Result<Access<'_>, RangeError> {
         match offset.checked_add(len) {
             Some(end) if end <= self.len() => {}
             _ => return Err(RangeError::OutOfBounds { offset, len, outer: self.len() }),

@@ -29,3 +29,4 @@ pub mod pagemap;
 pub mod process;
 pub(crate) mod sys;
 pub mod uffd;
+pub mod vm;

@@ -13,8 +13,9 @@ use linux_raw_sys::general as g;
 use rustix::ioctl::{Opcode, opcode};
 
 pub(crate) use g::{
-    page_region, pm_scan_arg, uffd_msg, uffdio_api, uffdio_continue, uffdio_copy, uffdio_move,
-    uffdio_poison, uffdio_range, uffdio_register, uffdio_writeprotect, uffdio_zeropage,
+    page_region, pm_scan_arg, procmap_query, uffd_msg, uffdio_api, uffdio_continue, uffdio_copy,
+    uffdio_move, uffdio_poison, uffdio_range, uffdio_register, uffdio_writeprotect,
+    uffdio_zeropage,
 };
 
 /// `UFFDIO` ioctl type byte (`0xAA`).
@@ -43,6 +44,8 @@ pub(crate) const UFFDIO_POISON: Opcode =
 pub(crate) const USERFAULTFD_IOC_NEW: Opcode = opcode::none(g::USERFAULTFD_IOC as u8, 0x00);
 /// `PAGEMAP_SCAN`: `_IOWR('f', 16, struct pm_scan_arg)` on `/proc/<pid>/pagemap`.
 pub(crate) const PAGEMAP_SCAN: Opcode = opcode::read_write::<pm_scan_arg>(b'f', 16);
+/// `PROCMAP_QUERY`: `_IOWR('f', 17, struct procmap_query)` on `/proc/<pid>/maps`.
+pub(crate) const PROCMAP_QUERY: Opcode = opcode::read_write::<procmap_query>(b'f', 17);
 
 // Values the uapi header defines as `((__u64)1 << n)`, which bindgen skips.
 pub(crate) const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
@@ -81,6 +84,7 @@ same!(UFFDIO_MOVE, 0xC028_AA05_u32);
 same!(UFFDIO_POISON, 0xC020_AA08_u32);
 same!(USERFAULTFD_IOC_NEW, 0x0000_AA00_u32);
 same!(PAGEMAP_SCAN, 0xC060_6610_u32);
+same!(PROCMAP_QUERY, 0xC068_6611_u32);
 
 // ---- compile-time checks: structure layouts ------------------------------------
 
@@ -110,6 +114,12 @@ layout!(
     size @ 0, flags @ 8, start @ 16, end @ 24, walk_end @ 32, vec @ 40, vec_len @ 48,
     max_pages @ 56, category_inverted @ 64, category_mask @ 72, category_anyof_mask @ 80,
     return_mask @ 88,
+);
+layout!(
+    procmap_query, size 104,
+    size @ 0, query_flags @ 8, query_addr @ 16, vma_start @ 24, vma_end @ 32, vma_flags @ 40,
+    vma_page_size @ 48, vma_offset @ 56, inode @ 64, dev_major @ 72, dev_minor @ 76,
+    vma_name_size @ 80, build_id_size @ 84, vma_name_addr @ 88, build_id_addr @ 96,
 );
 // The page-fault payload of `uffd_msg`: flags, address, then the thread id.
 layout!(g::uffd_msg__bindgen_ty_1__bindgen_ty_1, size 24, flags @ 0, address @ 8, feat @ 16);
