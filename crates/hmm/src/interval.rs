@@ -26,7 +26,6 @@
 //! path (or, for merges, two paths) from the root, so its depth is bounded by the height,
 //! which is expected `O(log n)`.
 
-
 use std::collections::HashMap;
 use std::fmt;
 

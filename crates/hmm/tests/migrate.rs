@@ -4,7 +4,7 @@
 mod common;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hmm::os::mm::{Advise, Mapping, Memfd, Protection};
 use hmm::{
@@ -144,15 +144,6 @@ fn capacity_moves_what_fits_and_loses_nothing() {
     assert!(back == data, "every byte survives");
 }
 
-/// Waits (up to 5 s) for the fault service to have handled an event.
-fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
 #[test]
 fn direct_discard_returns_device_pages() {
     if common::skip_without_uffd() {
@@ -165,7 +156,9 @@ fn direct_discard_returns_device_pages() {
     assert_eq!(dev.migrate_to_device(r.range()).unwrap().migrated, 128);
     // The application discards the middle half itself.
     r.advise(r.pages_range(32, 64).unwrap(), Advise::DontNeed).unwrap();
-    eventually("device pages of the discarded part freed", || dev.stats().pages_resident == 64);
+    common::eventually("device pages of the discarded part freed", || {
+        dev.stats().pages_resident == 64
+    });
     assert_eq!(dev.stats().pages_freed, 64);
     let mut page = vec![0u8; PAGE_SIZE];
     r.read(40 * PAGE_SIZE, &mut page).unwrap();
@@ -175,7 +168,7 @@ fn direct_discard_returns_device_pages() {
     // Dropping the range frees what is left on the device (a fault-around
     // window still in flight frees its pages when it finishes).
     drop(r);
-    eventually("every device page freed", || dev.stats().pages_resident == 0);
+    common::eventually("every device page freed", || dev.stats().pages_resident == 0);
 }
 
 #[test]
@@ -194,7 +187,9 @@ fn direct_munmap_returns_every_device_page() {
     let (head, middle) = (r.pages_range(0, 16).unwrap(), r.pages_range(50, 30).unwrap());
     r.unmap(head).unwrap();
     r.unmap(middle).unwrap();
-    eventually("device pages of the unmapped parts freed", || dev.stats().pages_resident == 82);
+    common::eventually("device pages of the unmapped parts freed", || {
+        dev.stats().pages_resident == 82
+    });
     assert_eq!(dev.stats().pages_freed, 46);
     let res = r.residencies();
     assert!(res[..16].iter().chain(&res[50..80]).all(|x| *x == Residency::Unmapped), "{res:?}");
@@ -213,7 +208,7 @@ fn direct_munmap_returns_every_device_page() {
     // Unmapping the rest piece by piece returns every device page.
     r.unmap(r.pages_range(16, 34).unwrap()).unwrap();
     r.unmap(r.pages_range(80, 48).unwrap()).unwrap();
-    eventually("every device page freed", || dev.stats().pages_resident == 0);
+    common::eventually("every device page freed", || dev.stats().pages_resident == 0);
     assert_eq!(dev.stats().pages_freed, 46 + 82 + 82);
     drop(r);
     assert_eq!(dev.stats().pages_resident, 0);
@@ -249,7 +244,7 @@ fn arena_values_migrate_and_fault_back() {
     }
     assert_eq!((n, sum), (100_000, 3 * (99_999 * 100_000 / 2)));
     assert!(arena.owner().stats().cpu_faults > 0, "the walk faulted pages back");
-    eventually("every used page back in system memory", || {
+    common::eventually("every used page back in system memory", || {
         arena.owner().residencies()[..used].iter().all(|r| *r == Residency::System)
     });
     // Nothing but the arena reaches its bytes.
@@ -307,7 +302,7 @@ fn huge_range_round_trip(config: SoftwareDeviceConfig, stays_huge: bool) {
     // A touch brings back its whole block, and only it.
     let faults = r.stats().cpu_faults;
     assert_eq!(r.touch_read(1024 * PAGE_SIZE + 77).unwrap(), data[1024 * PAGE_SIZE + 77]);
-    eventually("the touched block back", || {
+    common::eventually("the touched block back", || {
         r.residencies()[1024..1536].iter().all(|x| *x == Residency::System)
     });
     assert_eq!(r.stats().cpu_faults, faults + 1);
@@ -406,7 +401,7 @@ fn fault_around_window_is_configurable_and_bounded_by_the_range() {
     // The faulting page comes first and its thread resumes at once; the rest of
     // the window follows.
     let system = || r.residencies().iter().filter(|x| **x == Residency::System).count();
-    eventually("the fault-around window is back", || system() == 8);
+    common::eventually("the fault-around window is back", || system() == 8);
     std::thread::sleep(Duration::from_millis(20));
     assert_eq!(system(), 8, "one fault brought back exactly its window of 8 pages");
     assert!(r.residencies()[12..20].iter().all(|x| *x == Residency::System));
@@ -430,19 +425,19 @@ fn sequential_faults_grow_the_window_ahead_and_random_ones_do_not() {
     let on_device = |i: usize| matches!(r.residency(i), Residency::Device(_));
     // A first fault: the configured window, centred (clipped at the range start).
     assert_eq!(r.touch_read(0).unwrap(), 3);
-    eventually("the first window", || system(0, 64));
+    common::eventually("the first window", || system(0, 64));
     assert!(on_device(64));
     // Faults at the end of the last window double it, ahead of the fault.
     let mut at = 64;
     for pages in [128, 256, 512, 512] {
         assert_eq!(r.touch_read(at * PAGE_SIZE).unwrap(), 3);
-        eventually("the next window", || system(at, at + pages));
+        common::eventually("the next window", || system(at, at + pages));
         assert!(on_device(at + pages), "a window of {pages} pages from page {at}, no more");
         at += pages;
     }
     assert_eq!(r.stats().cpu_faults, 5);
     // A fault elsewhere starts over with the configured window.
     assert_eq!(r.touch_read(3000 * PAGE_SIZE).unwrap(), 3);
-    eventually("a fresh window", || system(3000 - 32, 3000 + 32));
+    common::eventually("a fresh window", || system(3000 - 32, 3000 + 32));
     assert!(on_device(3000 - 33) && on_device(3000 + 32));
 }

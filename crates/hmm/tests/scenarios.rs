@@ -217,3 +217,384 @@ fn migrate_anon_huge_err() {
     check_index(&cpu, 0);
     assert!(hmm.fault_stats().1 >= 1, "the starved fault-back was retried");
 }
+
+// ---- mirroring: device accesses through the device's page table ---------------------
+
+use hmm::os::mm::{Mapping, Protection};
+use hmm::{HmmError, RangeFaultError, SnapshotAccess};
+
+/// Bytes of `pages` pages in which page `i` holds the word `i + add` repeated.
+fn index_bytes(pages: usize, add: u64) -> Vec<u8> {
+    (0..pages)
+        .flat_map(|i| ((i as u64).wrapping_add(add)).to_ne_bytes().repeat(PAGE_SIZE / 8))
+        .collect()
+}
+
+fn cpu_bytes(r: &hmm::ManagedRange) -> Vec<u8> {
+    let mut v = vec![0u8; r.len()];
+    r.read(0, &mut v).unwrap();
+    v
+}
+
+fn is_permission_denied(e: &HmmError) -> bool {
+    matches!(e, HmmError::Fault(RangeFaultError::PermissionDenied { .. }))
+}
+
+#[test]
+fn open_close() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let threads = || std::fs::read_dir("/proc/self/task").unwrap().count();
+    let hmm = Hmm::new().unwrap();
+    let before = (threads(), hmm.notifier_count());
+    {
+        let dev = device(&hmm, NPAGES);
+        assert_eq!(hmm.notifier_count(), before.1 + 1, "the device mirrors the address space");
+        let r = hmm.alloc(4 * PAGE_SIZE).unwrap();
+        r.fill(0, r.len(), 7).unwrap();
+        let (b, _) = dev.read(r.range()).unwrap();
+        assert!(b.iter().all(|x| *x == 7));
+    }
+    assert_eq!(hmm.notifier_count(), before.1, "the notifier left with the device");
+    // Worker threads of a copy-engine device leave with it too.
+    {
+        let _dev = SoftwareDevice::new(
+            &hmm,
+            SoftwareDeviceConfig::new("sw-copy", NPAGES * PAGE_SIZE).with_copy_engine(2),
+        )
+        .unwrap();
+        assert!(threads() >= before.0 + 2);
+    }
+    assert_eq!(threads(), before.0, "no thread is left");
+}
+
+#[test]
+fn anon_read() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    let dev = device(&hmm, NPAGES);
+    let r = hmm.alloc(NPAGES * PAGE_SIZE).unwrap();
+    // Page 0 never touched, page 1 only read, the rest hold their index.
+    let data = index_bytes(NPAGES, 0);
+    r.write(2 * PAGE_SIZE, &data[2 * PAGE_SIZE..]).unwrap();
+    assert_eq!(r.touch_read(PAGE_SIZE).unwrap(), 0);
+    r.protect(r.range(), Protection::Read).unwrap();
+    let (bytes, c) = dev.read(r.range()).unwrap();
+    assert_eq!(c.cpages, NPAGES as u64);
+    assert_eq!(c.faults, 1, "one batched device fault for the whole range");
+    assert!(bytes[..2 * PAGE_SIZE].iter().all(|b| *b == 0));
+    assert_eq!(&bytes[2 * PAGE_SIZE..], &data[2 * PAGE_SIZE..]);
+    // The entries are read-only: the mapping is.
+    assert!(dev.entry(r.addr()).is_some_and(|e| !e.write && e.page.is_none()));
+}
+
+#[test]
+fn anon_read_prot() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    let dev = device(&hmm, NPAGES);
+    let r = hmm.alloc(NPAGES * PAGE_SIZE).unwrap();
+    let data = index_bytes(NPAGES, 0);
+    r.write(0, &data).unwrap();
+    r.protect(r.range(), Protection::None).unwrap();
+    let err = dev.read(r.range()).unwrap_err();
+    assert!(
+        matches!(err, HmmError::Fault(RangeFaultError::Fault { addr, .. }) if addr == r.addr()),
+        "{err}"
+    );
+    assert_eq!(dev.mirror_stats().entries, 0, "the device saw nothing");
+    r.protect(r.range(), Protection::ReadWrite).unwrap();
+    assert_eq!(cpu_bytes(&r), data, "CPU data intact");
+}
+
+#[test]
+fn anon_write() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    let dev = device(&hmm, NPAGES);
+    let r = hmm.alloc(NPAGES * PAGE_SIZE).unwrap();
+    let data = index_bytes(NPAGES, 0);
+    let c = dev.write(r.addr(), &data).unwrap();
+    assert_eq!(c.cpages, NPAGES as u64);
+    assert_eq!(c.faults, 1);
+    assert_eq!(cpu_bytes(&r), data);
+}
+
+#[test]
+fn anon_write_prot() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    let dev = device(&hmm, NPAGES);
+    let r = hmm.alloc(NPAGES * PAGE_SIZE).unwrap();
+    r.protect(r.range(), Protection::Read).unwrap();
+    let (page, c) = dev.read(r.pages_range(0, 1).unwrap()).unwrap();
+    assert_eq!((c.cpages, c.faults), (1, 1));
+    assert!(page.iter().all(|b| *b == 0));
+    let data = index_bytes(NPAGES, 0);
+    let err = dev.write(r.addr(), &data).unwrap_err();
+    assert!(is_permission_denied(&err), "{err}");
+    assert!(cpu_bytes(&r).iter().all(|b| *b == 0), "memory unchanged");
+    r.protect(r.range(), Protection::ReadWrite).unwrap();
+    let c = dev.write(r.addr(), &data).unwrap();
+    assert_eq!(c.cpages, NPAGES as u64);
+    assert_eq!(cpu_bytes(&r), data);
+}
+
+#[test]
+fn anon_read_multiple() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    let dev = device(&hmm, NPAGES);
+    for round in 0..10u64 {
+        let r = hmm.alloc(NPAGES * PAGE_SIZE).unwrap();
+        let data = index_bytes(NPAGES, round);
+        r.write(0, &data).unwrap();
+        let (bytes, c) = dev.read(r.range()).unwrap();
+        assert_eq!((c.cpages, c.faults), (NPAGES as u64, 1), "round {round}");
+        assert_eq!(bytes, data, "round {round}");
+    }
+}
+
+#[test]
+fn snapshot() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    let dev0 = device(&hmm, 16);
+    let dev1 = device(&hmm, 16);
+    let r = hmm.alloc(7 * PAGE_SIZE).unwrap();
+    let p = |i| r.pages_range(i, 1).unwrap();
+    for i in [3, 4, 5, 6] {
+        r.fill(i * PAGE_SIZE, PAGE_SIZE, i as u8).unwrap();
+    }
+    assert_eq!(r.touch_read(2 * PAGE_SIZE).unwrap(), 0);
+    r.protect(p(0), Protection::None).unwrap();
+    r.unmap(p(1)).unwrap();
+    r.protect(p(2), Protection::Read).unwrap();
+    r.protect(p(3), Protection::Read).unwrap();
+    assert_eq!(dev0.migrate_to_device(p(5)).unwrap().migrated, 1);
+    assert_eq!(dev1.migrate_to_device(p(6)).unwrap().migrated, 1);
+    // The unmap is reported by an event: wait until hmm has read it.
+    common::eventually("the unmap event", || r.residency(1) == Residency::Unmapped);
+    let s = dev0.snapshot(r.range()).unwrap();
+    let access: Vec<SnapshotAccess> = s.iter().map(|x| x.access).collect();
+    use SnapshotAccess::*;
+    assert_eq!(access, [Error, Error, Read, Read, Write, Write, None]);
+    assert!(s[2].zero && !s[3].zero, "page 2 is the zero page");
+    assert!(s[5].device_local, "page 5 is device 0's own");
+    assert!(!s[6].device_local, "another device's private page is not mapped");
+    assert!(s.iter().all(|x| x.order == 0));
+    // A snapshot faults nothing.
+    assert_eq!(r.residency(6), Residency::Device(dev1_page(&r, 6)));
+}
+
+fn dev1_page(r: &hmm::ManagedRange, i: usize) -> hmm::DevicePage {
+    match r.residency(i) {
+        Residency::Device(p) => p,
+        other => panic!("page {i} is {other:?}"),
+    }
+}
+
+#[test]
+fn exclusive() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let (_hmm, dev, r) = indexed_range();
+    let c = dev.make_exclusive(r.range()).unwrap();
+    assert_eq!(c.cpages, NPAGES as u64);
+    assert!(dev.check_exclusive(r.range()).is_err(), "held exclusively now");
+    let (bytes, _) = dev.read(r.range()).unwrap();
+    check_index(&bytes, 0);
+    // The CPU increments every integer: each touch revokes the device's access.
+    let mut cpu = cpu_bytes(&r);
+    for w in cpu.chunks_mut(8) {
+        let v = u64::from_ne_bytes(w.try_into().unwrap()) + 1;
+        w.copy_from_slice(&v.to_ne_bytes());
+    }
+    r.write(0, &cpu).unwrap();
+    dev.check_exclusive(r.range()).unwrap();
+    assert_eq!(cpu_bytes(&r), index_bytes(NPAGES, 1));
+}
+
+#[test]
+fn exclusive_mprotect() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let (_hmm, dev, r) = indexed_range();
+    dev.make_exclusive(r.range()).unwrap();
+    r.protect(r.range(), Protection::Read).unwrap();
+    let err = dev.write(r.addr(), &index_bytes(NPAGES, 5)).unwrap_err();
+    assert!(is_permission_denied(&err), "{err}");
+    check_index(&cpu_bytes(&r), 0);
+}
+
+/// An `mprotect` hmm never sees (made on the mapping directly) must not let the
+/// device write, whether its writable entry maps one of its own pages or a
+/// system page.
+#[test]
+fn unobserved_mprotect_blocks_device_writes() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let (_hmm, dev, r) = indexed_range();
+    let half = NPAGES / 2;
+    // First half: the device's own pages; second half: system pages.
+    dev.make_exclusive(r.pages_range(0, half).unwrap()).unwrap();
+    dev.write(r.addr(), &index_bytes(NPAGES, 0)).unwrap();
+    assert!(dev.entry(r.addr()).is_some_and(|e| e.write && e.page.is_some()));
+    let sys = r.pages_range(half, 1).unwrap().start();
+    assert!(dev.entry(sys).is_some_and(|e| e.write && e.page.is_none()));
+    let invalidations = dev.mirror_stats().invalidations;
+    r.mapping().protect(r.range(), Protection::Read).unwrap();
+    assert_eq!(dev.mirror_stats().invalidations, invalidations, "hmm did not see it");
+    for part in [r.pages_range(0, 1).unwrap(), r.pages_range(half, 1).unwrap()] {
+        let err = dev.write(part.start(), &vec![0xEE; PAGE_SIZE]).unwrap_err();
+        assert!(is_permission_denied(&err), "{part}: {err}");
+    }
+    check_index(&cpu_bytes(&r), 0);
+}
+
+/// A device may read any memory of the process, not only what hmm manages;
+/// it may write only what hmm manages or mirrors.
+#[test]
+fn mirror_unmanaged_memory() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    let dev = device(&hmm, 16);
+    let m = Mapping::anonymous(8 * PAGE_SIZE, Protection::ReadWrite).unwrap();
+    m.write(0, &index_bytes(8, 3)).unwrap();
+    let (bytes, c) = dev.read(m.range()).unwrap();
+    assert_eq!(bytes, index_bytes(8, 3));
+    assert_eq!(c.faults, 1);
+    let err = dev.write(m.addr(), &[1u8; 8]).unwrap_err();
+    assert!(matches!(err, HmmError::NotWritable(_)), "{err}");
+    let mirrored = hmm.mirror(m).unwrap();
+    dev.write(mirrored.range().start(), &index_bytes(8, 9)).unwrap();
+    let mut back = vec![0u8; 8 * PAGE_SIZE];
+    mirrored.mapping().read(0, &mut back).unwrap();
+    assert_eq!(back, index_bytes(8, 9));
+    // Dropping it invalidates the device's entries.
+    let addr = mirrored.range().start();
+    assert!(dev.entry(addr).is_some());
+    drop(mirrored);
+    assert!(dev.entry(addr).is_none());
+}
+
+fn temp_file(len: usize, fill: impl Fn(usize) -> u8) -> std::fs::File {
+    use std::io::Write;
+    let mut f = tempfile_in_tmp();
+    let data: Vec<u8> = (0..len).map(fill).collect();
+    f.write_all(&data).unwrap();
+    f.flush().unwrap();
+    f
+}
+
+fn tempfile_in_tmp() -> std::fs::File {
+    let path = std::env::temp_dir().join(format!(
+        "hmm-scenario-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    std::fs::remove_file(&path).unwrap();
+    f
+}
+
+#[test]
+fn file_read() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    use std::os::fd::AsFd;
+    let hmm = Hmm::new().unwrap();
+    let dev = device(&hmm, 16);
+    let len = 16 * PAGE_SIZE;
+    let f = temp_file(len, |i| (i % 251) as u8);
+    let m = Mapping::file(f.as_fd(), 0, len, Protection::Read, true).unwrap();
+    let (bytes, c) = dev.read(m.range()).unwrap();
+    assert_eq!((c.cpages, c.faults), (16, 1));
+    assert!(bytes.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8));
+}
+
+#[test]
+fn file_write() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::FileExt;
+    let hmm = Hmm::new().unwrap();
+    let dev = device(&hmm, 16);
+    let len = 16 * PAGE_SIZE;
+    let f = temp_file(len, |_| 0);
+    let m =
+        hmm.mirror(Mapping::file(f.as_fd(), 0, len, Protection::ReadWrite, true).unwrap()).unwrap();
+    let data = index_bytes(16, 77);
+    let c = dev.write(m.range().start(), &data).unwrap();
+    assert_eq!((c.cpages, c.faults), (16, 1));
+    let mut through_mapping = vec![0u8; len];
+    m.mapping().read(0, &mut through_mapping).unwrap();
+    assert_eq!(through_mapping, data);
+    let mut through_pread = vec![0u8; len];
+    f.read_exact_at(&mut through_pread, 0).unwrap();
+    assert_eq!(through_pread, data, "the page cache has the device's writes");
+}
+
+#[test]
+fn foreign_uffd_read() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    use hmm::os::uffd::{Features, RegisterMode, Uffd, UffdEvent, UffdOptions};
+    let hmm = Hmm::new().unwrap();
+    let dev = device(&hmm, 16);
+    let pages = 8;
+    let m = Mapping::anonymous(pages * PAGE_SIZE, Protection::ReadWrite).unwrap();
+    let own = Uffd::open(UffdOptions {
+        wanted: Features::NONE,
+        required: Features::NONE,
+        nonblocking: true,
+        allow_user_mode_only: false,
+    })
+    .unwrap();
+    own.register(&m, m.range(), RegisterMode::MISSING).unwrap();
+    let fill = vec![0xABu8; PAGE_SIZE];
+    let (res, events) = common::with_reader(
+        &own,
+        pages,
+        |ev| {
+            if let UffdEvent::PageFault { addr, .. } = ev {
+                let page = hmm::PageRange::from_pages(addr.page_down(), 1).unwrap();
+                let _ = own.copy(page, &fill, false, false);
+            }
+        },
+        || dev.read(m.range()),
+    );
+    let (bytes, _) = res.unwrap();
+    assert!(bytes.iter().all(|b| *b == 0xAB), "the application's handler served the device");
+    assert!(!events.is_empty());
+    let err = hmm.adopt(m).unwrap_err();
+    assert!(matches!(&err, HmmError::Adopt { reason: hmm::AdoptRefusal::OtherUffd, .. }), "{err}");
+}

@@ -79,3 +79,12 @@ pub fn with_reader<T: Send>(
         (out, reader.join().expect("reader thread"))
     })
 }
+
+/// Waits (up to 5 s) for the fault service to have handled an event.
+pub fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        thread::sleep(Duration::from_millis(1));
+    }
+}
