@@ -1028,6 +1028,11 @@ impl Inner {
             let mut ranges = self.ranges.write().unwrap_or_else(|e| e.into_inner());
             ranges.remove(&r.range().start().get());
         }
+        // A fault-around window still in flight installs into the range: let it
+        // finish before the range leaves the descriptor (an install into an
+        // unregistered range fails, and the page would stay on the device).
+        // No new window can start: the range is no longer in the registry.
+        r.wait_settled(0..r.range().pages(), Duration::from_secs(1));
         // Free what remains on devices (hmm-created memory is going away).
         let freed: Vec<DevicePage> = {
             let mut t = r.lock();

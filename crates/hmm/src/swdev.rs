@@ -556,11 +556,14 @@ impl DeviceMirror {
         let mut refaults = 0;
         while done < buf.len() {
             let at = addr.get() + done;
-            self.ensure(PageRange::containing(at, buf.len() - done), false, c)?;
             let vpn = at / PAGE_SIZE;
             let in_page = (PAGE_SIZE - at % PAGE_SIZE).min(buf.len() - done);
             let pt = self.table.read();
-            let Some(e) = pt.get(&vpn).copied() else { continue };
+            let Some(e) = pt.get(&vpn).copied() else {
+                drop(pt);
+                self.ensure(PageRange::containing(at, buf.len() - done), false, c)?;
+                continue;
+            };
             if let Some(p) = e.page {
                 // The device's own memory: read under the table lock, so the
                 // page cannot be freed meanwhile.
@@ -618,11 +621,14 @@ impl DeviceMirror {
         let mut refaults = 0;
         while done < data.len() {
             let at = addr.get() + done;
-            self.ensure(PageRange::containing(at, data.len() - done), true, c)?;
             let vpn = at / PAGE_SIZE;
             let in_page = (PAGE_SIZE - at % PAGE_SIZE).min(data.len() - done);
             let pt = self.table.read();
-            let Some(e) = pt.get(&vpn).copied().filter(|e| e.write) else { continue };
+            let Some(e) = pt.get(&vpn).copied().filter(|e| e.write) else {
+                drop(pt);
+                self.ensure(PageRange::containing(at, data.len() - done), true, c)?;
+                continue;
+            };
             if let Some(p) = e.page {
                 // The device's own page: no kernel check on this path, so the
                 // permission is re-validated against the mapping as it is now

@@ -305,6 +305,8 @@ fn huge_range_round_trip(config: SoftwareDeviceConfig, stays_huge: bool) {
     common::eventually("the touched block back", || {
         r.residencies()[1024..1536].iter().all(|x| *x == Residency::System)
     });
+    // The fault is counted once its whole window is back.
+    common::eventually("the fault counted", || r.stats().cpu_faults > faults);
     assert_eq!(r.stats().cpu_faults, faults + 1);
     let res = r.residencies();
     assert!(res[..1024].iter().chain(&res[1536..]).all(|x| matches!(x, Residency::Device(_))));

@@ -502,10 +502,22 @@ impl Mapping {
     pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<(), RangeError> {
         let a = self.access(offset, buf.len())?;
         let src = a.ptr;
+        // Bytes up to the first 8-byte boundary, whole words, then the tail.
+        let head = src.align_offset(8).min(buf.len());
+        let words = (buf.len() - head) / 8;
         for (i, out) in buf.iter_mut().enumerate() {
+            if i >= head && i < head + words * 8 {
+                continue;
+            }
             // SAFETY: `src + i` lies inside this live mapping (checked above), whose
             // bytes are only ever accessed atomically while shared (see `Sync`).
             *out = unsafe { AtomicU8::from_ptr(src.wrapping_add(i)) }.load(Ordering::Relaxed);
+        }
+        for (w, out) in buf[head..head + words * 8].chunks_exact_mut(8).enumerate() {
+            let p = src.wrapping_add(head + w * 8).cast::<u64>();
+            // SAFETY: as above, and `p` is 8-byte aligned (`head` reaches the boundary).
+            let v = unsafe { AtomicU64::from_ptr(p) }.load(Ordering::Relaxed);
+            out.copy_from_slice(&v.to_ne_bytes());
         }
         Ok(())
     }
@@ -514,9 +526,20 @@ impl Mapping {
     pub fn write(&self, offset: usize, data: &[u8]) -> Result<(), RangeError> {
         let a = self.access(offset, data.len())?;
         let dst = a.ptr;
+        let head = dst.align_offset(8).min(data.len());
+        let words = (data.len() - head) / 8;
         for (i, b) in data.iter().enumerate() {
+            if i >= head && i < head + words * 8 {
+                continue;
+            }
             // SAFETY: as in `read`.
             unsafe { AtomicU8::from_ptr(dst.wrapping_add(i)) }.store(*b, Ordering::Relaxed);
+        }
+        for (w, word) in data[head..head + words * 8].chunks_exact(8).enumerate() {
+            let p = dst.wrapping_add(head + w * 8).cast::<u64>();
+            let v = u64::from_ne_bytes(word.try_into().expect("8 bytes"));
+            // SAFETY: as in `read`, `p` 8-byte aligned.
+            unsafe { AtomicU64::from_ptr(p) }.store(v, Ordering::Relaxed);
         }
         Ok(())
     }
