@@ -541,10 +541,11 @@ impl Service {
     /// The application discarded (`MADV_DONTNEED`, `MADV_REMOVE`) or unmapped
     /// `[start, end)`: free the device pages that held it.
     fn invalidate(&mut self, start: usize, end: usize, unmapped: bool) {
-        if let Ok(range) = PageRange::new(VirtAddr::new(start), end - start) {
-            let event = if unmapped { InvalidationEvent::Unmap } else { InvalidationEvent::Clear };
-            self.inner.notifiers.invalidate(range, event);
-        }
+        let Ok(range) = PageRange::new(VirtAddr::new(start), end - start) else { return };
+        let event = if unmapped { InvalidationEvent::Unmap } else { InvalidationEvent::Clear };
+        // Held until the records say the pages are gone: a device fill in
+        // between would map a device page about to be freed.
+        let _inv = self.inner.notifiers.start(range, event);
         for r in self.inner.overlapping(start, end) {
             let (a, b) = r.clip(start, end);
             let freed: Vec<DevicePage> = {
@@ -561,9 +562,8 @@ impl Service {
     /// part are installed at the new address (which stays registered with this
     /// descriptor), then the new range is unregistered: hmm no longer manages it.
     fn remap(&mut self, from: usize, to: usize, len: usize) {
-        if let Ok(old) = PageRange::new(VirtAddr::new(from), len) {
-            self.inner.notifiers.invalidate(old, InvalidationEvent::Unmap);
-        }
+        let Ok(old) = PageRange::new(VirtAddr::new(from), len) else { return };
+        let _inv = self.inner.notifiers.start(old, InvalidationEvent::Unmap);
         for r in self.inner.overlapping(from, from + len) {
             let (a, b) = r.clip(from, from + len);
             let moved: Vec<(usize, DevicePage)> = {

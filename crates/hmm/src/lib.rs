@@ -52,8 +52,8 @@ pub use space::{
     AdoptRefusal, Arena, Hmm, HmmConfig, HmmError, ManagedRange, MirroredRange, RangeStats,
 };
 pub use swdev::{
-    DeviceEntry, EngineKind, MirrorStats, OpCounters, PageSnapshot, SnapshotAccess, SoftwareDevice,
-    SoftwareDeviceConfig,
+    DeviceContext, DeviceEntry, EngineKind, MirrorStats, OpCounters, PageSnapshot, SnapshotAccess,
+    SoftwareDevice, SoftwareDeviceConfig,
 };
 
 /// The README's example, compiled with the doc tests so that it stays true.

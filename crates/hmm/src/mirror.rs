@@ -148,10 +148,13 @@ impl Notifiers {
         Self { tree: RwLock::new(IntervalTree::new()), seq: AtomicU64::new(0) }
     }
 
-    /// Calls every notifier overlapping `range` with `event`; returns how many.
-    /// The callbacks run on the calling thread, one after another, and have all
-    /// returned when this does.
-    pub(crate) fn invalidate(&self, range: PageRange, event: InvalidationEvent) -> usize {
+    /// Calls every notifier overlapping `range` with `event`, and keeps them
+    /// *invalidating* until the returned guard is dropped: the caller makes
+    /// its change to the page tables meanwhile, and no device can start a
+    /// fill ([`IntervalNotifier::read_begin`] waits) until it is done (the
+    /// kernel's `invalidate_range_start` / `_end`). The callbacks run on the
+    /// calling thread, one after another, and have all returned when this does.
+    pub(crate) fn start(&self, range: PageRange, event: InvalidationEvent) -> Invalidating {
         let hits: Vec<Arc<NotifierState>> = {
             let tree = self.tree.read().unwrap_or_else(|e| e.into_inner());
             let mut v = Vec::new();
@@ -161,7 +164,7 @@ impl Notifiers {
             v
         };
         if hits.is_empty() {
-            return 0;
+            return Invalidating(hits);
         }
         let seq = self.seq.fetch_add(2, Ordering::AcqRel) + 2;
         // Every sequence moves before any callback runs, so a fill of any of
@@ -175,9 +178,15 @@ impl Notifiers {
             let end = range.end().min(n.range.end());
             let part = PageRange::new(start, end.get() - start.get()).expect("overlap");
             (n.callback)(&Invalidation { range: part, event, seq });
-            n.end();
         }
-        hits.len()
+        Invalidating(hits)
+    }
+
+    /// [`start`](Self::start) for a change already made visible to fills
+    /// (pages marked migrating first): the invalidation ends at once.
+    /// Returns how many notifiers were called.
+    pub(crate) fn invalidate(&self, range: PageRange, event: InvalidationEvent) -> usize {
+        self.start(range, event).0.len()
     }
 
     /// Invalidates everything (shut-down).
@@ -187,6 +196,19 @@ impl Notifiers {
 
     pub(crate) fn len(&self) -> usize {
         self.tree.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+/// An invalidation in progress (see [`Notifiers::start`]): fills of the
+/// notifiers it called wait until it is dropped.
+#[must_use = "the invalidation ends when this is dropped: hold it across the change"]
+pub(crate) struct Invalidating(Vec<Arc<NotifierState>>);
+
+impl Drop for Invalidating {
+    fn drop(&mut self) {
+        for n in &self.0 {
+            n.end();
+        }
     }
 }
 

@@ -152,6 +152,9 @@ pub enum HmmError {
         /// The first.
         addr: VirtAddr,
     },
+    /// A device job failed.
+    #[error("device job: {0}")]
+    Job(String),
     /// The instance was shut down.
     #[error("this hmm instance has been shut down")]
     ShutDown,
@@ -978,7 +981,7 @@ impl Inner {
             let i = r.index(addr);
             let one = PageRange::from_pages(addr, 1).expect("one page");
             // Mirrors first: the page's contents are about to be lost.
-            self.notifiers.invalidate(one, InvalidationEvent::Clear);
+            let _inv = self.notifiers.start(one, InvalidationEvent::Clear);
             let mut t = r.lock();
             if t[i].device_page() != Some(page) || t[i].is_migrating() {
                 continue;
@@ -1003,10 +1006,9 @@ impl Inner {
     /// Brings every device page of `r` back (or frees them when `discard`), then
     /// unregisters it and removes it from the registry.
     pub(crate) fn unmanage(self: &Arc<Self>, r: &Arc<Range>) {
-        if r.created {
-            // The memory goes away with the range.
-            self.notifiers.invalidate(r.range(), InvalidationEvent::Unmap);
-        }
+        // Created memory goes away with the range: mirrors stay invalidated
+        // until its device pages are freed.
+        let _inv = r.created.then(|| self.notifiers.start(r.range(), InvalidationEvent::Unmap));
         let devs: Vec<DeviceId> = {
             let t = r.lock();
             let mut d: Vec<DeviceId> =
@@ -1154,7 +1156,7 @@ impl ManagedRange {
     /// `part` through this handle then fail with [`RangeError::Unmapped`].
     pub fn unmap(&self, part: PageRange) -> Result<(), MmError> {
         self.range.mapping().check(part)?;
-        self.inner.notifiers.invalidate(part, InvalidationEvent::Unmap);
+        let _inv = self.inner.notifiers.start(part, InvalidationEvent::Unmap);
         self.range.mapping().punch(part)
     }
 
@@ -1165,7 +1167,7 @@ impl ManagedRange {
     /// re-validate permission when they write, as the software device does.)
     pub fn protect(&self, part: PageRange, prot: Protection) -> Result<(), MmError> {
         self.range.mapping().check(part)?;
-        self.inner.notifiers.invalidate(part, InvalidationEvent::Protection);
+        let _inv = self.inner.notifiers.start(part, InvalidationEvent::Protection);
         self.range.mapping().protect(part, prot)
     }
 
@@ -1237,14 +1239,14 @@ impl MirroredRange {
     /// `mprotect` through hmm: mirrors are invalidated first.
     pub fn protect(&self, part: PageRange, prot: Protection) -> Result<(), MmError> {
         self.mapping.check(part)?;
-        self.inner.notifiers.invalidate(part, InvalidationEvent::Protection);
+        let _inv = self.inner.notifiers.start(part, InvalidationEvent::Protection);
         self.mapping.protect(part, prot)
     }
 }
 
 impl Drop for MirroredRange {
     fn drop(&mut self) {
-        self.inner.notifiers.invalidate(self.range(), InvalidationEvent::Unmap);
+        let _inv = self.inner.notifiers.start(self.range(), InvalidationEvent::Unmap);
         let mut m = self.inner.mirrored.write().unwrap_or_else(|e| e.into_inner());
         m.remove(&self.range().start().get());
         // A device write in progress holds its own reference: the mapping is

@@ -319,6 +319,87 @@ impl SoftwareDevice {
         }
     }
 
+    /// Runs a job "on the device": `workers` threads of the device each call
+    /// `job` with a [`DeviceContext`], through which alone they reach the
+    /// address space, by way of the device's page table (faulting entries in as
+    /// needed, one batched fault per miss). A job may follow pointers stored in
+    /// memory: read a word, then read at the address it holds. `arg` is handed to
+    /// every worker ([`DeviceContext::start_addr`]). Returns each
+    /// worker's result, in worker order, and the counters of all the accesses.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), hmm::HmmError> {
+    /// use hmm::{Hmm, PAGE_SIZE, SoftwareDevice, SoftwareDeviceConfig, VirtAddr};
+    /// let hmm = Hmm::new()?;
+    /// let dev = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("gpu0", 1 << 20))?;
+    /// let r = hmm.alloc(4 * PAGE_SIZE)?;
+    /// // A two-node list: node 0 at offset 0 points to node 1 at offset 64.
+    /// let node1 = r.addr().get() as u64 + 64;
+    /// r.write(0, &[node1.to_ne_bytes(), 5u64.to_ne_bytes()].concat())?;
+    /// r.write(64, &[0u64.to_ne_bytes(), 7u64.to_ne_bytes()].concat())?;
+    /// dev.migrate_to_device(r.range())?;
+    /// let (sums, counters) = dev.run(1, r.addr(), |ctx| {
+    ///     let (mut at, mut sum) = (ctx.start_addr(), 0);
+    ///     while at != 0 {
+    ///         sum += ctx.read_u64(VirtAddr::new(at as usize + 8))?;
+    ///         at = ctx.read_u64(VirtAddr::new(at as usize))?;
+    ///     }
+    ///     Ok(sum)
+    /// })?;
+    /// assert_eq!(sums, [12]);
+    /// assert_eq!(counters.faults, 1, "one device fault mapped the page");
+    /// # Ok(()) }
+    /// ```
+    pub fn run<T: Send>(
+        &self,
+        workers: usize,
+        arg: VirtAddr,
+        job: impl Fn(&mut DeviceContext<'_>) -> Result<T, HmmError> + Sync,
+    ) -> Result<(Vec<T>, OpCounters), HmmError> {
+        let workers = workers.max(1);
+        let job = &job;
+        let mirror = &*self.mirror;
+        let results: Vec<(Result<T, HmmError>, OpCounters)> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..workers)
+                .map(|w| {
+                    std::thread::Builder::new()
+                        .name(format!("hmm-{}-job{w}", self.mem.id()))
+                        .spawn_scoped(s, move || {
+                            let mut ctx = DeviceContext {
+                                mirror,
+                                worker: w,
+                                workers,
+                                arg,
+                                counters: OpCounters::default(),
+                            };
+                            let r = job(&mut ctx);
+                            (r, ctx.counters)
+                        })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| match h {
+                    Ok(h) => h.join().unwrap_or_else(|_| {
+                        (
+                            Err(HmmError::Job("a device worker panicked".into())),
+                            OpCounters::default(),
+                        )
+                    }),
+                    Err(e) => (Err(HmmError::Thread(e)), OpCounters::default()),
+                })
+                .collect()
+        });
+        let mut total = OpCounters::default();
+        let mut out = Vec::with_capacity(workers);
+        for (r, c) in results {
+            total.cpages += c.cpages;
+            total.faults += c.faults;
+            out.push(r?);
+        }
+        Ok((out, total))
+    }
+
     /// Evicts every page of this device back to system memory.
     pub fn release(&self) -> Result<(), HmmError> {
         self.hmm.evict_all(self.mem.id())
@@ -692,6 +773,75 @@ impl DeviceMirror {
             })
             .sum();
         covered == range.len()
+    }
+}
+
+// ---- jobs ------------------------------------------------------------------------------
+
+/// What a job running on a device sees: the address space through the
+/// device's page table (see [`SoftwareDevice::run`]).
+pub struct DeviceContext<'a> {
+    mirror: &'a DeviceMirror,
+    worker: usize,
+    workers: usize,
+    arg: VirtAddr,
+    counters: OpCounters,
+}
+
+impl std::fmt::Debug for DeviceContext<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceContext")
+            .field("worker", &self.worker)
+            .field("workers", &self.workers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeviceContext<'_> {
+    /// This worker's index, `0..workers()`.
+    pub fn worker(&self) -> usize {
+        self.worker
+    }
+
+    /// How many workers run the job.
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+
+    /// The address the job was started with, as a word (0 for none).
+    pub fn start_addr(&self) -> u64 {
+        self.arg.get() as u64
+    }
+
+    /// Copies `buf.len()` bytes at `addr` into `buf`.
+    pub fn read(&mut self, addr: VirtAddr, buf: &mut [u8]) -> Result<(), HmmError> {
+        self.mirror.read_at(addr, buf, &mut self.counters)?;
+        self.counters.cpages += PageRange::containing(addr.get(), buf.len().max(1)).pages() as u64;
+        Ok(())
+    }
+
+    /// Copies `data` to `addr` (memory hmm manages or mirrors).
+    pub fn write(&mut self, addr: VirtAddr, data: &[u8]) -> Result<(), HmmError> {
+        self.mirror.write_at(addr, data, &mut self.counters)?;
+        self.counters.cpages += PageRange::containing(addr.get(), data.len().max(1)).pages() as u64;
+        Ok(())
+    }
+
+    /// Reads the native-endian word at `addr` (a pointer, a count, a value).
+    pub fn read_u64(&mut self, addr: VirtAddr) -> Result<u64, HmmError> {
+        let mut w = [0u8; 8];
+        self.read(addr, &mut w)?;
+        Ok(u64::from_ne_bytes(w))
+    }
+
+    /// Writes the native-endian word `value` at `addr`.
+    pub fn write_u64(&mut self, addr: VirtAddr, value: u64) -> Result<(), HmmError> {
+        self.write(addr, &value.to_ne_bytes())
+    }
+
+    /// The counters of this worker's accesses so far.
+    pub fn counters(&self) -> OpCounters {
+        self.counters
     }
 }
 

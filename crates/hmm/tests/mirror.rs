@@ -1,0 +1,270 @@
+//! The mirror: interval notifiers, the retry protocol under stress, device
+//! jobs that follow pointers, and fork.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use hmm::os::mm::Advise;
+use hmm::{
+    Hmm, InvalidationEvent, PAGE_SIZE, Residency, SoftwareDevice, SoftwareDeviceConfig, VirtAddr,
+};
+
+fn device(hmm: &Hmm, name: &str, bytes: usize) -> SoftwareDevice {
+    SoftwareDevice::new(hmm, SoftwareDeviceConfig::new(name, bytes)).unwrap()
+}
+
+#[test]
+fn notifiers_see_the_events_of_their_range_only() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    let dev = device(&hmm, "d", 1 << 20);
+    let r = hmm.alloc(64 * PAGE_SIZE).unwrap();
+    r.fill(0, r.len(), 1).unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let l = log.clone();
+    let n = hmm.insert_notifier(r.pages_range(16, 16).unwrap(), move |inv| {
+        l.lock().unwrap().push((inv.range, inv.event, inv.seq))
+    });
+    let seq = n.read_begin();
+    assert!(!n.read_retry(seq));
+    // Outside its range: nothing.
+    dev.migrate_to_device(r.pages_range(0, 8).unwrap()).unwrap();
+    assert!(log.lock().unwrap().is_empty());
+    assert!(!n.read_retry(seq));
+    // A migration over it: the part it covers, with the owner.
+    dev.migrate_to_device(r.range()).unwrap();
+    {
+        let l = log.lock().unwrap();
+        assert_eq!(l.len(), 1);
+        assert_eq!(l[0].0, r.pages_range(16, 16).unwrap(), "clipped to the notifier");
+        assert_eq!(l[0].1, InvalidationEvent::Migrate { owner: Some(dev.memory().id()) });
+        assert!(n.read_retry(seq));
+    }
+    // The application's own discard, learnt from the REMOVE event.
+    r.advise(r.pages_range(20, 2).unwrap(), Advise::DontNeed).unwrap();
+    common::eventually("the discard reported", || log.lock().unwrap().len() == 2);
+    let (range, event, s2) = log.lock().unwrap()[1];
+    assert_eq!((range, event), (r.pages_range(20, 2).unwrap(), InvalidationEvent::Clear));
+    assert!(s2 > log.lock().unwrap()[0].2, "sequences grow");
+    // munmap through hmm: invalidated before the unmap.
+    r.unmap(r.pages_range(30, 4).unwrap()).unwrap();
+    assert_eq!(log.lock().unwrap()[2].1, InvalidationEvent::Unmap);
+    drop(n);
+    assert_eq!(hmm.notifier_count(), 1, "only the device's own notifier is left");
+}
+
+#[test]
+fn thousands_of_notifiers_are_found_by_range() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    let n = 5000;
+    // Notifier i covers pages 4i and 4i + 1 of a managed range.
+    let r = hmm.alloc(4 * n * PAGE_SIZE).unwrap();
+    let hits = Arc::new(Mutex::new(Vec::new()));
+    let notifiers: Vec<_> = (0..n)
+        .map(|i| {
+            let h = hits.clone();
+            hmm.insert_notifier(r.pages_range(4 * i, 2).unwrap(), move |_| {
+                h.lock().unwrap().push(i)
+            })
+        })
+        .collect();
+    assert_eq!(hmm.notifier_count(), n);
+    let seqs: Vec<u64> = notifiers.iter().map(|x| x.read_begin()).collect();
+    // Pages 401..441 overlap notifiers 100 (its page 401) to 110 (page 440).
+    r.protect(r.pages_range(401, 40).unwrap(), hmm::os::mm::Protection::Read).unwrap();
+    let mut got = hits.lock().unwrap().clone();
+    got.sort_unstable();
+    assert_eq!(got, (100..=110).collect::<Vec<_>>());
+    let changed: Vec<usize> = (0..n).filter(|&i| notifiers[i].read_retry(seqs[i])).collect();
+    assert_eq!(changed, got, "exactly those sequences moved");
+    drop(notifiers);
+    assert_eq!(hmm.notifier_count(), 0);
+}
+
+/// Device jobs follow pointers through the shared address space: an arena
+/// list built by ordinary code, summed on the device (the pages live there),
+/// while a large array is summed by four workers.
+#[test]
+fn device_job_follows_pointers_and_sums_an_array() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    #[repr(C)]
+    struct Node<'a> {
+        next: Option<&'a Node<'a>>,
+        value: u64,
+    }
+    let hmm = Hmm::new().unwrap();
+    let dev = device(&hmm, "d", 64 << 20);
+    let arena = hmm.arena(8 << 20).unwrap();
+    let mut head: Option<&Node<'_>> = None;
+    for value in 0..200_000u64 {
+        head = Some(arena.alloc(Node { next: head, value }).unwrap());
+    }
+    let head_addr = head.map_or(0, |n| n as *const Node<'_> as usize);
+    let array = hmm.alloc(16 << 20).unwrap();
+    let words: Vec<u8> = (0..(16 << 20) / 8u64).flat_map(|i| (i * 7).to_ne_bytes()).collect();
+    array.write(0, &words).unwrap();
+    let cpu_sum: u64 = (0..(16 << 20) / 8u64).map(|i| i * 7).sum();
+    // Placement: the list on the device, the array stays in system memory.
+    assert!(dev.migrate_to_device(arena.range()).unwrap().migrated > 0);
+    let (sums, c) = dev
+        .run(1, VirtAddr::new(head_addr), |ctx| {
+            let (mut at, mut sum, mut n) = (ctx.start_addr(), 0u64, 0u64);
+            while at != 0 {
+                sum += ctx.read_u64(VirtAddr::new(at as usize + 8))?;
+                at = ctx.read_u64(VirtAddr::new(at as usize))?;
+                n += 1;
+            }
+            Ok((n, sum))
+        })
+        .unwrap();
+    assert_eq!(sums, [(200_000, 199_999 * 200_000 / 2)]);
+    assert!(c.faults >= 1);
+    assert_eq!(arena.owner().stats().cpu_faults, 0, "the device read its own pages: no fault-back");
+    let base = array.addr();
+    let (parts, _) = dev
+        .run(4, base, |ctx| {
+            let chunk = (16 << 20) / ctx.workers();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut sum = 0u64;
+            let start = ctx.start_addr() as usize + ctx.worker() * chunk;
+            for off in (0..chunk).step_by(buf.len()) {
+                ctx.read(VirtAddr::new(start + off), &mut buf)?;
+                sum += buf
+                    .chunks_exact(8)
+                    .map(|w| u64::from_ne_bytes(w.try_into().unwrap()))
+                    .sum::<u64>();
+            }
+            Ok(sum)
+        })
+        .unwrap();
+    assert_eq!(parts.iter().sum::<u64>(), cpu_sum);
+    // The device writes results; the CPU reads them (faulting nothing back).
+    let out = hmm.alloc(PAGE_SIZE).unwrap();
+    dev.run(1, out.addr(), |ctx| ctx.write_u64(VirtAddr::new(ctx.start_addr() as usize), 42))
+        .unwrap();
+    let mut w = [0u8; 8];
+    out.read(0, &mut w).unwrap();
+    assert_eq!(u64::from_ne_bytes(w), 42);
+    // The CPU walks the list too: it faults back and agrees.
+    let (mut n, mut at) = (0u64, head);
+    while let Some(node) = at {
+        n += 1;
+        at = node.next;
+    }
+    assert_eq!(n, 200_000);
+}
+
+/// A device fill racing invalidations never installs a stale entry: while one
+/// thread keeps changing the pages (migrating them to one device or another,
+/// writing them from the CPU, discarding and rewriting them), two threads read
+/// them through device 0, and every word read must be one the memory held
+/// during the read. (Reading through both devices at once, so that each
+/// brings the other's pages back, is not covered yet: see the open issue.)
+#[test]
+fn fills_racing_invalidations_never_install_a_stale_entry() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let pages = 64;
+    let hmm = Hmm::new().unwrap();
+    let d0 = device(&hmm, "d0", pages * PAGE_SIZE);
+    let d1 = device(&hmm, "d1", pages * PAGE_SIZE);
+    let r = hmm.alloc(pages * PAGE_SIZE).unwrap();
+    // `started`: the generation being written; `done`: the last one complete.
+    let started = AtomicU64::new(1);
+    let done = AtomicU64::new(1);
+    let stop = AtomicBool::new(false);
+    let write_gen = |g: u64| {
+        let data: Vec<u8> = g.to_ne_bytes().repeat(pages * PAGE_SIZE / 8);
+        r.write(0, &data).unwrap();
+    };
+    write_gen(1);
+    let reads = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for g in 2..300u64 {
+                started.store(g, Ordering::SeqCst);
+                match g % 4 {
+                    0 => {
+                        d0.migrate_to_device(r.range()).unwrap();
+                        write_gen(g);
+                    }
+                    1 => {
+                        r.advise(r.range(), Advise::DontNeed).unwrap();
+                        write_gen(g);
+                    }
+                    2 => {
+                        write_gen(g);
+                        d1.migrate_to_device(r.range()).unwrap();
+                    }
+                    _ => {
+                        write_gen(g);
+                        d0.migrate_to_device(r.pages_range(0, pages / 2).unwrap()).unwrap();
+                    }
+                }
+                done.store(g, Ordering::SeqCst);
+            }
+            stop.store(true, Ordering::SeqCst);
+        });
+        for dev in [&d0, &d0] {
+            let (started, done, stop, reads, r) = (&started, &done, &stop, &reads, &r);
+            s.spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let lo = done.load(Ordering::SeqCst);
+                    let (bytes, _) = dev.read(r.range()).unwrap();
+                    let hi = started.load(Ordering::SeqCst);
+                    for (i, w) in bytes.chunks_exact(8).enumerate().step_by(97) {
+                        let v = u64::from_ne_bytes(w.try_into().unwrap());
+                        // 0: a discarded page, only while a generation is written.
+                        let ok = (lo..=hi).contains(&v) || (v == 0 && hi > lo);
+                        assert!(ok, "word {i} read {v}, memory held {lo}..={hi} meanwhile");
+                    }
+                    reads.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    assert!(reads.load(Ordering::Relaxed) > 10, "the readers ran");
+    assert!(d0.mirror_stats().invalidations > 0 && d1.mirror_stats().invalidations > 0);
+}
+
+/// After fork, the child's memory is its own: the parent's device does not
+/// mirror it, and the parent's device keeps working on the parent's memory.
+#[test]
+fn fork_child_is_not_mirrored_by_the_parents_device() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let _fork = common::fork_lock();
+    let hmm = Hmm::new().unwrap();
+    let dev = device(&hmm, "d", 1 << 20);
+    let r = hmm.alloc(16 * PAGE_SIZE).unwrap();
+    r.fill(0, r.len(), 0x11).unwrap();
+    let (bytes, _) = dev.read(r.range()).unwrap();
+    assert!(bytes.iter().all(|b| *b == 0x11), "the device maps the parent's pages");
+    let out = hmm::os::process::run_in_child(|| {
+        // The child writes its copy; reads its own bytes back.
+        r.fill(0, r.len(), 0x22).unwrap();
+        let mut b = vec![0u8; r.len()];
+        r.read(0, &mut b).unwrap();
+        i32::from(!b.iter().all(|x| *x == 0x22))
+    })
+    .unwrap();
+    assert_eq!(out, hmm::os::process::ChildOutcome::Exited(0));
+    let (bytes, _) = dev.read(r.range()).unwrap();
+    assert!(bytes.iter().all(|b| *b == 0x11), "the child's writes are not the parent's");
+    dev.write(r.addr(), &vec![0x33; r.len()]).unwrap();
+    let mut b = vec![0u8; r.len()];
+    r.read(0, &mut b).unwrap();
+    assert!(b.iter().all(|x| *x == 0x33), "the parent's device keeps working");
+    assert!(r.residencies().iter().all(|x| *x == Residency::System));
+}
