@@ -528,16 +528,18 @@ impl Inner {
             let write = want.contains(FaultFlags::WRITE);
             let addr = page_addr(i);
             let p = &mut info[i];
-            let Some(v) = vma_of[i].filter(|v| v.read) else {
+            // A page the device must not map: an error, fatal if a fault was asked.
+            let unusable = |p: &mut PageInfo, reason: &str| {
                 p.error = true;
-                if fault {
-                    let reason = if vma_of[i].is_some() {
-                        "no access to it"
-                    } else {
-                        "nothing is mapped there"
-                    };
-                    return Err(RangeFaultError::Fault { addr, reason: reason.into() });
+                match fault {
+                    true => Err(RangeFaultError::Fault { addr, reason: reason.into() }),
+                    false => Ok(()),
                 }
+            };
+            let Some(v) = vma_of[i].filter(|v| v.read) else {
+                let reason =
+                    if vma_of[i].is_some() { "no access to it" } else { "nothing is mapped there" };
+                unusable(p, reason)?;
                 continue;
             };
             if write && !v.write {
@@ -561,23 +563,11 @@ impl Inner {
                     continue;
                 }
                 Some((Residency::Poisoned, false)) => {
-                    p.error = true;
-                    if fault {
-                        return Err(RangeFaultError::Fault {
-                            addr,
-                            reason: "its device failed (the page is poisoned)".into(),
-                        });
-                    }
+                    unusable(p, "its device failed (the page is poisoned)")?;
                     continue;
                 }
                 Some((Residency::Unmapped, false)) => {
-                    p.error = true;
-                    if fault {
-                        return Err(RangeFaultError::Fault {
-                            addr,
-                            reason: "nothing is mapped there".into(),
-                        });
-                    }
+                    unusable(p, "nothing is mapped there")?;
                     continue;
                 }
                 _ => {}

@@ -753,6 +753,16 @@ impl Drop for Hmm {
     }
 }
 
+/// The value of `cell`, made by `open` the first time it is asked for (an
+/// error leaves the cell empty, to be tried again).
+fn open_once<T, E>(cell: &OnceLock<T>, open: impl FnOnce() -> Result<T, E>) -> Result<&T, E> {
+    if let Some(v) = cell.get() {
+        return Ok(v);
+    }
+    let v = open()?;
+    Ok(cell.get_or_init(|| v))
+}
+
 /// The ranges of `ranges` overlapping `[start, end)`, highest first.
 fn overlapping(
     ranges: &BTreeMap<usize, Arc<Range>>,
@@ -775,20 +785,20 @@ impl Inner {
 
     /// `/proc/self/maps`, opened once.
     pub(crate) fn vma_query(&self) -> std::io::Result<&VmaQuery> {
-        if let Some(q) = self.vma_query.get() {
-            return Ok(q);
-        }
-        let q = VmaQuery::open()?;
-        Ok(self.vma_query.get_or_init(|| q))
+        open_once(&self.vma_query, VmaQuery::open)
     }
 
     /// `/proc/self/pagemap`, opened once.
     pub(crate) fn pagemap(&self) -> Result<&Pagemap, PagemapError> {
-        if let Some(p) = self.pagemap.get() {
-            return Ok(p);
-        }
-        let p = Pagemap::open()?;
-        Ok(self.pagemap.get_or_init(|| p))
+        open_once(&self.pagemap, Pagemap::open)
+    }
+
+    /// `mprotect` of `part` of `mapping` that mirrors see: invalidated
+    /// (`Protection`) until the protection has changed.
+    fn protect(&self, mapping: &Mapping, part: PageRange, prot: Protection) -> Result<(), MmError> {
+        mapping.check(part)?;
+        let _inv = self.notifiers.start(part, InvalidationEvent::Protection);
+        mapping.protect(part, prot)
     }
 
     /// The managed ranges overlapping `[start, end)`.
@@ -1166,9 +1176,7 @@ impl ManagedRange {
     /// `self.mapping().protect(..)`, cannot invalidate anything; devices must
     /// re-validate permission when they write, as the software device does.)
     pub fn protect(&self, part: PageRange, prot: Protection) -> Result<(), MmError> {
-        self.range.mapping().check(part)?;
-        let _inv = self.inner.notifiers.start(part, InvalidationEvent::Protection);
-        self.range.mapping().protect(part, prot)
+        self.inner.protect(self.range.mapping(), part, prot)
     }
 
     /// Where page `index` lives.
@@ -1238,9 +1246,7 @@ impl MirroredRange {
 
     /// `mprotect` through hmm: mirrors are invalidated first.
     pub fn protect(&self, part: PageRange, prot: Protection) -> Result<(), MmError> {
-        self.mapping.check(part)?;
-        let _inv = self.inner.notifiers.start(part, InvalidationEvent::Protection);
-        self.mapping.protect(part, prot)
+        self.inner.protect(&self.mapping, part, prot)
     }
 }
 

@@ -22,7 +22,7 @@ use crate::dma::{
     DmaEngine, DmaError, DmaFence, DmaJob, FenceCompleter, SystemSource, ToDevice, ToSystem,
 };
 use crate::migrate::{MigrationReport, SkipReason};
-use crate::mirror::{IntervalNotifier, InvalidationEvent, PageInfo, RangeFault};
+use crate::mirror::{IntervalNotifier, InvalidationEvent, PageInfo, RangeFault, RangeFaultError};
 use crate::os::mm::{Advise, Mapping, Protection};
 use crate::os::uffd::{Features, FillErrorKind, RegisterMode, Uffd, UffdOptions};
 use crate::page::{DeviceId, DevicePage, Residency};
@@ -551,6 +551,26 @@ impl PageTable {
     }
 }
 
+/// The bytes from `at` (at most `left`) that a run of entries mapping system
+/// pages covers (writable ones, for a write), starting with the entry of `at`.
+fn system_run(pt: &PtRead<'_>, at: usize, left: usize, write: bool) -> usize {
+    let mut len = (PAGE_SIZE - at % PAGE_SIZE).min(left);
+    let mut next = at / PAGE_SIZE + 1;
+    while len < left && pt.get(&next).is_some_and(|e| e.page.is_none() && (e.write || !write)) {
+        len += PAGE_SIZE.min(left - len);
+        next += 1;
+    }
+    len
+}
+
+/// The error of an access whose entries keep going stale under it.
+fn keeps_changing(at: usize) -> RangeFaultError {
+    RangeFaultError::Fault {
+        addr: VirtAddr::new(at),
+        reason: "the page keeps changing under the device".into(),
+    }
+}
+
 /// How many times an access re-faults entries invalidated under it before
 /// giving up (each round is a full device fault; only a storm of concurrent
 /// invalidations gets this far).
@@ -614,13 +634,24 @@ impl DeviceMirror {
             self.faults.fetch_add(1, Ordering::Relaxed);
             c.faults += 1;
         }
-        Err(crate::mirror::RangeFaultError::Busy { range, timeout: RangeFault::DEFAULT_TIMEOUT }
-            .into())
+        Err(RangeFaultError::Busy { range, timeout: RangeFault::DEFAULT_TIMEOUT }.into())
     }
 
-    /// Drops the entry of one page found stale by an access.
-    fn drop_entry(&self, vpn: usize) {
-        self.table.write().remove(&vpn);
+    /// Drops the entry of the page holding `at`, found stale by an access, so
+    /// that the next look takes a device fault; gives up with `give_up` after
+    /// [`MAX_REFAULTS`] of them in one access.
+    fn refault(
+        &self,
+        refaults: &mut usize,
+        at: usize,
+        give_up: impl FnOnce() -> RangeFaultError,
+    ) -> Result<(), HmmError> {
+        self.table.write().remove(&(at / PAGE_SIZE));
+        *refaults += 1;
+        if *refaults > MAX_REFAULTS {
+            return Err(give_up().into());
+        }
+        Ok(())
     }
 
     /// Copies `buf.len()` bytes at `addr` (any alignment) into `buf`.
@@ -654,12 +685,7 @@ impl DeviceMirror {
                 continue;
             }
             // A run of system entries, read through the kernel without the lock.
-            let mut len = in_page;
-            let mut next = vpn + 1;
-            while done + len < buf.len() && pt.get(&next).is_some_and(|e| e.page.is_none()) {
-                len += PAGE_SIZE.min(buf.len() - done - len);
-                next += 1;
-            }
+            let len = system_run(&pt, at, buf.len() - done, false);
             drop(pt);
             let n = crate::os::vm::read_memory(VirtAddr::new(at), &mut buf[done..done + len])
                 .unwrap_or(0);
@@ -667,14 +693,8 @@ impl DeviceMirror {
             if n < len {
                 // The page changed under the entry (unmapped, protected): its
                 // entry is stale. Fault again; the fault reports the error.
-                refaults += 1;
-                if refaults > MAX_REFAULTS {
-                    return Err(HmmError::Fault(crate::mirror::RangeFaultError::Fault {
-                        addr: VirtAddr::new(addr.get() + done),
-                        reason: "the page keeps changing under the device".into(),
-                    }));
-                }
-                self.drop_entry((addr.get() + done) / PAGE_SIZE);
+                let at = addr.get() + done;
+                self.refault(&mut refaults, at, || keeps_changing(at))?;
             }
         }
         Ok(())
@@ -716,14 +736,9 @@ impl DeviceMirror {
                 // (an mprotect hmm did not see must not let the device write).
                 if !self.writable_now(PageRange::containing(at, in_page)) {
                     drop(pt);
-                    self.drop_entry(vpn);
-                    refaults += 1;
-                    if refaults > MAX_REFAULTS {
-                        return Err(crate::mirror::RangeFaultError::PermissionDenied {
-                            addr: VirtAddr::new(at),
-                        }
-                        .into());
-                    }
+                    self.refault(&mut refaults, at, || RangeFaultError::PermissionDenied {
+                        addr: VirtAddr::new(at),
+                    })?;
                     continue;
                 }
                 let off = p.index as usize * PAGE_SIZE + at % PAGE_SIZE;
@@ -731,29 +746,15 @@ impl DeviceMirror {
                 done += in_page;
                 continue;
             }
-            let mut len = in_page;
-            let mut next = vpn + 1;
-            while done + len < data.len()
-                && pt.get(&next).is_some_and(|e| e.page.is_none() && e.write)
-            {
-                len += PAGE_SIZE.min(data.len() - done - len);
-                next += 1;
-            }
+            let len = system_run(&pt, at, data.len() - done, true);
             drop(pt);
             let off = at - target.addr().get();
             match target.write_checked(off, &data[done..done + len]) {
                 Ok(()) => done += len,
                 Err(crate::os::vm::CheckedWriteError::Refused { done: n, .. }) => {
                     done += n;
-                    refaults += 1;
-                    if refaults > MAX_REFAULTS {
-                        return Err(crate::mirror::RangeFaultError::Fault {
-                            addr: VirtAddr::new(addr.get() + done),
-                            reason: "the page keeps changing under the device".into(),
-                        }
-                        .into());
-                    }
-                    self.drop_entry((addr.get() + done) / PAGE_SIZE);
+                    let at = addr.get() + done;
+                    self.refault(&mut refaults, at, || keeps_changing(at))?;
                 }
                 Err(crate::os::vm::CheckedWriteError::Range(e)) => return Err(e.into()),
             }
