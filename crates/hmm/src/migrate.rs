@@ -140,11 +140,19 @@ enum Src {
     Device(DevicePage),
 }
 
+/// One page of the migration.
+///
+/// `held` is the migration's claim on the page: set when setup marked the
+/// entry migrating, cleared when the migration gives the entry back (abort or
+/// commit). Only a held slot may touch the entry's migrating state: a page
+/// skipped as busy at collection is marked migrating too, by the migration
+/// that owns it.
 #[derive(Debug)]
 struct Slot {
     src: Src,
     dst: Option<DevicePage>,
     status: PageStatus,
+    held: bool,
 }
 
 /// A migration between setup and finalize (see the [module docs](self)).
@@ -251,10 +259,11 @@ impl Migration {
                         ),
                     }
                 };
-                if status == PageStatus::Pending {
+                let held = status == PageStatus::Pending;
+                if held {
                     e.begin_migration().expect("checked: not migrating, movable state");
                 }
-                slots.push(Slot { src, dst: None, status });
+                slots.push(Slot { src, dst: None, status, held });
             }
         }
         let mut me = Migration {
@@ -365,14 +374,15 @@ impl Migration {
         s.dst = None;
     }
 
-    /// Gives back the pages skipped after collection (their source never moved).
+    /// Gives back the pages skipped after collection (their source never
+    /// moved). Pages skipped at collection were never held and are left alone:
+    /// their migrating mark belongs to another migration.
     fn release_skipped(&mut self) {
         let mut t = self.rec.lock();
-        for (k, s) in self.slots.iter().enumerate() {
-            let e = &mut t[self.first + k];
-            if s.src == Src::None && e.is_migrating() && matches!(s.status, PageStatus::Skipped(_))
-            {
-                let _ = e.abort();
+        for (k, s) in self.slots.iter_mut().enumerate() {
+            if s.held && s.src == Src::None {
+                let _ = t[self.first + k].abort();
+                s.held = false;
             }
         }
     }
@@ -527,13 +537,12 @@ impl Migration {
         {
             let mut t = self.rec.lock();
             for (k, s) in self.slots.iter_mut().enumerate() {
-                if s.src == Src::None {
+                if !s.held {
                     continue;
                 }
+                s.held = false;
                 let e = &mut t[self.first + k];
-                if !e.is_migrating() {
-                    continue;
-                }
+                debug_assert!(e.is_migrating(), "a held page stays migrating until given back");
                 if s.status == PageStatus::Migrated {
                     let to = match (self.select, s.dst) {
                         (Selection::System, Some(p)) => Residency::Device(p),

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use hmm::os::mm::{Advise, Mapping, Memfd, Protection};
 use hmm::{
-    AdoptRefusal, Hmm, HmmConfig, HmmError, PAGE_SIZE, Residency, SkipReason, SoftwareDevice,
-    SoftwareDeviceConfig,
+    AdoptRefusal, Hmm, HmmConfig, HmmError, PAGE_SIZE, PageStatus, Residency, Selection,
+    SkipReason, SoftwareDevice, SoftwareDeviceConfig,
 };
 
 /// A small deterministic generator (xorshift) for test data.
@@ -442,4 +442,33 @@ fn sequential_faults_grow_the_window_ahead_and_random_ones_do_not() {
     assert_eq!(r.touch_read(3000 * PAGE_SIZE).unwrap(), 3);
     common::eventually("a fresh window", || system(3000 - 32, 3000 + 32));
     assert!(on_device(3000 - 33) && on_device(3000 + 32));
+}
+
+/// A migration that finds a page already held by another skips it as busy and
+/// leaves it alone: the page stays held by its own migration until that one
+/// ends, whatever the second does with the rest of its pages meanwhile.
+#[test]
+fn a_migration_never_releases_a_page_another_migration_holds() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    let r = hmm.alloc(4 * PAGE_SIZE).unwrap();
+    let data = random_bytes(r.len(), 7);
+    r.write(0, &data).unwrap();
+    let first = hmm.migrate(r.pages_range(0, 1).unwrap(), Selection::System).unwrap();
+    assert_eq!(first.collected(), 1);
+    assert_eq!(r.stats().pages_migrating, 1);
+    // The second collects pages 1..4 (staging them) and finds page 0 busy.
+    let second = hmm.migrate(r.range(), Selection::System).unwrap();
+    assert_eq!(second.collected(), 3);
+    assert_eq!(second.statuses()[0], PageStatus::Skipped(SkipReason::Busy));
+    assert_eq!(r.stats().pages_migrating, 4, "page 0 is still held by the first migration");
+    drop(second);
+    assert_eq!(r.stats().pages_migrating, 1, "ending the second gives back only its own pages");
+    drop(first);
+    assert_eq!(r.stats().pages_migrating, 0);
+    let mut back = vec![0u8; r.len()];
+    r.read(0, &mut back).unwrap();
+    assert!(back == data, "every page is back in place with its data");
 }

@@ -165,10 +165,9 @@ fn device_job_follows_pointers_and_sums_an_array() {
 
 /// A device fill racing invalidations never installs a stale entry: while one
 /// thread keeps changing the pages (migrating them to one device or another,
-/// writing them from the CPU, discarding and rewriting them), two threads read
-/// them through device 0, and every word read must be one the memory held
-/// during the read. (Reading through both devices at once, so that each
-/// brings the other's pages back, is not covered yet: see the open issue.)
+/// writing them from the CPU, discarding and rewriting them), one thread reads
+/// them through each device, so that each brings the other's pages back, and
+/// every word read must be one the memory held during the read.
 #[test]
 fn fills_racing_invalidations_never_install_a_stale_entry() {
     if common::skip_without_uffd() {
@@ -215,7 +214,7 @@ fn fills_racing_invalidations_never_install_a_stale_entry() {
             }
             stop.store(true, Ordering::SeqCst);
         });
-        for dev in [&d0, &d0] {
+        for dev in [&d0, &d1] {
             let (started, done, stop, reads, r) = (&started, &done, &stop, &reads, &r);
             s.spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
