@@ -85,6 +85,8 @@ const KIND_BITS: u32 = 3;
 const KIND_MASK: u64 = (1 << KIND_BITS) - 1;
 const MIGRATING: u64 = 1 << 3;
 const INVALIDATED: u64 = 1 << 4;
+/// With `INVALIDATED`: the invalidation was an unmap.
+const GONE: u64 = 1 << 5;
 const DEV_SHIFT: u32 = 8;
 const DEV_BITS: u32 = 12;
 const INDEX_SHIFT: u32 = 20;
@@ -97,8 +99,8 @@ const K_UNMAPPED: u64 = 4;
 
 /// The per-page record: residency plus the migration flags, packed in 8 bytes.
 ///
-/// Layout: bits 0-2 kind, bit 3 migrating, bit 4 invalidated, bits 8-19 device,
-/// bits 20-51 device page index.
+/// Layout: bits 0-2 kind, bit 3 migrating, bit 4 invalidated, bit 5 unmapped
+/// (with bit 4), bits 8-19 device, bits 20-51 device page index.
 #[derive(Clone, Copy, PartialEq, Eq, Default)]
 #[repr(transparent)]
 pub struct PageEntry(u64);
@@ -172,7 +174,7 @@ impl PageEntry {
     pub fn begin_migration(&mut self) -> Result<(), IllegalTransition> {
         match self.residency() {
             Residency::None | Residency::System | Residency::Device(_) if !self.is_migrating() => {
-                self.0 = (self.0 & !INVALIDATED) | MIGRATING;
+                self.0 = (self.0 & !(INVALIDATED | GONE)) | MIGRATING;
                 Ok(())
             }
             _ => Err(IllegalTransition { op: "begin_migration", from: *self }),
@@ -180,13 +182,22 @@ impl PageEntry {
     }
 
     /// Commit: the copy reached `to`. Returns `false` when the page was
-    /// invalidated meanwhile: it is then `None` and the caller frees `to`.
+    /// invalidated meanwhile, and the caller frees a device `to`. The page is
+    /// then `Unmapped` after an unmap; after a discard it is `None`, except
+    /// when `to` is `System`: the copy was installed at the address, perhaps
+    /// after the kernel emptied it, so a page may be there. It must then not
+    /// read as `None` ("certainly empty"), or a later migration would take it
+    /// for an empty page and move zeros instead of what the CPU wrote to it.
     pub fn commit(&mut self, to: Residency) -> Result<bool, IllegalTransition> {
         if !self.is_migrating() || !matches!(to, Residency::System | Residency::Device(_)) {
             return Err(IllegalTransition { op: "commit", from: *self });
         }
         if self.is_invalidated() {
-            *self = Self::NONE;
+            *self = match (self.0 & GONE != 0, to) {
+                (true, _) => Self(K_UNMAPPED),
+                (false, Residency::System) => Self::SYSTEM,
+                (false, _) => Self::NONE,
+            };
             return Ok(false);
         }
         *self = Self::new(to);
@@ -194,13 +205,14 @@ impl PageEntry {
     }
 
     /// Abort: the source stays where it was. Returns `false` when the page was
-    /// invalidated meanwhile: it is then `None` and the caller drops the source.
+    /// invalidated meanwhile: it is then `None` (`Unmapped` after an unmap)
+    /// and the caller drops the source.
     pub fn abort(&mut self) -> Result<bool, IllegalTransition> {
         if !self.is_migrating() {
             return Err(IllegalTransition { op: "abort", from: *self });
         }
         if self.is_invalidated() {
-            *self = Self::NONE;
+            *self = if self.0 & GONE != 0 { Self(K_UNMAPPED) } else { Self::NONE };
             return Ok(false);
         }
         self.0 &= !MIGRATING;
@@ -212,7 +224,7 @@ impl PageEntry {
     /// migration holds it (a migration frees what it holds when it ends).
     pub fn invalidate(&mut self, unmapped: bool) -> Option<DevicePage> {
         if self.is_migrating() {
-            self.0 |= INVALIDATED;
+            self.0 |= INVALIDATED | if unmapped { GONE } else { 0 };
             return None;
         }
         let freed = self.device_page();
@@ -307,13 +319,25 @@ mod tests {
         assert_eq!(e.invalidate(false), None, "the migration frees what it holds");
         assert!(e.is_invalidated());
         assert!(!e.commit(Residency::System).unwrap());
-        assert_eq!(e, PageEntry::NONE);
+        assert_eq!(e, PageEntry::SYSTEM, "the copy may have landed after the discard");
+
+        let mut e = PageEntry::SYSTEM;
+        e.begin_migration().unwrap();
+        e.invalidate(false);
+        assert!(!e.commit(Residency::Device(dp(0, 4))).unwrap());
+        assert_eq!(e, PageEntry::NONE, "the staged source went with the discard");
 
         let mut e = PageEntry::SYSTEM;
         e.begin_migration().unwrap();
         e.invalidate(true);
         assert!(!e.abort().unwrap());
-        assert_eq!(e, PageEntry::NONE);
+        assert_eq!(e.residency(), Residency::Unmapped);
+
+        let mut e = PageEntry::new(Residency::Device(dp(0, 3)));
+        e.begin_migration().unwrap();
+        e.invalidate(true);
+        assert!(!e.commit(Residency::System).unwrap());
+        assert_eq!(e.residency(), Residency::Unmapped);
     }
 
     #[test]
