@@ -55,11 +55,13 @@ fn bench_quick_json_prints_exactly_the_documented_keys() {
     assert_eq!(
         keys,
         [
+            "device_access_gbps",
             "device_descriptor_bytes_per_page",
             "fault_back_random_us_p50",
             "fault_back_random_us_p99",
             "fault_back_sequential_4k_gbps",
             "fault_back_sequential_gbps",
+            "invalidate_us_p50",
             "kernel_first_touch_us",
             "memcpy_gbps",
             "metadata_bytes_per_page",
@@ -70,6 +72,7 @@ fn bench_quick_json_prints_exactly_the_documented_keys() {
             "migrate_to_system_4k_gbps",
             "migrate_to_system_gbps",
             "pagemap_scan_mpages_s",
+            "range_fault_snapshot_mpages_s",
             "uffd_move_gbps",
             "uffd_roundtrip_us_p50",
             "uffd_roundtrip_us_p99",
@@ -107,6 +110,9 @@ fn bench_table_names_every_key() {
         "uffd_roundtrip_us_p99",
         "uffd_move_gbps",
         "pagemap_scan_mpages_s",
+        "device_access_gbps",
+        "range_fault_snapshot_mpages_s",
+        "invalidate_us_p50",
     ] {
         assert!(text.contains(key), "{key} missing:\n{text}");
     }

@@ -425,6 +425,15 @@ pub struct MigrationFigures {
     pub metadata_bytes_per_page: Option<f64>,
     /// Bytes of device page descriptors per 4 KiB page of device memory in use.
     pub device_descriptor_bytes_per_page: Option<f64>,
+    /// A one-worker device job summing 256 MiB of populated system memory
+    /// through the device's page table (faults included), GB/s.
+    pub device_access_gbps: Option<f64>,
+    /// `range_fault` snapshot of populated memory (1 GiB; 256 MiB when quick),
+    /// millions of pages per second.
+    pub range_fault_snapshot_mpages_s: Option<f64>,
+    /// From an application `munmap` of one managed page to the device's
+    /// invalidation callback, median, microseconds.
+    pub invalidate_us_p50: Option<f64>,
 }
 
 impl MigrationFigures {
@@ -504,6 +513,24 @@ impl MigrationFigures {
                 "B/page",
                 "device page descriptors per device page",
             ),
+            row(
+                "device_access_gbps",
+                self.device_access_gbps,
+                "GB/s",
+                "device job summing 256 MiB through its page table",
+            ),
+            row(
+                "range_fault_snapshot_mpages_s",
+                self.range_fault_snapshot_mpages_s,
+                "Mpages/s",
+                "range_fault snapshot of populated memory",
+            ),
+            row(
+                "invalidate_us_p50",
+                self.invalidate_us_p50,
+                "us",
+                "application munmap to device callback, median",
+            ),
         ]
     }
 }
@@ -529,7 +556,7 @@ impl BenchReport {
 }
 
 /// Number of steps [`run_all`] reports.
-pub const ALL_STEPS: usize = 9;
+pub const ALL_STEPS: usize = 10;
 
 /// Measures the baselines, then the migration figures.
 pub fn run_all(
@@ -610,7 +637,7 @@ pub fn run_migration(
     let size = if opts.quick { 256 << 20 } else { 1 << 30 };
     let mut f = MigrationFigures::default();
     let step =
-        |progress: &mut dyn FnMut(Step), index, name| progress(Step { name, index, total: 4 });
+        |progress: &mut dyn FnMut(Step), index, name| progress(Step { name, index, total: 5 });
 
     step(progress, 0, "migrations of huge-page memory");
     let hmm = Hmm::new().map_err(hmm_err)?;
@@ -667,5 +694,106 @@ pub fn run_migration(
     lat.sort_by(f64::total_cmp);
     f.fault_back_random_us_p50 = Some(quantile(&lat, 0.5));
     f.fault_back_random_us_p99 = Some(quantile(&lat, 0.99));
+    drop((r, dev, hmm));
+
+    step(progress, 4, "the mirror");
+    let hmm = Hmm::new().map_err(hmm_err)?;
+    f.device_access_gbps = Some(device_access_gbps(&hmm, BIG)?);
+    f.range_fault_snapshot_mpages_s = Some(snapshot_mpages_s(&hmm, size)?);
+    f.invalidate_us_p50 = Some(invalidate_us_p50(&hmm, if opts.quick { 200 } else { 2_000 })?);
     Ok(f)
+}
+
+/// A one-worker job on a software device sums `size` bytes of populated
+/// memory as u64 words, reading 64 KiB at a time through the device's page
+/// table; the first reads take the device faults. Checked against the sum the
+/// memory must give.
+fn device_access_gbps(hmm: &crate::space::Hmm, size: usize) -> Result<f64, BenchError> {
+    use crate::addr::VirtAddr;
+    use crate::swdev::{SoftwareDevice, SoftwareDeviceConfig};
+    let r = hmm.alloc(size).map_err(hmm_err)?;
+    r.advise(r.range(), Advise::PopulateWrite)?;
+    r.fill(0, size, 1).map_err(MmError::from)?;
+    let dev = SoftwareDevice::new(hmm, SoftwareDeviceConfig::new("bench-access", 16 * PAGE_SIZE))
+        .map_err(hmm_err)?;
+    let base = r.addr();
+    let t = Instant::now();
+    let (sums, _) = dev
+        .run(1, base, |ctx| {
+            let mut buf = vec![0u8; 64 << 10];
+            let mut sum = 0u64;
+            for off in (0..size).step_by(buf.len()) {
+                ctx.read(VirtAddr::new(ctx.start_addr() as usize + off), &mut buf)?;
+                for w in buf.chunks_exact(8) {
+                    sum = sum.wrapping_add(u64::from_ne_bytes(w.try_into().expect("8 bytes")));
+                }
+            }
+            Ok(sum)
+        })
+        .map_err(hmm_err)?;
+    let elapsed = t.elapsed();
+    let want = (size as u64 / 8).wrapping_mul(0x0101_0101_0101_0101);
+    if sums[0] != want {
+        return Err(BenchError::Server(format!(
+            "the device job summed {:#x}, the memory holds {want:#x}",
+            sums[0]
+        )));
+    }
+    Ok(gbps(size, elapsed))
+}
+
+/// `range_fault` snapshots of `size` bytes of populated memory (median of 5).
+fn snapshot_mpages_s(hmm: &crate::space::Hmm, size: usize) -> Result<f64, BenchError> {
+    use crate::mirror::RangeFault;
+    let r = hmm.alloc(size).map_err(hmm_err)?;
+    r.advise(r.range(), Advise::NoHugePage)?;
+    r.advise(r.range(), Advise::PopulateWrite)?;
+    let mut runs = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let info = hmm
+            .range_fault(&RangeFault::snapshot(r.range(), None))
+            .map_err(|e| BenchError::Server(e.to_string()))?;
+        runs.push(info.len() as f64 / t.elapsed().as_secs_f64() / 1e6);
+        if !info.iter().all(|p| p.valid && p.write) {
+            return Err(BenchError::Server("the snapshot missed populated pages".into()));
+        }
+    }
+    Ok(median(&mut runs))
+}
+
+/// `samples` times: the application unmaps one page of a managed range
+/// (`munmap`, which hmm learns of from the kernel's unmap event), and the time
+/// until a notifier over the range is called is taken.
+fn invalidate_us_p50(hmm: &crate::space::Hmm, samples: usize) -> Result<f64, BenchError> {
+    use std::sync::{Arc, Mutex};
+    let r = hmm.alloc(samples * PAGE_SIZE).map_err(hmm_err)?;
+    r.fill(0, r.len(), 1).map_err(MmError::from)?;
+    let seen: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let s = seen.clone();
+    let _n = hmm.insert_notifier(r.range(), move |inv| {
+        if inv.event == crate::mirror::InvalidationEvent::Unmap {
+            *s.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        }
+    });
+    let mut lat = Vec::with_capacity(samples);
+    for p in 0..samples {
+        *seen.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let part = r.pages_range(p, 1).map_err(MmError::from)?;
+        let t = Instant::now();
+        r.mapping().punch(part)?;
+        let deadline = t + Duration::from_secs(5);
+        let at = loop {
+            if let Some(at) = *seen.lock().unwrap_or_else(|e| e.into_inner()) {
+                break at;
+            }
+            if Instant::now() > deadline {
+                return Err(BenchError::Server("no invalidation within 5 s of a munmap".into()));
+            }
+            std::hint::spin_loop();
+        };
+        lat.push(at.duration_since(t).as_secs_f64() * 1e6);
+    }
+    lat.sort_by(f64::total_cmp);
+    Ok(quantile(&lat, 0.5))
 }
