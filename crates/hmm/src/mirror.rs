@@ -54,7 +54,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::addr::{PAGE_SIZE, PageRange, VirtAddr};
+use crate::addr::{HUGE_PAGE_SIZE, PAGE_SIZE, PageRange, VirtAddr};
 use crate::interval::{IntervalKey, IntervalTree};
 use crate::os::pagemap::{Categories, ScanRequest};
 use crate::os::vm::VmaInfo;
@@ -504,12 +504,27 @@ impl Inner {
         }
         // hmm's own records, for managed memory.
         let mut residency: Vec<Option<(Residency, bool)>> = vec![None; n];
+        // Pages of a 2 MiB block that lives whole in one huge device page.
+        let mut device_huge = vec![false; n];
         for r in self.overlapping(range.start().get(), range.end().get()) {
             let (a, b) = clip(range, r.range());
             let first = r.index(page_addr(a));
             let t = r.lock();
             for (k, e) in t[first..first + (b - a)].iter().enumerate() {
                 residency[a + k] = Some((e.residency(), e.is_migrating()));
+            }
+            let mut block = page_addr(a).get() & !(HUGE_PAGE_SIZE - 1);
+            while block < base + b * PAGE_SIZE {
+                let whole = PageRange::new(VirtAddr::new(block), HUGE_PAGE_SIZE).expect("block");
+                let inside = r.range().start() <= whole.start() && whole.end() <= r.range().end();
+                if inside {
+                    let i = r.index(whole.start());
+                    if is_device_huge_page(&t[i..i + HUGE_PAGE_SIZE / PAGE_SIZE]) {
+                        let (x, y) = clip(range, whole);
+                        device_huge[x..y].iter_mut().for_each(|h| *h = true);
+                    }
+                }
+                block += HUGE_PAGE_SIZE;
             }
         }
         let mut pending = Pending::default();
@@ -556,7 +571,7 @@ impl Inner {
                     if Some(d.dev) == req.owner {
                         p.valid = true;
                         p.write = v.write;
-                        p.order = 0;
+                        p.order = if device_huge[i] { 9 } else { 0 };
                     } else if fault {
                         pending.bring_back.push((addr, d));
                     }
@@ -646,6 +661,19 @@ impl Inner {
             v.iter().map(|v| clip(run, v.range)).map(|(a, b)| b - a).sum::<usize>() == run.pages()
         })
     }
+}
+
+/// Whether the entries of a 2 MiB block live in one huge device page: one
+/// device's pages, a run aligned to 512 in the block's order, none migrating
+/// (the device can map the block with one entry, as a 2 MiB device page).
+fn is_device_huge_page(block: &[crate::page::PageEntry]) -> bool {
+    let Some(first) = block.first().and_then(|e| e.device_page()) else { return false };
+    (first.index as usize).is_multiple_of(block.len())
+        && block.iter().enumerate().all(|(k, e)| {
+            !e.is_migrating()
+                && e.device_page()
+                    == Some(DevicePage { dev: first.dev, index: first.index + k as u32 })
+        })
 }
 
 /// The whole user address space (the lower half), for notifiers that mirror

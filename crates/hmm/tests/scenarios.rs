@@ -214,6 +214,61 @@ fn migrate_anon_huge_err() {
     assert!(hmm.fault_stats().1 >= 1, "the starved fault-back was retried");
 }
 
+/// Pages of `range` the CPU page table maps (present), from `/proc/self/pagemap`.
+fn present_pages(range: hmm::PageRange) -> usize {
+    hmm::os::pagemap::Pagemap::open()
+        .unwrap()
+        .entries(range)
+        .unwrap()
+        .iter()
+        .filter(|e| e.present())
+        .count()
+}
+
+#[test]
+fn migrate_anon_huge_fault() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    let dev = device(&hmm, 512);
+    let r = huge_region(&hmm);
+    fill_index(&r);
+    assert_eq!(dev.migrate_to_device(r.range()).unwrap().migrated, 512);
+    // A fresh device gives the block one aligned run of 512 pages: a huge
+    // device page, reported with its order.
+    let s = dev.snapshot(r.range()).unwrap();
+    for (i, p) in s.iter().enumerate() {
+        assert!(p.device_local && p.access == SnapshotAccess::Write, "page {i}: {p:?}");
+        assert_eq!(p.order, 9, "page {i} is part of a 2 MiB device page");
+    }
+    assert_eq!(present_pages(r.range()), 0, "the CPU page table maps none of it");
+    // The CPU touches it: it faults back with its data.
+    check_index(&cpu_bytes(&r), 0);
+    assert!(r.residencies().iter().all(|x| *x == Residency::System));
+    assert_eq!(present_pages(r.range()), 512);
+}
+
+#[test]
+fn migrate_anon_huge_free() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    let dev = device(&hmm, 512);
+    let r = huge_region(&hmm);
+    fill_index(&r);
+    assert_eq!(dev.migrate_to_device(r.range()).unwrap().migrated, 512);
+    let (bytes, _) = dev.read(r.range()).unwrap();
+    check_index(&bytes, 0);
+    assert_eq!(dev.stats().pages_resident, 512);
+    r.advise(r.range(), hmm::os::mm::Advise::Free).unwrap();
+    // MADV_FREE reaches hmm as the kernel's remove event: the device pages go.
+    common::eventually("the device pages freed", || dev.stats().pages_resident == 0);
+    assert!(r.residencies().iter().all(|x| *x == Residency::None));
+    assert!(cpu_bytes(&r).iter().all(|b| *b == 0), "freed memory reads as zeros");
+}
+
 // ---- mirroring: device accesses through the device's page table ---------------------
 
 use hmm::os::mm::{Mapping, Protection};
@@ -321,6 +376,29 @@ fn anon_write() {
     assert_eq!(c.cpages, NPAGES as u64);
     assert_eq!(c.faults, 1);
     assert_eq!(cpu_bytes(&r), data);
+}
+
+#[test]
+fn anon_write_huge() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    let dev = device(&hmm, 512);
+    let r = huge_region(&hmm);
+    let data = index_bytes(512, 0);
+    let c = dev.write(r.addr(), &data).unwrap();
+    assert_eq!(c.cpages, 512);
+    assert_eq!(c.faults, 1);
+    assert_eq!(cpu_bytes(&r), data);
+    // Where the kernel had a huge page for the block, the snapshot says so.
+    let s = dev.snapshot(r.range()).unwrap();
+    assert!(s.iter().all(|p| p.access == SnapshotAccess::Write && !p.device_local));
+    let huge = s.iter().filter(|p| p.order == 9).count();
+    assert!(huge == 0 || huge == 512, "one block, one order: {huge} pages huge");
+    if huge == 0 {
+        eprintln!("anon_write_huge: no transparent huge page was had for the block (order 0)");
+    }
 }
 
 #[test]
