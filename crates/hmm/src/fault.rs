@@ -296,7 +296,13 @@ impl Service {
                 self.inner.counters.faults_read.fetch_add(1, Ordering::Relaxed);
                 self.fault(*addr, flags.write, Duration::ZERO);
             }
-            UffdEvent::Remove { start, end } => self.invalidate(start.get(), end.get(), false),
+            UffdEvent::Remove { start, end } => {
+                let own = PageRange::new(*start, end.get() - start.get())
+                    .is_ok_and(|r| self.inner.take_own_discard(r));
+                if !own {
+                    self.invalidate(start.get(), end.get(), false);
+                }
+            }
             UffdEvent::Unmap { start, end } => self.invalidate(start.get(), end.get(), true),
             UffdEvent::Remap { from, to, len } => self.remap(from.get(), to.get(), *len),
             UffdEvent::Fork { .. } => {
@@ -324,6 +330,16 @@ impl Service {
         let i = r.index(page.start());
         let e = r.lock()[i];
         if e.is_migrating() {
+            if self.inner.is_copying_out(page.start()) {
+                // Discarded while a migration reads it out of a read-only
+                // mapping: it reads as zeros, and the reader may be the
+                // migration itself, which must not wait on itself.
+                if let Err(e) = self.inner.uffd.zeropage(page, false)
+                    && e.kind == FillErrorKind::Again
+                {
+                    self.retry_later(page.start(), write, delay);
+                }
+            }
             return; // the migration wakes the thread when it ends
         }
         match e.residency() {

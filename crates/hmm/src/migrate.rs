@@ -339,11 +339,14 @@ impl Migration {
                         // MADV_FREE): it reads as zeros, so it moves as a zero page.
                         FillErrorKind::SourceHole => self.slots[k].src = Src::Zero,
                         FillErrorKind::Busy => self.skip(k, SkipReason::Busy),
+                        // The kernel moves only between writable areas (and one
+                        // area at a time): take the rest of the run page by page.
                         FillErrorKind::Invalid => {
                             for s in k..j {
-                                self.skip(s, SkipReason::NotMovable(
-                                    "the mapping does not allow moving pages (read-only or changed)".into(),
-                                ));
+                                match self.isolate_page(s, &staging) {
+                                    Ok(src) => self.slots[s].src = src,
+                                    Err(reason) => self.skip(s, reason),
+                                }
                             }
                         }
                         _ => self.skip(k, SkipReason::NotMovable(e.to_string())),
@@ -355,6 +358,56 @@ impl Migration {
         self.staging = Some(Arc::new(staging));
         self.release_skipped();
         Ok(())
+    }
+
+    /// Isolates page `k` alone: by a move where its area allows one, by a
+    /// copy where the area is read-only.
+    fn isolate_page(&mut self, k: usize, staging: &Mapping) -> Result<Src, SkipReason> {
+        let page = PageRange::from_pages(self.addr(k), 1).expect("one page");
+        let vma = self.inner.vma_query().ok().and_then(|q| q.overlapping(page).ok());
+        let Some(v) = vma.and_then(|v| v.into_iter().next()).filter(|v| v.read) else {
+            return Err(SkipReason::NotMovable(
+                "the mapping changed or does not allow access".into(),
+            ));
+        };
+        let dst = staging.subrange(k * PAGE_SIZE, PAGE_SIZE).expect("inside");
+        if !v.write {
+            return self.copy_out(page, dst);
+        }
+        let mapping = self.rec.mapping();
+        match self.inner.staging_uffd.move_pages(dst, mapping, page, true, false) {
+            Ok(_) => Ok(Src::Staged),
+            Err(e) if e.kind == FillErrorKind::SourceHole => Ok(Src::Zero),
+            Err(e) if e.kind == FillErrorKind::Busy => Err(SkipReason::Busy),
+            Err(e) => Err(SkipReason::NotMovable(e.to_string())),
+        }
+    }
+
+    /// Isolates a page of a read-only area, which `UFFDIO_MOVE` refuses: its
+    /// bytes are read into staging, then the page is discarded so that its
+    /// address is empty like any isolated page's. The CPU cannot write it
+    /// meanwhile (the area is read-only). If the application discards it
+    /// during the read, the fault service maps the zero page for the read
+    /// (see `Inner::copying_out`): the page moves as zeros, which is what it
+    /// then holds. The discard here is hmm's own, and the fault service
+    /// knows it is not the application's.
+    fn copy_out(&mut self, page: PageRange, dst: PageRange) -> Result<Src, SkipReason> {
+        let mut buf = vec![0u8; PAGE_SIZE];
+        let at = page.start();
+        self.inner.copying_out.lock().unwrap_or_else(|e| e.into_inner()).push(at);
+        let read = crate::os::vm::read_memory(at, &mut buf);
+        self.inner.copying_out.lock().unwrap_or_else(|e| e.into_inner()).retain(|a| *a != at);
+        if read != Ok(PAGE_SIZE) {
+            return Err(SkipReason::NotMovable(format!("cannot read it: {read:?}")));
+        }
+        self.inner
+            .staging_uffd
+            .copy(dst, &buf, true, false)
+            .map_err(|e| SkipReason::NotMovable(format!("no staging memory: {e}")))?;
+        self.inner
+            .discard_own(self.rec.mapping(), page)
+            .map_err(|e| SkipReason::NotMovable(e.to_string()))?;
+        Ok(Src::Staged)
     }
 
     fn fail_isolating(&mut self, reason: SkipReason) {

@@ -134,6 +134,18 @@ pub enum HmmError {
         /// The range given.
         range: PageRange,
     },
+    /// Part of the range cannot be accessed at all: nothing is mapped there,
+    /// or its protection allows no access (the kernel's `EINVAL` for such a
+    /// migration).
+    #[error("{op}: {range} is not an accessible range: {reason} (map it, or make it readable)")]
+    InvalidRange {
+        /// The operation.
+        op: &'static str,
+        /// The range asked for.
+        range: PageRange,
+        /// What is wrong, and where.
+        reason: String,
+    },
     /// Pages did not move where an operation needed them.
     #[error("{op}: the page at {addr} did not move: {reason}")]
     NotMoved {
@@ -338,6 +350,14 @@ pub(crate) struct Inner {
     pub(crate) counters: HmmCounters,
     /// The interval notifiers of devices mirroring this address space.
     pub(crate) notifiers: Notifiers,
+    /// Pages a migration is reading out of a read-only mapping (see
+    /// `Migration::copy_out`). A fault there means the page was discarded
+    /// meanwhile: it is served with the zero page, so the migration's own
+    /// read cannot wait on the migration.
+    pub(crate) copying_out: Mutex<Vec<VirtAddr>>,
+    /// Pages hmm discarded itself (`MADV_DONTNEED` after a copy out): the
+    /// kernel's remove event for each is hmm's own, not the application's.
+    pub(crate) own_discards: Mutex<Vec<PageRange>>,
     vma_query: OnceLock<VmaQuery>,
     pagemap: OnceLock<Pagemap>,
     service: Mutex<Option<JoinHandle<()>>>,
@@ -426,6 +446,8 @@ impl Hmm {
             service_stack: OnceLock::new(),
             counters: HmmCounters::default(),
             notifiers: Notifiers::new(),
+            copying_out: Mutex::new(Vec::new()),
+            own_discards: Mutex::new(Vec::new()),
             vma_query: OnceLock::new(),
             pagemap: OnceLock::new(),
             service: Mutex::new(None),
@@ -773,6 +795,58 @@ fn overlapping(
 }
 
 impl Inner {
+    /// Fails with [`HmmError::InvalidRange`] unless every page of `range` is
+    /// mapped and readable. (Without a way to read the areas, the check is
+    /// left to the migration, which skips such pages with the reason.)
+    fn check_accessible(&self, range: PageRange, op: &'static str) -> Result<(), HmmError> {
+        let Some(vmas) = self.vma_query().ok().and_then(|q| q.overlapping(range).ok()) else {
+            return Ok(());
+        };
+        let bad = |reason: String| Err(HmmError::InvalidRange { op, range, reason });
+        let mut at = range.start();
+        for v in vmas {
+            if v.range.start() > at {
+                return bad(format!("nothing is mapped at {at}"));
+            }
+            if !v.read {
+                return bad(format!("{} allows no access", v.range));
+            }
+            at = at.max(v.range.end());
+        }
+        if at < range.end() {
+            return bad(format!("nothing is mapped at {at}"));
+        }
+        Ok(())
+    }
+
+    /// Whether a migration is reading `page` out of a read-only mapping.
+    pub(crate) fn is_copying_out(&self, page: VirtAddr) -> bool {
+        self.copying_out.lock().unwrap_or_else(|e| e.into_inner()).contains(&page)
+    }
+
+    /// Discards `page` for hmm's own purposes: the remove event it causes is
+    /// recognised by the fault service and not taken for the application's.
+    pub(crate) fn discard_own(&self, mapping: &Mapping, page: PageRange) -> Result<(), MmError> {
+        self.own_discards.lock().unwrap_or_else(|e| e.into_inner()).push(page);
+        let r = mapping.advise(page, Advise::DontNeed);
+        if r.is_err() {
+            self.take_own_discard(page);
+        }
+        r
+    }
+
+    /// Whether `range` is a discard of hmm's own (then forgotten).
+    pub(crate) fn take_own_discard(&self, range: PageRange) -> bool {
+        let mut v = self.own_discards.lock().unwrap_or_else(|e| e.into_inner());
+        match v.iter().position(|r| *r == range) {
+            Some(i) => {
+                v.swap_remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// The mirrored mapping (see [`Hmm::mirror`]) wholly containing `range`.
     pub(crate) fn mirrored_containing(&self, range: PageRange) -> Option<Arc<Mapping>> {
         let m = self.mirrored.read().unwrap_or_else(|e| e.into_inner());
@@ -868,6 +942,8 @@ impl Inner {
         mem: &Arc<DeviceMemory>,
         engine: &dyn crate::dma::DmaEngine,
     ) -> Result<MigrationReport, HmmError> {
+        self.find_containing(range)?;
+        self.check_accessible(range, "migrate to a device")?;
         // Pipelined: while the engine copies one batch, the next is set up and
         // given its device pages, and the one before is finalized.
         let mut in_flight: Option<Migration> = None;

@@ -202,9 +202,16 @@ fn direct_munmap_returns_every_device_page() {
         r.read(p * PAGE_SIZE, &mut page).unwrap();
         assert!(page[..] == data[p * PAGE_SIZE..(p + 1) * PAGE_SIZE], "page {p}");
     }
-    // A migration over the whole range skips the unmapped pages with the reason.
-    let rep = dev.migrate_to_device(r.range()).unwrap();
-    assert_eq!((rep.migrated, rep.count(&SkipReason::Unmapped)), (82, 46));
+    // A migration over the whole range is refused, naming the first hole;
+    // the mapped parts migrate.
+    let e = dev.migrate_to_device(r.range()).unwrap_err();
+    assert!(matches!(e, HmmError::InvalidRange { .. }), "{e}");
+    assert!(e.to_string().contains(&format!("nothing is mapped at {}", head.start())), "{e}");
+    let parts = [r.pages_range(16, 34).unwrap(), r.pages_range(80, 48).unwrap()];
+    assert_eq!(
+        parts.iter().map(|p| dev.migrate_to_device(*p).unwrap().migrated).sum::<usize>(),
+        82
+    );
     // Unmapping the rest piece by piece returns every device page.
     r.unmap(r.pages_range(16, 34).unwrap()).unwrap();
     r.unmap(r.pages_range(80, 48).unwrap()).unwrap();

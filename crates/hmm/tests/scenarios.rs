@@ -214,6 +214,55 @@ fn migrate_anon_huge_err() {
     assert!(hmm.fault_stats().1 >= 1, "the starved fault-back was retried");
 }
 
+#[test]
+fn migrate_mixed() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    let d0 = device(&hmm, 16);
+    let d1 = device(&hmm, 16);
+    let r = hmm.alloc(6 * PAGE_SIZE).unwrap();
+    let p = |i, n| r.pages_range(i, n).unwrap();
+    let invalid = |e: HmmError| assert!(matches!(e, HmmError::InvalidRange { .. }), "{e}");
+    // An inaccessible range.
+    r.protect(r.range(), Protection::None).unwrap();
+    invalid(d1.migrate_to_device(r.range()).unwrap_err());
+    r.protect(r.range(), Protection::ReadWrite).unwrap();
+    // A range with a hole.
+    r.unmap(p(1, 1)).unwrap();
+    invalid(d1.migrate_to_device(p(0, 3)).unwrap_err());
+    // Page 2 the zero page, read-only; page 3 read-only; pages 4-5 read-write.
+    assert_eq!(r.touch_read(2 * PAGE_SIZE).unwrap(), 0);
+    for i in 3..6 {
+        r.fill(i * PAGE_SIZE, PAGE_SIZE, i as u8).unwrap();
+    }
+    r.protect(p(2, 2), Protection::Read).unwrap();
+    let rep = d1.migrate_to_device(p(2, 4)).unwrap();
+    assert_eq!(rep.migrated, 4, "{:?}", rep.skipped);
+    for i in 2..6 {
+        assert!(matches!(r.residency(i), Residency::Device(x) if x.dev == d1.memory().id()));
+    }
+    let (bytes, _) = d1.read(p(2, 4)).unwrap();
+    let want: Vec<u8> = [0u8, 3, 4, 5].iter().flat_map(|b| vec![*b; PAGE_SIZE]).collect();
+    assert!(bytes == want, "device 1 holds the data");
+    // Device 0 asked to migrate a page that lives on device 1: nothing moves,
+    // and the report says why.
+    let rep = d0.migrate_to_device(p(5, 1)).unwrap();
+    assert_eq!(rep.migrated, 0);
+    match &rep.skipped[..] {
+        [(_, SkipReason::NotSelected(why))] => assert!(why.contains("device"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    // The CPU reads every page back, the read-only ones included.
+    let mut page = vec![9u8; PAGE_SIZE];
+    for i in 2..6 {
+        r.read(i * PAGE_SIZE, &mut page).unwrap();
+        assert!(page.iter().all(|b| usize::from(*b) == if i == 2 { 0 } else { i }), "page {i}");
+    }
+    assert_eq!(d1.stats().pages_resident, 0);
+}
+
 /// Pages of `range` the CPU page table maps (present), from `/proc/self/pagemap`.
 fn present_pages(range: hmm::PageRange) -> usize {
     hmm::os::pagemap::Pagemap::open()
