@@ -6,7 +6,7 @@ mod common;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use hmm::os::mm::Advise;
+use hmm::os::mm::{Advise, Mapping, Protection};
 use hmm::{
     Hmm, InvalidationEvent, PAGE_SIZE, Residency, SoftwareDevice, SoftwareDeviceConfig, VirtAddr,
 };
@@ -266,4 +266,110 @@ fn fork_child_is_not_mirrored_by_the_parents_device() {
     r.read(0, &mut b).unwrap();
     assert!(b.iter().all(|x| *x == 0x33), "the parent's device keeps working");
     assert!(r.residencies().iter().all(|x| *x == Residency::System));
+}
+
+/// The notifier protocol across munmap and mmap: one thread keeps unmapping
+/// the range (dropping it) and mapping fresh memory at the same address
+/// (writing a new generation into it, migrating parts to either device), while
+/// one thread reads the address through each device. A read either fails
+/// (nothing mapped for a moment) or returns only words the memory held during
+/// the read: a translation kept from the old mapping would show an old
+/// generation, or another page's bytes.
+#[test]
+fn munmap_and_remap_while_devices_read_never_show_stale_data() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    // Small enough that the readers' buffers come from the heap, not from
+    // mmap (which could take the address while it is free).
+    let pages = 16;
+    let hmm = Hmm::new().unwrap();
+    let d0 = device(&hmm, "d0", pages * PAGE_SIZE);
+    let d1 = device(&hmm, "d1", pages * PAGE_SIZE);
+    // Held until the threads have started (each maps its signal stack
+    // somewhere free, which must not be here).
+    let first = hmm.alloc(pages * PAGE_SIZE).unwrap();
+    let at = first.range();
+    let first = Mutex::new(Some(first));
+    let all_started = std::sync::Barrier::new(3);
+    let started = AtomicU64::new(1);
+    let done = AtomicU64::new(0);
+    let stop = AtomicBool::new(false);
+    let (reads, failed) = (AtomicU64::new(0), AtomicU64::new(0));
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // The readers stop however this thread ends.
+            struct Stop<'a>(&'a AtomicBool);
+            impl Drop for Stop<'_> {
+                fn drop(&mut self) {
+                    self.0.store(true, Ordering::SeqCst);
+                }
+            }
+            let _stop = Stop(&stop);
+            let mut r: Option<hmm::ManagedRange> = first.lock().unwrap().take();
+            all_started.wait();
+            for g in 1..150u64 {
+                started.store(g, Ordering::SeqCst);
+                drop(r.take());
+                let m = (0..1000)
+                    .find_map(|_| {
+                        let m = Mapping::anonymous_at(at, Protection::ReadWrite).ok();
+                        if m.is_none() {
+                            std::thread::sleep(std::time::Duration::from_millis(1));
+                        }
+                        m
+                    })
+                    .expect("the address is free again");
+                let range = hmm.adopt(m).unwrap();
+                range.write(0, &g.to_ne_bytes().repeat(range.len() / 8)).unwrap();
+                let rep = match g % 3 {
+                    0 => d0.migrate_to_device(at).unwrap(),
+                    1 => d1.migrate_to_device(range.pages_range(0, pages / 2).unwrap()).unwrap(),
+                    _ => Default::default(),
+                };
+                // A page a reader's kernel copy holds at that moment is busy
+                // (pinned), as in the kernel; nothing else may stop a page.
+                let busy = rep.count(&hmm::SkipReason::Busy);
+                assert_eq!(busy, rep.skipped.len(), "generation {g}: {:?}", rep.skipped);
+                if g % 5 == 0 {
+                    // Part of it goes before the rest.
+                    range.unmap(range.pages_range(4, 4).unwrap()).unwrap();
+                }
+                done.store(g, Ordering::SeqCst);
+                r = Some(range);
+            }
+            drop(r);
+        });
+        for dev in [&d0, &d1] {
+            let (started, done, stop, reads, failed) = (&started, &done, &stop, &reads, &failed);
+            let all_started = &all_started;
+            s.spawn(move || {
+                all_started.wait();
+                while !stop.load(Ordering::SeqCst) {
+                    let lo = done.load(Ordering::SeqCst);
+                    let Ok((bytes, _)) = dev.read(at) else {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    };
+                    let hi = started.load(Ordering::SeqCst);
+                    for (i, w) in bytes.chunks_exact(8).enumerate().step_by(31) {
+                        let v = u64::from_ne_bytes(w.try_into().unwrap());
+                        // 0: fresh memory, only while a generation is mapped in.
+                        let ok = (lo..=hi).contains(&v) || (v == 0 && hi > lo);
+                        assert!(ok, "word {i} read {v}, memory held {lo}..={hi} meanwhile");
+                    }
+                    reads.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    assert!(reads.load(Ordering::Relaxed) > 10, "the readers read");
+    eprintln!(
+        "reads {} (failed while unmapped: {})",
+        reads.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed)
+    );
+    common::eventually("every device page freed", || {
+        d0.stats().pages_resident == 0 && d1.stats().pages_resident == 0
+    });
 }

@@ -255,6 +255,37 @@ impl Mapping {
         Self::map_anon(len, prot, MapFlags::PRIVATE, Backing::PrivateAnon)
     }
 
+    /// A new private anonymous mapping at exactly `range`, which must be free:
+    /// `MAP_FIXED_NOREPLACE` never replaces an existing mapping, so an
+    /// occupied range is refused (`EEXIST`). For code that maps memory again
+    /// where it unmapped some, as applications do.
+    pub fn anonymous_at(range: PageRange, prot: Protection) -> Result<Self, MmError> {
+        let len = range.len();
+        check_len(len)?;
+        // SAFETY: MAP_FIXED_NOREPLACE maps only where nothing is mapped, so no
+        // existing Rust object can be aliased; a kernel that ignores the flag
+        // treats the address as a hint and maps elsewhere, also fresh memory.
+        let ptr = unsafe {
+            rustix::mm::mmap_anonymous(
+                range.start().get() as *mut _,
+                len,
+                prot.prot_flags(),
+                MapFlags::PRIVATE | MapFlags::NORESERVE | MapFlags::FIXED_NOREPLACE,
+            )
+        }
+        .map_err(|errno| MmError::Map { len, errno })?;
+        let got = Self::raw(
+            PageRange::new(VirtAddr::new(ptr as usize), len)?,
+            Backing::PrivateAnon,
+            true,
+        );
+        if got.range != range {
+            // A kernel without MAP_FIXED_NOREPLACE: dropping `got` unmaps it.
+            return Err(MmError::Map { len, errno: rustix::io::Errno::EXIST });
+        }
+        Ok(got)
+    }
+
     /// A new shared anonymous (shmem) mapping.
     pub fn shared_anonymous(len: usize, prot: Protection) -> Result<Self, MmError> {
         Self::map_anon(len, prot, MapFlags::SHARED, Backing::SharedAnon)
