@@ -292,6 +292,7 @@ impl Service {
 
     fn handle(&mut self, ev: &UffdEvent) {
         match ev {
+            UffdEvent::PageFault { addr, flags, .. } if flags.wp => self.tracked_write(*addr),
             UffdEvent::PageFault { addr, flags, .. } => {
                 self.inner.counters.faults_read.fetch_add(1, Ordering::Relaxed);
                 self.fault(*addr, flags.write, Duration::ZERO);
@@ -309,6 +310,21 @@ impl Service {
                 // EVENT_FORK is not enabled; dropping the child descriptor is all
                 // there is to do.
             }
+        }
+    }
+
+    /// A CPU write to a page hmm write-protected because a device maps it
+    /// read-only (`Inner::track_writes`): the mirrors drop their entries
+    /// first (`Clear`, as for the kernel's copy-on-write break), then the
+    /// protection goes and the writer is woken, so no device entry outlives
+    /// the write becoming visible.
+    fn tracked_write(&mut self, addr: VirtAddr) {
+        let page = PageRange::from_pages(addr.page_down(), 1).expect("one page");
+        self.inner.counters.tracked_writes.fetch_add(1, Ordering::Relaxed);
+        let _inv = self.inner.notifiers.start(page, InvalidationEvent::Clear);
+        if let Err(e) = self.inner.uffd.write_unprotect(page, false) {
+            tracing::error!(%page, error = %e, "cannot lift write protection");
+            let _ = self.inner.uffd.wake(page);
         }
     }
 

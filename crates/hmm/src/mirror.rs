@@ -433,6 +433,9 @@ struct Pending {
     populate: Vec<(PageRange, bool)>,
     /// Pages of other devices to bring back.
     bring_back: Vec<(VirtAddr, DevicePage)>,
+    /// Runs of managed pages reported read-only in a writable area (the zero
+    /// page): CPU writes to them are tracked once the answer is final.
+    read_only: Vec<PageRange>,
 }
 
 impl Inner {
@@ -453,6 +456,7 @@ impl Inner {
         loop {
             let (info, pending) = self.range_fault_pass(req)?;
             if !pending.busy && pending.populate.is_empty() && pending.bring_back.is_empty() {
+                self.track_writes(&pending.read_only);
                 return Ok(info);
             }
             self.resolve(&pending)?;
@@ -600,6 +604,13 @@ impl Inner {
             }
             if (fault && !p.valid) || (write && !p.write) {
                 push_populate(i, write, &mut pending);
+            } else if p.valid && !p.write && v.write && residency[i].is_some() {
+                match pending.read_only.last_mut() {
+                    Some(run) if run.end() == addr => {
+                        *run = PageRange::new(run.start(), run.len() + PAGE_SIZE).expect("run");
+                    }
+                    _ => pending.read_only.push(PageRange::from_pages(addr, 1).expect("page")),
+                }
             }
         }
         Ok((info, pending))

@@ -252,6 +252,9 @@ pub(crate) struct Range {
     /// Made with [`Hmm::alloc_huge`]: first touches and fault-backs work in
     /// whole 2 MiB blocks, so pages stay transparent huge pages end to end.
     pub(crate) huge: bool,
+    /// Registered in write-protect mode too: a CPU write to a page a device
+    /// maps read-only can be caught (see `Inner::track_writes`).
+    pub(crate) wp: bool,
 }
 
 impl Range {
@@ -327,6 +330,7 @@ impl Drop for Range {
 pub(crate) struct HmmCounters {
     pub(crate) faults_read: AtomicU64,
     pub(crate) fault_retries_no_memory: AtomicU64,
+    pub(crate) tracked_writes: AtomicU64,
 }
 
 /// The state shared by an [`Hmm`] handle, its ranges, devices and fault service.
@@ -583,7 +587,15 @@ impl Hmm {
                 drop(ranges);
                 return Err(HmmError::Adopt { range, reason: AdoptRefusal::Overlaps(existing) });
             }
-            if let Err(e) = inner.uffd.register(&mapping, range, RegisterMode::MISSING) {
+            // Write-protect mode where the kernel has it (for anonymous
+            // memory since 5.7); without it, writes to pages devices map
+            // read-only are not caught (device reads stay correct: they go
+            // through the kernel).
+            let wp = inner
+                .uffd
+                .register(&mapping, range, RegisterMode::MISSING | RegisterMode::WP)
+                .is_ok();
+            if !wp && let Err(e) = inner.uffd.register(&mapping, range, RegisterMode::MISSING) {
                 drop(ranges);
                 if let UffdError::Register { errno: rustix::io::Errno::BUSY, .. } = e {
                     return Err(HmmError::Adopt { range, reason: AdoptRefusal::OtherUffd });
@@ -599,6 +611,7 @@ impl Hmm {
                 counters: RangeCounters::default(),
                 created,
                 huge,
+                wp,
             });
             ranges.insert(range.start().get(), r.clone());
             Ok(ManagedRange { inner: inner.clone(), range: r })
@@ -721,6 +734,12 @@ impl Hmm {
         (c.faults_read.load(Ordering::Relaxed), c.fault_retries_no_memory.load(Ordering::Relaxed))
     }
 
+    /// CPU writes caught on pages a device mapped read-only (each invalidated
+    /// the mirrors before it landed).
+    pub fn tracked_writes(&self) -> u64 {
+        self.inner.counters.tracked_writes.load(Ordering::Relaxed)
+    }
+
     /// Inserts an interval notifier over `range` (any memory of the process,
     /// managed by hmm or not): `callback` runs for every invalidation hmm makes
     /// or learns of that overlaps it, with the overlapping part (see
@@ -817,6 +836,27 @@ impl Inner {
             return bad(format!("nothing is mapped at {at}"));
         }
         Ok(())
+    }
+
+    /// Write-protects `pages` of managed memory that a device is about to map
+    /// read-only although the area is writable (the zero page): a CPU write
+    /// then faults to the fault service, which invalidates the mirrors before
+    /// letting the write through (the kernel's copy-on-write break, which
+    /// notifies mirrors). Pages of ranges without write-protect mode are left.
+    pub(crate) fn track_writes(&self, pages: &[PageRange]) {
+        for run in pages {
+            let Some(r) = self.find(run.start()) else { continue };
+            if !r.wp {
+                continue;
+            }
+            let end = run.end().min(r.range().end());
+            let Ok(part) = PageRange::new(run.start(), end.get() - run.start().get()) else {
+                continue;
+            };
+            if let Err(e) = self.uffd.write_protect(part) {
+                tracing::debug!(%part, error = %e, "cannot write-protect pages a device maps read-only");
+            }
+        }
     }
 
     /// Whether a migration is reading `page` out of a read-only mapping.
@@ -1253,6 +1293,14 @@ impl ManagedRange {
     /// re-validate permission when they write, as the software device does.)
     pub fn protect(&self, part: PageRange, prot: Protection) -> Result<(), MmError> {
         self.inner.protect(self.range.mapping(), part, prot)
+    }
+
+    /// Whether CPU writes to pages a device maps read-only are caught (the
+    /// range is registered in write-protect mode; a kernel without it for
+    /// anonymous memory leaves them uncaught, and device reads still see
+    /// every write, since they go through the kernel).
+    pub fn tracks_writes(&self) -> bool {
+        self.range.wp
     }
 
     /// Where page `index` lives.

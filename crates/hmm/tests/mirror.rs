@@ -373,3 +373,46 @@ fn munmap_and_remap_while_devices_read_never_show_stale_data() {
         d0.stats().pages_resident == 0 && d1.stats().pages_resident == 0
     });
 }
+
+/// A CPU write to a page a device maps read-only (here the zero page of a
+/// page the CPU only read): the device's entry is gone before the write is
+/// visible, and the device's next read sees the new value.
+#[test]
+fn cpu_write_to_a_page_a_device_maps_read_only_invalidates_first() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    let dev = device(&hmm, "d", 16 * PAGE_SIZE);
+    let r = hmm.alloc(4 * PAGE_SIZE).unwrap();
+    if !r.tracks_writes() {
+        eprintln!("SKIP: this kernel has no userfaultfd write-protect mode for anonymous memory");
+        return;
+    }
+    assert_eq!(r.touch_read(0).unwrap(), 0, "the zero page backs page 0");
+    let page = r.pages_range(0, 1).unwrap();
+    let (bytes, _) = dev.read(page).unwrap();
+    assert!(bytes.iter().all(|b| *b == 0));
+    let e = dev.entry(r.addr()).expect("the device maps the page");
+    assert!(!e.write, "the zero page is mapped read-only");
+    // When the invalidation comes, the write must not be visible yet, and the
+    // device's entry must already be gone once it has been delivered.
+    let seen: Arc<Mutex<Vec<(InvalidationEvent, u8)>>> = Arc::default();
+    let s = seen.clone();
+    let at = r.addr();
+    let _n = hmm.insert_notifier(page, move |inv| {
+        let mut b = [0u8; 1];
+        assert_eq!(hmm::os::vm::read_memory(at, &mut b), Ok(1));
+        s.lock().unwrap().push((inv.event, b[0]));
+    });
+    r.write(0, &[0xab; 8]).unwrap();
+    assert_eq!(*seen.lock().unwrap(), [(InvalidationEvent::Clear, 0)], "invalidated, then written");
+    assert!(dev.entry(r.addr()).is_none(), "the device's entry went with the invalidation");
+    assert_eq!(hmm.tracked_writes(), 1);
+    let (bytes, _) = dev.read(page).unwrap();
+    assert_eq!(&bytes[..9], &[0xab, 0xab, 0xab, 0xab, 0xab, 0xab, 0xab, 0xab, 0]);
+    // The page is an ordinary writable page now: further writes are not caught.
+    assert!(dev.entry(r.addr()).expect("mapped again").write);
+    r.write(8, &[1]).unwrap();
+    assert_eq!(hmm.tracked_writes(), 1);
+}
