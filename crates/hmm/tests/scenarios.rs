@@ -450,6 +450,48 @@ fn anon_write_huge() {
     }
 }
 
+/// A private hugetlb mapping of `len` bytes, from a hugetlb memfd.
+fn hugetlb_mapping(len: usize) -> Mapping {
+    let fd = hmm::os::mm::Memfd::create(c"hmm-hugetlb", len as u64, true).unwrap();
+    fd.map(0, len, Protection::ReadWrite, false).unwrap()
+}
+
+#[test]
+fn anon_write_hugetlbfs() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let Some(_pages) = common::reserve_hugetlb(1) else { return };
+    let hmm = Hmm::new().unwrap();
+    let dev = device(&hmm, 16);
+    let m = hmm.mirror(hugetlb_mapping(hmm::HUGE_PAGE_SIZE)).unwrap();
+    let data = index_bytes(512, 0);
+    let c = dev.write(m.range().start(), &data).unwrap();
+    assert_eq!((c.cpages, c.faults), (512, 1));
+    let mut back = vec![0u8; data.len()];
+    m.mapping().read(0, &mut back).unwrap();
+    assert!(back == data, "the CPU reads what the device wrote");
+    let s = dev.snapshot(m.range()).unwrap();
+    assert!(s.iter().all(|p| p.order == 9 && p.access == SnapshotAccess::Write));
+}
+
+#[test]
+fn compound() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let Some(_pages) = common::reserve_hugetlb(1) else { return };
+    let hmm = Hmm::new().unwrap();
+    let dev = device(&hmm, 16);
+    let m = hmm.mirror(hugetlb_mapping(hmm::HUGE_PAGE_SIZE)).unwrap();
+    m.mapping().fill(0, hmm::HUGE_PAGE_SIZE, 7).unwrap();
+    let s = dev.snapshot(m.range()).unwrap();
+    assert!(s.iter().all(|p| p.access == SnapshotAccess::Write && p.order == 9), "{:?}", s[0]);
+    m.protect(m.range(), Protection::Read).unwrap();
+    let s = dev.snapshot(m.range()).unwrap();
+    assert!(s.iter().all(|p| p.access == SnapshotAccess::Read && p.order == 9), "{:?}", s[0]);
+}
+
 #[test]
 fn anon_write_prot() {
     if common::skip_without_uffd() {

@@ -88,3 +88,42 @@ pub fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
         thread::sleep(Duration::from_millis(1));
     }
 }
+
+static HUGETLB_LOCK: Mutex<()> = Mutex::new(());
+
+/// hugetlb pages reserved for one test: released (the pool put back to its
+/// size before) when dropped. Tests holding one do not overlap.
+pub struct HugetlbPages {
+    before: u64,
+    _lock: MutexGuard<'static, ()>,
+}
+
+const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
+
+fn read_count(path: &str) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Makes `n` 2 MiB hugetlb pages free, growing the pool if needed (as root);
+/// `None`, after printing why, when the machine cannot.
+pub fn reserve_hugetlb(n: u64) -> Option<HugetlbPages> {
+    let lock = HUGETLB_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let free_path = "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages";
+    let before = read_count(NR_HUGEPAGES)?;
+    let free = read_count(free_path).unwrap_or(0);
+    if free < n {
+        let _ = std::fs::write(NR_HUGEPAGES, (before + n - free).to_string());
+    }
+    let pages = HugetlbPages { before, _lock: lock };
+    if read_count(free_path).unwrap_or(0) < n {
+        eprintln!("SKIP: {n} hugetlb pages cannot be had here (not root, or no memory for them)");
+        return None;
+    }
+    Some(pages)
+}
+
+impl Drop for HugetlbPages {
+    fn drop(&mut self) {
+        let _ = std::fs::write(NR_HUGEPAGES, self.before.to_string());
+    }
+}
