@@ -163,6 +163,18 @@ fn device_job_follows_pointers_and_sums_an_array() {
     assert_eq!(n, 200_000);
 }
 
+/// Checks every `step`-th word of `bytes`, read while the memory held
+/// generations `lo..=hi` (each page all one generation's number): each must be
+/// one of them, or 0 (a page discarded or freshly mapped, before its
+/// generation is written) while a new generation is under way (`hi > lo`).
+fn check_generations(bytes: &[u8], lo: u64, hi: u64, step: usize) {
+    for (i, w) in bytes.chunks_exact(8).enumerate().step_by(step) {
+        let v = u64::from_ne_bytes(w.try_into().unwrap());
+        let ok = (lo..=hi).contains(&v) || (v == 0 && hi > lo);
+        assert!(ok, "word {i} read {v}, memory held {lo}..={hi} meanwhile");
+    }
+}
+
 /// A device fill racing invalidations never installs a stale entry: while one
 /// thread keeps changing the pages (migrating them to one device or another,
 /// writing them from the CPU, discarding and rewriting them), one thread reads
@@ -221,12 +233,7 @@ fn fills_racing_invalidations_never_install_a_stale_entry() {
                     let lo = done.load(Ordering::SeqCst);
                     let (bytes, _) = dev.read(r.range()).unwrap();
                     let hi = started.load(Ordering::SeqCst);
-                    for (i, w) in bytes.chunks_exact(8).enumerate().step_by(97) {
-                        let v = u64::from_ne_bytes(w.try_into().unwrap());
-                        // 0: a discarded page, only while a generation is written.
-                        let ok = (lo..=hi).contains(&v) || (v == 0 && hi > lo);
-                        assert!(ok, "word {i} read {v}, memory held {lo}..={hi} meanwhile");
-                    }
+                    check_generations(&bytes, lo, hi, 97);
                     reads.fetch_add(1, Ordering::Relaxed);
                 }
             });
@@ -352,12 +359,7 @@ fn munmap_and_remap_while_devices_read_never_show_stale_data() {
                         continue;
                     };
                     let hi = started.load(Ordering::SeqCst);
-                    for (i, w) in bytes.chunks_exact(8).enumerate().step_by(31) {
-                        let v = u64::from_ne_bytes(w.try_into().unwrap());
-                        // 0: fresh memory, only while a generation is mapped in.
-                        let ok = (lo..=hi).contains(&v) || (v == 0 && hi > lo);
-                        assert!(ok, "word {i} read {v}, memory held {lo}..={hi} meanwhile");
-                    }
+                    check_generations(&bytes, lo, hi, 31);
                     reads.fetch_add(1, Ordering::Relaxed);
                 }
             });

@@ -274,16 +274,22 @@ fn present_pages(range: hmm::PageRange) -> usize {
         .count()
 }
 
-#[test]
-fn migrate_anon_huge_fault() {
-    if common::skip_without_uffd() {
-        return;
-    }
+/// A huge region holding [`fill_index`] data, migrated whole to a fresh device.
+fn migrated_huge_region() -> (Hmm, SoftwareDevice, hmm::ManagedRange) {
     let hmm = Hmm::new().unwrap();
     let dev = device(&hmm, 512);
     let r = huge_region(&hmm);
     fill_index(&r);
     assert_eq!(dev.migrate_to_device(r.range()).unwrap().migrated, 512);
+    (hmm, dev, r)
+}
+
+#[test]
+fn migrate_anon_huge_fault() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let (_hmm, dev, r) = migrated_huge_region();
     // A fresh device gives the block one aligned run of 512 pages: a huge
     // device page, reported with its order.
     let s = dev.snapshot(r.range()).unwrap();
@@ -303,11 +309,7 @@ fn migrate_anon_huge_free() {
     if common::skip_without_uffd() {
         return;
     }
-    let hmm = Hmm::new().unwrap();
-    let dev = device(&hmm, 512);
-    let r = huge_region(&hmm);
-    fill_index(&r);
-    assert_eq!(dev.migrate_to_device(r.range()).unwrap().migrated, 512);
+    let (_hmm, dev, r) = migrated_huge_region();
     let (bytes, _) = dev.read(r.range()).unwrap();
     check_index(&bytes, 0);
     assert_eq!(dev.stats().pages_resident, 512);
