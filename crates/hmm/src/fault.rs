@@ -163,14 +163,6 @@ impl CpuFault<'_> {
     }
 }
 
-/// The 2 MiB-aligned block holding `addr`, if it lies wholly inside `r`.
-fn huge_block(r: &Range, addr: VirtAddr) -> Option<PageRange> {
-    let start = VirtAddr::new(addr.get() & !(HUGE_PAGE_SIZE - 1));
-    let block = PageRange::new(start, HUGE_PAGE_SIZE).ok()?;
-    let rr = r.range();
-    (rr.start() <= block.start() && block.end() <= rr.end()).then_some(block)
-}
-
 /// The parts of `window` before and after `page` (which lies inside it), if not empty.
 fn outside(window: PageRange, page: PageRange) -> impl Iterator<Item = PageRange> {
     [
@@ -441,7 +433,7 @@ impl Service {
     /// block lies inside the range and none of it is populated. Returns whether
     /// the faulting page was filled (and the block woken).
     fn zero_huge(&mut self, page: PageRange, r: &Arc<Range>) -> bool {
-        let Some(block) = huge_block(r, page.start()) else { return false };
+        let Some(block) = r.huge_block(page.start()) else { return false };
         let first = r.index(block.start());
         let empty = |t: &[crate::page::PageEntry]| {
             t[first..first + block.pages()]
@@ -505,7 +497,7 @@ impl Service {
             let _ = self.inner.uffd.wake(PageRange::from_pages(addr, 1).expect("page"));
             return;
         };
-        let window = match huge_block(r, addr).filter(|_| r.huge) {
+        let window = match r.huge_block(addr).filter(|_| r.huge) {
             // A huge range comes back a block at a time.
             Some(block) => block,
             None => {

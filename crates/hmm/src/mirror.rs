@@ -519,9 +519,7 @@ impl Inner {
             }
             let mut block = page_addr(a).get() & !(HUGE_PAGE_SIZE - 1);
             while block < base + b * PAGE_SIZE {
-                let whole = PageRange::new(VirtAddr::new(block), HUGE_PAGE_SIZE).expect("block");
-                let inside = r.range().start() <= whole.start() && whole.end() <= r.range().end();
-                if inside {
+                if let Some(whole) = r.huge_block(VirtAddr::new(block)) {
                     let i = r.index(whole.start());
                     if is_device_huge_page(&t[i..i + HUGE_PAGE_SIZE / PAGE_SIZE]) {
                         let (x, y) = clip(range, whole);
@@ -668,9 +666,10 @@ impl Inner {
     }
 
     fn still_mapped(&self, run: PageRange) -> bool {
-        self.vma_query().ok().and_then(|q| q.overlapping(run).ok()).is_some_and(|v| {
-            v.iter().map(|v| clip(run, v.range)).map(|(a, b)| b - a).sum::<usize>() == run.pages()
-        })
+        self.vma_query()
+            .ok()
+            .and_then(|q| q.overlapping(run).ok())
+            .is_some_and(|v| crate::os::vm::first_uncovered(run, &v, |_| true).is_none())
     }
 }
 

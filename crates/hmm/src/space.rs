@@ -266,6 +266,14 @@ impl Range {
         self.mapping().range()
     }
 
+    /// The 2 MiB-aligned block holding `addr`, if it lies wholly inside the range.
+    pub(crate) fn huge_block(&self, addr: VirtAddr) -> Option<PageRange> {
+        let start = VirtAddr::new(addr.get() & !(HUGE_PAGE_SIZE - 1));
+        let block = PageRange::new(start, HUGE_PAGE_SIZE).ok()?;
+        let rr = self.range();
+        (rr.start() <= block.start() && block.end() <= rr.end()).then_some(block)
+    }
+
     /// Index of the page holding `addr`.
     pub(crate) fn index(&self, addr: VirtAddr) -> usize {
         addr.offset_from(self.range().start()).expect("inside the range") / PAGE_SIZE
@@ -821,21 +829,14 @@ impl Inner {
         let Some(vmas) = self.vma_query().ok().and_then(|q| q.overlapping(range).ok()) else {
             return Ok(());
         };
-        let bad = |reason: String| Err(HmmError::InvalidRange { op, range, reason });
-        let mut at = range.start();
-        for v in vmas {
-            if v.range.start() > at {
-                return bad(format!("nothing is mapped at {at}"));
-            }
-            if !v.read {
-                return bad(format!("{} allows no access", v.range));
-            }
-            at = at.max(v.range.end());
-        }
-        if at < range.end() {
-            return bad(format!("nothing is mapped at {at}"));
-        }
-        Ok(())
+        let Some(at) = crate::os::vm::first_uncovered(range, &vmas, |v| v.read) else {
+            return Ok(());
+        };
+        let reason = match vmas.iter().find(|v| v.range.contains(at)) {
+            Some(v) => format!("{} allows no access", v.range),
+            None => format!("nothing is mapped at {at}"),
+        };
+        Err(HmmError::InvalidRange { op, range, reason })
     }
 
     /// Write-protects `pages` of managed memory that a device is about to map

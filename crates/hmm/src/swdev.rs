@@ -766,14 +766,7 @@ impl DeviceMirror {
     fn writable_now(&self, range: PageRange) -> bool {
         let Ok(q) = self.hmm.vma_query() else { return false };
         let Ok(vmas) = q.overlapping(range) else { return false };
-        let covered: usize = vmas
-            .iter()
-            .filter(|v| v.write)
-            .map(|v| {
-                v.range.end().min(range.end()).get() - v.range.start().max(range.start()).get()
-            })
-            .sum();
-        covered == range.len()
+        crate::os::vm::first_uncovered(range, &vmas, |v| v.write).is_none()
     }
 }
 

@@ -50,6 +50,30 @@ impl VmaInfo {
     }
 }
 
+/// The first address of `range` that no area of `vmas` (in address order,
+/// as [`VmaQuery::overlapping`] gives them) satisfying `covers` maps; `None`
+/// when they cover it all.
+pub fn first_uncovered(
+    range: PageRange,
+    vmas: &[VmaInfo],
+    covers: impl Fn(&VmaInfo) -> bool,
+) -> Option<VirtAddr> {
+    let mut at = range.start();
+    for v in vmas {
+        if at >= range.end() {
+            break;
+        }
+        if v.range.end() <= at {
+            continue;
+        }
+        if v.range.start() > at || !covers(v) {
+            return Some(at);
+        }
+        at = v.range.end();
+    }
+    (at < range.end()).then_some(at)
+}
+
 /// Queries of `/proc/self/maps`, kept open.
 #[derive(Debug)]
 pub struct VmaQuery {
@@ -237,4 +261,41 @@ fn last_errno() -> Errno {
 
 fn own_pid() -> libc::pid_t {
     rustix::process::getpid().as_raw_nonzero().get()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vma(first: usize, pages: usize, write: bool) -> VmaInfo {
+        VmaInfo {
+            range: PageRange::from_pages(VirtAddr::new(first * PAGE_SIZE), pages).unwrap(),
+            read: true,
+            write,
+            shared: false,
+            file: false,
+            page_size: PAGE_SIZE,
+        }
+    }
+
+    #[test]
+    fn first_uncovered_finds_holes_and_areas_that_do_not_count() {
+        let at = |page: usize| VirtAddr::new(page * PAGE_SIZE);
+        let range = PageRange::from_pages(at(10), 10).unwrap();
+        let any = |_: &VmaInfo| true;
+        // Areas reaching past both ends cover it.
+        assert_eq!(first_uncovered(range, &[vma(5, 8, true), vma(13, 20, true)], any), None);
+        // A hole at the start, in the middle, at the end.
+        assert_eq!(first_uncovered(range, &[vma(11, 20, true)], any), Some(at(10)));
+        assert_eq!(
+            first_uncovered(range, &[vma(10, 3, true), vma(14, 9, true)], any),
+            Some(at(13))
+        );
+        assert_eq!(first_uncovered(range, &[vma(8, 10, true)], any), Some(at(18)));
+        assert_eq!(first_uncovered(range, &[], any), Some(at(10)));
+        // An area that does not satisfy the test counts as a hole.
+        let areas = [vma(10, 4, true), vma(14, 6, false)];
+        assert_eq!(first_uncovered(range, &areas, |v| v.write), Some(at(14)));
+        assert_eq!(first_uncovered(range, &areas, any), None);
+    }
 }
