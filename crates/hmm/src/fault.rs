@@ -44,8 +44,8 @@
 //! - The service never touches a managed address itself (it reaches pages
 //!   only through ioctls), so it cannot fault on itself.
 
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -190,6 +190,56 @@ pub(crate) fn start(inner: Arc<Inner>) -> std::io::Result<JoinHandle<()>> {
     Ok(h)
 }
 
+/// The batches of messages the service reads, numbered, so that a thread can
+/// wait until every message read so far has been handled.
+///
+/// Why: the kernel lets `munmap` (or `madvise`, `mremap`) return once its
+/// event has been *read*, not handled. Until the service handles it, the
+/// address may be mapped again and managed anew, and the late event would
+/// then unmap the new range's records. [`Inner::settle_events`] closes that
+/// window before a range is managed.
+///
+/// [`Inner::settle_events`]: crate::space::Inner::settle_events
+#[derive(Debug, Default)]
+pub(crate) struct Batches {
+    /// Number of the last batch whose read has begun.
+    begun: AtomicU64,
+    /// Number of the last batch handled, with its signal.
+    done: Mutex<u64>,
+    handled: Condvar,
+}
+
+impl Batches {
+    /// A batch begins: numbered before the read, so a message read by it
+    /// belongs to a number a waiter already sees.
+    fn begin(&self) -> u64 {
+        self.begun.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Batch `n` is handled.
+    fn end(&self, n: u64) {
+        let mut d = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        *d = (*d).max(n);
+        self.handled.notify_all();
+    }
+
+    /// Waits (up to `limit`) until every batch begun so far is handled.
+    /// Returns whether they were.
+    pub(crate) fn wait_handled(&self, limit: Duration) -> bool {
+        let target = self.begun.load(Ordering::SeqCst);
+        let deadline = Instant::now() + limit;
+        let mut d = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        while *d < target {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            d = self.handled.wait_timeout(d, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        true
+    }
+}
+
 struct Retry {
     addr: VirtAddr,
     write: bool,
@@ -243,13 +293,14 @@ impl Service {
                 }
             }
             loop {
+                let batch = self.inner.batches.begin();
                 let got = match self.inner.uffd.read_events(&mut self.events, 64) {
-                    Ok(0) => break,
                     Ok(n) => n,
                     Err(e) => {
                         if !self.inner.stopping.load(Ordering::Acquire) {
                             tracing::error!(error = %e, "fault service cannot read events; stopping");
                         }
+                        self.inner.batches.end(batch);
                         return;
                     }
                 };
@@ -259,6 +310,7 @@ impl Service {
                 }
                 self.events = events;
                 self.events.clear();
+                self.inner.batches.end(batch);
                 if got < 64 {
                     // The queue was drained: `poll` says when more arrive (a
                     // second read would cost a system call per fault).
@@ -357,7 +409,27 @@ impl Service {
                 let _ = self.inner.uffd.poison(page, false);
                 let _ = self.inner.uffd.wake(page);
             }
-            Residency::Unmapped => {
+            Residency::Unmapped => self.fault_unmapped(&r, page),
+        }
+    }
+
+    /// A fault on a page recorded unmapped. Normally a retry of a fault the
+    /// unmap overtook: the address is gone, nothing can be filled, and the
+    /// woken thread meets the unmap itself. But if the kernel still has the
+    /// address registered here and missing, the record is wrong (it must never
+    /// be; see `Inner::settle_events`): waking alone would fault again
+    /// forever, so the page is filled as never populated, and it is said.
+    fn fault_unmapped(&mut self, r: &Arc<Range>, page: PageRange) {
+        match self.inner.uffd.zeropage(page, false) {
+            Ok(_) => {
+                tracing::warn!(addr = %page.start(), "a page recorded unmapped faulted; filled with zeros");
+                let mut t = r.lock();
+                let i = r.index(page.start());
+                if t[i].residency() == Residency::Unmapped && !t[i].is_migrating() {
+                    t[i] = crate::page::PageEntry::SYSTEM;
+                }
+            }
+            Err(_) => {
                 let _ = self.inner.uffd.wake(page);
             }
         }

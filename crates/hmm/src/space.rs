@@ -370,6 +370,8 @@ pub(crate) struct Inner {
     /// Pages hmm discarded itself (`MADV_DONTNEED` after a copy out): the
     /// kernel's remove event for each is hmm's own, not the application's.
     pub(crate) own_discards: Mutex<Vec<PageRange>>,
+    /// The fault service's batches of messages (see [`Inner::settle_events`]).
+    pub(crate) batches: crate::fault::Batches,
     vma_query: OnceLock<VmaQuery>,
     pagemap: OnceLock<Pagemap>,
     service: Mutex<Option<JoinHandle<()>>>,
@@ -460,6 +462,7 @@ impl Hmm {
             notifiers: Notifiers::new(),
             copying_out: Mutex::new(Vec::new()),
             own_discards: Mutex::new(Vec::new()),
+            batches: Default::default(),
             vma_query: OnceLock::new(),
             pagemap: OnceLock::new(),
             service: Mutex::new(None),
@@ -574,6 +577,9 @@ impl Hmm {
             return Err(HmmError::ShutDown);
         }
         let range = mapping.range();
+        // An unmap of earlier memory at these addresses may not be handled
+        // yet: it must not land on the new records.
+        inner.settle_events();
         let mut table = vec![PageEntry::NONE; range.pages()];
         if scan {
             // Adopted memory may already hold data: every page the kernel maps
@@ -837,6 +843,33 @@ impl Inner {
             None => format!("nothing is mapped at {at}"),
         };
         Err(HmmError::InvalidRange { op, range, reason })
+    }
+
+    /// Returns once every address-space change of registered memory begun
+    /// before the call has been handled by the fault service.
+    ///
+    /// The kernel raises `mmap_changing` (under the mmap lock, before the
+    /// change) and lowers it after the change's event is read; the service
+    /// numbers its reads ([`Batches`](crate::fault::Batches)). So: wait until
+    /// no change is pending, then until every batch read so far is handled.
+    /// An unmap that another thread begins later applies to what is mapped
+    /// then, and is handled in order as usual. Bounded: a stalled service
+    /// (or a process that never stops unmapping) is logged, not waited on.
+    pub(crate) fn settle_events(&self) {
+        const LIMIT: Duration = Duration::from_secs(2);
+        let deadline = std::time::Instant::now() + LIMIT;
+        let mut pause = Duration::from_micros(20);
+        while self.uffd.changes_pending().unwrap_or(false) {
+            if std::time::Instant::now() >= deadline {
+                tracing::warn!("address-space changes stayed pending for {LIMIT:?}");
+                break;
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(1));
+        }
+        if !self.batches.wait_handled(LIMIT) {
+            tracing::warn!("the fault service did not handle its messages within {LIMIT:?}");
+        }
     }
 
     /// Write-protects `pages` of managed memory that a device is about to map

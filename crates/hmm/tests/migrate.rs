@@ -221,6 +221,59 @@ fn direct_munmap_returns_every_device_page() {
     assert_eq!(dev.stats().pages_resident, 0);
 }
 
+/// The kernel lets `munmap` return once its event is read, before hmm has
+/// handled it. Memory mapped and managed again at the same address meanwhile
+/// must not receive the old unmap. The fault service is slowed here (a
+/// notifier that sleeps when the service delivers an unmap), so the old
+/// event is certainly still unhandled when the new range is adopted.
+#[test]
+fn a_late_unmap_event_never_lands_on_memory_managed_again_at_its_address() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    let pages = 8;
+    let first = Mapping::anonymous(pages * PAGE_SIZE, Protection::ReadWrite).unwrap();
+    let at = first.range();
+    let _slow = hmm.insert_notifier(at, |inv| {
+        let service = std::thread::current().name() == Some("hmm-fault");
+        if service && inv.event == hmm::InvalidationEvent::Unmap {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    let mut m = first;
+    for round in 0..3u8 {
+        let r = hmm.adopt(m).unwrap();
+        // A first touch is served by the fault service after everything it
+        // read before: had the old unmap been taken for this range, the
+        // records would show it now.
+        assert_eq!(r.touch_read((pages - 1) * PAGE_SIZE).unwrap(), 0);
+        let res = r.residencies();
+        assert!(
+            res.iter().all(|x| matches!(x, Residency::None | Residency::System)),
+            "round {round}: a fresh range has no unmapped pages: {res:?}"
+        );
+        let data = vec![round + 1; r.len()];
+        r.write(0, &data).unwrap();
+        let mut back = vec![0u8; r.len()];
+        r.read(0, &mut back).unwrap();
+        assert!(back == data, "round {round}: the range reads what was written");
+        // The application unmaps a part, then the rest goes, and the address
+        // is mapped again at once.
+        r.unmap(r.pages_range(2, 3).unwrap()).unwrap();
+        drop(r);
+        m = (0..1000)
+            .find_map(|_| {
+                let m = Mapping::anonymous_at(at, Protection::ReadWrite).ok();
+                if m.is_none() {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                m
+            })
+            .expect("the address is free again");
+    }
+}
+
 #[test]
 fn arena_values_migrate_and_fault_back() {
     if common::skip_without_uffd() {

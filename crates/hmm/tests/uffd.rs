@@ -327,6 +327,44 @@ fn unmap_event_names_the_unmapped_range() {
     }
 }
 
+/// An unmap whose event nobody has read yet is a pending change; once the
+/// event is read and the unmapping thread has gone on, it is not.
+#[test]
+fn an_unread_unmap_event_is_a_pending_change() {
+    if skip_without_uffd() {
+        return;
+    }
+    let uffd = open(Features::EVENT_UNMAP);
+    let m = anon(4);
+    uffd.register(&m, m.range(), RegisterMode::MISSING).unwrap();
+    assert!(!uffd.changes_pending().unwrap(), "nothing has changed yet");
+    let part = m.range().subrange(PAGE_SIZE, PAGE_SIZE).unwrap();
+    thread::scope(|s| {
+        let unmapper = s.spawn(|| m.unmap_part(part).map_err(|(_, e)| e).unwrap());
+        // The unmapper waits in the kernel until its event is read.
+        let mut pending = false;
+        for _ in 0..2000 {
+            if uffd.changes_pending().unwrap() {
+                pending = true;
+                break;
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+        assert!(pending, "the unread unmap event is reported pending");
+        assert!(!unmapper.is_finished(), "munmap waits for its event to be read");
+        let mut events = Vec::new();
+        while events.is_empty() {
+            uffd.poll(Some(Duration::from_secs(5))).unwrap();
+            uffd.read_events(&mut events, 8).unwrap();
+        }
+        assert!(matches!(events[0], UffdEvent::Unmap { .. }), "{events:?}");
+        let rest = unmapper.join().unwrap();
+        assert!(!uffd.changes_pending().unwrap(), "the change is over once munmap returned");
+        uffd.close();
+        drop(rest);
+    });
+}
+
 #[test]
 fn remap_event_names_old_and_new_addresses() {
     if skip_without_uffd() {

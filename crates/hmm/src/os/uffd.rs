@@ -343,6 +343,9 @@ pub enum UffdError {
         #[source]
         errno: Errno,
     },
+    /// Asking whether an address-space change is pending failed.
+    #[error("cannot ask userfaultfd whether a change is pending: {0}")]
+    Probe(#[source] Errno),
     /// Reading or polling the descriptor failed.
     #[error("reading userfaultfd messages failed: {0}")]
     Read(#[source] Errno),
@@ -993,6 +996,34 @@ impl Uffd {
         let mode = mode(&[(dont_wake, sys::UFFDIO_ZEROPAGE_MODE_DONTWAKE)]);
         let mut arg = sys::uffdio_zeropage { range: raw_range(dst), mode, zeropage: 0 };
         self.fill(FillOp::ZeroPage, sys::UFFDIO_ZEROPAGE, dst.len(), &mut arg, |a| a.zeropage)
+    }
+
+    /// Whether an address-space change (unmap, discard, remap, fork) of
+    /// memory registered here has begun and its event has not yet been read:
+    /// the kernel's `mmap_changing`, which it raises before the change and
+    /// lowers once the event is read (the changing thread lowers it when it
+    /// wakes, so it may stay raised a moment after the read).
+    ///
+    /// Asked with a `UFFDIO_ZEROPAGE` of no length: the kernel checks
+    /// `mmap_changing` first (`EAGAIN`), and only then refuses the empty range
+    /// (`EINVAL`). Nothing is ever filled.
+    pub fn changes_pending(&self) -> Result<bool, UffdError> {
+        let g = self.guard();
+        let fd = g.as_ref().ok_or(UffdError::Closed)?;
+        let mut arg = sys::uffdio_zeropage {
+            range: sys::uffdio_range { start: 0, len: 0 },
+            mode: 0,
+            zeropage: 0,
+        };
+        // SAFETY: UFFDIO_ZEROPAGE takes a `uffdio_zeropage`; a zero length is
+        // refused before any page is looked at, so it only reads `arg` and
+        // writes its result field.
+        match unsafe { ioctl_ptr(fd, sys::UFFDIO_ZEROPAGE, &mut arg) } {
+            Err(Errno::AGAIN) => Ok(true),
+            Err(Errno::INVAL) => Ok(false),
+            Ok(_) => Ok(false),
+            Err(errno) => Err(UffdError::Probe(errno)),
+        }
     }
 
     /// `UFFDIO_CONTINUE`: maps the page-cache pages behind `dst` (MINOR mode).
