@@ -195,11 +195,26 @@ impl FenceCompleter {
 #[derive(Debug)]
 pub struct SystemSink {
     uffd: Arc<Uffd>,
+    /// Whether pages may be moved in. Not into a forked child: `UFFDIO_MOVE`
+    /// works within one address space, and the device page must stay.
+    moves: bool,
 }
 
 impl SystemSink {
     pub(crate) fn new(uffd: Arc<Uffd>) -> Self {
-        Self { uffd }
+        Self { uffd, moves: true }
+    }
+
+    /// A sink that only copies, into the address space behind `uffd` (a
+    /// forked child's descriptor): the device pages keep their data.
+    pub(crate) fn copy_only(uffd: Arc<Uffd>) -> Self {
+        Self { uffd, moves: false }
+    }
+
+    /// Whether [`install_move`](Self::install_move) may move pages; engines
+    /// copy when it may not.
+    pub fn moves(&self) -> bool {
+        self.moves
     }
 
     /// Copies `pages` pages from `src` at `src_offset` into the absent pages at `dst`
@@ -217,7 +232,7 @@ impl SystemSink {
     /// Moves `pages` pages of `src` at `src_offset` into the absent pages at `dst`
     /// (`UFFDIO_MOVE`, zero-copy). The source must be private anonymous and
     /// writable like the destination; refusals come back per page for the caller
-    /// to copy instead.
+    /// to copy instead (every page, when the sink does not [`moves`](Self::moves)).
     pub fn install_move(
         &self,
         dst: VirtAddr,
@@ -225,6 +240,9 @@ impl SystemSink {
         src_offset: usize,
         pages: usize,
     ) -> Vec<Result<(), DmaError>> {
+        if !self.moves {
+            return vec![Err(DmaError::Failed("this sink only copies".into())); pages];
+        }
         self.install(FillOp::Move, dst, src, src_offset, pages)
     }
 

@@ -247,9 +247,17 @@ struct Retry {
     delay: Duration,
 }
 
+/// Messages the service can hold while parked for a fork (each thread has at
+/// most one waiting).
+const PARKED_ROOM: usize = 4096;
+/// How often a parked service looks whether the fork is over.
+const PARKED_POLL: Duration = Duration::from_millis(5);
+
 struct Service {
     inner: Arc<Inner>,
     events: Vec<UffdEvent>,
+    /// Room for the messages read while parked for a fork, reserved up front.
+    parked: Vec<UffdEvent>,
     retries: Vec<Retry>,
     /// Where zeroed huge pages are made before they move into a huge range:
     /// hmm's own memory, never managed. Made on first use.
@@ -266,6 +274,7 @@ impl Service {
         Self {
             inner,
             events: Vec::with_capacity(64),
+            parked: Vec::with_capacity(PARKED_ROOM),
             retries: Vec::new(),
             thp_src: None,
             stream: (0, 0),
@@ -275,6 +284,9 @@ impl Service {
     fn run(&mut self) {
         loop {
             if self.inner.stopping.load(Ordering::Acquire) {
+                return;
+            }
+            if self.inner.fork_gate.asked.load(Ordering::SeqCst) && !self.park_for_fork() {
                 return;
             }
             let timeout = self
@@ -304,12 +316,11 @@ impl Service {
                         return;
                     }
                 };
-                let events = std::mem::take(&mut self.events);
-                for ev in &events {
+                let mut events = std::mem::take(&mut self.events);
+                for ev in events.drain(..) {
                     self.handle(ev);
                 }
                 self.events = events;
-                self.events.clear();
                 self.inner.batches.end(batch);
                 if got < 64 {
                     // The queue was drained: `poll` says when more arrive (a
@@ -319,6 +330,44 @@ impl Service {
             }
             self.run_retries();
         }
+    }
+
+    /// While the process forks (between the fork handlers' `prepare` and
+    /// `parent`, see [`crate::fork`]): reads messages into room reserved
+    /// beforehand, allocating nothing, so the FORK event is read even though
+    /// the forking thread holds the allocator's locks; handles them after.
+    /// Returns false if the service must stop.
+    fn park_for_fork(&mut self) -> bool {
+        let batch = self.inner.batches.begin();
+        let mut held = std::mem::take(&mut self.parked);
+        self.inner.fork_gate.set_parked(true);
+        let mut ok = true;
+        while self.inner.fork_gate.asked.load(Ordering::SeqCst) {
+            if self.inner.stopping.load(Ordering::Acquire) {
+                ok = false;
+                break;
+            }
+            let room = (held.capacity() - held.len()).min(64);
+            if room == 0 {
+                // Full (more messages than threads should make): wait for
+                // the fork to end rather than allocate.
+                std::thread::sleep(PARKED_POLL);
+                continue;
+            }
+            if self.inner.uffd.poll_with(&self.inner.notifier, Some(PARKED_POLL)).is_err()
+                || self.inner.uffd.read_events(&mut held, room).is_err()
+            {
+                ok = false;
+                break;
+            }
+        }
+        self.inner.fork_gate.set_parked(false);
+        for ev in held.drain(..) {
+            self.handle(ev);
+        }
+        self.parked = held;
+        self.inner.batches.end(batch);
+        ok
     }
 
     fn run_retries(&mut self) {
@@ -334,26 +383,23 @@ impl Service {
         }
     }
 
-    fn handle(&mut self, ev: &UffdEvent) {
+    fn handle(&mut self, ev: UffdEvent) {
         match ev {
-            UffdEvent::PageFault { addr, flags, .. } if flags.wp => self.tracked_write(*addr),
+            UffdEvent::PageFault { addr, flags, .. } if flags.wp => self.tracked_write(addr),
             UffdEvent::PageFault { addr, flags, .. } => {
                 self.inner.counters.faults_read.fetch_add(1, Ordering::Relaxed);
-                self.fault(*addr, flags.write, Duration::ZERO);
+                self.fault(addr, flags.write, Duration::ZERO);
             }
             UffdEvent::Remove { start, end } => {
-                let own = PageRange::new(*start, end.get() - start.get())
+                let own = PageRange::new(start, end.get() - start.get())
                     .is_ok_and(|r| self.inner.take_own_discard(r));
                 if !own {
                     self.invalidate(start.get(), end.get(), false);
                 }
             }
             UffdEvent::Unmap { start, end } => self.invalidate(start.get(), end.get(), true),
-            UffdEvent::Remap { from, to, len } => self.remap(from.get(), to.get(), *len),
-            UffdEvent::Fork { .. } => {
-                // EVENT_FORK is not enabled; dropping the child descriptor is all
-                // there is to do.
-            }
+            UffdEvent::Remap { from, to, len } => self.remap(from.get(), to.get(), len),
+            UffdEvent::Fork { child } => crate::fork::start_copy(&self.inner, child),
         }
     }
 

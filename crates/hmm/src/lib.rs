@@ -28,6 +28,7 @@ pub mod bench;
 pub mod devmem;
 pub mod dma;
 pub mod fault;
+pub(crate) mod fork;
 pub(crate) mod interval;
 pub mod migrate;
 pub mod mirror;

@@ -375,7 +375,7 @@ fn run_probe() -> Probe {
         name: "event-fork",
         present: fork_permitted,
         required: false,
-        used_for: "fork of a process with device-resident pages: the child's copy is served too",
+        used_for: "fork of a process with device-resident pages: the child gets a copy of them",
         if_missing: "fork while pages live on a device (needs CAP_SYS_PTRACE)",
         detail: (has(Features::EVENT_FORK) && !fork_permitted).then(|| {
             "the kernel has it but refuses it to this process (CAP_SYS_PTRACE)".to_string()

@@ -339,6 +339,8 @@ pub(crate) struct HmmCounters {
     pub(crate) faults_read: AtomicU64,
     pub(crate) fault_retries_no_memory: AtomicU64,
     pub(crate) tracked_writes: AtomicU64,
+    pub(crate) forks: AtomicU64,
+    pub(crate) fork_pages: AtomicU64,
 }
 
 /// The state shared by an [`Hmm`] handle, its ranges, devices and fault service.
@@ -372,6 +374,10 @@ pub(crate) struct Inner {
     pub(crate) own_discards: Mutex<Vec<PageRange>>,
     /// The fault service's batches of messages (see [`Inner::settle_events`]).
     pub(crate) batches: crate::fault::Batches,
+    /// Copies of device pages to forked children in progress.
+    pub(crate) fork_copies: crate::fork::Copies,
+    /// Where the fault service parks while the process forks.
+    pub(crate) fork_gate: crate::fork::ForkGate,
     vma_query: OnceLock<VmaQuery>,
     pagemap: OnceLock<Pagemap>,
     service: Mutex<Option<JoinHandle<()>>>,
@@ -431,6 +437,7 @@ impl Hmm {
         }
         let uffd = Uffd::open(UffdOptions {
             wanted: Features::EVENT_UNMAP
+                | Features::EVENT_FORK
                 | Features::EVENT_REMOVE
                 | Features::EVENT_REMAP
                 | Features::POISON
@@ -463,12 +470,17 @@ impl Hmm {
             copying_out: Mutex::new(Vec::new()),
             own_discards: Mutex::new(Vec::new()),
             batches: Default::default(),
+            fork_copies: Default::default(),
+            fork_gate: Default::default(),
             vma_query: OnceLock::new(),
             pagemap: OnceLock::new(),
             service: Mutex::new(None),
         });
         let handle = crate::fault::start(inner.clone()).map_err(HmmError::Thread)?;
         *inner.service.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+        if inner.uffd.features().contains(Features::EVENT_FORK) {
+            crate::fork::register(&inner);
+        }
         Ok(Self { inner })
     }
 
@@ -752,6 +764,13 @@ impl Hmm {
     /// the mirrors before it landed).
     pub fn tracked_writes(&self) -> u64 {
         self.inner.counters.tracked_writes.load(Ordering::Relaxed)
+    }
+
+    /// Forked children given their copy of the device-resident pages, and
+    /// the pages copied to them (see DESIGN.md, "Fork").
+    pub fn forks(&self) -> (u64, u64) {
+        let c = &self.inner.counters;
+        (c.forks.load(Ordering::Relaxed), c.fork_pages.load(Ordering::Relaxed))
     }
 
     /// Inserts an interval notifier over `range` (any memory of the process,
@@ -1215,6 +1234,8 @@ impl Inner {
         if self.shut_down.swap(true, Ordering::AcqRel) {
             return;
         }
+        // A copy to a forked child uses the devices: it ends first.
+        self.fork_copies.wait_idle(Duration::from_secs(30));
         self.notifiers.invalidate_all(InvalidationEvent::Release);
         let ranges: Vec<Arc<Range>> = {
             let r = self.ranges.read().unwrap_or_else(|e| e.into_inner());

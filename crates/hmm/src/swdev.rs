@@ -944,7 +944,7 @@ fn to_system_copies(
             continue;
         }
         let off = copies[i].src.index as usize * PAGE_SIZE;
-        if !(zero_copy && n >= MIN_MOVE_RUN) {
+        if !(zero_copy && sink.moves() && n >= MIN_MOVE_RUN) {
             out.extend(sink.install_copy(copies[i].dst, pool, off, n));
             moved.extend((0..n).map(|_| false));
             continue;

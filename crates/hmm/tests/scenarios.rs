@@ -762,3 +762,95 @@ fn foreign_uffd_read() {
     let err = hmm.adopt(m).unwrap_err();
     assert!(matches!(&err, HmmError::Adopt { reason: hmm::AdoptRefusal::OtherUffd, .. }), "{err}");
 }
+
+/// Page `i` holds the word `-i`.
+fn neg_index_bytes(pages: usize) -> Vec<u8> {
+    (0..pages as u64)
+        .flat_map(|i| 0u64.wrapping_sub(i).to_ne_bytes().repeat(PAGE_SIZE / 8))
+        .collect()
+}
+
+/// In a forked child: a new instance and device of its own, which writes
+/// `-index` over `m` (taken over with `MREMAP_DONTUNMAP`, so the child's
+/// device may write it) and reads it back. The child's exit code says what
+/// went wrong (0: nothing).
+fn child_writes_neg_index(m: &Mapping, expect_index: bool) -> i32 {
+    let Ok(h) = Hmm::new() else { return 2 };
+    let d = device(&h, NPAGES);
+    let Ok(mine) = m.remap_dontunmap() else { return 3 };
+    let pages = mine.len() / PAGE_SIZE;
+    let Ok(mine) = h.mirror(mine) else { return 4 };
+    let mut inherited = vec![0u8; mine.range().len()];
+    if mine.mapping().read(0, &mut inherited).is_err() {
+        return 5;
+    }
+    if expect_index && inherited != index_bytes(pages, 0) {
+        return 6;
+    }
+    let neg = neg_index_bytes(pages);
+    if d.write(mine.range().start(), &neg).is_err() {
+        return 7;
+    }
+    match d.read(mine.range()) {
+        Ok((back, _)) if back == neg => {}
+        _ => return 8,
+    }
+    let mut cpu = vec![0u8; neg.len()];
+    if mine.mapping().read(0, &mut cpu).is_err() || cpu != neg {
+        return 9;
+    }
+    0
+}
+
+fn anon_write_child_case(migrated: bool, huge: bool) {
+    let _fork = common::fork_lock();
+    let hmm = Hmm::new().unwrap();
+    let dev = device(&hmm, NPAGES);
+    let r = if huge {
+        hmm.alloc_huge(NPAGES * PAGE_SIZE).unwrap()
+    } else {
+        hmm.alloc(NPAGES * PAGE_SIZE).unwrap()
+    };
+    fill_index(&r);
+    if migrated {
+        assert_eq!(dev.migrate_to_device(r.range()).unwrap().migrated, NPAGES);
+    }
+    let out = hmm::os::process::run_in_child(|| child_writes_neg_index(r.mapping(), true)).unwrap();
+    assert_eq!(
+        out,
+        hmm::os::process::ChildOutcome::Exited(0),
+        "migrated {migrated}, huge {huge}: see child_writes_neg_index for the code"
+    );
+    check_index(&cpu_bytes(&r), 0);
+    let (bytes, _) = dev.read(r.range()).unwrap();
+    check_index(&bytes, 0);
+    drop(r);
+    assert_eq!(dev.stats().pages_resident, 0);
+}
+
+#[test]
+fn anon_write_child() {
+    if common::skip_without("event-fork") {
+        return;
+    }
+    for migrated in [false, true] {
+        for huge in [false, true] {
+            anon_write_child_case(migrated, huge);
+        }
+    }
+}
+
+#[test]
+fn anon_write_child_shared() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let _fork = common::fork_lock();
+    let m = Mapping::shared_anonymous(NPAGES * PAGE_SIZE, Protection::ReadWrite).unwrap();
+    m.write(0, &index_bytes(NPAGES, 0)).unwrap();
+    let out = hmm::os::process::run_in_child(|| child_writes_neg_index(&m, true)).unwrap();
+    assert_eq!(out, hmm::os::process::ChildOutcome::Exited(0));
+    let mut got = vec![0u8; m.len()];
+    m.read(0, &mut got).unwrap();
+    assert!(got == neg_index_bytes(NPAGES), "the parent reads what the child's device wrote");
+}

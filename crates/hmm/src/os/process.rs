@@ -17,6 +17,73 @@ pub enum ChildOutcome {
 /// Exit status of a child whose closure panicked.
 pub const CHILD_PANICKED: i32 = 101;
 
+/// A forked child that runs on while the parent goes on (see [`spawn_child`]).
+#[derive(Debug)]
+pub struct Child {
+    pid: Pid,
+    reaped: bool,
+}
+
+impl Child {
+    /// The child's process id.
+    pub fn pid(&self) -> i32 {
+        self.pid.as_raw_nonzero().get()
+    }
+
+    /// Waits for the child to end.
+    pub fn wait(mut self) -> Result<ChildOutcome, Errno> {
+        self.reaped = true;
+        wait_for(self.pid)
+    }
+}
+
+impl Drop for Child {
+    /// A child not waited for is killed and reaped (a parent that gives up on
+    /// it, on a failed assertion say, must not hang on it).
+    fn drop(&mut self) {
+        if !self.reaped {
+            let _ = rustix::process::kill_process(self.pid, rustix::process::Signal::KILL);
+            let _ = wait_for(self.pid);
+        }
+    }
+}
+
+/// Forks and runs `f` in the child, which then exits with its result (as
+/// [`run_in_child`]), but returns at once: the parent and the child run side
+/// by side until [`Child::wait`] reaps the child (dropping the handle kills
+/// and reaps it).
+pub fn spawn_child<F: FnOnce() -> i32>(f: F) -> Result<Child, Errno> {
+    // SAFETY: as in `run_in_child`.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(Errno::from_raw_os_error(
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
+        ));
+    }
+    if pid == 0 {
+        let code = catch_unwind(AssertUnwindSafe(f)).unwrap_or(CHILD_PANICKED);
+        // SAFETY: as in `run_in_child`.
+        unsafe { libc::_exit(code) };
+    }
+    Ok(Child { pid: Pid::from_raw(pid).ok_or(Errno::CHILD)?, reaped: false })
+}
+
+/// Registers handlers the C library runs around every `fork()` it makes
+/// (`pthread_atfork`): `prepare` in the forking thread before the fork,
+/// `parent` in it after, `child` in the child's only thread. They stay
+/// registered for the life of the process. Forks made without the C library
+/// (a raw `clone` system call) run none of them.
+pub fn at_fork(
+    prepare: extern "C" fn(),
+    parent: extern "C" fn(),
+    child: extern "C" fn(),
+) -> Result<(), Errno> {
+    // SAFETY: the three are plain functions of the program that live as long as
+    // it; `pthread_atfork` only stores them.
+    let r = unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
+    if r == 0 { Ok(()) } else { Err(Errno::from_raw_os_error(r)) }
+}
+
 /// Forks, runs `f` in the child and exits the child with its result (without
 /// running exit handlers or returning into the caller's frames), then waits for
 /// the child and returns how it ended.
@@ -41,7 +108,10 @@ pub fn run_in_child<F: FnOnce() -> i32>(f: F) -> Result<ChildOutcome, Errno> {
         // state runs twice and no frame of the caller is returned into.
         unsafe { libc::_exit(code) };
     }
-    let pid = Pid::from_raw(pid).ok_or(Errno::CHILD)?;
+    wait_for(Pid::from_raw(pid).ok_or(Errno::CHILD)?)
+}
+
+fn wait_for(pid: Pid) -> Result<ChildOutcome, Errno> {
     loop {
         match rustix::process::waitpid(Some(pid), WaitOptions::empty()) {
             Ok(Some((_, status))) => {

@@ -814,10 +814,22 @@ impl Uffd {
         if !missing.is_empty() {
             return Err(UffdError::MissingFeatures(missing));
         }
-        let features = (opts.wanted | opts.required).intersection(info.features);
-        let (fd, origin, _) = create(opts.nonblocking, opts.allow_user_mode_only)?;
-        api(&fd, features).map_err(|errno| UffdError::Api { features, errno })?;
-        Ok(Uffd { fd: RwLock::new(Some(fd)), features, origin })
+        let mut features = (opts.wanted | opts.required).intersection(info.features);
+        loop {
+            let (fd, origin, _) = create(opts.nonblocking, opts.allow_user_mode_only)?;
+            match api(&fd, features) {
+                Ok(_) => return Ok(Uffd { fd: RwLock::new(Some(fd)), features, origin }),
+                // EVENT_FORK needs CAP_SYS_PTRACE; merely wanted, it is dropped
+                // (on a fresh descriptor: the handshake is made once).
+                Err(Errno::PERM)
+                    if features.contains(Features::EVENT_FORK)
+                        && !opts.required.contains(Features::EVENT_FORK) =>
+                {
+                    features = features.difference(Features::EVENT_FORK);
+                }
+                Err(errno) => return Err(UffdError::Api { features, errno }),
+            }
+        }
     }
 
     /// The features enabled on this descriptor.

@@ -1,0 +1,365 @@
+//! Fork: the child reads, at every address, the data the parent had at fork
+//! time, including pages that lived in device-private memory.
+//!
+//! # Mechanism
+//!
+//! The kernel copies the page table at fork. Pages in system memory follow by
+//! its copy-on-write; a page on a device has no entry to copy, so the child
+//! would read zeros there. With `UFFD_FEATURE_EVENT_FORK`, the child's copies
+//! of the managed ranges stay registered, with a new descriptor the FORK event
+//! hands to the fault service. The service gives it to a copier thread
+//! ([`copy_to_child`]), which copies every device-resident page into the child
+//! with the device's DMA engine (`UFFDIO_COPY` through the child's descriptor
+//! reads the source in this process and installs in the child), then closes
+//! the descriptor: the child's ranges become plain memory of its own, and the
+//! child never depends on its parent again.
+//!
+//! While it copies, the device pages are held as a migration holds them (a CPU
+//! touch in the parent waits, migrations skip them as busy, a discard or an
+//! unmap is remembered and honoured after), and a `Fork` invalidation is in
+//! progress over every managed range, so devices drop their entries (pages
+//! held exclusively are handed back) and cannot map anything again until the
+//! child has its copy: nothing a device writes for the parent after the fork
+//! reaches the child. Pages caught mid-migration at the fork are copied once
+//! their migration has settled, from wherever it left them.
+//!
+//! # When `fork()` returns
+//!
+//! The C library's fork handlers (registered once, [`register`]) make the
+//! parent's `fork()` return only after the child has every page: so a parent
+//! that exits (or is killed) right after `fork()` leaves a complete child.
+//! The child, for its part, waits in its handler until the parent's copy is
+//! over (end of file on a pipe the parent closes then, or by dying), so none
+//! of its own code runs against a half-copied address space.
+//! They also keep the fork away from two hazards:
+//!
+//! - **Allocator locks.** `fork()` holds the C library's allocator locks
+//!   while the kernel waits for its FORK event to be read. The fault service
+//!   allocates while it handles messages, so before the fork it is parked in a
+//!   mode that only reads messages into room reserved beforehand (they are
+//!   handled after the fork).
+//! - **Inherited descriptors.** A second fork while a copy is under way would
+//!   hand the new child the first child's descriptor, keeping the first
+//!   child's ranges registered with no one serving them. Forks wait for
+//!   copies in progress, and one fork is prepared at a time.
+//!
+//! A fork made without the C library (a raw `clone`) skips the handlers: the
+//! copy still happens, but `fork()` does not wait for it, and a parent that
+//! dies first leaves zeros in the child where its device pages were.
+
+use std::cell::RefCell;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once, Weak};
+use std::time::{Duration, Instant};
+
+use crate::addr::PageRange;
+use crate::dma::{DmaJob, SystemSink, ToSystem};
+use crate::mirror::InvalidationEvent;
+use crate::os::uffd::Uffd;
+use crate::page::{DevicePage, Residency};
+use crate::space::{Inner, Range};
+
+/// How long fork handlers wait on the fault service or a copy before giving
+/// up (with a log line): a stalled service must not hang every fork.
+const FORK_WAIT: Duration = Duration::from_secs(30);
+
+/// Copies to forked children in progress, for the fork handlers to wait on.
+#[derive(Debug, Default)]
+pub(crate) struct Copies {
+    pending: Mutex<usize>,
+    idle: Condvar,
+}
+
+impl Copies {
+    fn begin(&self) {
+        *self.pending.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+    }
+
+    fn end(&self) {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        *p = p.saturating_sub(1);
+        self.idle.notify_all();
+    }
+
+    /// Waits (up to `limit`) until no copy is in progress.
+    pub(crate) fn wait_idle(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        while *p > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            p = self.idle.wait_timeout(p, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        true
+    }
+}
+
+/// The fault service's side of a fork: parked (reading, not handling)
+/// between the fork handlers' `prepare` and `parent`.
+#[derive(Debug, Default)]
+pub(crate) struct ForkGate {
+    /// Asked by `prepare`, lifted by `parent`.
+    pub(crate) asked: std::sync::atomic::AtomicBool,
+    parked: Mutex<bool>,
+    changed: Condvar,
+}
+
+impl ForkGate {
+    /// The service says whether it is parked.
+    pub(crate) fn set_parked(&self, parked: bool) {
+        *self.parked.lock().unwrap_or_else(|e| e.into_inner()) = parked;
+        self.changed.notify_all();
+    }
+
+    fn wait_parked(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut p = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        while !*p {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            p = self.changed.wait_timeout(p, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        true
+    }
+}
+
+type Registry = Vec<Weak<Inner>>;
+
+/// Every live instance, for the fork handlers.
+static INSTANCES: Mutex<Registry> = Mutex::new(Vec::new());
+
+thread_local! {
+    /// Between `prepare` and `parent`/`child`: the registry, locked (so no
+    /// instance comes or goes across the fork, and the child's copy of the
+    /// lock is not left held by a thread it does not have), and the
+    /// instances prepared.
+    static HELD: RefCell<Option<Prepared>> = const { RefCell::new(None) };
+}
+
+/// What `prepare` hands to `parent` and `child`.
+struct Prepared {
+    registry: MutexGuard<'static, Registry>,
+    live: Vec<Arc<Inner>>,
+    /// The child waits for end of file on it before running on: the parent
+    /// closes its end once the child has its pages (or by dying).
+    ready: Option<(std::io::PipeReader, std::io::PipeWriter)>,
+}
+
+fn lock_registry() -> MutexGuard<'static, Registry> {
+    INSTANCES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Adds an instance to those the fork handlers prepare (installing the
+/// handlers the first time).
+pub(crate) fn register(inner: &Arc<Inner>) {
+    static HANDLERS: Once = Once::new();
+    HANDLERS.call_once(|| {
+        if let Err(e) = crate::os::process::at_fork(prepare, parent, child) {
+            tracing::warn!(error = %e, "cannot install fork handlers: fork() will not wait for device pages to reach the child");
+        }
+    });
+    let mut r = lock_registry();
+    r.retain(|w| w.strong_count() > 0);
+    r.push(Arc::downgrade(inner));
+}
+
+extern "C" fn prepare() {
+    let reg = lock_registry();
+    let live: Vec<Arc<Inner>> = reg.iter().filter_map(Weak::upgrade).collect();
+    for inner in &live {
+        if !inner.fork_copies.wait_idle(FORK_WAIT) {
+            tracing::error!("a copy to an earlier child is still running; forking anyway");
+        }
+        inner.fork_gate.asked.store(true, Ordering::SeqCst);
+        inner.notifier.notify();
+        if !inner.fork_gate.wait_parked(FORK_WAIT) {
+            tracing::error!("the fault service did not park for the fork; forking anyway");
+        }
+    }
+    let ready = if live.is_empty() { None } else { std::io::pipe().ok() };
+    HELD.with(|h| *h.borrow_mut() = Some(Prepared { registry: reg, live, ready }));
+}
+
+extern "C" fn parent() {
+    let Some(Prepared { registry: reg, live, ready }) = HELD.with(|h| h.borrow_mut().take()) else {
+        return;
+    };
+    for inner in &live {
+        inner.fork_gate.asked.store(false, Ordering::SeqCst);
+        inner.notifier.notify();
+    }
+    for inner in &live {
+        // The FORK event is handled (its copy begun), then the copy ends.
+        inner.settle_events();
+        if !inner.fork_copies.wait_idle(FORK_WAIT) {
+            tracing::error!(
+                "the copy of device pages to the child is still running after {FORK_WAIT:?}"
+            );
+        }
+    }
+    // The child runs on.
+    drop(ready);
+    drop(live);
+    drop(reg);
+}
+
+extern "C" fn child() {
+    let Some(Prepared { registry: mut reg, live, ready }) = HELD.with(|h| h.borrow_mut().take())
+    else {
+        return;
+    };
+    // The parent's instances have no threads here: none is the child's.
+    // Their state is the parent's; it is left alone (never dropped here).
+    std::mem::forget(live);
+    reg.clear();
+    drop(reg);
+    // Nothing of the child runs before its pages are all in place: an mremap
+    // or munmap of its own could otherwise race the parent's copy.
+    if let Some((mut reader, writer)) = ready {
+        drop(writer);
+        let mut b = [0u8; 1];
+        loop {
+            match std::io::Read::read(&mut reader, &mut b) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+/// Starts the copy of the parent's device pages into the child behind
+/// `child` (called by the fault service on a FORK event).
+pub(crate) fn start_copy(inner: &Arc<Inner>, child: Uffd) {
+    inner.fork_copies.begin();
+    let me = inner.clone();
+    let spawned = std::thread::Builder::new().name("hmm-fork".into()).spawn(move || {
+        copy_to_child(&me, Arc::new(child));
+        me.fork_copies.end();
+    });
+    if let Err(e) = spawned {
+        inner.fork_copies.end();
+        tracing::error!(error = %e, "cannot start the copy to a forked child: it reads zeros where device pages were");
+    }
+}
+
+/// A device page held for the copy: its range, index and page.
+struct Held {
+    range: Arc<Range>,
+    index: usize,
+    page: DevicePage,
+}
+
+/// Copies every device-resident page of every managed range into the child,
+/// then closes the child's descriptor (see the module docs).
+pub(crate) fn copy_to_child(inner: &Arc<Inner>, child: Arc<Uffd>) {
+    let ranges: Vec<Arc<Range>> = {
+        let r = inner.ranges.read().unwrap_or_else(|e| e.into_inner());
+        r.values().cloned().collect()
+    };
+    // Devices drop their entries and map nothing until the copy is done.
+    let _invalidating: Vec<_> =
+        ranges.iter().map(|r| inner.notifiers.start(r.range(), InvalidationEvent::Fork)).collect();
+    let sink = Arc::new(SystemSink::copy_only(child.clone()));
+    let mut busy: Vec<(Arc<Range>, usize)> = Vec::new();
+    let mut held = Vec::new();
+    for r in &ranges {
+        let mut t = r.lock();
+        for (i, e) in t.iter_mut().enumerate() {
+            match e.residency() {
+                _ if e.is_migrating() => busy.push((r.clone(), i)),
+                Residency::Device(page) => {
+                    e.begin_migration().expect("a settled device page can be held");
+                    held.push(Held { range: r.clone(), index: i, page });
+                }
+                _ => {}
+            }
+        }
+    }
+    copy_held(inner, &child, &sink, held);
+    // Pages a migration held at the fork: copied from where it left them.
+    for (r, i) in busy {
+        r.wait_settled(i..i + 1, FORK_WAIT);
+        let addr = r.page_addr(i);
+        let dst = PageRange::from_pages(addr, 1).expect("one page");
+        let again = {
+            let mut t = r.lock();
+            let e = &mut t[i];
+            match e.residency() {
+                Residency::Device(page) if !e.is_migrating() => {
+                    e.begin_migration().expect("a settled device page can be held");
+                    Some(Held { range: r.clone(), index: i, page })
+                }
+                _ => None,
+            }
+        };
+        match again {
+            Some(h) => copy_held(inner, &child, &sink, vec![h]),
+            None if r.lock()[i].residency() == Residency::System => {
+                // In this process's memory again: copy it from there (a touch
+                // of it, if it is absent by now, is served as any fault).
+                if let Err(e) = child.copy_from(dst, r.mapping(), dst, false) {
+                    tracing::warn!(%addr, error = %e, "cannot copy a page to the forked child");
+                }
+            }
+            None => {}
+        }
+    }
+    child.close();
+    inner.counters.forks.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Copies the held device pages into the child (a device at a time, with its
+/// own engine), then gives them back.
+fn copy_held(inner: &Arc<Inner>, child: &Uffd, sink: &Arc<SystemSink>, mut held: Vec<Held>) {
+    held.sort_by_key(|h| (h.page.dev, h.range.page_addr(h.index)));
+    let mut rest = &held[..];
+    while let Some(first) = rest.first() {
+        let n = rest.iter().take_while(|h| h.page.dev == first.page.dev).count();
+        let (part, tail) = rest.split_at(n);
+        rest = tail;
+        let results = match inner.device(first.page.dev) {
+            Some(mem) if !mem.is_failed() => {
+                let copies = part
+                    .iter()
+                    .map(|h| ToSystem { src: h.page, dst: h.range.page_addr(h.index) })
+                    .collect();
+                mem.ops().dma().submit(DmaJob::ToSystem { copies, sink: sink.clone() }).wait()
+            }
+            _ => vec![Err(crate::dma::DmaError::Failed("the device failed".into())); n],
+        };
+        for (h, r) in part.iter().zip(results) {
+            if r.is_ok() {
+                inner.counters.fork_pages.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Err(e) = r {
+                // What lived on a failed device is lost to the child too.
+                let page = PageRange::from_pages(h.range.page_addr(h.index), 1).expect("one page");
+                tracing::warn!(addr = %page.start(), error = %e, "a device page did not reach the forked child");
+                let _ = child.poison(page, true);
+            }
+        }
+    }
+    // Give the pages back; a page discarded or unmapped meanwhile is freed.
+    let mut put = Vec::new();
+    let mut touched: Vec<Arc<Range>> = Vec::new();
+    for h in &held {
+        let kept = h.range.lock()[h.index].abort().expect("a held page aborts");
+        if !kept {
+            put.push(h.page);
+        }
+        if !touched.iter().any(|r| Arc::ptr_eq(r, &h.range)) {
+            touched.push(h.range.clone());
+        }
+    }
+    inner.put_pages(&put);
+    for r in touched {
+        r.settled.notify_all();
+        let _ = inner.uffd.wake(r.range());
+    }
+}

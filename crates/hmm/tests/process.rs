@@ -1,0 +1,199 @@
+//! A process's whole life with hmm: fork, remap, partial unmap, concurrent
+//! teardown, pins, files. Each test checks the data byte for byte and that no
+//! device page is left behind.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+
+use hmm::os::process::{ChildOutcome, run_in_child, spawn_child};
+use hmm::{Hmm, PAGE_SIZE, Residency, SoftwareDevice, SoftwareDeviceConfig};
+
+fn device(hmm: &Hmm, name: &str, pages: usize) -> SoftwareDevice {
+    SoftwareDevice::new(hmm, SoftwareDeviceConfig::new(name, pages * PAGE_SIZE)).expect("device")
+}
+
+/// Page `i` holds the word `seed + i`, repeated.
+fn pattern(pages: usize, seed: u64) -> Vec<u8> {
+    (0..pages as u64).flat_map(|i| (seed + i).to_ne_bytes().repeat(PAGE_SIZE / 8)).collect()
+}
+
+/// The index of the first page of `got` that differs from `want`.
+fn first_wrong_page(got: &[u8], want: &[u8]) -> Option<usize> {
+    got.chunks(PAGE_SIZE).zip(want.chunks(PAGE_SIZE)).position(|(a, b)| a != b)
+}
+
+/// Fork with pages on a device, in system memory and never touched: the
+/// child reads the fork-time data everywhere; what the parent's device and
+/// CPU write after the fork stays the parent's, what the child writes stays
+/// the child's; the parent's device pages are all accounted for.
+#[test]
+fn fork_gives_the_child_the_fork_time_data_and_isolates_both_sides() {
+    if common::skip_without("event-fork") {
+        return;
+    }
+    let _fork = common::fork_lock();
+    let hmm = Hmm::new().unwrap();
+    let dev = device(&hmm, "d", 256);
+    let pages = 64;
+    let r = hmm.alloc(pages * PAGE_SIZE).unwrap();
+    let data = pattern(48, 1000);
+    r.write(0, &data).unwrap();
+    assert_eq!(dev.migrate_to_device(r.pages_range(0, 32).unwrap()).unwrap().migrated, 32);
+    let mut want = data.clone();
+    want.resize(pages * PAGE_SIZE, 0);
+    let (mut parent_end, mut child_end) = UnixStream::pair().unwrap();
+    let child = spawn_child(|| {
+        // Wait until the parent has written after the fork.
+        let mut b = [0u8; 1];
+        if child_end.read_exact(&mut b).is_err() {
+            return 2;
+        }
+        let mut got = vec![0u8; pages * PAGE_SIZE];
+        if r.mapping().read(0, &mut got).is_err() {
+            return 3;
+        }
+        if let Some(p) = first_wrong_page(&got, &want) {
+            return 10 + p as i32;
+        }
+        // The child's own writes.
+        if r.mapping().fill(0, r.len(), 0x5A).is_err() {
+            return 4;
+        }
+        0
+    })
+    .unwrap();
+    assert_eq!(hmm.forks(), (1, 32), "the child got its copy before fork returned");
+    // After the fork: the parent's device writes pages 0..8 (on the device),
+    // its CPU writes pages 32..40 (system) and 50 (never touched).
+    dev.write(r.addr(), &[0xEE; 8 * PAGE_SIZE]).unwrap();
+    r.fill(32 * PAGE_SIZE, 8 * PAGE_SIZE, 0xCC).unwrap();
+    r.fill(50 * PAGE_SIZE, PAGE_SIZE, 0xDD).unwrap();
+    parent_end.write_all(&[1]).unwrap();
+    assert_eq!(
+        child.wait().unwrap(),
+        ChildOutcome::Exited(0),
+        "10 + page: the child read it wrong"
+    );
+    let mut mine = want.clone();
+    mine[..8 * PAGE_SIZE].fill(0xEE);
+    mine[32 * PAGE_SIZE..40 * PAGE_SIZE].fill(0xCC);
+    mine[50 * PAGE_SIZE..51 * PAGE_SIZE].fill(0xDD);
+    let (through_device, _) = dev.read(r.range()).unwrap();
+    assert_eq!(
+        first_wrong_page(&through_device, &mine),
+        None,
+        "the parent's data, seen by its device"
+    );
+    let mut got = vec![0u8; r.len()];
+    r.read(0, &mut got).unwrap();
+    assert_eq!(first_wrong_page(&got, &mine), None, "the parent's data, seen by its CPU");
+    drop(r);
+    assert_eq!(dev.stats().pages_resident, 0, "no device page left behind");
+}
+
+/// Pages a device held exclusively are handed back at fork: the device's
+/// exclusive access ends, and both sides read the data.
+#[test]
+fn fork_hands_back_exclusive_pages() {
+    if common::skip_without("event-fork") {
+        return;
+    }
+    let _fork = common::fork_lock();
+    let hmm = Hmm::new().unwrap();
+    let dev = device(&hmm, "d", 64);
+    let r = hmm.alloc(8 * PAGE_SIZE).unwrap();
+    let data = pattern(8, 7);
+    r.write(0, &data).unwrap();
+    dev.make_exclusive(r.range()).unwrap();
+    assert!(dev.check_exclusive(r.range()).is_err(), "held before the fork");
+    let out = run_in_child(|| {
+        let mut got = vec![0u8; 8 * PAGE_SIZE];
+        r.mapping().read(0, &mut got).map(|_| i32::from(got != data)).unwrap_or(2)
+    })
+    .unwrap();
+    assert_eq!(out, ChildOutcome::Exited(0), "the child reads the data");
+    dev.check_exclusive(r.range()).expect("exclusive access ended at the fork");
+    let mut got = vec![0u8; r.len()];
+    r.read(0, &mut got).unwrap();
+    assert_eq!(got, data);
+}
+
+/// The child uses hmm itself: its own instance and device, on memory it
+/// inherited (taken over with `MREMAP_DONTUNMAP`) and on memory of its own;
+/// the parent's pages stay where they were.
+#[test]
+fn the_child_uses_hmm_itself() {
+    if common::skip_without("event-fork") {
+        return;
+    }
+    let _fork = common::fork_lock();
+    let hmm = Hmm::new().unwrap();
+    let dev = device(&hmm, "d", 64);
+    let r = hmm.alloc(16 * PAGE_SIZE).unwrap();
+    let data = pattern(16, 3);
+    r.write(0, &data).unwrap();
+    dev.migrate_to_device(r.range()).unwrap();
+    let out = run_in_child(|| {
+        let Ok(h) = Hmm::new() else { return 2 };
+        let d = device(&h, "child", 64);
+        let Ok(inherited) = r.mapping().remap_dontunmap() else { return 3 };
+        let Ok(mine) = h.adopt(inherited) else { return 4 };
+        if d.migrate_to_device(mine.range()).map(|rep| rep.migrated).ok() != Some(16) {
+            return 5;
+        }
+        let mut got = vec![0u8; mine.len()];
+        if mine.read(0, &mut got).is_err() || got != data {
+            return 6;
+        }
+        i32::from(d.stats().pages_resident != 0) * 7
+    })
+    .unwrap();
+    assert_eq!(out, ChildOutcome::Exited(0));
+    assert!(r.residencies().iter().all(|x| matches!(x, Residency::Device(_))));
+    let mut got = vec![0u8; r.len()];
+    r.read(0, &mut got).unwrap();
+    assert_eq!(got, data);
+}
+
+/// A parent that exits at once after `fork()` leaves a complete child: the
+/// child's pages were all copied before `fork()` returned.
+#[test]
+fn a_parent_exiting_first_leaves_the_child_whole() {
+    if common::skip_without("event-fork") {
+        return;
+    }
+    let _fork = common::fork_lock();
+    let (mut report, mut grandchild_end) = UnixStream::pair().unwrap();
+    let out = run_in_child(|| {
+        let Ok(hmm) = Hmm::new() else { return 2 };
+        let dev = device(&hmm, "d", 64);
+        let Ok(r) = hmm.alloc(32 * PAGE_SIZE) else { return 3 };
+        let data = pattern(32, 77);
+        if r.write(0, &data).is_err() || dev.migrate_to_device(r.range()).is_err() {
+            return 4;
+        }
+        let me = rustix::process::getpid();
+        let grandchild = spawn_child(|| {
+            // Until its parent (this child) is gone.
+            while rustix::process::getppid() == Some(me) {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            let mut got = vec![0u8; 32 * PAGE_SIZE];
+            let ok = r.mapping().read(0, &mut got).is_ok() && got == data;
+            let _ = grandchild_end.write_all(&[u8::from(ok)]);
+            0
+        });
+        // Exit at once, without waiting for the grandchild.
+        std::mem::forget(grandchild);
+        0
+    })
+    .unwrap();
+    assert_eq!(out, ChildOutcome::Exited(0));
+    // Only the grandchild holds its end now: it reports, or its end closes.
+    drop(grandchild_end);
+    let mut b = [0u8; 1];
+    report.read_exact(&mut b).expect("the grandchild reports");
+    assert_eq!(b[0], 1, "the orphaned child read every page");
+}
