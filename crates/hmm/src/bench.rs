@@ -59,6 +59,9 @@ pub enum BenchError {
     /// The fault-serving thread failed.
     #[error("the fault-serving thread failed: {0}")]
     Server(String),
+    /// The fork measurement failed.
+    #[error("fork with device pages: {0}")]
+    Fork(String),
 }
 
 /// The baseline figures (JSON keys are the field names).
@@ -434,6 +437,10 @@ pub struct MigrationFigures {
     /// From an application `munmap` of one managed page to the device's
     /// invalidation callback, median, microseconds.
     pub invalidate_us_p50: Option<f64>,
+    /// `fork()` of a process with 1 GiB (256 MiB when quick) resident on a
+    /// device, until it returns with the child holding its copy, milliseconds.
+    /// `None` where the process may not have `EVENT_FORK`.
+    pub fork_with_device_pages_ms: Option<f64>,
 }
 
 impl MigrationFigures {
@@ -531,6 +538,12 @@ impl MigrationFigures {
                 "us",
                 "application munmap to device callback, median",
             ),
+            row(
+                "fork_with_device_pages_ms",
+                self.fork_with_device_pages_ms,
+                "ms",
+                "fork() with the device-resident size above copied to the child",
+            ),
         ]
     }
 }
@@ -556,7 +569,7 @@ impl BenchReport {
 }
 
 /// Number of steps [`run_all`] reports.
-pub const ALL_STEPS: usize = 10;
+pub const ALL_STEPS: usize = 11;
 
 /// Measures the baselines, then the migration figures.
 pub fn run_all(
@@ -637,7 +650,7 @@ pub fn run_migration(
     let size = if opts.quick { 256 << 20 } else { 1 << 30 };
     let mut f = MigrationFigures::default();
     let step =
-        |progress: &mut dyn FnMut(Step), index, name| progress(Step { name, index, total: 5 });
+        |progress: &mut dyn FnMut(Step), index, name| progress(Step { name, index, total: 6 });
 
     step(progress, 0, "migrations of huge-page memory");
     let hmm = Hmm::new().map_err(hmm_err)?;
@@ -701,7 +714,42 @@ pub fn run_migration(
     f.device_access_gbps = Some(device_access_gbps(&hmm, BIG)?);
     f.range_fault_snapshot_mpages_s = Some(snapshot_mpages_s(&hmm, size)?);
     f.invalidate_us_p50 = Some(invalidate_us_p50(&hmm, if opts.quick { 200 } else { 2_000 })?);
+    drop(hmm);
+
+    step(progress, 5, "fork with device pages");
+    f.fork_with_device_pages_ms = fork_ms(size)?;
     Ok(f)
+}
+
+/// `fork()` with `size` bytes resident on a software device: the time the
+/// call takes in the parent (which returns once the child has its copy of
+/// every device page; the child then exits). `None` without `EVENT_FORK`.
+fn fork_ms(size: usize) -> Result<Option<f64>, BenchError> {
+    use crate::space::Hmm;
+    use crate::swdev::{SoftwareDevice, SoftwareDeviceConfig};
+    let hmm = Hmm::new().map_err(hmm_err)?;
+    if !hmm.inner().uffd.features().contains(crate::os::uffd::Features::EVENT_FORK) {
+        return Ok(None);
+    }
+    let r = hmm.alloc(size).map_err(hmm_err)?;
+    r.fill(0, size, 0x5C).map_err(MmError::from)?;
+    let dev = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("bench-fork", size))
+        .map_err(hmm_err)?;
+    dev.migrate_to_device(r.range()).map_err(hmm_err)?;
+    let before = hmm.forks().1;
+    let t = Instant::now();
+    let child =
+        crate::os::process::spawn_child(|| 0).map_err(|e| BenchError::Fork(e.to_string()))?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    child.wait().map_err(|e| BenchError::Fork(format!("waiting for the child: {e}")))?;
+    let copied = hmm.forks().1 - before;
+    if copied != (size / PAGE_SIZE) as u64 {
+        return Err(BenchError::Fork(format!(
+            "fork copied {copied} device pages to the child, not {}",
+            size / PAGE_SIZE
+        )));
+    }
+    Ok(Some(ms))
 }
 
 /// A one-worker job on a software device sums `size` bytes of populated
