@@ -50,7 +50,7 @@ pub use mirror::{
 pub use os::arena::ArenaError;
 pub use page::{DeviceId, DevicePage, Residency};
 pub use space::{
-    AdoptRefusal, Arena, Hmm, HmmConfig, HmmError, ManagedRange, MirroredRange, RangeStats,
+    AdoptRefusal, Arena, Hmm, HmmConfig, HmmError, ManagedRange, MirroredRange, Pin, RangeStats,
 };
 pub use swdev::{
     DeviceContext, DeviceEntry, EngineKind, MirrorStats, OpCounters, PageSnapshot, SnapshotAccess,

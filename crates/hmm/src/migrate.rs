@@ -86,6 +86,9 @@ pub enum SkipReason {
     /// The destination device failed.
     #[error("the destination device failed")]
     DeviceFailed,
+    /// It is pinned in system memory ([`ManagedRange::pin`](crate::ManagedRange::pin)).
+    #[error("pinned")]
+    Pinned,
 }
 
 /// The outcome for one page.
@@ -234,10 +237,13 @@ impl Migration {
         let mut slots = Vec::with_capacity(range.pages());
         {
             let mut t = rec.lock();
-            for e in &mut t[first..first + range.pages()] {
+            let pins = rec.lock_pins();
+            for (k, e) in t[first..first + range.pages()].iter_mut().enumerate() {
                 let r = e.residency();
                 let (src, status) = if e.is_migrating() {
                     (Src::None, PageStatus::Skipped(SkipReason::Busy))
+                } else if Range::is_pinned(&pins, first + k) {
+                    (Src::None, PageStatus::Skipped(SkipReason::Pinned))
                 } else {
                     match (select, r) {
                         (Selection::System, Residency::None) => (Src::Zero, PageStatus::Pending),

@@ -255,6 +255,20 @@ pub(crate) struct Range {
     /// Registered in write-protect mode too: a CPU write to a page a device
     /// maps read-only can be caught (see `Inner::track_writes`).
     pub(crate) wp: bool,
+    /// Pin counts by page index ([`ManagedRange::pin`]): a pinned page stays
+    /// in system memory. Lock order: `table`, then `pins`.
+    pub(crate) pins: Mutex<BTreeMap<usize, u32>>,
+}
+
+impl Range {
+    /// Whether page `index` is pinned.
+    pub(crate) fn is_pinned(pins: &BTreeMap<usize, u32>, index: usize) -> bool {
+        pins.get(&index).is_some_and(|n| *n > 0)
+    }
+
+    pub(crate) fn lock_pins(&self) -> MutexGuard<'_, BTreeMap<usize, u32>> {
+        self.pins.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl Range {
@@ -638,6 +652,7 @@ impl Hmm {
                 created,
                 huge,
                 wp,
+                pins: Mutex::new(BTreeMap::new()),
             });
             ranges.insert(range.start().get(), r.clone());
             Ok(ManagedRange { inner: inner.clone(), range: r })
@@ -1350,6 +1365,71 @@ impl ManagedRange {
         self.inner.protect(self.range.mapping(), part, prot)
     }
 
+    /// Pins `part` in system memory, for DMA by another driver or `O_DIRECT`
+    /// I/O (the kernel's long-term pin): its device pages come back first,
+    /// never-populated pages are populated, and until the [`Pin`] is dropped
+    /// migrations skip its pages with [`SkipReason::Pinned`]. Pins nest.
+    ///
+    /// hmm's promise is not to move the pages; the driver that does the DMA
+    /// takes its own kernel reference, as it would on any memory.
+    ///
+    /// [`SkipReason::Pinned`]: crate::SkipReason::Pinned
+    pub fn pin(&self, part: PageRange) -> Result<Pin, HmmError> {
+        self.range.mapping().check(part).map_err(MmError::from)?;
+        let first = self.range.index(part.start());
+        let idx = first..first + part.pages();
+        for _ in 0..100 {
+            let devs: Vec<DeviceId> = {
+                let t = self.range.lock();
+                let mut d: Vec<DeviceId> =
+                    t[idx.clone()].iter().filter_map(|e| e.device_page()).map(|p| p.dev).collect();
+                d.sort();
+                d.dedup();
+                d
+            };
+            for dev in devs {
+                if let Some(mem) = self.inner.device(dev) {
+                    self.inner.migrate_to_system(part, &mem, mem.ops().dma())?;
+                }
+            }
+            self.range.mapping().advise(part, Advise::PopulateWrite)?;
+            let t = self.range.lock();
+            let settled = t[idx.clone()].iter().all(|e| {
+                !e.is_migrating() && matches!(e.residency(), Residency::System | Residency::None)
+            });
+            if settled {
+                let mut pins = self.range.lock_pins();
+                for i in idx.clone() {
+                    *pins.entry(i).or_default() += 1;
+                }
+                return Ok(Pin { range: self.range.clone(), pages: idx });
+            }
+            if let Some((k, e)) = t[idx.clone()]
+                .iter()
+                .enumerate()
+                .find(|(_, e)| matches!(e.residency(), Residency::Poisoned | Residency::Unmapped))
+            {
+                let reason = if e.residency() == Residency::Poisoned {
+                    crate::migrate::SkipReason::Poisoned
+                } else {
+                    crate::migrate::SkipReason::Unmapped
+                };
+                return Err(HmmError::NotMoved {
+                    op: "pin",
+                    addr: self.range.page_addr(first + k),
+                    reason,
+                });
+            }
+            drop(t);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Err(HmmError::NotMoved {
+            op: "pin",
+            addr: part.start(),
+            reason: crate::migrate::SkipReason::Busy,
+        })
+    }
+
     /// Whether CPU writes to pages a device maps read-only are caught (the
     /// range is registered in write-protect mode; a kernel without it for
     /// anonymous memory leaves them uncaught, and device reads still see
@@ -1400,6 +1480,41 @@ impl Drop for ManagedRange {
     fn drop(&mut self) {
         if !self.inner.shut_down.load(Ordering::Acquire) {
             self.inner.unmanage(&self.range);
+        }
+    }
+}
+
+/// Pages of a managed range pinned in system memory ([`ManagedRange::pin`]);
+/// dropping it unpins them.
+pub struct Pin {
+    range: Arc<Range>,
+    pages: std::ops::Range<usize>,
+}
+
+impl fmt::Debug for Pin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pin").field("range", &self.range()).finish()
+    }
+}
+
+impl Pin {
+    /// The pinned pages.
+    pub fn range(&self) -> PageRange {
+        PageRange::from_pages(self.range.page_addr(self.pages.start), self.pages.len())
+            .expect("inside the range")
+    }
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let mut pins = self.range.lock_pins();
+        for i in self.pages.clone() {
+            if let Some(n) = pins.get_mut(&i) {
+                *n -= 1;
+                if *n == 0 {
+                    pins.remove(&i);
+                }
+            }
         }
     }
 }

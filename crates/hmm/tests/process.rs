@@ -197,3 +197,44 @@ fn a_parent_exiting_first_leaves_the_child_whole() {
     report.read_exact(&mut b).expect("the grandchild reports");
     assert_eq!(b[0], 1, "the orphaned child read every page");
 }
+
+/// `read(2)` into a device-resident buffer: the kernel's write faults the
+/// page back, and the buffer holds what was read; pins nest.
+#[test]
+fn system_calls_and_pins_on_device_resident_buffers() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    let dev = device(&hmm, "d", 64);
+    let r = hmm.alloc(8 * PAGE_SIZE).unwrap();
+    let data = pattern(8, 40);
+    r.write(0, &data).unwrap();
+    dev.migrate_to_device(r.range()).unwrap();
+    let (rd, mut wr) = std::io::pipe().unwrap();
+    wr.write_all(&[0xAB; 100]).unwrap();
+    assert_eq!(r.mapping().read_from(PAGE_SIZE + 8, 100, &rd).unwrap(), 100);
+    let mut want = data.clone();
+    want[PAGE_SIZE + 8..PAGE_SIZE + 108].fill(0xAB);
+    let mut got = vec![0u8; r.len()];
+    r.read(0, &mut got).unwrap();
+    assert_eq!(first_wrong_page(&got, &want), None);
+    // Two pins over page 3: it stays until both are gone.
+    dev.migrate_to_device(r.range()).unwrap();
+    let a = r.pin(r.pages_range(2, 2).unwrap()).unwrap();
+    let b = r.pin(r.pages_range(3, 2).unwrap()).unwrap();
+    assert_eq!(a.range(), r.pages_range(2, 2).unwrap());
+    drop(a);
+    let rep = dev.migrate_to_device(r.range()).unwrap();
+    assert_eq!(rep.count(&hmm::SkipReason::Pinned), 2, "pages 3 and 4 stay: {:?}", rep.skipped);
+    drop(b);
+    assert_eq!(dev.migrate_to_device(r.range()).unwrap().migrated, 2);
+    r.read(0, &mut got).unwrap();
+    assert_eq!(first_wrong_page(&got, &want), None);
+    // A pin of an unmapped part is refused, naming it.
+    r.unmap(r.pages_range(7, 1).unwrap()).unwrap();
+    common::eventually("the unmap is seen", || r.residency(7) == Residency::Unmapped);
+    assert!(r.pin(r.pages_range(6, 2).unwrap()).is_err());
+    drop(r);
+    assert_eq!(dev.stats().pages_resident, 0);
+}

@@ -854,3 +854,36 @@ fn anon_write_child_shared() {
     m.read(0, &mut got).unwrap();
     assert!(got == neg_index_bytes(NPAGES), "the parent reads what the child's device wrote");
 }
+
+/// System calls on device-resident pages work (the kernel's own access
+/// faults them back), and pinning brings pages back and keeps them there.
+#[test]
+fn gup() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let (hmm, dev, r) = indexed_range();
+    let four = r.pages_range(0, 4).unwrap();
+    assert_eq!(dev.migrate_to_device(four).unwrap().migrated, 4);
+    // write(2) from pages 0 and 1 into a pipe.
+    let (mut rd, wr) = std::io::pipe().unwrap();
+    assert_eq!(r.mapping().write_to(0, 2 * PAGE_SIZE, &wr).unwrap(), 2 * PAGE_SIZE);
+    let mut out = vec![0u8; 2 * PAGE_SIZE];
+    std::io::Read::read_exact(&mut rd, &mut out).unwrap();
+    check_index(&out, 0);
+    // A long-term pin of pages 2 and 3, through the library.
+    let pin = r.pin(r.pages_range(2, 2).unwrap()).unwrap();
+    assert!(r.residencies()[..4].iter().all(|x| *x == Residency::System), "{:?}", r.residencies());
+    let (bytes, _) = dev.read(four).unwrap();
+    check_index(&bytes, 0);
+    // Migration skips the pinned pages, saying why, until they are unpinned.
+    let rep = dev.migrate_to_device(four).unwrap();
+    assert_eq!(rep.migrated, 2);
+    assert_eq!(rep.count(&SkipReason::Pinned), 2, "{:?}", rep.skipped);
+    drop(pin);
+    assert_eq!(dev.migrate_to_device(four).unwrap().migrated, 2);
+    check_index(&cpu_bytes(&r)[..4 * PAGE_SIZE], 0);
+    drop(r);
+    assert_eq!(dev.stats().pages_resident, 0);
+    drop(hmm);
+}

@@ -15,7 +15,7 @@
 //! checks that the range it is given lies inside it.
 
 use std::ffi::CStr;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::ptr;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard};
@@ -573,6 +573,42 @@ impl Mapping {
             unsafe { AtomicU64::from_ptr(p) }.store(v, Ordering::Relaxed);
         }
         Ok(())
+    }
+
+    /// `write(2)` of `len` bytes of the mapping at `offset` to `fd`: the
+    /// kernel reads the memory itself (a device-resident page faults back
+    /// inside the system call). Returns the bytes written.
+    pub fn write_to(&self, offset: usize, len: usize, fd: impl AsFd) -> Result<usize, MmError> {
+        let a = self.access(offset, len)?;
+        // SAFETY: the pointer and length lie inside this live mapping (checked
+        // above); the kernel only reads them, and no Rust reference is made.
+        let n = unsafe { libc::write(fd.as_fd().as_raw_fd(), a.ptr.cast(), len) };
+        if n < 0 {
+            return Err(MmError::File {
+                what: "write",
+                errno: rustix::io::Errno::from_io_error(&std::io::Error::last_os_error())
+                    .unwrap_or(rustix::io::Errno::IO),
+            });
+        }
+        Ok(n as usize)
+    }
+
+    /// `read(2)` of up to `len` bytes from `fd` into the mapping at `offset`:
+    /// the kernel writes the memory itself (a device-resident page faults
+    /// back inside the system call). Returns the bytes read.
+    pub fn read_from(&self, offset: usize, len: usize, fd: impl AsFd) -> Result<usize, MmError> {
+        let a = self.access(offset, len)?;
+        // SAFETY: the pointer and length lie inside this live mapping (checked
+        // above), whose bytes no Rust reference covers; the kernel writes them.
+        let n = unsafe { libc::read(fd.as_fd().as_raw_fd(), a.ptr.cast(), len) };
+        if n < 0 {
+            return Err(MmError::File {
+                what: "read",
+                errno: rustix::io::Errno::from_io_error(&std::io::Error::last_os_error())
+                    .unwrap_or(rustix::io::Errno::IO),
+            });
+        }
+        Ok(n as usize)
     }
 
     /// Sets `len` bytes at `offset` to `byte`.
