@@ -97,6 +97,15 @@ pub enum MmError {
     },
 }
 
+/// Maps a C library call's byte count (negative: `errno`) to a result.
+fn byte_count(n: isize, what: &'static str) -> Result<usize, MmError> {
+    usize::try_from(n).map_err(|_| MmError::File {
+        what,
+        errno: rustix::io::Errno::from_io_error(&std::io::Error::last_os_error())
+            .unwrap_or(rustix::io::Errno::IO),
+    })
+}
+
 fn advice_hint(advice: Advise, errno: rustix::io::Errno) -> &'static str {
     match (advice, errno) {
         (Advise::PopulateRead | Advise::PopulateWrite, rustix::io::Errno::INVAL) => {
@@ -583,14 +592,7 @@ impl Mapping {
         // SAFETY: the pointer and length lie inside this live mapping (checked
         // above); the kernel only reads them, and no Rust reference is made.
         let n = unsafe { libc::write(fd.as_fd().as_raw_fd(), a.ptr.cast(), len) };
-        if n < 0 {
-            return Err(MmError::File {
-                what: "write",
-                errno: rustix::io::Errno::from_io_error(&std::io::Error::last_os_error())
-                    .unwrap_or(rustix::io::Errno::IO),
-            });
-        }
-        Ok(n as usize)
+        byte_count(n, "write")
     }
 
     /// `read(2)` of up to `len` bytes from `fd` into the mapping at `offset`:
@@ -601,14 +603,7 @@ impl Mapping {
         // SAFETY: the pointer and length lie inside this live mapping (checked
         // above), whose bytes no Rust reference covers; the kernel writes them.
         let n = unsafe { libc::read(fd.as_fd().as_raw_fd(), a.ptr.cast(), len) };
-        if n < 0 {
-            return Err(MmError::File {
-                what: "read",
-                errno: rustix::io::Errno::from_io_error(&std::io::Error::last_os_error())
-                    .unwrap_or(rustix::io::Errno::IO),
-            });
-        }
-        Ok(n as usize)
+        byte_count(n, "read")
     }
 
     /// Sets `len` bytes at `offset` to `byte`.

@@ -53,7 +53,8 @@ impl Drop for Child {
 /// by side until [`Child::wait`] reaps the child (dropping the handle kills
 /// and reaps it).
 pub fn spawn_child<F: FnOnce() -> i32>(f: F) -> Result<Child, Errno> {
-    // SAFETY: as in `run_in_child`.
+    // SAFETY: `fork` is called through the C library so that its at-fork handlers
+    // keep the allocator and thread bookkeeping consistent in the child.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(Errno::from_raw_os_error(
@@ -62,7 +63,8 @@ pub fn spawn_child<F: FnOnce() -> i32>(f: F) -> Result<Child, Errno> {
     }
     if pid == 0 {
         let code = catch_unwind(AssertUnwindSafe(f)).unwrap_or(CHILD_PANICKED);
-        // SAFETY: as in `run_in_child`.
+        // SAFETY: `_exit` ends the child at once; no destructor of the parent's
+        // state runs twice and no frame of the caller is returned into.
         unsafe { libc::_exit(code) };
     }
     Ok(Child { pid: Pid::from_raw(pid).ok_or(Errno::CHILD)?, reaped: false })
@@ -94,21 +96,7 @@ pub fn at_fork(
 /// library takes its allocator locks around `fork`. If the parent's registrations
 /// have `UFFD_FEATURE_EVENT_FORK`, the fork blocks until the FORK event is read.
 pub fn run_in_child<F: FnOnce() -> i32>(f: F) -> Result<ChildOutcome, Errno> {
-    // SAFETY: `fork` is called through the C library so that its at-fork handlers
-    // keep the allocator and thread bookkeeping consistent in the child.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(Errno::from_raw_os_error(
-            std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
-        ));
-    }
-    if pid == 0 {
-        let code = catch_unwind(AssertUnwindSafe(f)).unwrap_or(CHILD_PANICKED);
-        // SAFETY: `_exit` ends the child at once; no destructor of the parent's
-        // state runs twice and no frame of the caller is returned into.
-        unsafe { libc::_exit(code) };
-    }
-    wait_for(Pid::from_raw(pid).ok_or(Errno::CHILD)?)
+    spawn_child(f)?.wait()
 }
 
 fn wait_for(pid: Pid) -> Result<ChildOutcome, Errno> {
