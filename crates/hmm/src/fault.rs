@@ -227,16 +227,12 @@ impl Batches {
     /// Returns whether they were.
     pub(crate) fn wait_handled(&self, limit: Duration) -> bool {
         let target = self.begun.load(Ordering::SeqCst);
-        let deadline = Instant::now() + limit;
-        let mut d = self.done.lock().unwrap_or_else(|e| e.into_inner());
-        while *d < target {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            d = self.handled.wait_timeout(d, left).unwrap_or_else(|e| e.into_inner()).0;
-        }
-        true
+        let d = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        let (_d, r) = self
+            .handled
+            .wait_timeout_while(d, limit, |d| *d < target)
+            .unwrap_or_else(|e| e.into_inner());
+        !r.timed_out()
     }
 }
 

@@ -50,7 +50,7 @@
 use std::cell::RefCell;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::addr::PageRange;
 use crate::dma::{DmaJob, SystemSink, ToSystem};
@@ -83,16 +83,10 @@ impl Copies {
 
     /// Waits (up to `limit`) until no copy is in progress.
     pub(crate) fn wait_idle(&self, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
-        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        while *p > 0 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            p = self.idle.wait_timeout(p, left).unwrap_or_else(|e| e.into_inner()).0;
-        }
-        true
+        let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let (_p, r) =
+            self.idle.wait_timeout_while(p, limit, |p| *p > 0).unwrap_or_else(|e| e.into_inner());
+        !r.timed_out()
     }
 }
 
@@ -114,16 +108,10 @@ impl ForkGate {
     }
 
     fn wait_parked(&self, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
-        let mut p = self.parked.lock().unwrap_or_else(|e| e.into_inner());
-        while !*p {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            p = self.changed.wait_timeout(p, left).unwrap_or_else(|e| e.into_inner()).0;
-        }
-        true
+        let p = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        let (_p, r) =
+            self.changed.wait_timeout_while(p, limit, |p| !*p).unwrap_or_else(|e| e.into_inner());
+        !r.timed_out()
     }
 }
 

@@ -312,18 +312,12 @@ impl Range {
     /// Waits (up to `limit`) until no page of `pages` is held by a migration.
     /// Returns whether they all settled.
     pub(crate) fn wait_settled(&self, pages: std::ops::Range<usize>, limit: Duration) -> bool {
-        let deadline = std::time::Instant::now() + limit;
-        let mut t = self.lock();
-        loop {
-            if !t[pages.clone()].iter().any(|e| e.is_migrating()) {
-                return true;
-            }
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            t = self.settled.wait_timeout(t, left).unwrap_or_else(|e| e.into_inner()).0;
-        }
+        let t = self.lock();
+        let (_t, r) = self
+            .settled
+            .wait_timeout_while(t, limit, |t| t[pages.clone()].iter().any(|e| e.is_migrating()))
+            .unwrap_or_else(|e| e.into_inner());
+        !r.timed_out()
     }
 }
 
