@@ -56,7 +56,7 @@ use crate::addr::PageRange;
 use crate::dma::{DmaJob, SystemSink, ToSystem};
 use crate::mirror::InvalidationEvent;
 use crate::os::uffd::Uffd;
-use crate::page::{DevicePage, Residency};
+use crate::page::{DevicePage, PageEntry, Residency};
 use crate::space::{Inner, Range};
 
 /// How long fork handlers wait on the fault service or a copy before giving
@@ -243,6 +243,16 @@ struct Held {
     page: DevicePage,
 }
 
+impl Held {
+    /// Holds page `index` of `range` (whose entry is `e`, locked by the
+    /// caller) if it lives on a device and no migration holds it.
+    fn take(range: &Arc<Range>, index: usize, e: &mut PageEntry) -> Option<Held> {
+        let Residency::Device(page) = e.residency() else { return None };
+        e.begin_migration().ok()?;
+        Some(Held { range: range.clone(), index, page })
+    }
+}
+
 /// Copies every device-resident page of every managed range into the child,
 /// then closes the child's descriptor (see the module docs).
 pub(crate) fn copy_to_child(inner: &Arc<Inner>, child: Arc<Uffd>) {
@@ -259,13 +269,10 @@ pub(crate) fn copy_to_child(inner: &Arc<Inner>, child: Arc<Uffd>) {
     for r in &ranges {
         let mut t = r.lock();
         for (i, e) in t.iter_mut().enumerate() {
-            match e.residency() {
-                _ if e.is_migrating() => busy.push((r.clone(), i)),
-                Residency::Device(page) => {
-                    e.begin_migration().expect("a settled device page can be held");
-                    held.push(Held { range: r.clone(), index: i, page });
-                }
-                _ => {}
+            if e.is_migrating() {
+                busy.push((r.clone(), i));
+            } else {
+                held.extend(Held::take(r, i, e));
             }
         }
     }
@@ -273,29 +280,20 @@ pub(crate) fn copy_to_child(inner: &Arc<Inner>, child: Arc<Uffd>) {
     // Pages a migration held at the fork: copied from where it left them.
     for (r, i) in busy {
         r.wait_settled(i..i + 1, FORK_WAIT);
-        let addr = r.page_addr(i);
-        let dst = PageRange::from_pages(addr, 1).expect("one page");
-        let again = {
+        let (again, in_system) = {
             let mut t = r.lock();
             let e = &mut t[i];
-            match e.residency() {
-                Residency::Device(page) if !e.is_migrating() => {
-                    e.begin_migration().expect("a settled device page can be held");
-                    Some(Held { range: r.clone(), index: i, page })
-                }
-                _ => None,
-            }
+            (Held::take(&r, i, e), e.residency() == Residency::System)
         };
-        match again {
-            Some(h) => copy_held(inner, &child, &sink, vec![h]),
-            None if r.lock()[i].residency() == Residency::System => {
-                // In this process's memory again: copy it from there (a touch
-                // of it, if it is absent by now, is served as any fault).
-                if let Err(e) = child.copy_from(dst, r.mapping(), dst, false) {
-                    tracing::warn!(%addr, error = %e, "cannot copy a page to the forked child");
-                }
+        if let Some(h) = again {
+            copy_held(inner, &child, &sink, vec![h]);
+        } else if in_system {
+            // In this process's memory again: copy it from there (a touch of
+            // it, if it is absent by now, is served as any fault).
+            let dst = PageRange::from_pages(r.page_addr(i), 1).expect("one page");
+            if let Err(e) = child.copy_from(dst, r.mapping(), dst, false) {
+                tracing::warn!(addr = %dst.start(), error = %e, "cannot copy a page to the forked child");
             }
-            None => {}
         }
     }
     child.close();

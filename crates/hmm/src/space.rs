@@ -846,6 +846,15 @@ fn open_once<T, E>(cell: &OnceLock<T>, open: impl FnOnce() -> Result<T, E>) -> R
     Ok(cell.get_or_init(|| v))
 }
 
+/// The devices that hold any of `entries`, each once.
+fn devices_of(entries: &[PageEntry]) -> Vec<DeviceId> {
+    let mut d: Vec<DeviceId> =
+        entries.iter().filter_map(|e| e.device_page()).map(|p| p.dev).collect();
+    d.sort();
+    d.dedup();
+    d
+}
+
 /// The ranges of `ranges` overlapping `[start, end)`, highest first.
 fn overlapping(
     ranges: &BTreeMap<usize, Arc<Range>>,
@@ -1197,14 +1206,7 @@ impl Inner {
         // Created memory goes away with the range: mirrors stay invalidated
         // until its device pages are freed.
         let _inv = r.created.then(|| self.notifiers.start(r.range(), InvalidationEvent::Unmap));
-        let devs: Vec<DeviceId> = {
-            let t = r.lock();
-            let mut d: Vec<DeviceId> =
-                t.iter().filter_map(|e| e.device_page()).map(|p| p.dev).collect();
-            d.sort();
-            d.dedup();
-            d
-        };
+        let devs = devices_of(&r.lock());
         if !r.created {
             for dev in devs {
                 if let Some(mem) = self.device(dev)
@@ -1373,14 +1375,7 @@ impl ManagedRange {
         let first = self.range.index(part.start());
         let idx = first..first + part.pages();
         for _ in 0..100 {
-            let devs: Vec<DeviceId> = {
-                let t = self.range.lock();
-                let mut d: Vec<DeviceId> =
-                    t[idx.clone()].iter().filter_map(|e| e.device_page()).map(|p| p.dev).collect();
-                d.sort();
-                d.dedup();
-                d
-            };
+            let devs = devices_of(&self.range.lock()[idx.clone()]);
             for dev in devs {
                 if let Some(mem) = self.inner.device(dev) {
                     self.inner.migrate_to_system(part, &mem, mem.ops().dma())?;
