@@ -23,9 +23,10 @@
 //!   thread gets SIGBUS.
 //! - **Discards and unmaps** (`REMOVE`, `UNMAP` events): the pages become
 //!   `None` (or `Unmapped`) and their device pages are freed.
-//! - **`mremap`** (`REMAP` event): the device pages of the moved part are
-//!   installed at the new address, the new range is left unmanaged, and the
-//!   old pages are recorded unmapped.
+//! - **`mremap`** (`REMAP` event): the data of the moved part that the page
+//!   tables do not carry (device pages, pages mid-migration) is forwarded to
+//!   the new address, which is then left unmanaged (see `remap`); a touch of
+//!   the new address waits until it has arrived.
 //!
 //! # When system memory cannot be had
 //!
@@ -50,7 +51,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::addr::{HUGE_PAGE_SIZE, PAGE_SIZE, PageRange, VirtAddr};
-use crate::dma::{DmaEngine, DmaJob, ToSystem};
+use crate::dma::DmaEngine;
 use crate::migrate::{Migration, PageStatus, Selection, SkipReason};
 use crate::mirror::InvalidationEvent;
 use crate::os::mm::{Advise, Mapping, Protection};
@@ -394,7 +395,9 @@ impl Service {
                 }
             }
             UffdEvent::Unmap { start, end } => self.invalidate(start.get(), end.get(), true),
-            UffdEvent::Remap { from, to, len } => self.remap(from.get(), to.get(), len),
+            UffdEvent::Remap { from, to, len } => {
+                crate::remap::start(&self.inner, from.get(), to.get(), len)
+            }
             UffdEvent::Fork { child } => crate::fork::start_copy(&self.inner, child),
         }
     }
@@ -422,6 +425,11 @@ impl Service {
     /// the backoff of memory-starved retries).
     fn fault(&mut self, addr: VirtAddr, write: bool, delay: Duration) {
         let page = PageRange::from_pages(addr.page_down(), 1).expect("one page");
+        if self.inner.forwards.awaits(page.start()) {
+            // The new home of remapped pages still on their way: the forward
+            // wakes the thread when they have all arrived (see `remap`).
+            return;
+        }
         let Some(r) = self.inner.find(page.start()) else {
             // Not managed (any more): a registered range hmm let go of, such as
             // the new home of a remapped range. It is plain anonymous memory: an
@@ -693,45 +701,6 @@ impl Service {
             for p in freed {
                 self.inner.put_page(p);
             }
-        }
-    }
-
-    /// `mremap` moved `[from, from + len)` to `to`: the device pages of the old
-    /// part are installed at the new address (which stays registered with this
-    /// descriptor), then the new range is unregistered: hmm no longer manages it.
-    fn remap(&mut self, from: usize, to: usize, len: usize) {
-        let Ok(old) = PageRange::new(VirtAddr::new(from), len) else { return };
-        let _inv = self.inner.notifiers.start(old, InvalidationEvent::Unmap);
-        for r in self.inner.overlapping(from, from + len) {
-            let (a, b) = r.clip(from, from + len);
-            let moved: Vec<(usize, DevicePage)> = {
-                let mut t = r.lock();
-                t[a..b]
-                    .iter_mut()
-                    .enumerate()
-                    .filter_map(|(k, e)| {
-                        let p = e.device_page();
-                        e.invalidate(true);
-                        p.map(|p| (a + k, p))
-                    })
-                    .collect()
-            };
-            for (i, p) in moved {
-                let dst = VirtAddr::new(to + (r.page_addr(i).get() - from));
-                if let Some(mem) = self.inner.device(p.dev) {
-                    let job = DmaJob::ToSystem {
-                        copies: vec![ToSystem { src: p, dst }],
-                        sink: self.inner.sink.clone(),
-                    };
-                    if let Some(Err(e)) = mem.ops().dma().submit(job).wait().pop() {
-                        tracing::error!(%dst, error = %e, "cannot bring a device page to its remapped address");
-                    }
-                }
-                self.inner.put_page(p);
-            }
-        }
-        if let Ok(new) = PageRange::new(VirtAddr::new(to), len) {
-            let _ = self.inner.uffd.unregister(new);
         }
     }
 }

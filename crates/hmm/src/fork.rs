@@ -167,6 +167,12 @@ extern "C" fn prepare() {
         if !inner.fork_gate.wait_parked(FORK_WAIT) {
             tracing::error!("the fault service did not park for the fork; forking anyway");
         }
+        // Pages on their way to an address the application moved them to
+        // would miss the child: they are in neither place it copies from.
+        // (Parked, the service starts no new forward.)
+        if !inner.forwards.wait_idle(FORK_WAIT) {
+            tracing::error!("remapped pages are still on their way; forking anyway");
+        }
     }
     let ready = if live.is_empty() { None } else { std::io::pipe().ok() };
     HELD.with(|h| *h.borrow_mut() = Some(Prepared { registry: reg, live, ready }));
@@ -335,8 +341,21 @@ fn copy_held(inner: &Arc<Inner>, child: &Uffd, sink: &Arc<SystemSink>, mut held:
     let mut put = Vec::new();
     let mut touched: Vec<Arc<Range>> = Vec::new();
     for h in &held {
-        let kept = h.range.lock()[h.index].abort().expect("a held page aborts");
-        if !kept {
+        let (kept, moved) = {
+            let mut t = h.range.lock();
+            let moved = t[h.index].is_moved();
+            (t[h.index].abort().expect("a held page aborts"), moved)
+        };
+        if moved {
+            // The parent moved it (`mremap`) meanwhile: its data goes on to
+            // the new address.
+            let at = h.range.page_addr(h.index);
+            if let Err(src) = inner.forwards.hand_over(at, crate::remap::Source::Device(h.page)) {
+                tracing::error!(addr = %at, "a page moved during a fork copy has no forward");
+                drop(src);
+                put.push(h.page);
+            }
+        } else if !kept {
             put.push(h.page);
         }
         if !touched.iter().any(|r| Arc::ptr_eq(r, &h.range)) {

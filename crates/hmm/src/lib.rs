@@ -35,6 +35,7 @@ pub mod mirror;
 pub mod os;
 pub mod page;
 pub mod probe;
+pub(crate) mod remap;
 pub mod space;
 pub mod swdev;
 

@@ -29,6 +29,7 @@ use crate::mirror::InvalidationEvent;
 use crate::os::mm::{Mapping, Protection};
 use crate::os::uffd::{FillErrorKind, RegisterMode};
 use crate::page::{DeviceId, DevicePage, Residency};
+use crate::remap::Source;
 use crate::space::{HmmError, Inner, Range};
 
 /// How long [`Migration::setup`] waits for pages held by another migration
@@ -571,18 +572,26 @@ impl Migration {
         // 1. Staged sources of pages that did not move go back into place, unless
         //    the application discarded them meanwhile. No lock is held across the
         //    ioctls (see the lock rules in `space`).
-        let restore: Vec<usize> = {
+        //    Pages the application moved elsewhere meanwhile (`mremap`) hand
+        //    their data to the move's forward instead (`handed`: what they
+        //    hand over is not freed below).
+        let (restore, moved): (Vec<usize>, Vec<usize>) = {
             let t = self.rec.lock();
-            (0..self.slots.len())
-                .filter(|&k| {
-                    self.slots[k].src == Src::Staged
-                        && self.slots[k].status != PageStatus::Migrated
-                        && !t[self.first + k].is_invalidated()
-                })
-                .collect()
+            let moved = (0..self.slots.len())
+                .filter(|&k| self.slots[k].held && t[self.first + k].is_moved());
+            let restore = (0..self.slots.len()).filter(|&k| {
+                self.slots[k].src == Src::Staged
+                    && self.slots[k].status != PageStatus::Migrated
+                    && !t[self.first + k].is_invalidated()
+            });
+            (restore.collect(), moved.collect())
         };
         for k in restore {
             self.restore_staged(k);
+        }
+        let mut handed = vec![false; self.slots.len()];
+        for k in moved {
+            handed[k] = self.hand_over(k);
         }
         // 2. Commit or abort each collected page under the lock.
         let mut put = Vec::new();
@@ -620,7 +629,9 @@ impl Migration {
                             moved += 1;
                         }
                         (Selection::System, false) => {
-                            put.extend(s.dst);
+                            if !handed[k] {
+                                put.extend(s.dst);
+                            }
                             s.status = PageStatus::Skipped(SkipReason::Invalidated);
                         }
                         (Selection::Device(_), c) => {
@@ -639,7 +650,9 @@ impl Migration {
                     let kept = e.abort().expect("migrating page aborts");
                     put.extend(s.dst.take());
                     if !kept {
-                        if let Src::Device(p) = s.src {
+                        if let Src::Device(p) = s.src
+                            && !handed[k]
+                        {
                             put.push(p);
                         }
                         s.status = PageStatus::Skipped(SkipReason::Invalidated);
@@ -687,27 +700,39 @@ impl Migration {
         let staging = self.staging.clone().expect("staged pages have staging");
         let dst = PageRange::from_pages(self.addr(k), 1).expect("one page");
         let src = staging.subrange(k * PAGE_SIZE, PAGE_SIZE).expect("inside");
-        for attempt in 0..100_000u32 {
-            let r = self.inner.uffd.move_pages(dst, &staging, src, true, false);
-            let r = match r {
-                Err(e) if e.kind == FillErrorKind::Invalid => {
-                    self.inner.uffd.copy_from(dst, &staging, src, true)
-                }
-                r => r,
-            };
-            match r {
-                Ok(_) => return,
-                Err(e) if e.kind == FillErrorKind::Again => {
-                    if attempt > 10 {
-                        std::thread::sleep(std::time::Duration::from_micros(100));
-                    } else {
-                        std::thread::yield_now();
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(addr = %self.addr(k), error = %e, "cannot put a page back after a failed migration");
-                    return;
-                }
+        if let Err(e) = self.inner.put_back(dst, &staging, src) {
+            tracing::error!(addr = %self.addr(k), error = %e, "cannot put a page back after a failed migration");
+        }
+    }
+
+    /// Page `k` was moved by the application (`mremap`) during the migration:
+    /// hands the side that holds its data to the move's forward. Returns
+    /// whether it was handed over (its device page, if that is what went, is
+    /// then the forward's to free).
+    fn hand_over(&mut self, k: usize) -> bool {
+        let s = &self.slots[k];
+        let src = match (s.status == PageStatus::Migrated, self.select, s.src) {
+            // Copied: the destination has the data.
+            (true, Selection::System, _) => match s.dst {
+                Some(p) => Source::Device(p),
+                None => Source::Nothing,
+            },
+            (true, Selection::Device(_), _) => Source::OldAddress(self.rec.clone()),
+            // Not copied: the source has it.
+            (false, _, Src::Staged) => {
+                let staging = self.staging.clone().expect("staged pages have staging");
+                let at = staging.subrange(k * PAGE_SIZE, PAGE_SIZE).expect("inside");
+                Source::Staged(staging, at)
+            }
+            (false, _, Src::Device(p)) => Source::Device(p),
+            (false, _, _) => Source::Nothing,
+        };
+        let handed_device = matches!(src, Source::Device(_));
+        match self.inner.forwards.hand_over(self.addr(k), src) {
+            Ok(()) => handed_device,
+            Err(_) => {
+                tracing::error!(addr = %self.addr(k), "a page moved during its migration has no forward");
+                false
             }
         }
     }

@@ -25,7 +25,10 @@
 //! commits or aborts, and no other migration may take the page. An
 //! invalidation (the application discarded or unmapped the page) that arrives
 //! during a migration sets `invalidated`: the migration then discards both
-//! source and destination instead of installing either.
+//! source and destination instead of installing either. An `mremap` that
+//! arrives during a migration sets `invalidated` and `moved`: the page's data
+//! now belongs at another address, and the migration hands whichever side
+//! holds it to the remap forwarding (`crate::remap`) instead of dropping it.
 //!
 //! Every transition is made under the owning range's table lock.
 
@@ -87,6 +90,8 @@ const MIGRATING: u64 = 1 << 3;
 const INVALIDATED: u64 = 1 << 4;
 /// With `INVALIDATED`: the invalidation was an unmap.
 const GONE: u64 = 1 << 5;
+/// With `INVALIDATED`: the application moved the page elsewhere (`mremap`).
+const MOVED: u64 = 1 << 6;
 const DEV_SHIFT: u32 = 8;
 const DEV_BITS: u32 = 12;
 const INDEX_SHIFT: u32 = 20;
@@ -100,7 +105,8 @@ const K_UNMAPPED: u64 = 4;
 /// The per-page record: residency plus the migration flags, packed in 8 bytes.
 ///
 /// Layout: bits 0-2 kind, bit 3 migrating, bit 4 invalidated, bit 5 unmapped
-/// (with bit 4), bits 8-19 device, bits 20-51 device page index.
+/// (with bit 4), bit 6 moved (with bit 4), bits 8-19 device, bits 20-51 device
+/// page index.
 #[derive(Clone, Copy, PartialEq, Eq, Default)]
 #[repr(transparent)]
 pub struct PageEntry(u64);
@@ -174,7 +180,7 @@ impl PageEntry {
     pub fn begin_migration(&mut self) -> Result<(), IllegalTransition> {
         match self.residency() {
             Residency::None | Residency::System | Residency::Device(_) if !self.is_migrating() => {
-                self.0 = (self.0 & !(INVALIDATED | GONE)) | MIGRATING;
+                self.0 = (self.0 & !(INVALIDATED | GONE | MOVED)) | MIGRATING;
                 Ok(())
             }
             _ => Err(IllegalTransition { op: "begin_migration", from: *self }),
@@ -234,6 +240,22 @@ impl PageEntry {
         freed
     }
 
+    /// The application moved the page (`mremap`) while a migration holds it:
+    /// the page is invalidated at this address, and whoever holds it hands its
+    /// data on to the new one. Only for a migrating page.
+    pub fn mark_moved(&mut self) -> Result<(), IllegalTransition> {
+        if !self.is_migrating() {
+            return Err(IllegalTransition { op: "mark_moved", from: *self });
+        }
+        self.0 |= INVALIDATED | MOVED;
+        Ok(())
+    }
+
+    /// Whether an `mremap` moved the page while a migration held it.
+    pub fn is_moved(self) -> bool {
+        self.0 & MOVED != 0
+    }
+
     /// The fault service filled a never-populated page (`None` → `System`).
     pub fn populate(&mut self) -> Result<(), IllegalTransition> {
         match self.residency() {
@@ -262,6 +284,9 @@ impl fmt::Debug for PageEntry {
         write!(f, "{:?}", self.residency())?;
         if self.is_migrating() {
             f.write_str("+migrating")?;
+        }
+        if self.is_moved() {
+            f.write_str("+moved")?;
         }
         if self.is_invalidated() {
             f.write_str("+invalidated")?;
@@ -310,6 +335,27 @@ mod tests {
         e.begin_migration().unwrap();
         assert!(e.abort().unwrap());
         assert_eq!(e, PageEntry::NONE);
+    }
+
+    #[test]
+    fn a_move_during_migration_is_an_invalidation_that_remembers_the_move() {
+        assert!(PageEntry::SYSTEM.mark_moved().is_err(), "only a held page can be moved on");
+        let mut e = PageEntry::new(Residency::Device(dp(0, 3)));
+        e.begin_migration().unwrap();
+        e.mark_moved().unwrap();
+        assert!(e.is_moved() && e.is_invalidated());
+        assert_eq!(e.invalidate(true), None, "a later unmap of the old address frees nothing");
+        assert!(!e.abort().unwrap());
+        assert_eq!(e.residency(), Residency::Unmapped);
+        assert!(!e.is_moved(), "the mark ends with the migration");
+
+        let mut e = PageEntry::SYSTEM;
+        e.begin_migration().unwrap();
+        e.mark_moved().unwrap();
+        assert!(!e.abort().unwrap());
+        assert_eq!(e, PageEntry::NONE, "MREMAP_DONTUNMAP leaves the old address empty");
+        e.begin_migration().unwrap();
+        assert!(!e.is_moved(), "a new migration starts unmarked");
     }
 
     #[test]

@@ -35,7 +35,7 @@ use crate::os::event::Notifier;
 use crate::os::maps;
 use crate::os::mm::{Advise, Backing, Mapping, MmError, Protection};
 use crate::os::pagemap::{Pagemap, PagemapError};
-use crate::os::uffd::{Features, RegisterMode, Uffd, UffdError, UffdOptions};
+use crate::os::uffd::{Features, FillErrorKind, RegisterMode, Uffd, UffdError, UffdOptions};
 use crate::os::vm::VmaQuery;
 use crate::page::{DeviceId, DevicePage, PageEntry, Residency};
 
@@ -349,6 +349,7 @@ pub(crate) struct HmmCounters {
     pub(crate) tracked_writes: AtomicU64,
     pub(crate) forks: AtomicU64,
     pub(crate) fork_pages: AtomicU64,
+    pub(crate) remaps_forwarded: AtomicU64,
 }
 
 /// The state shared by an [`Hmm`] handle, its ranges, devices and fault service.
@@ -386,6 +387,9 @@ pub(crate) struct Inner {
     pub(crate) fork_copies: crate::fork::Copies,
     /// Where the fault service parks while the process forks.
     pub(crate) fork_gate: crate::fork::ForkGate,
+    /// Pages moved by the application's `mremap` on their way to the new
+    /// address.
+    pub(crate) forwards: crate::remap::Forwards,
     vma_query: OnceLock<VmaQuery>,
     pagemap: OnceLock<Pagemap>,
     service: Mutex<Option<JoinHandle<()>>>,
@@ -479,6 +483,7 @@ impl Hmm {
             own_discards: Mutex::new(Vec::new()),
             batches: Default::default(),
             fork_copies: Default::default(),
+            forwards: Default::default(),
             fork_gate: Default::default(),
             vma_query: OnceLock::new(),
             pagemap: OnceLock::new(),
@@ -782,6 +787,13 @@ impl Hmm {
         (c.forks.load(Ordering::Relaxed), c.fork_pages.load(Ordering::Relaxed))
     }
 
+    /// Pages whose data hmm carried to a new address after the application
+    /// moved them with `mremap` (device pages, and pages a migration held);
+    /// pages in system memory move with the page tables and are not counted.
+    pub fn remapped_pages(&self) -> u64 {
+        self.inner.counters.remaps_forwarded.load(Ordering::Relaxed)
+    }
+
     /// Inserts an interval notifier over `range` (any memory of the process,
     /// managed by hmm or not): `callback` runs for every invalidation hmm makes
     /// or learns of that overlaps it, with the overlapping part (see
@@ -894,19 +906,62 @@ impl Inner {
     /// (or a process that never stops unmapping) is logged, not waited on.
     pub(crate) fn settle_events(&self) {
         const LIMIT: Duration = Duration::from_secs(2);
-        let deadline = std::time::Instant::now() + LIMIT;
+        self.wait_no_changes_pending(LIMIT);
+        if !self.batches.wait_handled(LIMIT) {
+            tracing::warn!("the fault service did not handle its messages within {LIMIT:?}");
+        }
+    }
+
+    /// Waits (up to `limit`) until no address-space change is waiting for the
+    /// fault service to read its event: until then the kernel refuses fills
+    /// with `EAGAIN`. Never called on the fault service itself.
+    pub(crate) fn wait_no_changes_pending(&self, limit: Duration) {
+        let deadline = std::time::Instant::now() + limit;
         let mut pause = Duration::from_micros(20);
         while self.uffd.changes_pending().unwrap_or(false) {
             if std::time::Instant::now() >= deadline {
-                tracing::warn!("address-space changes stayed pending for {LIMIT:?}");
+                tracing::warn!("address-space changes stayed pending for {limit:?}");
                 break;
             }
             std::thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_millis(1));
         }
-        if !self.batches.wait_handled(LIMIT) {
-            tracing::warn!("the fault service did not handle its messages within {LIMIT:?}");
+    }
+
+    /// Puts the page at `src` (of `src_map`) at the absent page `dst`, which is
+    /// registered with hmm's descriptor: moved where the kernel allows it,
+    /// copied otherwise. An already-populated `dst`, or an empty `src`
+    /// (nothing to put), is success. Retries while the kernel says the address
+    /// space is changing (`EAGAIN`), for up to about ten seconds.
+    pub(crate) fn put_back(
+        &self,
+        dst: PageRange,
+        src_map: &Mapping,
+        src: PageRange,
+    ) -> Result<(), String> {
+        for attempt in 0..100_000u32 {
+            let r = match self.uffd.move_pages(dst, src_map, src, true, false) {
+                Err(e) if e.kind == FillErrorKind::Invalid || e.kind == FillErrorKind::Busy => {
+                    self.uffd.copy_from(dst, src_map, src, true)
+                }
+                r => r,
+            };
+            match r {
+                Ok(_) => return Ok(()),
+                Err(e) if matches!(e.kind, FillErrorKind::Exists | FillErrorKind::SourceHole) => {
+                    return Ok(());
+                }
+                Err(e) if e.kind == FillErrorKind::Again => {
+                    if attempt > 10 {
+                        std::thread::sleep(Duration::from_micros(100));
+                    } else {
+                        std::thread::yield_now();
+                    }
+                }
+                Err(e) => return Err(e.to_string()),
+            }
         }
+        Err("the address space kept changing".into())
     }
 
     /// Write-protects `pages` of managed memory that a device is about to map
@@ -1247,6 +1302,7 @@ impl Inner {
         }
         // A copy to a forked child uses the devices: it ends first.
         self.fork_copies.wait_idle(Duration::from_secs(30));
+        self.forwards.wait_idle(Duration::from_secs(30));
         self.notifiers.invalidate_all(InvalidationEvent::Release);
         let ranges: Vec<Arc<Range>> = {
             let r = self.ranges.read().unwrap_or_else(|e| e.into_inner());

@@ -238,3 +238,145 @@ fn system_calls_and_pins_on_device_resident_buffers() {
     drop(r);
     assert_eq!(dev.stats().pages_resident, 0);
 }
+
+/// How a test moves part of a managed range with the application's own
+/// `mremap`.
+#[derive(Debug, Clone, Copy)]
+enum Remap {
+    /// `MREMAP_MAYMOVE | MREMAP_FIXED`: the old part is unmapped.
+    Move,
+    /// `MREMAP_DONTUNMAP`: the old part stays mapped, empty.
+    DontUnmap,
+}
+
+fn remap(r: &hmm::ManagedRange, part: hmm::PageRange, how: Remap) -> hmm::os::mm::Mapping {
+    match how {
+        Remap::Move => r.mapping().move_part(part).unwrap(),
+        Remap::DontUnmap => r.mapping().remap_part_dontunmap(part).unwrap(),
+    }
+}
+
+/// `mremap` of a range with device-resident pages, whole or in part, moving
+/// or with `MREMAP_DONTUNMAP`: the moved bytes are all at the new address
+/// (device pages come back there), the device no longer maps the old
+/// address, the old part reads as the kind of `mremap` says, the rest of the
+/// range keeps its device pages and its bytes, and no device page is left
+/// behind.
+#[test]
+fn mremap_brings_device_pages_to_the_new_address() {
+    if common::skip_without("event-remap") {
+        return;
+    }
+    let pages = 64;
+    for how in [Remap::Move, Remap::DontUnmap] {
+        for (first, count) in [(0, pages), (0, 8), (20, 12), (56, 8)] {
+            let case = format!("{how:?} of pages {first}..{}", first + count);
+            let hmm = Hmm::new().unwrap();
+            let dev = device(&hmm, "d", 256);
+            let r = hmm.alloc(pages * PAGE_SIZE).unwrap();
+            let data = pattern(pages, 7);
+            r.write(0, &data).unwrap();
+            // Pages 0..48 on the device, 48..64 in system memory.
+            assert_eq!(dev.migrate_to_device(r.pages_range(0, 48).unwrap()).unwrap().migrated, 48);
+            // The device maps the whole range, so the remap must invalidate it.
+            let (seen, _) = dev.read(r.range()).unwrap();
+            assert_eq!(seen, data);
+            let part = r.pages_range(first, count).unwrap();
+            let on_device_moved = (first..first + count).filter(|p| *p < 48).count() as u64;
+            let invalidations = dev.mirror_stats().invalidations;
+            let moved = remap(&r, part, how);
+            let mut got = vec![0u8; part.len()];
+            moved.read(0, &mut got).unwrap();
+            let want = &data[first * PAGE_SIZE..(first + count) * PAGE_SIZE];
+
+            assert_eq!(first_wrong_page(&got, want), None, "{case}: the new address has the data");
+            common::eventually("the moved device pages freed", || {
+                dev.stats().pages_resident == 48 - on_device_moved
+            });
+            assert!(dev.mirror_stats().invalidations > invalidations, "{case}: mirror invalidated");
+            match how {
+                Remap::Move => {
+                    common::eventually("the old part recorded unmapped", || {
+                        (first..first + count).all(|p| r.residency(p) == Residency::Unmapped)
+                    });
+                    let e = dev.read(part).unwrap_err();
+                    assert!(
+                        e.to_string().contains("unmapped") || e.to_string().contains("mapped"),
+                        "{case}: {e}"
+                    );
+                }
+                Remap::DontUnmap => {
+                    let (old, _) = dev.read(part).unwrap();
+                    assert!(
+                        old.iter().all(|b| *b == 0),
+                        "{case}: the device sees the old part empty"
+                    );
+                    let mut cpu = vec![1u8; part.len()];
+                    r.read(first * PAGE_SIZE, &mut cpu).unwrap();
+                    assert!(cpu.iter().all(|b| *b == 0), "{case}: the CPU sees the old part empty");
+                }
+            }
+            // The rest of the range is untouched, wherever it lives.
+            for p in (0..pages).filter(|p| !(first..first + count).contains(p)) {
+                let mut page = vec![0u8; PAGE_SIZE];
+                r.read(p * PAGE_SIZE, &mut page).unwrap();
+                assert!(page[..] == data[p * PAGE_SIZE..(p + 1) * PAGE_SIZE], "{case}: page {p}");
+            }
+            drop(moved);
+            drop(r);
+            common::eventually("every device page freed", || dev.stats().pages_resident == 0);
+        }
+    }
+}
+
+/// `mremap` while migrations move the same pages both ways: whatever a
+/// migration held at the moment of the move (a staged page, a device page, a
+/// copy in flight) reaches the new address; nothing is lost, nothing hangs,
+/// and no device page is left behind.
+#[test]
+fn mremap_during_migrations_loses_nothing() {
+    if common::skip_without("event-remap") {
+        return;
+    }
+    let pages = 64;
+    let hmm = Hmm::new().unwrap();
+    let dev = device(&hmm, "d", 256);
+    for round in 0..40u64 {
+        let how = if round % 2 == 0 { Remap::Move } else { Remap::DontUnmap };
+        let r = hmm.alloc(pages * PAGE_SIZE).unwrap();
+        let data = pattern(pages, round << 16);
+        r.write(0, &data).unwrap();
+        assert_eq!(dev.migrate_to_device(r.pages_range(0, 32).unwrap()).unwrap().migrated, 32);
+        let (first, count) = (8 + (round as usize % 5) * 4, 40);
+        let part = r.pages_range(first, count).unwrap();
+        let moved = std::thread::scope(|s| {
+            let mover = s.spawn(|| {
+                for _ in 0..3 {
+                    let _ = dev.migrate_to_device(r.range());
+                    let _ = dev.migrate_to_system(r.range());
+                }
+            });
+            // Let the migrations start, by a different amount each round.
+            std::thread::sleep(std::time::Duration::from_micros(50 * (round % 8)));
+            let moved = remap(&r, part, how);
+            mover.join().unwrap();
+            moved
+        });
+        let mut got = vec![0u8; part.len()];
+        moved.read(0, &mut got).unwrap();
+        let want = &data[first * PAGE_SIZE..(first + count) * PAGE_SIZE];
+        assert_eq!(first_wrong_page(&got, want), None, "round {round} ({how:?}): moved data");
+        for p in (0..pages).filter(|p| !(first..first + count).contains(p)) {
+            let mut page = vec![0u8; PAGE_SIZE];
+            r.read(p * PAGE_SIZE, &mut page).unwrap();
+            assert!(
+                page[..] == data[p * PAGE_SIZE..(p + 1) * PAGE_SIZE],
+                "round {round}: page {p}"
+            );
+        }
+        drop(moved);
+        drop(r);
+        common::eventually("every device page freed", || dev.stats().pages_resident == 0);
+    }
+    assert!(hmm.remapped_pages() > 0, "some rounds caught device pages or migrations");
+}

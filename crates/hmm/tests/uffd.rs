@@ -389,6 +389,56 @@ fn remap_event_names_old_and_new_addresses() {
     }
 }
 
+/// What hmm's remap handling rests on: a moving `mremap` reports `REMAP`
+/// and then `UNMAP` of the old range, while `MREMAP_DONTUNMAP` reports only
+/// `REMAP`: its old range stays mapped, empty and registered, so a touch
+/// there is a missing fault.
+#[test]
+fn a_moving_remap_unmaps_the_old_range_and_dontunmap_keeps_it_registered() {
+    if skip_without_uffd() {
+        return;
+    }
+    let uffd = open(Features::EVENT_REMAP | Features::EVENT_UNMAP);
+    let m = anon(4);
+    m.fill(0, 4 * PAGE_SIZE, 6).unwrap();
+    uffd.register(&m, m.range(), RegisterMode::MISSING).unwrap();
+    let from = m.range();
+    let target = anon(4);
+    let (moved, events) =
+        with_reader(&uffd, 2, |_| {}, || m.move_onto(target).map_err(|(_, e)| e).unwrap());
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert!(matches!(events[0], UffdEvent::Remap { from: f, .. } if f == from.start()));
+    match events[1] {
+        UffdEvent::Unmap { start, end } => assert_eq!((start, end), (from.start(), from.end())),
+        ref other => panic!("expected UNMAP of the old range, got {other:?}"),
+    }
+    assert_eq!(moved.touch_read(0).unwrap(), 6);
+
+    let (kept, events) = with_reader(&uffd, 1, |_| {}, || moved.remap_dontunmap().unwrap());
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert!(matches!(events[0], UffdEvent::Remap { .. }), "{events:?}");
+    assert_eq!(kept.touch_read(0).unwrap(), 6);
+    let zero = vec![0u8; PAGE_SIZE];
+    let (v, faults) = with_reader(
+        &uffd,
+        1,
+        |ev| {
+            if let UffdEvent::PageFault { addr, .. } = ev {
+                let page = PageRange::from_pages(addr.page_down(), 1).unwrap();
+                uffd.copy(page, &zero, false, false).unwrap();
+            }
+        },
+        || moved.touch_read(PAGE_SIZE).unwrap(),
+    );
+    assert_eq!(v, 0);
+    assert!(
+        matches!(faults[..], [UffdEvent::PageFault { .. }]),
+        "the old range is still registered: {faults:?}"
+    );
+    // Closed before the mappings go: their unmap events would wait for a reader.
+    uffd.close();
+}
+
 #[test]
 fn remove_event_names_the_dropped_range() {
     if skip_without_uffd() {

@@ -750,7 +750,8 @@ impl Mapping {
             return Err((self, e));
         }
         match self.remap_onto(target, MremapFlags::empty()) {
-            Ok(moved) => {
+            Ok(mut moved) => {
+                moved.owned = self.owned;
                 std::mem::forget(self);
                 Ok(moved)
             }
@@ -766,9 +767,37 @@ impl Mapping {
     /// kernel reads a destination hint whenever `MREMAP_DONTUNMAP` is set, so a
     /// call without one would pass whatever the register happens to hold.
     pub fn remap_dontunmap(&self) -> Result<Mapping, MmError> {
-        let _a = self.access_range(self.range)?;
-        let target = Mapping::anonymous(self.len(), Protection::None)?;
-        self.remap_onto(target, MremapFlags::DONTUNMAP)
+        self.remap_part_dontunmap(self.range)
+    }
+
+    /// [`remap_dontunmap`](Self::remap_dontunmap) of `part` alone: its pages
+    /// move to a new range, returned, and `part` stays mapped but empty.
+    pub fn remap_part_dontunmap(&self, part: PageRange) -> Result<Mapping, MmError> {
+        let _a = self.access_range(part)?;
+        let target = Mapping::anonymous(part.len(), Protection::None)?;
+        self.remap_part_onto(part, target, MremapFlags::DONTUNMAP)
+    }
+
+    /// Moves `part` of this mapping elsewhere (`mremap(MREMAP_MAYMOVE |
+    /// MREMAP_FIXED)`), as the application's own `mremap` would: the pages
+    /// and their data go to a new range, returned, and `part` is left unmapped
+    /// and recorded as a hole, as [`punch`](Self::punch) does. Needs a
+    /// [`guarded`](Self::guarded) mapping that is not lent to an arena.
+    pub fn move_part(&self, part: PageRange) -> Result<Mapping, MmError> {
+        let part = self.check(part)?;
+        let target = Mapping::anonymous(part.len(), Protection::None)?;
+        let Some(mut g) = self.guard_mut() else {
+            return Err(MmError::NotGuarded(self.range));
+        };
+        if g.claimed {
+            return Err(RangeError::Claimed(self.range).into());
+        }
+        if let Some(hole) = g.holes.iter().find(|h| h.overlaps(part)) {
+            return Err(RangeError::Unmapped(*hole).into());
+        }
+        let moved = self.remap_part_onto(part, target, MremapFlags::empty())?;
+        g.holes.push(part);
+        Ok(moved)
     }
 
     /// `mremap(MREMAP_MAYMOVE | MREMAP_FIXED | extra)` of this mapping's pages onto
@@ -776,15 +805,31 @@ impl Mapping {
     /// returned mapping owns that range; the caller decides what `self` still owns
     /// (nothing after a plain move, an empty range after `MREMAP_DONTUNMAP`).
     fn remap_onto(&self, target: Mapping, extra: MremapFlags) -> Result<Mapping, MmError> {
+        self.remap_part_onto(self.range, target, extra)
+    }
+
+    /// `mremap(MREMAP_MAYMOVE | MREMAP_FIXED | extra)` of `part` (inside this
+    /// mapping, checked by the caller) onto `target`'s range of the same length.
+    /// The new mapping is owned: its range was reserved here ([`move_onto`]
+    /// hands on the ownership `self` had instead).
+    ///
+    /// [`move_onto`]: Self::move_onto
+    fn remap_part_onto(
+        &self,
+        part: PageRange,
+        target: Mapping,
+        extra: MremapFlags,
+    ) -> Result<Mapping, MmError> {
+        debug_assert_eq!(part.len(), target.len());
         let to = target.range;
         // SAFETY: the pages of `self` are not referenced by Rust, and `target`'s range
         // is owned here; the kernel replaces it atomically, so nothing else can be
         // mapped there meanwhile.
         let res = unsafe {
             rustix::mm::mremap_fixed(
-                range_ptr(self.range),
-                self.len(),
-                self.len(),
+                range_ptr(part),
+                part.len(),
+                part.len(),
                 MremapFlags::MAYMOVE | extra,
                 range_ptr(to),
             )
@@ -793,9 +838,9 @@ impl Mapping {
             Ok(_) => {
                 // The pages now live in `target`'s range: hand it over without unmapping.
                 std::mem::forget(target);
-                Ok(Mapping::raw(to, self.backing, self.owned))
+                Ok(Mapping::raw(to, self.backing, true))
             }
-            Err(errno) => Err(MmError::Remap { range: self.range, errno }),
+            Err(errno) => Err(MmError::Remap { range: part, errno }),
         }
     }
 

@@ -1,0 +1,295 @@
+//! `mremap` of managed memory: the data of device-resident pages, and of pages
+//! a migration holds, follows the move to the new address.
+//!
+//! # What the kernel does, and what is left to hmm
+//!
+//! `mremap` moves the page tables: pages in system memory go with them, and
+//! so do the pages of a migration that the kernel still maps. What it cannot
+//! move is what hmm keeps outside the page tables: device pages, pages a
+//! migration has staged, and copies in flight. The kernel reports the move
+//! with a `REMAP` event (old address, new address, length) and, when the old
+//! range goes away, an `UNMAP` event of the old range after it
+//! (`MREMAP_DONTUNMAP` leaves it mapped, empty and still registered).
+//!
+//! # Forwarding
+//!
+//! On `REMAP` the fault service (`Forward::start`):
+//! - drops every mirror's translations of the old range (an `Unmap`
+//!   invalidation);
+//! - records the old pages as empty (`None`: a following `UNMAP` makes them
+//!   `Unmapped`; after `MREMAP_DONTUNMAP` they read as zeros, as the kernel
+//!   says they must);
+//! - takes each device page of the old range as a migration would take it
+//!   (the entry becomes migrating), and marks it and every page a migration
+//!   already holds `moved`;
+//! - records a forward: old range, new address, pages still to arrive.
+//!
+//! The data is then handed on, never dropped:
+//! - a device page the service took is copied by its device's DMA engine to
+//!   the new address by the forward's own thread (`hmm-remap`): the copy
+//!   cannot run on the service thread, because the kernel refuses fills with
+//!   `EAGAIN` until the service has read the `UNMAP` that follows;
+//! - a migration that ends with a `moved` page hands whichever side holds the
+//!   data (its staged source, its device source or destination, or the page
+//!   it installed at the old address) to the forward (`hand_over`) instead of
+//!   freeing it; so does a fork copy that held the page.
+//!
+//! Until every page has arrived the new range stays registered with hmm's
+//! userfaultfd, and a CPU touch there waits (the fault service leaves such
+//! faults to the forward, `Forwards::awaits`). Once the last page is in
+//! place the new range is unregistered, which wakes the waiting threads: it
+//! is then ordinary memory that hmm does not manage.
+//!
+//! A range moved again before its pages have arrived is not followed: its
+//! pages would be delivered at the address of the first move.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use crate::addr::{PageRange, VirtAddr};
+use crate::dma::{DmaError, DmaJob, ToSystem};
+use crate::mirror::InvalidationEvent;
+use crate::os::mm::Mapping;
+use crate::page::{DevicePage, Residency};
+use crate::space::{Inner, Range};
+
+/// Where the data of a page caught by an `mremap` is now.
+pub(crate) enum Source {
+    /// Nowhere: the page was never populated, or its data went with the page
+    /// tables. Nothing to deliver.
+    Nothing,
+    /// In a device page, owned by the forward from now on (freed once copied).
+    Device(DevicePage),
+    /// In a migration's staging memory, at `page`.
+    Staged(Arc<Mapping>, PageRange),
+    /// Installed at the old address by a migration that ended after the move
+    /// (possible only when the old range stayed mapped); the page is moved on
+    /// from there, or is already at the new address if the kernel moved it.
+    OldAddress(Arc<Range>),
+}
+
+/// A page the forward's thread holds itself (taken by the service on `REMAP`):
+/// it ends that page's migrating state once the data is delivered.
+struct Held {
+    range: Arc<Range>,
+    index: usize,
+}
+
+struct Item {
+    old: VirtAddr,
+    src: Source,
+    held: Option<Held>,
+}
+
+struct Forward {
+    from: PageRange,
+    to: VirtAddr,
+    /// Pages whose data has not arrived yet.
+    waiting: usize,
+    /// Handed over, to be delivered by the forward's thread.
+    ready: Vec<Item>,
+}
+
+impl Forward {
+    fn new_range(&self) -> PageRange {
+        PageRange::new(self.to, self.from.len()).expect("same length as the old range")
+    }
+}
+
+/// The forwards in progress of one `Hmm` instance.
+#[derive(Default)]
+pub(crate) struct Forwards {
+    list: Mutex<Vec<Forward>>,
+    changed: Condvar,
+}
+
+impl std::fmt::Debug for Forwards {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forwards").field("in_progress", &self.lock().len()).finish()
+    }
+}
+
+impl Forwards {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Forward>> {
+        self.list.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether a CPU touch of `addr` waits for a forward: the address is the
+    /// new home of pages that have not all arrived.
+    pub(crate) fn awaits(&self, addr: VirtAddr) -> bool {
+        self.lock().iter().any(|f| f.waiting > 0 && f.new_range().contains(addr))
+    }
+
+    /// Hands the data of a `moved` page, last at `old`, to its forward.
+    /// Returns `src` back when no forward covers `old` (a bug: the page was
+    /// marked moved by a forward that must still be waiting for it).
+    pub(crate) fn hand_over(&self, old: VirtAddr, src: Source) -> Result<(), Source> {
+        let mut list = self.lock();
+        match list.iter_mut().find(|f| f.waiting > 0 && f.from.contains(old)) {
+            Some(f) => {
+                f.ready.push(Item { old, src, held: None });
+                drop(list);
+                self.changed.notify_all();
+                Ok(())
+            }
+            None => Err(src),
+        }
+    }
+
+    /// Waits (up to `limit`) until no forward is in progress.
+    pub(crate) fn wait_idle(&self, limit: Duration) -> bool {
+        let list = self.lock();
+        let (_l, r) = self
+            .changed
+            .wait_timeout_while(list, limit, |l| !l.is_empty())
+            .unwrap_or_else(|e| e.into_inner());
+        !r.timed_out()
+    }
+}
+
+/// The fault service's handling of `REMAP`: `[from, from + len)` moved to
+/// `to` (see the module docs).
+pub(crate) fn start(inner: &Arc<Inner>, from: usize, to: usize, len: usize) {
+    let (Ok(old), Ok(new)) =
+        (PageRange::new(VirtAddr::new(from), len), PageRange::new(VirtAddr::new(to), len))
+    else {
+        return;
+    };
+    let mut waiting = 0;
+    let mut held = Vec::new();
+    {
+        // Held until the records are updated: a device fill in between would
+        // map a page about to leave.
+        let _inv = inner.notifiers.start(old, InvalidationEvent::Unmap);
+        for r in inner.overlapping(from, from + len) {
+            let (a, b) = r.clip(from, from + len);
+            let mut t = r.lock();
+            for (i, e) in t.iter_mut().enumerate().take(b).skip(a) {
+                if e.is_migrating() {
+                    e.mark_moved().expect("migrating");
+                    waiting += 1;
+                } else if let Residency::Device(p) = e.residency() {
+                    e.begin_migration().expect("a device page not migrating can be taken");
+                    e.mark_moved().expect("migrating");
+                    waiting += 1;
+                    let held_page = Held { range: r.clone(), index: i };
+                    held.push(Item {
+                        old: r.page_addr(i),
+                        src: Source::Device(p),
+                        held: Some(held_page),
+                    });
+                } else {
+                    // Its data, if any, went with the page tables.
+                    let _ = e.invalidate(false);
+                }
+            }
+        }
+    }
+    if waiting == 0 {
+        // Nothing to wait for: the new range is plain memory at once.
+        let _ = inner.uffd.unregister(new);
+        return;
+    }
+    inner.forwards.lock().push(Forward { from: old, to: VirtAddr::new(to), waiting, ready: held });
+    inner.counters.remaps_forwarded.fetch_add(waiting as u64, Ordering::Relaxed);
+    let me = inner.clone();
+    let spawned =
+        std::thread::Builder::new().name("hmm-remap".into()).spawn(move || deliver_all(&me, old));
+    if let Err(e) = spawned {
+        // No thread: deliver here. The copies then wait for the service to
+        // read the events that follow, which it cannot do meanwhile; they
+        // give up after their bounded retries, and what could not be
+        // delivered is poisoned rather than silently lost.
+        tracing::error!(error = %e, "cannot start the remap thread; delivering on the fault service");
+        deliver_all(inner, old);
+    }
+}
+
+/// The forward's thread: delivers what is handed over until every page of
+/// the forward of `old` has arrived, then lets the new range go.
+fn deliver_all(inner: &Arc<Inner>, old: PageRange) {
+    loop {
+        let (items, done, new) = {
+            let mut list = inner.forwards.lock();
+            let Some(k) = list.iter().position(|f| f.from == old) else { return };
+            if list[k].waiting == 0 {
+                let f = list.remove(k);
+                (Vec::new(), true, f.new_range())
+            } else if list[k].ready.is_empty() {
+                // Wait for migrations still holding pages to hand them over.
+                let _w = inner
+                    .forwards
+                    .changed
+                    .wait_timeout(list, Duration::from_millis(100))
+                    .unwrap_or_else(|e| e.into_inner());
+                continue;
+            } else {
+                let f = &mut list[k];
+                (std::mem::take(&mut f.ready), false, f.new_range())
+            }
+        };
+        if done {
+            inner.forwards.changed.notify_all();
+            let _ = inner.uffd.unregister(new);
+            let _ = inner.uffd.wake(new);
+            return;
+        }
+        let n = items.len();
+        // Fills fail with EAGAIN while an address-space change (the UNMAP that
+        // follows a moving remap) is unread: let the service read it first.
+        inner.wait_no_changes_pending(Duration::from_secs(10));
+        for item in items {
+            let dst = VirtAddr::new(new.start().get() + (item.old.get() - old.start().get()));
+            deliver(inner, item.old, dst, item.src);
+            if let Some(h) = item.held {
+                // The data has arrived: the old address is empty (or unmapped,
+                // if the UNMAP that follows a moving remap came meanwhile).
+                let kept = h.range.lock()[h.index].abort().expect("a held page aborts");
+                debug_assert!(!kept, "a moved page never stays");
+                h.range.settled.notify_all();
+                let _ = inner.uffd.wake(PageRange::from_pages(item.old, 1).expect("one page"));
+            }
+        }
+        let mut list = inner.forwards.lock();
+        if let Some(f) = list.iter_mut().find(|f| f.from == old) {
+            f.waiting = f.waiting.saturating_sub(n);
+        }
+    }
+}
+
+/// Puts the data of one page, last at `old`, at `dst`, its new address. A
+/// page whose data cannot be delivered is poisoned there, so the CPU sees
+/// SIGBUS rather than wrong bytes.
+fn deliver(inner: &Inner, old: VirtAddr, dst: VirtAddr, src: Source) {
+    let page = PageRange::from_pages(dst, 1).expect("one page");
+    let result = match src {
+        Source::Nothing => Ok(()),
+        Source::Device(p) => {
+            let r = match inner.device(p.dev) {
+                Some(mem) => {
+                    let job = DmaJob::ToSystem {
+                        copies: vec![ToSystem { src: p, dst }],
+                        sink: inner.sink.clone(),
+                    };
+                    match mem.ops().dma().submit(job).wait().pop() {
+                        Some(Err(e)) if e != DmaError::Exists => Err(e.to_string()),
+                        _ => Ok(()),
+                    }
+                }
+                None => Err(format!("its device {} is gone", p.dev)),
+            };
+            inner.put_page(p);
+            r
+        }
+        Source::Staged(staging, at) => inner.put_back(page, &staging, at),
+        Source::OldAddress(r) => {
+            let at = PageRange::from_pages(old, 1).expect("one page");
+            inner.put_back(page, r.mapping(), at)
+        }
+    };
+    if let Err(e) = result {
+        tracing::error!(%dst, error = %e, "cannot deliver a remapped page; poisoning it");
+        let _ = inner.uffd.poison(page, false);
+    }
+}
