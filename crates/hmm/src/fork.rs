@@ -341,22 +341,23 @@ fn copy_held(inner: &Arc<Inner>, child: &Uffd, sink: &Arc<SystemSink>, mut held:
     let mut put = Vec::new();
     let mut touched: Vec<Arc<Range>> = Vec::new();
     for h in &held {
-        let (kept, moved) = {
+        let kept = {
             let mut t = h.range.lock();
-            let moved = t[h.index].is_moved();
-            (t[h.index].abort().expect("a held page aborts"), moved)
-        };
-        if moved {
-            // The parent moved it (`mremap`) meanwhile: its data goes on to
-            // the new address.
-            let at = h.range.page_addr(h.index);
-            if let Err(src) = inner.forwards.hand_over(at, crate::remap::Source::Device(h.page)) {
-                tracing::error!(addr = %at, "a page moved during a fork copy has no forward");
-                drop(src);
-                put.push(h.page);
+            if t[h.index].is_moved() {
+                None
+            } else {
+                Some(t[h.index].abort().expect("a held page aborts"))
             }
-        } else if !kept {
-            put.push(h.page);
+        };
+        match kept {
+            // The parent moved it (`mremap`) meanwhile: its data goes on to
+            // the new address, and the hold with it.
+            None => {
+                let src = crate::remap::Source::Device(h.page);
+                inner.forwards.hand_over(inner, &h.range, h.index, src);
+            }
+            Some(false) => put.push(h.page),
+            Some(true) => {}
         }
         if !touched.iter().any(|r| Arc::ptr_eq(r, &h.range)) {
             touched.push(h.range.clone());

@@ -437,13 +437,27 @@ impl Migration {
     /// Gives back the pages skipped after collection (their source never
     /// moved). Pages skipped at collection were never held and are left alone:
     /// their migrating mark belongs to another migration.
+    ///
+    /// A page the application moved meanwhile (`mremap`) took its data with it
+    /// in the page tables: its forward is told there is nothing more to wait for.
     fn release_skipped(&mut self) {
-        let mut t = self.rec.lock();
-        for (k, s) in self.slots.iter_mut().enumerate() {
-            if s.held && s.src == Src::None {
-                let _ = t[self.first + k].abort();
-                s.held = false;
+        let mut moved = Vec::new();
+        {
+            let mut t = self.rec.lock();
+            for (k, s) in self.slots.iter_mut().enumerate() {
+                if s.held && s.src == Src::None {
+                    let e = &mut t[self.first + k];
+                    if e.is_moved() {
+                        moved.push(self.first + k);
+                    } else {
+                        let _ = e.abort();
+                    }
+                    s.held = false;
+                }
             }
+        }
+        for index in moved {
+            self.inner.forwards.hand_over(&self.inner, &self.rec, index, Source::Nothing);
         }
     }
 
@@ -572,26 +586,20 @@ impl Migration {
         // 1. Staged sources of pages that did not move go back into place, unless
         //    the application discarded them meanwhile. No lock is held across the
         //    ioctls (see the lock rules in `space`).
-        //    Pages the application moved elsewhere meanwhile (`mremap`) hand
-        //    their data to the move's forward instead (`handed`: what they
-        //    hand over is not freed below).
-        let (restore, moved): (Vec<usize>, Vec<usize>) = {
+        let restore: Vec<usize> = {
             let t = self.rec.lock();
-            let moved = (0..self.slots.len())
-                .filter(|&k| self.slots[k].held && t[self.first + k].is_moved());
-            let restore = (0..self.slots.len()).filter(|&k| {
-                self.slots[k].src == Src::Staged
-                    && self.slots[k].status != PageStatus::Migrated
-                    && !t[self.first + k].is_invalidated()
-            });
-            (restore.collect(), moved.collect())
+            (0..self.slots.len())
+                .filter(|&k| {
+                    self.slots[k].src == Src::Staged
+                        && self.slots[k].status != PageStatus::Migrated
+                        && !t[self.first + k].is_invalidated()
+                })
+                .collect()
         };
+        let mut restored = vec![false; self.slots.len()];
         for k in restore {
             self.restore_staged(k);
-        }
-        let mut handed = vec![false; self.slots.len()];
-        for k in moved {
-            handed[k] = self.hand_over(k);
+            restored[k] = true;
         }
         // 2. Commit or abort each collected page under the lock.
         let mut put = Vec::new();
@@ -602,12 +610,33 @@ impl Migration {
             }
             Selection::Device(d) => self.inner.device(d),
         };
+        // Pages the application moved elsewhere (`mremap`) go to the move's
+        // forward with their data and their hold: decided under the same lock
+        // as the commit, so a move is either seen here or finds the page
+        // already given back.
+        let mut handover = Vec::new();
         {
             let mut t = self.rec.lock();
-            for (k, s) in self.slots.iter_mut().enumerate() {
-                if !s.held {
+            for k in 0..self.slots.len() {
+                if !self.slots[k].held {
                     continue;
                 }
+                if t[self.first + k].is_moved() {
+                    let src = self.moved_source(k, restored[k]);
+                    let s = &mut self.slots[k];
+                    // Free the device pages that do not hold the data.
+                    let handed = if let Source::Device(p) = src { Some(p) } else { None };
+                    let src_page = if let Src::Device(p) = s.src { Some(p) } else { None };
+                    put.extend(
+                        [s.dst, src_page].into_iter().flatten().filter(|p| Some(*p) != handed),
+                    );
+                    s.dst = None;
+                    s.held = false;
+                    s.status = PageStatus::Skipped(SkipReason::Invalidated);
+                    handover.push((k, src));
+                    continue;
+                }
+                let s = &mut self.slots[k];
                 s.held = false;
                 let e = &mut t[self.first + k];
                 debug_assert!(e.is_migrating(), "a held page stays migrating until given back");
@@ -629,9 +658,7 @@ impl Migration {
                             moved += 1;
                         }
                         (Selection::System, false) => {
-                            if !handed[k] {
-                                put.extend(s.dst);
-                            }
+                            put.extend(s.dst);
                             s.status = PageStatus::Skipped(SkipReason::Invalidated);
                         }
                         (Selection::Device(_), c) => {
@@ -650,15 +677,16 @@ impl Migration {
                     let kept = e.abort().expect("migrating page aborts");
                     put.extend(s.dst.take());
                     if !kept {
-                        if let Src::Device(p) = s.src
-                            && !handed[k]
-                        {
+                        if let Src::Device(p) = s.src {
                             put.push(p);
                         }
                         s.status = PageStatus::Skipped(SkipReason::Invalidated);
                     }
                 }
             }
+        }
+        for (k, src) in handover {
+            self.inner.forwards.hand_over(&self.inner, &self.rec, self.first + k, src);
         }
         self.rec.settled.notify_all();
         // 3. Free the device pages (before waking: a woken thread may migrate
@@ -705,20 +733,18 @@ impl Migration {
         }
     }
 
-    /// Page `k` was moved by the application (`mremap`) during the migration:
-    /// hands the side that holds its data to the move's forward. Returns
-    /// whether it was handed over (its device page, if that is what went, is
-    /// then the forward's to free).
-    fn hand_over(&mut self, k: usize) -> bool {
+    /// Where the data of page `k` is, now that the application has moved the
+    /// page (`mremap`) during the migration; `restored` says whether its
+    /// staged source was put back at its old address.
+    fn moved_source(&self, k: usize, restored: bool) -> Source {
         let s = &self.slots[k];
-        let src = match (s.status == PageStatus::Migrated, self.select, s.src) {
+        match (s.status == PageStatus::Migrated, self.select, s.src) {
             // Copied: the destination has the data.
-            (true, Selection::System, _) => match s.dst {
-                Some(p) => Source::Device(p),
-                None => Source::Nothing,
-            },
-            (true, Selection::Device(_), _) => Source::OldAddress(self.rec.clone()),
-            // Not copied: the source has it.
+            (true, Selection::System, _) => s.dst.map_or(Source::Nothing, Source::Device),
+            (true, Selection::Device(_), _) => Source::OldAddress,
+            // Not copied: the source has it (put back at the old address,
+            // perhaps after the move, or still staged).
+            (false, _, Src::Staged) if restored => Source::OldAddress,
             (false, _, Src::Staged) => {
                 let staging = self.staging.clone().expect("staged pages have staging");
                 let at = staging.subrange(k * PAGE_SIZE, PAGE_SIZE).expect("inside");
@@ -726,14 +752,6 @@ impl Migration {
             }
             (false, _, Src::Device(p)) => Source::Device(p),
             (false, _, _) => Source::Nothing,
-        };
-        let handed_device = matches!(src, Source::Device(_));
-        match self.inner.forwards.hand_over(self.addr(k), src) {
-            Ok(()) => handed_device,
-            Err(_) => {
-                tracing::error!(addr = %self.addr(k), "a page moved during its migration has no forward");
-                false
-            }
         }
     }
 }

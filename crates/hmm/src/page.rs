@@ -251,6 +251,13 @@ impl PageEntry {
         Ok(())
     }
 
+    /// Whether the application unmapped the page: recorded `Unmapped`, or
+    /// unmapped while a migration holds it.
+    pub fn is_unmapped(self) -> bool {
+        self.residency() == Residency::Unmapped
+            || self.0 & (INVALIDATED | GONE) == INVALIDATED | GONE
+    }
+
     /// Whether an `mremap` moved the page while a migration held it.
     pub fn is_moved(self) -> bool {
         self.0 & MOVED != 0
@@ -339,13 +346,17 @@ mod tests {
 
     #[test]
     fn a_move_during_migration_is_an_invalidation_that_remembers_the_move() {
-        assert!(PageEntry::SYSTEM.mark_moved().is_err(), "only a held page can be moved on");
+        let mut e = PageEntry::SYSTEM;
+        assert!(e.mark_moved().is_err(), "only a held page can be moved on");
         let mut e = PageEntry::new(Residency::Device(dp(0, 3)));
         e.begin_migration().unwrap();
         e.mark_moved().unwrap();
         assert!(e.is_moved() && e.is_invalidated());
+        assert!(!e.is_unmapped());
         assert_eq!(e.invalidate(true), None, "a later unmap of the old address frees nothing");
+        assert!(e.is_unmapped());
         assert!(!e.abort().unwrap());
+        assert!(e.is_unmapped());
         assert_eq!(e.residency(), Residency::Unmapped);
         assert!(!e.is_moved(), "the mark ends with the migration");
 

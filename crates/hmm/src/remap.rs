@@ -66,20 +66,17 @@ pub(crate) enum Source {
     /// Installed at the old address by a migration that ended after the move
     /// (possible only when the old range stayed mapped); the page is moved on
     /// from there, or is already at the new address if the kernel moved it.
-    OldAddress(Arc<Range>),
+    OldAddress,
 }
 
-/// A page the forward's thread holds itself (taken by the service on `REMAP`):
-/// it ends that page's migrating state once the data is delivered.
-struct Held {
-    range: Arc<Range>,
-    index: usize,
-}
-
+/// One page on its way: where its data is, and the page's record, which stays
+/// migrating (held) until the data has arrived, so no migration or fault
+/// touches the old address meanwhile.
 struct Item {
     old: VirtAddr,
     src: Source,
-    held: Option<Held>,
+    range: Arc<Range>,
+    index: usize,
 }
 
 struct Forward {
@@ -121,19 +118,25 @@ impl Forwards {
         self.lock().iter().any(|f| f.waiting > 0 && f.new_range().contains(addr))
     }
 
-    /// Hands the data of a `moved` page, last at `old`, to its forward.
-    /// Returns `src` back when no forward covers `old` (a bug: the page was
-    /// marked moved by a forward that must still be waiting for it).
-    pub(crate) fn hand_over(&self, old: VirtAddr, src: Source) -> Result<(), Source> {
+    /// Hands the data of page `index` of `range`, a migrating page marked
+    /// `moved`, to its forward, with the hold on its record: the forward gives
+    /// the record back once the data has arrived. If no forward waits for it
+    /// (a bug), the record is given back here and a device page freed.
+    pub(crate) fn hand_over(&self, inner: &Inner, range: &Arc<Range>, index: usize, src: Source) {
+        let old = range.page_addr(index);
         let mut list = self.lock();
-        match list.iter_mut().find(|f| f.waiting > 0 && f.from.contains(old)) {
-            Some(f) => {
-                f.ready.push(Item { old, src, held: None });
-                drop(list);
-                self.changed.notify_all();
-                Ok(())
-            }
-            None => Err(src),
+        if let Some(f) = list.iter_mut().find(|f| f.waiting > 0 && f.from.contains(old)) {
+            f.ready.push(Item { old, src, range: range.clone(), index });
+            drop(list);
+            self.changed.notify_all();
+            return;
+        }
+        drop(list);
+        tracing::error!(addr = %old, "a page moved during its migration has no forward");
+        let _ = range.lock()[index].abort();
+        range.settled.notify_all();
+        if let Source::Device(p) = src {
+            inner.put_page(p);
         }
     }
 
@@ -169,18 +172,18 @@ pub(crate) fn start(inner: &Arc<Inner>, from: usize, to: usize, len: usize) {
                 if e.is_migrating() {
                     e.mark_moved().expect("migrating");
                     waiting += 1;
-                } else if let Residency::Device(p) = e.residency() {
-                    e.begin_migration().expect("a device page not migrating can be taken");
+                } else if matches!(e.residency(), Residency::Device(_) | Residency::System) {
+                    let src = match e.residency() {
+                        Residency::Device(p) => Source::Device(p),
+                        _ => Source::OldAddress,
+                    };
+                    e.begin_migration().expect("a page not migrating can be taken");
                     e.mark_moved().expect("migrating");
                     waiting += 1;
-                    let held_page = Held { range: r.clone(), index: i };
-                    held.push(Item {
-                        old: r.page_addr(i),
-                        src: Source::Device(p),
-                        held: Some(held_page),
-                    });
+                    held.push(Item { old: r.page_addr(i), src, range: r.clone(), index: i });
                 } else {
-                    // Its data, if any, went with the page tables.
+                    // Nothing there, or (poisoned) its marker went with the
+                    // page tables.
                     let _ = e.invalidate(false);
                 }
             }
@@ -237,19 +240,18 @@ fn deliver_all(inner: &Arc<Inner>, old: PageRange) {
         }
         let n = items.len();
         // Fills fail with EAGAIN while an address-space change (the UNMAP that
-        // follows a moving remap) is unread: let the service read it first.
-        inner.wait_no_changes_pending(Duration::from_secs(10));
+        // follows a moving remap) is unread: let the service read and handle
+        // it first, which also says whether the old range is gone.
+        inner.settle_events();
         for item in items {
             let dst = VirtAddr::new(new.start().get() + (item.old.get() - old.start().get()));
-            deliver(inner, item.old, dst, item.src);
-            if let Some(h) = item.held {
-                // The data has arrived: the old address is empty (or unmapped,
-                // if the UNMAP that follows a moving remap came meanwhile).
-                let kept = h.range.lock()[h.index].abort().expect("a held page aborts");
-                debug_assert!(!kept, "a moved page never stays");
-                h.range.settled.notify_all();
-                let _ = inner.uffd.wake(PageRange::from_pages(item.old, 1).expect("one page"));
-            }
+            deliver(inner, &item.range, item.index, dst, item.src);
+            // The data has arrived: the old address is empty (or unmapped, if
+            // the UNMAP that follows a moving remap came meanwhile).
+            let kept = item.range.lock()[item.index].abort().expect("a held page aborts");
+            debug_assert!(!kept, "a moved page never stays");
+            item.range.settled.notify_all();
+            let _ = inner.uffd.wake(PageRange::from_pages(item.old, 1).expect("one page"));
         }
         let mut list = inner.forwards.lock();
         if let Some(f) = list.iter_mut().find(|f| f.from == old) {
@@ -258,10 +260,10 @@ fn deliver_all(inner: &Arc<Inner>, old: PageRange) {
     }
 }
 
-/// Puts the data of one page, last at `old`, at `dst`, its new address. A
-/// page whose data cannot be delivered is poisoned there, so the CPU sees
-/// SIGBUS rather than wrong bytes.
-fn deliver(inner: &Inner, old: VirtAddr, dst: VirtAddr, src: Source) {
+/// Puts the data of page `index` of `range` (held by the forward) at `dst`,
+/// its new address. A page whose data cannot be delivered is poisoned there,
+/// so the CPU sees SIGBUS rather than wrong bytes.
+fn deliver(inner: &Inner, range: &Range, index: usize, dst: VirtAddr, src: Source) {
     let page = PageRange::from_pages(dst, 1).expect("one page");
     let result = match src {
         Source::Nothing => Ok(()),
@@ -283,9 +285,21 @@ fn deliver(inner: &Inner, old: VirtAddr, dst: VirtAddr, src: Source) {
             r
         }
         Source::Staged(staging, at) => inner.put_back(page, &staging, at),
-        Source::OldAddress(r) => {
-            let at = PageRange::from_pages(old, 1).expect("one page");
-            inner.put_back(page, r.mapping(), at)
+        Source::OldAddress => {
+            // A page at the old address after the move was put there by hmm
+            // (a migration or fault-back acting before it heard of the move;
+            // the page has been held since, so nothing else took it): the
+            // application's own touches of the emptied old range wait behind
+            // the REMAP event. If the old range is gone, so is any such page
+            // (and the kernel moved every earlier one).
+            if range.lock()[index].is_unmapped() {
+                return;
+            }
+            let at = PageRange::from_pages(range.page_addr(index), 1).expect("one page");
+            if let Err(e) = inner.put_back(page, range.mapping(), at) {
+                tracing::debug!(old = %at, error = %e, "nothing to carry from the old address");
+            }
+            Ok(())
         }
     };
     if let Err(e) = result {

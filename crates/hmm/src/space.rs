@@ -603,8 +603,12 @@ impl Hmm {
         }
         let range = mapping.range();
         // An unmap of earlier memory at these addresses may not be handled
-        // yet: it must not land on the new records.
+        // yet: it must not land on the new records. Nor may the end of a
+        // forward to earlier memory here (it unregisters its range).
         inner.settle_events();
+        if !inner.forwards.wait_idle(Duration::from_secs(10)) {
+            tracing::warn!("remapped pages still on their way after 10 s");
+        }
         let mut table = vec![PageEntry::NONE; range.pages()];
         if scan {
             // Adopted memory may already hold data: every page the kernel maps
