@@ -419,14 +419,9 @@ fn partial_munmap_at_any_offset_frees_exactly_that_part() {
         });
         assert_eq!(dev.stats().pages_freed - freed, gone.len() as u64, "{case}: exactly those");
         let res = r.residencies();
-        for p in 0..pages {
+        for (p, x) in res.iter().enumerate() {
             let want_unmapped = gone.contains(&p);
-            assert_eq!(
-                res[p] == Residency::Unmapped,
-                want_unmapped,
-                "{case}: page {p} is {:?}",
-                res[p]
-            );
+            assert_eq!(*x == Residency::Unmapped, want_unmapped, "{case}: page {p} is {x:?}");
         }
         // The rest: half comes back by CPU touch, then all of it migrates
         // again and comes back by migration; the bytes are the same each time.
