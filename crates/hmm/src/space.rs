@@ -542,18 +542,20 @@ impl Hmm {
 
     /// Adopts memory the application already has: a [`Mapping`] it made, or one
     /// lent with [`Mapping::from_raw`] (an `mmap` of its own, a page-aligned
-    /// buffer). The memory must be private anonymous, readable and writable, and
-    /// not the heap or a stack; its contents stay as they are.
+    /// buffer). The memory must be private, readable and writable, and not the
+    /// heap or a stack; its contents stay as they are. A private file mapping
+    /// is first turned into anonymous memory with the same contents
+    /// ([`Mapping::into_anonymous`]): the file is never written, as a private
+    /// mapping never writes back. Shared memory is refused with the reason.
     pub fn adopt(&self, mapping: Mapping) -> Result<ManagedRange, HmmError> {
         let range = mapping.range();
         let refuse = |reason| Err(HmmError::Adopt { range, reason });
-        match mapping.backing() {
-            Backing::PrivateAnon => {}
+        let mapping = match mapping.backing() {
+            Backing::PrivateAnon => mapping,
             Backing::SharedAnon => return refuse(AdoptRefusal::Shared),
-            Backing::SharedFile | Backing::PrivateFile => {
-                return refuse(AdoptRefusal::FileBacked("a file".into()));
-            }
-        }
+            Backing::SharedFile => return refuse(AdoptRefusal::FileBacked("a shared file".into())),
+            Backing::PrivateFile => self.privatize(mapping)?,
+        };
         let vmas = maps::vmas_overlapping(range)
             .map_err(|e| HmmError::Inspect { range, error: format!("/proc/self/maps: {e}") })?;
         let mut at = range.start();
@@ -588,6 +590,21 @@ impl Hmm {
             return refuse(AdoptRefusal::NotMapped);
         }
         self.manage(mapping, false, true, false)
+    }
+
+    /// A private file mapping becomes private anonymous memory with the same
+    /// contents before it is managed (see DESIGN.md, "Private file
+    /// mappings"): its pages can then move like any anonymous page. Only a
+    /// mapping the CPU may read and write is turned, as `adopt` asks of any.
+    fn privatize(&self, mapping: Mapping) -> Result<Mapping, HmmError> {
+        let range = mapping.range();
+        let vmas = maps::vmas_overlapping(range)
+            .map_err(|e| HmmError::Inspect { range, error: format!("/proc/self/maps: {e}") })?;
+        if let Some(v) = vmas.iter().find(|v| v.shared || !(v.read && v.write)) {
+            let reason = if v.shared { AdoptRefusal::Shared } else { AdoptRefusal::Protection };
+            return Err(HmmError::Adopt { range, reason });
+        }
+        mapping.into_anonymous().map_err(|(_, e)| HmmError::Mm(e))
     }
 
     fn manage(

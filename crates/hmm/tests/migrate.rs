@@ -424,9 +424,10 @@ fn bad_input_gets_typed_errors_and_leaves_data_alone() {
     let other = Mapping::anonymous(PAGE_SIZE, Protection::ReadWrite).unwrap();
     let first = hmm.adopt(other).unwrap();
     drop(first);
-    // File-backed memory.
+    // Shared file-backed memory (a private file mapping is turned anonymous
+    // and adopted: scenario `migrate_file_private`).
     let fd = Memfd::create(c"hmm-test", 4 * PAGE_SIZE as u64, false).unwrap();
-    let file = fd.map(0, 4 * PAGE_SIZE, Protection::ReadWrite, false).unwrap();
+    let file = fd.map(0, 4 * PAGE_SIZE, Protection::ReadWrite, true).unwrap();
     let e = hmm.adopt(file).unwrap_err();
     assert!(matches!(e, HmmError::Adopt { reason: AdoptRefusal::FileBacked(_), .. }), "{e}");
     // hugetlb memory, where the machine has huge pages reserved.

@@ -726,6 +726,52 @@ fn file_write() {
     assert_eq!(through_pread, data, "the page cache has the device's writes");
 }
 
+/// A private file mapping the CPU wrote to moves to the device whole: hmm
+/// turns it into anonymous memory with the same contents first (the file's
+/// bytes where the CPU did not write, the CPU's where it did); the file is
+/// not changed.
+#[test]
+fn migrate_file_private() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::FileExt;
+    let hmm = Hmm::new().unwrap();
+    let dev = device(&hmm, 32);
+    let pages = 16;
+    let len = pages * PAGE_SIZE;
+    let f = temp_file(len, |i| (i % 251) as u8);
+    let m = Mapping::file(f.as_fd(), 0, len, Protection::ReadWrite, false).unwrap();
+    let at = m.addr();
+    // The CPU writes every other page; the rest still come from the file.
+    let mut want: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    for p in (0..pages).step_by(2) {
+        let bytes = vec![p as u8 ^ 0x5A; PAGE_SIZE];
+        m.write(p * PAGE_SIZE, &bytes).unwrap();
+        want[p * PAGE_SIZE..(p + 1) * PAGE_SIZE].copy_from_slice(&bytes);
+    }
+    let r = hmm.adopt(m).unwrap();
+    assert_eq!(r.addr(), at, "the memory stays at its address");
+    let report = dev.migrate_to_device(r.range()).unwrap();
+    assert_eq!(report.migrated, pages, "every page moves: {report:?}");
+    assert_eq!(dev.stats().pages_resident, pages as u64);
+    let (on_device, _) = dev.read(r.range()).unwrap();
+    assert_eq!(on_device, want, "the device has the data");
+    assert_eq!(cpu_bytes(&r), want, "the CPU reads every page back");
+    let mut file = vec![0u8; len];
+    f.read_exact_at(&mut file, 0).unwrap();
+    assert!(file.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8), "the file is unchanged");
+    drop(r);
+    assert_eq!(dev.stats().pages_resident, 0);
+
+    // A read-only private file mapping is refused with the reason, as any
+    // read-only memory is.
+    let ro = Mapping::file(f.as_fd(), 0, len, Protection::Read, false).unwrap();
+    let e = hmm.adopt(ro).unwrap_err();
+    assert!(matches!(&e, HmmError::Adopt { reason: hmm::AdoptRefusal::Protection, .. }), "{e}");
+}
+
 #[test]
 fn foreign_uffd_read() {
     if common::skip_without_uffd() {

@@ -86,6 +86,9 @@ pub enum MmError {
     /// [`Mapping::punch`] on a mapping that was not made guarded.
     #[error("{0} cannot have parts unmapped while shared: make it with `Mapping::guarded`")]
     NotGuarded(PageRange),
+    /// [`Mapping::into_anonymous`] of a mapping that is not a private file mapping.
+    #[error("{0} is not a private file mapping")]
+    NotPrivateFile(PageRange),
     /// `memfd_create`, `ftruncate` or `fallocate` failed.
     #[error("{what} failed: {errno}")]
     File {
@@ -756,6 +759,55 @@ impl Mapping {
                 Ok(moved)
             }
             Err(e) => Err((self, e)),
+        }
+    }
+
+    /// Replaces this private file mapping with private anonymous memory that
+    /// holds the same bytes, at the same address, readable and writable: the
+    /// file's pages and the pages the CPU wrote to alike, all as the mapping
+    /// reads now. The file itself is not touched (a private mapping never
+    /// writes back). The bytes are copied into a fresh anonymous mapping, which
+    /// then replaces this one in one `mremap`; no other thread may write the
+    /// mapping meanwhile (this `Mapping` is consumed, so no Rust code can).
+    /// On failure the mapping is handed back unchanged.
+    pub fn into_anonymous(mut self) -> Result<Mapping, (Mapping, MmError)> {
+        if self.backing != Backing::PrivateFile {
+            let range = self.range;
+            return Err((self, MmError::NotPrivateFile(range)));
+        }
+        let mut copy = match Mapping::anonymous(self.len(), Protection::ReadWrite) {
+            Ok(m) => m,
+            Err(e) => return Err((self, e)),
+        };
+        let len = self.len();
+        if let Err(e) = copy.copy_from(0, &mut self, 0, len) {
+            return Err((self, e.into()));
+        }
+        // SAFETY: `copy`'s range and `self`'s range are both owned here and no Rust
+        // reference points into either; the kernel replaces `self`'s pages with
+        // `copy`'s atomically, so nothing else can be mapped there meanwhile.
+        let res = unsafe {
+            rustix::mm::mremap_fixed(
+                range_ptr(copy.range),
+                len,
+                len,
+                MremapFlags::MAYMOVE,
+                range_ptr(self.range),
+            )
+        };
+        match res {
+            Ok(_) => {
+                let (range, owned) = (self.range, self.owned);
+                // Both ranges changed hands: `copy`'s is gone, `self`'s now holds
+                // the anonymous pages.
+                std::mem::forget(copy);
+                std::mem::forget(self);
+                Ok(Mapping::raw(range, Backing::PrivateAnon, owned))
+            }
+            Err(errno) => {
+                let range = self.range;
+                Err((self, MmError::Remap { range, errno }))
+            }
         }
     }
 
