@@ -302,6 +302,8 @@ fn migrate_anon_huge_fault() {
     check_index(&cpu_bytes(&r), 0);
     assert!(r.residencies().iter().all(|x| *x == Residency::System));
     assert_eq!(present_pages(r.range()), 512);
+    drop(r);
+    nothing_left(&dev);
 }
 
 #[test]
@@ -450,6 +452,16 @@ fn anon_write_huge() {
     if huge == 0 {
         eprintln!("anon_write_huge: no transparent huge page was had for the block (order 0)");
     }
+    drop(r);
+    nothing_left(&dev);
+}
+
+/// Once the memory a scenario used is gone, the device holds nothing of it:
+/// no device page and no page-table entry.
+fn nothing_left(dev: &SoftwareDevice) {
+    common::eventually("the device's pages and entries all gone", || {
+        dev.stats().pages_resident == 0 && dev.mirror_stats().entries == 0
+    });
 }
 
 /// A private hugetlb mapping of `len` bytes, from a hugetlb memfd.
@@ -475,6 +487,8 @@ fn anon_write_hugetlbfs() {
     assert!(back == data, "the CPU reads what the device wrote");
     let s = dev.snapshot(m.range()).unwrap();
     assert!(s.iter().all(|p| p.order == 9 && p.access == SnapshotAccess::Write));
+    drop(m);
+    nothing_left(&dev);
 }
 
 #[test]
@@ -492,6 +506,8 @@ fn compound() {
     m.protect(m.range(), Protection::Read).unwrap();
     let s = dev.snapshot(m.range()).unwrap();
     assert!(s.iter().all(|p| p.access == SnapshotAccess::Read && p.order == 9), "{:?}", s[0]);
+    drop(m);
+    nothing_left(&dev);
 }
 
 #[test]
@@ -696,10 +712,13 @@ fn file_read() {
     let dev = device(&hmm, 16);
     let len = 16 * PAGE_SIZE;
     let f = temp_file(len, |i| (i % 251) as u8);
-    let m = Mapping::file(f.as_fd(), 0, len, Protection::Read, true).unwrap();
+    // Mirrored through hmm, so that its unmap reaches the device's page table.
+    let m = hmm.mirror(Mapping::file(f.as_fd(), 0, len, Protection::Read, true).unwrap()).unwrap();
     let (bytes, c) = dev.read(m.range()).unwrap();
     assert_eq!((c.cpages, c.faults), (16, 1));
     assert!(bytes.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8));
+    drop(m);
+    nothing_left(&dev);
 }
 
 #[test]
@@ -724,6 +743,8 @@ fn file_write() {
     let mut through_pread = vec![0u8; len];
     f.read_exact_at(&mut through_pread, 0).unwrap();
     assert_eq!(through_pread, data, "the page cache has the device's writes");
+    drop(m);
+    nothing_left(&dev);
 }
 
 /// A private file mapping the CPU wrote to moves to the device whole: hmm
