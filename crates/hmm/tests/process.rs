@@ -390,6 +390,34 @@ fn mremap_brings_device_pages_to_the_new_address() {
     }
 }
 
+/// An `mremap` that shrinks a range in place (it may not move): the kernel
+/// unmaps the tail, the tail's device pages are freed, and the rest keeps its
+/// device pages and bytes.
+#[test]
+fn mremap_shrinking_in_place_frees_the_tail() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    let dev = device(&hmm, "d", 64);
+    let r = hmm.alloc(32 * PAGE_SIZE).unwrap();
+    let data = pattern(32, 99);
+    r.write(0, &data).unwrap();
+    assert_eq!(dev.migrate_to_device(r.range()).unwrap().migrated, 32);
+    let at = r.addr();
+    r.mapping().shrink_in_place(20 * PAGE_SIZE).unwrap();
+    assert_eq!(r.addr(), at);
+    common::eventually("the tail's device pages freed", || dev.stats().pages_resident == 20);
+    let res = r.residencies();
+    assert!(res[20..].iter().all(|x| *x == Residency::Unmapped), "{res:?}");
+    assert!(res[..20].iter().all(|x| matches!(x, Residency::Device(_))), "{res:?}");
+    let mut got = vec![0u8; 20 * PAGE_SIZE];
+    r.read(0, &mut got).unwrap();
+    assert_eq!(first_wrong_page(&got, &data[..20 * PAGE_SIZE]), None);
+    drop(r);
+    assert_eq!(dev.stats().pages_resident, 0);
+}
+
 /// `mremap` while migrations move the same pages both ways: whatever a
 /// migration held at the moment of the move (a staged page, a device page, a
 /// copy in flight) reaches the new address; nothing is lost, nothing hangs,

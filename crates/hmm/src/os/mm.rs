@@ -830,6 +830,33 @@ impl Mapping {
         self.remap_part_onto(part, target, MremapFlags::DONTUNMAP)
     }
 
+    /// Shrinks this mapping in place to its first `new_len` bytes with an
+    /// `mremap` that may not move it, as the application's own would: the tail
+    /// is unmapped and recorded as a hole, as [`punch`](Self::punch) does.
+    /// Needs a [`guarded`](Self::guarded) mapping that is not lent to an arena.
+    pub fn shrink_in_place(&self, new_len: usize) -> Result<(), MmError> {
+        check_len(new_len)?;
+        let tail = self.subrange(new_len, self.len().saturating_sub(new_len))?;
+        let Some(mut g) = self.guard_mut() else {
+            return Err(MmError::NotGuarded(self.range));
+        };
+        if g.claimed {
+            return Err(RangeError::Claimed(self.range).into());
+        }
+        if let Some(hole) = g.holes.iter().find(|h| h.overlaps(tail)) {
+            return Err(RangeError::Unmapped(*hole).into());
+        }
+        // SAFETY: the tail lies inside this mapping (checked) and no Rust reference
+        // points into it; the write lock keeps this mapping's own accesses out
+        // until it is recorded as a hole. Without MREMAP_MAYMOVE nothing moves.
+        unsafe {
+            rustix::mm::mremap(range_ptr(self.range), self.len(), new_len, MremapFlags::empty())
+        }
+        .map_err(|errno| MmError::Remap { range: self.range, errno })?;
+        g.holes.push(tail);
+        Ok(())
+    }
+
     /// Moves `part` of this mapping elsewhere (`mremap(MREMAP_MAYMOVE |
     /// MREMAP_FIXED)`), as the application's own `mremap` would: the pages
     /// and their data go to a new range, returned, and `part` is left unmapped
