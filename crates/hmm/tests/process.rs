@@ -206,6 +206,7 @@ fn system_calls_and_pins_on_device_resident_buffers() {
     if common::skip_without_uffd() {
         return;
     }
+    let _fork = common::fork_lock();
     let hmm = Hmm::new().unwrap();
     let dev = device(&hmm, "d", 64);
     let r = hmm.alloc(8 * PAGE_SIZE).unwrap();
@@ -328,6 +329,7 @@ fn mremap_brings_device_pages_to_the_new_address() {
     if common::skip_without("event-remap") {
         return;
     }
+    let _fork = common::fork_lock();
     let pages = 64;
     for how in [Remap::Move, Remap::DontUnmap] {
         for (first, count) in [(0, pages), (0, 8), (20, 12), (56, 8)] {
@@ -398,6 +400,7 @@ fn mremap_shrinking_in_place_frees_the_tail() {
     if common::skip_without_uffd() {
         return;
     }
+    let _fork = common::fork_lock();
     let hmm = Hmm::new().unwrap();
     let dev = device(&hmm, "d", 64);
     let r = hmm.alloc(32 * PAGE_SIZE).unwrap();
@@ -427,6 +430,7 @@ fn mremap_during_migrations_loses_nothing() {
     if common::skip_without("event-remap") {
         return;
     }
+    let _fork = common::fork_lock();
     let pages = 64;
     let hmm = Hmm::new().unwrap();
     let dev = device(&hmm, "d", 256);
@@ -480,6 +484,7 @@ fn partial_munmap_at_any_offset_frees_exactly_that_part() {
     if common::skip_without_uffd() {
         return;
     }
+    let _fork = common::fork_lock();
     let hmm = Hmm::new().unwrap();
     let dev = device(&hmm, "d", 2048);
     // (huge range, pages, the part unmapped)
@@ -551,6 +556,7 @@ fn concurrent_teardown_gives_errors_or_right_answers_and_leaks_nothing() {
     if common::skip_without_uffd() {
         return;
     }
+    let _fork = common::fork_lock();
     let hmm = Hmm::new().unwrap();
     let dev = device(&hmm, "d", 512);
     let reader = device(&hmm, "reader", 16);

@@ -756,6 +756,7 @@ fn migrate_file_private() {
     if common::skip_without_uffd() {
         return;
     }
+    let _fork = common::fork_lock();
     use std::os::fd::AsFd;
     use std::os::unix::fs::FileExt;
     let hmm = Hmm::new().unwrap();

@@ -37,7 +37,10 @@ static FORK_LOCK: Mutex<()> = Mutex::new(());
 
 /// Held by every test that forks or enables `EVENT_FORK`: a fork blocks until
 /// every descriptor with `EVENT_FORK` that covers a copied range has its FORK
-/// event read, so such tests must not overlap.
+/// event read, so such tests must not overlap. Also held by tests that count
+/// the pages a migration moves: after a fork every anonymous page of the
+/// process is shared with the child until it exits, and a shared page cannot
+/// be moved (`SkipReason::Busy`).
 pub fn fork_lock() -> MutexGuard<'static, ()> {
     FORK_LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
