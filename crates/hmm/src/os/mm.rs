@@ -18,7 +18,7 @@ use std::ffi::CStr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::ptr;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::{RwLock, RwLockReadGuard};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use rustix::fs::{FallocateFlags, MemfdFlags};
 use rustix::mm::{Advice, MapFlags, MprotectFlags, MremapFlags, ProtFlags};
@@ -464,7 +464,7 @@ impl Mapping {
         Ok(Access { ptr: range.start().get() as *mut u8, _guard: guard })
     }
 
-    fn guard_mut(&self) -> Option<std::sync::RwLockWriteGuard<'_, GuardState>> {
+    fn guard_mut(&self) -> Option<RwLockWriteGuard<'_, GuardState>> {
         self.guard.as_ref().map(|g| g.write().unwrap_or_else(|e| e.into_inner()))
     }
 
@@ -477,13 +477,11 @@ impl Mapping {
         self
     }
 
-    /// Unmaps `part` now, as the application's own `munmap` would; what remains
-    /// stays mapped and usable, and any later access to `part` through this
-    /// `Mapping` fails with [`RangeError::Unmapped`]. Needs a
-    /// [`guarded`](Self::guarded) mapping that is not lent to an arena.
-    pub fn punch(&self, part: PageRange) -> Result<(), MmError> {
-        let part = self.check(part)?;
-        let Some(mut g) = self.guard_mut() else {
+    /// Takes the guard's write lock to take `part` out of the mapping (unmap or
+    /// move it): refused unless the mapping is guarded, not lent to an arena,
+    /// and `part` is not already a hole.
+    fn vacating(&self, part: PageRange) -> Result<RwLockWriteGuard<'_, GuardState>, MmError> {
+        let Some(g) = self.guard_mut() else {
             return Err(MmError::NotGuarded(self.range));
         };
         if g.claimed {
@@ -492,6 +490,16 @@ impl Mapping {
         if let Some(hole) = g.holes.iter().find(|h| h.overlaps(part)) {
             return Err(RangeError::Unmapped(*hole).into());
         }
+        Ok(g)
+    }
+
+    /// Unmaps `part` now, as the application's own `munmap` would; what remains
+    /// stays mapped and usable, and any later access to `part` through this
+    /// `Mapping` fails with [`RangeError::Unmapped`]. Needs a
+    /// [`guarded`](Self::guarded) mapping that is not lent to an arena.
+    pub fn punch(&self, part: PageRange) -> Result<(), MmError> {
+        let part = self.check(part)?;
+        let mut g = self.vacating(part)?;
         if self.owned {
             raw_munmap(part);
         } else {
@@ -837,15 +845,7 @@ impl Mapping {
     pub fn shrink_in_place(&self, new_len: usize) -> Result<(), MmError> {
         check_len(new_len)?;
         let tail = self.subrange(new_len, self.len().saturating_sub(new_len))?;
-        let Some(mut g) = self.guard_mut() else {
-            return Err(MmError::NotGuarded(self.range));
-        };
-        if g.claimed {
-            return Err(RangeError::Claimed(self.range).into());
-        }
-        if let Some(hole) = g.holes.iter().find(|h| h.overlaps(tail)) {
-            return Err(RangeError::Unmapped(*hole).into());
-        }
+        let mut g = self.vacating(tail)?;
         // SAFETY: the tail lies inside this mapping (checked) and no Rust reference
         // points into it; the write lock keeps this mapping's own accesses out
         // until it is recorded as a hole. Without MREMAP_MAYMOVE nothing moves.
@@ -865,15 +865,7 @@ impl Mapping {
     pub fn move_part(&self, part: PageRange) -> Result<Mapping, MmError> {
         let part = self.check(part)?;
         let target = Mapping::anonymous(part.len(), Protection::None)?;
-        let Some(mut g) = self.guard_mut() else {
-            return Err(MmError::NotGuarded(self.range));
-        };
-        if g.claimed {
-            return Err(RangeError::Claimed(self.range).into());
-        }
-        if let Some(hole) = g.holes.iter().find(|h| h.overlaps(part)) {
-            return Err(RangeError::Unmapped(*hole).into());
-        }
+        let mut g = self.vacating(part)?;
         let moved = self.remap_part_onto(part, target, MremapFlags::empty())?;
         g.holes.push(part);
         Ok(moved)
