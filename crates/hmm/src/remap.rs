@@ -73,7 +73,6 @@ pub(crate) enum Source {
 /// migrating (held) until the data has arrived, so no migration or fault
 /// touches the old address meanwhile.
 struct Item {
-    old: VirtAddr,
     src: Source,
     range: Arc<Range>,
     index: usize,
@@ -126,7 +125,7 @@ impl Forwards {
         let old = range.page_addr(index);
         let mut list = self.lock();
         if let Some(f) = list.iter_mut().find(|f| f.waiting > 0 && f.from.contains(old)) {
-            f.ready.push(Item { old, src, range: range.clone(), index });
+            f.ready.push(Item { src, range: range.clone(), index });
             drop(list);
             self.changed.notify_all();
             return;
@@ -160,6 +159,8 @@ pub(crate) fn start(inner: &Arc<Inner>, from: usize, to: usize, len: usize) {
         return;
     };
     let mut waiting = 0;
+    // Pages whose data the page tables do not carry: the counter's.
+    let mut forwarded = 0u64;
     let mut held = Vec::new();
     {
         // Held until the records are updated: a device fill in between would
@@ -169,23 +170,25 @@ pub(crate) fn start(inner: &Arc<Inner>, from: usize, to: usize, len: usize) {
             let (a, b) = r.clip(from, from + len);
             let mut t = r.lock();
             for (i, e) in t.iter_mut().enumerate().take(b).skip(a) {
-                if e.is_migrating() {
-                    e.mark_moved().expect("migrating");
-                    waiting += 1;
-                } else if matches!(e.residency(), Residency::Device(_) | Residency::System) {
-                    let src = match e.residency() {
-                        Residency::Device(p) => Source::Device(p),
-                        _ => Source::OldAddress,
-                    };
+                let src = match e.residency() {
+                    _ if e.is_migrating() => None,
+                    Residency::Device(p) => Some(Source::Device(p)),
+                    Residency::System => Some(Source::OldAddress),
+                    _ => {
+                        // Nothing there, or (poisoned) its marker went with
+                        // the page tables.
+                        let _ = e.invalidate(false);
+                        continue;
+                    }
+                };
+                // Held by a migration (which hands it over), or taken here.
+                forwarded += u64::from(!matches!(src, Some(Source::OldAddress)));
+                if let Some(src) = src {
                     e.begin_migration().expect("a page not migrating can be taken");
-                    e.mark_moved().expect("migrating");
-                    waiting += 1;
-                    held.push(Item { old: r.page_addr(i), src, range: r.clone(), index: i });
-                } else {
-                    // Nothing there, or (poisoned) its marker went with the
-                    // page tables.
-                    let _ = e.invalidate(false);
+                    held.push(Item { src, range: r.clone(), index: i });
                 }
+                e.mark_moved().expect("migrating");
+                waiting += 1;
             }
         }
     }
@@ -195,7 +198,7 @@ pub(crate) fn start(inner: &Arc<Inner>, from: usize, to: usize, len: usize) {
         return;
     }
     inner.forwards.lock().push(Forward { from: old, to: VirtAddr::new(to), waiting, ready: held });
-    inner.counters.remaps_forwarded.fetch_add(waiting as u64, Ordering::Relaxed);
+    inner.counters.remaps_forwarded.fetch_add(forwarded, Ordering::Relaxed);
     let me = inner.clone();
     let spawned =
         std::thread::Builder::new().name("hmm-remap".into()).spawn(move || deliver_all(&me, old));
@@ -244,14 +247,15 @@ fn deliver_all(inner: &Arc<Inner>, old: PageRange) {
         // it first, which also says whether the old range is gone.
         inner.settle_events();
         for item in items {
-            let dst = VirtAddr::new(new.start().get() + (item.old.get() - old.start().get()));
+            let at = item.range.page_addr(item.index);
+            let dst = VirtAddr::new(new.start().get() + (at.get() - old.start().get()));
             deliver(inner, &item.range, item.index, dst, item.src);
             // The data has arrived: the old address is empty (or unmapped, if
             // the UNMAP that follows a moving remap came meanwhile).
             let kept = item.range.lock()[item.index].abort().expect("a held page aborts");
             debug_assert!(!kept, "a moved page never stays");
             item.range.settled.notify_all();
-            let _ = inner.uffd.wake(PageRange::from_pages(item.old, 1).expect("one page"));
+            let _ = inner.uffd.wake(PageRange::from_pages(at, 1).expect("one page"));
         }
         let mut list = inner.forwards.lock();
         if let Some(f) = list.iter_mut().find(|f| f.from == old) {

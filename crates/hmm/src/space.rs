@@ -927,25 +927,18 @@ impl Inner {
     /// (or a process that never stops unmapping) is logged, not waited on.
     pub(crate) fn settle_events(&self) {
         const LIMIT: Duration = Duration::from_secs(2);
-        self.wait_no_changes_pending(LIMIT);
-        if !self.batches.wait_handled(LIMIT) {
-            tracing::warn!("the fault service did not handle its messages within {LIMIT:?}");
-        }
-    }
-
-    /// Waits (up to `limit`) until no address-space change is waiting for the
-    /// fault service to read its event: until then the kernel refuses fills
-    /// with `EAGAIN`. Never called on the fault service itself.
-    pub(crate) fn wait_no_changes_pending(&self, limit: Duration) {
-        let deadline = std::time::Instant::now() + limit;
+        let deadline = std::time::Instant::now() + LIMIT;
         let mut pause = Duration::from_micros(20);
         while self.uffd.changes_pending().unwrap_or(false) {
             if std::time::Instant::now() >= deadline {
-                tracing::warn!("address-space changes stayed pending for {limit:?}");
+                tracing::warn!("address-space changes stayed pending for {LIMIT:?}");
                 break;
             }
             std::thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_millis(1));
+        }
+        if !self.batches.wait_handled(LIMIT) {
+            tracing::warn!("the fault service did not handle its messages within {LIMIT:?}");
         }
     }
 
