@@ -1,7 +1,7 @@
 //! Device memory: the kernel's ZONE_DEVICE, hot-plugged by a driver.
 //!
 //! A device registers a region of some capacity and kind with a set of
-//! callbacks ([`DevicePagemapOps`]). Each page of the region has a 16-byte
+//! callbacks ([`DevicePagemapOps`]). Each page of the region has a 24-byte
 //! descriptor: a reference count, the virtual address it backs, and a word of
 //! driver data; its owner is the region. Descriptors are created a chunk at a
 //! time as the region fills, and allocation past the capacity fails.
@@ -13,6 +13,18 @@
 //! passes to the managed page that now lives there. Whoever drops the last
 //! reference frees the page: the driver's `page_free` runs, the page returns to
 //! the free list and the capacity is returned.
+//!
+//! # Recency and pressure
+//!
+//! Each descriptor carries a stamp from the region's clock, set whenever hmm
+//! sees the page used: a migration committing data into it, a device access
+//! through the device's page table ([`DeviceMemory::touch`]). Allocation order
+//! plays no part. When a migration finds the region full and the region's
+//! [`Pressure`] is [`Pressure::Evict`], the pages with the oldest stamps that
+//! back an address and that no migration holds are evicted to system memory to
+//! make room ([`DeviceMemory::coldest`]); a page in the middle of a migration
+//! (its own or another's) is never a victim, since eviction is itself a
+//! migration and skips pages another one holds.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -30,6 +42,17 @@ pub enum MemoryKind {
     Private,
 }
 
+/// What a migration to a full region does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pressure {
+    /// Pages that find no free device page are skipped with "no device memory".
+    #[default]
+    Refuse,
+    /// The region's least recently used pages are evicted to system memory to
+    /// make room (see the [module docs](self)).
+    Evict,
+}
+
 /// The driver's callbacks (the kernel's `dev_pagemap_ops`).
 pub trait DevicePagemapOps: Send + Sync {
     /// The last reference to `page` is gone: the driver may reuse it. Called
@@ -39,6 +62,14 @@ pub trait DevicePagemapOps: Send + Sync {
     /// The engine hmm copies with when it moves this device's pages itself
     /// (eviction, release, fault-back by default).
     fn dma(&self) -> &dyn crate::dma::DmaEngine;
+
+    /// The device's memory as other devices' DMA engines reach it (a PCIe
+    /// BAR, say): page `i` at offset `i * PAGE_SIZE`. `None` (the default)
+    /// when peers cannot reach it; pages then move to another device through
+    /// system memory.
+    fn peer_memory(&self) -> Option<Arc<crate::os::mm::Mapping>> {
+        None
+    }
 
     /// A CPU touched a page that lives in this device's private memory. The
     /// driver must bring at least the faulting page back; it cannot refuse: an
@@ -60,12 +91,20 @@ pub struct DeviceMemoryConfig {
     pub capacity: usize,
     /// Descriptors are created this many pages at a time.
     pub chunk_pages: u32,
+    /// What a migration to the region does when it is full.
+    pub pressure: Pressure,
 }
 
 impl DeviceMemoryConfig {
     /// A private region of `capacity` bytes, descriptors made 512 pages (2 MiB) at a time.
     pub fn private(name: impl Into<String>, capacity: usize) -> Self {
-        Self { name: name.into(), kind: MemoryKind::Private, capacity, chunk_pages: 512 }
+        Self {
+            name: name.into(),
+            kind: MemoryKind::Private,
+            capacity,
+            chunk_pages: 512,
+            pressure: Pressure::Refuse,
+        }
     }
 }
 
@@ -92,9 +131,11 @@ struct Descriptor {
     driver_data: AtomicU32,
     /// The virtual address the page backs (0: none).
     backs: AtomicU64,
+    /// The region's clock when hmm last saw the page used.
+    stamp: AtomicU64,
 }
 
-const _: () = assert!(std::mem::size_of::<Descriptor>() == 16);
+const _: () = assert!(std::mem::size_of::<Descriptor>() == 24);
 
 /// Counters of one device region (all monotonic except `pages_resident`).
 #[derive(Debug, Default)]
@@ -104,6 +145,9 @@ pub struct DeviceCounters {
     pub(crate) cpu_faults: AtomicU64,
     pub(crate) pages_poisoned: AtomicU64,
     pub(crate) pages_freed: AtomicU64,
+    pub(crate) migrated_to_peer: AtomicU64,
+    pub(crate) pages_evicted: AtomicU64,
+    pub(crate) eviction_ns: AtomicU64,
 }
 
 /// A snapshot of a region's counters.
@@ -127,6 +171,12 @@ pub struct DeviceStats {
     pub pages_poisoned: u64,
     /// Pages whose last reference went away (`page_free` calls).
     pub pages_freed: u64,
+    /// Pages that moved from this device straight to another device.
+    pub migrated_to_peer: u64,
+    /// Pages evicted to system memory to make room for a migration.
+    pub pages_evicted: u64,
+    /// Time spent evicting them, in nanoseconds.
+    pub eviction_ns: u64,
 }
 
 /// Free pages, one bit each (set = free), over the chunks made so far.
@@ -184,6 +234,9 @@ pub struct DeviceMemory {
     allocated: AtomicU64,
     fail_next_alloc: AtomicU32,
     failed: AtomicBool,
+    pressure: Pressure,
+    /// The recency clock (see the module docs).
+    clock: AtomicU64,
     ops: Arc<dyn DevicePagemapOps>,
     pub(crate) counters: DeviceCounters,
 }
@@ -230,6 +283,8 @@ impl DeviceMemory {
             allocated: AtomicU64::new(0),
             fail_next_alloc: AtomicU32::new(0),
             failed: AtomicBool::new(false),
+            pressure: config.pressure,
+            clock: AtomicU64::new(1),
             ops,
             counters: DeviceCounters::default(),
         })
@@ -258,6 +313,49 @@ impl DeviceMemory {
     /// Pages allocated now.
     pub fn allocated_pages(&self) -> u64 {
         self.allocated.load(Ordering::Acquire)
+    }
+
+    /// Pages free now.
+    pub fn free_pages(&self) -> u64 {
+        u64::from(self.capacity_pages).saturating_sub(self.allocated_pages())
+    }
+
+    /// What a migration to the full region does.
+    pub fn pressure(&self) -> Pressure {
+        self.pressure
+    }
+
+    /// Records that `page` was just used (a device access through the
+    /// device's page table; hmm stamps migrations itself). Recency decides
+    /// which pages [`Pressure::Evict`] evicts first.
+    pub fn touch(&self, page: DevicePage) {
+        if page.dev != self.id || page.index >= self.capacity_pages {
+            return;
+        }
+        if let Some(chunk) = self.chunks[(page.index / self.chunk_pages) as usize].get() {
+            let now = self.clock.fetch_add(1, Ordering::Relaxed);
+            chunk[(page.index % self.chunk_pages) as usize].stamp.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// Up to `n` pages that back an address, least recently used first.
+    pub fn coldest(&self, n: usize) -> Vec<DevicePage> {
+        let mut all: Vec<(u64, DevicePage)> = Vec::new();
+        for (c, chunk) in self.chunks.iter().enumerate() {
+            let Some(chunk) = chunk.get() else { break };
+            for (i, d) in chunk.iter().enumerate() {
+                if d.backs.load(Ordering::Acquire) != 0 && d.refcount.load(Ordering::Acquire) > 0 {
+                    let index = c as u32 * self.chunk_pages + i as u32;
+                    all.push((d.stamp.load(Ordering::Relaxed), DevicePage { dev: self.id, index }));
+                }
+            }
+        }
+        if n < all.len() {
+            all.select_nth_unstable_by_key(n, |x| x.0);
+            all.truncate(n);
+        }
+        all.sort_unstable_by_key(|x| x.0);
+        all.into_iter().map(|x| x.1).collect()
     }
 
     /// Whether the device was marked failed.
@@ -362,9 +460,12 @@ impl DeviceMemory {
         self.allocated.fetch_sub(n, Ordering::AcqRel);
     }
 
-    /// Records the address `page` backs.
+    /// Records the address `page` backs (a migration committed data into it:
+    /// a use, for recency).
     pub(crate) fn set_backs(&self, page: DevicePage, addr: VirtAddr) {
-        self.descriptor(page.index).backs.store(addr.as_u64(), Ordering::Release);
+        let d = self.descriptor(page.index);
+        d.stamp.store(self.clock.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+        d.backs.store(addr.as_u64(), Ordering::Release);
     }
 
     /// The virtual address `page` backs, if it backs one.
@@ -434,6 +535,9 @@ impl DeviceMemory {
             cpu_faults: c.cpu_faults.load(Ordering::Relaxed),
             pages_poisoned: c.pages_poisoned.load(Ordering::Relaxed),
             pages_freed: c.pages_freed.load(Ordering::Relaxed),
+            migrated_to_peer: c.migrated_to_peer.load(Ordering::Relaxed),
+            pages_evicted: c.pages_evicted.load(Ordering::Relaxed),
+            eviction_ns: c.eviction_ns.load(Ordering::Relaxed),
         }
     }
 }

@@ -35,6 +35,31 @@ pub enum SystemSource {
         /// Byte offset of the page in it.
         offset: usize,
     },
+    /// The page's data in another device's memory, as that device offers it
+    /// to peers ([`DevicePagemapOps::peer_memory`]): a device-to-device copy,
+    /// with no stop in system memory. Only sent to engines that
+    /// [`reads_peers`](DmaEngine::reads_peers).
+    ///
+    /// [`DevicePagemapOps::peer_memory`]: crate::devmem::DevicePagemapOps::peer_memory
+    Peer {
+        /// The other device's memory.
+        memory: Arc<Mapping>,
+        /// Byte offset of the page in it.
+        offset: usize,
+        /// The other device's page (its reference stays with the migration).
+        page: DevicePage,
+    },
+}
+
+impl SystemSource {
+    /// The mapping and offset holding the data, unless it is zeros.
+    pub fn bytes(&self) -> Option<(&Arc<Mapping>, usize)> {
+        match self {
+            SystemSource::Zero => None,
+            SystemSource::Staged { staging, offset } => Some((staging, *offset)),
+            SystemSource::Peer { memory, offset, .. } => Some((memory, *offset)),
+        }
+    }
 }
 
 /// One page towards a device.
@@ -119,6 +144,13 @@ pub trait DmaEngine: Send + Sync {
     /// Starts `job`; returns at once with a fence that completes when every
     /// copy has a result.
     fn submit(&self, job: DmaJob) -> DmaFence;
+
+    /// Whether the engine can copy straight from another device's memory
+    /// ([`SystemSource::Peer`]). Without it (the default), pages move between
+    /// devices through system memory.
+    fn reads_peers(&self) -> bool {
+        false
+    }
 }
 
 struct FenceState {

@@ -40,7 +40,9 @@ pub mod space;
 pub mod swdev;
 
 pub use addr::{HUGE_PAGE_SIZE, PAGE_SHIFT, PAGE_SIZE, PageRange, RangeError, VirtAddr};
-pub use devmem::{DeviceMemory, DeviceMemoryConfig, DevicePagemapOps, DeviceStats, MemoryKind};
+pub use devmem::{
+    DeviceMemory, DeviceMemoryConfig, DevicePagemapOps, DeviceStats, MemoryKind, Pressure,
+};
 pub use dma::{DmaEngine, DmaError, DmaFence, DmaJob};
 pub use fault::{CpuFault, FaultBackError};
 pub use migrate::{Migration, MigrationReport, PageStatus, Selection, SkipReason};
@@ -52,6 +54,7 @@ pub use os::arena::ArenaError;
 pub use page::{DeviceId, DevicePage, Residency};
 pub use space::{
     AdoptRefusal, Arena, Hmm, HmmConfig, HmmError, ManagedRange, MirroredRange, Pin, RangeStats,
+    Residence,
 };
 pub use swdev::{
     DeviceContext, DeviceEntry, EngineKind, MirrorStats, OpCounters, PageSnapshot, SnapshotAccess,

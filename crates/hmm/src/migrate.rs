@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use crate::addr::{HUGE_PAGE_SIZE, PAGE_SIZE, PageRange, VirtAddr};
-use crate::devmem::DeviceMemory;
+use crate::devmem::{DeviceMemory, Pressure};
 use crate::dma::{DmaEngine, DmaError, DmaFence, DmaJob, SystemSource, ToDevice, ToSystem};
 use crate::mirror::InvalidationEvent;
 use crate::os::mm::{Mapping, Protection};
@@ -42,8 +42,12 @@ pub enum Selection {
     /// Pages in system memory, and pages never populated (they get a zeroed
     /// destination without any system page being allocated).
     System,
-    /// Pages in the private memory of this device.
+    /// Pages in the memory of this device, towards system memory.
     Device(DeviceId),
+    /// Pages in the memory of this device, towards another device's memory
+    /// (a device-to-device copy: the destination's engine reads this
+    /// device's memory directly, see [`SystemSource::Peer`]).
+    Peer(DeviceId),
 }
 
 impl Selection {
@@ -51,7 +55,7 @@ impl Selection {
     /// says (pages coming back from a device are that device's).
     pub fn owner(self) -> Option<DeviceId> {
         match self {
-            Selection::System => None,
+            Selection::System | Selection::Peer(_) => None,
             Selection::Device(d) => Some(d),
         }
     }
@@ -251,7 +255,9 @@ impl Migration {
                         (Selection::System, Residency::System) => {
                             (Src::Isolating, PageStatus::Pending)
                         }
-                        (Selection::Device(d), Residency::Device(p)) if p.dev == d => {
+                        (Selection::Device(d) | Selection::Peer(d), Residency::Device(p))
+                            if p.dev == d =>
+                        {
                             (Src::Device(p), PageStatus::Pending)
                         }
                         (_, Residency::Poisoned) => {
@@ -491,11 +497,46 @@ impl Migration {
             }
             return;
         }
-        let got = mem.alloc(want.len());
+        let mut got = mem.alloc(want.len());
+        if got.len() < want.len() && mem.pressure() == Pressure::Evict {
+            self.evict_for(mem, want.len(), &mut got);
+        }
         for (n, k) in want.into_iter().enumerate() {
             match got.get(n) {
                 Some(p) => self.slots[k].dst = Some(*p),
                 None => self.slots[k].status = PageStatus::Skipped(SkipReason::NoDeviceMemory),
+            }
+        }
+    }
+
+    /// Makes room on the full region `mem` by evicting its least recently used
+    /// pages to system memory, until `got` holds `want` pages or nothing more
+    /// can be evicted. Victims back an address (a destination still being
+    /// filled does not), and eviction skips pages any migration holds: no page
+    /// is evicted in the middle of its own migration.
+    fn evict_for(&mut self, mem: &DeviceMemory, want: usize, got: &mut Vec<DevicePage>) {
+        for _ in 0..4 {
+            let short = want - got.len();
+            // Free pages an injected failure refused: not a lack of room.
+            let short_of_room = short.saturating_sub(mem.free_pages() as usize);
+            if short_of_room == 0 && mem.free_pages() == 0 {
+                break;
+            }
+            let victims = mem.coldest(short_of_room);
+            if !victims.is_empty() {
+                let t0 = std::time::Instant::now();
+                match self.inner.evict(mem.id(), &victims) {
+                    Ok(n) => {
+                        mem.counters.pages_evicted.fetch_add(n as u64, Ordering::Relaxed);
+                        let ns = t0.elapsed().as_nanos() as u64;
+                        mem.counters.eviction_ns.fetch_add(ns, Ordering::Relaxed);
+                    }
+                    Err(e) => tracing::warn!(device = %mem.id(), error = %e, "eviction failed"),
+                }
+            }
+            got.extend(mem.alloc(short));
+            if got.len() >= want || victims.is_empty() {
+                break;
             }
         }
     }
@@ -530,6 +571,27 @@ impl Migration {
                     };
                     idx.push(k);
                     v.push(ToDevice { src, dst });
+                }
+                DmaJob::ToDevice(v)
+            }
+            Selection::Peer(from) => {
+                let memory = self.inner.device(from).and_then(|m| m.ops().peer_memory());
+                let mut v = Vec::new();
+                for (k, s) in self.slots.iter_mut().enumerate() {
+                    let (PageStatus::Pending, Some(dst), Src::Device(page)) =
+                        (&s.status, s.dst, s.src)
+                    else {
+                        continue;
+                    };
+                    let Some(memory) = memory.clone().filter(|_| engine.reads_peers()) else {
+                        s.status = PageStatus::Skipped(SkipReason::CopyFailed(DmaError::Failed(
+                            format!("the engine cannot reach {from}'s memory"),
+                        )));
+                        continue;
+                    };
+                    idx.push(k);
+                    let offset = page.index as usize * PAGE_SIZE;
+                    v.push(ToDevice { src: SystemSource::Peer { memory, offset, page }, dst });
                 }
                 DmaJob::ToDevice(v)
             }
@@ -605,7 +667,7 @@ impl Migration {
         let mut put = Vec::new();
         let mut moved = 0u64;
         let mem = match self.select {
-            Selection::System => {
+            Selection::System | Selection::Peer(_) => {
                 self.slots.iter().find_map(|s| s.dst).and_then(|p| self.inner.device(p.dev))
             }
             Selection::Device(d) => self.inner.device(d),
@@ -642,12 +704,18 @@ impl Migration {
                 debug_assert!(e.is_migrating(), "a held page stays migrating until given back");
                 if s.status == PageStatus::Migrated {
                     let to = match (self.select, s.dst) {
-                        (Selection::System, Some(p)) => Residency::Device(p),
+                        (Selection::System | Selection::Peer(_), Some(p)) => Residency::Device(p),
                         _ => Residency::System,
                     };
                     let committed = e.commit(to).expect("migrating page commits");
+                    // A peer's page: its data now lives on the destination.
+                    let peer_src = match (self.select, s.src) {
+                        (Selection::Peer(_), Src::Device(p)) => Some(p),
+                        _ => None,
+                    };
+                    put.extend(peer_src);
                     match (self.select, committed) {
-                        (Selection::System, true) => {
+                        (Selection::System | Selection::Peer(_), true) => {
                             let p = s.dst.expect("device destination");
                             if let Some(m) = &mem {
                                 m.set_backs(
@@ -657,7 +725,7 @@ impl Migration {
                             }
                             moved += 1;
                         }
-                        (Selection::System, false) => {
+                        (Selection::System | Selection::Peer(_), false) => {
                             put.extend(s.dst);
                             s.status = PageStatus::Skipped(SkipReason::Invalidated);
                         }
@@ -696,8 +764,13 @@ impl Migration {
         self.inner.put_pages(&put);
         let _ = self.inner.uffd.wake(self.range);
         let c = &self.rec.counters;
+        if let Selection::Peer(from) = self.select
+            && let Some(src) = self.inner.device(from)
+        {
+            src.counters.migrated_to_peer.fetch_add(moved, Ordering::Relaxed);
+        }
         match self.select {
-            Selection::System => {
+            Selection::System | Selection::Peer(_) => {
                 c.migrated_to_device.fetch_add(moved, Ordering::Relaxed);
                 if let Some(m) = &mem {
                     m.counters.migrated_to_device.fetch_add(moved, Ordering::Relaxed);
@@ -740,7 +813,9 @@ impl Migration {
         let s = &self.slots[k];
         match (s.status == PageStatus::Migrated, self.select, s.src) {
             // Copied: the destination has the data.
-            (true, Selection::System, _) => s.dst.map_or(Source::Nothing, Source::Device),
+            (true, Selection::System | Selection::Peer(_), _) => {
+                s.dst.map_or(Source::Nothing, Source::Device)
+            }
             (true, Selection::Device(_), _) => Source::OldAddress,
             // Not copied: the source has it (put back at the old address,
             // perhaps after the move, or still staged).

@@ -35,7 +35,7 @@
 use std::fmt;
 
 /// Identifies a device's memory region within one `Hmm` instance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub struct DeviceId(pub(crate) u16);
 
 impl DeviceId {

@@ -25,7 +25,7 @@ use std::time::Duration;
 use crate::addr::{HUGE_PAGE_SIZE, PAGE_SIZE, PageRange, RangeError, VirtAddr};
 use crate::devmem::{DeviceMemory, DeviceMemoryConfig, DeviceMemoryError, DevicePagemapOps};
 use crate::dma::SystemSink;
-use crate::migrate::{Migration, MigrationReport, Selection};
+use crate::migrate::{Migration, MigrationReport, Selection, SkipReason};
 use crate::mirror::{
     IntervalNotifier, Invalidation, InvalidationEvent, Notifiers, PageInfo, RangeFault,
     RangeFaultError,
@@ -236,6 +236,63 @@ pub struct RangeStats {
     pub cpu_faults: u64,
     /// First touches of never-populated pages served.
     pub zero_fills: u64,
+}
+
+/// Where the bytes of managed memory live now (see
+/// [`ManagedRange::residence`], [`Hmm::residence`]). Every page is counted
+/// once, where its data is (a page mid-migration where its source is), so the
+/// parts sum to the memory's size ([`total`](Self::total)).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Residence {
+    /// Bytes in system memory.
+    pub system: u64,
+    /// Bytes in each device's memory, by device.
+    pub devices: BTreeMap<DeviceId, u64>,
+    /// Bytes never populated (or discarded): they read as zeros and use no memory.
+    pub unpopulated: u64,
+    /// Bytes lost with a failed device (a touch gets SIGBUS).
+    pub poisoned: u64,
+    /// Bytes the application unmapped.
+    pub unmapped: u64,
+}
+
+impl Residence {
+    /// The sum of every part: the size of the memory counted.
+    pub fn total(&self) -> u64 {
+        self.system
+            + self.devices.values().sum::<u64>()
+            + self.unpopulated
+            + self.poisoned
+            + self.unmapped
+    }
+
+    /// Bytes on device `dev`.
+    pub fn on_device(&self, dev: DeviceId) -> u64 {
+        self.devices.get(&dev).copied().unwrap_or(0)
+    }
+
+    fn count(&mut self, entries: &[PageEntry]) {
+        let page = PAGE_SIZE as u64;
+        for e in entries {
+            match e.residency() {
+                Residency::None => self.unpopulated += page,
+                Residency::System => self.system += page,
+                Residency::Device(p) => *self.devices.entry(p.dev).or_default() += page,
+                Residency::Poisoned => self.poisoned += page,
+                Residency::Unmapped => self.unmapped += page,
+            }
+        }
+    }
+
+    fn add(&mut self, other: &Residence) {
+        self.system += other.system;
+        for (d, b) in &other.devices {
+            *self.devices.entry(*d).or_default() += b;
+        }
+        self.unpopulated += other.unpopulated;
+        self.poisoned += other.poisoned;
+        self.unmapped += other.unmapped;
+    }
 }
 
 /// One managed range: its memory and its page records.
@@ -755,6 +812,32 @@ impl Hmm {
         self.inner.migrate_to_system(range, mem, engine)
     }
 
+    /// Migrates the pages of `range` that live on `from` into `to`: directly
+    /// from device to device when both offer their memory to peers
+    /// ([`DevicePagemapOps::peer_memory`]) and `to`'s engine reads peers;
+    /// through system memory otherwise. `from`'s mirrors are invalidated and
+    /// its pages freed.
+    pub fn migrate_device_to_device(
+        &self,
+        range: PageRange,
+        from: &Arc<DeviceMemory>,
+        to: &Arc<DeviceMemory>,
+    ) -> Result<MigrationReport, HmmError> {
+        self.inner.migrate_device_to_device(range, from, to)
+    }
+
+    /// Migrates every page of `range` into `to`, wherever it lives now:
+    /// system memory, never populated, or another device (see
+    /// [`migrate_device_to_device`](Self::migrate_device_to_device)). Pages
+    /// already on `to` stay; the report lists what did not move and why.
+    pub fn migrate_here(
+        &self,
+        range: PageRange,
+        to: &Arc<DeviceMemory>,
+    ) -> Result<MigrationReport, HmmError> {
+        self.inner.migrate_here(range, to)
+    }
+
     /// Evicts the given pages of `mem` to system memory without knowing their
     /// addresses (the kernel's `migrate_device_range`). Returns how many moved.
     pub fn evict(&self, mem: &DeviceMemory, pages: &[DevicePage]) -> Result<usize, HmmError> {
@@ -772,6 +855,24 @@ impl Hmm {
         let r = self.inner.find(addr)?;
         let i = r.index(addr);
         Some(r.lock()[i].residency())
+    }
+
+    /// Where the bytes of every managed range live now, summed over the
+    /// ranges. A device's part is what it is charged for the pages that back
+    /// managed addresses: with no migration in flight it equals the device's
+    /// [`pages_resident`](crate::DeviceStats::pages_resident) times the page size.
+    pub fn residence(&self) -> Residence {
+        let ranges: Vec<Arc<Range>> = {
+            let r = self.inner.ranges.read().unwrap_or_else(|e| e.into_inner());
+            r.values().cloned().collect()
+        };
+        let mut total = Residence::default();
+        for r in ranges {
+            let mut one = Residence::default();
+            one.count(&r.lock());
+            total.add(&one);
+        }
+        total
     }
 
     /// Bytes of per-page metadata hmm keeps for its managed ranges, and the
@@ -1152,6 +1253,98 @@ impl Inner {
         })
     }
 
+    /// Migrates the pages of `range` that live on `from` into `to`: directly
+    /// when both take part in peer-to-peer copies (the destination's engine
+    /// reads `from`'s memory), through system memory otherwise (back with
+    /// `from`'s engine, then out with `to`'s). `from`'s mirrors are
+    /// invalidated and its pages freed as each page lands.
+    pub(crate) fn migrate_device_to_device(
+        self: &Arc<Self>,
+        range: PageRange,
+        from: &Arc<DeviceMemory>,
+        to: &Arc<DeviceMemory>,
+    ) -> Result<MigrationReport, HmmError> {
+        if from.id() == to.id() {
+            return Ok(MigrationReport::default());
+        }
+        self.find_containing(range)?;
+        let direct = from.ops().peer_memory().is_some()
+            && to.ops().peer_memory().is_some()
+            && to.ops().dma().reads_peers();
+        self.migrate_batches(range, |r| {
+            if direct {
+                let mut m = Migration::setup_for(
+                    self.clone(),
+                    r,
+                    Selection::Peer(from.id()),
+                    Some(to.id()),
+                )?;
+                m.allocate_on(to);
+                m.copy(to.ops().dma());
+                return Ok(m.finalize());
+            }
+            // Through system memory: only the pages that came back move on.
+            let back = {
+                let mut m = Migration::setup(self.clone(), r, Selection::Device(from.id()))?;
+                m.copy(from.ops().dma());
+                let st = m.statuses();
+                let rep = m.finalize();
+                (st, rep)
+            };
+            let mut report = MigrationReport::default();
+            report.skipped = back.1.skipped;
+            let mut k = 0;
+            while k < back.0.len() {
+                if back.0[k] != crate::migrate::PageStatus::Migrated {
+                    k += 1;
+                    continue;
+                }
+                let mut j = k + 1;
+                while j < back.0.len() && back.0[j] == crate::migrate::PageStatus::Migrated {
+                    j += 1;
+                }
+                let part = r.subrange(k * PAGE_SIZE, (j - k) * PAGE_SIZE)?;
+                let mut m =
+                    Migration::setup_for(self.clone(), part, Selection::System, Some(to.id()))?;
+                m.allocate_on(to);
+                m.copy(to.ops().dma());
+                report.append(m.finalize());
+                k = j;
+            }
+            Ok(report)
+        })
+    }
+
+    /// Migrates every page of `range` into `to`, wherever it lives: system
+    /// memory (and never-populated pages), or any other device
+    /// ([`migrate_device_to_device`](Self::migrate_device_to_device)).
+    pub(crate) fn migrate_here(
+        self: &Arc<Self>,
+        range: PageRange,
+        to: &Arc<DeviceMemory>,
+    ) -> Result<MigrationReport, HmmError> {
+        let rec = self.find_containing(range)?;
+        self.check_accessible(range, "migrate to a device")?;
+        let first = rec.index(range.start());
+        let others: Vec<DeviceId> = devices_of(&rec.lock()[first..first + range.pages()])
+            .into_iter()
+            .filter(|d| *d != to.id())
+            .collect();
+        let mut report = MigrationReport::default();
+        for d in others {
+            if let Some(from) = self.device(d) {
+                let mut r = self.migrate_device_to_device(range, &from, to)?;
+                // Pages of other kinds are the other passes' business.
+                r.skipped.retain(|(_, why)| !matches!(why, SkipReason::NotSelected(_)));
+                report.append(r);
+            }
+        }
+        let mut r = self.migrate_to_device(range, to, to.ops().dma())?;
+        r.skipped.retain(|(_, why)| !matches!(why, SkipReason::NotSelected(_)));
+        report.append(r);
+        Ok(report)
+    }
+
     fn migrate_batches(
         &self,
         range: PageRange,
@@ -1505,6 +1698,14 @@ impl ManagedRange {
     /// Where every page lives, in order.
     pub fn residencies(&self) -> Vec<Residency> {
         self.range.lock().iter().map(|e| e.residency()).collect()
+    }
+
+    /// Where the range's bytes live now: system memory, each device, never
+    /// populated, lost, unmapped; the parts sum to [`len`](Self::len).
+    pub fn residence(&self) -> Residence {
+        let mut r = Residence::default();
+        r.count(&self.range.lock());
+        r
     }
 
     /// Where the pages live and what happened to them.

@@ -17,10 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use crate::addr::{HUGE_PAGE_SIZE, PAGE_SIZE, PageRange, VirtAddr};
-use crate::devmem::{DeviceMemory, DeviceMemoryConfig, DevicePagemapOps, DeviceStats};
-use crate::dma::{
-    DmaEngine, DmaError, DmaFence, DmaJob, FenceCompleter, SystemSource, ToDevice, ToSystem,
-};
+use crate::devmem::{DeviceMemory, DeviceMemoryConfig, DevicePagemapOps, DeviceStats, Pressure};
+use crate::dma::{DmaEngine, DmaError, DmaFence, DmaJob, FenceCompleter, ToDevice, ToSystem};
 use crate::migrate::{MigrationReport, SkipReason};
 use crate::mirror::{IntervalNotifier, InvalidationEvent, PageInfo, RangeFault, RangeFaultError};
 use crate::os::mm::{Advise, Mapping, Protection};
@@ -52,12 +50,38 @@ pub struct SoftwareDeviceConfig {
     /// Populate the device memory up front (copy engine only): copies then
     /// never wait for the kernel to allocate a page.
     pub prefault: bool,
+    /// Whether the device's memory and engine take part in device-to-device
+    /// copies (peer-to-peer DMA). Without it, pages move between this device
+    /// and others through system memory.
+    pub peer_to_peer: bool,
+    /// What a migration to the full device does: refuse, or evict the least
+    /// recently used pages to system memory.
+    pub pressure: Pressure,
 }
 
 impl SoftwareDeviceConfig {
     /// A device of `capacity` bytes with the zero-copy engine.
     pub fn new(name: impl Into<String>, capacity: usize) -> Self {
-        Self { name: name.into(), capacity, engine: EngineKind::ZeroCopy, prefault: false }
+        Self {
+            name: name.into(),
+            capacity,
+            engine: EngineKind::ZeroCopy,
+            prefault: false,
+            peer_to_peer: true,
+            pressure: Pressure::Refuse,
+        }
+    }
+
+    /// The same, evicting least recently used pages when the device is full.
+    pub fn evicting(mut self) -> Self {
+        self.pressure = Pressure::Evict;
+        self
+    }
+
+    /// The same, without peer-to-peer copies.
+    pub fn without_peer_to_peer(mut self) -> Self {
+        self.peer_to_peer = false;
+        self
     }
 
     /// The same with the copying engine and `workers` threads.
@@ -79,6 +103,9 @@ pub struct OpCounters {
 /// The driver side of the device's memory: its callbacks.
 struct Core {
     engine: Box<dyn DmaEngine>,
+    /// The device's memory, offered to peers' engines when `peer` is set.
+    pool: Arc<Mapping>,
+    peer: bool,
 }
 
 impl DevicePagemapOps for Core {
@@ -91,6 +118,10 @@ impl DevicePagemapOps for Core {
 
     fn dma(&self) -> &dyn DmaEngine {
         self.engine.as_ref()
+    }
+
+    fn peer_memory(&self) -> Option<Arc<Mapping>> {
+        self.peer.then(|| self.pool.clone())
     }
 }
 
@@ -181,11 +212,12 @@ impl SoftwareDevice {
                 })
             }
         };
-        let core = Arc::new(Core { engine });
+        let core = Arc::new(Core { engine, pool: pool.clone(), peer: config.peer_to_peer });
         let mut mc = DeviceMemoryConfig::private(config.name, config.capacity);
         mc.chunk_pages = 512;
+        mc.pressure = config.pressure;
         let mem = hmm.register_device_memory(mc, core)?;
-        let mirror = DeviceMirror::new(hmm, mem.id(), pool);
+        let mirror = DeviceMirror::new(hmm, mem.clone(), pool);
         Ok(Self {
             hmm: hmm.inner().clone(),
             mem,
@@ -207,6 +239,25 @@ impl SoftwareDevice {
     /// Migrates `range` into this device's memory.
     pub fn migrate_to_device(&self, range: PageRange) -> Result<MigrationReport, HmmError> {
         self.hmm.migrate_to_device(range, &self.mem, self.mem.ops().dma())
+    }
+
+    /// Migrates every page of `range` into this device, wherever it lives:
+    /// system memory, or another device's memory (directly, device to
+    /// device, when both take part in peer-to-peer copies; through system
+    /// memory otherwise). Unlike [`migrate_to_device`](Self::migrate_to_device),
+    /// which takes only pages in system memory, as the kernel's test driver does.
+    pub fn migrate_here(&self, range: PageRange) -> Result<MigrationReport, HmmError> {
+        self.hmm.migrate_here(range, &self.mem)
+    }
+
+    /// Migrates the pages of `range` that live on `from` into this device
+    /// (see [`Hmm::migrate_device_to_device`]).
+    pub fn migrate_from(
+        &self,
+        range: PageRange,
+        from: &SoftwareDevice,
+    ) -> Result<MigrationReport, HmmError> {
+        self.hmm.migrate_device_to_device(range, &from.mem, &self.mem)
     }
 
     /// Migrates this device's pages in `range` back to system memory.
@@ -581,6 +632,8 @@ const MAX_REFAULTS: usize = 1000;
 pub(crate) struct DeviceMirror {
     hmm: Arc<Inner>,
     id: DeviceId,
+    /// The device's memory: accesses to its pages stamp them (recency).
+    mem: Arc<DeviceMemory>,
     pool: Arc<Mapping>,
     table: Arc<PageTable>,
     notifier: IntervalNotifier,
@@ -588,7 +641,8 @@ pub(crate) struct DeviceMirror {
 }
 
 impl DeviceMirror {
-    fn new(hmm: &Hmm, id: DeviceId, pool: Arc<Mapping>) -> Arc<Self> {
+    fn new(hmm: &Hmm, mem: Arc<DeviceMemory>, pool: Arc<Mapping>) -> Arc<Self> {
+        let id = mem.id();
         let table = Arc::new(PageTable::default());
         let t = table.clone();
         // One notifier over the whole address space, as the kernel's test
@@ -598,6 +652,7 @@ impl DeviceMirror {
         Arc::new(Self {
             hmm: hmm.inner().clone(),
             id,
+            mem,
             pool,
             table,
             notifier,
@@ -681,6 +736,7 @@ impl DeviceMirror {
                 // page cannot be freed meanwhile.
                 let off = p.index as usize * PAGE_SIZE + at % PAGE_SIZE;
                 self.pool.read(off, &mut buf[done..done + in_page])?;
+                self.mem.touch(p);
                 done += in_page;
                 continue;
             }
@@ -743,6 +799,7 @@ impl DeviceMirror {
                 }
                 let off = p.index as usize * PAGE_SIZE + at % PAGE_SIZE;
                 self.pool.write(off, &data[done..done + in_page])?;
+                self.mem.touch(p);
                 done += in_page;
                 continue;
             }
@@ -890,11 +947,9 @@ impl Drop for CopyEngine {
 
 fn to_device_copy(pool: &Mapping, op: &ToDevice) -> Result<(), DmaError> {
     let off = op.dst.index as usize * PAGE_SIZE;
-    let r = match &op.src {
-        SystemSource::Zero => pool.fill(off, PAGE_SIZE, 0),
-        SystemSource::Staged { staging, offset } => {
-            pool.copy_words_from(off, staging, *offset, PAGE_SIZE)
-        }
+    let r = match op.src.bytes() {
+        None => pool.fill(off, PAGE_SIZE, 0),
+        Some((src, offset)) => pool.copy_words_from(off, src, offset, PAGE_SIZE),
     };
     r.map_err(|e| DmaError::Failed(e.to_string()))
 }
@@ -976,6 +1031,10 @@ impl DmaEngine for CopyEngine {
         "copy"
     }
 
+    fn reads_peers(&self) -> bool {
+        true
+    }
+
     fn submit(&self, job: DmaJob) -> DmaFence {
         let n = job.len();
         let (fence, done) = DmaFence::new(n);
@@ -1048,7 +1107,7 @@ impl MoveEngine {
         let mut out = Vec::with_capacity(ops.len());
         let mut i = 0;
         while i < ops.len() {
-            let SystemSource::Staged { staging, offset } = &ops[i].src else {
+            let Some((staging, offset)) = ops[i].src.bytes() else {
                 let slot = slot_range(&self.pool, ops[i].dst);
                 out.push(self.uffd.zeropage(slot, true).map(drop).map_err(DmaError::from));
                 i += 1;
@@ -1057,8 +1116,8 @@ impl MoveEngine {
             let mut j = i + 1;
             while j < ops.len()
                 && ops[j].dst.index == ops[j - 1].dst.index + 1
-                && matches!(&ops[j].src, SystemSource::Staged { staging: s, offset: o }
-                    if Arc::ptr_eq(s, staging) && *o == offset + (j - i) * PAGE_SIZE)
+                && matches!(ops[j].src.bytes(), Some((s, o))
+                    if Arc::ptr_eq(s, staging) && o == offset + (j - i) * PAGE_SIZE)
             {
                 j += 1;
             }
@@ -1067,7 +1126,7 @@ impl MoveEngine {
                 .pool
                 .subrange(ops[i].dst.index as usize * PAGE_SIZE, n * PAGE_SIZE)
                 .expect("device pages inside the pool");
-            let src = staging.subrange(*offset, n * PAGE_SIZE).expect("inside staging");
+            let src = staging.subrange(offset, n * PAGE_SIZE).expect("inside staging");
             match self.uffd.move_pages_all(slots, staging, src, true, false) {
                 Ok(_) => out.extend((0..n).map(|_| Ok(()))),
                 Err(e) => {
@@ -1128,6 +1187,10 @@ impl MoveEngine {
 impl DmaEngine for MoveEngine {
     fn name(&self) -> &str {
         "zero-copy"
+    }
+
+    fn reads_peers(&self) -> bool {
+        true
     }
 
     fn submit(&self, job: DmaJob) -> DmaFence {

@@ -1,0 +1,325 @@
+//! Several devices in one process: device-to-device moves, oversubscription
+//! with least-recently-used eviction, and the accounting of where bytes live.
+
+mod common;
+
+use hmm::{
+    DeviceId, Hmm, ManagedRange, PAGE_SIZE, Residency, SkipReason, SoftwareDevice,
+    SoftwareDeviceConfig, VirtAddr,
+};
+
+/// Page `i` of `r` holds the word `i + salt` repeated.
+fn fill(r: &ManagedRange, salt: u64) {
+    let bytes: Vec<u8> = (0..r.pages() as u64)
+        .flat_map(|i| std::iter::repeat_n((i + salt).to_ne_bytes(), PAGE_SIZE / 8).flatten())
+        .collect();
+    r.write(0, &bytes).unwrap();
+}
+
+fn check(bytes: &[u8], first_page: usize, salt: u64, who: &str) {
+    for (k, page) in bytes.chunks(PAGE_SIZE).enumerate() {
+        let want = ((first_page + k) as u64 + salt).to_ne_bytes();
+        assert!(
+            page.chunks(8).all(|w| w == want),
+            "{who}: page {} holds the wrong data",
+            first_page + k
+        );
+    }
+}
+
+fn cpu_bytes(r: &ManagedRange) -> Vec<u8> {
+    let mut b = vec![0u8; r.len()];
+    r.read(0, &mut b).unwrap();
+    b
+}
+
+fn on(dev: &SoftwareDevice) -> impl Fn(&Residency) -> bool + '_ {
+    move |x| matches!(x, Residency::Device(p) if p.dev == dev.memory().id())
+}
+
+fn engines() -> [(&'static str, SoftwareDeviceConfig); 2] {
+    [
+        ("zero-copy", SoftwareDeviceConfig::new("d", 1 << 20)),
+        ("copy", SoftwareDeviceConfig::new("d", 1 << 20).with_copy_engine(2)),
+    ]
+}
+
+/// A device-to-device move lands every byte on the destination, invalidates
+/// the source's mirror and frees its pages, and never stops in system memory
+/// when both devices take part in peer-to-peer copies.
+#[test]
+fn device_to_device_moves_pages_directly() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let _fork = common::fork_lock();
+    for (name_a, a_cfg) in engines() {
+        for (name_b, b_cfg) in engines() {
+            let who = format!("{name_a} -> {name_b}");
+            let hmm = Hmm::new().unwrap();
+            let a = SoftwareDevice::new(&hmm, a_cfg.clone()).unwrap();
+            let b = SoftwareDevice::new(&hmm, b_cfg).unwrap();
+            let r = hmm.alloc(256 * PAGE_SIZE).unwrap();
+            fill(&r, 7);
+            assert_eq!(a.migrate_to_device(r.range()).unwrap().migrated, 256, "{who}");
+            // Device A maps every page (its own memory).
+            check(&a.read(r.range()).unwrap().0, 0, 7, &who);
+            assert!(a.mirror_stats().entries >= 256, "{who}");
+            let rep = b.migrate_from(r.range(), &a).unwrap();
+            assert_eq!(rep.migrated, 256, "{who}: {:?}", rep.skipped.first());
+            assert!(r.residencies().iter().all(on(&b)), "{who}: every page on B");
+            let (sa, sb) = (a.stats(), b.stats());
+            assert_eq!(sa.pages_resident, 0, "{who}: A's pages are freed");
+            assert_eq!(sa.migrated_to_peer, 256, "{who}");
+            assert_eq!(sa.migrated_to_system, 0, "{who}: no stop in system memory");
+            assert_eq!(r.stats().migrated_to_system, 0, "{who}");
+            assert_eq!(sb.pages_resident, 256, "{who}");
+            assert_eq!(a.mirror_stats().entries, 0, "{who}: A's mirror was invalidated");
+            // B reads its own memory, then the CPU faults every page back.
+            let (bytes, c) = b.read(r.range()).unwrap();
+            check(&bytes, 0, 7, &who);
+            assert!(b.entry(r.addr()).unwrap().page.is_some(), "{who}: B maps its own page");
+            assert_eq!(c.faults, 1, "{who}");
+            check(&cpu_bytes(&r), 0, 7, &who);
+            assert_eq!(b.stats().pages_resident, 0, "{who}");
+        }
+    }
+}
+
+/// Without peer-to-peer access the same move goes through system memory:
+/// back with A's engine, out with B's; the data is the same.
+#[test]
+fn device_to_device_without_peer_access_goes_through_system_memory() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let _fork = common::fork_lock();
+    let hmm = Hmm::new().unwrap();
+    let a =
+        SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("a", 1 << 20).without_peer_to_peer())
+            .unwrap();
+    let b = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("b", 1 << 20)).unwrap();
+    let r = hmm.alloc(128 * PAGE_SIZE).unwrap();
+    fill(&r, 3);
+    assert_eq!(a.migrate_to_device(r.range()).unwrap().migrated, 128);
+    // A device write on A first: the move must carry it.
+    a.write(r.addr(), &[0xEE; 8]).unwrap();
+    let rep = b.migrate_from(r.range(), &a).unwrap();
+    assert_eq!(rep.migrated, 128, "{:?}", rep.skipped.first());
+    assert!(r.residencies().iter().all(on(&b)));
+    assert_eq!(a.stats().migrated_to_system, 128, "through system memory");
+    assert_eq!(a.stats().migrated_to_peer, 0);
+    assert_eq!(a.stats().pages_resident, 0);
+    let bytes = cpu_bytes(&r);
+    assert_eq!(&bytes[..8], &[0xEE; 8]);
+    check(&bytes[PAGE_SIZE..], 1, 3, "through system");
+}
+
+/// `migrate_here` gathers a range from everywhere: system memory, never
+/// populated pages, and two other devices.
+#[test]
+fn migrate_here_gathers_pages_from_everywhere() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let _fork = common::fork_lock();
+    let hmm = Hmm::new().unwrap();
+    let devs: Vec<SoftwareDevice> = (0..3)
+        .map(|i| {
+            SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new(format!("d{i}"), 1 << 20)).unwrap()
+        })
+        .collect();
+    let r = hmm.alloc(64 * PAGE_SIZE).unwrap();
+    fill(&r, 11);
+    // Pages 0-15 on d0, 16-31 on d1, 32-47 in system memory, 48-63 discarded.
+    assert_eq!(devs[0].migrate_to_device(r.pages_range(0, 16).unwrap()).unwrap().migrated, 16);
+    assert_eq!(devs[1].migrate_to_device(r.pages_range(16, 16).unwrap()).unwrap().migrated, 16);
+    r.advise(r.pages_range(48, 16).unwrap(), hmm::os::mm::Advise::DontNeed).unwrap();
+    common::eventually("the discard event", || r.residency(48) == Residency::None);
+    let rep = devs[2].migrate_here(r.range()).unwrap();
+    assert_eq!(rep.migrated, 64, "{:?}", rep.skipped);
+    assert!(r.residencies().iter().all(on(&devs[2])));
+    assert_eq!(devs[0].stats().pages_resident + devs[1].stats().pages_resident, 0);
+    let bytes = devs[2].read(r.range()).unwrap().0;
+    check(&bytes[..48 * PAGE_SIZE], 0, 11, "gathered");
+    assert!(bytes[48 * PAGE_SIZE..].iter().all(|b| *b == 0), "discarded pages read as zeros");
+}
+
+/// A full device that refuses pressure skips the pages with the reason.
+#[test]
+fn a_full_device_refuses_by_default() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let _fork = common::fork_lock();
+    let hmm = Hmm::new().unwrap();
+    let d = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("d", 16 * PAGE_SIZE)).unwrap();
+    let r = hmm.alloc(32 * PAGE_SIZE).unwrap();
+    fill(&r, 0);
+    let rep = d.migrate_to_device(r.range()).unwrap();
+    assert_eq!(rep.migrated, 16);
+    assert_eq!(rep.count(&SkipReason::NoDeviceMemory), 16);
+    assert_eq!(d.stats().pages_evicted, 0);
+    check(&cpu_bytes(&r), 0, 0, "refused");
+}
+
+/// Eviction under pressure takes the least recently used pages, by what hmm
+/// saw (migrations, device accesses), not by allocation order.
+#[test]
+fn pressure_evicts_the_least_recently_used_pages() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let _fork = common::fork_lock();
+    let hmm = Hmm::new().unwrap();
+    let d = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("d", 64 * PAGE_SIZE).evicting())
+        .unwrap();
+    let x = hmm.alloc(64 * PAGE_SIZE).unwrap();
+    let y = hmm.alloc(32 * PAGE_SIZE).unwrap();
+    fill(&x, 100);
+    fill(&y, 200);
+    assert_eq!(d.migrate_to_device(x.range()).unwrap().migrated, 64);
+    // The device uses the first half of x: the second half is now the coldest,
+    // although its pages were allocated last.
+    check(&d.read(x.pages_range(0, 32).unwrap()).unwrap().0, 0, 100, "device read");
+    let rep = d.migrate_to_device(y.range()).unwrap();
+    assert_eq!(rep.migrated, 32, "{:?}", rep.skipped.first());
+    let res = x.residencies();
+    assert!(res[..32].iter().all(on(&d)), "the used half stays: {:?}", &res[..32]);
+    assert!(
+        res[32..].iter().all(|r| *r == Residency::System),
+        "the cold half went: {:?}",
+        &res[32..]
+    );
+    assert!(y.residencies().iter().all(on(&d)));
+    assert_eq!(d.stats().pages_evicted, 32);
+    check(&cpu_bytes(&x), 0, 100, "x");
+    check(&cpu_bytes(&y), 0, 200, "y");
+}
+
+/// A small random number generator (xorshift), seeded per test.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// The word page `i` of the model holds.
+fn word(model: &[u64], i: usize) -> Vec<u8> {
+    std::iter::repeat_n(model[i].to_ne_bytes(), PAGE_SIZE / 8).flatten().collect()
+}
+
+/// A device oversubscribed four times over, with random migrations, CPU and
+/// device reads and writes: every byte read matches a model, and the
+/// accounting matches what the device holds after every step.
+#[test]
+fn four_times_oversubscribed_with_random_access_keeps_every_byte() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let _fork = common::fork_lock();
+    const CAP: usize = 256;
+    let hmm = Hmm::new().unwrap();
+    let d = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("d", CAP * PAGE_SIZE).evicting())
+        .unwrap();
+    let r = hmm.alloc(4 * CAP * PAGE_SIZE).unwrap();
+    let seed = 0x5eed_0005_u64;
+    eprintln!("seed {seed:#x}");
+    let mut rng = Rng(seed);
+    let mut model: Vec<u64> = (0..r.pages() as u64).map(|i| i * 3 + 1).collect();
+    for i in 0..r.pages() {
+        r.write(i * PAGE_SIZE, &word(&model, i)).unwrap();
+    }
+    let id: DeviceId = d.memory().id();
+    let page_addr = |i: usize| VirtAddr::new(r.addr().get() + i * PAGE_SIZE);
+    for step in 0..1500 {
+        let i = rng.below(r.pages());
+        match rng.below(5) {
+            0 => {
+                let n = 1 + rng.below(96).min(r.pages() - i - 1);
+                let rep = d.migrate_to_device(r.pages_range(i, n).unwrap()).unwrap();
+                assert!(
+                    rep.skipped.iter().all(|(_, why)| matches!(why, SkipReason::NotSelected(_))),
+                    "step {step}: {:?}",
+                    rep.skipped.first()
+                );
+            }
+            1 => {
+                model[i] = rng.next();
+                r.write(i * PAGE_SIZE, &word(&model, i)).unwrap();
+            }
+            2 => {
+                let mut b = vec![0u8; PAGE_SIZE];
+                r.read(i * PAGE_SIZE, &mut b).unwrap();
+                assert!(b == word(&model, i), "step {step}: CPU read of page {i}");
+            }
+            3 => {
+                model[i] = rng.next();
+                d.write(page_addr(i), &word(&model, i)).unwrap();
+            }
+            _ => {
+                let (b, _) = d.read(r.pages_range(i, 1).unwrap()).unwrap();
+                assert!(b == word(&model, i), "step {step}: device read of page {i}");
+            }
+        }
+        let res = r.residence();
+        assert_eq!(res.total(), r.len() as u64, "step {step}: the parts sum to the range");
+        let charged = d.stats().pages_resident;
+        assert!(charged <= CAP as u64, "step {step}: {charged} pages on a {CAP}-page device");
+        assert_eq!(res.on_device(id), charged * PAGE_SIZE as u64, "step {step}: accounting");
+        assert_eq!(hmm.residence(), res, "step {step}: one range: the totals are its own");
+    }
+    assert!(d.stats().pages_evicted > 0, "the device was oversubscribed");
+    for i in 0..r.pages() {
+        let mut b = vec![0u8; PAGE_SIZE];
+        r.read(i * PAGE_SIZE, &mut b).unwrap();
+        assert!(b == word(&model, i), "final read of page {i}");
+    }
+}
+
+/// The accounting of a range follows its pages to every place they can be.
+#[test]
+fn residence_follows_pages_and_sums_to_the_range() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let _fork = common::fork_lock();
+    let hmm = Hmm::new().unwrap();
+    let a = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("a", 1 << 20)).unwrap();
+    let b = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("b", 1 << 20)).unwrap();
+    let r = hmm.alloc(40 * PAGE_SIZE).unwrap();
+    fill(&r, 1);
+    let p = PAGE_SIZE as u64;
+    let res = r.residence();
+    assert_eq!((res.system, res.total()), (40 * p, 40 * p));
+    a.migrate_to_device(r.pages_range(0, 10).unwrap()).unwrap();
+    b.migrate_to_device(r.pages_range(10, 10).unwrap()).unwrap();
+    r.advise(r.pages_range(20, 5).unwrap(), hmm::os::mm::Advise::DontNeed).unwrap();
+    r.unmap(r.pages_range(25, 5).unwrap()).unwrap();
+    common::eventually("the events", || {
+        r.residency(20) == Residency::None && r.residency(25) == Residency::Unmapped
+    });
+    let res = r.residence();
+    assert_eq!(res.on_device(a.memory().id()), 10 * p);
+    assert_eq!(res.on_device(b.memory().id()), 10 * p);
+    assert_eq!((res.unpopulated, res.unmapped, res.system), (5 * p, 5 * p, 10 * p));
+    assert_eq!(res.total(), r.len() as u64);
+    // Charges follow the pages from a to b.
+    b.migrate_from(r.pages_range(0, 10).unwrap(), &a).unwrap();
+    let res = r.residence();
+    assert_eq!((res.on_device(a.memory().id()), res.on_device(b.memory().id())), (0, 20 * p));
+    assert_eq!(b.stats().pages_resident * p, 20 * p);
+    // A failed device's pages are counted as lost.
+    assert_eq!(b.fail(), 20);
+    let res = r.residence();
+    assert_eq!((res.poisoned, res.on_device(b.memory().id())), (20 * p, 0));
+    assert_eq!(res.total(), r.len() as u64);
+}
