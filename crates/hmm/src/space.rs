@@ -1284,32 +1284,26 @@ impl Inner {
                 return Ok(m.finalize());
             }
             // Through system memory: only the pages that came back move on.
-            let back = {
-                let mut m = Migration::setup(self.clone(), r, Selection::Device(from.id()))?;
-                m.copy(from.ops().dma());
-                let st = m.statuses();
-                let rep = m.finalize();
-                (st, rep)
-            };
-            let mut report = MigrationReport::default();
-            report.skipped = back.1.skipped;
+            let mut m = Migration::setup(self.clone(), r, Selection::Device(from.id()))?;
+            m.copy(from.ops().dma());
+            let back = m.finalize();
+            let mut stayed = vec![false; r.pages()];
+            for (a, _) in &back.skipped {
+                stayed[(a.get() - r.start().get()) / PAGE_SIZE] = true;
+            }
+            let mut report = MigrationReport { migrated: 0, skipped: back.skipped };
             let mut k = 0;
-            while k < back.0.len() {
-                if back.0[k] != crate::migrate::PageStatus::Migrated {
-                    k += 1;
-                    continue;
+            while k < stayed.len() {
+                let n = stayed[k..].iter().take_while(|s| !**s).count();
+                if n > 0 {
+                    let part = r.subrange(k * PAGE_SIZE, n * PAGE_SIZE)?;
+                    let mut m =
+                        Migration::setup_for(self.clone(), part, Selection::System, Some(to.id()))?;
+                    m.allocate_on(to);
+                    m.copy(to.ops().dma());
+                    report.append(m.finalize());
                 }
-                let mut j = k + 1;
-                while j < back.0.len() && back.0[j] == crate::migrate::PageStatus::Migrated {
-                    j += 1;
-                }
-                let part = r.subrange(k * PAGE_SIZE, (j - k) * PAGE_SIZE)?;
-                let mut m =
-                    Migration::setup_for(self.clone(), part, Selection::System, Some(to.id()))?;
-                m.allocate_on(to);
-                m.copy(to.ops().dma());
-                report.append(m.finalize());
-                k = j;
+                k += n + 1;
             }
             Ok(report)
         })

@@ -274,8 +274,13 @@ fn four_times_oversubscribed_with_random_access_keeps_every_byte() {
         assert_eq!(res.total(), r.len() as u64, "step {step}: the parts sum to the range");
         let charged = d.stats().pages_resident;
         assert!(charged <= CAP as u64, "step {step}: {charged} pages on a {CAP}-page device");
-        assert_eq!(res.on_device(id), charged * PAGE_SIZE as u64, "step {step}: accounting");
-        assert_eq!(hmm.residence(), res, "step {step}: one range: the totals are its own");
+        // The rest of a fault-around window comes back after the faulting
+        // thread resumes: the charges match the records once it is in.
+        common::eventually("the device's charge to match the range's records", || {
+            let res = r.residence();
+            res.on_device(id) == d.stats().pages_resident * PAGE_SIZE as u64
+                && hmm.residence() == res
+        });
     }
     assert!(d.stats().pages_evicted > 0, "the device was oversubscribed");
     for i in 0..r.pages() {
