@@ -40,6 +40,11 @@ use crate::page::{DeviceId, DevicePage};
 pub enum MemoryKind {
     /// The CPU cannot address it: a CPU touch faults and migrates the page back.
     Private,
+    /// The CPU maps it directly (memory on a coherent bus: CXL, CCIX, CAPI):
+    /// a page migrated here stays mapped at its address, and CPU reads and
+    /// writes reach device memory without faulting (see [`crate::coherent`]).
+    /// Pages leave it only by an explicit migration or eviction.
+    Coherent,
 }
 
 /// What a migration to a full region does.
@@ -71,6 +76,12 @@ pub trait DevicePagemapOps: Send + Sync {
         None
     }
 
+    /// For a [`MemoryKind::Coherent`] region: the file whose page `i` is
+    /// device page `i`, which hmm maps at the addresses the pages back.
+    fn coherent_file(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
+
     /// A CPU touched a page that lives in this device's private memory. The
     /// driver must bring at least the faulting page back; it cannot refuse: an
     /// error other than [`FaultBackError::NoMemory`] poisons the page. The
@@ -85,7 +96,7 @@ pub trait DevicePagemapOps: Send + Sync {
 pub struct DeviceMemoryConfig {
     /// A name for messages and reports.
     pub name: String,
-    /// Private (or, later, coherent).
+    /// Private or coherent.
     pub kind: MemoryKind,
     /// Capacity in bytes (a multiple of the page size).
     pub capacity: usize,
@@ -96,6 +107,11 @@ pub struct DeviceMemoryConfig {
 }
 
 impl DeviceMemoryConfig {
+    /// A coherent region of `capacity` bytes (see [`MemoryKind::Coherent`]).
+    pub fn coherent(name: impl Into<String>, capacity: usize) -> Self {
+        Self { kind: MemoryKind::Coherent, ..Self::private(name, capacity) }
+    }
+
     /// A private region of `capacity` bytes, descriptors made 512 pages (2 MiB) at a time.
     pub fn private(name: impl Into<String>, capacity: usize) -> Self {
         Self {
@@ -119,6 +135,9 @@ pub enum DeviceMemoryError {
     /// A chunk size of zero.
     #[error("chunk_pages must be at least 1")]
     Chunk,
+    /// A coherent region whose driver offers no file for the CPU to map.
+    #[error("a coherent region needs DevicePagemapOps::coherent_file (the memory the CPU maps)")]
+    NoCoherentFile,
     /// Every device id is taken.
     #[error("too many device memory regions (at most {})", DeviceId::MAX)]
     TooMany,
@@ -268,6 +287,9 @@ impl DeviceMemory {
         }
         if config.chunk_pages == 0 {
             return Err(DeviceMemoryError::Chunk);
+        }
+        if config.kind == MemoryKind::Coherent && ops.coherent_file().is_none() {
+            return Err(DeviceMemoryError::NoCoherentFile);
         }
         let capacity_pages = pages as u32;
         let chunk_pages = config.chunk_pages.min(capacity_pages);

@@ -174,6 +174,16 @@ fn outside(window: PageRange, page: PageRange) -> impl Iterator<Item = PageRange
     .flatten()
 }
 
+thread_local! {
+    static ON_SERVICE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this thread is a fault service, which must never wait for its own
+/// events (see `crate::coherent`).
+pub(crate) fn on_service_thread() -> bool {
+    ON_SERVICE.with(|c| c.get())
+}
+
 /// Starts the service thread.
 pub(crate) fn start(inner: Arc<Inner>) -> std::io::Result<JoinHandle<()>> {
     let (tx, rx) = std::sync::mpsc::channel();
@@ -184,6 +194,7 @@ pub(crate) fn start(inner: Arc<Inner>) -> std::io::Result<JoinHandle<()>> {
         if let Ok(Some(vma)) = crate::os::maps::vma_containing(here) {
             let _ = inner.service_stack.set(vma.range);
         }
+        ON_SERVICE.with(|c| c.set(true));
         let _ = tx.send(());
         Service::new(inner).run();
     })?;
@@ -394,9 +405,18 @@ impl Service {
                     self.invalidate(start.get(), end.get(), false);
                 }
             }
-            UffdEvent::Unmap { start, end } => self.invalidate(start.get(), end.get(), true),
+            UffdEvent::Unmap { start, end } => {
+                let own = PageRange::new(start, end.get() - start.get()).is_ok_and(|r| {
+                    self.inner.take_own_change(crate::coherent::OwnChange::Unmap(r))
+                });
+                if !own {
+                    self.invalidate(start.get(), end.get(), true);
+                }
+            }
             UffdEvent::Remap { from, to, len } => {
-                crate::remap::start(&self.inner, from.get(), to.get(), len)
+                if !self.inner.take_own_change(crate::coherent::OwnChange::Remap(from, to, len)) {
+                    crate::remap::start(&self.inner, from.get(), to.get(), len)
+                }
             }
             UffdEvent::Fork { child } => crate::fork::start_copy(&self.inner, child),
         }
@@ -439,6 +459,12 @@ impl Service {
         };
         let i = r.index(page.start());
         let e = r.lock()[i];
+        if e.is_cpu_mapped() && !e.is_migrating() {
+            // Coherent memory mapped for the CPU: the touch raced the map
+            // going in, and finds it when it retries.
+            let _ = self.inner.uffd.wake(page);
+            return;
+        }
         if e.is_migrating() {
             if self.inner.is_copying_out(page.start()) {
                 // Discarded while a migration reads it out of a read-only

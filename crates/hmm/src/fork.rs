@@ -162,6 +162,9 @@ extern "C" fn prepare() {
         if !inner.fork_copies.wait_idle(FORK_WAIT) {
             tracing::error!("a copy to an earlier child is still running; forking anyway");
         }
+        // Coherent memory the CPU maps would be shared with the child: it
+        // goes back to system memory first (this needs the fault service).
+        inner.coherent_before_fork();
         inner.fork_gate.asked.store(true, Ordering::SeqCst);
         inner.notifier.notify();
         if !inner.fork_gate.wait_parked(FORK_WAIT) {
@@ -184,6 +187,7 @@ extern "C" fn parent() {
     };
     for inner in &live {
         inner.fork_gate.asked.store(false, Ordering::SeqCst);
+        inner.coherent_after_fork();
         inner.notifier.notify();
     }
     for inner in &live {
@@ -208,6 +212,9 @@ extern "C" fn child() {
     };
     // The parent's instances have no threads here: none is the child's.
     // Their state is the parent's; it is left alone (never dropped here).
+    for inner in &live {
+        inner.coherent_after_fork();
+    }
     std::mem::forget(live);
     reg.clear();
     drop(reg);

@@ -25,6 +25,7 @@
 
 pub mod addr;
 pub mod bench;
+pub mod coherent;
 pub mod devmem;
 pub mod dma;
 pub mod fault;

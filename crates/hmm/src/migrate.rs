@@ -161,6 +161,12 @@ struct Slot {
     dst: Option<DevicePage>,
     status: PageStatus,
     held: bool,
+    /// A coherent source page that setup took off the CPU's page table
+    /// (see `crate::coherent`): it goes back there if the page stays.
+    cpu_unmapped: bool,
+    /// A coherent page (destination, or source put back) this migration
+    /// mapped for the CPU in `finish`.
+    cpu_mapped: bool,
 }
 
 /// A migration between setup and finalize (see the [module docs](self)).
@@ -175,6 +181,9 @@ pub struct Migration {
     /// Copies submitted and not yet waited for, with the slot of each.
     in_flight: Option<(DmaFence, Vec<usize>)>,
     finalized: bool,
+    /// Whether pages that end on a coherent device are mapped for the CPU
+    /// (not for exclusive access, whose pages a CPU touch must fault back).
+    map_for_cpu: bool,
 }
 
 impl std::fmt::Debug for Migration {
@@ -272,11 +281,23 @@ impl Migration {
                         ),
                     }
                 };
+                // Coherent memory mapped for the CPU comes off its page table
+                // first, which the fault service cannot do (the `mremap`
+                // waits for it): there it is left alone.
+                let (src, status) = if status == PageStatus::Pending
+                    && e.is_cpu_mapped()
+                    && crate::fault::on_service_thread()
+                {
+                    (Src::None, PageStatus::Skipped(SkipReason::Busy))
+                } else {
+                    (src, status)
+                };
                 let held = status == PageStatus::Pending;
                 if held {
                     e.begin_migration().expect("checked: not migrating, movable state");
                 }
-                slots.push(Slot { src, dst: None, status, held });
+                let cpu_unmapped = held && e.is_cpu_mapped();
+                slots.push(Slot { src, dst: None, status, held, cpu_unmapped, cpu_mapped: false });
             }
         }
         let mut me = Migration {
@@ -289,14 +310,156 @@ impl Migration {
             staging: None,
             in_flight: None,
             finalized: false,
+            map_for_cpu: true,
         };
         // Mirrors drop their translations before any page leaves its place
         // (the kernel's MMU_NOTIFY_MIGRATE), outside the table lock.
         if me.collected() > 0 {
             inner.notifiers.invalidate(range, InvalidationEvent::Migrate { owner });
         }
+        me.unmap_coherent();
         me.isolate()?;
         Ok(me)
+    }
+
+    /// Takes the collected coherent pages that the CPU maps off its page
+    /// table (`Inner::coherent_unmap`), a run at a time, page by page where a
+    /// run fails; a page that cannot be taken off stays where it is, mapped,
+    /// and is skipped.
+    fn unmap_coherent(&mut self) {
+        let mut k = 0;
+        while k < self.slots.len() {
+            let n = self.slots[k..].iter().take_while(|s| s.cpu_unmapped).count();
+            if n == 0 {
+                k += 1;
+                continue;
+            }
+            let run = self.range.subrange(k * PAGE_SIZE, n * PAGE_SIZE).expect("inside");
+            let ok: Vec<bool> = if self.inner.coherent_unmap(&self.rec, run).is_ok() {
+                vec![true; n]
+            } else {
+                (0..n)
+                    .map(|i| {
+                        let one = PageRange::from_pages(self.addr(k + i), 1).expect("page");
+                        self.inner.coherent_unmap(&self.rec, one).map_err(|e| {
+                            tracing::warn!(page = %one, error = %e, "coherent page stays mapped");
+                        })
+                        .is_ok()
+                    })
+                    .collect()
+            };
+            {
+                let mut t = self.rec.lock();
+                for (i, ok) in ok.iter().enumerate() {
+                    if *ok {
+                        let _ = t[self.first + k + i].set_cpu_mapped(false);
+                    }
+                }
+            }
+            for (i, ok) in ok.into_iter().enumerate() {
+                if !ok {
+                    let reason = SkipReason::NotMovable("coherent memory stays mapped".into());
+                    self.slots[k + i].cpu_unmapped = false;
+                    self.skip(k + i, reason);
+                }
+            }
+            k += n;
+        }
+        self.release_skipped();
+    }
+
+    /// Maps the coherent pages that end this migration on a coherent device
+    /// for the CPU, before they are committed (a CPU touch meanwhile waits
+    /// and then finds them): destinations of pages that moved, and coherent
+    /// sources setup took off the page table whose move failed. Pages the
+    /// application discarded or unmapped meanwhile are left; a page that
+    /// cannot be mapped stays unmapped, where it behaves as private memory
+    /// (a touch faults it back). Not while the process forks.
+    fn map_coherent(&mut self) {
+        let mut want: Vec<(usize, DevicePage)> = Vec::new();
+        {
+            let t = self.rec.lock();
+            for (k, s) in self.slots.iter().enumerate() {
+                if !s.held || t[self.first + k].is_invalidated() {
+                    continue;
+                }
+                let page = match (s.status == PageStatus::Migrated, self.select, s.dst, s.src) {
+                    (true, Selection::System | Selection::Peer(_), Some(d), _) => d,
+                    (false, _, _, Src::Device(p)) if s.cpu_unmapped => p,
+                    _ => continue,
+                };
+                want.push((k, page));
+            }
+        }
+        want.retain(|(_, p)| {
+            self.inner
+                .device(p.dev)
+                .is_some_and(|m| m.kind() == crate::devmem::MemoryKind::Coherent)
+        });
+        if want.is_empty() || !self.map_for_cpu || !self.inner.begin_coherent_map() {
+            return;
+        }
+        let mut i = 0;
+        while i < want.len() {
+            let (k0, p0) = want[i];
+            let mut j = i + 1;
+            while j < want.len()
+                && want[j].0 == k0 + (j - i)
+                && want[j].1.dev == p0.dev
+                && want[j].1.index == p0.index + (j - i) as u32
+            {
+                j += 1;
+            }
+            let Some(mem) = self.inner.device(p0.dev) else {
+                i = j;
+                continue;
+            };
+            let run = self.range.subrange(k0 * PAGE_SIZE, (j - i) * PAGE_SIZE).expect("inside");
+            if self.inner.coherent_map(&self.rec, run, &mem, p0.index).is_ok() {
+                want[i..j].iter().for_each(|(k, _)| self.slots[*k].cpu_mapped = true);
+            } else {
+                for &(k, p) in &want[i..j] {
+                    let one = PageRange::from_pages(self.addr(k), 1).expect("page");
+                    match self.inner.coherent_map(&self.rec, one, &mem, p.index) {
+                        Ok(()) => self.slots[k].cpu_mapped = true,
+                        Err(e) => {
+                            tracing::warn!(page = %one, error = %e, "coherent page left unmapped: the CPU faults it back");
+                        }
+                    }
+                }
+            }
+            i = j;
+        }
+        self.inner.end_coherent_map();
+    }
+
+    /// Takes the coherent pages [`map_coherent`](Self::map_coherent) mapped
+    /// that the application discarded since (`MADV_DONTNEED`: they are
+    /// dropped at commit) off the CPU's page table again, while the pages are
+    /// still held, so that nothing written after the discard lands in a
+    /// device page about to be freed. (An unmap took the mapping with it.)
+    fn unmap_dropped(&mut self) {
+        let dropped: Vec<usize> = {
+            let t = self.rec.lock();
+            (0..self.slots.len())
+                .filter(|&k| {
+                    let e = t[self.first + k];
+                    self.slots[k].cpu_mapped
+                        && e.is_invalidated()
+                        && !e.is_unmapped()
+                        && !e.is_moved()
+                })
+                .collect()
+        };
+        for k in dropped {
+            let one = PageRange::from_pages(self.addr(k), 1).expect("page");
+            match self.inner.coherent_unmap(&self.rec, one) {
+                Ok(()) => self.slots[k].cpu_mapped = false,
+                Err(e) => {
+                    tracing::warn!(page = %one, error = %e, "cannot unmap a discarded coherent page")
+                }
+            }
+        }
     }
 
     /// Moves every collected system page into fresh staging memory.
@@ -465,6 +628,12 @@ impl Migration {
         for index in moved {
             self.inner.forwards.hand_over(&self.inner, &self.rec, index, Source::Nothing);
         }
+    }
+
+    /// Leaves pages that end on a coherent device unmapped for the CPU, so
+    /// that a CPU touch faults them back (exclusive access).
+    pub(crate) fn keep_off_cpu(&mut self) {
+        self.map_for_cpu = false;
     }
 
     /// Pages collected and still pending.
@@ -645,6 +814,9 @@ impl Migration {
                 )));
             }
         }
+        // 0. Coherent pages that end here are mapped for the CPU first.
+        self.map_coherent();
+        self.unmap_dropped();
         // 1. Staged sources of pages that did not move go back into place, unless
         //    the application discarded them meanwhile. No lock is held across the
         //    ioctls (see the lock rules in `space`).
@@ -677,6 +849,7 @@ impl Migration {
         // as the commit, so a move is either seen here or finds the page
         // already given back.
         let mut handover = Vec::new();
+        let mut dropped_mapped: Vec<(usize, DevicePage)> = Vec::new();
         {
             let mut t = self.rec.lock();
             for k in 0..self.slots.len() {
@@ -702,12 +875,29 @@ impl Migration {
                 s.held = false;
                 let e = &mut t[self.first + k];
                 debug_assert!(e.is_migrating(), "a held page stays migrating until given back");
+                // A page mapped for the CPU above that is dropped now (the
+                // application discarded or unmapped it meanwhile) comes off
+                // the CPU's page table before its device page is freed.
+                let mapped_page = if s.status == PageStatus::Migrated {
+                    s.dst
+                } else {
+                    match s.src {
+                        Src::Device(p) => Some(p),
+                        _ => None,
+                    }
+                };
+                let mapped_page = mapped_page.filter(|_| s.cpu_mapped);
                 if s.status == PageStatus::Migrated {
                     let to = match (self.select, s.dst) {
                         (Selection::System | Selection::Peer(_), Some(p)) => Residency::Device(p),
                         _ => Residency::System,
                     };
                     let committed = e.commit(to).expect("migrating page commits");
+                    if committed && s.cpu_mapped {
+                        let _ = e.set_cpu_mapped(true);
+                    } else if let Some(p) = mapped_page.filter(|_| !e.is_unmapped()) {
+                        dropped_mapped.push((k, p));
+                    }
                     // A peer's page: its data now lives on the destination.
                     let peer_src = match (self.select, s.src) {
                         (Selection::Peer(_), Src::Device(p)) => Some(p),
@@ -743,6 +933,11 @@ impl Migration {
                     }
                 } else {
                     let kept = e.abort().expect("migrating page aborts");
+                    if kept && s.cpu_mapped {
+                        let _ = e.set_cpu_mapped(true);
+                    } else if let Some(p) = mapped_page.filter(|_| !e.is_unmapped()) {
+                        dropped_mapped.push((k, p));
+                    }
                     put.extend(s.dst.take());
                     if !kept {
                         if let Src::Device(p) = s.src {
@@ -755,6 +950,13 @@ impl Migration {
         }
         for (k, src) in handover {
             self.inner.forwards.hand_over(&self.inner, &self.rec, self.first + k, src);
+        }
+        // A device page still mapped for the CPU is never freed: the address
+        // would read whatever the page holds next. (Only a discard racing the
+        // end of the migration gets here; see `unmap_dropped`.)
+        for (k, p) in dropped_mapped {
+            tracing::error!(addr = %self.addr(k), page = %p, "a discarded coherent page stays mapped; its device page is kept");
+            put.retain(|x| *x != p);
         }
         self.rec.settled.notify_all();
         // 3. Free the device pages (before waking: a woken thread may migrate

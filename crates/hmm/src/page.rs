@@ -92,6 +92,9 @@ const INVALIDATED: u64 = 1 << 4;
 const GONE: u64 = 1 << 5;
 /// With `INVALIDATED`: the application moved the page elsewhere (`mremap`).
 const MOVED: u64 = 1 << 6;
+/// With `K_DEVICE`: the device page is coherent memory mapped for the CPU at
+/// the page's address (the CPU reaches it without faulting).
+const CPU_MAPPED: u64 = 1 << 7;
 const DEV_SHIFT: u32 = 8;
 const DEV_BITS: u32 = 12;
 const INDEX_SHIFT: u32 = 20;
@@ -105,8 +108,8 @@ const K_UNMAPPED: u64 = 4;
 /// The per-page record: residency plus the migration flags, packed in 8 bytes.
 ///
 /// Layout: bits 0-2 kind, bit 3 migrating, bit 4 invalidated, bit 5 unmapped
-/// (with bit 4), bit 6 moved (with bit 4), bits 8-19 device, bits 20-51 device
-/// page index.
+/// (with bit 4), bit 6 moved (with bit 4), bit 7 mapped for the CPU (a
+/// coherent device page), bits 8-19 device, bits 20-51 device page index.
 #[derive(Clone, Copy, PartialEq, Eq, Default)]
 #[repr(transparent)]
 pub struct PageEntry(u64);
@@ -240,6 +243,26 @@ impl PageEntry {
         freed
     }
 
+    /// Whether the page lives in coherent device memory that the CPU maps at
+    /// its address (so a CPU touch reaches the device page without faulting).
+    pub fn is_cpu_mapped(self) -> bool {
+        self.0 & CPU_MAPPED != 0
+    }
+
+    /// Records that the page's coherent device page is (or is no longer)
+    /// mapped for the CPU. Only for a page that lives on a device.
+    pub fn set_cpu_mapped(&mut self, mapped: bool) -> Result<(), IllegalTransition> {
+        if self.device_page().is_none() {
+            return Err(IllegalTransition { op: "set_cpu_mapped", from: *self });
+        }
+        if mapped {
+            self.0 |= CPU_MAPPED;
+        } else {
+            self.0 &= !CPU_MAPPED;
+        }
+        Ok(())
+    }
+
     /// The application moved the page (`mremap`) while a migration holds it:
     /// the page is invalidated at this address, and whoever holds it hands its
     /// data on to the new one. Only for a migrating page.
@@ -294,6 +317,9 @@ impl fmt::Debug for PageEntry {
         }
         if self.is_moved() {
             f.write_str("+moved")?;
+        }
+        if self.is_cpu_mapped() {
+            f.write_str("+cpu-mapped")?;
         }
         if self.is_invalidated() {
             f.write_str("+invalidated")?;
@@ -408,6 +434,28 @@ mod tests {
         assert_eq!(e.invalidate(false), None);
         assert_eq!(e.residency(), Residency::Unmapped, "unmapped stays unmapped");
         assert!(e.begin_migration().is_err(), "an unmapped page cannot migrate");
+    }
+
+    #[test]
+    fn only_device_pages_are_mapped_for_the_cpu_and_the_mark_goes_with_them() {
+        assert!(PageEntry::SYSTEM.clone().set_cpu_mapped(true).is_err());
+        let mut e = PageEntry::new(Residency::Device(dp(1, 2)));
+        e.set_cpu_mapped(true).unwrap();
+        assert!(e.is_cpu_mapped());
+        assert_eq!(e.device_page(), Some(dp(1, 2)));
+        e.begin_migration().unwrap();
+        assert!(e.is_cpu_mapped(), "setup unmaps it, and says so");
+        e.set_cpu_mapped(false).unwrap();
+        assert!(e.abort().unwrap());
+        assert!(!e.is_cpu_mapped());
+        e.set_cpu_mapped(true).unwrap();
+        assert_eq!(e.invalidate(true), Some(dp(1, 2)));
+        assert!(!e.is_cpu_mapped(), "an unmapped page maps nothing");
+        let mut e = PageEntry::new(Residency::Device(dp(1, 3)));
+        e.set_cpu_mapped(true).unwrap();
+        e.begin_migration().unwrap();
+        assert!(e.commit(Residency::System).unwrap());
+        assert!(!e.is_cpu_mapped());
     }
 
     #[test]

@@ -438,6 +438,12 @@ pub(crate) struct Inner {
     /// Pages hmm discarded itself (`MADV_DONTNEED` after a copy out): the
     /// kernel's remove event for each is hmm's own, not the application's.
     pub(crate) own_discards: Mutex<Vec<PageRange>>,
+    /// Unmaps and remaps hmm makes itself for coherent memory (see `coherent`).
+    pub(crate) own_changes: Mutex<Vec<crate::coherent::OwnChange>>,
+    /// Set while the process forks: coherent pages are not mapped for the CPU.
+    pub(crate) coherent_forking: AtomicBool,
+    /// Coherent map-ins in progress.
+    pub(crate) coherent_maps: std::sync::atomic::AtomicUsize,
     /// The fault service's batches of messages (see [`Inner::settle_events`]).
     pub(crate) batches: crate::fault::Batches,
     /// Copies of device pages to forked children in progress.
@@ -538,6 +544,9 @@ impl Hmm {
             notifiers: Notifiers::new(),
             copying_out: Mutex::new(Vec::new()),
             own_discards: Mutex::new(Vec::new()),
+            own_changes: Mutex::new(Vec::new()),
+            coherent_forking: AtomicBool::new(false),
+            coherent_maps: Default::default(),
             batches: Default::default(),
             fork_copies: Default::default(),
             forwards: Default::default(),

@@ -17,7 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use crate::addr::{HUGE_PAGE_SIZE, PAGE_SIZE, PageRange, VirtAddr};
-use crate::devmem::{DeviceMemory, DeviceMemoryConfig, DevicePagemapOps, DeviceStats, Pressure};
+use crate::devmem::{
+    DeviceMemory, DeviceMemoryConfig, DevicePagemapOps, DeviceStats, MemoryKind, Pressure,
+};
 use crate::dma::{DmaEngine, DmaError, DmaFence, DmaJob, FenceCompleter, ToDevice, ToSystem};
 use crate::migrate::{MigrationReport, SkipReason};
 use crate::mirror::{IntervalNotifier, InvalidationEvent, PageInfo, RangeFault, RangeFaultError};
@@ -57,6 +59,10 @@ pub struct SoftwareDeviceConfig {
     /// What a migration to the full device does: refuse, or evict the least
     /// recently used pages to system memory.
     pub pressure: Pressure,
+    /// Private memory (an anonymous mapping the CPU never maps at managed
+    /// addresses) or coherent memory (a memfd whose pages hmm maps where the
+    /// CPU reads and writes them).
+    pub kind: MemoryKind,
 }
 
 impl SoftwareDeviceConfig {
@@ -69,7 +75,15 @@ impl SoftwareDeviceConfig {
             prefault: false,
             peer_to_peer: true,
             pressure: Pressure::Refuse,
+            kind: MemoryKind::Private,
         }
+    }
+
+    /// A device of `capacity` bytes of coherent memory: a memfd, whose pages
+    /// the CPU maps directly once migrated (see [`crate::coherent`]). Its
+    /// engine copies (with two workers): `UFFDIO_MOVE` cannot move file pages.
+    pub fn coherent(name: impl Into<String>, capacity: usize) -> Self {
+        Self { kind: MemoryKind::Coherent, ..Self::new(name, capacity).with_copy_engine(2) }
     }
 
     /// The same, evicting least recently used pages when the device is full.
@@ -103,6 +117,8 @@ pub struct OpCounters {
 /// The driver side of the device's memory: its callbacks.
 struct Core {
     engine: Box<dyn DmaEngine>,
+    /// Coherent memory: the file the pool maps, which hmm maps for the CPU.
+    file: Option<crate::os::mm::Memfd>,
     /// The device's memory, offered to peers' engines when `peer` is set.
     pool: Arc<Mapping>,
     peer: bool,
@@ -122,6 +138,10 @@ impl DevicePagemapOps for Core {
 
     fn peer_memory(&self) -> Option<Arc<Mapping>> {
         self.peer.then(|| self.pool.clone())
+    }
+
+    fn coherent_file(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.file.as_ref().map(std::os::fd::AsFd::as_fd)
     }
 }
 
@@ -175,14 +195,29 @@ impl std::fmt::Debug for SoftwareDevice {
 impl SoftwareDevice {
     /// Creates a device and registers its memory with `hmm`.
     pub fn new(hmm: &Hmm, config: SoftwareDeviceConfig) -> Result<Self, HmmError> {
-        // Aligned to 2 MiB, so that device pages allocated in aligned runs of
-        // 512 can hold a transparent huge page whole (moved in and out as one
-        // PMD by the zero-copy engine).
-        let pool = Arc::new(Mapping::anonymous_aligned(
-            config.capacity,
-            HUGE_PAGE_SIZE,
-            Protection::ReadWrite,
-        )?);
+        let (pool, file) = match config.kind {
+            // Aligned to 2 MiB, so that device pages allocated in aligned runs
+            // of 512 can hold a transparent huge page whole (moved in and out
+            // as one PMD by the zero-copy engine).
+            MemoryKind::Private => (
+                Mapping::anonymous_aligned(config.capacity, HUGE_PAGE_SIZE, Protection::ReadWrite)?,
+                None,
+            ),
+            MemoryKind::Coherent => {
+                if config.engine == EngineKind::ZeroCopy {
+                    return Err(HmmError::Config(
+                        "coherent memory is a memfd, whose pages UFFDIO_MOVE cannot move: use \
+                         the copy engine (SoftwareDeviceConfig::coherent does)"
+                            .into(),
+                    ));
+                }
+                let name = std::ffi::CString::new(format!("hmm-coherent-{}", config.name))
+                    .unwrap_or_else(|_| c"hmm-coherent".into());
+                let f = crate::os::mm::Memfd::create(&name, config.capacity as u64, false)?;
+                (f.map(0, config.capacity, Protection::ReadWrite, true)?, Some(f))
+            }
+        };
+        let pool = Arc::new(pool);
         let fail_to_system = Arc::new(AtomicU32::new(0));
         let engine: Box<dyn DmaEngine> = match config.engine {
             EngineKind::Copy { workers } => {
@@ -212,8 +247,9 @@ impl SoftwareDevice {
                 })
             }
         };
-        let core = Arc::new(Core { engine, pool: pool.clone(), peer: config.peer_to_peer });
+        let core = Arc::new(Core { engine, file, pool: pool.clone(), peer: config.peer_to_peer });
         let mut mc = DeviceMemoryConfig::private(config.name, config.capacity);
+        mc.kind = config.kind;
         mc.chunk_pages = 512;
         mc.pressure = config.pressure;
         let mem = hmm.register_device_memory(mc, core)?;

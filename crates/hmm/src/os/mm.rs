@@ -915,6 +915,76 @@ impl Mapping {
         }
     }
 
+    /// Maps `part.len()` bytes of `file` at `offset` over `part` of this
+    /// mapping (`MAP_SHARED | MAP_FIXED`), with `prot`: the CPU then reaches
+    /// the file's pages at these addresses, and the pages `part` held before
+    /// are dropped. This is how coherent device memory (a memfd) is put where
+    /// the CPU reads and writes the page it holds. Refused, like any access,
+    /// for a part that is a hole or lent to an arena.
+    pub fn map_file_over(
+        &self,
+        part: PageRange,
+        file: BorrowedFd<'_>,
+        offset: u64,
+        prot: Protection,
+    ) -> Result<(), MmError> {
+        let _a = self.access_range(part)?;
+        // SAFETY: `part` lies inside this mapping (checked) and no Rust reference
+        // points into it; its bytes are reached only through copies, so the
+        // kernel replacing its pages (as it may drop or move them at any time)
+        // breaks no Rust invariant. MAP_FIXED replaces exactly `part`, which
+        // this mapping owns; the read lock keeps it from being unmapped meanwhile.
+        unsafe {
+            rustix::mm::mmap(
+                range_ptr(part),
+                part.len(),
+                prot.prot_flags(),
+                MapFlags::SHARED | MapFlags::FIXED,
+                file,
+                offset,
+            )
+        }
+        .map(drop)
+        .map_err(|errno| MmError::Map { len: part.len(), errno })
+    }
+
+    /// Moves `donor` (a mapping of `part.len()` bytes, consumed) over `part`
+    /// of this mapping with one `mremap(MREMAP_MAYMOVE | MREMAP_FIXED)`: the
+    /// area `donor` was (its protection, its userfaultfd registration) takes
+    /// `part`'s place atomically, so no access can find `part` in between.
+    /// On failure `donor` is handed back.
+    pub fn replace_part(&self, part: PageRange, donor: Mapping) -> Result<(), (Mapping, MmError)> {
+        if donor.len() != part.len() {
+            let e = RangeError::OutOfBounds { offset: 0, len: donor.len(), outer: part.len() };
+            return Err((donor, e.into()));
+        }
+        let _a = match self.access_range(part) {
+            Ok(a) => a,
+            Err(e) => return Err((donor, e.into())),
+        };
+        // SAFETY: `part` lies inside this mapping (checked) and no Rust reference
+        // points into it or into `donor`, which is consumed here; the kernel
+        // replaces `part` atomically, so nothing else can be mapped there
+        // meanwhile; the read lock keeps `part` from being unmapped.
+        let res = unsafe {
+            rustix::mm::mremap_fixed(
+                range_ptr(donor.range),
+                part.len(),
+                part.len(),
+                MremapFlags::MAYMOVE,
+                range_ptr(part),
+            )
+        };
+        match res {
+            Ok(_) => {
+                // Its range is gone (moved into `part`): nothing left to unmap.
+                std::mem::forget(donor);
+                Ok(())
+            }
+            Err(errno) => Err((donor, MmError::Remap { range: part, errno })),
+        }
+    }
+
     /// Unmaps `range` (inside this mapping) and returns the parts that remain
     /// mapped before and after it, each as its own `Mapping`.
     pub fn unmap_part(
