@@ -322,16 +322,29 @@ fn per_page(
     const MAX_AGAIN: u32 = 10_000;
     let mut out: Vec<Result<(), DmaError>> = Vec::with_capacity(pages);
     let mut again = 0;
+    // One page at a time after the kernel found no registered area for the
+    // whole rest: a fill cannot cross from one area into the next.
+    let mut single = false;
     while out.len() < pages {
         let done = out.len() * PAGE_SIZE;
-        let Ok(rest) = PageRange::from_pages(VirtAddr::new(dst.get() + done), pages - out.len())
-        else {
+        let n = if single { 1 } else { pages - out.len() };
+        let Ok(rest) = PageRange::from_pages(VirtAddr::new(dst.get() + done), n) else {
             out.resize(pages, Err(DmaError::Failed("range overflow".into())));
             break;
         };
         match op(rest, done) {
+            Ok(()) if single => {
+                out.push(Ok(()));
+                single = false;
+            }
             Ok(()) => out.resize(pages, Ok(())),
+            Err(e) if e.kind == FillErrorKind::NotRegistered && !single && rest.pages() > 1 => {
+                let ok_pages = (e.done / PAGE_SIZE).min(rest.pages());
+                out.extend((0..ok_pages).map(|_| Ok(())));
+                single = true;
+            }
             Err(e) => {
+                single = false;
                 let ok_pages = (e.done / PAGE_SIZE).min(rest.pages());
                 out.extend((0..ok_pages).map(|_| Ok(())));
                 if e.kind == FillErrorKind::Again {

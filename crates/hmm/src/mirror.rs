@@ -375,9 +375,12 @@ pub struct PageInfo {
     pub zero: bool,
     /// Mapping order: 0 for 4 KiB, 9 for a 2 MiB huge page, 18 for 1 GiB.
     pub order: u8,
-    /// A device-private page: of the asking device when `valid` (reported,
-    /// never faulted), of another device otherwise.
+    /// A device page: of the asking device when `valid` (reported, never
+    /// faulted), of another device otherwise (valid only when coherent).
     pub device: Option<DevicePage>,
+    /// The device page is coherent memory the CPU maps: any device may map
+    /// it (another device reaches it as the CPU does), and nothing is faulted.
+    pub coherent: bool,
 }
 
 /// Why `range_fault` failed (the kernel's `-EBUSY`, `-EPERM`, `-EFAULT`, `-ENOMEM`).
@@ -508,6 +511,7 @@ impl Inner {
         }
         // hmm's own records, for managed memory.
         let mut residency: Vec<Option<(Residency, bool)>> = vec![None; n];
+        let mut cpu_mapped = vec![false; n];
         // Pages of a 2 MiB block that lives whole in one huge device page.
         let mut device_huge = vec![false; n];
         for r in self.overlapping(range.start().get(), range.end().get()) {
@@ -516,6 +520,7 @@ impl Inner {
             let t = r.lock();
             for (k, e) in t[first..first + (b - a)].iter().enumerate() {
                 residency[a + k] = Some((e.residency(), e.is_migrating()));
+                cpu_mapped[a + k] = e.is_cpu_mapped();
             }
             let mut block = page_addr(a).get() & !(HUGE_PAGE_SIZE - 1);
             while block < base + b * PAGE_SIZE {
@@ -570,7 +575,8 @@ impl Inner {
                 }
                 Some((Residency::Device(d), false)) => {
                     p.device = Some(d);
-                    if Some(d.dev) == req.owner {
+                    p.coherent = cpu_mapped[i];
+                    if Some(d.dev) == req.owner || cpu_mapped[i] {
                         p.valid = true;
                         p.write = v.write;
                         p.order = if device_huge[i] { 9 } else { 0 };

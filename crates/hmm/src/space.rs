@@ -1232,6 +1232,19 @@ impl Inner {
         mem: &Arc<DeviceMemory>,
         engine: &dyn crate::dma::DmaEngine,
     ) -> Result<MigrationReport, HmmError> {
+        self.migrate_to_device_with(range, mem, engine, true)
+    }
+
+    /// [`migrate_to_device`](Self::migrate_to_device); `map_for_cpu` false
+    /// leaves pages that land in coherent memory unmapped for the CPU, so a
+    /// CPU touch faults them back (exclusive access).
+    pub(crate) fn migrate_to_device_with(
+        self: &Arc<Self>,
+        range: PageRange,
+        mem: &Arc<DeviceMemory>,
+        engine: &dyn crate::dma::DmaEngine,
+        map_for_cpu: bool,
+    ) -> Result<MigrationReport, HmmError> {
         self.find_containing(range)?;
         self.check_accessible(range, "migrate to a device")?;
         // Pipelined: while the engine copies one batch, the next is set up and
@@ -1239,6 +1252,9 @@ impl Inner {
         let mut in_flight: Option<Migration> = None;
         let mut report = self.migrate_batches(range, |r| {
             let mut m = Migration::setup_for(self.clone(), r, Selection::System, Some(mem.id()))?;
+            if !map_for_cpu {
+                m.keep_off_cpu();
+            }
             m.allocate_on(mem);
             m.start_copy(engine);
             Ok(in_flight.replace(m).map(Migration::finalize).unwrap_or_default())
@@ -1437,6 +1453,38 @@ impl Inner {
     pub(crate) fn poison_device(&self, dev: DeviceId) -> usize {
         let Some(mem) = self.device(dev) else { return 0 };
         mem.set_failed();
+        // Coherent pages the CPU maps come off its page table first (held as
+        // a migration holds them meanwhile), so that the poison can go in.
+        for (page, addr) in mem.resident_pages() {
+            let Some(r) = self.find(addr) else { continue };
+            let i = r.index(addr);
+            {
+                let mut t = r.lock();
+                if t[i].device_page() != Some(page) || !t[i].is_cpu_mapped() {
+                    continue;
+                }
+                if t[i].begin_migration().is_err() {
+                    continue;
+                }
+            }
+            let one = PageRange::from_pages(addr, 1).expect("one page");
+            let off = self.coherent_unmap(&r, one);
+            let mut t = r.lock();
+            if let Err(e) = &off {
+                tracing::error!(%addr, error = %e, "a failed device's coherent page stays mapped");
+            } else {
+                let _ = t[i].set_cpu_mapped(false);
+            }
+            let kept = t[i].abort().unwrap_or(true);
+            drop(t);
+            if !kept {
+                // Discarded or unmapped meanwhile: nothing left to poison.
+                mem.put(page);
+            }
+            // A touch that waited meanwhile faults again: on a failed device's
+            // page, that is SIGBUS.
+            let _ = self.uffd.wake(one);
+        }
         let mut poisoned = 0;
         for (page, addr) in mem.resident_pages() {
             let Some(r) = self.find(addr) else { continue };

@@ -329,7 +329,7 @@ impl SoftwareDevice {
     /// faulting anything (the test driver's snapshot).
     pub fn snapshot(&self, range: PageRange) -> Result<Vec<PageSnapshot>, HmmError> {
         let info = self.hmm.range_fault(&RangeFault::snapshot(range, Some(self.mem.id())))?;
-        Ok(info.into_iter().map(PageSnapshot::from_info).collect())
+        Ok(info.into_iter().map(|p| PageSnapshot::from_info(p, Some(self.mem.id()))).collect())
     }
 
     /// Gives the device exclusive (atomic) access to `range`, which hmm must
@@ -343,8 +343,16 @@ impl SoftwareDevice {
         self.hmm.notifiers.invalidate(range, InvalidationEvent::Exclusive { owner: self.mem.id() });
         let mut c = OpCounters::default();
         // Pages of other devices come back first; then everything moves here.
+        // Coherent memory is held exclusively off the CPU's page table, so
+        // that a CPU touch faults (and revokes): pages already here and
+        // mapped for the CPU come back first too.
         self.hmm.range_fault(&RangeFault::fault(range, false, Some(self.mem.id())))?;
-        let rep = self.migrate_to_device(range)?;
+        let coherent = self.mem.kind() == MemoryKind::Coherent;
+        if coherent {
+            self.migrate_to_system(range)?;
+        }
+        let rep =
+            self.hmm.migrate_to_device_with(range, &self.mem, self.mem.ops().dma(), !coherent)?;
         if !self.holds(range) {
             let (addr, reason) =
                 rep.skipped.first().cloned().unwrap_or((range.start(), SkipReason::Busy));
@@ -552,8 +560,11 @@ pub struct PageSnapshot {
     pub zero: bool,
     /// Mapping order (0: 4 KiB, 9: 2 MiB, 18: 1 GiB).
     pub order: u8,
-    /// The asking device's own private page.
+    /// The asking device's own page.
     pub device_local: bool,
+    /// A page of coherent device memory (the asking device's when
+    /// `device_local`, another device's otherwise).
+    pub coherent: bool,
 }
 
 /// The access part of a [`PageSnapshot`].
@@ -570,7 +581,7 @@ pub enum SnapshotAccess {
 }
 
 impl PageSnapshot {
-    fn from_info(p: PageInfo) -> Self {
+    fn from_info(p: PageInfo, owner: Option<DeviceId>) -> Self {
         let access = if p.error {
             SnapshotAccess::Error
         } else if !p.valid {
@@ -580,7 +591,8 @@ impl PageSnapshot {
         } else {
             SnapshotAccess::Read
         };
-        Self { access, zero: p.zero, order: p.order, device_local: p.valid && p.device.is_some() }
+        let device_local = p.valid && p.device.is_some_and(|d| Some(d.dev) == owner);
+        Self { access, zero: p.zero, order: p.order, device_local, coherent: p.coherent }
     }
 }
 

@@ -95,3 +95,21 @@ fn coherent_round_trips_keep_every_byte() {
     }
     assert_eq!(dev.stats().pages_resident, 0);
 }
+
+/// Read-only coherent pages come back too (the area keeps its protection).
+#[test]
+fn read_only_coherent_pages_come_back() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let _fork = common::fork_lock();
+    let hmm = Hmm::new().unwrap();
+    let dev = coherent(&hmm, 16);
+    let r = hmm.alloc(4 * PAGE_SIZE).unwrap();
+    fill(&r, 1);
+    r.protect(r.pages_range(0, 2).unwrap(), hmm::os::mm::Protection::Read).unwrap();
+    assert_eq!(dev.migrate_to_device(r.range()).unwrap().migrated, 4);
+    let rep = dev.migrate_to_system(r.range()).unwrap();
+    assert_eq!(rep.migrated, 4, "{:?}", rep.skipped);
+    check(&r, 1, "read-only pages back");
+}

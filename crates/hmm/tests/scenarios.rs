@@ -1,5 +1,14 @@
 //! The conformance scenarios of `SCENARIOS.md` that concern migration and
-//! fault-back, against the built-in software device with private memory.
+//! fault-back, against the built-in software device with private memory, and
+//! (the `_coherent` variants) with coherent memory.
+//!
+//! Scenarios without a coherent variant, and why: `compound` and
+//! `anon_write_hugetlbfs`, `mirror_unmanaged_memory`, `file_*` never place a
+//! page in device memory (they would run the same code twice);
+//! `migrate_anon_huge_fault` and `migrate_anon_huge_err` are about CPU
+//! fault-back, which coherent pages never take; `migrate_anon_huge_free`
+//! asks `MADV_FREE` of device-resident pages, which the kernel refuses on
+//! coherent memory (file pages: `EINVAL`), see DESIGN.md.
 
 mod common;
 
@@ -7,8 +16,69 @@ use hmm::{Hmm, PAGE_SIZE, Residency, SkipReason, SoftwareDevice, SoftwareDeviceC
 
 const NPAGES: usize = 1024;
 
+thread_local! {
+    /// Set by a `_coherent` variant on its own thread: [`device`] makes
+    /// coherent devices (a forked child, running on the forking thread, keeps it).
+    static COHERENT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn coherent() -> bool {
+    COHERENT.with(|c| c.get())
+}
+
+/// Defines `$variant` as `$scenario` run against coherent devices.
+macro_rules! coherent_variant {
+    ($($variant:ident => $scenario:ident),* $(,)?) => {$(
+        #[test]
+        fn $variant() {
+            COHERENT.with(|c| c.set(true));
+            $scenario();
+        }
+    )*};
+}
+
+coherent_variant! {
+    open_close_coherent => open_close,
+    anon_read_coherent => anon_read,
+    anon_read_prot_coherent => anon_read_prot,
+    anon_write_coherent => anon_write,
+    anon_write_prot_coherent => anon_write_prot,
+    anon_write_huge_coherent => anon_write_huge,
+    anon_write_child_coherent => anon_write_child,
+    anon_write_child_shared_coherent => anon_write_child_shared,
+    anon_read_multiple_coherent => anon_read_multiple,
+    migrate_coherent => migrate,
+    migrate_fault_coherent => migrate_fault,
+    migrate_release_coherent => migrate_release,
+    migrate_shared_coherent => migrate_shared,
+    migrate_multiple_coherent => migrate_multiple,
+    migrate_file_private_coherent => migrate_file_private,
+    migrate_anon_huge_empty_coherent => migrate_anon_huge_empty,
+    migrate_anon_huge_zero_coherent => migrate_anon_huge_zero,
+    migrate_mixed_coherent => migrate_mixed,
+    snapshot_coherent => snapshot,
+    exclusive_coherent => exclusive,
+    exclusive_mprotect_coherent => exclusive_mprotect,
+    gup_coherent => gup,
+    foreign_uffd_read_coherent => foreign_uffd_read,
+}
+
 fn device(hmm: &Hmm, pages: usize) -> SoftwareDevice {
-    SoftwareDevice::new(hmm, SoftwareDeviceConfig::new("sw0", pages * PAGE_SIZE)).expect("device")
+    let config = if coherent() {
+        SoftwareDeviceConfig::coherent("cxl0", pages * PAGE_SIZE)
+    } else {
+        SoftwareDeviceConfig::new("sw0", pages * PAGE_SIZE)
+    };
+    SoftwareDevice::new(hmm, config).expect("device")
+}
+
+/// Brings `r` back from `dev` the way the scenario's memory kind does: a
+/// CPU touch for private memory, an explicit migration for coherent memory
+/// (which a CPU touch never moves).
+fn bring_back(dev: &SoftwareDevice, r: &hmm::ManagedRange) {
+    if coherent() {
+        dev.migrate_to_system(r.range()).unwrap();
+    }
 }
 
 /// Page `i` holds the word `i` repeated.
@@ -56,6 +126,13 @@ fn migrate() {
     let mut cpu = vec![0u8; r.len()];
     r.read(0, &mut cpu).unwrap();
     check_index(&cpu, 0);
+    if coherent() {
+        // The CPU read device memory in place.
+        assert_eq!(dev.stats().pages_resident, NPAGES as u64);
+        assert_eq!(r.stats().cpu_faults, 0);
+        bring_back(&dev, &r);
+        check_index(&cpu_bytes(&r), 0);
+    }
     assert!(r.residencies().iter().all(|x| *x == Residency::System));
 }
 
@@ -70,8 +147,16 @@ fn migrate_fault() {
     let mut half = vec![0u8; r.len() / 2];
     r.read(0, &mut half).unwrap();
     check_index(&half, 0);
+    if coherent() {
+        // Coherent memory is read in place: nothing faults, nothing moves;
+        // the first half comes back by an explicit migration instead.
+        assert_eq!(r.stats().cpu_faults, 0);
+        assert_eq!(dev.stats().pages_resident, NPAGES as u64);
+        dev.migrate_to_system(r.pages_range(0, NPAGES / 2).unwrap()).unwrap();
+    } else {
+        assert!(r.stats().cpu_faults > 0);
+    }
     assert!(r.residencies()[..NPAGES / 2].iter().all(|x| *x == Residency::System));
-    assert!(r.stats().cpu_faults > 0);
     // Fault-around may have brought back a few pages past the half as well.
     let back = r.residencies().iter().filter(|x| **x == Residency::System).count();
     // Migrating the whole range again moves every page (the half already there is
@@ -141,6 +226,7 @@ fn migrate_multiple() {
             let w = u64::from_ne_bytes(bytes[i * PAGE_SIZE..i * PAGE_SIZE + 8].try_into().unwrap());
             assert_eq!(w, i as u64 + round * 1000, "round {round} page {i}");
         }
+        bring_back(&dev, &r);
     }
     assert_eq!(dev.stats().migrated_to_device, 10 * NPAGES as u64);
 }
@@ -186,6 +272,7 @@ fn migrate_anon_huge_zero() {
     let mut cpu = vec![1u8; r.len()];
     r.read(0, &mut cpu).unwrap();
     assert!(cpu.iter().all(|b| *b == 0));
+    bring_back(&dev, &r);
     assert!(r.residencies().iter().all(|x| *x == Residency::System));
 }
 
@@ -259,6 +346,11 @@ fn migrate_mixed() {
     for i in 2..6 {
         r.read(i * PAGE_SIZE, &mut page).unwrap();
         assert!(page.iter().all(|b| usize::from(*b) == if i == 2 { 0 } else { i }), "page {i}");
+    }
+    if coherent() {
+        // Read in place; then back explicitly, the read-only pages included.
+        let rep = d1.migrate_to_system(r.range()).unwrap();
+        assert_eq!(rep.migrated, 4, "{:?}", rep.skipped);
     }
     assert_eq!(d1.stats().pages_resident, 0);
 }
@@ -574,10 +666,18 @@ fn snapshot() {
     let s = dev0.snapshot(r.range()).unwrap();
     let access: Vec<SnapshotAccess> = s.iter().map(|x| x.access).collect();
     use SnapshotAccess::*;
-    assert_eq!(access, [Error, Error, Read, Read, Write, Write, None]);
     assert!(s[2].zero && !s[3].zero, "page 2 is the zero page");
     assert!(s[5].device_local, "page 5 is device 0's own");
-    assert!(!s[6].device_local, "another device's private page is not mapped");
+    if coherent() {
+        // Coherent local + write, coherent remote + write.
+        assert_eq!(access, [Error, Error, Read, Read, Write, Write, Write]);
+        assert!(s[5].coherent && s[6].coherent && !s[6].device_local);
+        assert!(!s[4].coherent);
+    } else {
+        assert_eq!(access, [Error, Error, Read, Read, Write, Write, None]);
+        assert!(!s[6].device_local, "another device's private page is not mapped");
+        assert!(s.iter().all(|x| !x.coherent));
+    }
     assert!(s.iter().all(|x| x.order == 0));
     // A snapshot faults nothing: page 6 is still device 1's.
     assert!(
@@ -941,6 +1041,15 @@ fn gup() {
     check_index(&out, 0);
     // A long-term pin of pages 2 and 3, through the library.
     let pin = r.pin(r.pages_range(2, 2).unwrap()).unwrap();
+    if coherent() {
+        // The system call read coherent pages 0-1 in place; the pinned
+        // pages came back.
+        let on_dev =
+            |x: &Residency| matches!(x, Residency::Device(p) if p.dev == dev.memory().id());
+        assert!(r.residencies()[..2].iter().all(on_dev), "{:?}", &r.residencies()[..4]);
+        assert!(r.residencies()[2..4].iter().all(|x| *x == Residency::System));
+        bring_back(&dev, &r);
+    }
     assert!(r.residencies()[..4].iter().all(|x| *x == Residency::System), "{:?}", r.residencies());
     let (bytes, _) = dev.read(four).unwrap();
     check_index(&bytes, 0);
