@@ -55,8 +55,10 @@ fn bench_quick_json_prints_exactly_the_documented_keys() {
     assert_eq!(
         keys,
         [
+            "coherent_cpu_read_gbps",
             "device_access_gbps",
             "device_descriptor_bytes_per_page",
+            "evict_gbps",
             "fault_back_random_us_p50",
             "fault_back_random_us_p99",
             "fault_back_sequential_4k_gbps",
@@ -66,6 +68,7 @@ fn bench_quick_json_prints_exactly_the_documented_keys() {
             "kernel_first_touch_us",
             "memcpy_gbps",
             "metadata_bytes_per_page",
+            "migrate_device_to_device_gbps",
             "migrate_to_device_4k_gbps",
             "migrate_to_device_gbps",
             "migrate_to_device_zero_copy_4k_gbps",
@@ -116,6 +119,9 @@ fn bench_table_names_every_key() {
         "range_fault_snapshot_mpages_s",
         "invalidate_us_p50",
         "fork_with_device_pages_ms",
+        "migrate_device_to_device_gbps",
+        "coherent_cpu_read_gbps",
+        "evict_gbps",
     ] {
         assert!(text.contains(key), "{key} missing:\n{text}");
     }

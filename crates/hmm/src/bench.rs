@@ -441,6 +441,16 @@ pub struct MigrationFigures {
     /// device, until it returns with the child holding its copy, milliseconds.
     /// `None` where the process may not have `EVENT_FORK`.
     pub fork_with_device_pages_ms: Option<f64>,
+    /// 256 MiB moved from one software device (zero-copy engine) straight
+    /// into another (peer-to-peer), GB/s.
+    pub migrate_device_to_device_gbps: Option<f64>,
+    /// The CPU reading 256 MiB resident in coherent device memory (mapped at
+    /// its addresses: no fault), GB/s; compare with `memcpy_gbps`.
+    pub coherent_cpu_read_gbps: Option<f64>,
+    /// Pressure eviction: 256 MiB evicted to system memory to make room on a
+    /// full device for a migration, bytes evicted over the time spent
+    /// evicting, GB/s.
+    pub evict_gbps: Option<f64>,
 }
 
 impl MigrationFigures {
@@ -544,6 +554,24 @@ impl MigrationFigures {
                 "ms",
                 "fork() with the device-resident size above copied to the child",
             ),
+            row(
+                "migrate_device_to_device_gbps",
+                self.migrate_device_to_device_gbps,
+                "GB/s",
+                "256 MiB from one device straight to another",
+            ),
+            row(
+                "coherent_cpu_read_gbps",
+                self.coherent_cpu_read_gbps,
+                "GB/s",
+                "CPU reads 256 MiB resident in coherent device memory",
+            ),
+            row(
+                "evict_gbps",
+                self.evict_gbps,
+                "GB/s",
+                "pressure eviction of 256 MiB from a full device",
+            ),
         ]
     }
 }
@@ -569,7 +597,7 @@ impl BenchReport {
 }
 
 /// Number of steps [`run_all`] reports.
-pub const ALL_STEPS: usize = 11;
+pub const ALL_STEPS: usize = 12;
 
 /// Measures the baselines, then the migration figures.
 pub fn run_all(
@@ -650,7 +678,7 @@ pub fn run_migration(
     let size = if opts.quick { 256 << 20 } else { 1 << 30 };
     let mut f = MigrationFigures::default();
     let step =
-        |progress: &mut dyn FnMut(Step), index, name| progress(Step { name, index, total: 6 });
+        |progress: &mut dyn FnMut(Step), index, name| progress(Step { name, index, total: 7 });
 
     step(progress, 0, "migrations of huge-page memory");
     let hmm = Hmm::new().map_err(hmm_err)?;
@@ -718,7 +746,77 @@ pub fn run_migration(
 
     step(progress, 5, "fork with device pages");
     f.fork_with_device_pages_ms = fork_ms(size)?;
+
+    step(progress, 6, "several devices, coherent memory, eviction");
+    devices_figures(BIG, &mut f)?;
     Ok(f)
+}
+
+/// `migrate_device_to_device_gbps`, `coherent_cpu_read_gbps` and
+/// `evict_gbps`, each over `size` bytes of populated memory, each checked.
+fn devices_figures(size: usize, f: &mut MigrationFigures) -> Result<(), BenchError> {
+    use crate::space::Hmm;
+    use crate::swdev::{SoftwareDevice, SoftwareDeviceConfig};
+    let hmm = Hmm::new().map_err(hmm_err)?;
+    let moved = |what: &str, got: usize| {
+        if got == size / PAGE_SIZE {
+            Ok(())
+        } else {
+            Err(BenchError::Server(format!("{what} moved {got} of {} pages", size / PAGE_SIZE)))
+        }
+    };
+    {
+        let r = hmm.alloc_huge(size).map_err(hmm_err)?;
+        r.fill(0, size, 0x3C).map_err(MmError::from)?;
+        let a = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("bench-a", size))
+            .map_err(hmm_err)?;
+        let b = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("bench-b", size))
+            .map_err(hmm_err)?;
+        moved("to device A", a.migrate_to_device(r.range()).map_err(hmm_err)?.migrated)?;
+        let t = Instant::now();
+        moved("A to B", b.migrate_from(r.range(), &a).map_err(hmm_err)?.migrated)?;
+        f.migrate_device_to_device_gbps = Some(gbps(size, t.elapsed()));
+        if r.touch_read(size - 1).map_err(MmError::from)? != 0x3C {
+            return Err(BenchError::Server("device B holds the wrong bytes".into()));
+        }
+    }
+    {
+        let r = hmm.alloc(size).map_err(hmm_err)?;
+        r.fill(0, size, 0x5A).map_err(MmError::from)?;
+        let c = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::coherent("bench-cxl", size))
+            .map_err(hmm_err)?;
+        moved("to coherent memory", c.migrate_to_device(r.range()).map_err(hmm_err)?.migrated)?;
+        let faults = hmm.fault_stats().0;
+        let mut buf = vec![0u8; size];
+        let t = Instant::now();
+        r.read(0, &mut buf).map_err(MmError::from)?;
+        let elapsed = t.elapsed();
+        if hmm.fault_stats().0 != faults || buf.iter().any(|b| *b != 0x5A) {
+            return Err(BenchError::Server("the coherent read faulted or read wrong bytes".into()));
+        }
+        f.coherent_cpu_read_gbps = Some(gbps(size, elapsed));
+        c.migrate_to_system(r.range()).map_err(hmm_err)?;
+    }
+    {
+        let x = hmm.alloc_huge(size).map_err(hmm_err)?;
+        let y = hmm.alloc_huge(size).map_err(hmm_err)?;
+        x.fill(0, size, 1).map_err(MmError::from)?;
+        y.fill(0, size, 2).map_err(MmError::from)?;
+        let d =
+            SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("bench-evict", size).evicting())
+                .map_err(hmm_err)?;
+        moved("x to device", d.migrate_to_device(x.range()).map_err(hmm_err)?.migrated)?;
+        moved("y to device", d.migrate_to_device(y.range()).map_err(hmm_err)?.migrated)?;
+        let s = d.stats();
+        if s.pages_evicted != (size / PAGE_SIZE) as u64
+            || x.touch_read(size - 1).map_err(MmError::from)? != 1
+        {
+            return Err(BenchError::Server(format!("evicted {} pages", s.pages_evicted)));
+        }
+        f.evict_gbps =
+            Some(s.pages_evicted as f64 * PAGE_SIZE as f64 / s.eviction_ns.max(1) as f64);
+    }
+    Ok(())
 }
 
 /// `fork()` with `size` bytes resident on a software device: the time the

@@ -621,7 +621,7 @@ mod tests {
         assert_eq!(*rec.0.lock().unwrap(), vec![a[2]], "page_free on the last reference");
         assert_eq!(m.allocated_pages(), 9);
         assert_eq!(m.alloc(5), vec![a[2]], "a freed page is reused");
-        assert_eq!(m.descriptor_bytes(), 3 * 4 * 16, "three chunks of four descriptors");
+        assert_eq!(m.descriptor_bytes(), 3 * 4 * 24, "three chunks of four descriptors");
     }
 
     #[test]

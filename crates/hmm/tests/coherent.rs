@@ -113,3 +113,133 @@ fn read_only_coherent_pages_come_back() {
     assert_eq!(rep.migrated, 4, "{:?}", rep.skipped);
     check(&r, 1, "read-only pages back");
 }
+
+/// Fork keeps copy-on-write isolation with coherent pages: they go back to
+/// system memory before the fork, the child sees the data of fork time, and
+/// neither side's writes reach the other.
+#[test]
+fn fork_with_coherent_pages_isolates_parent_and_child() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let _fork = common::fork_lock();
+    let hmm = Hmm::new().unwrap();
+    let dev = coherent(&hmm, 64);
+    let r = hmm.alloc(32 * PAGE_SIZE).unwrap();
+    fill(&r, 40);
+    assert_eq!(dev.migrate_to_device(r.range()).unwrap().migrated, 32);
+    let out = hmm::os::process::run_in_child(|| {
+        // The child's view: the data at fork time, in memory of its own.
+        let mut b = vec![0u8; r.len()];
+        if r.mapping().read(0, &mut b).is_err() {
+            return 2;
+        }
+        for (k, page) in b.chunks(PAGE_SIZE).enumerate() {
+            if page[..8] != (k as u64 + 40).to_ne_bytes() {
+                return 3;
+            }
+        }
+        if r.mapping().write(0, &[0xEE; 64]).is_err() {
+            return 4;
+        }
+        0
+    })
+    .unwrap();
+    assert_eq!(out, hmm::os::process::ChildOutcome::Exited(0));
+    // The parent's pages went back to system memory before the fork, and the
+    // child's write stayed in the child.
+    assert_eq!(on(&r, &dev), 0);
+    check(&r, 40, "the parent after the child wrote");
+    // The parent may use coherent memory again afterwards, once its pages
+    // are its own again: a page shared with a child at fork stays
+    // copy-on-write until written, and the kernel will not move it.
+    fill(&r, 40);
+    let rep = dev.migrate_to_device(r.range()).unwrap();
+    assert_eq!(rep.migrated, 32, "{:?}", rep.skipped.first());
+    r.write(0, &[1u8; 8]).unwrap();
+    let (bytes, _) = dev.read(r.pages_range(0, 1).unwrap()).unwrap();
+    assert_eq!(&bytes[..8], &[1u8; 8]);
+}
+
+/// A coherent device that fails loses exactly its pages: a CPU touch of one
+/// is SIGBUS, and pages on another device or in system memory are intact.
+#[test]
+fn a_failed_coherent_device_poisons_exactly_its_pages() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let _fork = common::fork_lock();
+    let out = hmm::os::process::run_in_child(|| {
+        let Ok(hmm) = Hmm::new() else { return 2 };
+        let cxl = coherent(&hmm, 16);
+        let Ok(other) = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("p", 16 * PAGE_SIZE))
+        else {
+            return 3;
+        };
+        let Ok(r) = hmm.alloc(8 * PAGE_SIZE) else { return 4 };
+        fill(&r, 9);
+        if cxl.migrate_to_device(r.pages_range(0, 4).unwrap()).map(|x| x.migrated).ok() != Some(4)
+            || other.migrate_to_device(r.pages_range(4, 2).unwrap()).map(|x| x.migrated).ok()
+                != Some(2)
+        {
+            return 5;
+        }
+        if cxl.fail() != 4 {
+            return 6;
+        }
+        if r.residencies()[..4].iter().any(|x| *x != Residency::Poisoned) {
+            return 7;
+        }
+        // Pages 4-7 (another device, system memory) are intact.
+        let mut b = vec![0u8; 4 * PAGE_SIZE];
+        if r.read(4 * PAGE_SIZE, &mut b).is_err() {
+            return 8;
+        }
+        for (k, page) in b.chunks(PAGE_SIZE).enumerate() {
+            if page[..8] != (k as u64 + 4 + 9).to_ne_bytes() {
+                return 9;
+            }
+        }
+        // Touching a lost page is SIGBUS: this never returns.
+        let _ = r.touch_read(PAGE_SIZE);
+        10
+    })
+    .unwrap();
+    assert_eq!(out, hmm::os::process::ChildOutcome::Signaled(7), "SIGBUS on the lost page");
+}
+
+/// Shared memory is refused for coherent memory as for private memory, and a
+/// coherent region without a file for the CPU to map is refused at
+/// registration, each with the reason.
+#[test]
+fn bad_coherent_requests_are_refused_with_the_reason() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    let zero_copy = SoftwareDeviceConfig {
+        engine: hmm::EngineKind::ZeroCopy,
+        ..SoftwareDeviceConfig::coherent("c", PAGE_SIZE)
+    };
+    let e = SoftwareDevice::new(&hmm, zero_copy).unwrap_err();
+    assert!(e.to_string().contains("copy engine"), "{e}");
+    struct NoFile;
+    impl hmm::DevicePagemapOps for NoFile {
+        fn page_free(&self, _: hmm::DevicePage) {}
+        fn dma(&self) -> &dyn hmm::DmaEngine {
+            unreachable!("never asked: registration fails first")
+        }
+    }
+    let e = hmm
+        .register_device_memory(
+            hmm::DeviceMemoryConfig::coherent("c", PAGE_SIZE),
+            std::sync::Arc::new(NoFile),
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("coherent_file"), "{e}");
+    let shared =
+        hmm::os::mm::Mapping::shared_anonymous(PAGE_SIZE, hmm::os::mm::Protection::ReadWrite)
+            .unwrap();
+    let e = hmm.adopt(shared).unwrap_err();
+    assert!(e.to_string().contains("shared memory"), "{e}");
+}

@@ -939,7 +939,10 @@ impl Mapping {
                 range_ptr(part),
                 part.len(),
                 prot.prot_flags(),
-                MapFlags::SHARED | MapFlags::FIXED,
+                // Populated now: the CPU's first touch of a page then takes
+                // no minor fault (as on a real coherent bus, where the page
+                // table maps device memory from the start).
+                MapFlags::SHARED | MapFlags::FIXED | MapFlags::POPULATE,
                 file,
                 offset,
             )
