@@ -25,7 +25,7 @@
 //! them is reported like any other. hmm's own changes report events too: the
 //! `mmap` over a registered piece an `UNMAP`; the `mremap` an `UNMAP` of the
 //! piece it replaces, a `REMAP` of the donor and an `UNMAP` of the donor's old
-//! range. Each is recorded before the call ([`OwnChange`]) and the fault
+//! range. Each is recorded before the call (`OwnChange`) and the fault
 //! service drops the event that matches it; after the call (which returns once
 //! its events are read) hmm waits until they are handled and forgets any
 //! record no event took. These calls block until the fault service reads their
@@ -44,21 +44,11 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use crate::addr::{PAGE_SIZE, PageRange, VirtAddr};
+use crate::addr::{PAGE_SIZE, PageRange};
 use crate::devmem::DeviceMemory;
 use crate::os::mm::{Advise, Mapping, Protection};
 use crate::os::uffd::RegisterMode;
-use crate::space::{Inner, Range};
-
-/// A change of the address space hmm makes itself, whose event the fault
-/// service must not take for the application's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum OwnChange {
-    /// An `UNMAP` of exactly this range.
-    Unmap(PageRange),
-    /// A `REMAP` from, to, length.
-    Remap(VirtAddr, VirtAddr, usize),
-}
+use crate::space::{Inner, OwnChange, Range};
 
 /// The protection of an area, as `PROCMAP_QUERY` reports it.
 fn protection(read: bool, write: bool) -> Protection {
@@ -70,33 +60,14 @@ fn protection(read: bool, write: bool) -> Protection {
 }
 
 impl Inner {
-    /// Whether the event of `change` is one of hmm's own (then forgotten).
-    pub(crate) fn take_own_change(&self, change: OwnChange) -> bool {
-        let mut v = self.own_changes.lock().unwrap_or_else(|e| e.into_inner());
-        match v.iter().position(|c| *c == change) {
-            Some(i) => {
-                v.swap_remove(i);
-                true
-            }
-            None => false,
-        }
-    }
-
-    fn expect_own(&self, changes: &[OwnChange]) {
-        self.own_changes.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(changes);
-    }
-
     /// After the calls that made `changes` returned (their events are read):
     /// waits until the service has handled them, then forgets any no event took.
     fn settle_own(&self, changes: &[OwnChange]) {
         if !self.batches.wait_handled(Duration::from_secs(2)) {
             tracing::warn!("the fault service did not handle hmm's own events within 2 s");
         }
-        let mut v = self.own_changes.lock().unwrap_or_else(|e| e.into_inner());
         for c in changes {
-            if let Some(i) = v.iter().position(|x| x == c) {
-                v.swap_remove(i);
-            }
+            self.take_own_change(*c);
         }
     }
 

@@ -57,7 +57,7 @@ use crate::mirror::InvalidationEvent;
 use crate::os::mm::{Advise, Mapping, Protection};
 use crate::os::uffd::{FillErrorKind, UffdEvent};
 use crate::page::{DevicePage, Residency};
-use crate::space::{HmmConfig, Inner, Range};
+use crate::space::{HmmConfig, Inner, OwnChange, Range};
 
 /// Why a fault-back did not bring the faulting page back.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -400,21 +400,20 @@ impl Service {
             }
             UffdEvent::Remove { start, end } => {
                 let own = PageRange::new(start, end.get() - start.get())
-                    .is_ok_and(|r| self.inner.take_own_discard(r));
+                    .is_ok_and(|r| self.inner.take_own_change(OwnChange::Remove(r)));
                 if !own {
                     self.invalidate(start.get(), end.get(), false);
                 }
             }
             UffdEvent::Unmap { start, end } => {
-                let own = PageRange::new(start, end.get() - start.get()).is_ok_and(|r| {
-                    self.inner.take_own_change(crate::coherent::OwnChange::Unmap(r))
-                });
+                let own = PageRange::new(start, end.get() - start.get())
+                    .is_ok_and(|r| self.inner.take_own_change(OwnChange::Unmap(r)));
                 if !own {
                     self.invalidate(start.get(), end.get(), true);
                 }
             }
             UffdEvent::Remap { from, to, len } => {
-                if !self.inner.take_own_change(crate::coherent::OwnChange::Remap(from, to, len)) {
+                if !self.inner.take_own_change(OwnChange::Remap(from, to, len)) {
                     crate::remap::start(&self.inner, from.get(), to.get(), len)
                 }
             }

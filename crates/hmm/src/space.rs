@@ -295,6 +295,18 @@ impl Residence {
     }
 }
 
+/// A change of the address space hmm makes itself, whose event the fault
+/// service must not take for the application's (see `Inner::own_changes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OwnChange {
+    /// A `REMOVE` of exactly this range.
+    Remove(PageRange),
+    /// An `UNMAP` of exactly this range.
+    Unmap(PageRange),
+    /// A `REMAP` from, to, length.
+    Remap(VirtAddr, VirtAddr, usize),
+}
+
 /// One managed range: its memory and its page records.
 pub(crate) struct Range {
     /// Always `Some` until drop.
@@ -435,11 +447,10 @@ pub(crate) struct Inner {
     /// meanwhile: it is served with the zero page, so the migration's own
     /// read cannot wait on the migration.
     pub(crate) copying_out: Mutex<Vec<VirtAddr>>,
-    /// Pages hmm discarded itself (`MADV_DONTNEED` after a copy out): the
-    /// kernel's remove event for each is hmm's own, not the application's.
-    pub(crate) own_discards: Mutex<Vec<PageRange>>,
-    /// Unmaps and remaps hmm makes itself for coherent memory (see `coherent`).
-    pub(crate) own_changes: Mutex<Vec<crate::coherent::OwnChange>>,
+    /// Changes hmm makes to managed memory itself, whose events are its own,
+    /// not the application's: discards after a copy out, the unmaps and
+    /// remaps of coherent memory (see `coherent`).
+    pub(crate) own_changes: Mutex<Vec<OwnChange>>,
     /// Set while the process forks: coherent pages are not mapped for the CPU.
     pub(crate) coherent_forking: AtomicBool,
     /// Coherent map-ins in progress.
@@ -543,7 +554,6 @@ impl Hmm {
             counters: HmmCounters::default(),
             notifiers: Notifiers::new(),
             copying_out: Mutex::new(Vec::new()),
-            own_discards: Mutex::new(Vec::new()),
             own_changes: Mutex::new(Vec::new()),
             coherent_forking: AtomicBool::new(false),
             coherent_maps: Default::default(),
@@ -1117,18 +1127,23 @@ impl Inner {
     /// Discards `page` for hmm's own purposes: the remove event it causes is
     /// recognised by the fault service and not taken for the application's.
     pub(crate) fn discard_own(&self, mapping: &Mapping, page: PageRange) -> Result<(), MmError> {
-        self.own_discards.lock().unwrap_or_else(|e| e.into_inner()).push(page);
+        self.expect_own(&[OwnChange::Remove(page)]);
         let r = mapping.advise(page, Advise::DontNeed);
         if r.is_err() {
-            self.take_own_discard(page);
+            self.take_own_change(OwnChange::Remove(page));
         }
         r
     }
 
-    /// Whether `range` is a discard of hmm's own (then forgotten).
-    pub(crate) fn take_own_discard(&self, range: PageRange) -> bool {
-        let mut v = self.own_discards.lock().unwrap_or_else(|e| e.into_inner());
-        match v.iter().position(|r| *r == range) {
+    /// Records `changes` as hmm's own, before the calls that make them.
+    pub(crate) fn expect_own(&self, changes: &[OwnChange]) {
+        self.own_changes.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(changes);
+    }
+
+    /// Whether the event of `change` is one of hmm's own (then forgotten).
+    pub(crate) fn take_own_change(&self, change: OwnChange) -> bool {
+        let mut v = self.own_changes.lock().unwrap_or_else(|e| e.into_inner());
+        match v.iter().position(|c| *c == change) {
             Some(i) => {
                 v.swap_remove(i);
                 true
