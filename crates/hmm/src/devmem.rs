@@ -363,21 +363,27 @@ impl DeviceMemory {
     /// Up to `n` pages that back an address, least recently used first.
     pub fn coldest(&self, n: usize) -> Vec<DevicePage> {
         let mut all: Vec<(u64, DevicePage)> = Vec::new();
-        for (c, chunk) in self.chunks.iter().enumerate() {
-            let Some(chunk) = chunk.get() else { break };
-            for (i, d) in chunk.iter().enumerate() {
-                if d.backs.load(Ordering::Acquire) != 0 && d.refcount.load(Ordering::Acquire) > 0 {
-                    let index = c as u32 * self.chunk_pages + i as u32;
-                    all.push((d.stamp.load(Ordering::Relaxed), DevicePage { dev: self.id, index }));
-                }
-            }
-        }
+        self.for_each_backing(|page, _, d| all.push((d.stamp.load(Ordering::Relaxed), page)));
         if n < all.len() {
             all.select_nth_unstable_by_key(n, |x| x.0);
             all.truncate(n);
         }
         all.sort_unstable_by_key(|x| x.0);
         all.into_iter().map(|x| x.1).collect()
+    }
+
+    /// Calls `f` for every allocated page that backs an address.
+    fn for_each_backing(&self, mut f: impl FnMut(DevicePage, VirtAddr, &Descriptor)) {
+        for (c, chunk) in self.chunks.iter().enumerate() {
+            let Some(chunk) = chunk.get() else { break };
+            for (i, d) in chunk.iter().enumerate() {
+                let a = d.backs.load(Ordering::Acquire);
+                if a != 0 && d.refcount.load(Ordering::Acquire) > 0 {
+                    let index = c as u32 * self.chunk_pages + i as u32;
+                    f(DevicePage { dev: self.id, index }, VirtAddr::new(a as usize), d);
+                }
+            }
+        }
     }
 
     /// Whether the device was marked failed.
@@ -523,16 +529,7 @@ impl DeviceMemory {
     /// Every allocated page that backs an address, with that address.
     pub(crate) fn resident_pages(&self) -> Vec<(DevicePage, VirtAddr)> {
         let mut out = Vec::new();
-        for (c, chunk) in self.chunks.iter().enumerate() {
-            let Some(chunk) = chunk.get() else { break };
-            for (i, d) in chunk.iter().enumerate() {
-                let a = d.backs.load(Ordering::Acquire);
-                if a != 0 && d.refcount.load(Ordering::Acquire) > 0 {
-                    let index = c as u32 * self.chunk_pages + i as u32;
-                    out.push((DevicePage { dev: self.id, index }, VirtAddr::new(a as usize)));
-                }
-            }
-        }
+        self.for_each_backing(|page, addr, _| out.push((page, addr)));
         out
     }
 

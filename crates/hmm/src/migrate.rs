@@ -688,9 +688,6 @@ impl Migration {
             let short = want - got.len();
             // Free pages an injected failure refused: not a lack of room.
             let short_of_room = short.saturating_sub(mem.free_pages() as usize);
-            if short_of_room == 0 && mem.free_pages() == 0 {
-                break;
-            }
             let victims = mem.coldest(short_of_room);
             if !victims.is_empty() {
                 let t0 = std::time::Instant::now();

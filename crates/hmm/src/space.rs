@@ -271,6 +271,7 @@ impl Residence {
         self.devices.get(&dev).copied().unwrap_or(0)
     }
 
+    /// Adds the pages of `entries`.
     fn count(&mut self, entries: &[PageEntry]) {
         let page = PAGE_SIZE as u64;
         for e in entries {
@@ -282,16 +283,6 @@ impl Residence {
                 Residency::Unmapped => self.unmapped += page,
             }
         }
-    }
-
-    fn add(&mut self, other: &Residence) {
-        self.system += other.system;
-        for (d, b) in &other.devices {
-            *self.devices.entry(*d).or_default() += b;
-        }
-        self.unpopulated += other.unpopulated;
-        self.poisoned += other.poisoned;
-        self.unmapped += other.unmapped;
     }
 }
 
@@ -887,9 +878,7 @@ impl Hmm {
         };
         let mut total = Residence::default();
         for r in ranges {
-            let mut one = Residence::default();
-            one.count(&r.lock());
-            total.add(&one);
+            total.count(&r.lock());
         }
         total
     }

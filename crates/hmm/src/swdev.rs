@@ -329,7 +329,7 @@ impl SoftwareDevice {
     /// faulting anything (the test driver's snapshot).
     pub fn snapshot(&self, range: PageRange) -> Result<Vec<PageSnapshot>, HmmError> {
         let info = self.hmm.range_fault(&RangeFault::snapshot(range, Some(self.mem.id())))?;
-        Ok(info.into_iter().map(|p| PageSnapshot::from_info(p, Some(self.mem.id()))).collect())
+        Ok(info.into_iter().map(|p| PageSnapshot::from_info(p, self.mem.id())).collect())
     }
 
     /// Gives the device exclusive (atomic) access to `range`, which hmm must
@@ -581,7 +581,7 @@ pub enum SnapshotAccess {
 }
 
 impl PageSnapshot {
-    fn from_info(p: PageInfo, owner: Option<DeviceId>) -> Self {
+    fn from_info(p: PageInfo, owner: DeviceId) -> Self {
         let access = if p.error {
             SnapshotAccess::Error
         } else if !p.valid {
@@ -591,7 +591,7 @@ impl PageSnapshot {
         } else {
             SnapshotAccess::Read
         };
-        let device_local = p.valid && p.device.is_some_and(|d| Some(d.dev) == owner);
+        let device_local = p.valid && p.device.is_some_and(|d| d.dev == owner);
         Self { access, zero: p.zero, order: p.order, device_local, coherent: p.coherent }
     }
 }
