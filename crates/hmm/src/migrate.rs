@@ -334,20 +334,10 @@ impl Migration {
                 k += 1;
                 continue;
             }
-            let run = self.range.subrange(k * PAGE_SIZE, n * PAGE_SIZE).expect("inside");
-            let ok: Vec<bool> = if self.inner.coherent_unmap(&self.rec, run).is_ok() {
-                vec![true; n]
-            } else {
-                (0..n)
-                    .map(|i| {
-                        let one = PageRange::from_pages(self.addr(k + i), 1).expect("page");
-                        self.inner.coherent_unmap(&self.rec, one).map_err(|e| {
-                            tracing::warn!(page = %one, error = %e, "coherent page stays mapped");
-                        })
-                        .is_ok()
-                    })
-                    .collect()
-            };
+            let (inner, rec) = (self.inner.clone(), self.rec.clone());
+            let ok = self.run_or_pages(k, n, "coherent page stays mapped", |part, _| {
+                inner.coherent_unmap(&rec, part)
+            });
             {
                 let mut t = self.rec.lock();
                 for (i, ok) in ok.iter().enumerate() {
@@ -366,6 +356,29 @@ impl Migration {
             k += n;
         }
         self.release_skipped();
+    }
+
+    /// Runs `op` over the `n` pages from slot `k` at once, then, if that
+    /// fails, page by page (`op` gets each part and its first page's offset
+    /// in the run); says which pages succeeded, and logs `what` with the
+    /// reason for each that did not.
+    fn run_or_pages(
+        &self,
+        k: usize,
+        n: usize,
+        what: &str,
+        mut op: impl FnMut(PageRange, usize) -> Result<(), String>,
+    ) -> Vec<bool> {
+        let run = self.range.subrange(k * PAGE_SIZE, n * PAGE_SIZE).expect("inside");
+        if op(run, 0).is_ok() {
+            return vec![true; n];
+        }
+        (0..n)
+            .map(|i| {
+                let one = PageRange::from_pages(self.addr(k + i), 1).expect("page");
+                op(one, i).map_err(|e| tracing::warn!(page = %one, error = %e, "{what}")).is_ok()
+            })
+            .collect()
     }
 
     /// Maps the coherent pages that end this migration on a coherent device
@@ -414,19 +427,13 @@ impl Migration {
                 i = j;
                 continue;
             };
-            let run = self.range.subrange(k0 * PAGE_SIZE, (j - i) * PAGE_SIZE).expect("inside");
-            if self.inner.coherent_map(&self.rec, run, &mem, p0.index).is_ok() {
-                want[i..j].iter().for_each(|(k, _)| self.slots[*k].cpu_mapped = true);
-            } else {
-                for &(k, p) in &want[i..j] {
-                    let one = PageRange::from_pages(self.addr(k), 1).expect("page");
-                    match self.inner.coherent_map(&self.rec, one, &mem, p.index) {
-                        Ok(()) => self.slots[k].cpu_mapped = true,
-                        Err(e) => {
-                            tracing::warn!(page = %one, error = %e, "coherent page left unmapped: the CPU faults it back");
-                        }
-                    }
-                }
+            let (inner, rec) = (self.inner.clone(), self.rec.clone());
+            let what = "coherent page left unmapped: the CPU faults it back";
+            let ok = self.run_or_pages(k0, j - i, what, |part, off| {
+                inner.coherent_map(&rec, part, &mem, p0.index + off as u32)
+            });
+            for (n, ok) in ok.into_iter().enumerate() {
+                self.slots[k0 + n].cpu_mapped = ok;
             }
             i = j;
         }
