@@ -8,20 +8,11 @@ fn coherent(hmm: &Hmm, pages: usize) -> SoftwareDevice {
     SoftwareDevice::new(hmm, SoftwareDeviceConfig::coherent("cxl0", pages * PAGE_SIZE)).unwrap()
 }
 
-fn fill(r: &ManagedRange, salt: u64) {
-    let bytes: Vec<u8> = (0..r.pages() as u64)
-        .flat_map(|i| std::iter::repeat_n((i + salt).to_ne_bytes(), PAGE_SIZE / 8).flatten())
-        .collect();
-    r.write(0, &bytes).unwrap();
-}
+use common::fill_salted as fill;
 
+/// Asserts the CPU reads what [`fill`] wrote into `r`.
 fn check(r: &ManagedRange, salt: u64, who: &str) {
-    let mut b = vec![0u8; r.len()];
-    r.read(0, &mut b).unwrap();
-    for (k, page) in b.chunks(PAGE_SIZE).enumerate() {
-        let want = (k as u64 + salt).to_ne_bytes();
-        assert!(page.chunks(8).all(|w| w == want), "{who}: page {k} holds the wrong data");
-    }
+    common::check_salted(&common::cpu_bytes(r), 0, salt, who);
 }
 
 /// Pages of `r` that live in `dev`'s memory.

@@ -4,34 +4,10 @@
 mod common;
 
 use hmm::{
-    DeviceId, Hmm, ManagedRange, PAGE_SIZE, Residency, SkipReason, SoftwareDevice,
-    SoftwareDeviceConfig, VirtAddr,
+    DeviceId, Hmm, PAGE_SIZE, Residency, SkipReason, SoftwareDevice, SoftwareDeviceConfig, VirtAddr,
 };
 
-/// Page `i` of `r` holds the word `i + salt` repeated.
-fn fill(r: &ManagedRange, salt: u64) {
-    let bytes: Vec<u8> = (0..r.pages() as u64)
-        .flat_map(|i| std::iter::repeat_n((i + salt).to_ne_bytes(), PAGE_SIZE / 8).flatten())
-        .collect();
-    r.write(0, &bytes).unwrap();
-}
-
-fn check(bytes: &[u8], first_page: usize, salt: u64, who: &str) {
-    for (k, page) in bytes.chunks(PAGE_SIZE).enumerate() {
-        let want = ((first_page + k) as u64 + salt).to_ne_bytes();
-        assert!(
-            page.chunks(8).all(|w| w == want),
-            "{who}: page {} holds the wrong data",
-            first_page + k
-        );
-    }
-}
-
-fn cpu_bytes(r: &ManagedRange) -> Vec<u8> {
-    let mut b = vec![0u8; r.len()];
-    r.read(0, &mut b).unwrap();
-    b
-}
+use common::{check_salted as check, cpu_bytes, fill_salted as fill};
 
 fn on(dev: &SoftwareDevice) -> impl Fn(&Residency) -> bool + '_ {
     move |x| matches!(x, Residency::Device(p) if p.dev == dev.memory().id())
@@ -197,21 +173,6 @@ fn pressure_evicts_the_least_recently_used_pages() {
     check(&cpu_bytes(&y), 0, 200, "y");
 }
 
-/// A small random number generator (xorshift), seeded per test.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 /// The word page `i` of the model holds.
 fn word(model: &[u64], i: usize) -> Vec<u8> {
     std::iter::repeat_n(model[i].to_ne_bytes(), PAGE_SIZE / 8).flatten().collect()
@@ -233,7 +194,7 @@ fn four_times_oversubscribed_with_random_access_keeps_every_byte() {
     let r = hmm.alloc(4 * CAP * PAGE_SIZE).unwrap();
     let seed = 0x5eed_0005_u64;
     eprintln!("seed {seed:#x}");
-    let mut rng = Rng(seed);
+    let mut rng = common::Rng(seed);
     let mut model: Vec<u64> = (0..r.pages() as u64).map(|i| i * 3 + 1).collect();
     for i in 0..r.pages() {
         r.write(i * PAGE_SIZE, &word(&model, i)).unwrap();

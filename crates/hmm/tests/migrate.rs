@@ -12,20 +12,8 @@ use hmm::{
     SkipReason, SoftwareDevice, SoftwareDeviceConfig,
 };
 
-/// A small deterministic generator (xorshift) for test data.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut r = Rng(seed);
+    let mut r = common::Rng(seed);
     (0..len / 8).flat_map(|_| r.next().to_ne_bytes()).collect()
 }
 
@@ -44,7 +32,7 @@ fn integrity_with(config: SoftwareDeviceConfig) {
             let (r, data) = (&r, &data);
             s.spawn(move || {
                 let mut order: Vec<usize> = (0..pages).collect();
-                let mut rng = Rng(t + 7);
+                let mut rng = common::Rng(t + 7);
                 for i in (1..pages).rev() {
                     order.swap(i, rng.next() as usize % (i + 1));
                 }

@@ -426,11 +426,7 @@ fn index_bytes(pages: usize, add: u64) -> Vec<u8> {
         .collect()
 }
 
-fn cpu_bytes(r: &hmm::ManagedRange) -> Vec<u8> {
-    let mut v = vec![0u8; r.len()];
-    r.read(0, &mut v).unwrap();
-    v
-}
+use common::cpu_bytes;
 
 fn is_permission_denied(e: &HmmError) -> bool {
     matches!(e, HmmError::Fault(RangeFaultError::PermissionDenied { .. }))

@@ -130,3 +130,51 @@ impl Drop for HugetlbPages {
         let _ = std::fs::write(NR_HUGEPAGES, self.before.to_string());
     }
 }
+
+/// A small deterministic generator (xorshift) for test data and random
+/// operation sequences; the same seed gives the same numbers.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next number.
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// Page `i` of `r` gets the word `i + salt` repeated.
+pub fn fill_salted(r: &hmm::ManagedRange, salt: u64) {
+    let page = hmm::PAGE_SIZE;
+    let bytes: Vec<u8> = (0..r.pages() as u64)
+        .flat_map(|i| std::iter::repeat_n((i + salt).to_ne_bytes(), page / 8).flatten())
+        .collect();
+    r.write(0, &bytes).unwrap();
+}
+
+/// Asserts that `bytes`, pages from `first_page` on, hold what
+/// [`fill_salted`] wrote there; `who` names the reader in the message.
+pub fn check_salted(bytes: &[u8], first_page: usize, salt: u64, who: &str) {
+    for (k, page) in bytes.chunks(hmm::PAGE_SIZE).enumerate() {
+        let want = ((first_page + k) as u64 + salt).to_ne_bytes();
+        assert!(
+            page.chunks(8).all(|w| w == want),
+            "{who}: page {} holds the wrong data",
+            first_page + k
+        );
+    }
+}
+
+/// What the CPU reads from the whole of `r`.
+pub fn cpu_bytes(r: &hmm::ManagedRange) -> Vec<u8> {
+    let mut b = vec![0u8; r.len()];
+    r.read(0, &mut b).unwrap();
+    b
+}
