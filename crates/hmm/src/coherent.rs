@@ -151,7 +151,19 @@ impl Inner {
     /// range `r`), keeping each area's protection. The caller holds the pages
     /// (migrating): a CPU touch then waits for the migration.
     pub(crate) fn coherent_unmap(&self, r: &Range, run: PageRange) -> Result<(), String> {
-        let mapping = r.mapping();
+        self.swap_in_empty(r, r.mapping(), run)
+    }
+
+    /// [`coherent_unmap`](Self::coherent_unmap) at `run`, where an
+    /// application's `mremap` moved coherent pages of range `r` (the pages
+    /// are held by the forward that carries them on, so a touch waits).
+    pub(crate) fn coherent_unmap_moved(&self, r: &Range, run: PageRange) -> Result<(), String> {
+        self.swap_in_empty(r, &r.mapping().moved_to(run), run)
+    }
+
+    /// Replaces each area of `run` (inside `mapping`) by empty anonymous
+    /// memory of the same protection, registered as range `r` is.
+    fn swap_in_empty(&self, r: &Range, mapping: &Mapping, run: PageRange) -> Result<(), String> {
         let mode =
             if r.wp { RegisterMode::MISSING | RegisterMode::WP } else { RegisterMode::MISSING };
         let mut own = Vec::new();

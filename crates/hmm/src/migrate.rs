@@ -864,7 +864,7 @@ impl Migration {
                     let src = self.moved_source(k, restored[k]);
                     let s = &mut self.slots[k];
                     // Free the device pages that do not hold the data.
-                    let handed = if let Source::Device(p) = src { Some(p) } else { None };
+                    let handed = src.device_page();
                     let src_page = if let Src::Device(p) = s.src { Some(p) } else { None };
                     put.extend(
                         [s.dst, src_page].into_iter().flatten().filter(|p| Some(*p) != handed),
@@ -1019,9 +1019,11 @@ impl Migration {
         let s = &self.slots[k];
         match (s.status == PageStatus::Migrated, self.select, s.src) {
             // Copied: the destination has the data.
-            (true, Selection::System | Selection::Peer(_), _) => {
-                s.dst.map_or(Source::Nothing, Source::Device)
-            }
+            (true, Selection::System | Selection::Peer(_), _) => match s.dst {
+                Some(p) if s.cpu_mapped => Source::Mapped(p),
+                Some(p) => Source::Device(p),
+                None => Source::Nothing,
+            },
             (true, Selection::Device(_), _) => Source::OldAddress,
             // Not copied: the source has it (put back at the old address,
             // perhaps after the move, or still staged).

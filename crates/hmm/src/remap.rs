@@ -40,6 +40,12 @@
 //! place the new range is unregistered, which wakes the waiting threads: it
 //! is then ordinary memory that hmm does not manage.
 //!
+//! A coherent device page that the CPU maps moves with the page tables as a
+//! file mapping: the forward swaps empty registered memory over the old
+//! address (still mapped only after `MREMAP_DONTUNMAP`) and the new one
+//! before copying it ([`Source::Mapped`]), so no address keeps reaching a
+//! device page that is freed.
+//!
 //! A range moved again before its pages have arrived is not followed: its
 //! pages would be delivered at the address of the first move.
 
@@ -61,6 +67,11 @@ pub(crate) enum Source {
     Nothing,
     /// In a device page, owned by the forward from now on (freed once copied).
     Device(DevicePage),
+    /// In a coherent device page that the CPU maps: the kernel moved the
+    /// mapping to the new address (and after `MREMAP_DONTUNMAP` the old
+    /// address still reaches the page). Both are taken off the page before
+    /// it is copied and freed as a `Device` page.
+    Mapped(DevicePage),
     /// In a migration's staging memory, at `page`.
     Staged(Arc<Mapping>, PageRange),
     /// Installed at the old address by a migration that ended after the move
@@ -85,6 +96,16 @@ struct Forward {
     waiting: usize,
     /// Handed over, to be delivered by the forward's thread.
     ready: Vec<Item>,
+}
+
+impl Source {
+    /// The device page holding the data, if any.
+    pub(crate) fn device_page(&self) -> Option<DevicePage> {
+        match self {
+            Source::Device(p) | Source::Mapped(p) => Some(*p),
+            _ => None,
+        }
+    }
 }
 
 impl Forward {
@@ -134,8 +155,12 @@ impl Forwards {
         tracing::error!(addr = %old, "a page moved during its migration has no forward");
         let _ = range.lock()[index].abort();
         range.settled.notify_all();
-        if let Source::Device(p) = src {
-            inner.put_page(p);
+        match src {
+            Source::Device(p) => inner.put_page(p),
+            // Still mapped for the CPU somewhere: kept, not handed to another
+            // address's data.
+            Source::Mapped(p) => tracing::error!(page = %p, "a mapped coherent page is kept"),
+            _ => {}
         }
     }
 
@@ -172,6 +197,10 @@ pub(crate) fn start(inner: &Arc<Inner>, from: usize, to: usize, len: usize) {
             for (i, e) in t.iter_mut().enumerate().take(b).skip(a) {
                 let src = match e.residency() {
                     _ if e.is_migrating() => None,
+                    Residency::Device(p) if e.is_cpu_mapped() => {
+                        let _ = e.set_cpu_mapped(false);
+                        Some(Source::Mapped(p))
+                    }
                     Residency::Device(p) => Some(Source::Device(p)),
                     Residency::System => Some(Source::OldAddress),
                     _ => {
@@ -287,6 +316,27 @@ fn deliver(inner: &Inner, range: &Range, index: usize, dst: VirtAddr, src: Sourc
             };
             inner.put_page(p);
             r
+        }
+        Source::Mapped(p) => {
+            // After MREMAP_DONTUNMAP the old address still maps the page (a
+            // moving remap's UNMAP, handled before any delivery, would have
+            // recorded it unmapped): the old address is emptied first, then
+            // the new one, and the page is copied as any device page. A touch
+            // of either waits meanwhile (the old page is held, the new one
+            // is the forward's), so no write can land in the page after the
+            // copy.
+            let old = PageRange::from_pages(range.page_addr(index), 1).expect("one page");
+            if !range.lock()[index].is_unmapped()
+                && let Err(e) = inner.coherent_unmap(range, old)
+            {
+                tracing::error!(%old, error = %e, "the old address of a remapped coherent page stays mapped; its device page is kept");
+                return;
+            }
+            if let Err(e) = inner.coherent_unmap_moved(range, page) {
+                tracing::error!(%dst, error = %e, "a remapped coherent page stays mapped at its new address; its device page is kept");
+                return;
+            }
+            return deliver(inner, range, index, dst, Source::Device(p));
         }
         Source::Staged(staging, at) => inner.put_back(page, &staging, at),
         Source::OldAddress => {

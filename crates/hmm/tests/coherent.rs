@@ -234,3 +234,81 @@ fn bad_coherent_requests_are_refused_with_the_reason() {
     let e = hmm.adopt(shared).unwrap_err();
     assert!(e.to_string().contains("shared memory"), "{e}");
 }
+
+/// The application's own `mremap` of coherent pages that the CPU maps, the
+/// whole mapped area or part of it, moving or with `MREMAP_DONTUNMAP`: the
+/// bytes are at the new address, which is then ordinary memory (writes there
+/// reach no device page), the device pages are freed, the old part reads as
+/// the kind of `mremap` says, and the rest of the range keeps its bytes. An
+/// `mremap` across a mapped area's edge is refused by the kernel (`EFAULT`:
+/// it spans two areas) and changes nothing.
+#[test]
+fn mremap_of_mapped_coherent_pages_moves_their_bytes() {
+    if common::skip_without("event-remap") {
+        return;
+    }
+    let _fork = common::fork_lock();
+    let pages = 64;
+    for dontunmap in [false, true] {
+        for (first, count) in [(0, 48), (20, 12)] {
+            let case = format!("dontunmap={dontunmap}, pages {first}..{}", first + count);
+            let hmm = Hmm::new().unwrap();
+            let dev = coherent(&hmm, 128);
+            let r = hmm.alloc(pages * PAGE_SIZE).unwrap();
+            fill(&r, 3);
+            assert_eq!(dev.migrate_to_device(r.pages_range(0, 48).unwrap()).unwrap().migrated, 48);
+            let part = r.pages_range(first, count).unwrap();
+            let moved = if dontunmap {
+                r.mapping().remap_part_dontunmap(part).unwrap()
+            } else {
+                r.mapping().move_part(part).unwrap()
+            };
+            let mut got = vec![0u8; part.len()];
+            moved.read(0, &mut got).unwrap();
+            common::check_salted(&got, first, 3, &case);
+            common::eventually("the moved device pages freed", || {
+                dev.stats().pages_resident == (48 - count) as u64
+            });
+            // The new address is ordinary memory: a write there reaches no
+            // device page, which the pages of the range taking the freed
+            // device pages would show.
+            moved.fill(0, moved.len(), 0xEE).unwrap();
+            let rest: Vec<usize> =
+                (0..pages).filter(|p| !(first..first + count).contains(p)).collect();
+            for &p in &rest {
+                let range = r.pages_range(p, 1).unwrap();
+                dev.migrate_to_system(range).unwrap();
+                dev.migrate_to_device(range).unwrap();
+            }
+            for &p in &rest {
+                let mut b = vec![0u8; PAGE_SIZE];
+                r.read(p * PAGE_SIZE, &mut b).unwrap();
+                common::check_salted(&b, p, 3, &format!("{case}: page {p}"));
+            }
+            moved.read(0, &mut got).unwrap();
+            assert!(got.iter().all(|b| *b == 0xEE), "{case}: the new address kept its writes");
+            if dontunmap {
+                let mut old = vec![1u8; part.len()];
+                r.read(first * PAGE_SIZE, &mut old).unwrap();
+                assert!(old.iter().all(|b| *b == 0), "{case}: the old part reads as zeros");
+            } else {
+                common::eventually("the old part recorded unmapped", || {
+                    (first..first + count).all(|p| r.residency(p) == Residency::Unmapped)
+                });
+            }
+            drop(moved);
+            drop(r);
+            common::eventually("every device page freed", || dev.stats().pages_resident == 0);
+        }
+    }
+    // Across the edge of the mapped area: refused, nothing changes.
+    let hmm = Hmm::new().unwrap();
+    let dev = coherent(&hmm, 128);
+    let r = hmm.alloc(pages * PAGE_SIZE).unwrap();
+    fill(&r, 4);
+    assert_eq!(dev.migrate_to_device(r.pages_range(0, 48).unwrap()).unwrap().migrated, 48);
+    let e = r.mapping().move_part(r.pages_range(40, 16).unwrap()).unwrap_err();
+    assert!(e.to_string().contains("Bad address"), "{e}");
+    assert_eq!(on(&r, &dev), 48);
+    check(&r, 4, "after a refused mremap");
+}

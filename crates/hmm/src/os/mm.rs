@@ -951,6 +951,15 @@ impl Mapping {
         .map_err(|errno| MmError::Map { len: part.len(), errno })
     }
 
+    /// A `Mapping` of `range`, the new home of pages that an application's
+    /// `mremap` moved out of this mapping: not owned (dropping it unmaps
+    /// nothing), with this mapping's backing. The moved pages stay under the
+    /// terms this mapping holds its own under (no Rust reference points into
+    /// them), which is what lets hmm replace pages there as it would here.
+    pub(crate) fn moved_to(&self, range: PageRange) -> Mapping {
+        Self::raw(range, self.backing, false)
+    }
+
     /// Moves `donor` (a mapping of `part.len()` bytes, consumed) over `part`
     /// of this mapping with one `mremap(MREMAP_MAYMOVE | MREMAP_FIXED)`: the
     /// area `donor` was (its protection, its userfaultfd registration) takes
