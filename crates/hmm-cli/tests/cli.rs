@@ -69,6 +69,7 @@ fn bench_quick_json_prints_exactly_the_documented_keys() {
             "memcpy_gbps",
             "metadata_bytes_per_page",
             "migrate_device_to_device_gbps",
+            "migrate_to_coherent_gbps",
             "migrate_to_device_4k_gbps",
             "migrate_to_device_gbps",
             "migrate_to_device_zero_copy_4k_gbps",

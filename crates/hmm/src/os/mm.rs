@@ -556,13 +556,10 @@ impl Mapping {
         // Bytes up to the first 8-byte boundary, whole words, then the tail.
         let head = src.align_offset(8).min(buf.len());
         let words = (buf.len() - head) / 8;
-        for (i, out) in buf.iter_mut().enumerate() {
-            if i >= head && i < head + words * 8 {
-                continue;
-            }
+        for i in (0..head).chain(head + words * 8..buf.len()) {
             // SAFETY: `src + i` lies inside this live mapping (checked above), whose
             // bytes are only ever accessed atomically while shared (see `Sync`).
-            *out = unsafe { AtomicU8::from_ptr(src.wrapping_add(i)) }.load(Ordering::Relaxed);
+            buf[i] = unsafe { AtomicU8::from_ptr(src.wrapping_add(i)) }.load(Ordering::Relaxed);
         }
         for (w, out) in buf[head..head + words * 8].chunks_exact_mut(8).enumerate() {
             let p = src.wrapping_add(head + w * 8).cast::<u64>();
@@ -579,12 +576,9 @@ impl Mapping {
         let dst = a.ptr;
         let head = dst.align_offset(8).min(data.len());
         let words = (data.len() - head) / 8;
-        for (i, b) in data.iter().enumerate() {
-            if i >= head && i < head + words * 8 {
-                continue;
-            }
+        for i in (0..head).chain(head + words * 8..data.len()) {
             // SAFETY: as in `read`.
-            unsafe { AtomicU8::from_ptr(dst.wrapping_add(i)) }.store(*b, Ordering::Relaxed);
+            unsafe { AtomicU8::from_ptr(dst.wrapping_add(i)) }.store(data[i], Ordering::Relaxed);
         }
         for (w, word) in data[head..head + words * 8].chunks_exact(8).enumerate() {
             let p = dst.wrapping_add(head + w * 8).cast::<u64>();
