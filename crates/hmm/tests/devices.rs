@@ -3,9 +3,7 @@
 
 mod common;
 
-use hmm::{
-    DeviceId, Hmm, PAGE_SIZE, Residency, SkipReason, SoftwareDevice, SoftwareDeviceConfig, VirtAddr,
-};
+use hmm::{Hmm, PAGE_SIZE, Residency, SkipReason, SoftwareDevice, SoftwareDeviceConfig, VirtAddr};
 
 use common::{check_salted as check, cpu_bytes, fill_salted as fill};
 
@@ -178,9 +176,11 @@ fn word(model: &[u64], i: usize) -> Vec<u8> {
     std::iter::repeat_n(model[i].to_ne_bytes(), PAGE_SIZE / 8).flatten().collect()
 }
 
-/// A device oversubscribed four times over, with random migrations, CPU and
-/// device reads and writes: every byte read matches a model, and the
-/// accounting matches what the device holds after every step.
+/// Two devices, each oversubscribed four times over, with random migrations
+/// (to either device, between them, back to system memory), CPU and device
+/// reads and writes: every byte read matches a model, and the accounting
+/// matches what each device holds after every step. A migration from one
+/// full device to the other evicts on the destination as any migration does.
 #[test]
 fn four_times_oversubscribed_with_random_access_keeps_every_byte() {
     if common::skip_without_uffd() {
@@ -191,6 +191,8 @@ fn four_times_oversubscribed_with_random_access_keeps_every_byte() {
     let hmm = Hmm::new().unwrap();
     let d = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("d", CAP * PAGE_SIZE).evicting())
         .unwrap();
+    let e = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("e", CAP * PAGE_SIZE).evicting())
+        .unwrap();
     let r = hmm.alloc(4 * CAP * PAGE_SIZE).unwrap();
     let seed = 0x5eed_0005_u64;
     eprintln!("seed {seed:#x}");
@@ -199,19 +201,31 @@ fn four_times_oversubscribed_with_random_access_keeps_every_byte() {
     for i in 0..r.pages() {
         r.write(i * PAGE_SIZE, &word(&model, i)).unwrap();
     }
-    let id: DeviceId = d.memory().id();
+    let devs = [&d, &e];
     let page_addr = |i: usize| VirtAddr::new(r.addr().get() + i * PAGE_SIZE);
     for step in 0..1500 {
         let i = rng.below(r.pages());
-        match rng.below(5) {
+        let (x, y) = if rng.below(2) == 0 { (&d, &e) } else { (&e, &d) };
+        let n = 1 + rng.below(96).min(r.pages() - i - 1);
+        match rng.below(7) {
             0 => {
-                let n = 1 + rng.below(96).min(r.pages() - i - 1);
-                let rep = d.migrate_to_device(r.pages_range(i, n).unwrap()).unwrap();
+                let rep = x.migrate_to_device(r.pages_range(i, n).unwrap()).unwrap();
                 assert!(
                     rep.skipped.iter().all(|(_, why)| matches!(why, SkipReason::NotSelected(_))),
                     "step {step}: {:?}",
                     rep.skipped.first()
                 );
+            }
+            5 => {
+                let rep = x.migrate_from(r.pages_range(i, n).unwrap(), y).unwrap();
+                assert!(
+                    rep.skipped.iter().all(|(_, why)| matches!(why, SkipReason::NotSelected(_))),
+                    "step {step}: {:?}",
+                    rep.skipped.first()
+                );
+            }
+            6 => {
+                x.migrate_to_system(r.pages_range(i, n).unwrap()).unwrap();
             }
             1 => {
                 model[i] = rng.next();
@@ -224,26 +238,32 @@ fn four_times_oversubscribed_with_random_access_keeps_every_byte() {
             }
             3 => {
                 model[i] = rng.next();
-                d.write(page_addr(i), &word(&model, i)).unwrap();
+                x.write(page_addr(i), &word(&model, i)).unwrap();
             }
             _ => {
-                let (b, _) = d.read(r.pages_range(i, 1).unwrap()).unwrap();
+                let (b, _) = x.read(r.pages_range(i, 1).unwrap()).unwrap();
                 assert!(b == word(&model, i), "step {step}: device read of page {i}");
             }
         }
         let res = r.residence();
         assert_eq!(res.total(), r.len() as u64, "step {step}: the parts sum to the range");
-        let charged = d.stats().pages_resident;
-        assert!(charged <= CAP as u64, "step {step}: {charged} pages on a {CAP}-page device");
+        for dev in devs {
+            let charged = dev.stats().pages_resident;
+            assert!(charged <= CAP as u64, "step {step}: {charged} pages on a {CAP}-page device");
+        }
         // The rest of a fault-around window comes back after the faulting
         // thread resumes: the charges match the records once it is in.
-        common::eventually("the device's charge to match the range's records", || {
+        common::eventually("each device's charge to match the range's records", || {
             let res = r.residence();
-            res.on_device(id) == d.stats().pages_resident * PAGE_SIZE as u64
-                && hmm.residence() == res
+            devs.iter().all(|dev| {
+                res.on_device(dev.memory().id()) == dev.stats().pages_resident * PAGE_SIZE as u64
+            }) && hmm.residence() == res
         });
     }
-    assert!(d.stats().pages_evicted > 0, "the device was oversubscribed");
+    for dev in devs {
+        assert!(dev.stats().pages_evicted > 0, "{} was oversubscribed", dev.memory().name());
+        assert!(dev.stats().migrated_to_peer > 0, "{} gave pages to its peer", dev.memory().name());
+    }
     for i in 0..r.pages() {
         let mut b = vec![0u8; PAGE_SIZE];
         r.read(i * PAGE_SIZE, &mut b).unwrap();
