@@ -33,6 +33,7 @@ pub(crate) mod fork;
 pub(crate) mod interval;
 pub mod migrate;
 pub mod mirror;
+pub mod observe;
 pub mod os;
 pub mod page;
 pub mod probe;
@@ -51,6 +52,7 @@ pub use mirror::{
     FaultFlags, IntervalNotifier, Invalidation, InvalidationEvent, PageInfo, RangeFault,
     RangeFaultError,
 };
+pub use observe::{Place, ResidencyMap};
 pub use os::arena::ArenaError;
 pub use page::{DeviceId, DevicePage, Residency};
 pub use space::{

@@ -1763,6 +1763,12 @@ impl ManagedRange {
         r
     }
 
+    /// Where each page of this range lives now, with its counters (see
+    /// [`Hmm::residency_map`]).
+    pub fn residency_map(&self) -> crate::observe::ResidencyMap {
+        crate::observe::residency_map(&self.inner, self.range())
+    }
+
     /// Where the pages live and what happened to them.
     pub fn stats(&self) -> RangeStats {
         let mut s = RangeStats::default();

@@ -3,7 +3,9 @@
 
 mod common;
 
-use hmm::{Hmm, PAGE_SIZE, Residency, SkipReason, SoftwareDevice, SoftwareDeviceConfig, VirtAddr};
+use hmm::{
+    Hmm, PAGE_SIZE, Place, Residency, SkipReason, SoftwareDevice, SoftwareDeviceConfig, VirtAddr,
+};
 
 use common::{check_salted as check, cpu_bytes, fill_salted as fill};
 
@@ -308,4 +310,52 @@ fn residence_follows_pages_and_sums_to_the_range() {
     let res = r.residence();
     assert_eq!((res.poisoned, res.on_device(b.memory().id())), (20 * p, 0));
     assert_eq!(res.total(), r.len() as u64);
+}
+
+/// The residency map of any range: pages of two devices, system memory,
+/// unpopulated pages, and pages hmm does not manage, with the counters of
+/// the ranges it covers; the drawing shows the place most pages of each
+/// character are in.
+#[test]
+fn residency_map_shows_every_page_and_the_counters() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let _fork = common::fork_lock();
+    let hmm = Hmm::new().unwrap();
+    let a = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("gpu-a", 1 << 20)).unwrap();
+    let b = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("gpu-b", 1 << 20)).unwrap();
+    let r = hmm.alloc(64 * PAGE_SIZE).unwrap();
+    r.fill(0, 48 * PAGE_SIZE, 1).unwrap();
+    a.migrate_to_device(r.pages_range(0, 16).unwrap()).unwrap();
+    b.migrate_to_device(r.pages_range(16, 16).unwrap()).unwrap();
+    // The range and 64 pages after it that hmm does not manage (the map
+    // only looks at addresses).
+    let wider = hmm::PageRange::new(r.addr(), 128 * PAGE_SIZE).unwrap();
+    let map = hmm.residency_map(wider);
+    let (ia, ib) = (a.memory().id(), b.memory().id());
+    let p = map.places();
+    assert!(p[..16].iter().all(|x| *x == Place::Device(ia)), "{:?}", &p[..16]);
+    assert!(p[16..32].iter().all(|x| *x == Place::Device(ib)));
+    assert!(p[32..48].iter().all(|x| *x == Place::System));
+    assert!(p[64..].iter().all(|x| *x == Place::Unmanaged));
+    assert_eq!(map.stats().migrated_to_device, 32);
+    assert_eq!(map.stats().pages_on_device.values().sum::<u64>(), 32);
+    assert_eq!(map.devices().get(&ia).map(String::as_str), Some("gpu-a"));
+    let runs = map.runs();
+    assert_eq!(runs[0], (r.pages_range(0, 16).unwrap(), Place::Device(ia)));
+    assert_eq!(runs.last().unwrap().1, Place::Unmanaged);
+    let line = map.render(8);
+    assert_eq!(line.len(), 8);
+    assert_eq!(
+        &line[..2],
+        &format!("{}{}", Place::Device(ia).symbol(), Place::Device(ib).symbol())
+    );
+    assert_eq!(&line[4..], "    ", "the unmanaged half");
+    assert!(map.legend().contains("gpu-a (64.0 KiB)"), "{}", map.legend());
+    // A CPU touch faults a page back, and the map says so at once (the
+    // fault's counter follows a moment after the thread is woken).
+    r.touch_read(0).unwrap();
+    assert_eq!(r.residency_map().places()[0], Place::System);
+    common::eventually("the fault counted", || r.residency_map().stats().cpu_faults >= 1);
 }
