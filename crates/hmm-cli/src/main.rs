@@ -9,6 +9,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use hmm::bench::{self, BenchOptions};
 use hmm::probe::{self, Probe, Verdict};
 
+mod demo;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "hmm",
@@ -37,8 +39,16 @@ enum Command {
         #[arg(long)]
         quick: bool,
     },
-    /// Run the demonstration on the built-in software device.
-    Demo,
+    /// Run the demonstration on the built-in software device: a data set
+    /// built by the CPU, computed on by a device through the shared address
+    /// space, read back by the CPU, checked.
+    Demo {
+        #[command(flatten)]
+        args: demo::DemoArgs,
+        /// Also explain, step by step, what hmm does underneath.
+        #[arg(long)]
+        explain: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -53,7 +63,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { json } => check(json),
         Command::Bench { json, quick } => bench(json, quick),
-        Command::Demo => demo(),
+        Command::Demo { args, explain } => demo(&args, explain),
     }
 }
 
@@ -202,18 +212,30 @@ What hmm does, step by step
    of exactly those pages gets SIGBUS; every other page is untouched.
 ";
 
-fn demo() -> ExitCode {
+fn demo(args: &demo::DemoArgs, explain: bool) -> ExitCode {
     let p = probe::probe();
-    out("hmm demo: the kernel this process runs on\n\n");
-    out(&render_probe(p));
-    out("\n");
-    out(WALKTHROUGH);
+    out(&format!("kernel {}: ", p.kernel_release));
     if let Err((reason, fix)) = p.usable() {
-        eprintln!("\nhmm cannot run here: {reason}\nfix: {fix}");
+        out("hmm cannot run here
+");
+        eprintln!(
+            "why: {reason}
+fix: {fix}
+(`hmm check` tells everything this kernel offers)"
+        );
         return ExitCode::from(1);
     }
-    out("\nThis kernel can run hmm. The software-device workload is not built yet; \
-         `hmm bench` measures migration and fault-back on the software device \
-         beside the kernel baselines.\n");
-    ExitCode::SUCCESS
+    out("hmm can run here (`hmm check` says what it offers)\n");
+    if explain {
+        out("\n");
+        out(WALKTHROUGH);
+    }
+    out("\n");
+    match demo::run(args, &mut |s| out(s)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hmm demo: {e}");
+            ExitCode::from(1)
+        }
+    }
 }

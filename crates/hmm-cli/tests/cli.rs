@@ -128,12 +128,43 @@ fn bench_table_names_every_key() {
     }
 }
 
+/// The demo at a small size: every check passes, and the report shows the
+/// phases, the pages moved each way, the faults and the residency maps
+/// (the tree on the device after placement, back in system memory after
+/// the CPU walked it).
 #[test]
-fn demo_prints_the_probe_and_the_walk_through() {
-    let out = hmm(&["demo"]);
+fn demo_runs_the_workload_and_reports_it() {
+    let out = hmm(&["demo", "--nodes", "20000", "--array-mib", "4", "--explain"]);
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(text.contains("verdict:") && text.contains("Migration to a device"), "{text}");
-    assert_eq!(out.status.success(), usable());
+    let err = String::from_utf8_lossy(&out.stderr);
+    if !usable() {
+        assert!(!out.status.success());
+        assert!(err.contains("why:") && err.contains("fix:"), "{err}");
+        return;
+    }
+    assert!(out.status.success(), "{text}\n{err}");
+    assert!(text.contains("Migration to a device"), "--explain walks through it: {text}");
+    assert!(text.contains("every result matches the CPU-only computation"), "{text}");
+    assert!(!text.contains("FAIL"), "{text}");
+    for phase in ["build (CPU)", "place (hints to gpu0)", "device job", "read back (CPU)"] {
+        assert!(text.contains(phase), "{phase} missing: {text}");
+    }
+    assert!(text.contains("pages migrated:") && text.contains("faults:"), "{text}");
+    let map = |when: &str, name: &str| -> String {
+        let at = text.find(when).unwrap_or_else(|| panic!("{when} missing: {text}"));
+        let line = text[at..].lines().find(|l| l.trim_start().starts_with(name)).unwrap();
+        line[line.find('[').unwrap() + 1..line.rfind(']').unwrap()].to_string()
+    };
+    assert!(map("after placement", "tree").chars().all(|c| c == '0'), "{text}");
+    assert!(map("after the CPU read the results", "tree").chars().all(|c| c == 'S'), "{text}");
+    assert!(map("after placement", "array").starts_with("SSSS"), "{text}");
+}
+
+#[test]
+fn demo_refuses_bad_sizes_with_the_reason() {
+    let out = hmm(&["demo", "--nodes", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--nodes"));
 }
 
 #[test]

@@ -1,0 +1,432 @@
+//! `hmm demo`: the workload the HMM postings describe, end to end on a
+//! software device.
+//!
+//! 1. The CPU builds a data set in memory hmm manages: a binary search tree
+//!    of plain Rust nodes (linked by `&Node` references) in hmm's arena, and
+//!    a large array of words.
+//! 2. The program gives placement hints: the tree and most of the array go
+//!    to the device, the head of the array stays in system memory (the
+//!    device reads it where it is), and the output array goes to the device.
+//! 3. A device job computes over the array (writing the output array) and
+//!    walks the tree by following the pointers the CPU stored, through the
+//!    shared address space: nothing is copied or translated for it.
+//!    Meanwhile the CPU computes the same results on its own.
+//! 4. The CPU reads the results: the output array, and the tree through its
+//!    own `&Node` references, which fault the pages back as they are touched.
+//! 5. Everything is checked against the CPU's own computation.
+//!
+//! It prints what happened: time per phase, pages and bytes moved each way,
+//! faults on each side, and the residency map of each range after each
+//! phase.
+
+use std::cell::Cell;
+use std::time::{Duration, Instant};
+
+use hmm::observe::human_bytes;
+use hmm::{
+    DeviceContext, Hmm, HmmError, ManagedRange, PAGE_SIZE, Place, SoftwareDevice,
+    SoftwareDeviceConfig, VirtAddr,
+};
+
+/// How big the demo is.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DemoArgs {
+    /// Nodes in the search tree the CPU builds.
+    #[arg(long, default_value_t = 300_000, value_parser = clap::value_parser!(u64).range(1..=50_000_000))]
+    pub nodes: u64,
+    /// Size of the array, in MiB.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=16_384))]
+    pub array_mib: u64,
+    /// Device worker threads.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub workers: u64,
+    /// Seed of the data set.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+/// One node of the search tree. `repr(C)`, so the device knows where each
+/// field is; a link is a plain reference, which is a pointer (null for
+/// `None`): the device follows it as the CPU does.
+#[repr(C)]
+struct Node<'a> {
+    key: u64,
+    value: u64,
+    left: Cell<Option<&'a Node<'a>>>,
+    right: Cell<Option<&'a Node<'a>>>,
+}
+
+const KEY: usize = std::mem::offset_of!(Node<'static>, key);
+const VALUE: usize = std::mem::offset_of!(Node<'static>, value);
+const LEFT: usize = std::mem::offset_of!(Node<'static>, left);
+const RIGHT: usize = std::mem::offset_of!(Node<'static>, right);
+
+/// What the device and the CPU each compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Results {
+    /// Sum of the values of the tree's nodes, wrapping.
+    tree_sum: u64,
+    /// Nodes visited.
+    tree_nodes: u64,
+    /// Sum of the output array, wrapping.
+    out_sum: u64,
+}
+
+/// A fast mixing function: the array's contents and the node values.
+fn mix(seed: u64, i: u64) -> u64 {
+    let mut x = seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// What the job computes for each word of the array.
+fn transform(x: u64) -> u64 {
+    x.rotate_left(17).wrapping_mul(3) ^ (x >> 11)
+}
+
+/// The keys in insertion order: a permutation of `0..n` (so the tree is
+/// about balanced), from `seed`.
+fn keys(n: u64, seed: u64) -> Vec<u64> {
+    let mut k: Vec<u64> = (0..n).collect();
+    for i in (1..k.len()).rev() {
+        let j = (mix(seed ^ 0xA5A5, i as u64) % (i as u64 + 1)) as usize;
+        k.swap(i, j);
+    }
+    k
+}
+
+fn value_of(seed: u64, key: u64) -> u64 {
+    mix(seed ^ 0x7777, key) >> 8
+}
+
+/// Runs the demo, printing as it goes; an error says what went wrong.
+pub fn run(args: &DemoArgs, out: &mut dyn FnMut(&str)) -> Result<(), String> {
+    let e = |what: &str| {
+        let what = what.to_string();
+        move |err: HmmError| format!("{what}: {err}")
+    };
+    let n = args.nodes;
+    let array_len = (args.array_mib as usize) << 20;
+    let words = array_len / 8;
+    let workers = args.workers as usize;
+    let seed = args.seed;
+    let node_bytes = std::mem::size_of::<Node<'static>>();
+    let arena_len = (n as usize * node_bytes).next_multiple_of(PAGE_SIZE) + PAGE_SIZE;
+    let capacity = (2 * array_len + arena_len).next_multiple_of(1 << 20);
+
+    let hmm = Hmm::new().map_err(e("cannot start hmm"))?;
+    let gpu = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("gpu0", capacity))
+        .map_err(e("cannot make the software device"))?;
+    out(&format!(
+        "hmm demo: a search tree of {n} nodes ({}) in hmm's arena and an array of {}\n\
+         device: software device gpu0, {} of memory, {} engine, {workers} worker(s)\n\n",
+        human_bytes((n as usize * node_bytes) as u64),
+        human_bytes(array_len as u64),
+        human_bytes(capacity as u64),
+        gpu.engine_name(),
+    ));
+    let mut phases: Vec<(&str, Duration, String)> = Vec::new();
+
+    // 1. Build.
+    let t = Instant::now();
+    let arena = hmm.arena(arena_len).map_err(e("cannot make the arena"))?;
+    let array = hmm.alloc(array_len).map_err(e("cannot allocate the array"))?;
+    let output = hmm.alloc(array_len).map_err(e("cannot allocate the output"))?;
+    let order = keys(n, seed);
+    let mut root: Option<&Node<'_>> = None;
+    for &k in &order {
+        let node: &Node<'_> = arena
+            .alloc(Node {
+                key: k,
+                value: value_of(seed, k),
+                left: Cell::new(None),
+                right: Cell::new(None),
+            })
+            .map_err(|err| format!("cannot place a node: {err}"))?;
+        insert(&mut root, node);
+    }
+    let root = root.ok_or("the tree is empty")?;
+    write_array(&array, seed).map_err(|err| format!("cannot write the array: {err}"))?;
+    phases.push(("build (CPU)", t.elapsed(), format!("{n} nodes linked, {words} words written")));
+    let tree_range = arena.range();
+    let ranges: [(&str, hmm::PageRange); 3] =
+        [("tree", tree_range), ("array", array.range()), ("output", output.range())];
+    let show_maps = |out: &mut dyn FnMut(&str), when: &str| {
+        out(&format!("  residency {when}:\n"));
+        for (name, r) in ranges {
+            let m = hmm.residency_map(r);
+            out(&format!("    {name:<6} [{}]\n", m.render(64)));
+        }
+    };
+    show_maps(out, "after build");
+
+    // 2. Placement hints.
+    let t = Instant::now();
+    let head = (array_len / 4).next_multiple_of(PAGE_SIZE).min(array_len);
+    let hints: Vec<(&str, hmm::PageRange)> = [
+        ("tree", Some(tree_range)),
+        (
+            "array (all but its first quarter)",
+            hmm::PageRange::new(VirtAddr::new(array.addr().get() + head), array_len - head).ok(),
+        ),
+        ("output", Some(output.range())),
+    ]
+    .into_iter()
+    .filter_map(|(w, r)| r.map(|r| (w, r)))
+    .collect();
+    let mut moved = 0;
+    for (what, r) in &hints {
+        let rep = gpu.migrate_to_device(*r).map_err(e("placement failed"))?;
+        if let Some((addr, why)) = rep.skipped.first() {
+            out(&format!(
+                "  note: {} pages of the {what} stayed put ({addr}: {why})\n",
+                rep.skipped.len()
+            ));
+        }
+        moved += rep.migrated;
+    }
+    phases.push((
+        "place (hints to gpu0)",
+        t.elapsed(),
+        format!("{moved} pages migrated; the array's first quarter stays in system memory"),
+    ));
+    show_maps(out, "after placement");
+
+    // 3. The device job, and the CPU's own computation meanwhile.
+    let t = Instant::now();
+    let faults_before = hmm.fault_stats().0;
+    let job_args = JobArgs {
+        root: VirtAddr::new(std::ptr::from_ref(root).addr()),
+        keys: n,
+        array: array.addr(),
+        output: output.addr(),
+        words,
+    };
+    let (device, cpu, cpu_time) = std::thread::scope(|s| {
+        let job = s.spawn(|| gpu.run(workers, job_args.root, |ctx| device_job(ctx, &job_args)));
+        let c = Instant::now();
+        let cpu = reference(n, seed, words);
+        let cpu_time = c.elapsed();
+        let dev = job.join().map_err(|_| "the device job panicked".to_string());
+        (dev, cpu, cpu_time)
+    });
+    let (parts, counters) = device?.map_err(e("the device job failed"))?;
+    let mut device_results = Results::default();
+    for p in &parts {
+        device_results.tree_sum = device_results.tree_sum.wrapping_add(p.tree_sum);
+        device_results.tree_nodes += p.tree_nodes;
+        device_results.out_sum = device_results.out_sum.wrapping_add(p.out_sum);
+    }
+    phases.push((
+        "device job (+ CPU meanwhile)",
+        t.elapsed(),
+        format!(
+            "device: {} tree nodes followed, {} words; {} device faults; CPU reference took {} ms",
+            device_results.tree_nodes,
+            words,
+            counters.faults,
+            cpu_time.as_millis()
+        ),
+    ));
+    let cpu_faults_during_job = hmm.fault_stats().0 - faults_before;
+    show_maps(out, "after the device job");
+
+    // 4. The CPU reads the results: they fault back.
+    let t = Instant::now();
+    let faults_before = hmm.fault_stats().0;
+    let out_sum = sum_output(&output).map_err(|err| format!("cannot read the output: {err}"))?;
+    let (tree_sum, tree_nodes) = walk(root);
+    let cpu_faults = hmm.fault_stats().0 - faults_before;
+    phases.push((
+        "read back (CPU)",
+        t.elapsed(),
+        format!("{cpu_faults} CPU faults brought the pages back as they were touched"),
+    ));
+    show_maps(out, "after the CPU read the results");
+
+    // 5. Check.
+    let checks = [
+        ("tree sum, device vs CPU", device_results.tree_sum, cpu.tree_sum),
+        ("tree nodes, device vs CPU", device_results.tree_nodes, cpu.tree_nodes),
+        ("output sum, device vs CPU", device_results.out_sum, cpu.out_sum),
+        ("output sum read back by the CPU", out_sum, cpu.out_sum),
+        ("tree sum walked by the CPU", tree_sum, cpu.tree_sum),
+        ("tree nodes walked by the CPU", tree_nodes, cpu.tree_nodes),
+    ];
+
+    out("\n  phase                          time  what happened\n");
+    for (name, d, what) in &phases {
+        out(&format!("  {name:<28} {:>7.1} ms  {what}\n", d.as_secs_f64() * 1e3));
+    }
+    let s = gpu.stats();
+    out(&format!(
+        "\n  pages migrated: {} to the device ({}), {} back to system memory ({})\n\
+         \x20 faults: {} on the CPU side ({} during the job), {} on the device side\n",
+        s.migrated_to_device,
+        human_bytes(s.bytes_to_device),
+        s.migrated_to_system,
+        human_bytes(s.bytes_to_system),
+        cpu_faults + cpu_faults_during_job,
+        cpu_faults_during_job,
+        counters.faults,
+    ));
+    out(&format!(
+        "  residency legend: {} system memory, {} gpu0, {} never touched, {} migrating\n\n",
+        Place::System.symbol(),
+        Place::Device(gpu.memory().id()).symbol(),
+        Place::Unpopulated.symbol(),
+        Place::Migrating.symbol(),
+    ));
+    let mut failed = Vec::new();
+    for (what, got, want) in checks {
+        let ok = got == want;
+        let mark = if ok { "ok  " } else { "FAIL" };
+        if what.contains("nodes") {
+            out(&format!("  {mark} {what}: {got}\n"));
+        } else {
+            out(&format!("  {mark} {what}: {got:#018x}\n"));
+        }
+        if !ok {
+            failed.push(format!("{what}: got {got:#x}, want {want:#x}"));
+        }
+    }
+    if failed.is_empty() {
+        out("\nevery result matches the CPU-only computation\n");
+        Ok(())
+    } else {
+        Err(format!("results differ from the CPU-only computation: {}", failed.join("; ")))
+    }
+}
+
+/// Inserts `node` into the tree at `root` (plain Rust: the CPU's side).
+fn insert<'a>(root: &mut Option<&'a Node<'a>>, node: &'a Node<'a>) {
+    let Some(mut at) = *root else {
+        *root = Some(node);
+        return;
+    };
+    loop {
+        let link = if node.key < at.key { &at.left } else { &at.right };
+        match link.get() {
+            Some(next) => at = next,
+            None => {
+                link.set(Some(node));
+                return;
+            }
+        }
+    }
+}
+
+/// The CPU walks the tree through its references (pages on the device
+/// fault back as they are touched): sum of values and node count.
+fn walk(root: &Node<'_>) -> (u64, u64) {
+    let mut stack = vec![root];
+    let (mut sum, mut count) = (0u64, 0u64);
+    while let Some(n) = stack.pop() {
+        sum = sum.wrapping_add(n.value);
+        count += 1;
+        stack.extend(n.left.get());
+        stack.extend(n.right.get());
+    }
+    (sum, count)
+}
+
+fn write_array(array: &ManagedRange, seed: u64) -> Result<(), hmm::RangeError> {
+    const CHUNK: usize = 1 << 16;
+    let mut buf = vec![0u8; CHUNK];
+    for off in (0..array.len()).step_by(CHUNK) {
+        let n = CHUNK.min(array.len() - off);
+        for (k, w) in buf[..n].chunks_exact_mut(8).enumerate() {
+            w.copy_from_slice(&mix(seed, ((off / 8) + k) as u64).to_ne_bytes());
+        }
+        array.write(off, &buf[..n])?;
+    }
+    Ok(())
+}
+
+fn sum_output(output: &ManagedRange) -> Result<u64, hmm::RangeError> {
+    const CHUNK: usize = 1 << 16;
+    let mut buf = vec![0u8; CHUNK];
+    let mut sum = 0u64;
+    for off in (0..output.len()).step_by(CHUNK) {
+        let n = CHUNK.min(output.len() - off);
+        output.read(off, &mut buf[..n])?;
+        for w in buf[..n].chunks_exact(8) {
+            sum = sum.wrapping_add(u64::from_ne_bytes(w.try_into().expect("8 bytes")));
+        }
+    }
+    Ok(sum)
+}
+
+/// The CPU-only computation, from the seed alone.
+fn reference(n: u64, seed: u64, words: usize) -> Results {
+    let mut r = Results { tree_nodes: n, ..Results::default() };
+    for k in 0..n {
+        r.tree_sum = r.tree_sum.wrapping_add(value_of(seed, k));
+    }
+    for i in 0..words as u64 {
+        r.out_sum = r.out_sum.wrapping_add(transform(mix(seed, i)));
+    }
+    r
+}
+
+/// Where the device job finds its data.
+struct JobArgs {
+    root: VirtAddr,
+    keys: u64,
+    array: VirtAddr,
+    output: VirtAddr,
+    words: usize,
+}
+
+/// One device worker: its share of the array (read, transformed, written to
+/// the output) and its share of the keys (the tree walked by following the
+/// links the CPU stored, pruned to the worker's keys).
+fn device_job(ctx: &mut DeviceContext<'_>, a: &JobArgs) -> Result<Results, HmmError> {
+    let (w, ws) = (ctx.worker() as u64, ctx.workers() as u64);
+    let mut r = Results::default();
+    // The array, in blocks.
+    const BLOCK: usize = 1 << 16;
+    let first = a.words as u64 * w / ws;
+    let last = a.words as u64 * (w + 1) / ws;
+    let mut buf = vec![0u8; BLOCK];
+    let mut word = first;
+    while word < last {
+        let n = (BLOCK as u64 / 8).min(last - word) as usize;
+        let off = word as usize * 8;
+        ctx.read(VirtAddr::new(a.array.get() + off), &mut buf[..n * 8])?;
+        for x in buf[..n * 8].chunks_exact_mut(8) {
+            let y = transform(u64::from_ne_bytes((&*x).try_into().expect("8 bytes")));
+            r.out_sum = r.out_sum.wrapping_add(y);
+            x.copy_from_slice(&y.to_ne_bytes());
+        }
+        ctx.write(VirtAddr::new(a.output.get() + off), &buf[..n * 8])?;
+        word += n as u64;
+    }
+    // The tree: keys in [lo, hi).
+    let (lo, hi) = (a.keys * w / ws, a.keys * (w + 1) / ws);
+    let mut stack = vec![a.root.get() as u64];
+    while let Some(at) = stack.pop() {
+        let node = at as usize;
+        let key = ctx.read_u64(VirtAddr::new(node + KEY))?;
+        if (lo..hi).contains(&key) {
+            r.tree_sum = r.tree_sum.wrapping_add(ctx.read_u64(VirtAddr::new(node + VALUE))?);
+            r.tree_nodes += 1;
+        }
+        if lo < key {
+            let left = ctx.read_u64(VirtAddr::new(node + LEFT))?;
+            if left != 0 {
+                stack.push(left);
+            }
+        }
+        if key + 1 < hi {
+            let right = ctx.read_u64(VirtAddr::new(node + RIGHT))?;
+            if right != 0 {
+                stack.push(right);
+            }
+        }
+    }
+    Ok(r)
+}
