@@ -23,6 +23,7 @@ use std::cell::Cell;
 use std::time::{Duration, Instant};
 
 use hmm::observe::human_bytes;
+use hmm::trace::Category;
 use hmm::{
     DeviceContext, Hmm, HmmError, ManagedRange, PAGE_SIZE, Place, SoftwareDevice,
     SoftwareDeviceConfig, VirtAddr,
@@ -132,6 +133,7 @@ pub fn run(args: &DemoArgs, out: &mut dyn FnMut(&str)) -> Result<(), String> {
 
     // 1. Build.
     let t = Instant::now();
+    let phase = hmm::trace::span("build (CPU)", Category::Phase);
     let arena = hmm.arena(arena_len).map_err(e("cannot make the arena"))?;
     let array = hmm.alloc(array_len).map_err(e("cannot allocate the array"))?;
     let output = hmm.alloc(array_len).map_err(e("cannot allocate the output"))?;
@@ -150,6 +152,7 @@ pub fn run(args: &DemoArgs, out: &mut dyn FnMut(&str)) -> Result<(), String> {
     }
     let root = root.ok_or("the tree is empty")?;
     write_array(&array, seed).map_err(|err| format!("cannot write the array: {err}"))?;
+    drop(phase);
     phases.push(("build (CPU)", t.elapsed(), format!("{n} nodes linked, {words} words written")));
     let tree_range = arena.range();
     let ranges: [(&str, hmm::PageRange); 3] =
@@ -165,6 +168,7 @@ pub fn run(args: &DemoArgs, out: &mut dyn FnMut(&str)) -> Result<(), String> {
 
     // 2. Placement hints.
     let t = Instant::now();
+    let phase = hmm::trace::span("place (hints to gpu0)", Category::Phase);
     let head = (array_len / 4).next_multiple_of(PAGE_SIZE).min(array_len);
     let hints: Vec<(&str, hmm::PageRange)> = [
         ("tree", Some(tree_range)),
@@ -188,6 +192,7 @@ pub fn run(args: &DemoArgs, out: &mut dyn FnMut(&str)) -> Result<(), String> {
         }
         moved += rep.migrated;
     }
+    drop(phase);
     phases.push((
         "place (hints to gpu0)",
         t.elapsed(),
@@ -197,6 +202,7 @@ pub fn run(args: &DemoArgs, out: &mut dyn FnMut(&str)) -> Result<(), String> {
 
     // 3. The device job, and the CPU's own computation meanwhile.
     let t = Instant::now();
+    let phase = hmm::trace::span("device job (+ CPU meanwhile)", Category::Phase);
     let faults_before = hmm.fault_stats().0;
     let job_args = JobArgs {
         root: VirtAddr::new(std::ptr::from_ref(root).addr()),
@@ -220,6 +226,7 @@ pub fn run(args: &DemoArgs, out: &mut dyn FnMut(&str)) -> Result<(), String> {
         device_results.tree_nodes += p.tree_nodes;
         device_results.out_sum = device_results.out_sum.wrapping_add(p.out_sum);
     }
+    drop(phase);
     phases.push((
         "device job (+ CPU meanwhile)",
         t.elapsed(),
@@ -236,10 +243,12 @@ pub fn run(args: &DemoArgs, out: &mut dyn FnMut(&str)) -> Result<(), String> {
 
     // 4. The CPU reads the results: they fault back.
     let t = Instant::now();
+    let phase = hmm::trace::span("read back (CPU)", Category::Phase);
     let faults_before = hmm.fault_stats().0;
     let out_sum = sum_output(&output).map_err(|err| format!("cannot read the output: {err}"))?;
     let (tree_sum, tree_nodes) = walk(root);
     let cpu_faults = hmm.fault_stats().0 - faults_before;
+    drop(phase);
     phases.push((
         "read back (CPU)",
         t.elapsed(),

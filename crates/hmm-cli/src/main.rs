@@ -49,6 +49,32 @@ enum Command {
         #[arg(long)]
         explain: bool,
     },
+    /// Record the migrations, faults and invalidations of a run (the demo or
+    /// the benchmark) as a timeline: a Chrome-trace JSON file that Perfetto
+    /// (ui.perfetto.dev) and chrome://tracing open.
+    Trace {
+        /// Where to write the trace.
+        #[arg(long, short, default_value = "hmm-trace.json")]
+        out: std::path::PathBuf,
+        #[command(subcommand)]
+        run: Traced,
+    },
+}
+
+/// What `hmm trace` runs.
+#[derive(Subcommand, Debug)]
+enum Traced {
+    /// The demonstration (same options as `hmm demo`).
+    Demo {
+        #[command(flatten)]
+        args: demo::DemoArgs,
+    },
+    /// The benchmark (same options as `hmm bench`).
+    Bench {
+        /// Fewer repetitions (a few seconds).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -64,6 +90,7 @@ fn main() -> ExitCode {
         Command::Check { json } => check(json),
         Command::Bench { json, quick } => bench(json, quick),
         Command::Demo { args, explain } => demo(&args, explain),
+        Command::Trace { out, run } => trace(&out, run),
     }
 }
 
@@ -185,6 +212,37 @@ fn bench(json: bool, quick: bool) -> ExitCode {
     }
     out(&s);
     ExitCode::SUCCESS
+}
+
+fn trace(path: &std::path::Path, run: Traced) -> ExitCode {
+    // Refuse an unwritable destination before the run, not after it.
+    let file = match std::fs::File::create(path) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("hmm trace: cannot write {}: {e}", path.display());
+            return ExitCode::from(1);
+        }
+    };
+    hmm::trace::start();
+    let code = match run {
+        Traced::Demo { args } => demo(&args, false),
+        Traced::Bench { quick } => bench(false, quick),
+    };
+    let t = hmm::trace::stop();
+    let mut w = std::io::BufWriter::new(file);
+    if let Err(e) = t.write_chrome_json(&mut w).and_then(|()| w.flush()) {
+        eprintln!("hmm trace: cannot write {}: {e}", path.display());
+        return ExitCode::from(1);
+    }
+    let counts: Vec<String> = t.counts().iter().map(|(k, v)| format!("{k} {v}")).collect();
+    eprintln!(
+        "hmm trace: {} events ({}) written to {}{}; open it in https://ui.perfetto.dev or chrome://tracing",
+        t.events().len(),
+        counts.join(", "),
+        path.display(),
+        if t.dropped() > 0 { format!(", {} more dropped", t.dropped()) } else { String::new() },
+    );
+    code
 }
 
 const WALKTHROUGH: &str = "\

@@ -229,3 +229,43 @@ fn check_as_an_unprivileged_user_explains_what_is_missing_and_the_fix() {
         assert!(out.status.success(), "ordinary users may use userfaultfd here");
     }
 }
+
+/// `hmm trace demo` writes a Chrome-trace file with the demo's phases and
+/// hmm's migrations, faults and invalidations on named threads; an
+/// unwritable destination is refused before anything runs.
+#[test]
+fn trace_of_the_demo_is_a_timeline() {
+    let dir = std::env::temp_dir().join(format!("hmm-trace-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("demo.json");
+    let out = hmm(&[
+        "trace",
+        "--out",
+        path.to_str().unwrap(),
+        "demo",
+        "--nodes",
+        "20000",
+        "--array-mib",
+        "4",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    if !usable() {
+        assert!(!out.status.success(), "{err}");
+        return;
+    }
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("events") && err.contains("perfetto"), "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let events = v["traceEvents"].as_array().unwrap();
+    let cats: std::collections::BTreeSet<&str> =
+        events.iter().filter_map(|e| e["cat"].as_str()).collect();
+    for cat in ["phase", "migrate", "cpu-fault", "device-fault", "invalidate"] {
+        assert!(cats.contains(cat), "no {cat} events: {cats:?}");
+    }
+    let phase = events.iter().find(|e| e["name"] == "device job (+ CPU meanwhile)").unwrap();
+    assert!(phase["dur"].as_f64().unwrap() > 0.0);
+    std::fs::remove_dir_all(&dir).unwrap();
+    let out = hmm(&["trace", "--out", "/nonexistent-dir/t.json", "demo"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot write /nonexistent-dir/t.json"));
+}

@@ -664,11 +664,18 @@ impl Service {
             }
         };
         let mut f = CpuFault { inner: &self.inner, range: r.clone(), addr, page: p, window, write };
+        let mut span = crate::trace::span("CPU fault", crate::trace::Category::CpuFault);
+        if let Some(s) = &mut span {
+            s.arg("addr", addr.get() as u64);
+            s.arg("window_pages", f.window.pages() as u64);
+            s.arg("write", u64::from(write));
+        }
         let res = if mem.is_failed() {
             Err(FaultBackError::DeviceFailed)
         } else {
             mem.ops().migrate_to_ram(&mut f)
         };
+        drop(span);
         match res {
             Ok(()) => {
                 r.counters.cpu_faults.fetch_add(1, Ordering::Relaxed);

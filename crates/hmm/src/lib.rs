@@ -40,6 +40,7 @@ pub mod probe;
 pub(crate) mod remap;
 pub mod space;
 pub mod swdev;
+pub mod trace;
 
 pub use addr::{HUGE_PAGE_SIZE, PAGE_SHIFT, PAGE_SIZE, PageRange, RangeError, VirtAddr};
 pub use devmem::{

@@ -184,6 +184,8 @@ pub struct Migration {
     /// Whether pages that end on a coherent device are mapped for the CPU
     /// (not for exclusive access, whose pages a CPU touch must fault back).
     map_for_cpu: bool,
+    /// The span recorded for the trace, when recording is on.
+    trace: Option<crate::trace::Span>,
 }
 
 impl std::fmt::Debug for Migration {
@@ -300,6 +302,18 @@ impl Migration {
                 slots.push(Slot { src, dst: None, status, held, cpu_unmapped, cpu_mapped: false });
             }
         }
+        let mut trace = crate::trace::span(
+            match select {
+                Selection::System => "migrate to device",
+                Selection::Device(_) => "migrate to system",
+                Selection::Peer(_) => "migrate device to device",
+            },
+            crate::trace::Category::Migrate,
+        );
+        if let Some(t) = &mut trace {
+            t.arg("addr", range.start().get() as u64);
+            t.arg("pages", range.pages() as u64);
+        }
         let mut me = Migration {
             inner: inner.clone(),
             rec,
@@ -311,6 +325,7 @@ impl Migration {
             in_flight: None,
             finalized: false,
             map_for_cpu: true,
+            trace,
         };
         // Mirrors drop their translations before any page leaves its place
         // (the kernel's MMU_NOTIFY_MIGRATE), outside the table lock.
@@ -996,6 +1011,9 @@ impl Migration {
                 PageStatus::Skipped(r) => report.skipped.push((self.addr(k), r.clone())),
                 PageStatus::Pending => unreachable!("every page was settled above"),
             }
+        }
+        if let Some(mut t) = self.trace.take() {
+            t.arg("migrated", report.migrated as u64);
         }
         report
     }

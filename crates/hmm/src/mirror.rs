@@ -164,7 +164,13 @@ impl Notifiers {
             v
         };
         if hits.is_empty() {
-            return Invalidating(hits);
+            return Invalidating(hits, None);
+        }
+        let mut span = crate::trace::span("invalidate", crate::trace::Category::Invalidate);
+        if let Some(s) = &mut span {
+            s.arg("addr", range.start().get() as u64);
+            s.arg("pages", range.pages() as u64);
+            s.arg("notifiers", hits.len() as u64);
         }
         let seq = self.seq.fetch_add(2, Ordering::AcqRel) + 2;
         // Every sequence moves before any callback runs, so a fill of any of
@@ -179,7 +185,7 @@ impl Notifiers {
             let part = PageRange::new(start, end.get() - start.get()).expect("overlap");
             (n.callback)(&Invalidation { range: part, event, seq });
         }
-        Invalidating(hits)
+        Invalidating(hits, span)
     }
 
     /// [`start`](Self::start) for a change already made visible to fills
@@ -202,13 +208,15 @@ impl Notifiers {
 /// An invalidation in progress (see [`Notifiers::start`]): fills of the
 /// notifiers it called wait until it is dropped.
 #[must_use = "the invalidation ends when this is dropped: hold it across the change"]
-pub(crate) struct Invalidating(Vec<Arc<NotifierState>>);
+/// The span recorded for the trace, if on, ends when the guard drops.
+pub(crate) struct Invalidating(Vec<Arc<NotifierState>>, Option<crate::trace::Span>);
 
 impl Drop for Invalidating {
     fn drop(&mut self) {
         for n in &self.0 {
             n.end();
         }
+        drop(self.1.take());
     }
 }
 
@@ -453,6 +461,11 @@ impl Inner {
                 req.per_page.len(),
                 req.range.pages()
             )));
+        }
+        let mut span = crate::trace::span("device fault", crate::trace::Category::DeviceFault);
+        if let Some(s) = &mut span {
+            s.arg("addr", req.range.start().get() as u64);
+            s.arg("pages", req.range.pages() as u64);
         }
         let deadline = Instant::now() + req.timeout;
         let mut delay = Duration::from_micros(50);

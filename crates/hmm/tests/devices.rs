@@ -359,3 +359,47 @@ fn residency_map_shows_every_page_and_the_counters() {
     assert_eq!(r.residency_map().places()[0], Place::System);
     common::eventually("the fault counted", || r.residency_map().stats().cpu_faults >= 1);
 }
+
+/// A recording of a migration, a CPU fault back, a device fault and an
+/// invalidation holds one event of each kind, and the Chrome-trace JSON of
+/// it parses with the fields a timeline viewer needs.
+#[test]
+fn trace_records_migrations_faults_and_invalidations() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let _fork = common::fork_lock();
+    let hmm = Hmm::new().unwrap();
+    let gpu = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("gpu0", 1 << 20)).unwrap();
+    let r = hmm.alloc(16 * PAGE_SIZE).unwrap();
+    r.fill(0, r.len(), 7).unwrap();
+    hmm::trace::start();
+    let (_, c) = gpu.read(r.pages_range(0, 4).unwrap()).unwrap();
+    assert!(c.faults > 0, "the device faulted its page table in");
+    gpu.migrate_to_device(r.range()).unwrap();
+    r.touch_read(0).unwrap();
+    // The fault's span ends as the fault service returns, just after it
+    // wakes the touching thread and before it counts the fault.
+    common::eventually("the fault counted", || r.stats().cpu_faults == 1);
+    let trace = hmm::trace::stop();
+    let counts = trace.counts();
+    for cat in ["migrate", "cpu-fault", "device-fault", "invalidate"] {
+        assert!(counts.get(cat).copied().unwrap_or(0) > 0, "no {cat} event: {counts:?}");
+    }
+    let m = trace.events().iter().find(|e| e.name == "migrate to device").unwrap();
+    assert!(m.args.contains(&("pages", 16)) && m.args.contains(&("migrated", 16)), "{m:?}");
+    let mut json = Vec::new();
+    trace.write_chrome_json(&mut json).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+    let events = v["traceEvents"].as_array().unwrap();
+    let x: Vec<_> = events.iter().filter(|e| e["ph"] == "X").collect();
+    assert_eq!(x.len(), trace.events().len());
+    for e in &x {
+        assert!(e["ts"].as_f64().is_some() && e["dur"].as_f64().unwrap() >= 0.0, "{e}");
+        assert!(e["tid"].as_u64().is_some() && e["pid"].as_u64().is_some(), "{e}");
+    }
+    assert!(
+        events.iter().any(|e| e["ph"] == "M" && e["args"]["name"] == "hmm-fault"),
+        "threads named"
+    );
+}
