@@ -10,6 +10,7 @@ use hmm::bench::{self, BenchOptions};
 use hmm::probe::{self, Probe, Verdict};
 
 mod demo;
+mod plot;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -30,14 +31,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Measure the baselines every hmm figure is compared to.
+    /// Measure the baselines, then every hmm figure against them.
     Bench {
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
         /// Fewer repetitions (a few seconds).
-        #[arg(long)]
+        #[arg(long, global = true)]
         quick: bool,
+        /// Also measure the series (throughput against size) and write them,
+        /// with the figures, as CSV files into this directory.
+        #[arg(long, value_name = "DIR")]
+        csv: Option<std::path::PathBuf>,
+        /// Also measure the series and draw them as an SVG into this file.
+        #[arg(long, value_name = "FILE")]
+        plot: Option<std::path::PathBuf>,
+        #[command(subcommand)]
+        only: Option<BenchOnly>,
     },
     /// Run the demonstration on the built-in software device: a data set
     /// built by the CPU, computed on by a device through the shared address
@@ -58,6 +68,22 @@ enum Command {
         out: std::path::PathBuf,
         #[command(subcommand)]
         run: Traced,
+    },
+}
+
+/// A part of the benchmark on its own.
+#[derive(Subcommand, Debug)]
+enum BenchOnly {
+    /// Measure only the series (throughput against migration size: copy,
+    /// zero-copy, fault-back, memcpy, and the kernel self-test's migration
+    /// benchmark) and draw them as an SVG.
+    Plot {
+        /// Where to write the SVG.
+        #[arg(long, short, default_value = "hmm-bench.svg")]
+        out: std::path::PathBuf,
+        /// Also write the series as CSV into this directory.
+        #[arg(long, value_name = "DIR")]
+        csv: Option<std::path::PathBuf>,
     },
 }
 
@@ -88,7 +114,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { json } => check(json),
-        Command::Bench { json, quick } => bench(json, quick),
+        Command::Bench { json, quick, csv, plot, only } => match only {
+            None => bench(json, quick, &Outputs { csv, plot }),
+            Some(BenchOnly::Plot { out, csv }) => {
+                bench_series(quick, &Outputs { csv, plot: Some(out) })
+            }
+        },
         Command::Demo { args, explain } => demo(&args, explain),
         Command::Trace { out, run } => trace(&out, run),
     }
@@ -169,10 +200,65 @@ fn render_probe(p: &Probe) -> String {
     s
 }
 
-fn bench(json: bool, quick: bool) -> ExitCode {
+/// Where `hmm bench` writes its series, if anywhere.
+#[derive(Debug, Default)]
+struct Outputs {
+    csv: Option<std::path::PathBuf>,
+    plot: Option<std::path::PathBuf>,
+}
+
+impl Outputs {
+    fn wanted(&self) -> bool {
+        self.csv.is_some() || self.plot.is_some()
+    }
+
+    /// Refuses unusable destinations before anything is measured.
+    fn check(&self) -> Result<(), String> {
+        if let Some(d) = &self.csv {
+            std::fs::create_dir_all(d)
+                .map_err(|e| format!("cannot make the CSV directory {}: {e}", d.display()))?;
+        }
+        if let Some(f) = &self.plot {
+            std::fs::File::create(f)
+                .map_err(|e| format!("cannot write the plot {}: {e}", f.display()))?;
+        }
+        Ok(())
+    }
+
+    fn write(
+        &self,
+        figures: Option<&bench::BenchReport>,
+        series: &[bench::series::Series],
+    ) -> Result<(), String> {
+        if let Some(d) = &self.csv {
+            let put = |name: &str, text: String| {
+                let p = d.join(name);
+                std::fs::write(&p, text).map_err(|e| format!("cannot write {}: {e}", p.display()))
+            };
+            put("series.csv", bench::series::to_csv(series))?;
+            if let Some(b) = figures {
+                let mut s = String::from("key,value,unit\n");
+                for r in b.rows() {
+                    let v = r.value.map_or_else(String::new, |v| format!("{v:.4}"));
+                    s.push_str(&format!("{},{v},{}\n", r.key, r.unit));
+                }
+                put("figures.csv", s)?;
+            }
+            eprintln!("hmm bench: CSV written to {}", d.display());
+        }
+        if let Some(f) = &self.plot {
+            plot::draw(f, series, "hmm on the software device")?;
+            eprintln!("hmm bench: plot written to {}", f.display());
+        }
+        Ok(())
+    }
+}
+
+/// A progress bar on a terminal, lines otherwise, nothing for `--json`.
+fn progress(json: bool, total: usize, what: &str) -> (ProgressBar, bool) {
     let show = !json && std::io::stderr().is_terminal();
     let bar = ProgressBar::with_draw_target(
-        Some(bench::ALL_STEPS as u64),
+        Some(total as u64),
         if show { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() },
     );
     bar.set_style(
@@ -181,15 +267,53 @@ fn bench(json: bool, quick: bool) -> ExitCode {
     );
     bar.enable_steady_tick(std::time::Duration::from_millis(120));
     if !json && !show {
-        eprintln!(
-            "measuring baselines and migration figures{}...",
-            if quick { " (quick)" } else { "" }
-        );
+        eprintln!("{what}...");
     }
+    (bar, !json && !show)
+}
+
+fn measure_series(json: bool, quick: bool) -> Result<Vec<bench::series::Series>, String> {
+    let (bar, lines) = progress(json, bench::series::SERIES_STEPS, "measuring the series");
+    let res = bench::series::run_series(BenchOptions { quick }, &mut |step| {
+        bar.set_position(step.index as u64);
+        bar.set_message(step.name);
+        if lines {
+            eprintln!("  [{}/{}] {}", step.index + 1, step.total, step.name);
+        }
+    });
+    bar.finish_and_clear();
+    res.map_err(|e| e.to_string())
+}
+
+fn bench_series(quick: bool, outputs: &Outputs) -> ExitCode {
+    let done = outputs.check().and_then(|()| {
+        if let Err((reason, fix)) = probe::probe().usable() {
+            return Err(format!("the series need hmm, which cannot run here: {reason} ({fix})"));
+        }
+        let series = measure_series(false, quick)?;
+        outputs.write(None, &series)
+    });
+    match done {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hmm bench: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn bench(json: bool, quick: bool, outputs: &Outputs) -> ExitCode {
+    if let Err(e) = outputs.check() {
+        eprintln!("hmm bench: {e}");
+        return ExitCode::from(1);
+    }
+    let what =
+        format!("measuring baselines and migration figures{}", if quick { " (quick)" } else { "" });
+    let (bar, lines) = progress(json, bench::ALL_STEPS, &what);
     let res = bench::run_all(BenchOptions { quick }, &mut |step| {
         bar.set_position(step.index as u64);
         bar.set_message(step.name);
-        if !json && !show {
+        if lines {
             eprintln!("  [{}/{}] {}", step.index + 1, step.total, step.name);
         }
     });
@@ -201,6 +325,17 @@ fn bench(json: bool, quick: bool) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if outputs.wanted() {
+        let written = if probe::probe().usable().is_ok() {
+            measure_series(json, quick).and_then(|s| outputs.write(Some(&b), &s))
+        } else {
+            outputs.write(Some(&b), &[])
+        };
+        if let Err(e) = written {
+            eprintln!("hmm bench: {e}");
+            return ExitCode::from(1);
+        }
+    }
     if json {
         out(&format!("{}\n", serde_json::to_string(&b).expect("bench report serializes")));
         return ExitCode::SUCCESS;
@@ -226,7 +361,7 @@ fn trace(path: &std::path::Path, run: Traced) -> ExitCode {
     hmm::trace::start();
     let code = match run {
         Traced::Demo { args } => demo(&args, false),
-        Traced::Bench { quick } => bench(false, quick),
+        Traced::Bench { quick } => bench(false, quick, &Outputs::default()),
     };
     let t = hmm::trace::stop();
     let mut w = std::io::BufWriter::new(file);

@@ -269,3 +269,58 @@ fn trace_of_the_demo_is_a_timeline() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot write /nonexistent-dir/t.json"));
 }
+
+/// `hmm bench plot` measures the series and draws them: the SVG names every
+/// series, and the CSV has a row per size of each (4 KiB to 64 MiB for the
+/// sweep, 512 KiB to 256 MiB for the self-test benchmark, which has both
+/// directions with and without THP). A destination that cannot be written
+/// is refused before anything is measured.
+#[test]
+fn bench_plot_draws_and_writes_the_series() {
+    let dir = std::env::temp_dir().join(format!("hmm-plot-test-{}", std::process::id()));
+    let svg = dir.join("bench.svg");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = hmm(&[
+        "bench",
+        "plot",
+        "--quick",
+        "--out",
+        svg.to_str().unwrap(),
+        "--csv",
+        dir.join("csv").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    if !usable() {
+        assert!(!out.status.success() && err.contains("cannot run here"), "{err}");
+        return;
+    }
+    assert!(out.status.success(), "{err}");
+    let csv = std::fs::read_to_string(dir.join("csv/series.csv")).unwrap();
+    let rows = |series: &str| csv.lines().filter(|l| l.contains(&format!("\"{series}\""))).count();
+    for s in [
+        "memcpy",
+        "copy engine, to device",
+        "zero-copy engine, to device",
+        "fault-back (CPU touch)",
+    ] {
+        assert_eq!(rows(s), 8, "{s}: {csv}");
+    }
+    for dir in ["to device", "to system"] {
+        for thp in ["THP", "no THP"] {
+            assert_eq!(rows(&format!("self-test: {dir}, {thp}")), 10, "{csv}");
+        }
+    }
+    for line in csv.lines().skip(1) {
+        let v: f64 = line.split(',').rev().nth(1).unwrap().parse().unwrap();
+        assert!(v > 0.0, "{line}");
+    }
+    let picture = std::fs::read_to_string(&svg).unwrap();
+    assert!(picture.starts_with("<svg"), "an SVG document");
+    for s in ["memcpy", "zero-copy engine, to device", "self-test: to system, THP", "64 MiB"] {
+        assert!(picture.contains(s), "{s} missing from the plot");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    let out = hmm(&["bench", "plot", "--out", "/nonexistent-dir/b.svg"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot write the plot"));
+}

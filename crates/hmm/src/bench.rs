@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+pub mod series;
+
 use crate::addr::{PAGE_SIZE, PageRange};
 use crate::os::mm::{Advise, Mapping, MmError, Protection};
 use crate::os::pagemap::{Pagemap, PagemapError, ScanRequest};
