@@ -3,13 +3,13 @@
 //! A coherent region's memory is a file (for the software device, a memfd)
 //! whose page `i` is device page `i`. When a migration commits pages to such
 //! a region, hmm maps the file's pages over the pages' addresses
-//! ([`Inner::coherent_map`]): CPU reads and writes then reach device memory
+//! (`Inner::coherent_map`): CPU reads and writes then reach device memory
 //! without faulting, and the device sees them. The record says so
 //! ([`PageEntry::is_cpu_mapped`](crate::page::PageEntry::is_cpu_mapped)).
 //! Before a migration takes such a page away (back to system memory, to
 //! another device, on eviction or device failure), hmm puts an empty piece
 //! of anonymous memory, registered with its userfaultfd like the rest of the
-//! range, in the file's place with one `mremap` ([`Inner::coherent_unmap`]):
+//! range, in the file's place with one `mremap` (`Inner::coherent_unmap`):
 //! from then on a CPU touch waits in the fault service, as for any page in
 //! migration, and no write can land in the device page after it was copied.
 //!

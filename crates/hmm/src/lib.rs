@@ -13,7 +13,7 @@
 //! - [`os`]: the only module with `unsafe`: userfaultfd, `PAGEMAP_SCAN`,
 //!   mappings, memfd, processes; every ioctl checked at compile time.
 //! - [`probe`]: what this kernel offers, probed once and cached.
-//! - [`bench`]: the baselines every performance figure is compared to.
+//! - [`bench`](mod@bench): the baselines every performance figure is compared to.
 //!
 //! ```
 //! // What does this kernel offer hmm?

@@ -4,7 +4,7 @@
 //! call. What the layer guarantees to the rest of the crate:
 //!
 //! - **Checked ABI.** Every ioctl number and structure layout is checked at
-//!   compile time against the kernel's definitions ([`sys`]).
+//!   compile time against the kernel's definitions (the private `sys` module).
 //! - **Checked ranges.** Ranges are [`PageRange`](crate::addr::PageRange)s, so
 //!   unaligned, empty and overflowing ranges are refused before any system call.
 //! - **No aliasing surprises.** Calls that can drop, move or replace the pages of
