@@ -13,7 +13,20 @@
 //! - [`os`]: the only module with `unsafe`: userfaultfd, `PAGEMAP_SCAN`,
 //!   mappings, memfd, processes; every ioctl checked at compile time.
 //! - [`probe`]: what this kernel offers, probed once and cached.
-//! - [`bench`](mod@bench): the baselines every performance figure is compared to.
+//! - [`space`]: the managed address space ([`Hmm`], [`ManagedRange`], arenas)
+//!   and the fault service; [`page`] holds the per-page records.
+//! - [`devmem`], [`dma`], [`migrate`], [`fault`]: device memory and its
+//!   driver callbacks, DMA engines, three-phase migration, CPU fault-back.
+//! - [`mirror`]: interval notifiers and `range_fault`, for device page tables.
+//! - [`coherent`]: device memory the CPU maps directly.
+//! - [`swdev`]: the built-in software device.
+//! - [`observe`] and [`trace`]: where every page lives, and a timeline of
+//!   what hmm did.
+//! - [`bench`](mod@bench): the baselines and every figure measured beside them.
+//!
+//! Start with [`Hmm`]: it has a short example of the whole cycle, as does
+//! [`SoftwareDevice`]; the crate's `examples/` show a minimal program, a new
+//! device driver, and mirroring with interval notifiers.
 //!
 //! ```
 //! // What does this kernel offer hmm?

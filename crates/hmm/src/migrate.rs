@@ -170,6 +170,26 @@ struct Slot {
 }
 
 /// A migration between setup and finalize (see the [module docs](self)).
+///
+/// The three phases by hand, as a driver with its own allocator and engine
+/// would run them ([`Hmm::migrate_to_device`](crate::Hmm::migrate_to_device)
+/// does the same in one call):
+///
+/// ```
+/// # fn main() -> Result<(), hmm::HmmError> {
+/// use hmm::{Hmm, PAGE_SIZE, Selection, SoftwareDevice, SoftwareDeviceConfig};
+/// let hmm = Hmm::new()?;
+/// let gpu = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("gpu0", 1 << 20))?;
+/// let r = hmm.alloc(8 * PAGE_SIZE)?;
+/// r.fill(0, r.len(), 1)?;
+/// let mut m = hmm.migrate(r.range(), Selection::System)?; // setup: pages unmapped
+/// assert_eq!(m.collected(), 8);
+/// m.allocate_on(gpu.memory()); // destination pages
+/// m.copy(gpu.memory().ops().dma()); // the device's DMA engine
+/// let report = m.finalize(); // commit, wake waiters
+/// assert_eq!(report.migrated, 8);
+/// # Ok(()) }
+/// ```
 pub struct Migration {
     inner: Arc<Inner>,
     rec: Arc<Range>,

@@ -474,6 +474,22 @@ impl fmt::Debug for Inner {
 ///
 /// Dropping it brings every device-resident page back to system memory, stops
 /// the fault service and leaves the ranges as plain memory.
+///
+/// ```
+/// # fn main() -> Result<(), hmm::HmmError> {
+/// use hmm::{Hmm, PAGE_SIZE, Residency, SoftwareDevice, SoftwareDeviceConfig};
+/// let hmm = Hmm::new()?; // says what the kernel lacks when it cannot start
+/// let gpu = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("gpu0", 1 << 20))?;
+/// let r = hmm.alloc(4 * PAGE_SIZE)?;
+/// r.write(0, b"hello")?;
+/// assert_eq!(gpu.migrate_to_device(r.range())?.migrated, 4);
+/// assert!(matches!(r.residency(0), Residency::Device(_)));
+/// let mut b = [0u8; 5];
+/// r.read(0, &mut b)?; // faults the page back
+/// assert_eq!(&b, b"hello");
+/// assert_eq!(hmm.residence().total(), 4 * PAGE_SIZE as u64);
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct Hmm {
     inner: Arc<Inner>,
@@ -963,6 +979,23 @@ impl Hmm {
     /// or bringing back pages of other devices). A device's own private pages
     /// are reported, never faulted. Works on any memory of the process; call it
     /// under the retry protocol of an [`IntervalNotifier`].
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use hmm::{Hmm, PAGE_SIZE, RangeFault};
+    /// let hmm = Hmm::new()?;
+    /// let r = hmm.alloc(4 * PAGE_SIZE)?;
+    /// let n = hmm.insert_notifier(r.range(), |_| {});
+    /// let pages = loop {
+    ///     let seq = n.read_begin();
+    ///     let pages = hmm.range_fault(&RangeFault::fault(r.range(), true, None))?;
+    ///     if !n.read_retry(seq) {
+    ///         break pages; // (a driver would check under its own lock)
+    ///     }
+    /// };
+    /// assert!(pages.iter().all(|p| p.valid && p.write), "faulted in, writable");
+    /// # Ok(()) }
+    /// ```
     pub fn range_fault(&self, req: &RangeFault<'_>) -> Result<Vec<PageInfo>, RangeFaultError> {
         self.inner.range_fault(req)
     }

@@ -174,6 +174,21 @@ fn slot_range(pool: &Mapping, page: DevicePage) -> PageRange {
 /// A software device with private memory, registered with an [`Hmm`] instance.
 ///
 /// Dropping it brings every page it holds back to system memory.
+///
+/// ```
+/// # fn main() -> Result<(), hmm::HmmError> {
+/// use hmm::{Hmm, PAGE_SIZE, SoftwareDevice, SoftwareDeviceConfig};
+/// let hmm = Hmm::new()?;
+/// let gpu = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("gpu0", 1 << 20))?;
+/// let r = hmm.alloc(2 * PAGE_SIZE)?;
+/// r.fill(0, r.len(), 9)?;
+/// gpu.migrate_to_device(r.range())?;
+/// let (bytes, _) = gpu.read(r.range())?; // through the device's page table
+/// assert!(bytes.iter().all(|b| *b == 9));
+/// gpu.migrate_to_system(r.range())?;
+/// assert_eq!(gpu.stats().pages_resident, 0);
+/// # Ok(()) }
+/// ```
 pub struct SoftwareDevice {
     hmm: Arc<Inner>,
     mem: Arc<DeviceMemory>,
