@@ -59,6 +59,10 @@ enum Command {
         #[arg(long)]
         explain: bool,
     },
+    /// Model-based random testing: random operations applied to hmm and to a
+    /// byte-array model, compared after every step. Ends with one line
+    /// `ops=M divergences=D`; exits non-zero if D > 0.
+    Stress(StressArgs),
     /// Record the migrations, faults and invalidations of a run (the demo or
     /// the benchmark) as a timeline: a Chrome-trace JSON file that Perfetto
     /// (ui.perfetto.dev) and chrome://tracing open.
@@ -69,6 +73,23 @@ enum Command {
         #[command(subcommand)]
         run: Traced,
     },
+}
+
+/// How `hmm stress` runs.
+#[derive(clap::Args, Debug)]
+struct StressArgs {
+    /// Seed of every random choice (a failing seed replays the same operations).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Operations in all.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
+    ops: u64,
+    /// Worker threads, each on its own range, sharing the devices.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    threads: u64,
+    /// Pages of each worker's range.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=262_144))]
+    pages: u64,
 }
 
 /// A part of the benchmark on its own.
@@ -122,6 +143,7 @@ fn main() -> ExitCode {
         },
         Command::Demo { args, explain } => demo(&args, explain),
         Command::Trace { out, run } => trace(&out, run),
+        Command::Stress(args) => stress(&args),
     }
 }
 
@@ -347,6 +369,48 @@ fn bench(json: bool, quick: bool, outputs: &Outputs) -> ExitCode {
     }
     out(&s);
     ExitCode::SUCCESS
+}
+
+fn stress(a: &StressArgs) -> ExitCode {
+    if let Err((reason, fix)) = probe::probe().usable() {
+        eprintln!("hmm stress: hmm cannot run here: {reason}\nfix: {fix}");
+        return ExitCode::from(1);
+    }
+    let cfg = hmm::stress::StressConfig {
+        seed: a.seed,
+        ops: a.ops,
+        threads: a.threads as usize,
+        pages: a.pages as usize,
+    };
+    let (bar, lines) = progress(false, a.ops as usize, "running the operations");
+    bar.set_message(format!("seed {}", a.seed));
+    let report = hmm::stress::run(cfg, &|n| bar.set_position(n));
+    bar.finish_and_clear();
+    let _ = lines;
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("hmm stress: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let kinds: Vec<String> = report.by_kind.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    eprintln!("seed {}: {}", a.seed, kinds.join(", "));
+    for d in &report.divergences {
+        eprintln!("divergence: {d}");
+    }
+    if let Some(ops) = &report.shrunk {
+        eprintln!(
+            "shrunk to {} operations (replay with --seed {} --threads 1):",
+            ops.len(),
+            a.seed
+        );
+        for op in ops {
+            eprintln!("  {op:?}");
+        }
+    }
+    out(&format!("ops={} divergences={}\n", report.ops, report.divergences.len()));
+    if report.divergences.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) }
 }
 
 fn trace(path: &std::path::Path, run: Traced) -> ExitCode {

@@ -324,3 +324,19 @@ fn bench_plot_draws_and_writes_the_series() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot write the plot"));
 }
+
+/// `hmm stress` ends with the one summary line and exits zero when nothing
+/// diverged; bad arguments are refused.
+#[test]
+fn stress_ends_with_the_summary_line() {
+    let out = hmm(&["stress", "--ops", "400", "--seed", "9", "--pages", "64"]);
+    if !usable() {
+        assert!(!out.status.success());
+        return;
+    }
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(text.trim().lines().last(), Some("ops=400 divergences=0"), "{text}");
+    let out = hmm(&["stress", "--threads", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+}

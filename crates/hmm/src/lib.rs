@@ -52,6 +52,7 @@ pub mod page;
 pub mod probe;
 pub(crate) mod remap;
 pub mod space;
+pub mod stress;
 pub mod swdev;
 pub mod trace;
 
