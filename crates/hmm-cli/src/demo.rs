@@ -231,7 +231,7 @@ pub fn run(args: &DemoArgs, out: &mut dyn FnMut(&str)) -> Result<(), String> {
         "device job (+ CPU meanwhile)",
         t.elapsed(),
         format!(
-            "device: {} tree nodes followed, {} words; {} device faults; CPU reference took {} ms",
+            "device: {} tree nodes summed (each worker walking from the root), {} words; {} device faults; CPU reference took {} ms",
             device_results.tree_nodes,
             words,
             counters.faults,

@@ -32,6 +32,7 @@ enum Command {
         json: bool,
     },
     /// Measure the baselines, then every hmm figure against them.
+    #[command(args_conflicts_with_subcommands = true)]
     Bench {
         /// Print one JSON object instead of a table.
         #[arg(long)]
@@ -241,7 +242,13 @@ impl Outputs {
                 .map_err(|e| format!("cannot make the CSV directory {}: {e}", d.display()))?;
         }
         if let Some(f) = &self.plot {
-            std::fs::File::create(f)
+            // Opened for writing without emptying it: a file the run will not
+            // replace (the run fails first) keeps what it held.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(f)
                 .map_err(|e| format!("cannot write the plot {}: {e}", f.display()))?;
         }
         Ok(())
@@ -269,8 +276,12 @@ impl Outputs {
             eprintln!("hmm bench: CSV written to {}", d.display());
         }
         if let Some(f) = &self.plot {
-            plot::draw(f, series, "hmm on the software device")?;
-            eprintln!("hmm bench: plot written to {}", f.display());
+            if series.is_empty() {
+                eprintln!("hmm bench: no plot: the series need hmm, which cannot run here");
+            } else {
+                plot::draw(f, series, "hmm on the software device")?;
+                eprintln!("hmm bench: plot written to {}", f.display());
+            }
         }
         Ok(())
     }
@@ -347,6 +358,17 @@ fn bench(json: bool, quick: bool, outputs: &Outputs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // The figures first: a failure of the series loses none of them.
+    if json {
+        out(&format!("{}\n", serde_json::to_string(&b).expect("bench report serializes")));
+    } else {
+        let mut s = format!("{:<34} {:>12}  {:<9} what\n", "key", "value", "unit");
+        for r in b.rows() {
+            let v = r.value.map_or_else(|| "n/a".to_string(), |v| format!("{v:.3}"));
+            s.push_str(&format!("{:<34} {:>12}  {:<9} {}\n", r.key, v, r.unit, r.what));
+        }
+        out(&s);
+    }
     if outputs.wanted() {
         let written = if probe::probe().usable().is_ok() {
             measure_series(json, quick).and_then(|s| outputs.write(Some(&b), &s))
@@ -354,20 +376,10 @@ fn bench(json: bool, quick: bool, outputs: &Outputs) -> ExitCode {
             outputs.write(Some(&b), &[])
         };
         if let Err(e) = written {
-            eprintln!("hmm bench: {e}");
+            eprintln!("hmm bench: the series: {e}");
             return ExitCode::from(1);
         }
     }
-    if json {
-        out(&format!("{}\n", serde_json::to_string(&b).expect("bench report serializes")));
-        return ExitCode::SUCCESS;
-    }
-    let mut s = format!("{:<34} {:>12}  {:<9} what\n", "key", "value", "unit");
-    for r in b.rows() {
-        let v = r.value.map_or_else(|| "n/a".to_string(), |v| format!("{v:.3}"));
-        s.push_str(&format!("{:<34} {:>12}  {:<9} {}\n", r.key, v, r.unit, r.what));
-    }
-    out(&s);
     ExitCode::SUCCESS
 }
 
@@ -428,6 +440,9 @@ fn trace(path: &std::path::Path, run: Traced) -> ExitCode {
         Traced::Bench { quick } => bench(false, quick, &Outputs::default()),
     };
     let t = hmm::trace::stop();
+    if code != ExitCode::SUCCESS {
+        eprintln!("hmm trace: the run failed; the trace holds what happened before it stopped");
+    }
     let mut w = std::io::BufWriter::new(file);
     if let Err(e) = t.write_chrome_json(&mut w).and_then(|()| w.flush()) {
         eprintln!("hmm trace: cannot write {}: {e}", path.display());

@@ -157,7 +157,19 @@ impl Inner {
     /// [`coherent_unmap`](Self::coherent_unmap) at `run`, where an
     /// application's `mremap` moved coherent pages of range `r` (the pages
     /// are held by the forward that carries them on, so a touch waits).
+    ///
+    /// The new address belongs to the application, which could unmap it
+    /// and map something else there meanwhile: every area of `run` must
+    /// still be a shared file mapping (what the moved device memory is), or
+    /// nothing is replaced. A window remains between that check and the
+    /// swap, in which only an application changing the same addresses from
+    /// another thread could put something there.
     pub(crate) fn coherent_unmap_moved(&self, r: &Range, run: PageRange) -> Result<(), String> {
+        let q = self.vma_query().map_err(|e| format!("cannot read the areas: {e}"))?;
+        let vmas = q.overlapping(run).map_err(|e| format!("cannot read the areas: {e}"))?;
+        if crate::os::vm::first_uncovered(run, &vmas, |v| v.shared && v.file).is_some() {
+            return Err(format!("{run} no longer maps device memory; left as it is"));
+        }
         self.swap_in_empty(r, &r.mapping().moved_to(run), run)
     }
 

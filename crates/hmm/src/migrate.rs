@@ -1071,6 +1071,9 @@ impl Migration {
                 let at = staging.subrange(k * PAGE_SIZE, PAGE_SIZE).expect("inside");
                 Source::Staged(staging, at)
             }
+            // A source put back and mapped for the CPU again moved with the
+            // page tables, as a copied destination does.
+            (false, _, Src::Device(p)) if s.cpu_mapped => Source::Mapped(p),
             (false, _, Src::Device(p)) => Source::Device(p),
             (false, _, _) => Source::Nothing,
         }

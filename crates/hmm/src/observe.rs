@@ -201,7 +201,9 @@ pub fn human_bytes(n: u64) -> String {
 impl Hmm {
     /// Where each page of `range` lives now, with the counters of the managed
     /// ranges it overlaps (see the [module docs](crate::observe)). Pages hmm
-    /// does not manage are [`Place::Unmanaged`].
+    /// does not manage are [`Place::Unmanaged`]. The map holds one entry per
+    /// page (a byte each): ask for the ranges of interest, not the whole
+    /// address space.
     pub fn residency_map(&self, range: PageRange) -> ResidencyMap {
         residency_map(self.inner(), range)
     }

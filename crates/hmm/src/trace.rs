@@ -152,6 +152,10 @@ pub fn span(name: &'static str, category: Category) -> Option<Span> {
 
 impl Drop for Span {
     fn drop(&mut self) {
+        // A span that outlives its recording is not kept for the next one.
+        if !enabled() {
+            return;
+        }
         let end = Instant::now();
         let (thread, known) = TID.with(|(t, k)| (*t, k.replace(true)));
         if !known {
@@ -234,8 +238,8 @@ impl Trace {
             sep(&mut w)?;
             write!(
                 w,
-                "{{\"ph\":\"X\",\"name\":\"{}\",\"cat\":\"{}\",\"pid\":{pid},\"tid\":{},\"ts\":{:.3},\"dur\":{:.3},\"args\":{{",
-                e.name,
+                "{{\"ph\":\"X\",\"name\":{},\"cat\":\"{}\",\"pid\":{pid},\"tid\":{},\"ts\":{:.3},\"dur\":{:.3},\"args\":{{",
+                serde_json::to_string(e.name).map_err(io::Error::other)?,
                 e.category.name(),
                 e.thread,
                 e.start_ns as f64 / 1e3,
@@ -243,10 +247,11 @@ impl Trace {
             )?;
             for (k, (key, value)) in e.args.iter().enumerate() {
                 let comma = if k == 0 { "" } else { "," };
-                if key.ends_with("addr") {
-                    write!(w, "{comma}\"{key}\":\"{value:#x}\"")?;
+                let key = serde_json::to_string(key).map_err(io::Error::other)?;
+                if key.ends_with("addr\"") {
+                    write!(w, "{comma}{key}:\"{value:#x}\"")?;
                 } else {
-                    write!(w, "{comma}\"{key}\":{value}")?;
+                    write!(w, "{comma}{key}:{value}")?;
                 }
             }
             w.write_all(b"}}")?;

@@ -47,7 +47,7 @@ pub fn selftest_sizes() -> Vec<usize> {
 }
 
 /// Steps [`run_series`] reports.
-pub const SERIES_STEPS: usize = 8;
+pub const SERIES_STEPS: usize = 7;
 
 fn reps_for(opts: BenchOptions, size: usize) -> usize {
     let base = if opts.quick { 3 } else { 7 };
@@ -188,7 +188,7 @@ pub fn run_series(
 
     let names = [
         ("self-test: to device, THP", "self-test: to system, THP", true, 4),
-        ("self-test: to device, no THP", "self-test: to system, no THP", false, 6),
+        ("self-test: to device, no THP", "self-test: to system, no THP", false, 5),
     ];
     for (to_name, back_name, huge, index) in names {
         step(
