@@ -338,21 +338,6 @@ impl<T> IntervalTree<T> {
 mod tests {
     use super::*;
 
-    struct XorShift(u64);
-
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-    }
-
     /// Sorted keys found by both query methods, after checking their order and agreement.
     fn keys_of<T>(tree: &IntervalTree<T>, start: usize, end: usize) -> Vec<IntervalKey> {
         let mut keys = Vec::new();
@@ -370,7 +355,7 @@ mod tests {
 
     #[test]
     fn random_ops_match_brute_force_model() {
-        let mut rng = XorShift(0x2545_F491_4F6C_DD1D);
+        let mut rng = crate::stress::Rng::new(0x2545_F491_4F6C_DD1D);
         let mut tree = IntervalTree::new();
         let mut model: Vec<(IntervalKey, usize, usize, u64)> = Vec::new();
         let mut removed: Vec<IntervalKey> = Vec::new();

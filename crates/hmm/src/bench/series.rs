@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use super::{BenchError, BenchOptions, Step, gbps, hmm_err, median};
 use crate::addr::PAGE_SIZE;
-use crate::os::mm::{Advise, Mapping, MmError, Protection};
+use crate::os::mm::{Advise, MmError};
 use crate::space::{Hmm, ManagedRange};
 use crate::swdev::{SoftwareDevice, SoftwareDeviceConfig};
 
@@ -127,20 +127,6 @@ fn fault_back(
     Ok(median(&mut runs))
 }
 
-fn memcpy_at(size: usize, reps: usize) -> Result<f64, BenchError> {
-    let mut src = Mapping::anonymous(size, Protection::ReadWrite)?;
-    let mut dst = Mapping::anonymous(size, Protection::ReadWrite)?;
-    src.fill(0, size, 0x5A).expect("inside");
-    dst.fill(0, size, 0).expect("inside");
-    let mut runs = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let t = Instant::now();
-        dst.copy_from(0, &mut src, 0, size).expect("inside");
-        runs.push(gbps(size, t.elapsed()));
-    }
-    Ok(median(&mut runs))
-}
-
 /// Measures every series (see the module docs).
 pub fn run_series(
     opts: BenchOptions,
@@ -164,7 +150,7 @@ pub fn run_series(
     step(progress, 0, "sweep: memcpy");
     let mut pts = Vec::new();
     for &s in &sizes {
-        pts.push((s, memcpy_at(s, reps_for(opts, s))?));
+        pts.push((s, super::memcpy_of(s, reps_for(opts, s))?));
     }
     out.push(series("memcpy", "sweep", pts));
     step(progress, 1, "sweep: copy engine");
