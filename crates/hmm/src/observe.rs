@@ -26,7 +26,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::atomic::Ordering;
 
 use crate::addr::{PAGE_SIZE, PageRange};
 use crate::page::{DeviceId, Residency};
@@ -125,9 +124,12 @@ impl ResidencyMap {
         &self.devices
     }
 
-    /// The counters of the managed ranges the map overlaps, summed (pages
+    /// The pages of the map counted as [`ManagedRange::stats`] counts them,
+    /// and the counters of the managed ranges the map overlaps, summed (pages
     /// migrated each way, CPU faults, first touches: counted per managed
     /// range, so a map of part of a range shows the whole range's counters).
+    ///
+    /// [`ManagedRange::stats`]: crate::ManagedRange::stats
     pub fn stats(&self) -> &RangeStats {
         &self.stats
     }
@@ -220,6 +222,7 @@ pub(crate) fn residency_map(inner: &Inner, range: PageRange) -> ResidencyMap {
         let base = (r.page_addr(a).get() - from) / PAGE_SIZE;
         {
             let t = r.lock();
+            stats.count_pages(&t[a..b]);
             for (k, e) in t[a..b].iter().enumerate() {
                 places[base + k] = if e.is_migrating() {
                     Place::Migrating
@@ -234,25 +237,13 @@ pub(crate) fn residency_map(inner: &Inner, range: PageRange) -> ResidencyMap {
                 };
             }
         }
-        let c = &r.counters;
-        stats.migrated_to_device += c.migrated_to_device.load(Ordering::Relaxed);
-        stats.migrated_to_system += c.migrated_to_system.load(Ordering::Relaxed);
-        stats.cpu_faults += c.cpu_faults.load(Ordering::Relaxed);
-        stats.zero_fills += c.zero_fills.load(Ordering::Relaxed);
+        stats.add_counters(&r.counters);
     }
     for p in &places {
-        match p {
-            Place::Unmanaged => {}
-            Place::Unpopulated | Place::Unmapped => stats.pages_none += 1,
-            Place::System => stats.pages_system += 1,
-            Place::Migrating => stats.pages_migrating += 1,
-            Place::Poisoned => stats.pages_poisoned += 1,
-            Place::Device(d) => {
-                *stats.pages_on_device.entry(d.index() as u16).or_default() += 1;
-                devices.entry(*d).or_insert_with(|| {
-                    inner.device(*d).map_or_else(|| format!("device {d}"), |m| m.name().into())
-                });
-            }
+        if let Place::Device(d) = p {
+            devices.entry(*d).or_insert_with(|| {
+                inner.device(*d).map_or_else(|| format!("device {d}"), |m| m.name().into())
+            });
         }
     }
     ResidencyMap { range, places, devices, stats }

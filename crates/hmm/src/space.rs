@@ -205,6 +205,32 @@ pub enum AdoptRefusal {
     OtherUffd,
 }
 
+impl RangeStats {
+    /// Counts where each of `pages` lives (a page mid-migration counts as
+    /// migrating and where its data is).
+    pub(crate) fn count_pages(&mut self, pages: &[PageEntry]) {
+        for e in pages {
+            if e.is_migrating() {
+                self.pages_migrating += 1;
+            }
+            match e.residency() {
+                Residency::None | Residency::Unmapped => self.pages_none += 1,
+                Residency::System => self.pages_system += 1,
+                Residency::Device(p) => *self.pages_on_device.entry(p.dev.0).or_default() += 1,
+                Residency::Poisoned => self.pages_poisoned += 1,
+            }
+        }
+    }
+
+    /// Adds the counters of a range.
+    pub(crate) fn add_counters(&mut self, c: &RangeCounters) {
+        self.migrated_to_device += c.migrated_to_device.load(Ordering::Relaxed);
+        self.migrated_to_system += c.migrated_to_system.load(Ordering::Relaxed);
+        self.cpu_faults += c.cpu_faults.load(Ordering::Relaxed);
+        self.zero_fills += c.zero_fills.load(Ordering::Relaxed);
+    }
+}
+
 /// Counters of one managed range.
 #[derive(Debug, Default)]
 pub(crate) struct RangeCounters {
@@ -1805,22 +1831,8 @@ impl ManagedRange {
     /// Where the pages live and what happened to them.
     pub fn stats(&self) -> RangeStats {
         let mut s = RangeStats::default();
-        for e in self.range.lock().iter() {
-            if e.is_migrating() {
-                s.pages_migrating += 1;
-            }
-            match e.residency() {
-                Residency::None | Residency::Unmapped => s.pages_none += 1,
-                Residency::System => s.pages_system += 1,
-                Residency::Device(p) => *s.pages_on_device.entry(p.dev.0).or_default() += 1,
-                Residency::Poisoned => s.pages_poisoned += 1,
-            }
-        }
-        let c = &self.range.counters;
-        s.migrated_to_device = c.migrated_to_device.load(Ordering::Relaxed);
-        s.migrated_to_system = c.migrated_to_system.load(Ordering::Relaxed);
-        s.cpu_faults = c.cpu_faults.load(Ordering::Relaxed);
-        s.zero_fills = c.zero_fills.load(Ordering::Relaxed);
+        s.count_pages(&self.range.lock());
+        s.add_counters(&self.range.counters);
         s
     }
 
