@@ -151,19 +151,7 @@ pub enum Op {
 impl Op {
     /// A short name, for counts.
     pub fn kind(&self) -> &'static str {
-        match self {
-            Op::CpuWrite { .. } => "cpu-write",
-            Op::CpuRead { .. } => "cpu-read",
-            Op::DevWrite { .. } => "device-write",
-            Op::DevRead { .. } => "device-read",
-            Op::ToDevice { .. } => "to-device",
-            Op::FromPeer { .. } => "device-to-device",
-            Op::ToSystem { .. } => "to-system",
-            Op::Exclusive { .. } => "exclusive",
-            Op::Discard { .. } => "discard",
-            Op::Protect { .. } => "protect",
-            Op::Pin { .. } => "pin",
-        }
+        KINDS[kind_index(self)]
     }
 }
 
@@ -274,7 +262,7 @@ fn execute(
     devs: &[SoftwareDevice],
     ops: &[Op],
     thread: usize,
-    counts: &[AtomicU64; 11],
+    counts: &Counts,
     tick: &(dyn Fn() + Sync),
 ) -> Result<(), Divergence> {
     let mut model = vec![0u8; r.len()];
@@ -369,6 +357,7 @@ fn execute(
     })
 }
 
+/// Where an operation's kind is counted, and named in [`KINDS`].
 fn kind_index(op: &Op) -> usize {
     match op {
         Op::CpuWrite { .. } => 0,
@@ -385,6 +374,7 @@ fn kind_index(op: &Op) -> usize {
     }
 }
 
+/// The name of each kind of operation, by [`kind_index`].
 const KINDS: [&str; 11] = [
     "cpu-write",
     "cpu-read",
@@ -398,6 +388,9 @@ const KINDS: [&str; 11] = [
     "protect",
     "pin",
 ];
+
+/// Operations run, per kind.
+type Counts = [AtomicU64; KINDS.len()];
 
 fn compare(got: &[u8], want: &[u8], at: usize, who: &str) -> Result<(), String> {
     match got.iter().zip(want).position(|(a, b)| a != b) {
@@ -418,15 +411,14 @@ pub fn run(cfg: StressConfig, progress: &(dyn Fn(u64) + Sync)) -> Result<StressR
     let pages = cfg.pages.max(1);
     let hmm = Hmm::new()?;
     let devs = devices(&hmm, threads, pages)?;
-    let per = (cfg.ops as usize).div_ceil(threads);
+    let ops = cfg.ops as usize;
+    // Worker `t` runs its share of the operations; the shares sum to `ops`.
     let plans: Vec<Vec<Op>> = (0..threads)
-        .map(|t| {
-            plan(cfg.seed, t, per.min(cfg.ops as usize - (t * per).min(cfg.ops as usize)), pages)
-        })
+        .map(|t| plan(cfg.seed, t, ops * (t + 1) / threads - ops * t / threads, pages))
         .collect();
     let ranges: Vec<ManagedRange> =
         (0..threads).map(|_| hmm.alloc(pages * PAGE_SIZE)).collect::<Result<_, _>>()?;
-    let counts: [AtomicU64; 11] = Default::default();
+    let counts: Counts = Default::default();
     let done = AtomicU64::new(0);
     let results: Vec<Result<(), Divergence>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
@@ -475,7 +467,7 @@ pub fn run(cfg: StressConfig, progress: &(dyn Fn(u64) + Sync)) -> Result<StressR
             if on != charged {
                 report.divergences.push(Divergence {
                     thread: 0,
-                    step: per,
+                    step: plans[0].len(),
                     op: Op::ToSystem { dev: d, first: 0, count: 0 },
                     what: format!("device {d} is charged {charged} bytes, the ranges record {on}"),
                 });
@@ -498,7 +490,7 @@ fn diverges(ops: &[Op], thread: usize, pages: usize, threads: usize) -> Result<b
     let hmm = Hmm::new()?;
     let devs = devices(&hmm, threads, pages)?;
     let r = hmm.alloc(pages * PAGE_SIZE)?;
-    let counts: [AtomicU64; 11] = Default::default();
+    let counts: Counts = Default::default();
     Ok(execute(&r, &devs, ops, thread, &counts, &|| {}).is_err())
 }
 
@@ -587,7 +579,7 @@ mod tests {
         let devs = devices(&hmm, 1, 16).unwrap();
         let r = hmm.alloc(16 * PAGE_SIZE).unwrap();
         r.write(PAGE_SIZE + 3, &[7]).unwrap();
-        let counts: [AtomicU64; 11] = Default::default();
+        let counts: Counts = Default::default();
         let ops = [
             Op::ToDevice { dev: 0, first: 0, count: 4 },
             Op::CpuRead { at: 0, len: 2 * PAGE_SIZE },
