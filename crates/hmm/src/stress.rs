@@ -341,20 +341,16 @@ fn execute(
             return Err(fail(format!("accounting sums to {} of {} bytes", res.total(), r.len())));
         }
     }
-    // Every byte, at the end.
-    let mut all = vec![0u8; r.len()];
-    r.read(0, &mut all).map_err(|e| Divergence {
-        thread,
-        step: ops.len(),
-        op: Op::CpuRead { at: 0, len: r.len() },
-        what: format!("failed: {e}"),
-    })?;
-    compare(&all, &model, 0, "final CPU").map_err(|what| Divergence {
+    // Every byte, at the end, as one more read.
+    let fail = |what| Divergence {
         thread,
         step: ops.len(),
         op: Op::CpuRead { at: 0, len: r.len() },
         what,
-    })
+    };
+    let mut all = vec![0u8; r.len()];
+    r.read(0, &mut all).map_err(|e| fail(format!("failed: {e}")))?;
+    compare(&all, &model, 0, "final CPU").map_err(fail)
 }
 
 /// Where an operation's kind is counted, and named in [`KINDS`].
