@@ -287,8 +287,31 @@ impl Outputs {
     }
 }
 
-/// A progress bar on a terminal, lines otherwise, nothing for `--json`.
-fn progress(json: bool, total: usize, what: &str) -> (ProgressBar, bool) {
+/// Progress of a long run: a bar on a terminal, a line per step otherwise,
+/// nothing for `--json`.
+struct Progress {
+    bar: ProgressBar,
+    lines: bool,
+}
+
+impl Progress {
+    /// Shows that `step` has started.
+    fn step(&self, step: bench::Step) {
+        self.bar.set_position(step.index as u64);
+        self.bar.set_message(step.name);
+        if self.lines {
+            eprintln!("  [{}/{}] {}", step.index + 1, step.total, step.name);
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+fn progress(json: bool, total: usize, what: &str) -> Progress {
     let show = !json && std::io::stderr().is_terminal();
     let bar = ProgressBar::with_draw_target(
         Some(total as u64),
@@ -302,19 +325,13 @@ fn progress(json: bool, total: usize, what: &str) -> (ProgressBar, bool) {
     if !json && !show {
         eprintln!("{what}...");
     }
-    (bar, !json && !show)
+    Progress { bar, lines: !json && !show }
 }
 
 fn measure_series(json: bool, quick: bool) -> Result<Vec<bench::series::Series>, String> {
-    let (bar, lines) = progress(json, bench::series::SERIES_STEPS, "measuring the series");
-    let res = bench::series::run_series(BenchOptions { quick }, &mut |step| {
-        bar.set_position(step.index as u64);
-        bar.set_message(step.name);
-        if lines {
-            eprintln!("  [{}/{}] {}", step.index + 1, step.total, step.name);
-        }
-    });
-    bar.finish_and_clear();
+    let p = progress(json, bench::series::SERIES_STEPS, "measuring the series");
+    let res = bench::series::run_series(BenchOptions { quick }, &mut |step| p.step(step));
+    drop(p);
     res.map_err(|e| e.to_string())
 }
 
@@ -342,15 +359,9 @@ fn bench(json: bool, quick: bool, outputs: &Outputs) -> ExitCode {
     }
     let what =
         format!("measuring baselines and migration figures{}", if quick { " (quick)" } else { "" });
-    let (bar, lines) = progress(json, bench::ALL_STEPS, &what);
-    let res = bench::run_all(BenchOptions { quick }, &mut |step| {
-        bar.set_position(step.index as u64);
-        bar.set_message(step.name);
-        if lines {
-            eprintln!("  [{}/{}] {}", step.index + 1, step.total, step.name);
-        }
-    });
-    bar.finish_and_clear();
+    let p = progress(json, bench::ALL_STEPS, &what);
+    let res = bench::run_all(BenchOptions { quick }, &mut |step| p.step(step));
+    drop(p);
     let b = match res {
         Ok(b) => b,
         Err(e) => {
@@ -394,11 +405,10 @@ fn stress(a: &StressArgs) -> ExitCode {
         threads: a.threads as usize,
         pages: a.pages as usize,
     };
-    let (bar, lines) = progress(false, a.ops as usize, "running the operations");
-    bar.set_message(format!("seed {}", a.seed));
-    let report = hmm::stress::run(cfg, &|n| bar.set_position(n));
-    bar.finish_and_clear();
-    let _ = lines;
+    let p = progress(false, a.ops as usize, "running the operations");
+    p.bar.set_message(format!("seed {}", a.seed));
+    let report = hmm::stress::run(cfg, &|n| p.bar.set_position(n));
+    drop(p);
     let report = match report {
         Ok(r) => r,
         Err(e) => {
