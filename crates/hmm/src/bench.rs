@@ -646,13 +646,35 @@ struct Pass {
 /// Migrates `size` bytes of populated memory (huge pages or 4 KiB pages) to a
 /// copying device, then to a zero-copy device and back, then faults it back
 /// in order. Each engine gets fresh memory, so none sees what another left.
+/// A managed range of `size` bytes: huge-page memory where `huge`, 4 KiB
+/// pages (`MADV_NOHUGEPAGE`) otherwise.
+fn managed_range(
+    hmm: &crate::space::Hmm,
+    size: usize,
+    huge: bool,
+) -> Result<crate::space::ManagedRange, BenchError> {
+    let r = if huge { hmm.alloc_huge(size) } else { hmm.alloc(size) }.map_err(hmm_err)?;
+    if !huge {
+        r.advise(r.range(), Advise::NoHugePage)?;
+    }
+    Ok(r)
+}
+
+/// The CPU reads the first byte of every page of `r`, in order: GB/s over
+/// the range, and the sum of the bytes read.
+fn touch_every_page(r: &crate::space::ManagedRange) -> Result<(f64, u64), BenchError> {
+    let t = Instant::now();
+    let mut sum = 0u64;
+    for p in 0..r.pages() {
+        sum += u64::from(r.touch_read(p * PAGE_SIZE).map_err(MmError::from)?);
+    }
+    Ok((gbps(r.len(), t.elapsed()), sum))
+}
+
 fn migration_pass(hmm: &crate::space::Hmm, size: usize, huge: bool) -> Result<Pass, BenchError> {
     use crate::swdev::{SoftwareDevice, SoftwareDeviceConfig};
     let populated = || -> Result<crate::space::ManagedRange, BenchError> {
-        let r = if huge { hmm.alloc_huge(size) } else { hmm.alloc(size) }.map_err(hmm_err)?;
-        if !huge {
-            r.advise(r.range(), Advise::NoHugePage)?;
-        }
+        let r = managed_range(hmm, size, huge)?;
         r.advise(r.range(), Advise::PopulateWrite)?;
         Ok(r)
     };
@@ -675,12 +697,8 @@ fn migration_pass(hmm: &crate::space::Hmm, size: usize, huge: bool) -> Result<Pa
     let t = Instant::now();
     let to_system = whole(dev.migrate_to_system(r.range()).map_err(hmm_err)?, t);
     dev.migrate_to_device(r.range()).map_err(hmm_err)?;
-    let t = Instant::now();
-    let mut sum = 0u64;
-    for p in 0..size / PAGE_SIZE {
-        sum += u64::from(r.touch_read(p * PAGE_SIZE).map_err(MmError::from)?);
-    }
-    let sequential = Some(gbps(size, t.elapsed()));
+    let (gbps, sum) = touch_every_page(&r)?;
+    let sequential = Some(gbps);
     std::hint::black_box(sum);
     Ok(Pass { copy, zero_copy, to_system, sequential })
 }

@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use super::{BenchError, BenchOptions, Step, gbps, hmm_err, median};
 use crate::addr::PAGE_SIZE;
-use crate::os::mm::{Advise, MmError};
+use crate::os::mm::MmError;
 use crate::space::{Hmm, ManagedRange};
 use crate::swdev::{SoftwareDevice, SoftwareDeviceConfig};
 
@@ -55,10 +55,7 @@ fn reps_for(opts: BenchOptions, size: usize) -> usize {
 }
 
 fn fresh(hmm: &Hmm, size: usize, huge: bool) -> Result<ManagedRange, BenchError> {
-    let r = if huge { hmm.alloc_huge(size) } else { hmm.alloc(size) }.map_err(hmm_err)?;
-    if !huge {
-        r.advise(r.range(), Advise::NoHugePage)?;
-    }
+    let r = super::managed_range(hmm, size, huge)?;
     r.fill(0, size, 0x6B).map_err(MmError::from)?;
     Ok(r)
 }
@@ -114,12 +111,8 @@ fn fault_back(
             size,
             dev.migrate_to_device(r.range()).map_err(hmm_err)?.migrated,
         )?;
-        let t = Instant::now();
-        let mut sum = 0u64;
-        for p in 0..size / PAGE_SIZE {
-            sum += u64::from(r.touch_read(p * PAGE_SIZE).map_err(MmError::from)?);
-        }
-        runs.push(gbps(size, t.elapsed()));
+        let (rate, sum) = super::touch_every_page(&r)?;
+        runs.push(rate);
         if sum != 0x6B * (size / PAGE_SIZE) as u64 {
             return Err(BenchError::Server("fault-back read the wrong bytes".into()));
         }
