@@ -62,6 +62,26 @@ const VALUE: usize = std::mem::offset_of!(Node<'static>, value);
 const LEFT: usize = std::mem::offset_of!(Node<'static>, left);
 const RIGHT: usize = std::mem::offset_of!(Node<'static>, right);
 
+/// A phase of the demo being timed, and traced when recording is on.
+struct Phase {
+    name: &'static str,
+    start: Instant,
+    span: Option<hmm::trace::Span>,
+}
+
+impl Phase {
+    fn start(name: &'static str) -> Self {
+        Self { name, start: Instant::now(), span: hmm::trace::span(name, Category::Phase) }
+    }
+
+    /// Ends the phase: its name, how long it took, and `what` happened.
+    fn end(self, what: String) -> (&'static str, Duration, String) {
+        let took = self.start.elapsed();
+        drop(self.span);
+        (self.name, took, what)
+    }
+}
+
 /// What the device and the CPU each compute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 struct Results {
@@ -132,8 +152,7 @@ pub fn run(args: &DemoArgs, out: &mut dyn FnMut(&str)) -> Result<(), String> {
     let mut phases: Vec<(&str, Duration, String)> = Vec::new();
 
     // 1. Build.
-    let t = Instant::now();
-    let phase = hmm::trace::span("build (CPU)", Category::Phase);
+    let phase = Phase::start("build (CPU)");
     let arena = hmm.arena(arena_len).map_err(e("cannot make the arena"))?;
     let array = hmm.alloc(array_len).map_err(e("cannot allocate the array"))?;
     let output = hmm.alloc(array_len).map_err(e("cannot allocate the output"))?;
@@ -152,8 +171,7 @@ pub fn run(args: &DemoArgs, out: &mut dyn FnMut(&str)) -> Result<(), String> {
     }
     let root = root.ok_or("the tree is empty")?;
     write_array(&array, seed).map_err(|err| format!("cannot write the array: {err}"))?;
-    drop(phase);
-    phases.push(("build (CPU)", t.elapsed(), format!("{n} nodes linked, {words} words written")));
+    phases.push(phase.end(format!("{n} nodes linked, {words} words written")));
     let tree_range = arena.range();
     let ranges: [(&str, hmm::PageRange); 3] =
         [("tree", tree_range), ("array", array.range()), ("output", output.range())];
@@ -167,8 +185,7 @@ pub fn run(args: &DemoArgs, out: &mut dyn FnMut(&str)) -> Result<(), String> {
     show_maps(out, "after build");
 
     // 2. Placement hints.
-    let t = Instant::now();
-    let phase = hmm::trace::span("place (hints to gpu0)", Category::Phase);
+    let phase = Phase::start("place (hints to gpu0)");
     let head = (array_len / 4).next_multiple_of(PAGE_SIZE).min(array_len);
     let hints: Vec<(&str, hmm::PageRange)> = [
         ("tree", Some(tree_range)),
@@ -192,17 +209,15 @@ pub fn run(args: &DemoArgs, out: &mut dyn FnMut(&str)) -> Result<(), String> {
         }
         moved += rep.migrated;
     }
-    drop(phase);
-    phases.push((
-        "place (hints to gpu0)",
-        t.elapsed(),
-        format!("{moved} pages migrated; the array's first quarter stays in system memory"),
-    ));
+    phases.push(
+        phase.end(format!(
+            "{moved} pages migrated; the array's first quarter stays in system memory"
+        )),
+    );
     show_maps(out, "after placement");
 
     // 3. The device job, and the CPU's own computation meanwhile.
-    let t = Instant::now();
-    let phase = hmm::trace::span("device job (+ CPU meanwhile)", Category::Phase);
+    let phase = Phase::start("device job (+ CPU meanwhile)");
     let faults_before = hmm.fault_stats().0;
     let job_args = JobArgs {
         root: VirtAddr::new(std::ptr::from_ref(root).addr()),
@@ -226,34 +241,25 @@ pub fn run(args: &DemoArgs, out: &mut dyn FnMut(&str)) -> Result<(), String> {
         device_results.tree_nodes += p.tree_nodes;
         device_results.out_sum = device_results.out_sum.wrapping_add(p.out_sum);
     }
-    drop(phase);
-    phases.push((
-        "device job (+ CPU meanwhile)",
-        t.elapsed(),
-        format!(
+    phases.push(phase.end(format!(
             "device: {} tree nodes summed (each worker walking from the root), {} words; {} device faults; CPU reference took {} ms",
             device_results.tree_nodes,
             words,
             counters.faults,
             cpu_time.as_millis()
-        ),
-    ));
+        )));
     let cpu_faults_during_job = hmm.fault_stats().0 - faults_before;
     show_maps(out, "after the device job");
 
     // 4. The CPU reads the results: they fault back.
-    let t = Instant::now();
-    let phase = hmm::trace::span("read back (CPU)", Category::Phase);
+    let phase = Phase::start("read back (CPU)");
     let faults_before = hmm.fault_stats().0;
     let out_sum = sum_output(&output).map_err(|err| format!("cannot read the output: {err}"))?;
     let (tree_sum, tree_nodes) = walk(root);
     let cpu_faults = hmm.fault_stats().0 - faults_before;
-    drop(phase);
-    phases.push((
-        "read back (CPU)",
-        t.elapsed(),
-        format!("{cpu_faults} CPU faults brought the pages back as they were touched"),
-    ));
+    phases.push(
+        phase.end(format!("{cpu_faults} CPU faults brought the pages back as they were touched")),
+    );
     show_maps(out, "after the CPU read the results");
 
     // 5. Check.
