@@ -46,6 +46,8 @@ pub(crate) mod fork;
 pub(crate) mod interval;
 pub mod migrate;
 pub mod mirror;
+#[cfg(all(test, feature = "shuttle"))]
+mod model;
 pub mod observe;
 pub mod os;
 pub mod page;
@@ -54,6 +56,7 @@ pub(crate) mod remap;
 pub mod space;
 pub mod stress;
 pub mod swdev;
+pub(crate) mod sync;
 pub mod trace;
 
 pub use addr::{HUGE_PAGE_SIZE, PAGE_SHIFT, PAGE_SIZE, PageRange, RangeError, VirtAddr};

@@ -50,8 +50,6 @@
 //! [`ManagedRange::unmap`]: crate::ManagedRange::unmap
 //! [`Hmm::insert_notifier`]: crate::Hmm::insert_notifier
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::addr::{HUGE_PAGE_SIZE, PAGE_SIZE, PageRange, VirtAddr};
@@ -60,6 +58,7 @@ use crate::os::pagemap::{Categories, ScanRequest};
 use crate::os::vm::VmaInfo;
 use crate::page::{DeviceId, DevicePage, Residency};
 use crate::space::Inner;
+use crate::sync::{Arc, AtomicU64, Condvar, Mutex, Ordering, RwLock};
 
 /// What changed, as the kernel's `mmu_notifier_event`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,10 +99,10 @@ pub struct Invalidation {
     pub seq: u64,
 }
 
-type Callback = Box<dyn Fn(&Invalidation) + Send + Sync>;
+pub(crate) type Callback = Box<dyn Fn(&Invalidation) + Send + Sync>;
 
 /// One notifier's state, shared between its handle and the registry.
-struct NotifierState {
+pub(crate) struct NotifierState {
     range: PageRange,
     /// Set to a new value when an invalidation starts.
     seq: AtomicU64,
@@ -127,6 +126,24 @@ impl NotifierState {
         while *b > 0 {
             b = self.idle.wait(b).unwrap_or_else(|e| e.into_inner());
         }
+    }
+
+    /// [`IntervalNotifier::read_begin`]. The sequence is read under the
+    /// `busy` lock, under which `Notifiers::start` moves it, once no
+    /// invalidation is in progress: read after waiting without the lock, it
+    /// could be the sequence of an invalidation that started in between and
+    /// is still running, which `read_retry` would then let pass.
+    pub(crate) fn read_begin(&self) -> u64 {
+        let mut b = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        while *b > 0 {
+            b = self.idle.wait(b).unwrap_or_else(|e| e.into_inner());
+        }
+        self.seq.load(Ordering::Acquire)
+    }
+
+    /// [`IntervalNotifier::read_retry`].
+    pub(crate) fn read_retry(&self, seq: u64) -> bool {
+        self.seq.load(Ordering::Acquire) != seq
     }
 }
 
@@ -155,10 +172,25 @@ impl Notifiers {
     /// kernel's `invalidate_range_start` / `_end`). The callbacks run on the
     /// calling thread, one after another, and have all returned when this does.
     pub(crate) fn start(&self, range: PageRange, event: InvalidationEvent) -> Invalidating {
+        // Every notifier is marked busy and its sequence moved before any
+        // callback runs, so a fill of any of them that checks after this point
+        // retries. Both under the notifier's `busy` lock, under which
+        // `read_begin` reads the sequence: it gets the new one only once the
+        // invalidation has ended. And before the tree's lock is let go, so that
+        // a removal (which takes it to write, then waits until the notifier is
+        // not busy) cannot return before this invalidation's callback runs.
+        let mut seq = 0;
         let hits: Vec<Arc<NotifierState>> = {
             let tree = self.tree.read().unwrap_or_else(|e| e.into_inner());
             let mut v = Vec::new();
             tree.for_each_overlapping(range.start().get(), range.end().get(), |_, _, _, n| {
+                if seq == 0 {
+                    seq = self.seq.fetch_add(2, Ordering::AcqRel) + 2;
+                }
+                let mut busy = n.busy.lock().unwrap_or_else(|e| e.into_inner());
+                *busy += 1;
+                n.seq.store(seq, Ordering::Release);
+                drop(busy);
                 v.push(n.clone())
             });
             v
@@ -171,13 +203,6 @@ impl Notifiers {
             s.arg("addr", range.start().get() as u64);
             s.arg("pages", range.pages() as u64);
             s.arg("notifiers", hits.len() as u64);
-        }
-        let seq = self.seq.fetch_add(2, Ordering::AcqRel) + 2;
-        // Every sequence moves before any callback runs, so a fill of any of
-        // these notifiers that checks after this point retries.
-        for n in &hits {
-            *n.busy.lock().unwrap_or_else(|e| e.into_inner()) += 1;
-            n.seq.store(seq, Ordering::Release);
         }
         for n in &hits {
             let start = range.start().max(n.range.start());
@@ -202,6 +227,35 @@ impl Notifiers {
 
     pub(crate) fn len(&self) -> usize {
         self.tree.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Adds a notifier over `range` ([`IntervalNotifier::insert`] wraps it
+    /// with the instance; the model tests use it bare).
+    pub(crate) fn register(
+        &self,
+        range: PageRange,
+        callback: Callback,
+    ) -> (IntervalKey, Arc<NotifierState>) {
+        let state = Arc::new(NotifierState {
+            range,
+            seq: AtomicU64::new(self.seq.load(Ordering::Acquire)),
+            busy: Mutex::new(0),
+            idle: Condvar::new(),
+            callback,
+        });
+        let key = self.tree.write().unwrap_or_else(|e| e.into_inner()).insert(
+            range.start().get(),
+            range.end().get(),
+            state.clone(),
+        );
+        (key, state)
+    }
+
+    /// Removes the notifier [`register`](Self::register) returned, after
+    /// waiting for an invalidation of it in progress to end.
+    pub(crate) fn unregister(&self, key: IntervalKey, state: &NotifierState) {
+        self.tree.write().unwrap_or_else(|e| e.into_inner()).remove(key);
+        state.wait_idle();
     }
 }
 
@@ -244,18 +298,7 @@ impl IntervalNotifier {
         range: PageRange,
         callback: Callback,
     ) -> IntervalNotifier {
-        let state = Arc::new(NotifierState {
-            range,
-            seq: AtomicU64::new(inner.notifiers.seq.load(Ordering::Acquire)),
-            busy: Mutex::new(0),
-            idle: Condvar::new(),
-            callback,
-        });
-        let key = inner.notifiers.tree.write().unwrap_or_else(|e| e.into_inner()).insert(
-            range.start().get(),
-            range.end().get(),
-            state.clone(),
-        );
+        let (key, state) = inner.notifiers.register(range, callback);
         IntervalNotifier { inner: inner.clone(), key, state }
     }
 
@@ -269,22 +312,20 @@ impl IntervalNotifier {
     /// [`read_retry`](Self::read_retry). Must not be called with the lock the
     /// callback takes held.
     pub fn read_begin(&self) -> u64 {
-        self.state.wait_idle();
-        self.state.seq.load(Ordering::Acquire)
+        self.state.read_begin()
     }
 
     /// Whether an invalidation started since [`read_begin`](Self::read_begin)
     /// returned `seq`: if so, what was read may be stale and must be read again.
     /// Call it under the lock the callback takes, just before installing.
     pub fn read_retry(&self, seq: u64) -> bool {
-        self.state.seq.load(Ordering::Acquire) != seq
+        self.state.read_retry(seq)
     }
 }
 
 impl Drop for IntervalNotifier {
     fn drop(&mut self) {
-        self.inner.notifiers.tree.write().unwrap_or_else(|e| e.into_inner()).remove(self.key);
-        self.state.wait_idle();
+        self.inner.notifiers.unregister(self.key, &self.state);
     }
 }
 
