@@ -5,6 +5,8 @@
 //! index or a byte count from being passed where an address is expected.
 //! All arithmetic is checked: an overflow is a [`RangeError`], never a wrap.
 
+#![forbid(unsafe_code)]
+
 use std::fmt;
 
 /// The base page size hmm works in. hmm supports x86-64 and arm64 kernels

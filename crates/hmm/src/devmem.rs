@@ -26,6 +26,8 @@
 //! (its own or another's) is never a victim, since eviction is itself a
 //! migration and skips pages another one holds.
 
+#![forbid(unsafe_code)]
+
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};

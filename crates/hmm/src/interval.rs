@@ -26,6 +26,8 @@
 //! path (or, for merges, two paths) from the root, so its depth is bounded by the height,
 //! which is expected `O(log n)`.
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::fmt;
 

@@ -32,6 +32,8 @@
 //!
 //! Every transition is made under the owning range's table lock.
 
+#![forbid(unsafe_code)]
+
 use std::fmt;
 
 /// Identifies a device's memory region within one `Hmm` instance.
