@@ -855,6 +855,9 @@ impl Hmm {
     }
 
     /// Migrates the pages of `range` that live on `mem` back to system memory.
+    /// As [`migrate_to_device`](Self::migrate_to_device), fails with
+    /// [`HmmError::InvalidRange`] unless every page of `range` is mapped and
+    /// readable (the kernel's `migrate_vma_setup` wants one readable area).
     pub fn migrate_to_system(
         &self,
         range: PageRange,
@@ -868,7 +871,8 @@ impl Hmm {
     /// from device to device when both offer their memory to peers
     /// ([`DevicePagemapOps::peer_memory`]) and `to`'s engine reads peers;
     /// through system memory otherwise. `from`'s mirrors are invalidated and
-    /// its pages freed.
+    /// its pages freed. Fails with [`HmmError::InvalidRange`] unless every
+    /// page of `range` is mapped and readable.
     pub fn migrate_device_to_device(
         &self,
         range: PageRange,
@@ -1056,6 +1060,24 @@ fn devices_of(entries: &[PageEntry]) -> Vec<DeviceId> {
     d
 }
 
+/// The page addresses `addrs` (in any order, repeats allowed) as runs of
+/// adjacent pages, lowest first.
+fn runs_of(addrs: &[VirtAddr]) -> Vec<PageRange> {
+    let mut a = addrs.to_vec();
+    a.sort();
+    a.dedup();
+    let mut runs: Vec<PageRange> = Vec::new();
+    for at in a {
+        match runs.last_mut() {
+            Some(r) if r.end() == at => {
+                *r = PageRange::from_pages(r.start(), r.pages() + 1).expect("grows by a page")
+            }
+            _ => runs.push(PageRange::from_pages(at, 1).expect("one page")),
+        }
+    }
+    runs
+}
+
 /// The ranges of `ranges` overlapping `[start, end)`, highest first.
 fn overlapping(
     ranges: &BTreeMap<usize, Arc<Range>>,
@@ -1069,7 +1091,26 @@ impl Inner {
     /// Fails with [`HmmError::InvalidRange`] unless every page of `range` is
     /// mapped and readable. (Without a way to read the areas, the check is
     /// left to the migration, which skips such pages with the reason.)
+    ///
+    /// Pages of a managed range that the application unmapped are refused by
+    /// what hmm knows of them (the range's holes, and pages recorded
+    /// unmapped), not by what the kernel maps there now: the address may since
+    /// hold some other mapping, which is not the range's memory.
     fn check_accessible(&self, range: PageRange, op: &'static str) -> Result<(), HmmError> {
+        if let Ok(rec) = self.find_containing(range) {
+            let gone = |p: &PageRange| p.start() < range.end() && range.start() < p.end();
+            let first = rec.index(range.start());
+            let unmapped = rec.lock()[first..first + range.pages()]
+                .iter()
+                .position(|e| e.residency() == Residency::Unmapped)
+                .map(|i| VirtAddr::new(range.start().get() + i * PAGE_SIZE));
+            if let Some(at) =
+                rec.mapping().holes().iter().find(|h| gone(h)).map(|h| h.start()).or(unmapped)
+            {
+                let reason = format!("the application unmapped {at}");
+                return Err(HmmError::InvalidRange { op, range, reason });
+            }
+        }
         let Some(vmas) = self.vma_query().ok().and_then(|q| q.overlapping(range).ok()) else {
             return Ok(());
         };
@@ -1308,8 +1349,45 @@ impl Inner {
         engine: &dyn crate::dma::DmaEngine,
         map_for_cpu: bool,
     ) -> Result<MigrationReport, HmmError> {
-        self.find_containing(range)?;
+        let rec = self.find_containing(range)?;
         self.check_accessible(range, "migrate to a device")?;
+        let mut report = self.migrate_to_device_once(range, mem, engine, map_for_cpu)?;
+        // A page the kernel would not move because this process does not
+        // hold it alone (shared copy-on-write since a fork, even after the
+        // child exited: the kernel marks an anonymous page exclusive again
+        // only at a write fault) is unshared by `MADV_POPULATE_WRITE`, a write
+        // fault that changes no byte, and tried once more, as the kernel's own
+        // migration would move it. (Pages busy for other reasons, held by
+        // another migration or pinned, are tried again to no harm.)
+        let busy: Vec<VirtAddr> = report
+            .skipped
+            .iter()
+            .filter(|(_, r)| *r == SkipReason::Busy)
+            .map(|(a, _)| *a)
+            .collect();
+        if busy.is_empty() {
+            return Ok(report);
+        }
+        report.skipped.retain(|(_, r)| *r != SkipReason::Busy);
+        for run in runs_of(&busy) {
+            if rec.mapping().advise(run, Advise::PopulateWrite).is_ok() {
+                report.append(self.migrate_to_device_once(run, mem, engine, map_for_cpu)?);
+            } else {
+                let page = |i| VirtAddr::new(run.start().get() + i * PAGE_SIZE);
+                report.skipped.extend((0..run.pages()).map(|i| (page(i), SkipReason::Busy)));
+            }
+        }
+        Ok(report)
+    }
+
+    /// One try of [`migrate_to_device_with`](Self::migrate_to_device_with).
+    fn migrate_to_device_once(
+        self: &Arc<Self>,
+        range: PageRange,
+        mem: &Arc<DeviceMemory>,
+        engine: &dyn crate::dma::DmaEngine,
+        map_for_cpu: bool,
+    ) -> Result<MigrationReport, HmmError> {
         // Pipelined: while the engine copies one batch, the next is set up and
         // given its device pages, and the one before is finalized.
         let mut in_flight: Option<Migration> = None;
@@ -1334,6 +1412,7 @@ impl Inner {
         mem: &Arc<DeviceMemory>,
         engine: &dyn crate::dma::DmaEngine,
     ) -> Result<MigrationReport, HmmError> {
+        self.check_accessible(range, "migrate to system memory")?;
         self.migrate_batches(range, |r| {
             let mut m = Migration::setup(self.clone(), r, Selection::Device(mem.id()))?;
             m.copy(engine);
@@ -1352,6 +1431,7 @@ impl Inner {
         from: &Arc<DeviceMemory>,
         to: &Arc<DeviceMemory>,
     ) -> Result<MigrationReport, HmmError> {
+        self.check_accessible(range, "migrate between devices")?;
         if from.id() == to.id() {
             return Ok(MigrationReport::default());
         }
@@ -1451,17 +1531,9 @@ impl Inner {
         pages: &[DevicePage],
     ) -> Result<usize, HmmError> {
         let mem = self.device(dev).ok_or(HmmError::UnknownDevice(dev))?;
-        let mut addrs: Vec<VirtAddr> = pages.iter().filter_map(|p| mem.backs(*p)).collect();
-        addrs.sort();
-        addrs.dedup();
+        let addrs: Vec<VirtAddr> = pages.iter().filter_map(|p| mem.backs(*p)).collect();
         let mut moved = 0;
-        let mut i = 0;
-        while i < addrs.len() {
-            let mut j = i + 1;
-            while j < addrs.len() && addrs[j].get() == addrs[j - 1].get() + PAGE_SIZE {
-                j += 1;
-            }
-            let run = PageRange::from_pages(addrs[i], j - i)?;
+        for run in runs_of(&addrs) {
             // A run may span ranges only if they are adjacent: split at range ends.
             let mut at = run.start();
             while at < run.end() {
@@ -1474,7 +1546,6 @@ impl Inner {
                 moved += self.bring_back(r, part, &mem)?.migrated;
                 at = end;
             }
-            i = j;
         }
         Ok(moved)
     }
