@@ -47,7 +47,10 @@
 //! device page that is freed.
 //!
 //! A range moved again before its pages have arrived is not followed: its
-//! pages would be delivered at the address of the first move.
+//! pages would be delivered at the address of the first move. The old range
+//! of a `MREMAP_DONTUNMAP` moved again at once is: its pages are empty, and
+//! the second move carries nothing (the pages the first forward still holds
+//! are its own to give back, not the second's to wait for).
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
@@ -196,6 +199,12 @@ pub(crate) fn start(inner: &Arc<Inner>, from: usize, to: usize, len: usize) {
             let mut t = r.lock();
             for (i, e) in t.iter_mut().enumerate().take(b).skip(a) {
                 let src = match e.residency() {
+                    // Held by the forward of an earlier move of this address
+                    // (which `MREMAP_DONTUNMAP` left mapped): its data is on
+                    // its way to that move's new address, and this address
+                    // holds nothing of it. That forward gives the record
+                    // back; this one must not wait for it.
+                    _ if e.is_migrating() && e.is_moved() => continue,
                     _ if e.is_migrating() => None,
                     Residency::Device(p) if e.is_cpu_mapped() => {
                         let _ = e.set_cpu_mapped(false);

@@ -627,3 +627,70 @@ fn concurrent_teardown_gives_errors_or_right_answers_and_leaks_nothing() {
         assert!(right > 0 || errors > 0, "round {round}: the reader ran");
     }
 }
+
+/// After a fork, the parent's pages are shared copy-on-write, and stay
+/// marked so after the child exits until the parent writes them: the kernel
+/// will not move such a page (`UFFDIO_MOVE` wants it exclusive). hmm unshares
+/// them (a write fault that changes no byte) and moves them, as the kernel's
+/// own migration would: every page migrates, exclusive access works, and the
+/// bytes are intact.
+#[test]
+fn pages_unwritten_since_a_fork_still_migrate() {
+    if common::skip_without("event-fork") {
+        return;
+    }
+    let _fork = common::fork_lock();
+    let hmm = Hmm::new().unwrap();
+    let dev = device(&hmm, "d", 64);
+    let r = hmm.alloc(16 * PAGE_SIZE).unwrap();
+    let data = pattern(16, 5);
+    r.write(0, &data).unwrap();
+    assert_eq!(run_in_child(|| 0).unwrap(), ChildOutcome::Exited(0));
+    let rep = dev.migrate_to_device(r.pages_range(0, 8).unwrap()).unwrap();
+    assert_eq!(rep.migrated, 8, "{:?}", rep.skipped);
+    dev.make_exclusive(r.pages_range(8, 8).unwrap()).expect("exclusive after a fork");
+    let mut got = vec![0u8; r.len()];
+    r.read(0, &mut got).unwrap();
+    assert_eq!(first_wrong_page(&got, &data), None);
+}
+
+/// `MREMAP_DONTUNMAP` of the same pages twice, the second before the first
+/// move's pages have all arrived: the first new address gets the bytes, the
+/// second gets the emptied old pages (zeros), and neither waits forever (the
+/// second move once waited for pages the first still held).
+#[test]
+fn the_same_pages_remapped_twice_at_once_arrive() {
+    if common::skip_without("event-remap") {
+        return;
+    }
+    let _fork = common::fork_lock();
+    let hmm = Hmm::new().unwrap();
+    let dev = device(&hmm, "d", 256);
+    for round in 0..20u64 {
+        let r = hmm.alloc(32 * PAGE_SIZE).unwrap();
+        let data = pattern(32, round);
+        r.write(0, &data).unwrap();
+        assert_eq!(dev.migrate_to_device(r.range()).unwrap().migrated, 32);
+        let part = r.pages_range(4, 16).unwrap();
+        let first = r.mapping().remap_part_dontunmap(part).unwrap();
+        let second = r.mapping().remap_part_dontunmap(part).unwrap();
+        // Read on a thread of its own, so that a read that never returns
+        // fails the test instead of hanging it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let len = part.len();
+        std::thread::spawn(move || {
+            let mut a = vec![0u8; len];
+            let mut b = vec![1u8; len];
+            first.read(0, &mut a).unwrap();
+            second.read(0, &mut b).unwrap();
+            let _ = tx.send((a, b, first, second));
+        });
+        let (a, b, first, second) = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("the moved pages arrived (a read waited 20 s)");
+        assert_eq!(first_wrong_page(&a, &data[4 * PAGE_SIZE..20 * PAGE_SIZE]), None);
+        assert!(b.iter().all(|x| *x == 0), "round {round}: the second move got the emptied pages");
+        drop((first, second, r));
+        common::eventually("every device page freed", || dev.stats().pages_resident == 0);
+    }
+}
