@@ -19,10 +19,13 @@
 //! still diverges.
 
 use std::fmt;
+use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
-use crate::addr::{PAGE_SIZE, VirtAddr};
+use crate::addr::{PAGE_SIZE, PageRange, VirtAddr};
 use crate::os::mm::{Advise, Protection};
+use crate::os::process::{ChildOutcome, run_in_child};
 use crate::page::Residency;
 use crate::space::{Hmm, HmmError, ManagedRange};
 use crate::swdev::{SoftwareDevice, SoftwareDeviceConfig};
@@ -146,6 +149,40 @@ pub enum Op {
         /// Pages.
         count: usize,
     },
+    /// The application's own `munmap` of part of the range: the pages are
+    /// gone for good, and every later access to them must be refused.
+    Unmap {
+        /// First page.
+        first: usize,
+        /// Pages.
+        count: usize,
+    },
+    /// The application's own `mremap` of part of the range to a new address,
+    /// where the bytes must all be; the old part is then unmapped, or (with
+    /// `keep`, `MREMAP_DONTUNMAP`) mapped and empty.
+    Remap {
+        /// First page.
+        first: usize,
+        /// Pages.
+        count: usize,
+        /// `MREMAP_DONTUNMAP`.
+        keep: bool,
+    },
+    /// `fork()`: the child reads the fork-time bytes of every page, runs its
+    /// own random writes and reads them back, and reports by its exit status;
+    /// the parent's bytes stay its own.
+    Fork {
+        /// Seed of the child's writes.
+        fill: u64,
+    },
+    /// The device fails: the pages that lived on it are lost (a CPU touch
+    /// gets `SIGBUS`, checked in a child), every other page keeps its bytes,
+    /// and a new device takes its place. Planned only for one worker, since
+    /// what another worker had on the device at that moment is not known.
+    Fail {
+        /// The device.
+        dev: usize,
+    },
 }
 
 impl Op {
@@ -185,6 +222,9 @@ pub struct StressReport {
     pub shrunk: Option<Vec<Op>>,
     /// Operations run of each kind.
     pub by_kind: std::collections::BTreeMap<&'static str, u64>,
+    /// Operations planned but skipped: unmaps past the budget (a quarter of
+    /// each range), and what this kernel cannot do.
+    pub skipped: u64,
 }
 
 /// Number of devices a run shares among its workers.
@@ -209,29 +249,38 @@ impl Rng {
     }
 }
 
-/// The operations of worker `thread`: `n` of them over `pages` pages.
-pub fn plan(seed: u64, thread: usize, n: usize, pages: usize) -> Vec<Op> {
+/// The operations of worker `thread`: `n` of them over `pages` pages. A
+/// worker that runs `alone` may also fail devices (see [`Op::Fail`]).
+pub fn plan(seed: u64, thread: usize, n: usize, pages: usize, alone: bool) -> Vec<Op> {
     let mut rng = Rng::new(seed ^ (thread as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
     let len = pages * PAGE_SIZE;
+    // Weights out of 100: mostly accesses and migrations; the operations that
+    // take pages away for good (unmap, a moving remap) or fork are rare.
+    let total = if alone { 100 } else { 99 };
     (0..n)
         .map(|_| {
             let dev = rng.below(DEVICES);
             let first = rng.below(pages);
             let count = 1 + rng.below(32.min(pages - first));
+            let few = 1 + rng.below(4.min(pages - first));
             let at = rng.below(len);
             let bytes = 1 + rng.below(512.min(len - at));
-            match rng.below(20) {
-                0..=3 => Op::CpuWrite { at, len: bytes, fill: rng.next() },
-                4..=6 => Op::CpuRead { at, len: bytes },
-                7..=8 => Op::DevWrite { dev, at, len: bytes, fill: rng.next() },
-                9..=10 => Op::DevRead { dev, at, len: bytes },
-                11..=12 => Op::ToDevice { dev, first, count },
-                13 => Op::FromPeer { dev, first, count },
-                14..=15 => Op::ToSystem { dev, first, count },
-                16 => Op::Exclusive { dev, first, count },
-                17 => Op::Discard { first, count },
-                18 => Op::Protect { first, count },
-                _ => Op::Pin { dev, first, count },
+            match rng.below(total) {
+                0..=17 => Op::CpuWrite { at, len: bytes, fill: rng.next() },
+                18..=31 => Op::CpuRead { at, len: bytes },
+                32..=40 => Op::DevWrite { dev, at, len: bytes, fill: rng.next() },
+                41..=49 => Op::DevRead { dev, at, len: bytes },
+                50..=59 => Op::ToDevice { dev, first, count },
+                60..=64 => Op::FromPeer { dev, first, count },
+                65..=73 => Op::ToSystem { dev, first, count },
+                74..=78 => Op::Exclusive { dev, first, count },
+                79..=83 => Op::Discard { first, count },
+                84..=87 => Op::Protect { first, count },
+                88..=92 => Op::Pin { dev, first, count },
+                93..=94 => Op::Unmap { first, count: few },
+                95..=97 => Op::Remap { first, count: few, keep: rng.below(2) == 0 },
+                98 => Op::Fork { fill: rng.next() },
+                _ => Op::Fail { dev },
             }
         })
         .collect()
@@ -242,115 +291,478 @@ fn bytes_of(fill: u64, len: usize) -> Vec<u8> {
     (0..len).map(|_| r.next() as u8).collect()
 }
 
-/// The devices of a run.
-fn devices(hmm: &Hmm, threads: usize, pages: usize) -> Result<Vec<SoftwareDevice>, HmmError> {
+/// One device of a run.
+fn device(
+    hmm: &Hmm,
+    name: String,
+    threads: usize,
+    pages: usize,
+) -> Result<SoftwareDevice, HmmError> {
     // Each device holds about half of all the pages: migrations evict.
     let cap = (threads * pages / 2).max(64) * PAGE_SIZE;
-    (0..DEVICES)
-        .map(|d| {
-            SoftwareDevice::new(
-                hmm,
-                SoftwareDeviceConfig::new(format!("stress{d}"), cap).evicting(),
-            )
-        })
-        .collect()
+    SoftwareDevice::new(hmm, SoftwareDeviceConfig::new(name, cap).evicting())
 }
 
-/// Runs `ops` on `r` and its model; stops at the first divergence.
+/// The devices of a run. A failed device is replaced by a new one (with the
+/// write lock, taken only by a worker that runs alone).
+type Devices = RwLock<Vec<SoftwareDevice>>;
+
+fn devices(hmm: &Hmm, threads: usize, pages: usize) -> Result<Devices, HmmError> {
+    let devs = (0..DEVICES).map(|d| device(hmm, format!("stress{d}"), threads, pages));
+    Ok(RwLock::new(devs.collect::<Result<_, _>>()?))
+}
+
+/// What the model knows of each page, beside its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Page {
+    /// Mapped: reads give the model's bytes.
+    Mapped,
+    /// Unmapped by the application: every access is refused.
+    Unmapped,
+    /// Lost with a failed device: a CPU touch gets `SIGBUS`, a device access
+    /// is refused, a discard makes it an empty mapped page again.
+    Lost,
+}
+
+/// At most this share of a range may be unmapped (by [`Op::Unmap`] and moving
+/// [`Op::Remap`]); past it those operations are skipped, so that the rest of
+/// a long run still has pages to work on.
+const UNMAP_BUDGET_DIV: usize = 4;
+
+/// Exit status of the child that touched a lost page and was not killed.
+const SIGBUS: i32 = 7;
+
+/// What a run may use of the kernel.
+#[derive(Debug, Clone, Copy)]
+struct Support {
+    remap: bool,
+    fork: bool,
+    poison: bool,
+}
+
+impl Support {
+    fn probe() -> Self {
+        let p = crate::probe::probe();
+        Self {
+            remap: p.has("event-remap") && p.has("mremap-dontunmap"),
+            fork: p.has("event-fork"),
+            poison: p.has("poison"),
+        }
+    }
+}
+
+/// One worker: its range, and the model of it.
+struct Worker<'a> {
+    hmm: &'a Hmm,
+    r: &'a ManagedRange,
+    devs: &'a Devices,
+    threads: usize,
+    support: Support,
+    model: Vec<u8>,
+    pages: Vec<Page>,
+    /// Operations skipped (over the unmap budget, or unsupported here).
+    skipped: u64,
+}
+
+impl<'a> Worker<'a> {
+    fn new(
+        hmm: &'a Hmm,
+        r: &'a ManagedRange,
+        devs: &'a Devices,
+        threads: usize,
+        support: Support,
+    ) -> Self {
+        let (model, pages) = (vec![0u8; r.len()], vec![Page::Mapped; r.pages()]);
+        Self { hmm, r, devs, threads, support, model, pages, skipped: 0 }
+    }
+
+    fn pr(&self, first: usize, count: usize) -> PageRange {
+        self.r.pages_range(first, count).expect("inside the range")
+    }
+
+    fn addr(&self, at: usize) -> VirtAddr {
+        VirtAddr::new(self.r.addr().get() + at)
+    }
+
+    /// Whether any page of `first..first + count` is in state `p`.
+    fn any(&self, first: usize, count: usize, p: Page) -> bool {
+        self.pages[first..first + count].contains(&p)
+    }
+
+    /// The pages that bytes `at..at + len` touch.
+    fn span(at: usize, len: usize) -> (usize, usize) {
+        let first = at / PAGE_SIZE;
+        (first, (at + len - 1) / PAGE_SIZE - first + 1)
+    }
+
+    /// Applies `op`: `Ok(true)` if it ran, `Ok(false)` if it was skipped.
+    fn step(&mut self, op: &Op) -> Result<bool, String> {
+        let err = |e: &dyn fmt::Display| format!("failed: {e}");
+        let must_fail = |what: &str| format!("succeeded, but {what}");
+        let devs = self.devs.read().unwrap_or_else(|e| e.into_inner());
+        match *op {
+            Op::CpuWrite { at, len, fill } => {
+                let (first, count) = Self::span(at, len);
+                let b = bytes_of(fill, len);
+                if self.any(first, count, Page::Unmapped) {
+                    self.r.write(at, &b).err().ok_or_else(|| must_fail("a page is unmapped"))?;
+                } else if self.any(first, count, Page::Lost) {
+                    self.expect_sigbus(at, len)?;
+                } else {
+                    self.r.write(at, &b).map_err(|e| err(&e))?;
+                    self.model[at..at + len].copy_from_slice(&b);
+                }
+            }
+            Op::CpuRead { at, len } => {
+                let (first, count) = Self::span(at, len);
+                let mut b = vec![0u8; len];
+                if self.any(first, count, Page::Unmapped) {
+                    self.r.read(at, &mut b).err().ok_or_else(|| must_fail("a page is unmapped"))?;
+                } else if self.any(first, count, Page::Lost) {
+                    self.expect_sigbus(at, len)?;
+                } else {
+                    self.r.read(at, &mut b).map_err(|e| err(&e))?;
+                    compare(&b, &self.model[at..at + len], at, "CPU")?;
+                }
+            }
+            Op::DevWrite { dev, at, len, fill } => {
+                let (first, count) = Self::span(at, len);
+                let b = bytes_of(fill, len);
+                let res = devs[dev].write(self.addr(at), &b);
+                if self.any(first, count, Page::Unmapped) || self.any(first, count, Page::Lost) {
+                    res.err().ok_or_else(|| must_fail("a page is unmapped or lost"))?;
+                } else {
+                    res.map_err(|e| err(&e))?;
+                    self.model[at..at + len].copy_from_slice(&b);
+                }
+            }
+            Op::DevRead { dev, at, len } => {
+                let (first, count) = Self::span(at, len);
+                let res = devs[dev].read(self.pr(first, count));
+                if self.any(first, count, Page::Unmapped) || self.any(first, count, Page::Lost) {
+                    res.err().ok_or_else(|| must_fail("a page is unmapped or lost"))?;
+                } else {
+                    let (b, _) = res.map_err(|e| err(&e))?;
+                    let off = at - first * PAGE_SIZE;
+                    compare(&b[off..off + len], &self.model[at..at + len], at, "device")?;
+                }
+            }
+            Op::ToDevice { dev, first, count }
+            | Op::FromPeer { dev, first, count }
+            | Op::ToSystem { dev, first, count } => {
+                let range = self.pr(first, count);
+                let res = match op {
+                    Op::ToDevice { .. } => devs[dev].migrate_to_device(range),
+                    Op::FromPeer { .. } => {
+                        devs[dev].migrate_from(range, &devs[(dev + 1) % DEVICES])
+                    }
+                    _ => devs[dev].migrate_to_system(range),
+                };
+                // Lost pages are skipped; a hole makes the whole range invalid.
+                if self.any(first, count, Page::Unmapped) {
+                    res.err().ok_or_else(|| must_fail("a page is unmapped"))?;
+                } else {
+                    res.map_err(|e| err(&e))?;
+                }
+            }
+            Op::Exclusive { dev, first, count } => {
+                let res = devs[dev].make_exclusive(self.pr(first, count));
+                if self.any(first, count, Page::Unmapped) || self.any(first, count, Page::Lost) {
+                    res.err().ok_or_else(|| must_fail("a page is unmapped or lost"))?;
+                } else {
+                    res.map_err(|e| err(&e))?;
+                    // A CPU read revokes it and sees the bytes.
+                    let at = first * PAGE_SIZE;
+                    let mut b = vec![0u8; PAGE_SIZE];
+                    self.r.read(at, &mut b).map_err(|e| err(&e))?;
+                    compare(&b, &self.model[at..at + PAGE_SIZE], at, "CPU after exclusive")?;
+                }
+            }
+            Op::Discard { first, count } => {
+                let res = self.r.advise(self.pr(first, count), Advise::DontNeed);
+                if self.any(first, count, Page::Unmapped) {
+                    res.err().ok_or_else(|| must_fail("a page is unmapped"))?;
+                } else {
+                    res.map_err(|e| err(&e))?;
+                    self.model[first * PAGE_SIZE..(first + count) * PAGE_SIZE].fill(0);
+                    self.pages[first..first + count].fill(Page::Mapped);
+                }
+            }
+            Op::Protect { first, count } => {
+                let range = self.pr(first, count);
+                let res = self.r.protect(range, Protection::Read);
+                if self.any(first, count, Page::Unmapped) {
+                    res.err().ok_or_else(|| must_fail("a page is unmapped"))?;
+                    return Ok(true);
+                }
+                res.map_err(|e| err(&e))?;
+                let seen = devs[0].read(self.pr(first, 1));
+                if self.pages[first] == Page::Lost {
+                    seen.err().ok_or_else(|| must_fail("the page is lost"))?;
+                } else {
+                    let (b, _) = seen.map_err(|e| err(&e))?;
+                    let at = first * PAGE_SIZE;
+                    compare(&b, &self.model[at..at + PAGE_SIZE], at, "device, read-only")?;
+                }
+                self.r.protect(range, Protection::ReadWrite).map_err(|e| err(&e))?;
+            }
+            Op::Pin { dev, first, count } => {
+                let range = self.pr(first, count);
+                let pin = self.r.pin(range);
+                if self.any(first, count, Page::Unmapped) || self.any(first, count, Page::Lost) {
+                    pin.err().ok_or_else(|| must_fail("a page is unmapped or lost"))?;
+                    return Ok(true);
+                }
+                let pin = pin.map_err(|e| err(&e))?;
+                devs[dev].migrate_to_device(range).map_err(|e| err(&e))?;
+                let r = self.r;
+                if let Some(p) =
+                    (first..first + count).find(|p| !matches!(r.residency(*p), Residency::System))
+                {
+                    return Err(format!("pinned page {p} is {:?}", r.residency(p)));
+                }
+                drop(pin);
+            }
+            Op::Unmap { first, count } => {
+                let res = self.r.unmap(self.pr(first, count));
+                if self.any(first, count, Page::Unmapped) {
+                    res.err().ok_or_else(|| must_fail("a page was unmapped already"))?;
+                } else {
+                    res.map_err(|e| err(&e))?;
+                    self.pages[first..first + count].fill(Page::Unmapped);
+                }
+            }
+            Op::Remap { first, count, keep } => {
+                drop(devs);
+                return self.remap(first, count, keep);
+            }
+            Op::Fork { fill } => {
+                drop(devs);
+                return self.fork(fill);
+            }
+            Op::Fail { dev } => {
+                drop(devs);
+                return self.fail(dev);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Whether unmapping `count` more pages would pass the budget.
+    fn over_budget(&self, count: usize) -> bool {
+        let gone = self.pages.iter().filter(|p| **p == Page::Unmapped).count();
+        gone + count > self.pages.len() / UNMAP_BUDGET_DIV
+    }
+
+    /// Whether `op` is skipped rather than run: unsupported here, or an
+    /// unmap past the budget.
+    fn skips(&self, op: &Op) -> bool {
+        match *op {
+            Op::Unmap { first, count } => {
+                !self.any(first, count, Page::Unmapped) && self.over_budget(count)
+            }
+            Op::Remap { first, count, keep } => {
+                !self.support.remap
+                    || self.any(first, count, Page::Lost)
+                    || (!keep && !self.any(first, count, Page::Unmapped) && self.over_budget(count))
+            }
+            Op::Fork { .. } => !self.support.fork,
+            Op::Fail { .. } => !self.support.poison || self.threads > 1,
+            Op::CpuWrite { at, len, .. } | Op::CpuRead { at, len } => {
+                let (first, count) = Self::span(at, len);
+                !self.support.fork
+                    && self.any(first, count, Page::Lost)
+                    && !self.any(first, count, Page::Unmapped)
+            }
+            _ => false,
+        }
+    }
+
+    /// A CPU access to bytes that include a lost page: in a child (the
+    /// touch kills it with `SIGBUS`).
+    fn expect_sigbus(&self, at: usize, len: usize) -> Result<(), String> {
+        let r = self.r;
+        let out = run_in_child(|| {
+            let mut b = vec![0u8; len];
+            match r.read(at, &mut b) {
+                Ok(()) => 0,
+                Err(_) => 1,
+            }
+        })
+        .map_err(|e| format!("fork: {e}"))?;
+        if out == ChildOutcome::Signaled(SIGBUS) {
+            Ok(())
+        } else {
+            Err(format!("a CPU touch of a lost page ended as {out:?}, not SIGBUS"))
+        }
+    }
+
+    /// [`Op::Remap`].
+    fn remap(&mut self, first: usize, count: usize, keep: bool) -> Result<bool, String> {
+        let part = self.pr(first, count);
+        let m = self.r.mapping();
+        let res = if keep { m.remap_part_dontunmap(part) } else { m.move_part(part) };
+        if self.any(first, count, Page::Unmapped) {
+            res.err().ok_or("succeeded, but a page is unmapped")?;
+            return Ok(true);
+        }
+        let moved = res.map_err(|e| format!("failed: {e}"))?;
+        let (at, len) = (first * PAGE_SIZE, count * PAGE_SIZE);
+        let mut b = vec![0u8; len];
+        moved.read(0, &mut b).map_err(|e| format!("reading the new address: {e}"))?;
+        compare(&b, &self.model[at..at + len], at, "CPU at the new address")?;
+        if keep {
+            self.model[at..at + len].fill(0);
+        } else {
+            self.pages[first..first + count].fill(Page::Unmapped);
+        }
+        Ok(true)
+    }
+
+    /// [`Op::Fork`].
+    fn fork(&mut self, fill: u64) -> Result<bool, String> {
+        let (r, model, pages) = (self.r, &self.model, &self.pages);
+        let mapped = |p: usize| pages[p] == Page::Mapped;
+        let out = run_in_child(|| {
+            let mut mine = model.clone();
+            let check = |mine: &[u8]| {
+                let mut b = vec![0u8; PAGE_SIZE];
+                (0..pages.len()).filter(|p| mapped(*p)).find(|p| {
+                    r.read(p * PAGE_SIZE, &mut b).is_err()
+                        || b[..] != mine[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]
+                })
+            };
+            if let Some(p) = check(&mine) {
+                return 10 + (p % 100) as i32;
+            }
+            let mut rng = Rng::new(fill);
+            for _ in 0..16 {
+                let p = rng.below(pages.len());
+                if !mapped(p) {
+                    continue;
+                }
+                let at = p * PAGE_SIZE + rng.below(PAGE_SIZE - 64);
+                let b = bytes_of(rng.next(), 1 + rng.below(64));
+                if r.write(at, &b).is_err() {
+                    return 2;
+                }
+                mine[at..at + b.len()].copy_from_slice(&b);
+            }
+            if check(&mine).is_some() { 3 } else { 0 }
+        })
+        .map_err(|e| format!("fork: {e}"))?;
+        match out {
+            ChildOutcome::Exited(0) => Ok(true),
+            ChildOutcome::Exited(2) => Err("the child could not write its own pages".into()),
+            ChildOutcome::Exited(3) => Err("the child read back other than it wrote".into()),
+            ChildOutcome::Exited(n) if n >= 10 => {
+                Err(format!("the child read page {} (mod 100) other than at the fork", n - 10))
+            }
+            other => Err(format!("the child ended as {other:?}")),
+        }
+    }
+
+    /// [`Op::Fail`].
+    fn fail(&mut self, dev: usize) -> Result<bool, String> {
+        let mut devs = self.devs.write().unwrap_or_else(|e| e.into_inner());
+        let id = devs[dev].memory().id();
+        let on: Vec<usize> = (0..self.pages.len())
+            .filter(|p| matches!(self.r.residency(*p), Residency::Device(d) if d.dev == id))
+            .collect();
+        let lost = devs[dev].fail();
+        // A page the device held is lost, unless a migration was taking it
+        // off the device at that moment (the fault service brings pages
+        // around a touched one back after the touch goes on): that one
+        // arrives with its bytes. No other page is lost.
+        let r = self.r;
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let settled =
+            |p: &usize| matches!(r.residency(*p), Residency::Poisoned | Residency::System);
+        while !on.iter().all(settled) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let res = r.residencies();
+        if let Some(p) = on.iter().find(|p| !settled(p)) {
+            return Err(format!("page {p} of the failed device stays {:?}", res[*p]));
+        }
+        let poisoned: Vec<usize> =
+            (0..res.len()).filter(|p| res[*p] == Residency::Poisoned).collect();
+        if let Some(p) = poisoned.iter().find(|p| !on.contains(p) && self.pages[**p] != Page::Lost)
+        {
+            return Err(format!("page {p} was lost, but it did not live on the failed device"));
+        }
+        let now: Vec<usize> =
+            on.iter().copied().filter(|p| res[*p] == Residency::Poisoned).collect();
+        if now.len() != lost {
+            return Err(format!("{lost} pages reported lost, {} recorded lost", now.len()));
+        }
+        for p in &now {
+            self.pages[*p] = Page::Lost;
+        }
+        let on = now;
+        let name = format!("stress{dev}-{}", id.index());
+        devs[dev] = device(self.hmm, name, self.threads, self.pages.len())
+            .map_err(|e| format!("a new device: {e}"))?;
+        drop(devs);
+        // Exactly those pages are lost: a touch of one gets SIGBUS, and every
+        // other page keeps its bytes.
+        if let Some(p) = on.first() {
+            self.expect_sigbus(p * PAGE_SIZE, 1)?;
+        }
+        let (r, model, pages) = (self.r, &self.model, &self.pages);
+        let out = run_in_child(|| {
+            let mut b = vec![0u8; PAGE_SIZE];
+            let bad = (0..pages.len()).filter(|p| pages[*p] == Page::Mapped).find(|p| {
+                r.read(p * PAGE_SIZE, &mut b).is_err()
+                    || b[..] != model[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]
+            });
+            bad.map_or(0, |p| 10 + (p % 100) as i32)
+        })
+        .map_err(|e| format!("fork: {e}"))?;
+        match out {
+            ChildOutcome::Exited(0) => Ok(true),
+            other => Err(format!("a page not on the failed device read wrong: {other:?}")),
+        }
+    }
+}
+
+/// Runs `ops` on `r` and its model; stops at the first divergence. Returns
+/// the operations skipped.
 fn execute(
-    r: &ManagedRange,
-    devs: &[SoftwareDevice],
+    w: &mut Worker<'_>,
     ops: &[Op],
     thread: usize,
     counts: &Counts,
     tick: &(dyn Fn() + Sync),
-) -> Result<(), Divergence> {
-    let mut model = vec![0u8; r.len()];
-    let pr = |first: usize, count: usize| r.pages_range(first, count).expect("inside the range");
-    let addr = |at: usize| VirtAddr::new(r.addr().get() + at);
+) -> Result<u64, Divergence> {
     for (step, op) in ops.iter().enumerate() {
         let fail = |what: String| Divergence { thread, step, op: op.clone(), what };
-        let err = |e: &dyn fmt::Display| fail(format!("failed: {e}"));
-        counts[kind_index(op)].fetch_add(1, Ordering::Relaxed);
         tick();
-        match *op {
-            Op::CpuWrite { at, len, fill } => {
-                let b = bytes_of(fill, len);
-                r.write(at, &b).map_err(|e| err(&e))?;
-                model[at..at + len].copy_from_slice(&b);
-            }
-            Op::CpuRead { at, len } => {
-                let mut b = vec![0u8; len];
-                r.read(at, &mut b).map_err(|e| err(&e))?;
-                compare(&b, &model[at..at + len], at, "CPU").map_err(fail)?;
-            }
-            Op::DevWrite { dev, at, len, fill } => {
-                let b = bytes_of(fill, len);
-                devs[dev].write(addr(at), &b).map_err(|e| err(&e))?;
-                model[at..at + len].copy_from_slice(&b);
-            }
-            Op::DevRead { dev, at, len } => {
-                let first = at / PAGE_SIZE;
-                let last = (at + len - 1) / PAGE_SIZE;
-                let (b, _) = devs[dev].read(pr(first, last - first + 1)).map_err(|e| err(&e))?;
-                let off = at - first * PAGE_SIZE;
-                compare(&b[off..off + len], &model[at..at + len], at, "device").map_err(fail)?;
-            }
-            Op::ToDevice { dev, first, count } => {
-                devs[dev].migrate_to_device(pr(first, count)).map_err(|e| err(&e))?;
-            }
-            Op::FromPeer { dev, first, count } => {
-                let other = &devs[(dev + 1) % DEVICES];
-                devs[dev].migrate_from(pr(first, count), other).map_err(|e| err(&e))?;
-            }
-            Op::ToSystem { dev, first, count } => {
-                devs[dev].migrate_to_system(pr(first, count)).map_err(|e| err(&e))?;
-            }
-            Op::Exclusive { dev, first, count } => {
-                devs[dev].make_exclusive(pr(first, count)).map_err(|e| err(&e))?;
-                // A CPU read revokes it and sees the bytes.
-                let at = first * PAGE_SIZE;
-                let mut b = vec![0u8; PAGE_SIZE];
-                r.read(at, &mut b).map_err(|e| err(&e))?;
-                compare(&b, &model[at..at + PAGE_SIZE], at, "CPU after exclusive").map_err(fail)?;
-            }
-            Op::Discard { first, count } => {
-                r.advise(pr(first, count), Advise::DontNeed).map_err(|e| err(&e))?;
-                model[first * PAGE_SIZE..(first + count) * PAGE_SIZE].fill(0);
-            }
-            Op::Protect { first, count } => {
-                r.protect(pr(first, count), Protection::Read).map_err(|e| err(&e))?;
-                let (b, _) = devs[0].read(pr(first, 1)).map_err(|e| err(&e))?;
-                let at = first * PAGE_SIZE;
-                compare(&b, &model[at..at + PAGE_SIZE], at, "device, read-only").map_err(fail)?;
-                r.protect(pr(first, count), Protection::ReadWrite).map_err(|e| err(&e))?;
-            }
-            Op::Pin { dev, first, count } => {
-                let pin = r.pin(pr(first, count)).map_err(|e| err(&e))?;
-                devs[dev].migrate_to_device(pr(first, count)).map_err(|e| err(&e))?;
-                if let Some(p) =
-                    (first..first + count).find(|p| !matches!(r.residency(*p), Residency::System))
-                {
-                    return Err(fail(format!("pinned page {p} is {:?}", r.residency(p))));
-                }
-                drop(pin);
-            }
+        if w.skips(op) {
+            w.skipped += 1;
+            continue;
         }
-        let res = r.residence();
-        if res.total() != r.len() as u64 {
-            return Err(fail(format!("accounting sums to {} of {} bytes", res.total(), r.len())));
+        counts[kind_index(op)].fetch_add(1, Ordering::Relaxed);
+        w.step(op).map_err(fail)?;
+        let res = w.r.residence();
+        if res.total() != w.r.len() as u64 {
+            return Err(fail(format!("accounting sums to {} of {} bytes", res.total(), w.r.len())));
         }
     }
-    // Every byte, at the end, as one more read.
-    let fail = |what| Divergence {
-        thread,
-        step: ops.len(),
-        op: Op::CpuRead { at: 0, len: r.len() },
-        what,
-    };
-    let mut all = vec![0u8; r.len()];
-    r.read(0, &mut all).map_err(|e| fail(format!("failed: {e}")))?;
-    compare(&all, &model, 0, "final CPU").map_err(fail)
+    // Every mapped byte, at the end, as one more read of each mapped page.
+    let mut b = vec![0u8; PAGE_SIZE];
+    for p in (0..w.pages.len()).filter(|p| w.pages[*p] == Page::Mapped) {
+        let at = p * PAGE_SIZE;
+        let fail = |what| Divergence {
+            thread,
+            step: ops.len(),
+            op: Op::CpuRead { at, len: PAGE_SIZE },
+            what,
+        };
+        w.r.read(at, &mut b).map_err(|e| fail(format!("failed: {e}")))?;
+        compare(&b, &w.model[at..at + PAGE_SIZE], at, "final CPU").map_err(fail)?;
+    }
+    Ok(w.skipped)
 }
 
 /// Where an operation's kind is counted, and named in [`KINDS`].
@@ -367,11 +779,15 @@ fn kind_index(op: &Op) -> usize {
         Op::Discard { .. } => 8,
         Op::Protect { .. } => 9,
         Op::Pin { .. } => 10,
+        Op::Unmap { .. } => 11,
+        Op::Remap { .. } => 12,
+        Op::Fork { .. } => 13,
+        Op::Fail { .. } => 14,
     }
 }
 
 /// The name of each kind of operation, by [`kind_index`].
-const KINDS: [&str; 11] = [
+const KINDS: [&str; 15] = [
     "cpu-write",
     "cpu-read",
     "device-write",
@@ -383,6 +799,10 @@ const KINDS: [&str; 11] = [
     "discard",
     "protect",
     "pin",
+    "munmap",
+    "mremap",
+    "fork",
+    "device-failure",
 ];
 
 /// Operations run, per kind.
@@ -410,16 +830,20 @@ pub fn run(cfg: StressConfig, progress: &(dyn Fn(u64) + Sync)) -> Result<StressR
     let ops = cfg.ops as usize;
     // Worker `t` runs its share of the operations; the shares sum to `ops`.
     let plans: Vec<Vec<Op>> = (0..threads)
-        .map(|t| plan(cfg.seed, t, ops * (t + 1) / threads - ops * t / threads, pages))
+        .map(|t| {
+            plan(cfg.seed, t, ops * (t + 1) / threads - ops * t / threads, pages, threads == 1)
+        })
         .collect();
     let ranges: Vec<ManagedRange> =
         (0..threads).map(|_| hmm.alloc(pages * PAGE_SIZE)).collect::<Result<_, _>>()?;
     let counts: Counts = Default::default();
     let done = AtomicU64::new(0);
-    let results: Vec<Result<(), Divergence>> = std::thread::scope(|s| {
+    let support = Support::probe();
+    let results: Vec<Result<u64, Divergence>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
-                let (r, ops, devs, counts, done) = (&ranges[t], &plans[t], &devs, &counts, &done);
+                let (hmm, r, ops, devs, counts, done) =
+                    (&hmm, &ranges[t], &plans[t], &devs, &counts, &done);
                 s.spawn(move || {
                     let tick = || {
                         let n = done.fetch_add(1, Ordering::Relaxed) + 1;
@@ -427,7 +851,8 @@ pub fn run(cfg: StressConfig, progress: &(dyn Fn(u64) + Sync)) -> Result<StressR
                             progress(n);
                         }
                     };
-                    execute(r, devs, ops, t, counts, &tick)
+                    let mut w = Worker::new(hmm, r, devs, threads, support);
+                    execute(&mut w, ops, t, counts, &tick)
                 })
             })
             .collect();
@@ -453,13 +878,26 @@ pub fn run(cfg: StressConfig, progress: &(dyn Fn(u64) + Sync)) -> Result<StressR
     for (k, c) in KINDS.iter().zip(&counts) {
         report.by_kind.insert(k, c.load(Ordering::Relaxed));
     }
-    report.divergences = results.into_iter().filter_map(Result::err).collect();
-    // Each device's charge matches the pages the ranges record on it.
+    for res in results {
+        match res {
+            Ok(skipped) => report.skipped += skipped,
+            Err(d) => report.divergences.push(d),
+        }
+    }
+    // Each device's charge matches the pages the ranges record on it (once
+    // the forwarding of remapped pages, which frees device pages moments
+    // after the `mremap`, has settled).
     if report.divergences.is_empty() {
+        let devs = devs.read().unwrap_or_else(|e| e.into_inner());
         for (d, dev) in devs.iter().enumerate() {
             let id = dev.memory().id();
-            let on: u64 = ranges.iter().map(|r| r.residence().on_device(id)).sum();
-            let charged = dev.stats().pages_resident * PAGE_SIZE as u64;
+            let on = || ranges.iter().map(|r| r.residence().on_device(id)).sum::<u64>();
+            let charged = || dev.stats().pages_resident * PAGE_SIZE as u64;
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while on() != charged() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let (on, charged) = (on(), charged());
             if on != charged {
                 report.divergences.push(Divergence {
                     thread: 0,
@@ -487,7 +925,8 @@ fn diverges(ops: &[Op], thread: usize, pages: usize, threads: usize) -> Result<b
     let devs = devices(&hmm, threads, pages)?;
     let r = hmm.alloc(pages * PAGE_SIZE)?;
     let counts: Counts = Default::default();
-    Ok(execute(&r, &devs, ops, thread, &counts, &|| {}).is_err())
+    let mut w = Worker::new(&hmm, &r, &devs, threads, Support::probe());
+    Ok(execute(&mut w, ops, thread, &counts, &|| {}).is_err())
 }
 
 /// The shortest sequence found that still diverges, starting from `ops`
@@ -537,9 +976,11 @@ mod tests {
 
     #[test]
     fn plans_are_reproducible_and_stay_inside_the_range() {
-        let a = plan(7, 0, 2000, 64);
-        assert_eq!(a, plan(7, 0, 2000, 64), "the same seed, the same operations");
-        assert_ne!(a, plan(7, 1, 2000, 64), "each worker its own");
+        let a = plan(7, 0, 2000, 64, true);
+        assert_eq!(a, plan(7, 0, 2000, 64, true), "the same seed, the same operations");
+        assert_ne!(a, plan(7, 1, 2000, 64, true), "each worker its own");
+        let shared = plan(7, 0, 2000, 64, false);
+        assert!(!shared.iter().any(|op| matches!(op, Op::Fail { .. })), "no failure when shared");
         let len = 64 * PAGE_SIZE;
         for op in &a {
             match *op {
@@ -557,6 +998,11 @@ mod tests {
                 Op::Discard { first, count } | Op::Protect { first, count } => {
                     assert!(count >= 1 && first + count <= 64, "{op:?}")
                 }
+                Op::Unmap { first, count } | Op::Remap { first, count, .. } => {
+                    assert!((1..=4).contains(&count) && first + count <= 64, "{op:?}")
+                }
+                Op::Fork { .. } => {}
+                Op::Fail { dev } => assert!(dev < DEVICES),
             }
         }
         let kinds: std::collections::BTreeSet<_> = a.iter().map(Op::kind).collect();
@@ -580,11 +1026,13 @@ mod tests {
             Op::ToDevice { dev: 0, first: 0, count: 4 },
             Op::CpuRead { at: 0, len: 2 * PAGE_SIZE },
         ];
-        let d = execute(&r, &devs, &ops, 0, &counts, &|| {}).unwrap_err();
+        let mut w = Worker::new(&hmm, &r, &devs, 1, Support::probe());
+        let d = execute(&mut w, &ops, 0, &counts, &|| {}).unwrap_err();
         assert_eq!(d.step, 1);
         assert!(d.what.contains("byte 4099 (page 1)"), "{d}");
         let ok = [Op::CpuWrite { at: 0, len: 8, fill: 1 }, Op::DevRead { dev: 1, at: 0, len: 8 }];
         let r2 = hmm.alloc(16 * PAGE_SIZE).unwrap();
-        execute(&r2, &devs, &ok, 0, &counts, &|| {}).unwrap();
+        let mut w = Worker::new(&hmm, &r2, &devs, 1, Support::probe());
+        execute(&mut w, &ok, 0, &counts, &|| {}).unwrap();
     }
 }
