@@ -1107,7 +1107,7 @@ impl Inner {
             if let Some(at) =
                 rec.mapping().holes().iter().find(|h| gone(h)).map(|h| h.start()).or(unmapped)
             {
-                let reason = format!("the application unmapped {at}");
+                let reason = format!("nothing is mapped at {at} (the application unmapped it)");
                 return Err(HmmError::InvalidRange { op, range, reason });
             }
         }
