@@ -41,11 +41,13 @@ pub struct StressConfig {
     pub threads: usize,
     /// Pages of each worker's range.
     pub pages: usize,
+    /// Whether a worker that runs alone also fails devices ([`Op::Fail`]).
+    pub device_failures: bool,
 }
 
 impl Default for StressConfig {
     fn default() -> Self {
-        Self { seed: 1, ops: 10_000, threads: 1, pages: 256 }
+        Self { seed: 1, ops: 10_000, threads: 1, pages: 256, device_failures: true }
     }
 }
 
@@ -664,6 +666,10 @@ impl<'a> Worker<'a> {
 
     /// [`Op::Fail`].
     fn fail(&mut self, dev: usize) -> Result<bool, String> {
+        // The records first take in what the kernel reported of earlier
+        // operations (a discard's REMOVE is handled moments after the call
+        // returns): they say which pages the device holds.
+        self.hmm.inner().settle_events();
         let mut devs = self.devs.write().unwrap_or_else(|e| e.into_inner());
         let id = devs[dev].memory().id();
         let on: Vec<usize> = (0..self.pages.len())
@@ -828,11 +834,10 @@ pub fn run(cfg: StressConfig, progress: &(dyn Fn(u64) + Sync)) -> Result<StressR
     let hmm = Hmm::new()?;
     let devs = devices(&hmm, threads, pages)?;
     let ops = cfg.ops as usize;
+    let alone = threads == 1 && cfg.device_failures;
     // Worker `t` runs its share of the operations; the shares sum to `ops`.
     let plans: Vec<Vec<Op>> = (0..threads)
-        .map(|t| {
-            plan(cfg.seed, t, ops * (t + 1) / threads - ops * t / threads, pages, threads == 1)
-        })
+        .map(|t| plan(cfg.seed, t, ops * (t + 1) / threads - ops * t / threads, pages, alone))
         .collect();
     let ranges: Vec<ManagedRange> =
         (0..threads).map(|_| hmm.alloc(pages * PAGE_SIZE)).collect::<Result<_, _>>()?;
