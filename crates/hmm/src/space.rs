@@ -1098,14 +1098,18 @@ impl Inner {
     /// hold some other mapping, which is not the range's memory.
     fn check_accessible(&self, range: PageRange, op: &'static str) -> Result<(), HmmError> {
         if let Ok(rec) = self.find_containing(range) {
-            let gone = |p: &PageRange| p.start() < range.end() && range.start() < p.end();
             let first = rec.index(range.start());
             let unmapped = rec.lock()[first..first + range.pages()]
                 .iter()
                 .position(|e| e.residency() == Residency::Unmapped)
-                .map(|i| VirtAddr::new(range.start().get() + i * PAGE_SIZE));
-            if let Some(at) =
-                rec.mapping().holes().iter().find(|h| gone(h)).map(|h| h.start()).or(unmapped)
+                .map(|i| rec.page_addr(first + i));
+            if let Some(at) = rec
+                .mapping()
+                .holes()
+                .iter()
+                .find(|h| h.overlaps(range))
+                .map(|h| h.start())
+                .or(unmapped)
             {
                 let reason = format!("nothing is mapped at {at} (the application unmapped it)");
                 return Err(HmmError::InvalidRange { op, range, reason });

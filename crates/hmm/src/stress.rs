@@ -331,7 +331,7 @@ enum Page {
 /// a long run still has pages to work on.
 const UNMAP_BUDGET_DIV: usize = 4;
 
-/// Exit status of the child that touched a lost page and was not killed.
+/// The signal that ends a child touching a lost page.
 const SIGBUS: i32 = 7;
 
 /// What a run may use of the kernel.
@@ -391,14 +391,20 @@ impl<'a> Worker<'a> {
         self.pages[first..first + count].contains(&p)
     }
 
+    /// Whether every page of `first..first + count` is mapped (none
+    /// unmapped or lost).
+    fn all_mapped(&self, first: usize, count: usize) -> bool {
+        self.pages[first..first + count].iter().all(|p| *p == Page::Mapped)
+    }
+
     /// The pages that bytes `at..at + len` touch.
     fn span(at: usize, len: usize) -> (usize, usize) {
         let first = at / PAGE_SIZE;
         (first, (at + len - 1) / PAGE_SIZE - first + 1)
     }
 
-    /// Applies `op`: `Ok(true)` if it ran, `Ok(false)` if it was skipped.
-    fn step(&mut self, op: &Op) -> Result<bool, String> {
+    /// Applies `op` (one [`skips`](Self::skips) does not skip).
+    fn step(&mut self, op: &Op) -> Result<(), String> {
         let err = |e: &dyn fmt::Display| format!("failed: {e}");
         let must_fail = |what: &str| format!("succeeded, but {what}");
         let devs = self.devs.read().unwrap_or_else(|e| e.into_inner());
@@ -431,7 +437,7 @@ impl<'a> Worker<'a> {
                 let (first, count) = Self::span(at, len);
                 let b = bytes_of(fill, len);
                 let res = devs[dev].write(self.addr(at), &b);
-                if self.any(first, count, Page::Unmapped) || self.any(first, count, Page::Lost) {
+                if !self.all_mapped(first, count) {
                     res.err().ok_or_else(|| must_fail("a page is unmapped or lost"))?;
                 } else {
                     res.map_err(|e| err(&e))?;
@@ -441,7 +447,7 @@ impl<'a> Worker<'a> {
             Op::DevRead { dev, at, len } => {
                 let (first, count) = Self::span(at, len);
                 let res = devs[dev].read(self.pr(first, count));
-                if self.any(first, count, Page::Unmapped) || self.any(first, count, Page::Lost) {
+                if !self.all_mapped(first, count) {
                     res.err().ok_or_else(|| must_fail("a page is unmapped or lost"))?;
                 } else {
                     let (b, _) = res.map_err(|e| err(&e))?;
@@ -469,7 +475,7 @@ impl<'a> Worker<'a> {
             }
             Op::Exclusive { dev, first, count } => {
                 let res = devs[dev].make_exclusive(self.pr(first, count));
-                if self.any(first, count, Page::Unmapped) || self.any(first, count, Page::Lost) {
+                if !self.all_mapped(first, count) {
                     res.err().ok_or_else(|| must_fail("a page is unmapped or lost"))?;
                 } else {
                     res.map_err(|e| err(&e))?;
@@ -495,7 +501,7 @@ impl<'a> Worker<'a> {
                 let res = self.r.protect(range, Protection::Read);
                 if self.any(first, count, Page::Unmapped) {
                     res.err().ok_or_else(|| must_fail("a page is unmapped"))?;
-                    return Ok(true);
+                    return Ok(());
                 }
                 res.map_err(|e| err(&e))?;
                 let seen = devs[0].read(self.pr(first, 1));
@@ -511,9 +517,9 @@ impl<'a> Worker<'a> {
             Op::Pin { dev, first, count } => {
                 let range = self.pr(first, count);
                 let pin = self.r.pin(range);
-                if self.any(first, count, Page::Unmapped) || self.any(first, count, Page::Lost) {
+                if !self.all_mapped(first, count) {
                     pin.err().ok_or_else(|| must_fail("a page is unmapped or lost"))?;
-                    return Ok(true);
+                    return Ok(());
                 }
                 let pin = pin.map_err(|e| err(&e))?;
                 devs[dev].migrate_to_device(range).map_err(|e| err(&e))?;
@@ -547,7 +553,7 @@ impl<'a> Worker<'a> {
                 return self.fail(dev);
             }
         }
-        Ok(true)
+        Ok(())
     }
 
     /// Whether unmapping `count` more pages would pass the budget.
@@ -600,13 +606,13 @@ impl<'a> Worker<'a> {
     }
 
     /// [`Op::Remap`].
-    fn remap(&mut self, first: usize, count: usize, keep: bool) -> Result<bool, String> {
+    fn remap(&mut self, first: usize, count: usize, keep: bool) -> Result<(), String> {
         let part = self.pr(first, count);
         let m = self.r.mapping();
         let res = if keep { m.remap_part_dontunmap(part) } else { m.move_part(part) };
         if self.any(first, count, Page::Unmapped) {
             res.err().ok_or("succeeded, but a page is unmapped")?;
-            return Ok(true);
+            return Ok(());
         }
         let moved = res.map_err(|e| format!("failed: {e}"))?;
         let (at, len) = (first * PAGE_SIZE, count * PAGE_SIZE);
@@ -618,23 +624,16 @@ impl<'a> Worker<'a> {
         } else {
             self.pages[first..first + count].fill(Page::Unmapped);
         }
-        Ok(true)
+        Ok(())
     }
 
     /// [`Op::Fork`].
-    fn fork(&mut self, fill: u64) -> Result<bool, String> {
+    fn fork(&mut self, fill: u64) -> Result<(), String> {
         let (r, model, pages) = (self.r, &self.model, &self.pages);
         let mapped = |p: usize| pages[p] == Page::Mapped;
         let out = run_in_child(|| {
             let mut mine = model.clone();
-            let check = |mine: &[u8]| {
-                let mut b = vec![0u8; PAGE_SIZE];
-                (0..pages.len()).filter(|p| mapped(*p)).find(|p| {
-                    r.read(p * PAGE_SIZE, &mut b).is_err()
-                        || b[..] != mine[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]
-                })
-            };
-            if let Some(p) = check(&mine) {
+            if let Some(p) = first_wrong_mapped_page(r, pages, &mine) {
                 return 10 + (p % 100) as i32;
             }
             let mut rng = Rng::new(fill);
@@ -650,11 +649,11 @@ impl<'a> Worker<'a> {
                 }
                 mine[at..at + b.len()].copy_from_slice(&b);
             }
-            if check(&mine).is_some() { 3 } else { 0 }
+            if first_wrong_mapped_page(r, pages, &mine).is_some() { 3 } else { 0 }
         })
         .map_err(|e| format!("fork: {e}"))?;
         match out {
-            ChildOutcome::Exited(0) => Ok(true),
+            ChildOutcome::Exited(0) => Ok(()),
             ChildOutcome::Exited(2) => Err("the child could not write its own pages".into()),
             ChildOutcome::Exited(3) => Err("the child read back other than it wrote".into()),
             ChildOutcome::Exited(n) if n >= 10 => {
@@ -665,7 +664,7 @@ impl<'a> Worker<'a> {
     }
 
     /// [`Op::Fail`].
-    fn fail(&mut self, dev: usize) -> Result<bool, String> {
+    fn fail(&mut self, dev: usize) -> Result<(), String> {
         // The records first take in what the kernel reported of earlier
         // operations (a discard's REMOVE is handled moments after the call
         // returns): they say which pages the device holds.
@@ -691,45 +690,47 @@ impl<'a> Worker<'a> {
         if let Some(p) = on.iter().find(|p| !settled(p)) {
             return Err(format!("page {p} of the failed device stays {:?}", res[*p]));
         }
-        let poisoned: Vec<usize> =
-            (0..res.len()).filter(|p| res[*p] == Residency::Poisoned).collect();
-        if let Some(p) = poisoned.iter().find(|p| !on.contains(p) && self.pages[**p] != Page::Lost)
-        {
+        let stray = (0..res.len()).find(|p| {
+            res[*p] == Residency::Poisoned && !on.contains(p) && self.pages[*p] != Page::Lost
+        });
+        if let Some(p) = stray {
             return Err(format!("page {p} was lost, but it did not live on the failed device"));
         }
-        let now: Vec<usize> =
-            on.iter().copied().filter(|p| res[*p] == Residency::Poisoned).collect();
-        if now.len() != lost {
-            return Err(format!("{lost} pages reported lost, {} recorded lost", now.len()));
+        let gone: Vec<usize> = on.into_iter().filter(|p| res[*p] == Residency::Poisoned).collect();
+        if gone.len() != lost {
+            return Err(format!("{lost} pages reported lost, {} recorded lost", gone.len()));
         }
-        for p in &now {
+        for p in &gone {
             self.pages[*p] = Page::Lost;
         }
-        let on = now;
         let name = format!("stress{dev}-{}", id.index());
         devs[dev] = device(self.hmm, name, self.threads, self.pages.len())
             .map_err(|e| format!("a new device: {e}"))?;
         drop(devs);
         // Exactly those pages are lost: a touch of one gets SIGBUS, and every
         // other page keeps its bytes.
-        if let Some(p) = on.first() {
+        if let Some(p) = gone.first() {
             self.expect_sigbus(p * PAGE_SIZE, 1)?;
         }
         let (r, model, pages) = (self.r, &self.model, &self.pages);
         let out = run_in_child(|| {
-            let mut b = vec![0u8; PAGE_SIZE];
-            let bad = (0..pages.len()).filter(|p| pages[*p] == Page::Mapped).find(|p| {
-                r.read(p * PAGE_SIZE, &mut b).is_err()
-                    || b[..] != model[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]
-            });
-            bad.map_or(0, |p| 10 + (p % 100) as i32)
+            first_wrong_mapped_page(r, pages, model).map_or(0, |p| 10 + (p % 100) as i32)
         })
         .map_err(|e| format!("fork: {e}"))?;
         match out {
-            ChildOutcome::Exited(0) => Ok(true),
+            ChildOutcome::Exited(0) => Ok(()),
             other => Err(format!("a page not on the failed device read wrong: {other:?}")),
         }
     }
+}
+
+/// The first page the model calls mapped whose bytes `r` does not hold as
+/// `model` says (or cannot read). For children, which report by exit status.
+fn first_wrong_mapped_page(r: &ManagedRange, pages: &[Page], model: &[u8]) -> Option<usize> {
+    let mut b = vec![0u8; PAGE_SIZE];
+    (0..pages.len()).filter(|p| pages[*p] == Page::Mapped).find(|p| {
+        r.read(p * PAGE_SIZE, &mut b).is_err() || b[..] != model[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]
+    })
 }
 
 /// Runs `ops` on `r` and its model; stops at the first divergence. Returns

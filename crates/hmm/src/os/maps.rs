@@ -64,11 +64,7 @@ fn parse_line(line: &str) -> Option<Vma> {
 /// The areas overlapping `range`, in address order (read fresh from the kernel).
 pub fn vmas_overlapping(range: PageRange) -> std::io::Result<Vec<Vma>> {
     let text = std::fs::read_to_string("/proc/self/maps")?;
-    Ok(text
-        .lines()
-        .filter_map(parse_line)
-        .filter(|v| v.range.start() < range.end() && range.start() < v.range.end())
-        .collect())
+    Ok(text.lines().filter_map(parse_line).filter(|v| v.range.overlaps(range)).collect())
 }
 
 /// The area containing `addr`, if any.
