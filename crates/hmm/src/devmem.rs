@@ -393,8 +393,12 @@ impl DeviceMemory {
         self.failed.load(Ordering::Acquire)
     }
 
+    /// Marks the region failed. The fence pairs with the one in
+    /// [`claim_backing`](Self::claim_backing): a `resident_pages` after this
+    /// sees every page claimed before the failure was seen.
     pub(crate) fn set_failed(&self) {
         self.failed.store(true, Ordering::Release);
+        std::sync::atomic::fence(Ordering::SeqCst);
     }
 
     /// Makes the next `n` allocations fail (fault injection for tests).
@@ -496,6 +500,23 @@ impl DeviceMemory {
         let d = self.descriptor(page.index);
         d.stamp.store(self.clock.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
         d.backs.store(addr.as_u64(), Ordering::Release);
+    }
+
+    /// Records that `page` backs `addr`, as [`set_backs`](Self::set_backs),
+    /// unless the region has failed: then it records nothing and returns
+    /// false. With [`set_failed`](Self::set_failed) this is a store-then-load
+    /// handshake with a full fence on both sides: a page claimed as the
+    /// device fails is either refused here or listed by the
+    /// [`resident_pages`](Self::resident_pages) that follows the failure
+    /// (and poisoned there), never neither.
+    pub(crate) fn claim_backing(&self, page: DevicePage, addr: VirtAddr) -> bool {
+        self.set_backs(page, addr);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.is_failed() {
+            self.descriptor(page.index).backs.store(0, Ordering::Release);
+            return false;
+        }
+        true
     }
 
     /// The virtual address `page` backs, if it backs one.

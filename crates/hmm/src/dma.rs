@@ -151,6 +151,15 @@ pub trait DmaEngine: Send + Sync {
     fn reads_peers(&self) -> bool {
         false
     }
+
+    /// Whether a copy into device memory leaves its source as it was (a
+    /// DMA engine copies; the default). An engine that moves pages out of
+    /// the source says `false`: a page it filled has its only copy on the
+    /// device, so a device that fails before the migration commits loses it
+    /// (see [`Migration::finalize`](crate::Migration::finalize)).
+    fn keeps_sources(&self) -> bool {
+        true
+    }
 }
 
 struct FenceState {

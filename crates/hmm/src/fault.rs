@@ -698,21 +698,8 @@ impl Service {
     }
 
     fn poison_page(&mut self, r: &Arc<Range>, addr: VirtAddr, p: DevicePage) {
-        let one = PageRange::from_pages(addr, 1).expect("page");
-        let i = r.index(addr);
-        let mut t = r.lock();
-        if t[i].device_page() == Some(p) && !t[i].is_migrating() {
-            let _ = self.inner.uffd.poison(one, false);
-            let _ = t[i].poison();
-            drop(t);
-            r.counters.pages_poisoned.fetch_add(1, Ordering::Relaxed);
-            if let Some(mem) = self.inner.device(p.dev) {
-                mem.counters.pages_poisoned.fetch_add(1, Ordering::Relaxed);
-            }
-            self.inner.put_page(p);
-        } else {
-            drop(t);
-            let _ = self.inner.uffd.wake(one);
+        if !self.inner.poison_resident(r, addr, p) {
+            let _ = self.inner.uffd.wake(PageRange::from_pages(addr, 1).expect("page"));
         }
     }
 

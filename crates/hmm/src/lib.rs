@@ -78,8 +78,8 @@ pub use space::{
     Residence,
 };
 pub use swdev::{
-    DeviceContext, DeviceEntry, EngineKind, MirrorStats, OpCounters, PageSnapshot, SnapshotAccess,
-    SoftwareDevice, SoftwareDeviceConfig,
+    DeviceContext, DeviceEntry, EngineKind, EngineStall, MirrorStats, OpCounters, PageSnapshot,
+    SnapshotAccess, SoftwareDevice, SoftwareDeviceConfig,
 };
 
 /// The README's example, compiled with the doc tests so that it stays true.

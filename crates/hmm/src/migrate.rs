@@ -200,6 +200,9 @@ pub struct Migration {
     staging: Option<Arc<Mapping>>,
     /// Copies submitted and not yet waited for, with the slot of each.
     in_flight: Option<(DmaFence, Vec<usize>)>,
+    /// Whether the engine of the last copies left their sources as they were
+    /// ([`DmaEngine::keeps_sources`]).
+    sources_kept: bool,
     finalized: bool,
     /// Whether pages that end on a coherent device are mapped for the CPU
     /// (not for exclusive access, whose pages a CPU touch must fault back).
@@ -343,6 +346,7 @@ impl Migration {
             slots,
             staging: None,
             in_flight: None,
+            sources_kept: true,
             finalized: false,
             map_for_cpu: true,
             trace,
@@ -818,6 +822,7 @@ impl Migration {
         if job.is_empty() {
             return;
         }
+        self.sources_kept = engine.keeps_sources();
         self.in_flight = Some((engine.submit(job), idx));
     }
 
@@ -889,103 +894,163 @@ impl Migration {
         // already given back.
         let mut handover = Vec::new();
         let mut dropped_mapped: Vec<(usize, DevicePage)> = Vec::new();
-        {
-            let mut t = self.rec.lock();
-            for k in 0..self.slots.len() {
-                if !self.slots[k].held {
-                    continue;
-                }
-                if t[self.first + k].is_moved() {
-                    let src = self.moved_source(k, restored[k]);
+        // A page copied to a destination device that has failed meanwhile is
+        // not committed there when the engine kept its source (its data never
+        // left system memory, or the source device): it goes back into place
+        // in a second pass. The destination page is claimed
+        // under the lock before the commit (`DeviceMemory::claim_backing`):
+        // either the claim sees the failure (the page stays in system memory)
+        // or `poison_device` sees the claim, waits for this lock, finds the
+        // page committed and poisons it with the device's other pages. (A
+        // coherent page already mapped for the CPU commits as it is: its data
+        // stays readable where the CPU maps it.)
+        let mut late: Vec<usize> = Vec::new();
+        // Pages that stayed on their device (to be poisoned if it failed).
+        let mut stayed: Vec<(usize, DevicePage)> = Vec::new();
+        // Pages an engine that does not keep sources moved into a device that
+        // failed before the commit: their only copy is there, so they commit
+        // and are poisoned with the device's other pages.
+        let mut arrived_lost: Vec<(usize, DevicePage)> = Vec::new();
+        let mut pass: Vec<usize> = (0..self.slots.len()).collect();
+        loop {
+            {
+                let mut t = self.rec.lock();
+                for k in std::mem::take(&mut pass) {
+                    if !self.slots[k].held {
+                        continue;
+                    }
+                    if t[self.first + k].is_moved() {
+                        let src = self.moved_source(k, restored[k]);
+                        let s = &mut self.slots[k];
+                        // Free the device pages that do not hold the data.
+                        let handed = src.device_page();
+                        let src_page = if let Src::Device(p) = s.src { Some(p) } else { None };
+                        put.extend(
+                            [s.dst, src_page].into_iter().flatten().filter(|p| Some(*p) != handed),
+                        );
+                        s.dst = None;
+                        s.held = false;
+                        s.status = PageStatus::Skipped(SkipReason::Invalidated);
+                        handover.push((k, src));
+                        continue;
+                    }
+                    let s = &self.slots[k];
+                    let claimed = match (&s.status, self.select, s.dst, &mem) {
+                        (
+                            PageStatus::Migrated,
+                            Selection::System | Selection::Peer(_),
+                            Some(p),
+                            Some(m),
+                        ) if !s.cpu_mapped => m.claim_backing(p, self.addr(k)),
+                        _ => true,
+                    };
+                    if !claimed && self.sources_kept {
+                        self.slots[k].status = PageStatus::Skipped(SkipReason::DeviceFailed);
+                        late.push(k);
+                        continue;
+                    }
                     let s = &mut self.slots[k];
-                    // Free the device pages that do not hold the data.
-                    let handed = src.device_page();
-                    let src_page = if let Src::Device(p) = s.src { Some(p) } else { None };
-                    put.extend(
-                        [s.dst, src_page].into_iter().flatten().filter(|p| Some(*p) != handed),
-                    );
-                    s.dst = None;
                     s.held = false;
-                    s.status = PageStatus::Skipped(SkipReason::Invalidated);
-                    handover.push((k, src));
-                    continue;
-                }
-                let s = &mut self.slots[k];
-                s.held = false;
-                let e = &mut t[self.first + k];
-                debug_assert!(e.is_migrating(), "a held page stays migrating until given back");
-                // A page mapped for the CPU above that is dropped now (the
-                // application discarded or unmapped it meanwhile) comes off
-                // the CPU's page table before its device page is freed.
-                let mapped_page = if s.status == PageStatus::Migrated {
-                    s.dst
-                } else {
-                    match s.src {
-                        Src::Device(p) => Some(p),
-                        _ => None,
-                    }
-                };
-                let mapped_page = mapped_page.filter(|_| s.cpu_mapped);
-                if s.status == PageStatus::Migrated {
-                    let to = match (self.select, s.dst) {
-                        (Selection::System | Selection::Peer(_), Some(p)) => Residency::Device(p),
-                        _ => Residency::System,
+                    let e = &mut t[self.first + k];
+                    debug_assert!(e.is_migrating(), "a held page stays migrating until given back");
+                    // A page mapped for the CPU above that is dropped now (the
+                    // application discarded or unmapped it meanwhile) comes off
+                    // the CPU's page table before its device page is freed.
+                    let mapped_page = if s.status == PageStatus::Migrated {
+                        s.dst
+                    } else {
+                        match s.src {
+                            Src::Device(p) => Some(p),
+                            _ => None,
+                        }
                     };
-                    let committed = e.commit(to).expect("migrating page commits");
-                    if committed && s.cpu_mapped {
-                        let _ = e.set_cpu_mapped(true);
-                    } else if let Some(p) = mapped_page.filter(|_| !e.is_unmapped()) {
-                        dropped_mapped.push((k, p));
-                    }
-                    // A peer's page: its data now lives on the destination.
-                    let peer_src = match (self.select, s.src) {
-                        (Selection::Peer(_), Src::Device(p)) => Some(p),
-                        _ => None,
-                    };
-                    put.extend(peer_src);
-                    match (self.select, committed) {
-                        (Selection::System | Selection::Peer(_), true) => {
-                            let p = s.dst.expect("device destination");
-                            if let Some(m) = &mem {
-                                m.set_backs(
-                                    p,
-                                    VirtAddr::new(self.range.start().get() + k * PAGE_SIZE),
-                                );
+                    let mapped_page = mapped_page.filter(|_| s.cpu_mapped);
+                    if s.status == PageStatus::Migrated {
+                        let to = match (self.select, s.dst) {
+                            (Selection::System | Selection::Peer(_), Some(p)) => {
+                                Residency::Device(p)
                             }
-                            moved += 1;
+                            _ => Residency::System,
+                        };
+                        let committed = e.commit(to).expect("migrating page commits");
+                        if committed && s.cpu_mapped {
+                            let _ = e.set_cpu_mapped(true);
+                        } else if let Some(p) = mapped_page.filter(|_| !e.is_unmapped()) {
+                            dropped_mapped.push((k, p));
                         }
-                        (Selection::System | Selection::Peer(_), false) => {
-                            put.extend(s.dst);
-                            s.status = PageStatus::Skipped(SkipReason::Invalidated);
+                        // A peer's page: its data now lives on the destination.
+                        let peer_src = match (self.select, s.src) {
+                            (Selection::Peer(_), Src::Device(p)) => Some(p),
+                            _ => None,
+                        };
+                        put.extend(peer_src);
+                        match (self.select, committed) {
+                            (Selection::System | Selection::Peer(_), true) => {
+                                let p = s.dst.expect("device destination");
+                                if let Some(m) = &mem {
+                                    m.set_backs(
+                                        p,
+                                        VirtAddr::new(self.range.start().get() + k * PAGE_SIZE),
+                                    );
+                                }
+                                if claimed {
+                                    moved += 1;
+                                } else {
+                                    arrived_lost.push((k, p));
+                                }
+                            }
+                            (Selection::System | Selection::Peer(_), false) => {
+                                put.extend(s.dst);
+                                s.status = PageStatus::Skipped(SkipReason::Invalidated);
+                            }
+                            (Selection::Device(_), c) => {
+                                // The device page's reference went with the entry.
+                                if let Src::Device(p) = s.src {
+                                    put.push(p);
+                                }
+                                if c {
+                                    moved += 1;
+                                } else {
+                                    s.status = PageStatus::Skipped(SkipReason::Invalidated);
+                                }
+                            }
                         }
-                        (Selection::Device(_), c) => {
-                            // The device page's reference went with the entry.
+                    } else {
+                        let kept = e.abort().expect("migrating page aborts");
+                        if kept && s.cpu_mapped {
+                            let _ = e.set_cpu_mapped(true);
+                        } else if let Some(p) = mapped_page.filter(|_| !e.is_unmapped()) {
+                            dropped_mapped.push((k, p));
+                        }
+                        put.extend(s.dst.take());
+                        if !kept {
                             if let Src::Device(p) = s.src {
                                 put.push(p);
                             }
-                            if c {
-                                moved += 1;
-                            } else {
-                                s.status = PageStatus::Skipped(SkipReason::Invalidated);
-                            }
+                            s.status = PageStatus::Skipped(SkipReason::Invalidated);
+                        } else if let (Src::Device(p), false) = (s.src, s.cpu_mapped) {
+                            stayed.push((k, p));
                         }
-                    }
-                } else {
-                    let kept = e.abort().expect("migrating page aborts");
-                    if kept && s.cpu_mapped {
-                        let _ = e.set_cpu_mapped(true);
-                    } else if let Some(p) = mapped_page.filter(|_| !e.is_unmapped()) {
-                        dropped_mapped.push((k, p));
-                    }
-                    put.extend(s.dst.take());
-                    if !kept {
-                        if let Src::Device(p) = s.src {
-                            put.push(p);
-                        }
-                        s.status = PageStatus::Skipped(SkipReason::Invalidated);
                     }
                 }
             }
+            if late.is_empty() {
+                break;
+            }
+            let back: Vec<usize> = {
+                let t = self.rec.lock();
+                late.iter()
+                    .copied()
+                    .filter(|&k| {
+                        self.slots[k].src == Src::Staged && !t[self.first + k].is_invalidated()
+                    })
+                    .collect()
+            };
+            for k in back {
+                self.restore_staged(k);
+                restored[k] = true;
+            }
+            pass = std::mem::take(&mut late);
         }
         for (k, src) in handover {
             self.inner.forwards.hand_over(&self.inner, &self.rec, self.first + k, src);
@@ -998,6 +1063,22 @@ impl Migration {
             put.retain(|x| *x != p);
         }
         self.rec.settled.notify_all();
+        // Pages that stayed on a device that failed meanwhile are lost, as
+        // its other pages are: they are poisoned now (`poison_device` skipped
+        // them while the migration held them), before the waiting threads
+        // are woken to touch them. A failure that comes after this check
+        // finds them in its own sweep.
+        if let Some(&(_, p)) = stayed.first()
+            && self.inner.device(p.dev).is_some_and(|m| m.is_failed())
+        {
+            for (k, p) in stayed {
+                self.inner.poison_resident(&self.rec, self.addr(k), p);
+            }
+        }
+        for (k, p) in arrived_lost {
+            self.inner.poison_resident(&self.rec, self.addr(k), p);
+            self.slots[k].status = PageStatus::Skipped(SkipReason::DeviceFailed);
+        }
         // 3. Free the device pages (before waking: a woken thread may migrate
         //    again at once and find their capacity), then wake the threads that
         //    touched the range meanwhile and wait in the kernel (they retry and

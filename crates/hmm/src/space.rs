@@ -1623,32 +1623,46 @@ impl Inner {
             // page, that is SIGBUS.
             let _ = self.uffd.wake(one);
         }
+        // Pages mid-migration are skipped here: a migration that ends with
+        // one still on this device poisons it then (see `Migration::finish`).
         let mut poisoned = 0;
         for (page, addr) in mem.resident_pages() {
-            let Some(r) = self.find(addr) else { continue };
-            let i = r.index(addr);
-            let one = PageRange::from_pages(addr, 1).expect("one page");
-            // Mirrors first: the page's contents are about to be lost.
-            let _inv = self.notifiers.start(one, InvalidationEvent::Clear);
-            let mut t = r.lock();
-            if t[i].device_page() != Some(page) || t[i].is_migrating() {
-                continue;
+            if let Some(r) = self.find(addr)
+                && self.poison_resident(&r, addr, page)
+            {
+                poisoned += 1;
             }
-            // The page is absent (it lives on the device): the marker goes in
-            // its place, and the next touch gets SIGBUS.
-            let res = self.uffd.poison(one, false);
-            if res.is_err() && !self.uffd.features().contains(Features::POISON) {
-                tracing::error!(%addr, "UFFDIO_POISON unavailable: the page stays lost on a failed device");
-                continue;
-            }
-            t[i].poison().expect("device page, not migrating");
-            drop(t);
-            r.counters.pages_poisoned.fetch_add(1, Ordering::Relaxed);
-            mem.counters.pages_poisoned.fetch_add(1, Ordering::Relaxed);
-            mem.put(page);
-            poisoned += 1;
         }
         poisoned
+    }
+
+    /// Poisons the page at `addr` of `r` if it still lives in `page` (of a
+    /// failed device) and no migration holds it: the marker goes in its place
+    /// (the address is empty while the page lives on the device), so the
+    /// next touch gets SIGBUS, and the device page is freed. Returns whether
+    /// it did.
+    pub(crate) fn poison_resident(&self, r: &Arc<Range>, addr: VirtAddr, page: DevicePage) -> bool {
+        let i = r.index(addr);
+        let one = PageRange::from_pages(addr, 1).expect("one page");
+        // Mirrors first: the page's contents are about to be lost.
+        let _inv = self.notifiers.start(one, InvalidationEvent::Clear);
+        let mut t = r.lock();
+        if t[i].device_page() != Some(page) || t[i].is_migrating() {
+            return false;
+        }
+        let res = self.uffd.poison(one, false);
+        if res.is_err() && !self.uffd.features().contains(Features::POISON) {
+            tracing::error!(%addr, "UFFDIO_POISON unavailable: the page stays lost on a failed device");
+            return false;
+        }
+        t[i].poison().expect("device page, not migrating");
+        drop(t);
+        r.counters.pages_poisoned.fetch_add(1, Ordering::Relaxed);
+        if let Some(mem) = self.device(page.dev) {
+            mem.counters.pages_poisoned.fetch_add(1, Ordering::Relaxed);
+        }
+        self.put_page(page);
+        true
     }
 
     /// Brings every device page of `r` back (or frees them when `discard`), then

@@ -11,9 +11,9 @@
 //!   with `UFFD_FEATURE_SIGBUS`: an empty device page is never touched by
 //!   mistake without a loud SIGBUS.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use crate::addr::{HUGE_PAGE_SIZE, PAGE_SIZE, PageRange, VirtAddr};
@@ -198,7 +198,7 @@ pub struct SoftwareDevice {
 
 /// The `Arc`-shared pieces the engines point into.
 struct CoreHandle {
-    fail_to_system: Arc<AtomicU32>,
+    faults: Arc<Injector>,
 }
 
 impl std::fmt::Debug for SoftwareDevice {
@@ -233,7 +233,7 @@ impl SoftwareDevice {
             }
         };
         let pool = Arc::new(pool);
-        let fail_to_system = Arc::new(AtomicU32::new(0));
+        let faults = Arc::new(Injector::default());
         let engine: Box<dyn DmaEngine> = match config.engine {
             EngineKind::Copy { workers } => {
                 if config.prefault {
@@ -242,7 +242,7 @@ impl SoftwareDevice {
                     pool.advise(pool.range(), Advise::HugePage)?;
                     pool.advise(pool.range(), Advise::PopulateWrite)?;
                 }
-                let e = CopyEngine::new(pool.clone(), workers.max(1), fail_to_system.clone())
+                let e = CopyEngine::new(pool.clone(), workers.max(1), faults.clone())
                     .map_err(HmmError::Thread)?;
                 Box::new(e)
             }
@@ -257,7 +257,7 @@ impl SoftwareDevice {
                 Box::new(MoveEngine {
                     pool: pool.clone(),
                     uffd: Arc::new(uffd),
-                    fail_to_system: fail_to_system.clone(),
+                    faults: faults.clone(),
                     populated: Arc::new(Populated::new(config.capacity / PAGE_SIZE)),
                 })
             }
@@ -269,12 +269,7 @@ impl SoftwareDevice {
         mc.pressure = config.pressure;
         let mem = hmm.register_device_memory(mc, core)?;
         let mirror = DeviceMirror::new(hmm, mem.clone(), pool);
-        Ok(Self {
-            hmm: hmm.inner().clone(),
-            mem,
-            core: Arc::new(CoreHandle { fail_to_system }),
-            mirror,
-        })
+        Ok(Self { hmm: hmm.inner().clone(), mem, core: Arc::new(CoreHandle { faults }), mirror })
     }
 
     /// The device's memory region.
@@ -515,6 +510,8 @@ impl SoftwareDevice {
         self.hmm.evict_all(self.mem.id())
     }
 
+    // ---- fault injection ----------------------------------------------------------
+
     /// Makes the next device-memory allocation fail once.
     pub fn fail_next_alloc(&self) {
         self.mem.fail_next_allocs(1);
@@ -523,11 +520,34 @@ impl SoftwareDevice {
     /// Makes the next `n` page copies towards system memory fail for lack of
     /// memory (the fault service then retries).
     pub fn fail_next_copies_to_system(&self, n: u32) {
-        self.core.fail_to_system.store(n, Ordering::Release);
+        self.core.faults.to_system.store(n, Ordering::Release);
     }
 
-    /// Marks the device failed: its pages are poisoned. Returns how many.
+    /// Makes copies into this device's memory fail with a DMA error: after
+    /// `after` more succeed, the next `n` fail. A migration that meets them
+    /// leaves those pages where they were, reported
+    /// [`SkipReason::CopyFailed`], and moves the rest. With the copy
+    /// engine's several workers, which pages of a batch fail is not fixed;
+    /// how many is.
+    pub fn fail_copies_to_device(&self, after: u32, n: u32) {
+        *self.core.faults.to_device.lock().unwrap_or_else(|e| e.into_inner()) = (after, n);
+    }
+
+    /// Holds every submission to this device's engine back until the
+    /// returned guard is dropped, as a hung DMA engine would: migrations to
+    /// and from the device wait in the engine, and so does the fault service
+    /// when a CPU touch needs one of its pages back (see [`crate::fault`]).
+    pub fn stall_engine(&self) -> EngineStall {
+        self.core.faults.set_stalled(true);
+        EngineStall { faults: self.core.faults.clone() }
+    }
+
+    /// Marks the device failed: its pages are poisoned, and its engine fails
+    /// every later copy (copies of a migration under way included: the pages
+    /// of a migration towards the device stay in system memory). Returns how
+    /// many pages were poisoned.
     pub fn fail(&self) -> usize {
+        self.core.faults.dead.store(true, Ordering::Release);
         self.hmm.poison_device(self.mem.id())
     }
 
@@ -550,6 +570,93 @@ impl Drop for SoftwareDevice {
 /// Takes one injected failure, if any is pending.
 fn take_injected(counter: &AtomicU32) -> bool {
     counter.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| v.checked_sub(1)).is_ok()
+}
+
+/// The failures armed on a software device's engine (fault injection), which
+/// both engines consult before each copy.
+#[derive(Default)]
+struct Injector {
+    /// Copies towards system memory still to fail for lack of memory.
+    to_system: AtomicU32,
+    /// Copies into device memory to let through, then to fail.
+    to_device: Mutex<(u32, u32)>,
+    /// The device failed: every copy fails.
+    dead: AtomicBool,
+    /// While set, the engine holds copies back.
+    stalled: Mutex<bool>,
+    unstalled: Condvar,
+    /// Submissions held back now.
+    held: AtomicU32,
+}
+
+impl Injector {
+    /// What the next copy into device memory meets: `Some` error to fail it with.
+    fn to_device_error(&self) -> Option<DmaError> {
+        if self.is_dead() {
+            return Some(DmaError::DeviceFailed);
+        }
+        let mut g = self.to_device.lock().unwrap_or_else(|e| e.into_inner());
+        match *g {
+            (0, 0) => None,
+            (0, n) => {
+                g.1 = n - 1;
+                Some(DmaError::Failed("injected DMA error".into()))
+            }
+            (after, n) => {
+                *g = (after - 1, n);
+                None
+            }
+        }
+    }
+
+    fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::Acquire)
+    }
+
+    fn set_stalled(&self, on: bool) {
+        *self.stalled.lock().unwrap_or_else(|e| e.into_inner()) = on;
+        if !on {
+            self.unstalled.notify_all();
+        }
+    }
+
+    /// Waits while the engine is stalled.
+    fn pass(&self) {
+        let g = self.stalled.lock().unwrap_or_else(|e| e.into_inner());
+        if !*g {
+            return;
+        }
+        self.held.fetch_add(1, Ordering::AcqRel);
+        drop(self.unstalled.wait_while(g, |s| *s).unwrap_or_else(|e| e.into_inner()));
+        self.held.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Holds a software device's engine stalled while it lives
+/// ([`SoftwareDevice::stall_engine`]).
+#[must_use = "the engine runs again as soon as the guard is dropped"]
+pub struct EngineStall {
+    faults: Arc<Injector>,
+}
+
+impl EngineStall {
+    /// How many submissions (each a migration's copies) the stall holds
+    /// back now.
+    pub fn held(&self) -> u32 {
+        self.faults.held.load(Ordering::Acquire)
+    }
+}
+
+impl std::fmt::Debug for EngineStall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineStall").finish_non_exhaustive()
+    }
+}
+
+impl Drop for EngineStall {
+    fn drop(&mut self) {
+        self.faults.set_stalled(false);
+    }
 }
 
 // ---- the device's page table ----------------------------------------------------------
@@ -969,15 +1076,11 @@ pub(crate) struct CopyEngine {
     pool: Arc<Mapping>,
     queue: Option<Sender<Work>>,
     workers: Vec<JoinHandle<()>>,
-    fail_to_system: Arc<AtomicU32>,
+    faults: Arc<Injector>,
 }
 
 impl CopyEngine {
-    fn new(
-        pool: Arc<Mapping>,
-        workers: usize,
-        fail_to_system: Arc<AtomicU32>,
-    ) -> std::io::Result<Self> {
+    fn new(pool: Arc<Mapping>, workers: usize, faults: Arc<Injector>) -> std::io::Result<Self> {
         let (tx, rx) = channel::<Work>();
         let rx = Arc::new(Mutex::new(rx));
         let mut handles = Vec::with_capacity(workers);
@@ -995,7 +1098,7 @@ impl CopyEngine {
                 },
             )?);
         }
-        Ok(Self { pool, queue: Some(tx), workers: handles, fail_to_system })
+        Ok(Self { pool, queue: Some(tx), workers: handles, faults })
     }
 }
 
@@ -1008,7 +1111,10 @@ impl Drop for CopyEngine {
     }
 }
 
-fn to_device_copy(pool: &Mapping, op: &ToDevice) -> Result<(), DmaError> {
+fn to_device_copy(pool: &Mapping, op: &ToDevice, faults: &Injector) -> Result<(), DmaError> {
+    if let Some(e) = faults.to_device_error() {
+        return Err(e);
+    }
     let off = op.dst.index as usize * PAGE_SIZE;
     let r = match op.src.bytes() {
         None => pool.fill(off, PAGE_SIZE, 0),
@@ -1049,13 +1155,18 @@ fn to_system_copies(
     pool: &Mapping,
     sink: &crate::dma::SystemSink,
     copies: &[ToSystem],
-    fail: &AtomicU32,
+    faults: &Injector,
     zero_copy: bool,
 ) -> (Vec<Result<(), DmaError>>, Vec<bool>) {
     let mut out = Vec::with_capacity(copies.len());
     let mut moved = Vec::with_capacity(copies.len());
+    if faults.is_dead() {
+        out.resize(copies.len(), Err(DmaError::DeviceFailed));
+        moved.resize(copies.len(), false);
+        return (out, moved);
+    }
     for (i, n) in runs(copies) {
-        let injected = (0..n).filter(|_| take_injected(fail)).count();
+        let injected = (0..n).filter(|_| take_injected(&faults.to_system)).count();
         if injected > 0 {
             out.extend((0..n).map(|_| Err(DmaError::NoMemory)));
             moved.extend((0..n).map(|_| false));
@@ -1099,6 +1210,7 @@ impl DmaEngine for CopyEngine {
     }
 
     fn submit(&self, job: DmaJob) -> DmaFence {
+        self.faults.pass();
         let n = job.len();
         let (fence, done) = DmaFence::new(n);
         let workers = self.workers.len().max(1);
@@ -1117,11 +1229,12 @@ impl DmaEngine for CopyEngine {
                 let ops = Arc::new(ops);
                 for first in (0..n).step_by(per) {
                     let len = per.min(n - first);
-                    let (ops, pool, d) = (ops.clone(), self.pool.clone(), done.clone());
+                    let (ops, pool, d, f) =
+                        (ops.clone(), self.pool.clone(), done.clone(), self.faults.clone());
                     let work: Work = Box::new(move || {
                         let res = ops[first..first + len]
                             .iter()
-                            .map(|op| to_device_copy(&pool, op))
+                            .map(|op| to_device_copy(&pool, op, &f))
                             .collect();
                         d.complete(first, res);
                     });
@@ -1137,7 +1250,7 @@ impl DmaEngine for CopyEngine {
                         self.pool.clone(),
                         done.clone(),
                         sink.clone(),
-                        self.fail_to_system.clone(),
+                        self.faults.clone(),
                     );
                     let work: Work = Box::new(move || {
                         let (res, _) =
@@ -1158,7 +1271,7 @@ impl DmaEngine for CopyEngine {
 pub(crate) struct MoveEngine {
     pool: Arc<Mapping>,
     uffd: Arc<Uffd>,
-    fail_to_system: Arc<AtomicU32>,
+    faults: Arc<Injector>,
     populated: Arc<Populated>,
 }
 
@@ -1167,9 +1280,17 @@ impl MoveEngine {
     /// staging offsets and device pages both follow on; zero pages get the
     /// zero page; a run the kernel will not move is copied page by page.
     fn to_device(&self, ops: &[ToDevice]) -> Vec<Result<(), DmaError>> {
+        // Injected failures first: a failed copy leaves its source untouched.
+        let mut failed: Vec<Option<DmaError>> =
+            ops.iter().map(|_| self.faults.to_device_error()).collect();
         let mut out = Vec::with_capacity(ops.len());
         let mut i = 0;
         while i < ops.len() {
+            if let Some(e) = failed[i].take() {
+                out.push(Err(e));
+                i += 1;
+                continue;
+            }
             let Some((staging, offset)) = ops[i].src.bytes() else {
                 let slot = slot_range(&self.pool, ops[i].dst);
                 out.push(self.uffd.zeropage(slot, true).map(drop).map_err(DmaError::from));
@@ -1178,6 +1299,7 @@ impl MoveEngine {
             };
             let mut j = i + 1;
             while j < ops.len()
+                && failed[j].is_none()
                 && ops[j].dst.index == ops[j - 1].dst.index + 1
                 && matches!(ops[j].src.bytes(), Some((s, o))
                     if Arc::ptr_eq(s, staging) && o == offset + (j - i) * PAGE_SIZE)
@@ -1256,8 +1378,13 @@ impl DmaEngine for MoveEngine {
         true
     }
 
+    fn keeps_sources(&self) -> bool {
+        false
+    }
+
     fn submit(&self, job: DmaJob) -> DmaFence {
         let (fence, done) = DmaFence::new(job.len());
+        self.faults.pass();
         let res = match job {
             DmaJob::ToDevice(ops) => {
                 // Marked before filling: a failed fill leaves at worst an empty
@@ -1267,8 +1394,7 @@ impl DmaEngine for MoveEngine {
                 self.to_device(&ops)
             }
             DmaJob::ToSystem { copies, sink } => {
-                let (res, moved) =
-                    to_system_copies(&self.pool, &sink, &copies, &self.fail_to_system, true);
+                let (res, moved) = to_system_copies(&self.pool, &sink, &copies, &self.faults, true);
                 // A page that came back by copy still holds its data: keep its
                 // bit, so that `page_free` empties it.
                 for (c, m) in copies.iter().zip(moved) {

@@ -1,0 +1,378 @@
+//! Fault injection: what the application sees when the device's DMA engine
+//! fails a copy, hangs, or the whole device fails while pages are on their
+//! way to or from it, and when system memory runs out during a fault-back.
+//! In every case no page that did not live on a failed device is lost.
+
+mod common;
+
+use hmm::os::process::{ChildOutcome, run_in_child};
+use hmm::{
+    DmaError, Hmm, ManagedRange, PAGE_SIZE, Residency, Selection, SkipReason, SoftwareDevice,
+    SoftwareDeviceConfig,
+};
+
+const SIGBUS: i32 = 7;
+
+fn engines() -> [(&'static str, SoftwareDeviceConfig); 2] {
+    [
+        ("zero-copy", SoftwareDeviceConfig::new("dev", 4 << 20)),
+        ("copy", SoftwareDeviceConfig::new("dev", 4 << 20).with_copy_engine(2)),
+    ]
+}
+
+fn on_device(r: &ManagedRange) -> usize {
+    r.residencies().iter().filter(|x| matches!(x, Residency::Device(_))).count()
+}
+
+/// A DMA error in the middle of a batch: the pages it hit stay in system
+/// memory with their bytes (reported `CopyFailed`), the rest of the batch
+/// moves, and a second try moves the pages left behind.
+#[test]
+fn a_dma_error_mid_batch_leaves_only_those_pages_behind() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let _fork = common::fork_lock();
+    for (engine, config) in engines() {
+        let hmm = Hmm::new().unwrap();
+        let dev = SoftwareDevice::new(&hmm, config).unwrap();
+        let r = hmm.alloc(64 * PAGE_SIZE).unwrap();
+        common::fill_salted(&r, 7);
+        dev.fail_copies_to_device(20, 5);
+        let rep = dev.migrate_to_device(r.range()).unwrap();
+        let failed: Vec<_> = rep
+            .skipped
+            .iter()
+            .filter(|(_, why)| matches!(why, SkipReason::CopyFailed(DmaError::Failed(_))))
+            .collect();
+        assert_eq!((rep.migrated, failed.len()), (59, 5), "{engine}: {:?}", rep.skipped);
+        for (addr, _) in failed {
+            let i = (addr.get() - r.addr().get()) / PAGE_SIZE;
+            assert_eq!(r.residency(i), Residency::System, "{engine}: page {i} stays behind");
+        }
+        assert_eq!(on_device(&r), 59, "{engine}");
+        // The armed failures are spent: the pages left behind move now.
+        let again = dev.migrate_to_device(r.range()).unwrap();
+        assert_eq!(again.migrated, 5, "{engine}: {:?}", again.skipped);
+        let (bytes, _) = dev.read(r.range()).unwrap();
+        common::check_salted(&bytes, 0, 7, engine);
+        common::check_salted(&common::cpu_bytes(&r), 0, 7, engine);
+    }
+}
+
+/// A device that fails after the copies into it are done but before the
+/// migration commits. With an engine that copies, the pages never left
+/// system memory: none is lost, each reads its bytes. With an engine that
+/// moves pages (the zero-copy one), their only copy is on the failed device:
+/// they are lost as its other pages are (poisoned, a touch is SIGBUS). Either
+/// way each is reported `DeviceFailed`.
+#[test]
+fn a_device_failing_before_the_commit_loses_only_what_reached_it() {
+    if common::skip_without("poison") {
+        return;
+    }
+    let _fork = common::fork_lock();
+    for (engine, config) in engines() {
+        let hmm = Hmm::new().unwrap();
+        let dev = SoftwareDevice::new(&hmm, config).unwrap();
+        let r = hmm.alloc(32 * PAGE_SIZE).unwrap();
+        common::fill_salted(&r, 3);
+        let mut m = hmm.migrate(r.range(), Selection::System).unwrap();
+        m.allocate_on(dev.memory());
+        m.copy(dev.memory().ops().dma());
+        assert_eq!(m.statuses().iter().filter(|s| **s == hmm::PageStatus::Migrated).count(), 32);
+        assert_eq!(dev.fail(), 0, "{engine}: nothing lived on the device yet");
+        let rep = m.finalize();
+        assert_eq!(rep.migrated, 0, "{engine}");
+        assert_eq!(rep.count(&SkipReason::DeviceFailed), 32, "{engine}: {:?}", rep.skipped);
+        assert_eq!(dev.stats().pages_resident, 0, "{engine}: every device page was freed");
+        if dev.memory().ops().dma().keeps_sources() {
+            assert!(r.residencies().iter().all(|x| *x == Residency::System), "{engine}");
+            common::check_salted(&common::cpu_bytes(&r), 0, 3, engine);
+        } else {
+            assert!(r.residencies().iter().all(|x| *x == Residency::Poisoned), "{engine}");
+            let out = run_in_child(|| {
+                let _ = r.touch_read(31 * PAGE_SIZE);
+                0
+            })
+            .unwrap();
+            assert_eq!(out, ChildOutcome::Signaled(SIGBUS), "{engine}");
+        }
+    }
+}
+
+/// A device that fails while its engine hangs with a migration's copies:
+/// pages on their way to it stay in system memory; pages on their way back
+/// from it are lost (poisoned as the migration ends: a touch is SIGBUS),
+/// and pages of another range in system memory are untouched.
+#[test]
+fn a_device_failing_with_migrations_under_way() {
+    if common::skip_without("poison") {
+        return;
+    }
+    let _fork = common::fork_lock();
+    for (engine, config) in engines() {
+        let hmm = Hmm::new().unwrap();
+        let dev = SoftwareDevice::new(&hmm, config).unwrap();
+        let to = hmm.alloc(32 * PAGE_SIZE).unwrap();
+        let back = hmm.alloc(32 * PAGE_SIZE).unwrap();
+        common::fill_salted(&to, 1);
+        common::fill_salted(&back, 100);
+        assert_eq!(dev.migrate_to_device(back.range()).unwrap().migrated, 32);
+        let stall = dev.stall_engine();
+        let (rep_to, rep_back) = std::thread::scope(|s| {
+            let t1 = s.spawn(|| dev.migrate_to_device(to.range()).unwrap());
+            let t2 = s.spawn(|| dev.migrate_to_system(back.range()).unwrap());
+            common::eventually("both migrations wait on the engine", || stall.held() >= 2);
+            // Both ranges are held by their migrations: nothing to poison now.
+            assert_eq!(dev.fail(), 0, "{engine}");
+            drop(stall);
+            (t1.join().unwrap(), t2.join().unwrap())
+        });
+        assert_eq!(rep_to.migrated, 0, "{engine}: {:?}", rep_to.skipped);
+        assert!(to.residencies().iter().all(|x| *x == Residency::System), "{engine}");
+        common::check_salted(&common::cpu_bytes(&to), 0, 1, engine);
+        assert_eq!(rep_back.migrated, 0, "{engine}: {:?}", rep_back.skipped);
+        assert!(back.residencies().iter().all(|x| *x == Residency::Poisoned), "{engine}");
+        assert_eq!(back.residence().poisoned, back.len() as u64, "{engine}");
+        let at = back.addr().get() + 5 * PAGE_SIZE;
+        let out = run_in_child(|| {
+            let _ = back.touch_read(5 * PAGE_SIZE);
+            0
+        })
+        .unwrap();
+        assert_eq!(out, ChildOutcome::Signaled(SIGBUS), "{engine}: touch of {at:#x}");
+    }
+}
+
+/// A hung engine stalls the fault-back of its pages, and no more: the
+/// touching thread waits (it is not given zeros, nor SIGBUS), pages in
+/// system memory stay readable meanwhile, and once the engine runs again the
+/// touch completes with the right bytes.
+#[test]
+fn a_stalled_engine_holds_a_fault_back_until_it_runs_again() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let _fork = common::fork_lock();
+    for (engine, config) in engines() {
+        let hmm = Hmm::new().unwrap();
+        let dev = SoftwareDevice::new(&hmm, config).unwrap();
+        let r = hmm.alloc(16 * PAGE_SIZE).unwrap();
+        common::fill_salted(&r, 9);
+        assert_eq!(dev.migrate_to_device(r.pages_range(0, 8).unwrap()).unwrap().migrated, 8);
+        let stall = dev.stall_engine();
+        std::thread::scope(|s| {
+            let toucher = s.spawn(|| r.touch_read(3 * PAGE_SIZE).unwrap());
+            common::eventually("the fault-back waits on the engine", || stall.held() >= 1);
+            // Served by the kernel alone: not held up.
+            assert_eq!(r.touch_read(12 * PAGE_SIZE).unwrap(), (12 + 9u64).to_ne_bytes()[0]);
+            assert!(!toucher.is_finished(), "{engine}: a touch completed on a stalled engine");
+            drop(stall);
+            assert_eq!(toucher.join().unwrap(), (3 + 9u64).to_ne_bytes()[0], "{engine}");
+        });
+        common::check_salted(&common::cpu_bytes(&r), 0, 9, engine);
+    }
+}
+
+/// A memory cgroup made for one test (cgroup v2 where its memory controller
+/// is, else v1), removed when dropped.
+struct MemCgroup {
+    dir: std::path::PathBuf,
+    v2: bool,
+}
+
+impl MemCgroup {
+    fn create() -> Result<Self, String> {
+        use std::path::Path;
+        let name = format!("hmm-test-{}", std::process::id());
+        let unified = Path::new("/sys/fs/cgroup");
+        let controllers = std::fs::read_to_string(unified.join("cgroup.controllers"));
+        let (dir, v2) = if controllers.is_ok_and(|c| c.split_whitespace().any(|w| w == "memory")) {
+            let _ = std::fs::write(unified.join("cgroup.subtree_control"), "+memory");
+            (unified.join(name), true)
+        } else if Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists() {
+            (Path::new("/sys/fs/cgroup/memory").join(name), false)
+        } else {
+            return Err("no memory cgroup controller is mounted".into());
+        };
+        std::fs::create_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let cg = MemCgroup { dir, v2 };
+        if !cg.file(if v2 { "memory.max" } else { "memory.limit_in_bytes" }).exists() {
+            return Err("the new cgroup has no memory limit file".into());
+        }
+        if v2 {
+            // No swap to escape to (absent where the kernel has no swap accounting).
+            let _ = std::fs::write(cg.file("memory.swap.max"), "0");
+        }
+        Ok(cg)
+    }
+
+    fn file(&self, name: &str) -> std::path::PathBuf {
+        self.dir.join(name)
+    }
+
+    fn read(&self, name: &str) -> String {
+        std::fs::read_to_string(self.file(name)).unwrap_or_default()
+    }
+
+    fn write(&self, name: &str, value: &str) {
+        std::fs::write(self.file(name), value)
+            .unwrap_or_else(|e| panic!("writing {value} to {}: {e}", self.file(name).display()));
+    }
+
+    fn add(&self, pid: i32) {
+        self.write("cgroup.procs", &pid.to_string());
+    }
+
+    /// Sets the limit (`None`: none).
+    fn limit(&self, bytes: Option<u64>) {
+        match (self.v2, bytes) {
+            (true, Some(b)) => self.write("memory.max", &b.to_string()),
+            (true, None) => self.write("memory.max", "max"),
+            (false, Some(b)) => self.write("memory.limit_in_bytes", &b.to_string()),
+            (false, None) => self.write("memory.limit_in_bytes", "-1"),
+        }
+    }
+
+    /// Bytes charged now.
+    fn usage(&self) -> u64 {
+        let f = if self.v2 { "memory.current" } else { "memory.usage_in_bytes" };
+        self.read(f).trim().parse().unwrap_or(0)
+    }
+
+    /// How often a charge has hit the limit.
+    fn failures(&self) -> u64 {
+        if self.v2 {
+            let events = self.read("memory.events");
+            events
+                .lines()
+                .find_map(|l| l.strip_prefix("max "))
+                .and_then(|n| n.trim().parse().ok())
+                .unwrap_or(0)
+        } else {
+            self.read("memory.failcnt").trim().parse().unwrap_or(0)
+        }
+    }
+}
+
+impl Drop for MemCgroup {
+    fn drop(&mut self) {
+        // The child has exited; its charges go to the parent cgroup.
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        eprintln!("cannot remove the test cgroup {}", self.dir.display());
+    }
+}
+
+/// System memory runs out while device pages come back: in a memory cgroup
+/// whose limit leaves room for a few pages only, a CPU touch of pages on the
+/// device is neither given zeros nor SIGBUS. The fault service retries the
+/// fault-back (counted in `fault_stats`) and the touching thread waits until
+/// memory can be had; then every page reads its bytes.
+///
+/// The cgroup has the OOM killer off (cgroup v1's `oom_kill_disable`; under
+/// v2 the process runs with `oom_score_adj` -1000), so that the kernel
+/// refuses the charge (`ENOMEM`) rather than kill a task: where the OOM
+/// killer may act, it does what it does for any process out of memory.
+#[test]
+fn system_memory_running_out_during_a_fault_back_waits_for_memory() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    if !hmm::os::process::is_root() {
+        eprintln!("SKIP: memory cgroups need root");
+        return;
+    }
+    let cg = match MemCgroup::create() {
+        Ok(cg) => cg,
+        Err(why) => {
+            eprintln!("SKIP: {why}");
+            return;
+        }
+    };
+    let _fork = common::fork_lock();
+    const PAGES: usize = 512;
+    // Charges over the limit fail rather than call the OOM killer: cgroup v1
+    // says so per cgroup; v2 cannot, and the child asks for it for itself.
+    let v2 = cg.v2;
+    if !v2 {
+        cg.write("memory.oom_control", "1");
+    }
+    // The child says when it is set up ('r'), then, limited, when its
+    // fault-back starves ('s', or 'n' if it never does within 20 s): the
+    // limit is lifted then.
+    let (mut from_child, mut to_parent) = std::io::pipe().unwrap();
+    let (mut go_r, mut go_w) = std::io::pipe().unwrap();
+    let child = hmm::os::process::spawn_child(move || {
+        use std::io::{Read, Write};
+        let setup = || -> Result<_, hmm::HmmError> {
+            let hmm = Hmm::new()?;
+            let mut config = SoftwareDeviceConfig::new("dev", 4 << 20).with_copy_engine(1);
+            config.prefault = true;
+            let dev = SoftwareDevice::new(&hmm, config)?;
+            let r = hmm.alloc(PAGES * PAGE_SIZE)?;
+            common::fill_salted(&r, 5);
+            let moved = dev.migrate_to_device(r.range())?.migrated;
+            Ok((hmm, dev, r, moved))
+        };
+        let Ok((hmm, _dev, r, PAGES)) = setup() else { return 3 };
+        if v2 && std::fs::write("/proc/self/oom_score_adj", "-1000").is_err() {
+            return 4;
+        }
+        let mut page = vec![0u8; PAGE_SIZE];
+        let mut byte = [0u8];
+        if to_parent.write_all(b"r").is_err() || go_r.read_exact(&mut byte).is_err() {
+            return 5;
+        }
+        // Limited from here on: nothing below allocates.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+                while hmm.fault_stats().1 == 0 && std::time::Instant::now() < deadline {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                let starved = if hmm.fault_stats().1 > 0 { b"s" } else { b"n" };
+                let _ = to_parent.write_all(starved);
+            });
+            for i in 0..PAGES {
+                if r.read(i * PAGE_SIZE, &mut page).is_err() {
+                    return 6;
+                }
+                let want = (i as u64 + 5).to_ne_bytes();
+                if !page.chunks(8).all(|w| w == want) {
+                    return 1;
+                }
+            }
+            0
+        })
+    })
+    .unwrap();
+    // The child's ends went with the closure.
+    use std::io::{Read, Write};
+    let mut byte = [0u8];
+    if from_child.read_exact(&mut byte).is_err() {
+        match child.wait() {
+            Ok(ChildOutcome::Exited(4)) => {
+                eprintln!("SKIP: cgroup v2 needs oom_score_adj -1000 (CAP_SYS_RESOURCE)");
+                return;
+            }
+            out => panic!("the child ended before its set-up was done: {out:?}"),
+        }
+    }
+    cg.add(child.pid());
+    // Room for a quarter of the pages beyond what is charged now.
+    cg.limit(Some(cg.usage() + (PAGES / 4 * PAGE_SIZE) as u64));
+    go_w.write_all(b"g").unwrap();
+    let starved = from_child.read_exact(&mut byte).map(|()| byte[0]);
+    let hit = cg.failures();
+    cg.limit(None);
+    let out = child.wait().unwrap();
+    assert_eq!(out, ChildOutcome::Exited(0), "1: wrong bytes, 3-6: set-up failed");
+    assert!(hit > 0, "the limit was never reached");
+    assert_eq!(starved.ok(), Some(b's'), "no fault-back starved and was retried");
+}
