@@ -508,6 +508,7 @@ impl Inner {
             s.arg("addr", req.range.start().get() as u64);
             s.arg("pages", req.range.pages() as u64);
         }
+        self.sync_device_access();
         let deadline = Instant::now() + req.timeout;
         let mut delay = Duration::from_micros(50);
         loop {

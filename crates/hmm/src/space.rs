@@ -1155,6 +1155,22 @@ impl Inner {
         }
     }
 
+    /// Called as a device access begins (a device fault, a software device's
+    /// read, write or job): the records then reflect every address-space
+    /// change the application has made, so that an access that begins after
+    /// its `munmap` or `madvise` returned sees it. The kernel has finished
+    /// such a change by the time the call returns, but hmm learns of it
+    /// from an event its fault service handles a moment later; until then a
+    /// page discarded from a failed device, say, would still read as lost.
+    /// (A mirror entry made before the change is dropped by the invalidation
+    /// the service starts when it handles the event, which this also waits
+    /// for.) Nothing to wait for on the fault service's own thread.
+    pub(crate) fn sync_device_access(&self) {
+        if !crate::fault::on_service_thread() {
+            self.settle_events();
+        }
+    }
+
     /// Puts the page at `src` (of `src_map`) at the absent page `dst`, which is
     /// registered with hmm's descriptor: moved where the kernel allows it,
     /// copied otherwise. An already-populated `dst`, or an empty `src`

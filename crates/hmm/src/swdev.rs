@@ -317,6 +317,7 @@ impl SoftwareDevice {
     /// own pages are read from its memory. Works on any readable memory of the
     /// process.
     pub fn read(&self, range: PageRange) -> Result<(Vec<u8>, OpCounters), HmmError> {
+        self.hmm.sync_device_access();
         let mut out = vec![0u8; range.len()];
         let mut c = OpCounters::default();
         self.mirror.read_at(range.start(), &mut out, &mut c)?;
@@ -329,6 +330,7 @@ impl SoftwareDevice {
     /// must be managed by hmm or handed to [`Hmm::mirror`].
     pub fn write(&self, addr: VirtAddr, data: &[u8]) -> Result<OpCounters, HmmError> {
         let range = PageRange::containing(addr.get(), data.len().max(1));
+        self.hmm.sync_device_access();
         let mut c = OpCounters::default();
         self.mirror.write_at(addr, data, &mut c)?;
         c.cpages = range.pages() as u64;
@@ -462,6 +464,7 @@ impl SoftwareDevice {
         job: impl Fn(&mut DeviceContext<'_>) -> Result<T, HmmError> + Sync,
     ) -> Result<(Vec<T>, OpCounters), HmmError> {
         let workers = workers.max(1);
+        self.hmm.sync_device_access();
         let job = &job;
         let mirror = &*self.mirror;
         let results: Vec<(Result<T, HmmError>, OpCounters)> = std::thread::scope(|s| {

@@ -418,3 +418,29 @@ fn cpu_write_to_a_page_a_device_maps_read_only_invalidates_first() {
     r.write(8, &[1]).unwrap();
     assert_eq!(hmm.tracked_writes(), 1);
 }
+
+/// A device access that begins after the application's `madvise(DONTNEED)`
+/// returned sees the discard, although hmm learns of it from an event its
+/// fault service handles a moment later: the device's entry for a page it
+/// held, and its data, are gone, and the page reads as zeros. Repeated, since
+/// the window between the call's return and the event's handling is short.
+#[test]
+fn a_device_access_after_a_discard_returns_sees_zeros() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let _fork = common::fork_lock();
+    let hmm = Hmm::new().unwrap();
+    let dev = device(&hmm, "dev", 1 << 20);
+    let r = hmm.alloc(4 * PAGE_SIZE).unwrap();
+    let page = r.pages_range(1, 1).unwrap();
+    for round in 0..1000u32 {
+        r.fill(PAGE_SIZE, PAGE_SIZE, 0x5a).unwrap();
+        assert_eq!(dev.migrate_to_device(page).unwrap().migrated, 1);
+        let (b, _) = dev.read(page).unwrap();
+        assert!(b.iter().all(|x| *x == 0x5a), "round {round}: the device reads its page");
+        r.advise(page, Advise::DontNeed).unwrap();
+        let (b, _) = dev.read(page).unwrap();
+        assert!(b.iter().all(|x| *x == 0), "round {round}: the device read discarded bytes");
+    }
+}
