@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::addr::{PAGE_SIZE, PageRange, VirtAddr};
+use crate::migrate::SkipReason;
 use crate::os::mm::{Advise, Protection};
 use crate::os::process::{ChildOutcome, run_in_child};
 use crate::page::Residency;
@@ -177,6 +178,34 @@ pub enum Op {
         /// Seed of the child's writes.
         fill: u64,
     },
+    /// Pages to a device whose engine fails `fail` copies after letting
+    /// `after` through (fault injection): the pages it failed stay in system
+    /// memory, reported as a failed copy, and no byte changes. Planned only
+    /// for one worker, since another's migration could meet the failures.
+    DmaError {
+        /// The device.
+        dev: usize,
+        /// First page.
+        first: usize,
+        /// Pages.
+        count: usize,
+        /// Copies that succeed first.
+        after: u32,
+        /// Copies that fail then.
+        fail: u32,
+    },
+    /// The CPU reads bytes while the devices' copies back to system memory
+    /// fail for lack of memory `fail` times (fault injection): the fault
+    /// service retries, and the read gets the right bytes. Planned only for
+    /// one worker, as `DmaError` is.
+    Starved {
+        /// First byte.
+        at: usize,
+        /// Bytes.
+        len: usize,
+        /// Copies back that fail.
+        fail: u32,
+    },
     /// The device fails: the pages that lived on it are lost (a CPU touch
     /// gets `SIGBUS`, checked in a child), every other page keeps its bytes,
     /// and a new device takes its place. Planned only for one worker, since
@@ -252,13 +281,22 @@ impl Rng {
 }
 
 /// The operations of worker `thread`: `n` of them over `pages` pages. A
-/// worker that runs `alone` may also fail devices (see [`Op::Fail`]).
-pub fn plan(seed: u64, thread: usize, n: usize, pages: usize, alone: bool) -> Vec<Op> {
+/// worker that runs `alone` also injects engine faults ([`Op::DmaError`],
+/// [`Op::Starved`]), and fails devices ([`Op::Fail`]) when `device_failures`.
+pub fn plan(
+    seed: u64,
+    thread: usize,
+    n: usize,
+    pages: usize,
+    alone: bool,
+    device_failures: bool,
+) -> Vec<Op> {
     let mut rng = Rng::new(seed ^ (thread as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
     let len = pages * PAGE_SIZE;
-    // Weights out of 100: mostly accesses and migrations; the operations that
-    // take pages away for good (unmap, a moving remap) or fork are rare.
-    let total = if alone { 100 } else { 99 };
+    // Weights out of about 100: mostly accesses and migrations; the
+    // operations that take pages away for good (unmap, a moving remap),
+    // fork, and the injected faults are rare.
+    let total = 99 + if alone { 4 } else { 0 } + usize::from(alone && device_failures);
     (0..n)
         .map(|_| {
             let dev = rng.below(DEVICES);
@@ -282,6 +320,14 @@ pub fn plan(seed: u64, thread: usize, n: usize, pages: usize, alone: bool) -> Ve
                 93..=94 => Op::Unmap { first, count: few },
                 95..=97 => Op::Remap { first, count: few, keep: rng.below(2) == 0 },
                 98 => Op::Fork { fill: rng.next() },
+                99..=100 => Op::DmaError {
+                    dev,
+                    first,
+                    count,
+                    after: rng.below(count) as u32,
+                    fail: 1 + rng.below(4) as u32,
+                },
+                101..=102 => Op::Starved { at, len: bytes, fail: 1 + rng.below(3) as u32 },
                 _ => Op::Fail { dev },
             }
         })
@@ -293,16 +339,21 @@ fn bytes_of(fill: u64, len: usize) -> Vec<u8> {
     (0..len).map(|_| r.next() as u8).collect()
 }
 
-/// One device of a run.
+/// Device `index` of a run: the first moves pages (the zero-copy engine),
+/// the second copies them (two worker threads), so that both engines meet
+/// every operation and each other in device-to-device copies.
 fn device(
     hmm: &Hmm,
+    index: usize,
     name: String,
     threads: usize,
     pages: usize,
 ) -> Result<SoftwareDevice, HmmError> {
     // Each device holds about half of all the pages: migrations evict.
     let cap = (threads * pages / 2).max(64) * PAGE_SIZE;
-    SoftwareDevice::new(hmm, SoftwareDeviceConfig::new(name, cap).evicting())
+    let config = SoftwareDeviceConfig::new(name, cap).evicting();
+    let config = if index % 2 == 1 { config.with_copy_engine(2) } else { config };
+    SoftwareDevice::new(hmm, config)
 }
 
 /// The devices of a run. A failed device is replaced by a new one (with the
@@ -310,7 +361,7 @@ fn device(
 type Devices = RwLock<Vec<SoftwareDevice>>;
 
 fn devices(hmm: &Hmm, threads: usize, pages: usize) -> Result<Devices, HmmError> {
-    let devs = (0..DEVICES).map(|d| device(hmm, format!("stress{d}"), threads, pages));
+    let devs = (0..DEVICES).map(|d| device(hmm, d, format!("stress{d}"), threads, pages));
     Ok(RwLock::new(devs.collect::<Result<_, _>>()?))
 }
 
@@ -421,16 +472,36 @@ impl<'a> Worker<'a> {
                     self.model[at..at + len].copy_from_slice(&b);
                 }
             }
-            Op::CpuRead { at, len } => {
-                let (first, count) = Self::span(at, len);
-                let mut b = vec![0u8; len];
+            Op::CpuRead { at, len } => self.cpu_read(at, len)?,
+            Op::Starved { at, len, fail } => {
+                devs.iter().for_each(|d| d.fail_next_copies_to_system(fail));
+                let res = self.cpu_read(at, len);
+                devs.iter().for_each(|d| d.fail_next_copies_to_system(0));
+                res?;
+            }
+            Op::DmaError { dev, first, count, after, fail } => {
+                devs[dev].fail_copies_to_device(after, fail);
+                let res = devs[dev].migrate_to_device(self.pr(first, count));
+                devs[dev].fail_copies_to_device(0, 0);
                 if self.any(first, count, Page::Unmapped) {
-                    self.r.read(at, &mut b).err().ok_or_else(|| must_fail("a page is unmapped"))?;
-                } else if self.any(first, count, Page::Lost) {
-                    self.expect_sigbus(at, len)?;
+                    res.err().ok_or_else(|| must_fail("a page is unmapped"))?;
                 } else {
-                    self.r.read(at, &mut b).map_err(|e| err(&e))?;
-                    compare(&b, &self.model[at..at + len], at, "CPU")?;
+                    let rep = res.map_err(|e| err(&e))?;
+                    let failed: Vec<usize> = rep
+                        .skipped
+                        .iter()
+                        .filter(|(_, why)| matches!(why, SkipReason::CopyFailed(_)))
+                        .map(|(a, _)| (a.get() - self.r.addr().get()) / PAGE_SIZE)
+                        .collect();
+                    if failed.len() > fail as usize {
+                        return Err(format!("{} copies failed, {fail} were armed", failed.len()));
+                    }
+                    for i in failed {
+                        let now = self.r.residency(i);
+                        if !matches!(now, Residency::System | Residency::None) {
+                            return Err(format!("page {i}'s copy failed, yet it is {now:?}"));
+                        }
+                    }
                 }
             }
             Op::DevWrite { dev, at, len, fill } => {
@@ -576,13 +647,32 @@ impl<'a> Worker<'a> {
             }
             Op::Fork { .. } => !self.support.fork,
             Op::Fail { .. } => !self.support.poison || self.threads > 1,
-            Op::CpuWrite { at, len, .. } | Op::CpuRead { at, len } => {
+            Op::CpuWrite { at, len, .. }
+            | Op::CpuRead { at, len }
+            | Op::Starved { at, len, .. } => {
                 let (first, count) = Self::span(at, len);
                 !self.support.fork
                     && self.any(first, count, Page::Lost)
                     && !self.any(first, count, Page::Unmapped)
             }
             _ => false,
+        }
+    }
+
+    /// A CPU read, checked against the model.
+    fn cpu_read(&self, at: usize, len: usize) -> Result<(), String> {
+        let (first, count) = Self::span(at, len);
+        let mut b = vec![0u8; len];
+        if self.any(first, count, Page::Unmapped) {
+            match self.r.read(at, &mut b) {
+                Ok(()) => Err("succeeded, but a page is unmapped".into()),
+                Err(_) => Ok(()),
+            }
+        } else if self.any(first, count, Page::Lost) {
+            self.expect_sigbus(at, len)
+        } else {
+            self.r.read(at, &mut b).map_err(|e| format!("failed: {e}"))?;
+            compare(&b, &self.model[at..at + len], at, "CPU")
         }
     }
 
@@ -704,7 +794,7 @@ impl<'a> Worker<'a> {
             self.pages[*p] = Page::Lost;
         }
         let name = format!("stress{dev}-{}", id.index());
-        devs[dev] = device(self.hmm, name, self.threads, self.pages.len())
+        devs[dev] = device(self.hmm, dev, name, self.threads, self.pages.len())
             .map_err(|e| format!("a new device: {e}"))?;
         drop(devs);
         // Exactly those pages are lost: a touch of one gets SIGBUS, and every
@@ -790,11 +880,13 @@ fn kind_index(op: &Op) -> usize {
         Op::Remap { .. } => 12,
         Op::Fork { .. } => 13,
         Op::Fail { .. } => 14,
+        Op::DmaError { .. } => 15,
+        Op::Starved { .. } => 16,
     }
 }
 
 /// The name of each kind of operation, by [`kind_index`].
-const KINDS: [&str; 15] = [
+const KINDS: [&str; 17] = [
     "cpu-write",
     "cpu-read",
     "device-write",
@@ -810,6 +902,8 @@ const KINDS: [&str; 15] = [
     "mremap",
     "fork",
     "device-failure",
+    "dma-error",
+    "starved-read",
 ];
 
 /// Operations run, per kind.
@@ -835,10 +929,13 @@ pub fn run(cfg: StressConfig, progress: &(dyn Fn(u64) + Sync)) -> Result<StressR
     let hmm = Hmm::new()?;
     let devs = devices(&hmm, threads, pages)?;
     let ops = cfg.ops as usize;
-    let alone = threads == 1 && cfg.device_failures;
+    let alone = threads == 1;
     // Worker `t` runs its share of the operations; the shares sum to `ops`.
     let plans: Vec<Vec<Op>> = (0..threads)
-        .map(|t| plan(cfg.seed, t, ops * (t + 1) / threads - ops * t / threads, pages, alone))
+        .map(|t| {
+            let n = ops * (t + 1) / threads - ops * t / threads;
+            plan(cfg.seed, t, n, pages, alone, cfg.device_failures)
+        })
         .collect();
     let ranges: Vec<ManagedRange> =
         (0..threads).map(|_| hmm.alloc(pages * PAGE_SIZE)).collect::<Result<_, _>>()?;
@@ -982,23 +1079,30 @@ mod tests {
 
     #[test]
     fn plans_are_reproducible_and_stay_inside_the_range() {
-        let a = plan(7, 0, 2000, 64, true);
-        assert_eq!(a, plan(7, 0, 2000, 64, true), "the same seed, the same operations");
-        assert_ne!(a, plan(7, 1, 2000, 64, true), "each worker its own");
-        let shared = plan(7, 0, 2000, 64, false);
-        assert!(!shared.iter().any(|op| matches!(op, Op::Fail { .. })), "no failure when shared");
+        let a = plan(7, 0, 2000, 64, true, true);
+        assert_eq!(a, plan(7, 0, 2000, 64, true, true), "the same seed, the same operations");
+        assert_ne!(a, plan(7, 1, 2000, 64, true, true), "each worker its own");
+        let alone_only =
+            |op: &Op| matches!(op, Op::Fail { .. } | Op::DmaError { .. } | Op::Starved { .. });
+        let shared = plan(7, 0, 2000, 64, false, true);
+        assert!(!shared.iter().any(alone_only), "no injected fault when shared");
+        let kept = plan(7, 0, 2000, 64, true, false);
+        assert!(!kept.iter().any(|op| matches!(op, Op::Fail { .. })), "devices kept");
+        assert!(kept.iter().any(|op| matches!(op, Op::DmaError { .. })), "engine faults still");
         let len = 64 * PAGE_SIZE;
         for op in &a {
             match *op {
                 Op::CpuWrite { at, len: n, .. }
                 | Op::CpuRead { at, len: n }
+                | Op::Starved { at, len: n, .. }
                 | Op::DevWrite { at, len: n, .. }
                 | Op::DevRead { at, len: n, .. } => assert!(n >= 1 && at + n <= len, "{op:?}"),
                 Op::ToDevice { first, count, dev }
                 | Op::FromPeer { first, count, dev }
                 | Op::ToSystem { first, count, dev }
                 | Op::Exclusive { first, count, dev }
-                | Op::Pin { first, count, dev } => {
+                | Op::Pin { first, count, dev }
+                | Op::DmaError { first, count, dev, .. } => {
                     assert!(count >= 1 && first + count <= 64 && dev < DEVICES, "{op:?}")
                 }
                 Op::Discard { first, count } | Op::Protect { first, count } => {
