@@ -221,6 +221,87 @@ impl Op {
     pub fn kind(&self) -> &'static str {
         KINDS[kind_index(self)]
     }
+
+    /// The same operation made to fit a range of `pages` pages (at least
+    /// one) and the run's devices: positions wrap into the range, lengths
+    /// and counts are cut at its end and kept at least one.
+    pub fn clamped(&self, pages: usize) -> Op {
+        let pages = pages.max(1);
+        let len = pages * PAGE_SIZE;
+        let dev = |d: usize| d % DEVICES;
+        let page = |first: usize, count: usize| {
+            let first = first % pages;
+            (first, count.clamp(1, pages - first))
+        };
+        let bytes = |at: usize, n: usize| {
+            let at = at % len;
+            (at, n.clamp(1, len - at))
+        };
+        match *self {
+            Op::CpuWrite { at, len, fill } => {
+                let (at, len) = bytes(at, len);
+                Op::CpuWrite { at, len, fill }
+            }
+            Op::CpuRead { at, len } => {
+                let (at, len) = bytes(at, len);
+                Op::CpuRead { at, len }
+            }
+            Op::Starved { at, len, fail } => {
+                let (at, len) = bytes(at, len);
+                Op::Starved { at, len, fail }
+            }
+            Op::DevWrite { dev: d, at, len, fill } => {
+                let (at, len) = bytes(at, len);
+                Op::DevWrite { dev: dev(d), at, len, fill }
+            }
+            Op::DevRead { dev: d, at, len } => {
+                let (at, len) = bytes(at, len);
+                Op::DevRead { dev: dev(d), at, len }
+            }
+            Op::ToDevice { dev: d, first, count } => {
+                let (first, count) = page(first, count);
+                Op::ToDevice { dev: dev(d), first, count }
+            }
+            Op::FromPeer { dev: d, first, count } => {
+                let (first, count) = page(first, count);
+                Op::FromPeer { dev: dev(d), first, count }
+            }
+            Op::ToSystem { dev: d, first, count } => {
+                let (first, count) = page(first, count);
+                Op::ToSystem { dev: dev(d), first, count }
+            }
+            Op::Exclusive { dev: d, first, count } => {
+                let (first, count) = page(first, count);
+                Op::Exclusive { dev: dev(d), first, count }
+            }
+            Op::Pin { dev: d, first, count } => {
+                let (first, count) = page(first, count);
+                Op::Pin { dev: dev(d), first, count }
+            }
+            Op::DmaError { dev: d, first, count, after, fail } => {
+                let (first, count) = page(first, count);
+                Op::DmaError { dev: dev(d), first, count, after, fail }
+            }
+            Op::Discard { first, count } => {
+                let (first, count) = page(first, count);
+                Op::Discard { first, count }
+            }
+            Op::Protect { first, count } => {
+                let (first, count) = page(first, count);
+                Op::Protect { first, count }
+            }
+            Op::Unmap { first, count } => {
+                let (first, count) = page(first, count.min(4));
+                Op::Unmap { first, count }
+            }
+            Op::Remap { first, count, keep } => {
+                let (first, count) = page(first, count.min(4));
+                Op::Remap { first, count, keep }
+            }
+            Op::Fork { fill } => Op::Fork { fill },
+            Op::Fail { dev: d } => Op::Fail { dev: dev(d) },
+        }
+    }
 }
 
 /// A difference between hmm and the model.
@@ -1024,13 +1105,85 @@ pub fn run(cfg: StressConfig, progress: &(dyn Fn(u64) + Sync)) -> Result<StressR
 
 /// Whether `ops` diverge when run alone by one worker on a fresh instance.
 fn diverges(ops: &[Op], thread: usize, pages: usize, threads: usize) -> Result<bool, HmmError> {
+    Ok(run_worker(ops, thread, pages, threads)?.is_err())
+}
+
+/// Runs `ops` as worker `thread` of `threads` (sizing the devices as that
+/// run would), alone on a fresh instance with a range of `pages` pages.
+fn run_worker(
+    ops: &[Op],
+    thread: usize,
+    pages: usize,
+    threads: usize,
+) -> Result<Result<u64, Divergence>, HmmError> {
     let hmm = Hmm::new()?;
     let devs = devices(&hmm, threads, pages)?;
     let r = hmm.alloc(pages * PAGE_SIZE)?;
     let counts: Counts = Default::default();
     let mut w = Worker::new(&hmm, &r, &devs, threads, Support::probe());
-    Ok(execute(&mut w, ops, thread, &counts, &|| {}).is_err())
+    Ok(execute(&mut w, ops, thread, &counts, &|| {}))
 }
+
+/// Runs `ops` (over a range of `pages` pages, as one worker alone, on a fresh
+/// instance) against the model: `Ok(Ok(skipped))` when nothing diverged,
+/// `Ok(Err(first divergence))` otherwise. What a fuzz target and a replayed
+/// failing sequence call. Operations that point outside the range are
+/// clamped into it first ([`Op::clamped`]).
+pub fn replay(ops: &[Op], pages: usize) -> Result<Result<u64, Divergence>, HmmError> {
+    let pages = pages.max(1);
+    let ops: Vec<Op> = ops.iter().map(|op| op.clamped(pages)).collect();
+    run_worker(&ops, 0, pages, 1)
+}
+
+/// Operations decoded from arbitrary bytes (a fuzzer's input), for a range of
+/// `pages` pages: each takes a kind byte and then what its fields need (a
+/// missing byte reads as zero), at most [`MAX_DECODED`] of them. Every input
+/// decodes to valid operations, and the same bytes to the same operations.
+pub fn decode(data: &[u8], pages: usize) -> Vec<Op> {
+    let pages = pages.max(1);
+    let len = pages * PAGE_SIZE;
+    let at = std::cell::Cell::new(0usize);
+    let byte = || {
+        let b = data.get(at.get()).copied().unwrap_or(0);
+        at.set(at.get() + 1);
+        b as usize
+    };
+    let mut out = Vec::new();
+    while out.len() < MAX_DECODED && at.get() < data.len() {
+        let kind = byte() % KINDS.len();
+        let dev = byte() % DEVICES;
+        let first = byte() % pages;
+        let count = 1 + byte() % 32.min(pages - first);
+        let few = 1 + count % 4.min(pages - first);
+        let off = (byte() << 8 | byte()) * 16 % len;
+        let bytes = 1 + (byte() << 8 | byte()) % 1024.min(len - off);
+        let fill = (byte() as u64) << 8 | byte() as u64;
+        let small = 1 + byte() as u32 % 4;
+        out.push(match kind {
+            0 => Op::CpuWrite { at: off, len: bytes, fill },
+            1 => Op::CpuRead { at: off, len: bytes },
+            2 => Op::DevWrite { dev, at: off, len: bytes, fill },
+            3 => Op::DevRead { dev, at: off, len: bytes },
+            4 => Op::ToDevice { dev, first, count },
+            5 => Op::FromPeer { dev, first, count },
+            6 => Op::ToSystem { dev, first, count },
+            7 => Op::Exclusive { dev, first, count },
+            8 => Op::Discard { first, count },
+            9 => Op::Protect { first, count },
+            10 => Op::Pin { dev, first, count },
+            11 => Op::Unmap { first, count: few },
+            12 => Op::Remap { first, count: few, keep: fill.is_multiple_of(2) },
+            13 => Op::Fork { fill },
+            14 => Op::Fail { dev },
+            15 => Op::DmaError { dev, first, count, after: small - 1, fail: small },
+            _ => Op::Starved { at: off, len: bytes, fail: small },
+        });
+    }
+    out
+}
+
+/// The most operations [`decode`] makes of one input.
+pub const MAX_DECODED: usize = 64;
 
 /// The shortest sequence found that still diverges, starting from `ops`
 /// (which diverged in a run): chunks are dropped while the rest still
