@@ -947,6 +947,12 @@ impl DeviceMirror {
             (None, Some(m)) => m,
             (None, None) => return Err(HmmError::NotWritable(range)),
         };
+        // Every page is faulted in for writing before a byte is written: a
+        // write that reaches a page it may not write (unmapped, lost,
+        // read-only) fails whole, leaving the pages before it as they were.
+        // (An address-space change while it writes can still cut it short,
+        // as it would a CPU's copy.)
+        self.ensure(range, true, c)?;
         let mut done = 0;
         let mut refaults = 0;
         while done < data.len() {

@@ -444,3 +444,34 @@ fn a_device_access_after_a_discard_returns_sees_zeros() {
         assert!(b.iter().all(|x| *x == 0), "round {round}: the device read discarded bytes");
     }
 }
+
+/// A device write that reaches a page it may not write fails whole: the
+/// bytes before that page are not written either, even where the device
+/// already has an entry for them (here the first page lives on the device,
+/// and the second is unmapped, or read-only).
+#[test]
+fn a_device_write_that_cannot_complete_writes_nothing() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let _fork = common::fork_lock();
+    let hmm = Hmm::new().unwrap();
+    let dev = device(&hmm, "dev", 1 << 20);
+    let r = hmm.alloc(4 * PAGE_SIZE).unwrap();
+    r.fill(0, 4 * PAGE_SIZE, 0x11).unwrap();
+    assert_eq!(dev.migrate_to_device(r.pages_range(0, 1).unwrap()).unwrap().migrated, 1);
+    dev.write(r.addr(), &[0x22; 8]).unwrap();
+    // Page 1 read-only: a write across pages 0 and 1 is refused.
+    r.protect(r.pages_range(1, 1).unwrap(), Protection::Read).unwrap();
+    let across = VirtAddr::new(r.addr().get() + PAGE_SIZE - 16);
+    assert!(dev.write(across, &[0x33; 32]).is_err());
+    // Page 1 unmapped: the same write is refused.
+    r.unmap(r.pages_range(1, 1).unwrap()).unwrap();
+    assert!(dev.write(across, &[0x44; 32]).is_err());
+    let (b, _) = dev.read(r.pages_range(0, 1).unwrap()).unwrap();
+    assert_eq!(&b[..8], &[0x22; 8]);
+    assert!(b[8..].iter().all(|x| *x == 0x11), "page 0 kept its bytes");
+    let mut cpu = vec![0u8; PAGE_SIZE];
+    r.read(0, &mut cpu).unwrap();
+    assert!(cpu[8..].iter().all(|x| *x == 0x11), "the CPU reads them too");
+}
