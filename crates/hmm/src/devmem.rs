@@ -32,7 +32,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::addr::{PAGE_SIZE, VirtAddr};
+use crate::addr::{PAGE_SIZE, PageRange, VirtAddr};
 use crate::fault::{CpuFault, FaultBackError};
 
 use crate::page::{DeviceId, DevicePage};
@@ -364,8 +364,19 @@ impl DeviceMemory {
 
     /// Up to `n` pages that back an address, least recently used first.
     pub fn coldest(&self, n: usize) -> Vec<DevicePage> {
+        self.coldest_outside(n, None)
+    }
+
+    /// The same, leaving out the pages that back addresses in `keep`: a
+    /// migration into the device does not evict the pages it is gathering
+    /// there.
+    pub fn coldest_outside(&self, n: usize, keep: Option<PageRange>) -> Vec<DevicePage> {
         let mut all: Vec<(u64, DevicePage)> = Vec::new();
-        self.for_each_backing(|page, _, d| all.push((d.stamp.load(Ordering::Relaxed), page)));
+        self.for_each_backing(|page, addr, d| {
+            if !keep.is_some_and(|k| k.contains(addr)) {
+                all.push((d.stamp.load(Ordering::Relaxed), page));
+            }
+        });
         if n < all.len() {
             all.select_nth_unstable_by_key(n, |x| x.0);
             all.truncate(n);

@@ -734,7 +734,7 @@ impl Migration {
             let short = want - got.len();
             // Free pages an injected failure refused: not a lack of room.
             let short_of_room = short.saturating_sub(mem.free_pages() as usize);
-            let victims = mem.coldest(short_of_room);
+            let victims = mem.coldest_outside(short_of_room, Some(self.range));
             if !victims.is_empty() {
                 let t0 = std::time::Instant::now();
                 match self.inner.evict(mem.id(), &victims) {

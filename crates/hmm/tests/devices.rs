@@ -173,6 +173,34 @@ fn pressure_evicts_the_least_recently_used_pages() {
     check(&cpu_bytes(&y), 0, 200, "y");
 }
 
+/// A migration into a full device evicts other pages, never those of the
+/// range it is gathering there: here the range's pages already on the device
+/// are the coldest, yet the room is made from the other range's.
+#[test]
+fn a_migration_does_not_evict_the_pages_it_gathers() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let _fork = common::fork_lock();
+    let hmm = Hmm::new().unwrap();
+    let d = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("d", 64 * PAGE_SIZE).evicting())
+        .unwrap();
+    let x = hmm.alloc(48 * PAGE_SIZE).unwrap();
+    let y = hmm.alloc(32 * PAGE_SIZE).unwrap();
+    fill(&x, 100);
+    fill(&y, 200);
+    assert_eq!(d.migrate_to_device(x.pages_range(0, 32).unwrap()).unwrap().migrated, 32);
+    assert_eq!(d.migrate_to_device(y.range()).unwrap().migrated, 32);
+    // Full; x's 32 pages are the coldest. Gathering all of x needs 16 more.
+    let rep = d.migrate_to_device(x.range()).unwrap();
+    assert_eq!(rep.migrated, 16, "{:?}", rep.skipped.first());
+    assert!(x.residencies().iter().all(on(&d)), "{:?}", x.residencies());
+    let left = y.residencies().iter().filter(|r| **r == Residency::System).count();
+    assert_eq!((left, d.stats().pages_evicted), (16, 16));
+    check(&cpu_bytes(&x), 0, 100, "x");
+    check(&cpu_bytes(&y), 0, 200, "y");
+}
+
 /// The word page `i` of the model holds.
 fn word(model: &[u64], i: usize) -> Vec<u8> {
     std::iter::repeat_n(model[i].to_ne_bytes(), PAGE_SIZE / 8).flatten().collect()
