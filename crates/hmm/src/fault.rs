@@ -261,6 +261,9 @@ const PARKED_ROOM: usize = 4096;
 /// How often a parked service looks whether the fork is over.
 const PARKED_POLL: Duration = Duration::from_millis(5);
 
+/// How soon the service looks again at new ranges it could not let go yet.
+const RELEASE_POLL: Duration = Duration::from_millis(1);
+
 struct Service {
     inner: Arc<Inner>,
     events: Vec<UffdEvent>,
@@ -303,6 +306,12 @@ impl Service {
                 .map(|r| r.due)
                 .min()
                 .map(|d| d.saturating_duration_since(Instant::now()));
+            // New ranges put back because a change was under way: look again
+            // soon even if its event is slow to come.
+            let timeout = match self.inner.forwards.has_released() {
+                true => Some(timeout.map_or(RELEASE_POLL, |t| t.min(RELEASE_POLL))),
+                false => timeout,
+            };
             match self.inner.uffd.poll_with(&self.inner.notifier, timeout) {
                 Ok(_) => {}
                 Err(e) => {
@@ -337,6 +346,28 @@ impl Service {
                 }
             }
             self.run_retries();
+            self.release_forwarded();
+        }
+    }
+
+    /// Lets go the new ranges of finished `mremap` forwards (see
+    /// `remap::Forwards`): here, after every event read so far is handled,
+    /// so an unmap of one of them has already taken it out of the list. A
+    /// change whose event is not read yet might be such an unmap, with other
+    /// managed memory moved onto the same addresses after it: the release
+    /// then waits for its event.
+    fn release_forwarded(&mut self) {
+        let ranges = self.inner.forwards.take_released();
+        if ranges.is_empty() {
+            return;
+        }
+        if self.inner.uffd.changes_pending().unwrap_or(false) {
+            self.inner.forwards.put_back_released(ranges);
+            return;
+        }
+        for r in ranges {
+            let _ = self.inner.uffd.unregister(r);
+            let _ = self.inner.uffd.wake(r);
         }
     }
 
@@ -707,6 +738,9 @@ impl Service {
     /// `[start, end)`: free the device pages that held it.
     fn invalidate(&mut self, start: usize, end: usize, unmapped: bool) {
         let Ok(range) = PageRange::new(VirtAddr::new(start), end - start) else { return };
+        if unmapped {
+            self.inner.forwards.unmapped(range);
+        }
         let event = if unmapped { InvalidationEvent::Unmap } else { InvalidationEvent::Clear };
         // Held until the records say the pages are gone: a device fill in
         // between would map a device page about to be freed.

@@ -99,6 +99,10 @@ struct Forward {
     waiting: usize,
     /// Handed over, to be delivered by the forward's thread.
     ready: Vec<Item>,
+    /// Parts of the new range the application has unmapped since (UNMAP
+    /// events): they are not let go at the end, since by then other memory
+    /// may be mapped there.
+    unmapped: Vec<PageRange>,
 }
 
 impl Source {
@@ -118,10 +122,29 @@ impl Forward {
 }
 
 /// The forwards in progress of one `Hmm` instance.
+///
+/// # Letting a new range go
+///
+/// A forward's new range stays registered until its last page has arrived;
+/// then the fault service unregisters it ([`take_released`]), between the
+/// batches of events it reads, in their order. Not the forward's thread: by
+/// the time it is done the application may have read every page, unmapped
+/// the new range and moved other managed memory onto the same addresses,
+/// whose registration an unregister from there would silently remove. The
+/// service handles the UNMAP before the later REMAP, and [`unmapped`] takes
+/// the unmapped part out of what is to be let go, whether the forward is
+/// still running or already done (both under the list lock, so one of the
+/// two sees it); a change whose event is still unread postpones the release.
+///
+/// [`take_released`]: Forwards::take_released
+/// [`unmapped`]: Forwards::unmapped
 #[derive(Default)]
 pub(crate) struct Forwards {
     list: Mutex<Vec<Forward>>,
     changed: Condvar,
+    /// New ranges of finished forwards, to be unregistered by the service.
+    /// Locked after `list` when both are held.
+    released: Mutex<Vec<PageRange>>,
 }
 
 impl std::fmt::Debug for Forwards {
@@ -133,6 +156,37 @@ impl std::fmt::Debug for Forwards {
 impl Forwards {
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Forward>> {
         self.list.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn released(&self) -> std::sync::MutexGuard<'_, Vec<PageRange>> {
+        self.released.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The application unmapped `range` (the service handles its UNMAP): no
+    /// part of it is let go later (see the type's docs).
+    pub(crate) fn unmapped(&self, range: PageRange) {
+        let mut list = self.lock();
+        for f in list.iter_mut().filter(|f| f.new_range().overlaps(range)) {
+            f.unmapped.push(range);
+        }
+        let mut rel = self.released();
+        let kept: Vec<PageRange> = rel.iter().flat_map(|r| minus(*r, &[range])).collect();
+        *rel = kept;
+    }
+
+    /// The new ranges to let go now, taken out of the list.
+    pub(crate) fn take_released(&self) -> Vec<PageRange> {
+        std::mem::take(&mut *self.released())
+    }
+
+    /// Puts back ranges [`take_released`](Self::take_released) gave, for later.
+    pub(crate) fn put_back_released(&self, ranges: Vec<PageRange>) {
+        self.released().extend(ranges);
+    }
+
+    /// Whether new ranges wait to be let go.
+    pub(crate) fn has_released(&self) -> bool {
+        !self.released().is_empty()
     }
 
     /// Whether a CPU touch of `addr` waits for a forward: the address is the
@@ -235,7 +289,13 @@ pub(crate) fn start(inner: &Arc<Inner>, from: usize, to: usize, len: usize) {
         let _ = inner.uffd.unregister(new);
         return;
     }
-    inner.forwards.lock().push(Forward { from: old, to: VirtAddr::new(to), waiting, ready: held });
+    inner.forwards.lock().push(Forward {
+        from: old,
+        to: VirtAddr::new(to),
+        waiting,
+        ready: held,
+        unmapped: Vec::new(),
+    });
     inner.counters.remaps_forwarded.fetch_add(forwarded, Ordering::Relaxed);
     let me = inner.clone();
     let spawned =
@@ -258,7 +318,10 @@ fn deliver_all(inner: &Arc<Inner>, old: PageRange) {
             let mut list = inner.forwards.lock();
             let Some(k) = list.iter().position(|f| f.from == old) else { return };
             if list[k].waiting == 0 {
+                // Done: the service lets the new range go (what of it is
+                // still mapped), decided under this lock with `unmapped`.
                 let f = list.remove(k);
+                inner.forwards.released().extend(minus(f.new_range(), &f.unmapped));
                 (Vec::new(), true, f.new_range())
             } else if list[k].ready.is_empty() {
                 // Wait for migrations still holding pages to hand them over.
@@ -275,8 +338,7 @@ fn deliver_all(inner: &Arc<Inner>, old: PageRange) {
         };
         if done {
             inner.forwards.changed.notify_all();
-            let _ = inner.uffd.unregister(new);
-            let _ = inner.uffd.wake(new);
+            inner.notifier.notify();
             return;
         }
         let n = items.len();
@@ -300,6 +362,29 @@ fn deliver_all(inner: &Arc<Inner>, old: PageRange) {
             f.waiting = f.waiting.saturating_sub(n);
         }
     }
+}
+
+/// The parts of `r` outside every range of `cut`.
+fn minus(r: PageRange, cut: &[PageRange]) -> Vec<PageRange> {
+    let mut out = vec![r];
+    for c in cut {
+        out = out
+            .into_iter()
+            .flat_map(|p| {
+                let before = PageRange::new(
+                    p.start(),
+                    c.start().get().saturating_sub(p.start().get()).min(p.len()),
+                );
+                let after_start = c.end().get().max(p.start().get());
+                let after = PageRange::new(
+                    VirtAddr::new(after_start),
+                    p.end().get().saturating_sub(after_start),
+                );
+                [before, after].into_iter().flatten().filter(|x| !x.is_empty())
+            })
+            .collect();
+    }
+    out
 }
 
 /// Puts the data of page `index` of `range` (held by the forward) at `dst`,
