@@ -629,6 +629,13 @@ impl<'a> Worker<'a> {
                 let res = devs[dev].make_exclusive(self.pr(first, count));
                 if !self.all_mapped(first, count) {
                     res.err().ok_or_else(|| must_fail("a page is unmapped or lost"))?;
+                } else if self.threads > 1
+                    && matches!(res, Err(HmmError::NotMoved { ref reason, .. })
+                        if matches!(reason, SkipReason::Busy | SkipReason::NoDeviceMemory))
+                {
+                    // Another worker's migration held one of the pages, or
+                    // evicted it to make room: refused, as the kernel's
+                    // make_device_exclusive may be (EBUSY). Nothing changed.
                 } else {
                     res.map_err(|e| err(&e))?;
                     // A CPU read revokes it and sees the bytes.
@@ -846,10 +853,12 @@ impl<'a> Worker<'a> {
             .filter(|p| matches!(self.r.residency(*p), Residency::Device(d) if d.dev == id))
             .collect();
         let lost = devs[dev].fail();
-        // A page the device held is lost, unless a migration was taking it
-        // off the device at that moment (the fault service brings pages
+        // A page the device held is lost, unless a migration had copied it
+        // off the device before the failure (the fault service brings pages
         // around a touched one back after the touch goes on): that one
-        // arrives with its bytes. No other page is lost.
+        // arrives with its bytes. No other page is lost. `fail` counts the
+        // pages it poisoned; a page a migration held then is poisoned as the
+        // migration ends, and the device's counter has them all.
         let r = self.r;
         let deadline = Instant::now() + Duration::from_secs(2);
         let settled =
@@ -868,8 +877,13 @@ impl<'a> Worker<'a> {
             return Err(format!("page {p} was lost, but it did not live on the failed device"));
         }
         let gone: Vec<usize> = on.into_iter().filter(|p| res[*p] == Residency::Poisoned).collect();
-        if gone.len() != lost {
-            return Err(format!("{lost} pages reported lost, {} recorded lost", gone.len()));
+        let counted = devs[dev].stats().pages_poisoned as usize;
+        if lost > gone.len() || counted != gone.len() {
+            return Err(format!(
+                "{lost} pages reported lost by the failure, {counted} counted by the device, \
+                 {} recorded lost",
+                gone.len()
+            ));
         }
         for p in &gone {
             self.pages[*p] = Page::Lost;

@@ -365,9 +365,18 @@ impl SoftwareDevice {
         }
         let rep =
             self.hmm.migrate_to_device_with(range, &self.mem, self.mem.ops().dma(), !coherent)?;
-        if !self.holds(range) {
-            let (addr, reason) =
-                rep.skipped.first().cloned().unwrap_or((range.start(), SkipReason::Busy));
+        if let Some(addr) = self.first_not_held(range) {
+            // Why that page is not here: what the migration said of it, or,
+            // when it was already here or elsewhere as the migration looked
+            // and has moved since (evicted, or taken by another migration),
+            // busy.
+            let reason = rep
+                .skipped
+                .iter()
+                .find(|(a, _)| *a == addr)
+                .map(|(_, why)| why.clone())
+                .filter(|why| !matches!(why, SkipReason::NotSelected(_)))
+                .unwrap_or(SkipReason::Busy);
             return Err(HmmError::NotMoved { op: "make_exclusive", addr, reason });
         }
         self.mirror.ensure(range, true, &mut c)?;
@@ -388,14 +397,15 @@ impl SoftwareDevice {
         Ok(c)
     }
 
-    /// Whether every page of `range` lives in this device's memory.
-    fn holds(&self, range: PageRange) -> bool {
-        self.hmm.find_containing(range).is_ok_and(|r| {
-            let first = r.index(range.start());
-            r.lock()[first..first + range.pages()]
-                .iter()
-                .all(|e| matches!(e.residency(), Residency::Device(p) if p.dev == self.mem.id()))
-        })
+    /// The first page of `range` that does not live in this device's memory.
+    fn first_not_held(&self, range: PageRange) -> Option<VirtAddr> {
+        let Ok(r) = self.hmm.find_containing(range) else { return Some(range.start()) };
+        let first = r.index(range.start());
+        let t = r.lock();
+        t[first..first + range.pages()]
+            .iter()
+            .position(|e| !matches!(e.residency(), Residency::Device(p) if p.dev == self.mem.id()))
+            .map(|k| VirtAddr::new(range.start().get() + k * PAGE_SIZE))
     }
 
     /// Fails if the device still holds any page of `range` exclusively.

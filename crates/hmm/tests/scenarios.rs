@@ -435,33 +435,54 @@ fn is_permission_denied(e: &HmmError) -> bool {
     matches!(e, HmmError::Fault(RangeFaultError::PermissionDenied { .. }))
 }
 
+/// Opening and closing a device leaves nothing behind: its notifier, and
+/// the worker threads of a copying engine. Counted in a child process, where
+/// no other test starts or ends threads meanwhile.
 #[test]
 fn open_close() {
     if common::skip_without_uffd() {
         return;
     }
-    let threads = || std::fs::read_dir("/proc/self/task").unwrap().count();
-    let hmm = Hmm::new().unwrap();
-    let before = (threads(), hmm.notifier_count());
-    {
-        let dev = device(&hmm, NPAGES);
-        assert_eq!(hmm.notifier_count(), before.1 + 1, "the device mirrors the address space");
-        let r = hmm.alloc(4 * PAGE_SIZE).unwrap();
-        r.fill(0, r.len(), 7).unwrap();
-        let (b, _) = dev.read(r.range()).unwrap();
-        assert!(b.iter().all(|x| *x == 7));
-    }
-    assert_eq!(hmm.notifier_count(), before.1, "the notifier left with the device");
-    // Worker threads of a copy-engine device leave with it too.
-    {
-        let _dev = SoftwareDevice::new(
-            &hmm,
-            SoftwareDeviceConfig::new("sw-copy", NPAGES * PAGE_SIZE).with_copy_engine(2),
-        )
-        .unwrap();
-        assert!(threads() >= before.0 + 2);
-    }
-    assert_eq!(threads(), before.0, "no thread is left");
+    let _fork = common::fork_lock();
+    let out = hmm::os::process::run_in_child(|| {
+        let threads = || std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count());
+        let Ok(hmm) = Hmm::new() else { return 2 };
+        let before = (threads(), hmm.notifier_count());
+        {
+            let dev = device(&hmm, NPAGES);
+            if hmm.notifier_count() != before.1 + 1 {
+                return 3; // the device mirrors the address space
+            }
+            let Ok(r) = hmm.alloc(4 * PAGE_SIZE) else { return 2 };
+            if r.fill(0, r.len(), 7).is_err() {
+                return 2;
+            }
+            match dev.read(r.range()) {
+                Ok((b, _)) if b.iter().all(|x| *x == 7) => {}
+                _ => return 4,
+            }
+        }
+        if hmm.notifier_count() != before.1 {
+            return 5; // the notifier left with the device
+        }
+        {
+            let config = SoftwareDeviceConfig::new("sw-copy", NPAGES * PAGE_SIZE);
+            let Ok(_dev) = SoftwareDevice::new(&hmm, config.with_copy_engine(2)) else { return 2 };
+            if threads() < before.0 + 2 {
+                return 6;
+            }
+        }
+        if threads() != before.0 {
+            return 7; // a copy-engine thread was left
+        }
+        0
+    })
+    .unwrap();
+    assert_eq!(
+        out,
+        hmm::os::process::ChildOutcome::Exited(0),
+        "2: set-up, 3/5: notifier count, 4: device read, 6/7: engine threads"
+    );
 }
 
 #[test]
