@@ -35,18 +35,21 @@ pub const OPS_PAGES: usize = 16;
 
 /// Runs the operations `data` decodes to ([`hmm::stress::decode`], at most
 /// [`hmm::stress::MAX_DECODED`]) on a fresh instance against the model
-/// ([`hmm::stress::replay`]); `Err` with the divergence when hmm and the
-/// model differ. A machine that cannot run hmm at all (`replay` returns
-/// `Err(HmmError)`) is not a divergence: the input passes.
+/// ([`hmm::stress::replay`]): `Ok(Some(skipped))` when hmm and the model
+/// agree (`skipped` operations this kernel cannot do, or past the unmap
+/// budget), `Err` with the divergence when they differ. `Ok(None)` where
+/// the instance cannot be made (hmm cannot run here): that is not a
+/// divergence.
 ///
 /// The operations fork (for `fork()` itself, and to see a lost page's
 /// `SIGBUS` in a child), so a caller that runs other forking code at the
 /// same time serializes with it.
-pub fn ops(data: &[u8]) -> Result<(), String> {
+pub fn ops(data: &[u8]) -> Result<Option<u64>, String> {
     let ops = hmm::stress::decode(data, OPS_PAGES);
     match hmm::stress::replay(&ops, OPS_PAGES) {
-        Ok(Ok(_)) | Err(_) => Ok(()),
+        Ok(Ok(skipped)) => Ok(Some(skipped)),
         Ok(Err(divergence)) => Err(divergence.to_string()),
+        Err(_) => Ok(None),
     }
 }
 

@@ -588,7 +588,7 @@ impl<'a> Worker<'a> {
             Op::DevWrite { dev, at, len, fill } => {
                 let (first, count) = Self::span(at, len);
                 let b = bytes_of(fill, len);
-                let res = devs[dev].write(self.addr(at), &b);
+                let res = retry_busy(|| devs[dev].write(self.addr(at), &b));
                 if !self.all_mapped(first, count) {
                     res.err().ok_or_else(|| must_fail("a page is unmapped or lost"))?;
                 } else {
@@ -598,7 +598,7 @@ impl<'a> Worker<'a> {
             }
             Op::DevRead { dev, at, len } => {
                 let (first, count) = Self::span(at, len);
-                let res = devs[dev].read(self.pr(first, count));
+                let res = retry_busy(|| devs[dev].read(self.pr(first, count)));
                 if !self.all_mapped(first, count) {
                     res.err().ok_or_else(|| must_fail("a page is unmapped or lost"))?;
                 } else {
@@ -955,6 +955,20 @@ fn execute(
         compare(&b, &w.model[at..at + PAGE_SIZE], at, "final CPU").map_err(fail)?;
     }
     Ok(w.skipped)
+}
+
+/// Runs a device access again, a few times, while it fails with
+/// [`RangeFaultError::Busy`](crate::RangeFaultError::Busy): pages held by a
+/// migration longer than the fault's timeout (another worker's eviction on
+/// a loaded machine), which the caller is told to retry.
+fn retry_busy<T>(mut access: impl FnMut() -> Result<T, HmmError>) -> Result<T, HmmError> {
+    let mut tries = 0;
+    loop {
+        match access() {
+            Err(HmmError::Fault(crate::RangeFaultError::Busy { .. })) if tries < 5 => tries += 1,
+            r => return r,
+        }
+    }
 }
 
 /// Where an operation's kind is counted, and named in [`KINDS`].
