@@ -200,9 +200,19 @@ impl PageRange {
     /// The smallest page range holding the `len > 0` bytes at `addr` (which must
     /// not run past the end of the address space).
     pub(crate) fn containing(addr: usize, len: usize) -> Self {
+        Self::try_containing(addr, len).expect("a checked span of bytes")
+    }
+
+    /// The same for a span of bytes that may run past the end of the address
+    /// space (or be empty): then an error that says so.
+    pub(crate) fn try_containing(addr: usize, len: usize) -> Result<Self, RangeError> {
         let start = addr & !(PAGE_SIZE - 1);
-        let end = (addr + len).next_multiple_of(PAGE_SIZE);
-        Self::new(VirtAddr::new(start), end - start).expect("a checked span of bytes")
+        let overflow = RangeError::Overflow { start: VirtAddr::new(start), len };
+        let end = addr
+            .checked_add(len)
+            .and_then(|e| e.checked_next_multiple_of(PAGE_SIZE))
+            .ok_or(overflow)?;
+        Self::new(VirtAddr::new(start), end - start)
     }
 
     /// The sub-range `[start + offset, start + offset + len)`, checked against this range.

@@ -1783,7 +1783,8 @@ impl ManagedRange {
 
     /// The range of pages `first..first + count`.
     pub fn pages_range(&self, first: usize, count: usize) -> Result<PageRange, RangeError> {
-        self.range().subrange(first * PAGE_SIZE, count * PAGE_SIZE)
+        let bytes = |n: usize| n.checked_mul(PAGE_SIZE).unwrap_or(usize::MAX);
+        self.range().subrange(bytes(first), bytes(count))
     }
 
     /// The first byte's address, for handing to code that takes raw pointers.

@@ -329,7 +329,7 @@ impl SoftwareDevice {
     /// faulting for write where entries are missing or read-only. The memory
     /// must be managed by hmm or handed to [`Hmm::mirror`].
     pub fn write(&self, addr: VirtAddr, data: &[u8]) -> Result<OpCounters, HmmError> {
-        let range = PageRange::containing(addr.get(), data.len().max(1));
+        let range = PageRange::try_containing(addr.get(), data.len().max(1))?;
         self.hmm.sync_device_access();
         let mut c = OpCounters::default();
         self.mirror.write_at(addr, data, &mut c)?;
@@ -902,6 +902,8 @@ impl DeviceMirror {
         if buf.is_empty() {
             return Ok(());
         }
+        // Checked once: every span below lies inside this one.
+        PageRange::try_containing(addr.get(), buf.len())?;
         let mut done = 0;
         let mut refaults = 0;
         while done < buf.len() {
@@ -949,7 +951,7 @@ impl DeviceMirror {
         if data.is_empty() {
             return Ok(());
         }
-        let range = PageRange::containing(addr.get(), data.len());
+        let range = PageRange::try_containing(addr.get(), data.len())?;
         let managed = self.hmm.find_containing(range).ok();
         let mirrored = if managed.is_none() { self.hmm.mirrored_containing(range) } else { None };
         let target: &Mapping = match (&managed, &mirrored) {
