@@ -1783,7 +1783,7 @@ impl ManagedRange {
 
     /// The range of pages `first..first + count`.
     pub fn pages_range(&self, first: usize, count: usize) -> Result<PageRange, RangeError> {
-        let bytes = |n: usize| n.checked_mul(PAGE_SIZE).unwrap_or(usize::MAX);
+        let bytes = |n: usize| n.saturating_mul(PAGE_SIZE);
         self.range().subrange(bytes(first), bytes(count))
     }
 
