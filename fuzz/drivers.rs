@@ -6,7 +6,9 @@
 //!
 //! Each driver takes a fuzzer's bytes and returns `Err(violation)` when a
 //! property fails; a fuzz target turns that into a panic (a crash libFuzzer
-//! records), the replaying test into a failure that names the file.
+//! records), the replaying test into a failure that names the file. Run the
+//! targets with `fuzz/run.sh ops|api [seconds]`, which passes the sanitizer
+//! flags they need.
 //!
 //! - [`ops`]: the operations `hmm::stress::decode` makes of the bytes, run by
 //!   `hmm::stress::replay` against its model of the bytes on a fresh
@@ -65,8 +67,9 @@ pub const ALLOC_CAP: usize = 4 << 20;
 /// The most pages a call that returns (or allocates) something per page of
 /// its range gets: [`SoftwareDevice::read`] allocates a buffer of the range's
 /// length, `snapshot`, `range_fault` and `residency_map` an entry per page,
-/// all before they look at the range, as their documentation says (ask for
-/// the ranges of interest). Longer ranges go to every other call.
+/// all before they look at the range, so that a huge range (even an unmapped
+/// one) ends the process for want of memory instead of returning an error.
+/// Longer ranges go to every other call.
 pub const LISTED_CAP: usize = 1024;
 
 /// The most bytes a CPU or device read or write moves (the buffer is made
@@ -875,7 +878,10 @@ impl Session<'_> {
                 if let Some(p) = (first..first + part.pages())
                     .find(|p| !matches!(r.residency(*p), Residency::System))
                 {
-                    return Err(format!("pinned page {p} moved: it is {:?}", r.residency(p)));
+                    let now = r.residency(p);
+                    return Err(format!(
+                        "pinned page {p} is recorded {now:?}, not in system memory"
+                    ));
                 }
                 if self.pins.len() == MAX_PINS {
                     self.pins.remove(0);

@@ -5,7 +5,7 @@
 //! divergence from the model, no panic, no broken property. The corpus must
 //! also reach every kind of operation and of API call, so that a corpus gone
 //! missing or shrunk fails here instead of passing with nothing to replay.
-//! `cargo fuzz` (nightly) grows the corpus; see `fuzz/drivers.rs`.
+//! `fuzz/run.sh ops|api` (nightly, cargo-fuzz) grows the corpus.
 
 mod common;
 
@@ -14,8 +14,11 @@ mod drivers;
 
 use std::any::Any;
 use std::collections::BTreeSet;
+use std::io::Write;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::Duration;
 
 use hmm::stress::decode;
 
@@ -63,15 +66,47 @@ fn message(payload: &(dyn Any + Send)) -> String {
         .unwrap_or_else(|| "(no message)".into())
 }
 
-/// Runs `check` on every input, and fails naming each input that failed.
+/// How long one input may run: longer is a hang, which ends the process
+/// (naming the input) rather than stalling the suite.
+const HANG: Duration = Duration::from_secs(60);
+
+/// Watches the inputs `replay` runs, each announced as it starts (`None`
+/// when all are done), and aborts the process when one runs past [`HANG`].
+fn watchdog(announced: Receiver<Option<PathBuf>>) {
+    let mut current = None;
+    loop {
+        match announced.recv_timeout(HANG) {
+            Ok(Some(path)) => current = Some(path),
+            Ok(None) | Err(RecvTimeoutError::Disconnected) => return,
+            Err(RecvTimeoutError::Timeout) => {
+                if let Some(path) = &current {
+                    // Straight to the stream: the test's captured output is
+                    // lost when the process aborts.
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "{}: still running after {HANG:?}: it hangs",
+                        path.display()
+                    );
+                    std::process::abort();
+                }
+            }
+        }
+    }
+}
+
+/// Runs `check` on every input, and fails naming each input that failed
+/// (or ends the process naming the one that hangs).
 fn replay(
     target: &str,
     inputs: &[(PathBuf, Vec<u8>)],
     describe: impl Fn(&[u8]) -> String,
     check: impl Fn(&[u8]) -> Result<(), String>,
 ) {
+    let (announce, announced) = mpsc::channel();
+    let watching = std::thread::spawn(move || watchdog(announced));
     let mut failed = Vec::new();
     for (path, data) in inputs {
+        announce.send(Some(path.clone())).expect("the watchdog runs");
         let why = match catch_unwind(AssertUnwindSafe(|| check(data))) {
             Ok(Ok(())) => continue,
             Ok(Err(violation)) => violation,
@@ -79,6 +114,8 @@ fn replay(
         };
         failed.push(format!("{}: {why}\n    decoded: {}", path.display(), describe(data)));
     }
+    announce.send(None).expect("the watchdog runs");
+    watching.join().expect("the watchdog");
     assert!(
         failed.is_empty(),
         "{} of {} {target} inputs failed:\n{}",
