@@ -626,7 +626,20 @@ impl<'a> Worker<'a> {
                 }
             }
             Op::Exclusive { dev, first, count } => {
-                let res = devs[dev].make_exclusive(self.pr(first, count));
+                // A busy refusal is what the kernel's make_device_exclusive may
+                // answer too (EBUSY): pages the fault service is still
+                // bringing back around an earlier touch. Retried, as a caller
+                // would, after a moment.
+                let mut res = devs[dev].make_exclusive(self.pr(first, count));
+                for _ in 0..5 {
+                    match res {
+                        Err(HmmError::NotMoved { reason: SkipReason::Busy, .. }) => {
+                            std::thread::sleep(Duration::from_millis(2));
+                            res = devs[dev].make_exclusive(self.pr(first, count));
+                        }
+                        _ => break,
+                    }
+                }
                 if !self.all_mapped(first, count) {
                     res.err().ok_or_else(|| must_fail("a page is unmapped or lost"))?;
                 } else if self.threads > 1
