@@ -864,21 +864,8 @@ impl Migration {
         // 1. Staged sources of pages that did not move go back into place, unless
         //    the application discarded them meanwhile. No lock is held across the
         //    ioctls (see the lock rules in `space`).
-        let restore: Vec<usize> = {
-            let t = self.rec.lock();
-            (0..self.slots.len())
-                .filter(|&k| {
-                    self.slots[k].src == Src::Staged
-                        && self.slots[k].status != PageStatus::Migrated
-                        && !t[self.first + k].is_invalidated()
-                })
-                .collect()
-        };
         let mut restored = vec![false; self.slots.len()];
-        for k in restore {
-            self.restore_staged(k);
-            restored[k] = true;
-        }
+        self.restore_sources(0..self.slots.len(), &mut restored);
         // 2. Commit or abort each collected page under the lock.
         let mut put = Vec::new();
         let mut moved = 0u64;
@@ -1037,19 +1024,7 @@ impl Migration {
             if late.is_empty() {
                 break;
             }
-            let back: Vec<usize> = {
-                let t = self.rec.lock();
-                late.iter()
-                    .copied()
-                    .filter(|&k| {
-                        self.slots[k].src == Src::Staged && !t[self.first + k].is_invalidated()
-                    })
-                    .collect()
-            };
-            for k in back {
-                self.restore_staged(k);
-                restored[k] = true;
-            }
+            self.restore_sources(late.iter().copied(), &mut restored);
             pass = std::mem::take(&mut late);
         }
         for (k, src) in handover {
@@ -1117,6 +1092,26 @@ impl Migration {
             t.arg("migrated", report.migrated as u64);
         }
         report
+    }
+
+    /// Puts the staged sources of slots `ks` that did not move back into
+    /// place (marking them in `restored`), unless the application discarded
+    /// them meanwhile. The records are read under the lock; no lock is held
+    /// across the ioctls (see the lock rules in `space`).
+    fn restore_sources(&mut self, ks: impl Iterator<Item = usize>, restored: &mut [bool]) {
+        let back: Vec<usize> = {
+            let t = self.rec.lock();
+            ks.filter(|&k| {
+                self.slots[k].src == Src::Staged
+                    && self.slots[k].status != PageStatus::Migrated
+                    && !t[self.first + k].is_invalidated()
+            })
+            .collect()
+        };
+        for k in back {
+            self.restore_staged(k);
+            restored[k] = true;
+        }
     }
 
     /// Moves staged page `k` back to its address (the page is absent there: a
