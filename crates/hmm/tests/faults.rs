@@ -20,6 +20,18 @@ fn engines() -> [(&'static str, SoftwareDeviceConfig); 2] {
     ]
 }
 
+/// Every page of `r` is lost (poisoned), and a CPU touch of page `touch`
+/// ends in SIGBUS (in a child).
+fn assert_all_lost(r: &ManagedRange, touch: usize, engine: &str) {
+    assert!(r.residencies().iter().all(|x| *x == Residency::Poisoned), "{engine}");
+    let out = run_in_child(|| {
+        let _ = r.touch_read(touch * PAGE_SIZE);
+        0
+    })
+    .unwrap();
+    assert_eq!(out, ChildOutcome::Signaled(SIGBUS), "{engine}: a touch of page {touch}");
+}
+
 fn on_device(r: &ManagedRange) -> usize {
     r.residencies().iter().filter(|x| matches!(x, Residency::Device(_))).count()
 }
@@ -90,13 +102,7 @@ fn a_device_failing_before_the_commit_loses_only_what_reached_it() {
             assert!(r.residencies().iter().all(|x| *x == Residency::System), "{engine}");
             common::check_salted(&common::cpu_bytes(&r), 0, 3, engine);
         } else {
-            assert!(r.residencies().iter().all(|x| *x == Residency::Poisoned), "{engine}");
-            let out = run_in_child(|| {
-                let _ = r.touch_read(31 * PAGE_SIZE);
-                0
-            })
-            .unwrap();
-            assert_eq!(out, ChildOutcome::Signaled(SIGBUS), "{engine}");
+            assert_all_lost(&r, 31, engine);
         }
     }
 }
@@ -133,15 +139,8 @@ fn a_device_failing_with_migrations_under_way() {
         assert!(to.residencies().iter().all(|x| *x == Residency::System), "{engine}");
         common::check_salted(&common::cpu_bytes(&to), 0, 1, engine);
         assert_eq!(rep_back.migrated, 0, "{engine}: {:?}", rep_back.skipped);
-        assert!(back.residencies().iter().all(|x| *x == Residency::Poisoned), "{engine}");
         assert_eq!(back.residence().poisoned, back.len() as u64, "{engine}");
-        let at = back.addr().get() + 5 * PAGE_SIZE;
-        let out = run_in_child(|| {
-            let _ = back.touch_read(5 * PAGE_SIZE);
-            0
-        })
-        .unwrap();
-        assert_eq!(out, ChildOutcome::Signaled(SIGBUS), "{engine}: touch of {at:#x}");
+        assert_all_lost(&back, 5, engine);
     }
 }
 
