@@ -264,6 +264,10 @@ const PARKED_POLL: Duration = Duration::from_millis(5);
 /// How soon the service looks again at new ranges it could not let go yet.
 const RELEASE_POLL: Duration = Duration::from_millis(1);
 
+/// How long the service looks again at discarded pages the page table still
+/// had when it handled the discard (see `Service::recheck_discarded`).
+const DISCARD_RECHECK: Duration = Duration::from_millis(100);
+
 struct Service {
     inner: Arc<Inner>,
     events: Vec<UffdEvent>,
@@ -278,6 +282,9 @@ struct Service {
     /// [`HmmConfig::MAX_FAULT_AROUND`](crate::HmmConfig::MAX_FAULT_AROUND))
     /// and runs ahead of the fault, as readahead does.
     stream: (usize, usize),
+    /// Discarded pages the page table still had, looked at again until the
+    /// instant given (see [`Service::recheck_discarded`]).
+    discarded: Vec<(PageRange, Instant)>,
 }
 
 impl Service {
@@ -289,6 +296,7 @@ impl Service {
             retries: Vec::new(),
             thp_src: None,
             stream: (0, 0),
+            discarded: Vec::new(),
         }
     }
 
@@ -306,9 +314,10 @@ impl Service {
                 .map(|r| r.due)
                 .min()
                 .map(|d| d.saturating_duration_since(Instant::now()));
-            // New ranges put back because a change was under way: look again
-            // soon even if its event is slow to come.
-            let timeout = match self.inner.forwards.has_released() {
+            // New ranges put back because a change was under way, and
+            // discarded pages still in the page table: look again soon even
+            // if no message comes.
+            let timeout = match self.inner.forwards.has_released() || !self.discarded.is_empty() {
                 true => Some(timeout.map_or(RELEASE_POLL, |t| t.min(RELEASE_POLL))),
                 false => timeout,
             };
@@ -347,6 +356,7 @@ impl Service {
             }
             self.run_retries();
             self.release_forwarded();
+            self.recheck_discarded();
         }
     }
 
@@ -497,9 +507,9 @@ impl Service {
         }
         if e.is_migrating() {
             if self.inner.is_copying_out(page.start()) {
-                // Discarded while a migration reads it out of a read-only
-                // mapping: it reads as zeros, and the reader may be the
-                // migration itself, which must not wait on itself.
+                // Absent while hmm reads it under its own hold (see
+                // `Inner::read_held`): it reads as zeros, and the reader is
+                // the holder, which must not wait on itself.
                 if let Err(e) = self.inner.uffd.zeropage(page, false)
                     && e.kind == FillErrorKind::Again
                 {
@@ -736,6 +746,87 @@ impl Service {
 
     /// The application discarded (`MADV_DONTNEED`, `MADV_REMOVE`) or unmapped
     /// `[start, end)`: free the device pages that held it.
+    /// Of the pages `entries` (page `first` on, of `r`) a discard event
+    /// names, which ones system memory still holds: recorded `System`, no
+    /// migration holding them, and present (or swapped) in the page table.
+    ///
+    /// The kernel reports `MADV_DONTNEED`, `MADV_REMOVE` and `MADV_FREE` alike
+    /// as REMOVE, but `MADV_FREE` only lets the kernel drop the pages when it
+    /// needs memory: until then they keep their bytes, and a write after the
+    /// call keeps them for good. So a page the page table still has keeps its
+    /// `System` record, or a later migration would treat its bytes as empty.
+    /// (A page on a device has no page-table entry: a discard frees it, which
+    /// `MADV_FREE` allows as well.) The kernel sends the event before it
+    /// empties the page table, so a page seen here may be about to go: see
+    /// [`recheck_discarded`](Self::recheck_discarded). Without a readable page
+    /// table every page counts as dropped.
+    fn still_held(&self, r: &Range, first: usize, entries: &[crate::page::PageEntry]) -> Vec<bool> {
+        let system =
+            |e: &crate::page::PageEntry| !e.is_migrating() && e.residency() == Residency::System;
+        if !entries.iter().any(system) {
+            return Vec::new();
+        }
+        let Ok(part) = PageRange::from_pages(r.page_addr(first), entries.len()) else {
+            return Vec::new();
+        };
+        let Ok(pm) = self.inner.pagemap() else { return Vec::new() };
+        match pm.entries(part) {
+            Ok(pte) => entries
+                .iter()
+                .zip(pte)
+                .map(|(e, p)| system(e) && (p.present() || p.swapped()))
+                .collect(),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the page table after a discard");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Looks again at pages a discard named that were still in the page table
+    /// when its event was handled (see [`still_held`](Self::still_held)): the
+    /// kernel empties the page table after the event is read, so a page gone
+    /// by now is recorded empty. A page still there after [`DISCARD_RECHECK`]
+    /// is one `MADV_FREE` left in place, and stays `System`. (A `System`
+    /// page the kernel dropped reads as zeros and migrates as a zero page, so
+    /// the record is right either way; this keeps it exact.)
+    fn recheck_discarded(&mut self) {
+        if self.discarded.is_empty() {
+            return;
+        }
+        let Ok(pm) = self.inner.pagemap() else {
+            self.discarded.clear();
+            return;
+        };
+        let now = Instant::now();
+        let mut pending = std::mem::take(&mut self.discarded);
+        pending.retain(|(part, until)| {
+            let (start, end) = (part.start().get(), part.end().get());
+            let mut left = false;
+            for r in self.inner.overlapping(start, end) {
+                let (a, b) = r.clip(start, end);
+                let mut t = r.lock();
+                let Ok(pte) = PageRange::from_pages(r.page_addr(a), b - a).map(|p| pm.entries(p))
+                else {
+                    continue;
+                };
+                let Ok(pte) = pte else { continue };
+                for (e, p) in t[a..b].iter_mut().zip(pte) {
+                    if e.is_migrating() || e.residency() != Residency::System {
+                        continue;
+                    }
+                    if p.present() || p.swapped() {
+                        left = true;
+                    } else {
+                        let _ = e.invalidate(false);
+                    }
+                }
+            }
+            left && now < *until
+        });
+        self.discarded = pending;
+    }
+
     fn invalidate(&mut self, start: usize, end: usize, unmapped: bool) {
         let Ok(range) = PageRange::new(VirtAddr::new(start), end - start) else { return };
         if unmapped {
@@ -749,7 +840,17 @@ impl Service {
             let (a, b) = r.clip(start, end);
             let freed: Vec<DevicePage> = {
                 let mut t = r.lock();
-                t[a..b].iter_mut().filter_map(|e| e.invalidate(unmapped)).collect()
+                let held = if unmapped { Vec::new() } else { self.still_held(&r, a, &t[a..b]) };
+                if held.contains(&true) {
+                    let part = PageRange::from_pages(r.page_addr(a), b - a).expect("inside");
+                    self.discarded.push((part, Instant::now() + DISCARD_RECHECK));
+                }
+                t[a..b]
+                    .iter_mut()
+                    .enumerate()
+                    .filter(|(k, _)| !held.get(*k).copied().unwrap_or(false))
+                    .filter_map(|(_, e)| e.invalidate(unmapped))
+                    .collect()
             };
             for p in freed {
                 self.inner.put_page(p);

@@ -160,6 +160,30 @@ fn direct_discard_returns_device_pages() {
 }
 
 #[test]
+fn a_lazily_freed_page_written_again_keeps_its_bytes_through_migration() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    let dev = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("d", 64 * PAGE_SIZE)).unwrap();
+    let r = hmm.alloc(16 * PAGE_SIZE).unwrap();
+    r.fill(0, r.len(), 0x11).unwrap();
+    // MADV_FREE reaches hmm as a discard, but the kernel keeps the pages
+    // until it needs the memory, and a write after it keeps them for good.
+    r.advise(r.range(), Advise::Free).unwrap();
+    r.fill(0, r.len(), 0x22).unwrap();
+    assert_eq!(dev.migrate_to_device(r.range()).unwrap().migrated, 16);
+    let (bytes, _) = dev.read(r.range()).unwrap();
+    assert!(bytes.iter().all(|b| *b == 0x22), "the device has the bytes written after MADV_FREE");
+    assert!(common::cpu_bytes(&r).iter().all(|b| *b == 0x22), "and so does the CPU");
+    // A page the kernel did drop (MADV_DONTNEED) is recorded empty.
+    r.advise(r.pages_range(0, 4).unwrap(), Advise::DontNeed).unwrap();
+    common::eventually("the discard event", || {
+        r.residencies()[..4].iter().all(|x| *x == Residency::None)
+    });
+}
+
+#[test]
 fn direct_munmap_returns_every_device_page() {
     if common::skip_without_uffd() {
         return;
