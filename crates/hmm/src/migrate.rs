@@ -621,9 +621,7 @@ impl Migration {
     fn copy_out(&mut self, page: PageRange, dst: PageRange) -> Result<Src, SkipReason> {
         let mut buf = vec![0u8; PAGE_SIZE];
         let at = page.start();
-        self.inner.copying_out.lock().unwrap_or_else(|e| e.into_inner()).push(at);
-        let read = crate::os::vm::read_memory(at, &mut buf);
-        self.inner.copying_out.lock().unwrap_or_else(|e| e.into_inner()).retain(|a| *a != at);
+        let read = self.inner.read_held(at, || crate::os::vm::read_memory(at, &mut buf));
         if read != Ok(PAGE_SIZE) {
             return Err(SkipReason::NotMovable(format!("cannot read it: {read:?}")));
         }

@@ -443,8 +443,14 @@ fn deliver(inner: &Inner, range: &Range, index: usize, dst: VirtAddr, src: Sourc
             if range.lock()[index].is_unmapped() {
                 return;
             }
+            // Where the kernel refuses to move it, the page is copied, which
+            // reads the old address: empty there (the move took the page, or
+            // there never was one), that read faults on memory hmm manages
+            // and holds, and the fault service serves it with the zero page
+            // rather than leave this thread waiting on its own hold.
             let at = PageRange::from_pages(range.page_addr(index), 1).expect("one page");
-            if let Err(e) = inner.put_back(page, range.mapping(), at) {
+            let put = inner.read_held(at.start(), || inner.put_back(page, range.mapping(), at));
+            if let Err(e) = put {
                 tracing::debug!(old = %at, error = %e, "nothing to carry from the old address");
             }
             Ok(())

@@ -459,10 +459,11 @@ pub(crate) struct Inner {
     pub(crate) counters: HmmCounters,
     /// The interval notifiers of devices mirroring this address space.
     pub(crate) notifiers: Notifiers,
-    /// Pages a migration is reading out of a read-only mapping (see
-    /// `Migration::copy_out`). A fault there means the page was discarded
-    /// meanwhile: it is served with the zero page, so the migration's own
-    /// read cannot wait on the migration.
+    /// Pages hmm reads while it holds them (see `read_held`): a migration
+    /// copying out of a read-only mapping (`Migration::copy_out`), a forward
+    /// carrying a page on from the old address of an `mremap`. A fault there
+    /// means the page is absent (discarded meanwhile, or never there): it is
+    /// served with the zero page, so the reader cannot wait on its own hold.
     pub(crate) copying_out: Mutex<Vec<VirtAddr>>,
     /// Changes hmm makes to managed memory itself, whose events are its own,
     /// not the application's: discards after a copy out, the unmaps and
@@ -1156,7 +1157,7 @@ impl Inner {
     }
 
     /// Called as a device access begins (a device fault, a software device's
-    /// read, write or job): the records then reflect every address-space
+    /// read, write or job, a migration): the records then reflect every address-space
     /// change the application has made, so that an access that begins after
     /// its `munmap` or `madvise` returned sees it. The kernel has finished
     /// such a change by the time the call returns, but hmm learns of it
@@ -1229,6 +1230,20 @@ impl Inner {
     }
 
     /// Whether a migration is reading `page` out of a read-only mapping.
+    /// Runs `read`, which reads `page` of managed memory that its caller
+    /// holds (migrating), with `page` listed in `copying_out`: should the
+    /// page be absent, the fault service serves the read with the zero page
+    /// instead of waiting for the hold to end, which would wait forever.
+    pub(crate) fn read_held<T>(&self, page: VirtAddr, read: impl FnOnce() -> T) -> T {
+        self.copying_out.lock().unwrap_or_else(|e| e.into_inner()).push(page);
+        let out = read();
+        let mut list = self.copying_out.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = list.iter().position(|a| *a == page) {
+            list.swap_remove(k);
+        }
+        out
+    }
+
     pub(crate) fn is_copying_out(&self, page: VirtAddr) -> bool {
         self.copying_out.lock().unwrap_or_else(|e| e.into_inner()).contains(&page)
     }
