@@ -525,29 +525,15 @@ impl Service {
                 let _ = self.inner.uffd.poison(page, false);
                 let _ = self.inner.uffd.wake(page);
             }
-            Residency::Unmapped => self.fault_unmapped(&r, page),
-        }
-    }
-
-    /// A fault on a page recorded unmapped. Normally a retry of a fault the
-    /// unmap overtook: the address is gone, nothing can be filled, and the
-    /// woken thread meets the unmap itself. But if the kernel still has the
-    /// address registered here and missing, the record is wrong (it must never
-    /// be; see `Inner::settle_events`): waking alone would fault again
-    /// forever, so the page is filled as never populated, and it is said.
-    fn fault_unmapped(&mut self, r: &Arc<Range>, page: PageRange) {
-        match self.inner.uffd.zeropage(page, false) {
-            Ok(_) => {
-                tracing::warn!(addr = %page.start(), "a page recorded unmapped faulted; filled with zeros");
-                let mut t = r.lock();
-                let i = r.index(page.start());
-                if t[i].residency() == Residency::Unmapped && !t[i].is_migrating() {
-                    t[i] = crate::page::PageEntry::SYSTEM;
-                }
-            }
-            Err(_) => {
-                let _ = self.inner.uffd.wake(page);
-            }
+            // Normally a retry of a fault the unmap overtook: the address is
+            // gone, the fill fails, and the woken thread meets the unmap
+            // itself. But the address may be mapped again by now, by memory
+            // that is not this range's and that the kernel has registered
+            // here: the new home of an `mremap` the kernel placed in the
+            // hole, still registered a moment after its pages arrived (see
+            // `remap`). That is plain memory, served as such; the record
+            // stays `Unmapped`, since the range's own page is gone for good.
+            Residency::Unmapped => self.zero(page, None, write, delay),
         }
     }
 

@@ -449,6 +449,10 @@ fn deliver(inner: &Inner, range: &Range, index: usize, dst: VirtAddr, src: Sourc
             // and holds, and the fault service serves it with the zero page
             // rather than leave this thread waiting on its own hold.
             let at = PageRange::from_pages(range.page_addr(index), 1).expect("one page");
+            if !inner.holds_page(at) {
+                // Most often: the kernel moved it with the page tables.
+                return;
+            }
             let put = inner.read_held(at.start(), || inner.put_back(page, range.mapping(), at));
             if let Err(e) = put {
                 tracing::debug!(old = %at, error = %e, "nothing to carry from the old address");

@@ -1230,6 +1230,16 @@ impl Inner {
     }
 
     /// Whether a migration is reading `page` out of a read-only mapping.
+    /// Whether the page table holds a page at `page` (present or swapped);
+    /// true when the page table cannot be read, the answer that reads it.
+    pub(crate) fn holds_page(&self, page: PageRange) -> bool {
+        let Ok(pm) = self.pagemap() else { return true };
+        match pm.entries(page) {
+            Ok(e) => e.iter().any(|p| p.present() || p.swapped()),
+            Err(_) => true,
+        }
+    }
+
     /// Runs `read`, which reads `page` of managed memory that its caller
     /// holds (migrating), with `page` listed in `copying_out`: should the
     /// page be absent, the fault service serves the read with the zero page

@@ -539,6 +539,16 @@ impl<'a> Worker<'a> {
     fn step(&mut self, op: &Op) -> Result<(), String> {
         let err = |e: &dyn fmt::Display| format!("failed: {e}");
         let must_fail = |what: &str| format!("succeeded, but {what}");
+        // Which page that is, and what hmm records of it.
+        let not_mapped = |first: usize, count: usize| {
+            let p =
+                (first..first + count).find(|p| self.pages[*p] != Page::Mapped).unwrap_or(first);
+            must_fail(&format!(
+                "page {p} is {:?} (recorded {:?})",
+                self.pages[p],
+                self.r.residency(p)
+            ))
+        };
         let devs = self.devs.read().unwrap_or_else(|e| e.into_inner());
         match *op {
             Op::CpuWrite { at, len, fill } => {
@@ -590,7 +600,7 @@ impl<'a> Worker<'a> {
                 let b = bytes_of(fill, len);
                 let res = retry_busy(|| devs[dev].write(self.addr(at), &b));
                 if !self.all_mapped(first, count) {
-                    res.err().ok_or_else(|| must_fail("a page is unmapped or lost"))?;
+                    res.err().ok_or_else(|| not_mapped(first, count))?;
                 } else {
                     res.map_err(|e| err(&e))?;
                     self.model[at..at + len].copy_from_slice(&b);
@@ -600,7 +610,7 @@ impl<'a> Worker<'a> {
                 let (first, count) = Self::span(at, len);
                 let res = retry_busy(|| devs[dev].read(self.pr(first, count)));
                 if !self.all_mapped(first, count) {
-                    res.err().ok_or_else(|| must_fail("a page is unmapped or lost"))?;
+                    res.err().ok_or_else(|| not_mapped(first, count))?;
                 } else {
                     let (b, _) = res.map_err(|e| err(&e))?;
                     let off = at - first * PAGE_SIZE;
@@ -641,7 +651,7 @@ impl<'a> Worker<'a> {
                     }
                 }
                 if !self.all_mapped(first, count) {
-                    res.err().ok_or_else(|| must_fail("a page is unmapped or lost"))?;
+                    res.err().ok_or_else(|| not_mapped(first, count))?;
                 } else if self.threads > 1
                     && matches!(res, Err(HmmError::NotMoved { ref reason, .. })
                         if matches!(reason, SkipReason::Busy | SkipReason::NoDeviceMemory))
@@ -690,7 +700,7 @@ impl<'a> Worker<'a> {
                 let range = self.pr(first, count);
                 let pin = self.r.pin(range);
                 if !self.all_mapped(first, count) {
-                    pin.err().ok_or_else(|| must_fail("a page is unmapped or lost"))?;
+                    pin.err().ok_or_else(|| not_mapped(first, count))?;
                     return Ok(());
                 }
                 let pin = pin.map_err(|e| err(&e))?;
@@ -948,10 +958,18 @@ fn execute(
             continue;
         }
         counts[kind_index(op)].fetch_add(1, Ordering::Relaxed);
+        tracing::trace!(thread, step, ?op, "stress step");
         w.step(op).map_err(fail)?;
         let res = w.r.residence();
         if res.total() != w.r.len() as u64 {
             return Err(fail(format!("accounting sums to {} of {} bytes", res.total(), w.r.len())));
+        }
+        // A lost page stays lost until the application discards or unmaps it.
+        let now = w.r.residencies();
+        if let Some(p) =
+            (0..w.pages.len()).find(|p| w.pages[*p] == Page::Lost && now[*p] != Residency::Poisoned)
+        {
+            return Err(fail(format!("lost page {p} is {:?} now", now[p])));
         }
     }
     // Every mapped byte, at the end, as one more read of each mapped page.
