@@ -405,6 +405,18 @@ impl<'a> RangeFault<'a> {
     /// The retry bound the kernel uses (`HMM_RANGE_DEFAULT_TIMEOUT`).
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
 
+    /// The most pages one request may cover: 2^20 pages, 4 GiB of address
+    /// space. A request keeps about a hundred bytes of bookkeeping per page
+    /// while it runs and returns a [`PageInfo`] per page (and
+    /// [`SoftwareDevice::read`](crate::SoftwareDevice::read), held to the same
+    /// bound, a buffer of the range's bytes), so a longer one is refused with
+    /// [`RangeFaultError::TooLarge`] before anything is allocated, rather than
+    /// ending the process for want of memory. A device faults what it is
+    /// about to touch, a few pages or megabytes at a time; 4 GiB is four
+    /// times the largest snapshot the benchmarks take. Split a longer range
+    /// into parts of at most this many pages.
+    pub const MAX_PAGES: usize = 1 << 20;
+
     fn wanted(&self, i: usize) -> FaultFlags {
         let p = self.per_page.get(i).copied().unwrap_or_default();
         (p & self.flags_mask) | self.default_flags
@@ -466,6 +478,19 @@ pub enum RangeFaultError {
     /// The request is malformed.
     #[error("bad range_fault request: {0}")]
     BadRequest(String),
+    /// The range holds more pages than one request may cover
+    /// ([`RangeFault::MAX_PAGES`]): split it.
+    #[error(
+        "{range} is {pages} pages, more than one device fault, snapshot or read may cover \
+         ({max_pages} pages, {max_bytes}): split it into parts of at most that many pages",
+        pages = range.pages(),
+        max_pages = RangeFault::MAX_PAGES,
+        max_bytes = crate::observe::human_bytes((RangeFault::MAX_PAGES * PAGE_SIZE) as u64)
+    )]
+    TooLarge {
+        /// The range asked for.
+        range: PageRange,
+    },
     /// The page tables could not be read.
     #[error("cannot read the page tables of {range}: {error}")]
     Inspect {
@@ -496,6 +521,8 @@ impl Inner {
         self: &Arc<Self>,
         req: &RangeFault<'_>,
     ) -> Result<Vec<PageInfo>, RangeFaultError> {
+        // Before anything: a pass allocates several entries per page.
+        check_size(req.range)?;
         if !req.per_page.is_empty() && req.per_page.len() != req.range.pages() {
             return Err(RangeFaultError::BadRequest(format!(
                 "{} per-page flags for {} pages",
@@ -531,6 +558,8 @@ impl Inner {
     }
 
     /// One look at the page tables: the answer, and what must be done first.
+    /// Allocates several entries per page: `range_fault` has checked the
+    /// size ([`check_size`]).
     fn range_fault_pass(
         &self,
         req: &RangeFault<'_>,
@@ -734,6 +763,23 @@ impl Inner {
     }
 }
 
+/// Refuses a range longer than [`RangeFault::MAX_PAGES`].
+pub(crate) fn check_size(range: PageRange) -> Result<(), RangeFaultError> {
+    match range.pages() > RangeFault::MAX_PAGES {
+        true => Err(RangeFaultError::TooLarge { range }),
+        false => Ok(()),
+    }
+}
+
+/// `range` in parts of at most [`RangeFault::MAX_PAGES`] pages, in address
+/// order: for hmm's own faults over a range that may be longer.
+pub(crate) fn parts(range: PageRange) -> impl Iterator<Item = PageRange> {
+    let step = RangeFault::MAX_PAGES * PAGE_SIZE;
+    (range.start().get()..range.end().get()).step_by(step).map(move |at| {
+        PageRange::new(VirtAddr::new(at), step.min(range.end().get() - at)).expect("inside range")
+    })
+}
+
 /// Whether the entries of a 2 MiB block live in one huge device page: one
 /// device's pages, a run aligned to 512 in the block's order, none migrating
 /// (the device can map the block with one entry, as a 2 MiB device page).
@@ -762,4 +808,25 @@ fn clip(range: PageRange, part: PageRange) -> (usize, usize) {
         return (0, 0);
     }
     ((s - range.start().get()) / PAGE_SIZE, (e - range.start().get()) / PAGE_SIZE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// hmm's own faults over a long range go in parts a request may cover,
+    /// end to end; a short range is one part.
+    #[test]
+    fn parts_split_a_long_range_at_the_bound() {
+        let max = RangeFault::MAX_PAGES;
+        let long = PageRange::from_pages(VirtAddr::new(1 << 30), 2 * max + 3).unwrap();
+        let p: Vec<PageRange> = parts(long).collect();
+        assert_eq!(p.iter().map(|r| r.pages()).collect::<Vec<_>>(), [max, max, 3]);
+        assert_eq!((p[0].start(), p[2].end()), (long.start(), long.end()));
+        assert!(p.windows(2).all(|w| w[0].end() == w[1].start()));
+        assert!(p.iter().all(|r| check_size(*r).is_ok()));
+        assert_eq!(check_size(long), Err(RangeFaultError::TooLarge { range: long }));
+        let short = PageRange::from_pages(VirtAddr::new(1 << 30), 8).unwrap();
+        assert_eq!(parts(short).collect::<Vec<_>>(), [short]);
+    }
 }

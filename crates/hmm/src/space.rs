@@ -1009,7 +1009,9 @@ impl Hmm {
     /// faulting in the pages the request asks for (`MADV_POPULATE_READ/WRITE`,
     /// or bringing back pages of other devices). A device's own private pages
     /// are reported, never faulted. Works on any memory of the process; call it
-    /// under the retry protocol of an [`IntervalNotifier`].
+    /// under the retry protocol of an [`IntervalNotifier`]. A request covers
+    /// at most [`RangeFault::MAX_PAGES`] pages (4 GiB): a longer one fails
+    /// with [`RangeFaultError::TooLarge`] before anything is done.
     ///
     /// ```
     /// # fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -315,8 +315,11 @@ impl SoftwareDevice {
     /// entries are filled by one batched device fault (`range_fault` under the
     /// retry protocol), pages of other devices are brought back, the device's
     /// own pages are read from its memory. Works on any readable memory of the
-    /// process.
+    /// process. A read covers at most [`RangeFault::MAX_PAGES`] pages (4 GiB):
+    /// a longer range fails with [`RangeFaultError::TooLarge`] before its
+    /// buffer is allocated.
     pub fn read(&self, range: PageRange) -> Result<(Vec<u8>, OpCounters), HmmError> {
+        crate::mirror::check_size(range)?;
         self.hmm.sync_device_access();
         let mut out = vec![0u8; range.len()];
         let mut c = OpCounters::default();
@@ -338,7 +341,9 @@ impl SoftwareDevice {
     }
 
     /// What the device's page table would map for each page of `range`, without
-    /// faulting anything (the test driver's snapshot).
+    /// faulting anything (the test driver's snapshot). A snapshot covers at
+    /// most [`RangeFault::MAX_PAGES`] pages: a longer range fails with
+    /// [`RangeFaultError::TooLarge`].
     pub fn snapshot(&self, range: PageRange) -> Result<Vec<PageSnapshot>, HmmError> {
         let info = self.hmm.range_fault(&RangeFault::snapshot(range, Some(self.mem.id())))?;
         Ok(info.into_iter().map(|p| PageSnapshot::from_info(p, self.mem.id())).collect())
@@ -358,7 +363,9 @@ impl SoftwareDevice {
         // Coherent memory is held exclusively off the CPU's page table, so
         // that a CPU touch faults (and revokes): pages already here and
         // mapped for the CPU come back first too.
-        self.hmm.range_fault(&RangeFault::fault(range, false, Some(self.mem.id())))?;
+        for part in crate::mirror::parts(range) {
+            self.hmm.range_fault(&RangeFault::fault(part, false, Some(self.mem.id())))?;
+        }
         let coherent = self.mem.kind() == MemoryKind::Coherent;
         if coherent {
             self.migrate_to_system(range)?;
@@ -411,8 +418,10 @@ impl SoftwareDevice {
     /// Fails if the device still holds any page of `range` exclusively.
     pub fn check_exclusive(&self, range: PageRange) -> Result<OpCounters, HmmError> {
         let pt = self.mirror.table.read();
+        // The table's entries in the range, not every page of it: a huge
+        // range costs no more than the entries the device holds.
         let held: Vec<usize> =
-            vpns(range).filter(|v| pt.get(v).is_some_and(|e| e.atomic)).collect();
+            pt.range(vpns(range)).filter(|(_, e)| e.atomic).map(|(v, _)| *v).collect();
         match held.first() {
             Some(v) => Err(HmmError::StillExclusive {
                 pages: held.len(),
@@ -844,7 +853,9 @@ impl DeviceMirror {
     }
 
     /// Fills the entries of `range` that are missing (or read-only, for a
-    /// write) with one batched device fault, under the retry protocol.
+    /// write) with one batched device fault, under the retry protocol: one per
+    /// [`RangeFault::MAX_PAGES`] pages, for an access longer than a fault may
+    /// cover.
     fn ensure(&self, range: PageRange, write: bool, c: &mut OpCounters) -> Result<(), HmmError> {
         for _ in 0..MAX_REFAULTS {
             let first_missing = {
@@ -854,7 +865,7 @@ impl DeviceMirror {
             let Some(first) = first_missing else { return Ok(()) };
             let part = PageRange::new(
                 VirtAddr::new(first * PAGE_SIZE),
-                range.end().get() - first * PAGE_SIZE,
+                (range.end().get() - first * PAGE_SIZE).min(RangeFault::MAX_PAGES * PAGE_SIZE),
             )?;
             let seq = self.notifier.read_begin();
             let info = self.hmm.range_fault(&RangeFault::fault(part, write, Some(self.id)))?;

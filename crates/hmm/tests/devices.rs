@@ -4,7 +4,8 @@
 mod common;
 
 use hmm::{
-    Hmm, PAGE_SIZE, Place, Residency, SkipReason, SoftwareDevice, SoftwareDeviceConfig, VirtAddr,
+    Hmm, HmmError, PAGE_SIZE, PageRange, Place, RangeFault, RangeFaultError, Residency, SkipReason,
+    SnapshotAccess, SoftwareDevice, SoftwareDeviceConfig, VirtAddr,
 };
 
 use common::{check_salted as check, cpu_bytes, fill_salted as fill};
@@ -386,6 +387,73 @@ fn residency_map_shows_every_page_and_the_counters() {
     r.touch_read(0).unwrap();
     assert_eq!(r.residency_map().places()[0], Place::System);
     common::eventually("the fault counted", || r.residency_map().stats().cpu_faults >= 1);
+}
+
+/// A device read, snapshot or fault of more pages than one request may cover
+/// ([`RangeFault::MAX_PAGES`]) is refused with `TooLarge`, naming the range
+/// and the fix, before any buffer or per-page entry is made: 64 TiB from
+/// address 0, 4 TiB from a managed range, and one page over the bound. Up to
+/// the bound, reads, snapshots and faults work as they always did.
+#[test]
+fn device_accesses_to_huge_ranges_are_refused_before_anything_is_allocated() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    let dev = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("gpu", 1 << 20)).unwrap();
+    let r = hmm.alloc(8 * PAGE_SIZE).unwrap();
+    r.fill(0, r.len(), 7).unwrap();
+    let too_large = |e: &HmmError, range: PageRange| matches!(e, HmmError::Fault(RangeFaultError::TooLarge { range: got }) if *got == range);
+    for range in [
+        PageRange::new(VirtAddr::new(0), 1 << 46).unwrap(),
+        PageRange::new(r.addr(), 4 << 40).unwrap(),
+        PageRange::from_pages(r.addr(), RangeFault::MAX_PAGES + 1).unwrap(),
+    ] {
+        let e = dev.read(range).unwrap_err();
+        assert!(too_large(&e, range), "{e:?}");
+        let text = e.to_string();
+        assert!(text.contains(&range.to_string()) && text.contains("split it"), "{text}");
+        let e = dev.snapshot(range).unwrap_err();
+        assert!(too_large(&e, range), "{e:?}");
+        let owner = Some(dev.memory().id());
+        for req in [RangeFault::snapshot(range, owner), RangeFault::fault(range, true, owner)] {
+            assert_eq!(hmm.range_fault(&req).unwrap_err(), RangeFaultError::TooLarge { range });
+        }
+    }
+    // Up to the bound, as ever.
+    let (bytes, c) = dev.read(r.range()).unwrap();
+    assert!(bytes.iter().all(|b| *b == 7));
+    assert_eq!(c.cpages, 8);
+    let snap = dev.snapshot(r.range()).unwrap();
+    assert!(snap.len() == 8 && snap.iter().all(|s| s.access == SnapshotAccess::Write));
+    let bound = PageRange::from_pages(r.addr(), RangeFault::MAX_PAGES).unwrap();
+    let info = hmm.range_fault(&RangeFault::snapshot(bound, None)).unwrap();
+    assert_eq!(info.len(), RangeFault::MAX_PAGES);
+    assert!(info[..8].iter().all(|p| p.valid && p.write));
+}
+
+/// Whether a device still holds pages exclusively is read from the entries
+/// it has: asking it of a range of the whole lower address space answers at
+/// once, with the pages it holds.
+#[test]
+fn check_exclusive_of_a_huge_range_reads_only_the_devices_entries() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let _fork = common::fork_lock();
+    let hmm = Hmm::new().unwrap();
+    let dev = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("gpu", 1 << 20)).unwrap();
+    let r = hmm.alloc(8 * PAGE_SIZE).unwrap();
+    r.fill(0, r.len(), 7).unwrap();
+    dev.make_exclusive(r.pages_range(2, 2).unwrap()).unwrap();
+    let below = PageRange::new(VirtAddr::new(0), r.addr().get()).unwrap();
+    let through = PageRange::new(VirtAddr::new(0), r.range().end().get()).unwrap();
+    let e = dev.check_exclusive(through).unwrap_err();
+    assert!(
+        matches!(e, HmmError::StillExclusive { pages: 2, addr } if addr == r.pages_range(2, 1).unwrap().start()),
+        "{e:?}"
+    );
+    assert_eq!(dev.check_exclusive(below).unwrap().cpages, below.pages() as u64);
 }
 
 /// A recording of a migration, a CPU fault back, a device fault and an
