@@ -66,10 +66,10 @@ pub const ALLOC_CAP: usize = 4 << 20;
 
 /// The most pages a call that returns (or allocates) something per page of
 /// its range gets: [`SoftwareDevice::read`] allocates a buffer of the range's
-/// length, `snapshot`, `range_fault` and `residency_map` an entry per page,
-/// all before they look at the range, so that a huge range (even an unmapped
-/// one) ends the process for want of memory instead of returning an error.
-/// Longer ranges go to every other call.
+/// length, `snapshot` and `range_fault` an entry per page (up to
+/// `RangeFault::MAX_PAGES`, 4 GiB of address space, past which they refuse
+/// the range), and `residency_map` lists a place per page when asked: kept
+/// small, so that every call stays cheap. Longer ranges go to every other call.
 pub const LISTED_CAP: usize = 1024;
 
 /// The most bytes a CPU or device read or write moves (the buffer is made

@@ -26,8 +26,9 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::OnceLock;
 
-use crate::addr::{PAGE_SIZE, PageRange};
+use crate::addr::{PAGE_SIZE, PageRange, VirtAddr};
 use crate::page::{DeviceId, Residency};
 use crate::space::{Hmm, Inner, RangeStats};
 
@@ -70,51 +71,73 @@ impl Place {
 }
 
 /// The place of every page of a range at the time it was read (see the
-/// module docs).
+/// module docs), kept as runs of pages in one place: a map of any range, the
+/// whole address space included, costs only as much as the managed memory it
+/// overlaps.
 #[derive(Debug, Clone)]
 pub struct ResidencyMap {
     range: PageRange,
-    places: Vec<Place>,
+    /// Runs of pages in one place, in address order, covering the range.
+    runs: Vec<(PageRange, Place)>,
+    /// One place per page (at most [`MAX_PLACES`](Self::MAX_PLACES)), made
+    /// from the runs when first asked for.
+    places: OnceLock<Vec<Place>>,
     devices: BTreeMap<DeviceId, String>,
     stats: RangeStats,
 }
 
 impl ResidencyMap {
+    /// The most pages [`places`](Self::places) lists one by one: 2^24 pages,
+    /// 64 GiB of address space (a few bytes a page).
+    pub const MAX_PLACES: usize = 1 << 24;
+
+    /// A map of `range` from its runs (in address order, covering it).
+    fn from_runs(
+        range: PageRange,
+        runs: Vec<(PageRange, Place)>,
+        devices: BTreeMap<DeviceId, String>,
+        stats: RangeStats,
+    ) -> Self {
+        Self { range, runs, places: OnceLock::new(), devices, stats }
+    }
+
     /// The range the map covers.
     pub fn range(&self) -> PageRange {
         self.range
     }
 
     /// One place per page, in address order.
+    ///
+    /// Listed from the runs the first time it is asked for. A map of more than
+    /// [`MAX_PLACES`](Self::MAX_PLACES) pages lists its first `MAX_PLACES`
+    /// pages only, so that a map of a huge range never ends the process for
+    /// want of memory: [`runs`](Self::runs), [`counts`](Self::counts) and
+    /// [`render`](Self::render) cover all of it, at any size.
     pub fn places(&self) -> &[Place] {
-        &self.places
+        self.places.get_or_init(|| {
+            let n = self.range.pages().min(Self::MAX_PLACES);
+            let mut out = Vec::with_capacity(n);
+            for (r, p) in &self.runs {
+                let k = r.pages().min(n - out.len());
+                out.extend(std::iter::repeat_n(*p, k));
+                if out.len() == n {
+                    break;
+                }
+            }
+            out
+        })
     }
 
     /// The map as runs of pages in the same place, in address order.
     pub fn runs(&self) -> Vec<(PageRange, Place)> {
-        let mut out: Vec<(PageRange, Place)> = Vec::new();
-        for (i, p) in self.places.iter().enumerate() {
-            match out.last_mut() {
-                Some((r, q)) if q == p => {
-                    *r = PageRange::new(r.start(), r.len() + PAGE_SIZE).expect("inside the range");
-                }
-                _ => {
-                    let at = self.range.start().get() + i * PAGE_SIZE;
-                    out.push((
-                        PageRange::new(crate::addr::VirtAddr::new(at), PAGE_SIZE).expect("a page"),
-                        *p,
-                    ));
-                }
-            }
-        }
-        out
+        self.runs.clone()
     }
 
     /// Pages in each place.
     pub fn counts(&self) -> BTreeMap<Place, usize> {
         let mut m = BTreeMap::new();
-        for p in &self.places {
-            *m.entry(*p).or_default() += 1;
+        for (r, p) in &self.runs {
+            *m.entry(*p).or_default() += r.pages();
         }
         m
     }
@@ -134,19 +157,41 @@ impl ResidencyMap {
         &self.stats
     }
 
-    /// The map drawn in `width` characters (at least one): each character
-    /// covers an equal share of the pages and shows the place most of them
-    /// are in ([`Place::symbol`]); a map of fewer pages than `width` draws
-    /// one character per page.
+    /// The map drawn in `width` characters (at least one, at most
+    /// [`MAX_PLACES`](Self::MAX_PLACES)): each character covers an equal
+    /// share of the pages and shows the place most of them are in
+    /// ([`Place::symbol`]); a map of fewer pages than `width` draws one
+    /// character per page.
     pub fn render(&self, width: usize) -> String {
-        let n = self.places.len();
-        let width = width.clamp(1, n.max(1));
+        let n = self.range.pages();
+        let width = width.clamp(1, n.min(Self::MAX_PLACES));
+        // The first page of column `c` (in 128 bits: `c * n` may not fit a word).
+        let share = |c: usize| (c as u128 * n as u128 / width as u128) as usize;
+        let first_page = self.range.start().get() / PAGE_SIZE;
+        // The pages of run `i`, relative to the map's first page.
+        let pages_of = |i: usize| {
+            let r = self.runs[i].0;
+            let a = r.start().get() / PAGE_SIZE - first_page;
+            (a, a + r.pages())
+        };
+        let mut first_run = 0;
         (0..width)
             .map(|c| {
-                let (a, b) = (c * n / width, ((c + 1) * n / width).max(c * n / width + 1));
+                let (a, b) = (share(c), share(c + 1).max(share(c) + 1).min(n));
+                while first_run + 1 < self.runs.len() && pages_of(first_run).1 <= a {
+                    first_run += 1;
+                }
+                if pages_of(first_run).1 >= b {
+                    // The column lies in one run.
+                    return self.runs[first_run].1.symbol();
+                }
                 let mut count: BTreeMap<Place, usize> = BTreeMap::new();
-                for p in &self.places[a..b.min(n)] {
-                    *count.entry(*p).or_default() += 1;
+                for i in first_run..self.runs.len() {
+                    let (x, y) = pages_of(i);
+                    if x >= b {
+                        break;
+                    }
+                    *count.entry(self.runs[i].1).or_default() += y.min(b) - x.max(a);
                 }
                 count.into_iter().max_by_key(|(p, k)| (*k, *p)).map_or(' ', |(p, _)| p.symbol())
             })
@@ -203,28 +248,46 @@ pub fn human_bytes(n: u64) -> String {
 impl Hmm {
     /// Where each page of `range` lives now, with the counters of the managed
     /// ranges it overlaps (see the [module docs](crate::observe)). Pages hmm
-    /// does not manage are [`Place::Unmanaged`]. The map holds one entry per
-    /// page (a byte each): ask for the ranges of interest, not the whole
-    /// address space.
+    /// does not manage are [`Place::Unmanaged`]. The map holds runs of pages
+    /// in one place, so any range may be asked for, the whole address space
+    /// included; [`ResidencyMap::places`] lists at most
+    /// [`ResidencyMap::MAX_PLACES`] pages one by one.
     pub fn residency_map(&self, range: PageRange) -> ResidencyMap {
         residency_map(self.inner(), range)
+    }
+}
+
+/// Appends `len` bytes from `start` in `place` to `runs`, joining the last
+/// run when it is in the same place (runs come in address order, touching).
+fn push_run(runs: &mut Vec<(PageRange, Place)>, start: usize, len: usize, place: Place) {
+    match runs.last_mut() {
+        Some((r, p)) if *p == place => {
+            *r = PageRange::new(r.start(), r.len() + len).expect("inside the map's range");
+        }
+        _ => runs.push((PageRange::new(VirtAddr::new(start), len).expect("a run"), place)),
     }
 }
 
 /// [`Hmm::residency_map`], for any holder of the instance.
 pub(crate) fn residency_map(inner: &Inner, range: PageRange) -> ResidencyMap {
     let (from, to) = (range.start().get(), range.end().get());
-    let mut places = vec![Place::Unmanaged; range.len() / PAGE_SIZE];
-    let mut devices = BTreeMap::new();
+    let mut runs = Vec::new();
     let mut stats = RangeStats::default();
-    for r in inner.overlapping(from, to) {
+    let mut ranges = inner.overlapping(from, to);
+    ranges.sort_by_key(|r| r.range().start());
+    // Everything before `at` has its runs.
+    let mut at = from;
+    for r in ranges {
         let (a, b) = r.clip(from, to);
-        let base = (r.page_addr(a).get() - from) / PAGE_SIZE;
+        let start = r.page_addr(a).get();
+        if start > at {
+            push_run(&mut runs, at, start - at, Place::Unmanaged);
+        }
         {
             let t = r.lock();
             stats.count_pages(&t[a..b]);
             for (k, e) in t[a..b].iter().enumerate() {
-                places[base + k] = if e.is_migrating() {
+                let place = if e.is_migrating() {
                     Place::Migrating
                 } else {
                     match e.residency() {
@@ -235,23 +298,117 @@ pub(crate) fn residency_map(inner: &Inner, range: PageRange) -> ResidencyMap {
                         Residency::Unmapped => Place::Unmapped,
                     }
                 };
+                push_run(&mut runs, start + k * PAGE_SIZE, PAGE_SIZE, place);
             }
         }
+        at = r.page_addr(b).get();
         stats.add_counters(&r.counters);
     }
-    for p in &places {
+    if at < to {
+        push_run(&mut runs, at, to - at, Place::Unmanaged);
+    }
+    let mut devices = BTreeMap::new();
+    for (_, p) in &runs {
         if let Place::Device(d) = p {
             devices.entry(*d).or_insert_with(|| {
                 inner.device(*d).map_or_else(|| format!("device {d}"), |m| m.name().into())
             });
         }
     }
-    ResidencyMap { range, places, devices, stats }
+    ResidencyMap::from_runs(range, runs, devices, stats)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A map of 2^40 pages (4 PiB) whose managed part is a few pages in the
+    /// middle: counted, drawn and listed from its runs, without a place per
+    /// page.
+    #[test]
+    fn a_huge_map_is_counted_drawn_and_listed_from_its_runs() {
+        let range = PageRange::from_pages(VirtAddr::new(0), 1 << 40).unwrap();
+        let mid = (1 << 39) * PAGE_SIZE;
+        let page = |at: usize, n: usize| PageRange::new(VirtAddr::new(at), n * PAGE_SIZE).unwrap();
+        let runs = vec![
+            (page(0, 1 << 39), Place::Unmanaged),
+            (page(mid, 2), Place::System),
+            (page(mid + 2 * PAGE_SIZE, 3), Place::Unpopulated),
+            (page(mid + 5 * PAGE_SIZE, (1 << 39) - 5), Place::Unmanaged),
+        ];
+        let map = ResidencyMap::from_runs(range, runs.clone(), BTreeMap::new(), Default::default());
+        assert_eq!(map.runs(), runs);
+        let counts = map.counts();
+        assert_eq!(counts[&Place::Unmanaged], (1 << 40) - 5);
+        assert_eq!((counts[&Place::System], counts[&Place::Unpopulated]), (2, 3));
+        assert_eq!(map.render(4), "    ", "five pages are no column's majority");
+        assert!(map.legend().contains("S system memory (8.0 KiB)"), "{}", map.legend());
+        // Any width, up to the most characters a drawing has.
+        assert_eq!(map.render(usize::MAX).len(), ResidencyMap::MAX_PLACES);
+        // The pages listed one by one are the first MAX_PLACES.
+        let places = map.places();
+        assert_eq!(places.len(), ResidencyMap::MAX_PLACES);
+        assert!(places.iter().all(|p| *p == Place::Unmanaged));
+    }
+
+    /// A map of a few pages lists and draws every page, as it always did.
+    #[test]
+    fn a_small_map_lists_and_draws_every_page() {
+        let page = |i: usize, n: usize| {
+            PageRange::new(VirtAddr::new((16 + i) * PAGE_SIZE), n * PAGE_SIZE).unwrap()
+        };
+        let runs = vec![
+            (page(0, 2), Place::System),
+            (page(2, 1), Place::Poisoned),
+            (page(3, 5), Place::Unmanaged),
+        ];
+        let map = ResidencyMap::from_runs(page(0, 8), runs, BTreeMap::new(), Default::default());
+        use Place::{Poisoned as X, System as S, Unmanaged as U};
+        assert_eq!(map.places(), [S, S, X, U, U, U, U, U]);
+        assert_eq!(map.render(64), "SSX     ");
+        assert_eq!(map.render(4), "SX  ", "ties go to the greater place");
+        assert_eq!(map.render(2), "S ");
+    }
+
+    /// The residency map of the whole user address space: the pages of a
+    /// managed range, where they are, and everything else unmanaged, with
+    /// memory for its runs only.
+    #[test]
+    fn a_map_of_the_whole_address_space_shows_the_managed_pages() {
+        if crate::probe::probe().usable().is_err() {
+            eprintln!("SKIP: hmm cannot run here");
+            return;
+        }
+        let hmm = Hmm::new().unwrap();
+        let r = hmm.alloc(256 * PAGE_SIZE).unwrap();
+        // The first pages (and those the fault service populates around them).
+        r.fill(0, 4 * PAGE_SIZE, 1).unwrap();
+        let all = crate::mirror::address_space();
+        let map = hmm.residency_map(all);
+        assert_eq!(map.range(), all);
+        let runs = map.runs();
+        let at = runs.iter().position(|(range, _)| range.start() == r.addr()).unwrap();
+        assert_eq!(runs[at - 1].1, Place::Unmanaged);
+        let (system, rest) = (runs[at], runs[at + 1]);
+        assert!(system.1 == Place::System && system.0.pages() >= 4, "{runs:?}");
+        assert_eq!(rest.1, Place::Unpopulated);
+        assert_eq!((rest.0.start(), rest.0.end()), (system.0.end(), r.range().end()));
+        assert_eq!(runs[at + 2].1, Place::Unmanaged);
+        assert_eq!(runs.iter().map(|(range, _)| range.pages()).sum::<usize>(), all.pages());
+        let counts = map.counts();
+        assert_eq!(counts[&Place::System], system.0.pages());
+        assert_eq!(counts[&Place::System] + counts[&Place::Unpopulated], 256);
+        assert_eq!(counts.values().sum::<usize>(), all.pages());
+        assert_eq!(map.stats().pages_system, system.0.pages() as u64);
+        assert_eq!(map.render(64).len(), 64);
+        assert!(map.legend().contains("S system memory"), "{}", map.legend());
+        // The range's own map, as before: a place per page.
+        let own = r.residency_map();
+        assert_eq!(own.places().len(), 256);
+        assert_eq!((own.places()[0], own.places()[255]), (Place::System, Place::Unpopulated));
+        let line = own.render(256);
+        assert!(line.starts_with("SSSS") && line.ends_with('.'), "{line}");
+    }
 
     #[test]
     fn human_bytes_uses_binary_units() {
