@@ -53,7 +53,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once, Weak};
 use std::time::Duration;
 
 use crate::addr::PageRange;
-use crate::dma::{DmaJob, SystemSink, ToSystem};
+use crate::devmem::DeviceMemory;
+use crate::dma::{DmaError, DmaJob, SystemSink, ToSystem};
 use crate::mirror::InvalidationEvent;
 use crate::os::uffd::Uffd;
 use crate::page::{DevicePage, PageEntry, Residency};
@@ -321,6 +322,39 @@ pub(crate) fn copy_to_child(inner: &Arc<Inner>, child: Arc<Uffd>) {
     inner.counters.forks.fetch_add(1, Ordering::Relaxed);
 }
 
+/// Copies `part` (held pages of `mem`) into the child. A copy that finds no
+/// memory for the child's page (the child's memory cgroup at its limit, say)
+/// is tried again a few times, further apart each time, for up to about a
+/// quarter second in all: a page given up on is lost to the child.
+fn copy_retrying(
+    mem: &DeviceMemory,
+    sink: &Arc<SystemSink>,
+    part: &[Held],
+) -> Vec<Result<(), DmaError>> {
+    let mut results: Vec<Result<(), DmaError>> = vec![Err(DmaError::NoMemory); part.len()];
+    let mut pause = Duration::from_millis(2);
+    for attempt in 0..8 {
+        let todo: Vec<usize> =
+            (0..part.len()).filter(|k| results[*k] == Err(DmaError::NoMemory)).collect();
+        if todo.is_empty() {
+            break;
+        }
+        if attempt > 0 {
+            std::thread::sleep(pause);
+            pause *= 2;
+        }
+        let copies = todo
+            .iter()
+            .map(|k| ToSystem { src: part[*k].page, dst: part[*k].range.page_addr(part[*k].index) })
+            .collect();
+        let got = mem.ops().dma().submit(DmaJob::ToSystem { copies, sink: sink.clone() }).wait();
+        for (k, r) in todo.into_iter().zip(got) {
+            results[k] = r;
+        }
+    }
+    results
+}
+
 /// Copies the held device pages into the child (a device at a time, with its
 /// own engine), then gives them back.
 fn copy_held(inner: &Arc<Inner>, child: &Uffd, sink: &Arc<SystemSink>, mut held: Vec<Held>) {
@@ -331,14 +365,8 @@ fn copy_held(inner: &Arc<Inner>, child: &Uffd, sink: &Arc<SystemSink>, mut held:
         let (part, tail) = rest.split_at(n);
         rest = tail;
         let results = match inner.device(first.page.dev) {
-            Some(mem) if !mem.is_failed() => {
-                let copies = part
-                    .iter()
-                    .map(|h| ToSystem { src: h.page, dst: h.range.page_addr(h.index) })
-                    .collect();
-                mem.ops().dma().submit(DmaJob::ToSystem { copies, sink: sink.clone() }).wait()
-            }
-            _ => vec![Err(crate::dma::DmaError::Failed("the device failed".into())); n],
+            Some(mem) if !mem.is_failed() => copy_retrying(&mem, sink, part),
+            _ => vec![Err(DmaError::Failed("the device failed".into())); n],
         };
         for (h, r) in part.iter().zip(results) {
             if r.is_ok() {

@@ -375,3 +375,35 @@ fn system_memory_running_out_during_a_fault_back_waits_for_memory() {
     assert!(hit > 0, "the limit was never reached");
     assert_eq!(starved.ok(), Some(b's'), "no fault-back starved and was retried");
 }
+
+/// A fork whose copy of device pages into the child finds no memory for a
+/// few of them at first: those copies are tried again, and the child reads
+/// every page right, none lost.
+#[test]
+fn a_fork_copy_short_of_memory_is_retried() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let _fork = common::fork_lock();
+    for (engine, config) in engines() {
+        let hmm = Hmm::new().unwrap();
+        let dev = SoftwareDevice::new(&hmm, config).unwrap();
+        let r = hmm.alloc(32 * PAGE_SIZE).unwrap();
+        common::fill_salted(&r, 11);
+        assert_eq!(dev.migrate_to_device(r.range()).unwrap().migrated, 32, "{engine}");
+        dev.fail_next_copies_to_system(3);
+        let out = run_in_child(|| {
+            let mut b = vec![0u8; r.len()];
+            if r.read(0, &mut b).is_err() {
+                return 2;
+            }
+            let salted = std::panic::catch_unwind(|| common::check_salted(&b, 0, 11, "child"));
+            if salted.is_ok() { 0 } else { 1 }
+        })
+        .unwrap();
+        dev.fail_next_copies_to_system(0);
+        assert_eq!(out, ChildOutcome::Exited(0), "{engine}: 1: wrong bytes, 2: read failed");
+        assert_eq!(on_device(&r), 32, "{engine}: the parent's pages stay on the device");
+        common::check_salted(&common::cpu_bytes(&r), 0, 11, engine);
+    }
+}
