@@ -59,11 +59,7 @@ fn random_operations_match_the_model() {
     }
     let _fork = common::fork_lock();
     let base = StressConfig { seed: 0, ops: 5_000, threads: 1, pages: 128, device_failures: true };
-    // OPEN BUG: seed 21 diverges at step 4914 (a forked child reads page 25
-    // other than at the fork); reproduce with `hmm stress --seed 21 --ops
-    // 5000 --pages 128` in a debug build. It runs from seed 22 on until fixed.
-    eprintln!("KNOWN DIVERGENCE, not run: seed 21 (fork child reads a page wrong)");
-    let ops = sweep(1..=20, base, &KINDS) + sweep(22..=40 * scale(), base, &KINDS);
+    let ops = sweep(1..=40 * scale(), base, &KINDS);
     eprintln!("one worker: {ops} operations, no divergence");
 }
 
@@ -77,12 +73,7 @@ fn concurrent_workers_match_the_model() {
     // migration could meet them): only the shared kinds must all run.
     let shared: Vec<&str> = KINDS.into_iter().filter(|k| !ALONE_ONLY.contains(k)).collect();
     let base = StressConfig { seed: 0, ops: 6_000, threads: 2, pages: 128, device_failures: true };
-    // OPEN BUG: seed 17 with two workers has a page of worker 0 held by a
-    // migration for seconds at step 2677 (a device read stays busy); reproduce
-    // with `hmm stress --seed 17 --ops 6000 --pages 128 --threads 2` in a
-    // debug build. It runs from seed 18 on until fixed.
-    eprintln!("KNOWN DIVERGENCE, not run: two workers, seed 17 (a page stays mid-migration)");
-    let two = sweep(1..=16, base, &shared) + sweep(18..=20 * scale(), base, &shared);
+    let two = sweep(1..=20 * scale(), base, &shared);
     let base = StressConfig { threads: 3, pages: 96, ..base };
     let three = sweep(101..=100 + 10 * scale(), base, &shared);
     eprintln!("two workers: {two} operations, three: {three}, no divergence");
