@@ -730,8 +730,6 @@ impl Service {
         }
     }
 
-    /// The application discarded (`MADV_DONTNEED`, `MADV_REMOVE`) or unmapped
-    /// `[start, end)`: free the device pages that held it.
     /// Of the pages `entries` (page `first` on, of `r`) a discard event
     /// names, which ones system memory still holds: recorded `System`, no
     /// migration holding them, and present (or swapped) in the page table.
@@ -813,6 +811,9 @@ impl Service {
         self.discarded = pending;
     }
 
+    /// The application discarded (`MADV_DONTNEED`, `MADV_FREE`,
+    /// `MADV_REMOVE`) or unmapped `[start, end)`: free the device pages that
+    /// held it, and record the pages gone.
     fn invalidate(&mut self, start: usize, end: usize, unmapped: bool) {
         let Ok(range) = PageRange::new(VirtAddr::new(start), end - start) else { return };
         if unmapped {
