@@ -19,6 +19,7 @@
 //! still diverges.
 
 use std::fmt;
+use std::io::Write;
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -832,10 +833,12 @@ impl<'a> Worker<'a> {
     fn fork(&mut self, fill: u64) -> Result<(), String> {
         let (r, model, pages) = (self.r, &self.model, &self.pages);
         let mapped = |p: usize| pages[p] == Page::Mapped;
-        let out = run_in_child(|| {
+        let before = r.residencies();
+        let (out, what) = run_in_child_telling(|tell| {
             let mut mine = model.clone();
             if let Some(p) = first_wrong_mapped_page(r, pages, &mine) {
-                return 10 + (p % 100) as i32;
+                let _ = write!(tell, "{}", describe_wrong_page(r, p, &mine));
+                return 10;
             }
             let mut rng = Rng::new(fill);
             for _ in 0..16 {
@@ -850,15 +853,28 @@ impl<'a> Worker<'a> {
                 }
                 mine[at..at + b.len()].copy_from_slice(&b);
             }
-            if first_wrong_mapped_page(r, pages, &mine).is_some() { 3 } else { 0 }
-        })
-        .map_err(|e| format!("fork: {e}"))?;
+            if let Some(p) = first_wrong_mapped_page(r, pages, &mine) {
+                let _ = write!(tell, "{}", describe_wrong_page(r, p, &mine));
+                return 3;
+            }
+            0
+        })?;
+        // What the parent recorded of that page before the fork, and now.
+        let recorded = |what: &str| {
+            let p: Option<usize> =
+                what.strip_prefix("page ").and_then(|s| s.split(':').next()?.parse().ok());
+            p.map_or(String::new(), |p| {
+                format!(" (recorded {:?} before the fork, {:?} now)", before[p], r.residency(p))
+            })
+        };
         match out {
             ChildOutcome::Exited(0) => Ok(()),
             ChildOutcome::Exited(2) => Err("the child could not write its own pages".into()),
-            ChildOutcome::Exited(3) => Err("the child read back other than it wrote".into()),
-            ChildOutcome::Exited(n) if n >= 10 => {
-                Err(format!("the child read page {} (mod 100) other than at the fork", n - 10))
+            ChildOutcome::Exited(3) => {
+                Err(format!("the child read back other than it wrote: {what}{}", recorded(&what)))
+            }
+            ChildOutcome::Exited(10) => {
+                Err(format!("the child read other than at the fork: {what}{}", recorded(&what)))
             }
             other => Err(format!("the child ended as {other:?}")),
         }
@@ -921,13 +937,17 @@ impl<'a> Worker<'a> {
             self.expect_sigbus(p * PAGE_SIZE, 1)?;
         }
         let (r, model, pages) = (self.r, &self.model, &self.pages);
-        let out = run_in_child(|| {
-            first_wrong_mapped_page(r, pages, model).map_or(0, |p| 10 + (p % 100) as i32)
-        })
-        .map_err(|e| format!("fork: {e}"))?;
+        let (out, what) = run_in_child_telling(|tell| {
+            let Some(p) = first_wrong_mapped_page(r, pages, model) else { return 0 };
+            let _ = write!(tell, "{}", describe_wrong_page(r, p, model));
+            1
+        })?;
         match out {
             ChildOutcome::Exited(0) => Ok(()),
-            other => Err(format!("a page not on the failed device read wrong: {other:?}")),
+            ChildOutcome::Exited(1) => {
+                Err(format!("a page not on the failed device read wrong: {what}"))
+            }
+            other => Err(format!("the checking child ended as {other:?}")),
         }
     }
 }
@@ -939,6 +959,45 @@ fn first_wrong_mapped_page(r: &ManagedRange, pages: &[Page], model: &[u8]) -> Op
     (0..pages.len()).filter(|p| pages[*p] == Page::Mapped).find(|p| {
         r.read(p * PAGE_SIZE, &mut b).is_err() || b[..] != model[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]
     })
+}
+
+/// Runs `f` in a forked child, which may say what it found on the pipe `f`
+/// gets; returns how the child ended and what it said.
+fn run_in_child_telling(
+    f: impl FnOnce(&mut dyn Write) -> i32,
+) -> Result<(ChildOutcome, String), String> {
+    let (mut said, tell) = std::io::pipe().map_err(|e| format!("a pipe: {e}"))?;
+    let out = run_in_child(|| {
+        let mut tell = &tell;
+        f(&mut tell)
+    })
+    .map_err(|e| format!("fork: {e}"))?;
+    drop(tell);
+    let mut what = String::new();
+    let _ = std::io::Read::read_to_string(&mut said, &mut what);
+    Ok((out, what))
+}
+
+/// What is wrong with page `p` of `r` against `model`: the read's error, or
+/// how many bytes differ, the first of them, and whether the page read as
+/// zeros.
+fn describe_wrong_page(r: &ManagedRange, p: usize, model: &[u8]) -> String {
+    let mut b = vec![0u8; PAGE_SIZE];
+    let want = &model[p * PAGE_SIZE..(p + 1) * PAGE_SIZE];
+    match r.read(p * PAGE_SIZE, &mut b) {
+        Err(e) => format!("page {p}: the read failed: {e}"),
+        Ok(()) => {
+            let differ = b.iter().zip(want).filter(|(x, y)| x != y).count();
+            let first = b.iter().zip(want).position(|(x, y)| x != y).unwrap_or(0);
+            format!(
+                "page {p}: {differ} bytes differ, the first at {first} ({:#04x}, not {:#04x}); \
+                 all zeros: {}",
+                b[first],
+                want[first],
+                b.iter().all(|x| *x == 0)
+            )
+        }
+    }
 }
 
 /// Runs `ops` on `r` and its model; stops at the first divergence. Returns
