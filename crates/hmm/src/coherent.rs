@@ -225,7 +225,7 @@ impl Inner {
             let d = self.devices.read().unwrap_or_else(|e| e.into_inner());
             d.iter()
                 .flatten()
-                .filter(|m| m.kind() == crate::devmem::MemoryKind::Coherent)
+                .filter(|m| m.kind() == crate::devmem::MemoryKind::Coherent && !m.is_released())
                 .cloned()
                 .collect()
         };

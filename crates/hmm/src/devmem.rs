@@ -255,6 +255,9 @@ pub struct DeviceMemory {
     allocated: AtomicU64,
     fail_next_alloc: AtomicU32,
     failed: AtomicBool,
+    /// Unregistered: no new work comes here, but the records, migrations and
+    /// copies that still name its pages reach it until they let them go.
+    released: AtomicBool,
     pressure: Pressure,
     /// The recency clock (see the module docs).
     clock: AtomicU64,
@@ -307,6 +310,7 @@ impl DeviceMemory {
             allocated: AtomicU64::new(0),
             fail_next_alloc: AtomicU32::new(0),
             failed: AtomicBool::new(false),
+            released: AtomicBool::new(false),
             pressure: config.pressure,
             clock: AtomicU64::new(1),
             ops,
@@ -410,6 +414,17 @@ impl DeviceMemory {
     pub(crate) fn set_failed(&self) {
         self.failed.store(true, Ordering::Release);
         std::sync::atomic::fence(Ordering::SeqCst);
+    }
+
+    /// Whether the region was unregistered (see [`Hmm::unregister_device_memory`]).
+    ///
+    /// [`Hmm::unregister_device_memory`]: crate::Hmm::unregister_device_memory
+    pub fn is_released(&self) -> bool {
+        self.released.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_released(&self) {
+        self.released.store(true, Ordering::Release);
     }
 
     /// Makes the next `n` allocations fail (fault injection for tests).

@@ -820,6 +820,15 @@ impl Hmm {
         ops: Arc<dyn DevicePagemapOps>,
     ) -> Result<Arc<DeviceMemory>, HmmError> {
         let mut devs = self.inner.devices.write().unwrap_or_else(|e| e.into_inner());
+        // A released region's id is given again only once none of its pages
+        // is held any more (it then leaves its slot, here or as it is
+        // released): a record, a migration or a copy still naming one must
+        // reach that region (failed, say), never a new one under its id.
+        for d in devs.iter_mut() {
+            if d.as_ref().is_some_and(|m| m.is_released() && m.allocated_pages() == 0) {
+                *d = None;
+            }
+        }
         let slot = devs.iter().position(Option::is_none).unwrap_or(devs.len());
         if slot >= DeviceId::MAX {
             return Err(DeviceMemoryError::TooMany.into());
@@ -1396,6 +1405,9 @@ impl Inner {
         engine: &dyn crate::dma::DmaEngine,
         map_for_cpu: bool,
     ) -> Result<MigrationReport, HmmError> {
+        if mem.is_released() {
+            return Err(HmmError::UnknownDevice(mem.id()));
+        }
         let rec = self.find_containing(range)?;
         self.check_accessible(range, "migrate to a device")?;
         let mut report = self.migrate_to_device_once(range, mem, engine, map_for_cpu)?;
@@ -1479,6 +1491,9 @@ impl Inner {
         to: &Arc<DeviceMemory>,
     ) -> Result<MigrationReport, HmmError> {
         self.check_accessible(range, "migrate between devices")?;
+        if to.is_released() {
+            return Err(HmmError::UnknownDevice(to.id()));
+        }
         if from.id() == to.id() {
             return Ok(MigrationReport::default());
         }
@@ -1601,6 +1616,11 @@ impl Inner {
     /// about a second.
     pub(crate) fn evict_all(self: &Arc<Self>, dev: DeviceId) -> Result<(), HmmError> {
         let mem = self.device(dev).ok_or(HmmError::UnknownDevice(dev))?;
+        if mem.is_failed() {
+            // Nothing can be read off it: its pages were poisoned as it
+            // failed, and those a migration held are as the migration ends.
+            return Ok(());
+        }
         for attempt in 0.. {
             let pages: Vec<DevicePage> = mem.resident_pages().into_iter().map(|(p, _)| p).collect();
             if pages.is_empty() {
@@ -1623,9 +1643,20 @@ impl Inner {
         if let Err(e) = self.evict_all(dev) {
             tracing::error!(device = %dev, error = %e, "releasing the device anyway");
         }
+        // A region that still holds pages (held by a migration or a fork's
+        // copy as eviction looked, say) stays in its slot, released: what
+        // ends their hold (a poison, a free) must reach it, and its id is
+        // given again only once it holds none. One that holds none goes (and
+        // its engine with it).
         let mut devs = self.devices.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(slot) = devs.get_mut(dev.index()) {
-            *slot = None;
+        if let Some(slot) = devs.get_mut(dev.index())
+            && let Some(mem) = slot.take()
+        {
+            mem.set_released();
+            if mem.allocated_pages() > 0 {
+                tracing::debug!(device = %dev, pages = mem.allocated_pages(), "a released device still holds pages");
+                *slot = Some(mem);
+            }
         }
         Ok(())
     }
@@ -1763,7 +1794,7 @@ impl Inner {
         };
         let devs: Vec<DeviceId> = {
             let d = self.devices.read().unwrap_or_else(|e| e.into_inner());
-            d.iter().flatten().map(|m| m.id()).collect()
+            d.iter().flatten().filter(|m| !m.is_released()).map(|m| m.id()).collect()
         };
         for dev in devs {
             let _ = self.release_device(dev);

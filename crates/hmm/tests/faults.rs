@@ -407,3 +407,40 @@ fn a_fork_copy_short_of_memory_is_retried() {
         common::check_salted(&common::cpu_bytes(&r), 0, 11, engine);
     }
 }
+
+/// A device that fails and is dropped while a migration still holds some of
+/// its pages: a device registered after it must not inherit those pages
+/// under a reused id. When the migration ends, the pages it could not copy
+/// off are lost with the failed device (poisoned), and the new device holds
+/// nothing of them.
+#[test]
+fn a_failed_device_dropped_mid_migration_leaves_nothing_to_its_successor() {
+    if common::skip_without("poison") {
+        return;
+    }
+    let _fork = common::fork_lock();
+    for (engine, config) in engines() {
+        let hmm = Hmm::new().unwrap();
+        let old = SoftwareDevice::new(&hmm, config.clone()).unwrap();
+        let r = hmm.alloc(16 * PAGE_SIZE).unwrap();
+        common::fill_salted(&r, 5);
+        assert_eq!(old.migrate_to_device(r.range()).unwrap().migrated, 16, "{engine}");
+        let (old_id, ops) = (old.memory().id(), old.memory().ops().clone());
+        // A migration back holds the first 8 pages as the device fails and goes.
+        let mut m = hmm.migrate(r.pages_range(0, 8).unwrap(), Selection::Device(old_id)).unwrap();
+        assert_eq!(old.fail(), 8, "{engine}: the pages no migration held");
+        drop(old);
+        let new = SoftwareDevice::new(&hmm, config).unwrap();
+        assert_ne!(new.memory().id(), old_id, "{engine}: the failed device's id is still in use");
+        m.copy(ops.dma());
+        let rep = m.finalize();
+        assert_eq!(rep.migrated, 0, "{engine}: {:?}", rep.skipped);
+        assert_all_lost(&r, 3, engine);
+        assert_eq!(new.stats().pages_resident, 0, "{engine}: the new device holds nothing");
+        let id = new.memory().id();
+        assert!(
+            !r.residencies().iter().any(|x| matches!(x, Residency::Device(p) if p.dev == id)),
+            "{engine}: no page is recorded on the new device"
+        );
+    }
+}
