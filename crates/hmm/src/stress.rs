@@ -641,25 +641,32 @@ impl<'a> Worker<'a> {
                 // answer too (EBUSY): pages the fault service is still
                 // bringing back around an earlier touch. Retried, as a caller
                 // would, after a moment.
-                let mut res = devs[dev].make_exclusive(self.pr(first, count));
+                let exclusive = || retry_busy(|| devs[dev].make_exclusive(self.pr(first, count)));
+                let mut res = exclusive();
                 for _ in 0..5 {
                     match res {
                         Err(HmmError::NotMoved { reason: SkipReason::Busy, .. }) => {
                             std::thread::sleep(Duration::from_millis(2));
-                            res = devs[dev].make_exclusive(self.pr(first, count));
+                            res = exclusive();
                         }
                         _ => break,
                     }
                 }
+                let refused = match &res {
+                    Err(HmmError::NotMoved { reason, .. }) => {
+                        matches!(reason, SkipReason::Busy | SkipReason::NoDeviceMemory)
+                    }
+                    Err(HmmError::Fault(crate::RangeFaultError::Busy { .. })) => true,
+                    _ => false,
+                };
                 if !self.all_mapped(first, count) {
                     res.err().ok_or_else(|| not_mapped(first, count))?;
-                } else if self.threads > 1
-                    && matches!(res, Err(HmmError::NotMoved { ref reason, .. })
-                        if matches!(reason, SkipReason::Busy | SkipReason::NoDeviceMemory))
-                {
-                    // Another worker's migration held one of the pages, or
-                    // evicted it to make room: refused, as the kernel's
-                    // make_device_exclusive may be (EBUSY). Nothing changed.
+                } else if self.threads > 1 && refused {
+                    // Another worker's migration held one of the pages (its
+                    // eviction, on a loaded machine, for longer than a device
+                    // fault waits), or evicted it to make room: refused, as
+                    // the kernel's make_device_exclusive may be (EBUSY).
+                    // Nothing changed.
                 } else {
                     res.map_err(|e| err(&e))?;
                     // A CPU read revokes it and sees the bytes.
@@ -930,6 +937,18 @@ impl<'a> Worker<'a> {
         let name = format!("stress{dev}-{}", id.index());
         devs[dev] = device(self.hmm, dev, name, self.threads, self.pages.len())
             .map_err(|e| format!("a new device: {e}"))?;
+        // The new device holds nothing yet: no record may name it (one left
+        // naming the failed device, under an id given again, would read the
+        // new device's memory).
+        let new = devs[dev].memory().id();
+        if let Some(p) = (0..self.pages.len())
+            .find(|p| matches!(self.r.residency(*p), Residency::Device(d) if d.dev == new))
+        {
+            return Err(format!(
+                "page {p} is recorded {:?} on the new device {new}, which holds nothing",
+                self.r.residency(p)
+            ));
+        }
         drop(devs);
         // Exactly those pages are lost: a touch of one gets SIGBUS, and every
         // other page keeps its bytes.
