@@ -52,7 +52,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once, Weak};
 use std::time::Duration;
 
-use crate::addr::PageRange;
+use crate::addr::{PageRange, VirtAddr};
 use crate::devmem::DeviceMemory;
 use crate::dma::{DmaError, DmaJob, SystemSink, ToSystem};
 use crate::mirror::InvalidationEvent;
@@ -88,6 +88,45 @@ impl Copies {
         let (_p, r) =
             self.idle.wait_timeout_while(p, limit, |p| *p > 0).unwrap_or_else(|e| e.into_inner());
         !r.timed_out()
+    }
+}
+
+/// Pages put back into this process's page table while a fork is under way.
+///
+/// The copy to the child takes a page recorded in system memory (and not
+/// held by a migration) to be in the child already, by copy-on-write. That
+/// holds for a page in the page table at the instant of the fork, but not for
+/// one a migration put back after it and committed before the copier looked:
+/// the fault service runs again once the fork is read, and a fault-back or a
+/// restored source may end in between. So from `prepare` until the copier has
+/// looked, every migration notes the pages it may commit to system memory
+/// before it commits them (after its last install), and the copier copies
+/// those from this process too. A migration that finds no fork open has put
+/// its pages back before the fork began.
+#[derive(Debug, Default)]
+pub(crate) struct Installs {
+    open: std::sync::atomic::AtomicBool,
+    pages: Mutex<Vec<VirtAddr>>,
+}
+
+impl Installs {
+    fn open(&self) {
+        self.pages.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.open.store(true, Ordering::SeqCst);
+    }
+
+    /// Notes `pages`, about to be committed to system memory, if a fork is
+    /// under way.
+    pub(crate) fn note(&self, pages: impl Iterator<Item = VirtAddr>) {
+        if self.open.load(Ordering::SeqCst) {
+            self.pages.lock().unwrap_or_else(|e| e.into_inner()).extend(pages);
+        }
+    }
+
+    /// Ends the noting; returns what was noted.
+    fn close(&self) -> Vec<VirtAddr> {
+        self.open.store(false, Ordering::SeqCst);
+        std::mem::take(&mut *self.pages.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
@@ -163,6 +202,7 @@ extern "C" fn prepare() {
         if !inner.fork_copies.wait_idle(FORK_WAIT) {
             tracing::error!("a copy to an earlier child is still running; forking anyway");
         }
+        inner.fork_installs.open();
         // Coherent memory the CPU maps would be shared with the child: it
         // goes back to system memory first (this needs the fault service).
         inner.coherent_before_fork();
@@ -207,6 +247,8 @@ extern "C" fn parent() {
                 "the copy of device pages to the child is still running after {FORK_WAIT:?}"
             );
         }
+        // (Nothing to note any more; the copier took what it needed.)
+        inner.fork_installs.close();
     }
     // The child runs on.
     drop(ready);
@@ -298,7 +340,32 @@ pub(crate) fn copy_to_child(inner: &Arc<Inner>, child: Arc<Uffd>) {
             }
         }
     }
+    // Pages put back after the fork began, and committed before the look
+    // above: copied from this process (those held or busy are taken care of).
+    let late: Vec<(Arc<Range>, usize)> = {
+        let mut noted = inner.fork_installs.close();
+        noted.sort();
+        noted.dedup();
+        noted
+            .into_iter()
+            .filter_map(|a| inner.find(a).map(|r| (r.index(a), r)))
+            .filter(|(i, r)| {
+                !held.iter().any(|h| Arc::ptr_eq(&h.range, r) && h.index == *i)
+                    && !busy.iter().any(|(b, j)| Arc::ptr_eq(b, r) && j == i)
+            })
+            .map(|(i, r)| (r, i))
+            .collect()
+    };
     copy_held(inner, &child, &sink, held);
+    for (r, i) in late {
+        let in_system = {
+            let e = r.lock()[i];
+            !e.is_migrating() && e.residency() == Residency::System
+        };
+        if in_system {
+            copy_from_parent(&child, &r, i);
+        }
+    }
     // Pages a migration held at the fork: copied from where it left them.
     for (r, i) in busy {
         r.wait_settled(i..i + 1, FORK_WAIT);
@@ -310,12 +377,7 @@ pub(crate) fn copy_to_child(inner: &Arc<Inner>, child: Arc<Uffd>) {
         if let Some(h) = again {
             copy_held(inner, &child, &sink, vec![h]);
         } else if in_system {
-            // In this process's memory again: copy it from there (a touch of
-            // it, if it is absent by now, is served as any fault).
-            let dst = PageRange::from_pages(r.page_addr(i), 1).expect("one page");
-            if let Err(e) = child.copy_from(dst, r.mapping(), dst, false) {
-                tracing::warn!(addr = %dst.start(), error = %e, "cannot copy a page to the forked child");
-            }
+            copy_from_parent(&child, &r, i);
         }
     }
     child.close();
@@ -353,6 +415,18 @@ fn copy_retrying(
         }
     }
     results
+}
+
+/// Copies page `i` of `r` from this process's memory into the child (a
+/// touch of it, if it is absent by now, is served as any fault). A page the
+/// child has already is left as it is.
+fn copy_from_parent(child: &Uffd, r: &Range, i: usize) {
+    let dst = PageRange::from_pages(r.page_addr(i), 1).expect("one page");
+    if let Err(e) = child.copy_from(dst, r.mapping(), dst, false)
+        && e.kind != crate::os::uffd::FillErrorKind::Exists
+    {
+        tracing::warn!(addr = %dst.start(), error = %e, "cannot copy a page to the forked child");
+    }
 }
 
 /// Copies the held device pages into the child (a device at a time, with its

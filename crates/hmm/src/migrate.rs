@@ -869,6 +869,13 @@ impl Migration {
         //    ioctls (see the lock rules in `space`).
         let mut restored = vec![false; self.slots.len()];
         self.restore_sources(0..self.slots.len(), &mut restored);
+        // A fork under way copies into the child what is put back into the
+        // page table after it began (see `fork::Installs`): every install of
+        // this migration is done by now, and these are the pages it may
+        // commit to system memory.
+        self.inner
+            .fork_installs
+            .note((0..self.slots.len()).filter(|k| self.slots[*k].held).map(|k| self.addr(k)));
         // 2. Commit or abort each collected page under the lock.
         let mut put = Vec::new();
         let mut moved = 0u64;

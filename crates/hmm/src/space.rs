@@ -479,6 +479,8 @@ pub(crate) struct Inner {
     pub(crate) fork_copies: crate::fork::Copies,
     /// Where the fault service parks while the process forks.
     pub(crate) fork_gate: crate::fork::ForkGate,
+    /// Pages put back into the page table while a fork is under way.
+    pub(crate) fork_installs: crate::fork::Installs,
     /// Pages moved by the application's `mremap` on their way to the new
     /// address.
     pub(crate) forwards: crate::remap::Forwards,
@@ -595,6 +597,7 @@ impl Hmm {
             fork_copies: Default::default(),
             forwards: Default::default(),
             fork_gate: Default::default(),
+            fork_installs: Default::default(),
             vma_query: OnceLock::new(),
             pagemap: OnceLock::new(),
             service: Mutex::new(None),
