@@ -437,7 +437,16 @@ impl Service {
             UffdEvent::PageFault { addr, flags, .. } if flags.wp => self.tracked_write(addr),
             UffdEvent::PageFault { addr, flags, .. } => {
                 self.inner.counters.faults_read.fetch_add(1, Ordering::Relaxed);
-                self.fault(addr, flags.write, Duration::ZERO);
+                // Served now: a retry of the page pending is this fault's.
+                let page = addr.page_down();
+                let mut write = flags.write;
+                let mut delay = Duration::ZERO;
+                if let Some(k) = self.retries.iter().position(|r| r.addr.page_down() == page) {
+                    let r = self.retries.swap_remove(k);
+                    write |= r.write;
+                    delay = r.delay;
+                }
+                self.fault(addr, write, delay);
             }
             UffdEvent::Remove { start, end } => {
                 let own = PageRange::new(start, end.get() - start.get())
@@ -477,7 +486,16 @@ impl Service {
         }
     }
 
+    /// Serves the fault at `addr` again after `delay`. One retry per page: a
+    /// second fault of the page joins the one pending. (A retry left over
+    /// after its fault was served would bring the page back again later,
+    /// with no touch to ask for it, should it be on a device by then.)
     fn retry_later(&mut self, addr: VirtAddr, write: bool, delay: Duration) {
+        let page = addr.page_down();
+        if let Some(r) = self.retries.iter_mut().find(|r| r.addr.page_down() == page) {
+            r.write |= write;
+            return;
+        }
         self.retries.push(Retry { addr, write, due: Instant::now() + delay, delay });
     }
 
