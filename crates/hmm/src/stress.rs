@@ -818,6 +818,7 @@ impl<'a> Worker<'a> {
     fn remap(&mut self, first: usize, count: usize, keep: bool) -> Result<(), String> {
         let part = self.pr(first, count);
         let m = self.r.mapping();
+        let before: Vec<Residency> = (first..first + count).map(|p| self.r.residency(p)).collect();
         let res = if keep { m.remap_part_dontunmap(part) } else { m.move_part(part) };
         if self.any(first, count, Page::Unmapped) {
             res.err().ok_or("succeeded, but a page is unmapped")?;
@@ -827,7 +828,14 @@ impl<'a> Worker<'a> {
         let (at, len) = (first * PAGE_SIZE, count * PAGE_SIZE);
         let mut b = vec![0u8; len];
         moved.read(0, &mut b).map_err(|e| format!("reading the new address: {e}"))?;
-        compare(&b, &self.model[at..at + len], at, "CPU at the new address")?;
+        compare(&b, &self.model[at..at + len], at, "CPU at the new address").map_err(|e| {
+            // Which page, what hmm recorded of it as the move began, and
+            // whether it arrived as zeros.
+            let k = b.iter().zip(&self.model[at..at + len]).position(|(x, y)| x != y).unwrap_or(0)
+                / PAGE_SIZE;
+            let zeros = b[k * PAGE_SIZE..(k + 1) * PAGE_SIZE].iter().all(|x| *x == 0);
+            format!("{e}; recorded {:?} as the move began; the page all zeros: {zeros}", before[k])
+        })?;
         if keep {
             self.model[at..at + len].fill(0);
         } else {
