@@ -99,6 +99,11 @@ struct Forward {
     waiting: usize,
     /// Handed over, to be delivered by the forward's thread.
     ready: Vec<Item>,
+    /// Pages a migration (or a fork's copy) held as this forward began: it
+    /// hands them over as it ends (`Forwards::hand_over`). Two forwards of
+    /// one old range may be under way at once (`MREMAP_DONTUNMAP` twice);
+    /// each page belongs to the one that marked it moved.
+    awaited: Vec<VirtAddr>,
     /// Parts of the new range the application has unmapped since (UNMAP
     /// events): they are not let go at the end, since by then other memory
     /// may be mapped there.
@@ -202,7 +207,8 @@ impl Forwards {
     pub(crate) fn hand_over(&self, inner: &Inner, range: &Arc<Range>, index: usize, src: Source) {
         let old = range.page_addr(index);
         let mut list = self.lock();
-        if let Some(f) = list.iter_mut().find(|f| f.waiting > 0 && f.from.contains(old)) {
+        if let Some(f) = list.iter_mut().find(|f| f.awaited.contains(&old)) {
+            f.awaited.retain(|a| *a != old);
             f.ready.push(Item { src, range: range.clone(), index });
             drop(list);
             self.changed.notify_all();
@@ -244,10 +250,16 @@ pub(crate) fn start(inner: &Arc<Inner>, from: usize, to: usize, len: usize) {
     // Pages whose data the page tables do not carry: the counter's.
     let mut forwarded = 0u64;
     let mut held = Vec::new();
+    let mut awaited = Vec::new();
+    // Held from before the first page is marked moved until the forward is
+    // listed: a migration that ends meanwhile with a page marked here hands
+    // it over then, and must find this forward.
+    let mut list;
     {
         // Held until the records are updated: a device fill in between would
         // map a page about to leave.
         let _inv = inner.notifiers.start(old, InvalidationEvent::Unmap);
+        list = inner.forwards.lock();
         for r in inner.overlapping(from, from + len) {
             let (a, b) = r.clip(from, from + len);
             let mut t = r.lock();
@@ -275,9 +287,12 @@ pub(crate) fn start(inner: &Arc<Inner>, from: usize, to: usize, len: usize) {
                 };
                 // Held by a migration (which hands it over), or taken here.
                 forwarded += u64::from(!matches!(src, Some(Source::OldAddress)));
-                if let Some(src) = src {
-                    e.begin_migration().expect("a page not migrating can be taken");
-                    held.push(Item { src, range: r.clone(), index: i });
+                match src {
+                    Some(src) => {
+                        e.begin_migration().expect("a page not migrating can be taken");
+                        held.push(Item { src, range: r.clone(), index: i });
+                    }
+                    None => awaited.push(r.page_addr(i)),
                 }
                 e.mark_moved().expect("migrating");
                 waiting += 1;
@@ -285,17 +300,20 @@ pub(crate) fn start(inner: &Arc<Inner>, from: usize, to: usize, len: usize) {
         }
     }
     if waiting == 0 {
+        drop(list);
         // Nothing to wait for: the new range is plain memory at once.
         let _ = inner.uffd.unregister(new);
         return;
     }
-    inner.forwards.lock().push(Forward {
+    list.push(Forward {
         from: old,
         to: VirtAddr::new(to),
         waiting,
         ready: held,
+        awaited,
         unmapped: Vec::new(),
     });
+    drop(list);
     inner.counters.remaps_forwarded.fetch_add(forwarded, Ordering::Relaxed);
     let me = inner.clone();
     let spawned =
