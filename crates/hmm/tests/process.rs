@@ -745,3 +745,48 @@ fn pages_brought_back_while_forking_reach_the_child() {
     }
     assert_eq!(first_wrong_page(&common::cpu_bytes(&r), &want), None, "the parent's data");
 }
+
+/// The same pages moved twice with `MREMAP_DONTUNMAP` while migrations hold
+/// one page for each move: each page's data goes to the new address of the
+/// move that found it held, never to the other one.
+#[test]
+fn two_moves_of_one_range_each_get_their_own_held_pages() {
+    if common::skip_without("event-remap") {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    let r = hmm.alloc(8 * PAGE_SIZE).unwrap();
+    let a = pattern(8, 500);
+    r.write(0, &a).unwrap();
+    // A migration holds page 5 as the first move happens.
+    let held5 = hmm.migrate(r.pages_range(5, 1).unwrap(), hmm::Selection::System).unwrap();
+    let first = r.mapping().remap_part_dontunmap(r.range()).unwrap();
+    // The first move's other pages went with the page tables; the old
+    // address of page 4 is empty, and then written again.
+    common::eventually("the first move's pages settled", || r.residency(4) == Residency::None);
+    let b = pattern(1, 900);
+    r.write(4 * PAGE_SIZE, &b).unwrap();
+    // Another migration holds page 4 as the second move happens.
+    let held4 = hmm.migrate(r.pages_range(4, 1).unwrap(), hmm::Selection::System).unwrap();
+    let second = r.mapping().remap_part_dontunmap(r.range()).unwrap();
+    // Neither migration copies: each page's data is still its own, and goes
+    // to its move's new address as the migration ends.
+    held4.finalize();
+    held5.finalize();
+    // A touch of a page still on its way waits for it: read in a thread, so
+    // that a page sent to the wrong move fails the test instead of hanging it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut got = vec![0u8; PAGE_SIZE];
+        second.read(4 * PAGE_SIZE, &mut got).unwrap();
+        let _ = tx.send(got);
+        second
+    });
+    let got = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("page 4 never arrives at the second move's address");
+    assert!(got == b, "page 4, written after the first move, arrives at the second");
+    let mut got = vec![0u8; 8 * PAGE_SIZE];
+    first.read(0, &mut got).unwrap();
+    assert_eq!(first_wrong_page(&got, &a), None, "the first move has every page of its time");
+}
