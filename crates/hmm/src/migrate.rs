@@ -252,11 +252,6 @@ impl Migration {
         if inner.shut_down.load(Ordering::Acquire) {
             return Err(HmmError::ShutDown);
         }
-        // A discard or unmap the application made before this call is
-        // handled first: its event, read but not yet handled, would otherwise
-        // reach pages this migration holds and drop what they hold now (a
-        // page written after `MADV_FREE`, say).
-        inner.sync_device_access();
         let rec = inner.find_containing(range)?;
         // Pages another migration holds (most often a fault-around window the
         // fault service is bringing back) are waited for, briefly, rather than

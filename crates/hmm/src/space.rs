@@ -853,6 +853,7 @@ impl Hmm {
 
     /// Starts a three-phase migration of `range` (setup): see [`Migration`].
     pub fn migrate(&self, range: PageRange, select: Selection) -> Result<Migration, HmmError> {
+        self.inner.settle_before_migrating();
         Migration::setup(self.inner.clone(), range, select)
     }
 
@@ -1171,12 +1172,13 @@ impl Inner {
     }
 
     /// Called as a device access begins (a device fault, a software device's
-    /// read, write or job, a migration): the records then reflect every address-space
-    /// change the application has made, so that an access that begins after
-    /// its `munmap` or `madvise` returned sees it. The kernel has finished
-    /// such a change by the time the call returns, but hmm learns of it
-    /// from an event its fault service handles a moment later; until then a
-    /// page discarded from a failed device, say, would still read as lost.
+    /// read, write or job; see also `settle_before_migrating`): the records
+    /// then reflect every address-space change the application has made, so
+    /// that an access that begins after its `munmap` or `madvise` returned
+    /// sees it. The kernel has finished such a change by the time the call
+    /// returns, but hmm learns of it from an event its fault service handles
+    /// a moment later; until then a page discarded from a failed device, say,
+    /// would still read as lost.
     /// (A mirror entry made before the change is dropped by the invalidation
     /// the service starts when it handles the event, which this also waits
     /// for.) Nothing to wait for on the fault service's own thread.
@@ -1184,6 +1186,17 @@ impl Inner {
         if !crate::fault::on_service_thread() {
             self.settle_events();
         }
+    }
+
+    /// Called as an application's migration begins, before it holds any
+    /// page: a discard or unmap the application made before the call is
+    /// handled first. Its event, read but not yet handled, would otherwise
+    /// reach pages the migration holds and drop what they hold now (a page
+    /// written after `MADV_FREE`, say). Never within a migration (a later
+    /// batch, an eviction): waiting there would hold pages meanwhile, for as
+    /// long as other threads keep changing the address space.
+    pub(crate) fn settle_before_migrating(&self) {
+        self.sync_device_access();
     }
 
     /// Puts the page at `src` (of `src_map`) at the absent page `dst`, which is
@@ -1579,6 +1592,7 @@ impl Inner {
     ) -> Result<MigrationReport, HmmError> {
         const BATCH: usize = 16 << 20;
         self.find_containing(range)?;
+        self.settle_before_migrating();
         let mut report = MigrationReport::default();
         let mut off = 0;
         while off < range.len() {

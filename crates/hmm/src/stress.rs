@@ -694,7 +694,7 @@ impl<'a> Worker<'a> {
                     return Ok(());
                 }
                 res.map_err(|e| err(&e))?;
-                let seen = devs[0].read(self.pr(first, 1));
+                let seen = retry_busy(|| devs[0].read(self.pr(first, 1)));
                 if self.pages[first] == Page::Lost {
                     seen.err().ok_or_else(|| must_fail("the page is lost"))?;
                 } else {
