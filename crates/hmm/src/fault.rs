@@ -771,18 +771,8 @@ impl Service {
         let Ok(part) = PageRange::from_pages(r.page_addr(first), entries.len()) else {
             return Vec::new();
         };
-        let Ok(pm) = self.inner.pagemap() else { return Vec::new() };
-        match pm.entries(part) {
-            Ok(pte) => entries
-                .iter()
-                .zip(pte)
-                .map(|(e, p)| system(e) && (p.present() || p.swapped()))
-                .collect(),
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot read the page table after a discard");
-                Vec::new()
-            }
-        }
+        let Some(held) = self.inner.held_pages(part) else { return Vec::new() };
+        entries.iter().zip(held).map(|(e, h)| system(e) && h).collect()
     }
 
     /// Looks again at pages a discard named that were still in the page table
@@ -796,10 +786,6 @@ impl Service {
         if self.discarded.is_empty() {
             return;
         }
-        let Ok(pm) = self.inner.pagemap() else {
-            self.discarded.clear();
-            return;
-        };
         let now = Instant::now();
         let mut pending = std::mem::take(&mut self.discarded);
         pending.retain(|(part, until)| {
@@ -808,16 +794,17 @@ impl Service {
             for r in self.inner.overlapping(start, end) {
                 let (a, b) = r.clip(start, end);
                 let mut t = r.lock();
-                let Ok(pte) = PageRange::from_pages(r.page_addr(a), b - a).map(|p| pm.entries(p))
+                let Some(held) = PageRange::from_pages(r.page_addr(a), b - a)
+                    .ok()
+                    .and_then(|p| self.inner.held_pages(p))
                 else {
                     continue;
                 };
-                let Ok(pte) = pte else { continue };
-                for (e, p) in t[a..b].iter_mut().zip(pte) {
+                for (e, h) in t[a..b].iter_mut().zip(held) {
                     if e.is_migrating() || e.residency() != Residency::System {
                         continue;
                     }
-                    if p.present() || p.swapped() {
+                    if h {
                         left = true;
                     } else {
                         let _ = e.invalidate(false);

@@ -1256,15 +1256,26 @@ impl Inner {
         }
     }
 
-    /// Whether a migration is reading `page` out of a read-only mapping.
-    /// Whether the page table holds a page at `page` (present or swapped);
-    /// true when the page table cannot be read, the answer that reads it.
-    pub(crate) fn holds_page(&self, page: PageRange) -> bool {
-        let Ok(pm) = self.pagemap() else { return true };
-        match pm.entries(page) {
-            Ok(e) => e.iter().any(|p| p.present() || p.swapped()),
-            Err(_) => true,
+    /// For each page of `range`, whether the page table holds it (present,
+    /// or swapped out); `None` when the page table cannot be read.
+    pub(crate) fn held_pages(&self, range: PageRange) -> Option<Vec<bool>> {
+        match self.pagemap().map(|pm| pm.entries(range)) {
+            Ok(Ok(e)) => Some(e.iter().map(|p| p.present() || p.swapped()).collect()),
+            Ok(Err(e)) => {
+                tracing::debug!(%range, error = %e, "cannot read the page table");
+                None
+            }
+            Err(e) => {
+                tracing::debug!(%range, error = %e, "cannot open the page table");
+                None
+            }
         }
+    }
+
+    /// Whether the page table holds a page at `page`; true when it cannot
+    /// be read, the answer that reads it.
+    pub(crate) fn holds_page(&self, page: PageRange) -> bool {
+        self.held_pages(page).is_none_or(|h| h.contains(&true))
     }
 
     /// Runs `read`, which reads `page` of managed memory that its caller
@@ -1281,6 +1292,7 @@ impl Inner {
         out
     }
 
+    /// Whether hmm is reading `page` under its own hold (see `read_held`).
     pub(crate) fn is_copying_out(&self, page: VirtAddr) -> bool {
         self.copying_out.lock().unwrap_or_else(|e| e.into_inner()).contains(&page)
     }
