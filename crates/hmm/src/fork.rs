@@ -341,23 +341,16 @@ pub(crate) fn copy_to_child(inner: &Arc<Inner>, child: Arc<Uffd>) {
         }
     }
     // Pages put back after the fork began, and committed before the look
-    // above: copied from this process (those held or busy are taken care of).
-    let late: Vec<(Arc<Range>, usize)> = {
-        let mut noted = inner.fork_installs.close();
-        noted.sort();
-        noted.dedup();
-        noted
-            .into_iter()
-            .filter_map(|a| inner.find(a).map(|r| (r.index(a), r)))
-            .filter(|(i, r)| {
-                !held.iter().any(|h| Arc::ptr_eq(&h.range, r) && h.index == *i)
-                    && !busy.iter().any(|(b, j)| Arc::ptr_eq(b, r) && j == i)
-            })
-            .map(|(i, r)| (r, i))
-            .collect()
-    };
+    // above: copied from this process, if in system memory and not held.
+    // (A page copied held, as a device page, is on its device again; one
+    // busy above that is copied here too meets its copy in the child.)
+    let mut late = inner.fork_installs.close();
+    late.sort();
+    late.dedup();
     copy_held(inner, &child, &sink, held);
-    for (r, i) in late {
+    for a in late {
+        let Some(r) = inner.find(a) else { continue };
+        let i = r.index(a);
         let in_system = {
             let e = r.lock()[i];
             !e.is_migrating() && e.residency() == Residency::System
