@@ -34,7 +34,11 @@
 //! never poisoned: the page stays on the device, the faulting thread stays
 //! blocked, and the fault is retried with a growing delay (1 ms doubling to
 //! 100 ms) until memory is found. The retries are counted
-//! ([`Hmm::fault_stats`](crate::Hmm::fault_stats)).
+//! ([`Hmm::fault_stats`](crate::Hmm::fault_stats)). This is the kernel
+//! refusing to charge the installed page; the service's own memory (its
+//! stack, its heap) is touched like any thread's, so at the limit a page
+//! fault of its own waits in the kernel (or calls the OOM killer), and every
+//! fault-back waits with it.
 //!
 //! # Ordering hazards
 //!

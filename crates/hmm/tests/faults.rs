@@ -274,6 +274,11 @@ impl Drop for MemCgroup {
 /// fault-back (counted in `fault_stats`) and the touching thread waits until
 /// memory can be had; then every page reads its bytes.
 ///
+/// The child makes one round trip before it is limited, so that the fault
+/// service's own stack and heap have grown to what this work needs: at the
+/// limit, a page fault of the service itself would wait in the kernel rather
+/// than be refused and retried, and the retry path would go untested.
+///
 /// The cgroup has the OOM killer off (cgroup v1's `oom_kill_disable`; under
 /// v2 the process runs with `oom_score_adj` -1000), so that the kernel
 /// refuses the charge (`ENOMEM`) rather than kill a task: where the OOM
@@ -316,6 +321,14 @@ fn system_memory_running_out_during_a_fault_back_waits_for_memory() {
             let dev = SoftwareDevice::new(&hmm, config)?;
             let r = hmm.alloc(PAGES * PAGE_SIZE)?;
             common::fill_salted(&r, 5);
+            // One round trip first, so that the fault service's own memory
+            // (its stack, its heap) is already as large as this work needs:
+            // under the limit, a page fault of the service itself would wait
+            // in the kernel like any other thread's.
+            dev.migrate_to_device(r.range())?;
+            let mut all = vec![0u8; r.len()];
+            r.read(0, &mut all)?;
+            common::check_salted(&all, 0, 5, "warm-up");
             let moved = dev.migrate_to_device(r.range())?.migrated;
             Ok((hmm, dev, r, moved))
         };
@@ -373,7 +386,11 @@ fn system_memory_running_out_during_a_fault_back_waits_for_memory() {
     let out = child.wait().unwrap();
     assert_eq!(out, ChildOutcome::Exited(0), "1: wrong bytes, 3-6: set-up failed");
     assert!(hit > 0, "the limit was never reached");
-    assert_eq!(starved.ok(), Some(b's'), "no fault-back starved and was retried");
+    assert_eq!(
+        starved.ok(),
+        Some(b's'),
+        "no fault-back starved and was retried (did the fault service wait on a page fault of its own?)"
+    );
 }
 
 /// A fork whose copy of device pages into the child finds no memory for a
