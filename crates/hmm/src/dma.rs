@@ -162,6 +162,40 @@ pub trait DmaEngine: Send + Sync {
     }
 }
 
+/// Copies `copies` to system memory with `engine`, submitting again those
+/// that found no memory for their page (`DmaError::NoMemory`: a memory
+/// cgroup at its limit, say), after a pause that doubles from 2 ms up to
+/// 100 ms, for as long as `again(round)` says (round 1 is the first retry).
+/// Other results are final. Returns one result per copy, in order.
+pub(crate) fn copy_to_system_retrying(
+    engine: &dyn DmaEngine,
+    sink: &Arc<SystemSink>,
+    copies: &[ToSystem],
+    mut again: impl FnMut(u32) -> bool,
+) -> Vec<Result<(), DmaError>> {
+    let mut results: Vec<Result<(), DmaError>> = vec![Err(DmaError::NoMemory); copies.len()];
+    let mut pause = std::time::Duration::from_millis(2);
+    for round in 0u32.. {
+        let todo: Vec<usize> =
+            (0..copies.len()).filter(|k| results[*k] == Err(DmaError::NoMemory)).collect();
+        if todo.is_empty() || (round > 0 && !again(round)) {
+            break;
+        }
+        if round > 0 {
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(std::time::Duration::from_millis(100));
+        }
+        let job = DmaJob::ToSystem {
+            copies: todo.iter().map(|k| copies[*k]).collect(),
+            sink: sink.clone(),
+        };
+        for (k, r) in todo.into_iter().zip(engine.submit(job).wait()) {
+            results[k] = r;
+        }
+    }
+    results
+}
+
 struct FenceState {
     remaining: usize,
     results: Vec<Result<(), DmaError>>,

@@ -54,7 +54,7 @@ use std::time::Duration;
 
 use crate::addr::{PageRange, VirtAddr};
 use crate::devmem::DeviceMemory;
-use crate::dma::{DmaError, DmaJob, SystemSink, ToSystem};
+use crate::dma::{DmaError, SystemSink, ToSystem};
 use crate::mirror::InvalidationEvent;
 use crate::os::uffd::Uffd;
 use crate::page::{DevicePage, PageEntry, Residency};
@@ -386,28 +386,9 @@ fn copy_retrying(
     sink: &Arc<SystemSink>,
     part: &[Held],
 ) -> Vec<Result<(), DmaError>> {
-    let mut results: Vec<Result<(), DmaError>> = vec![Err(DmaError::NoMemory); part.len()];
-    let mut pause = Duration::from_millis(2);
-    for attempt in 0..8 {
-        let todo: Vec<usize> =
-            (0..part.len()).filter(|k| results[*k] == Err(DmaError::NoMemory)).collect();
-        if todo.is_empty() {
-            break;
-        }
-        if attempt > 0 {
-            std::thread::sleep(pause);
-            pause *= 2;
-        }
-        let copies = todo
-            .iter()
-            .map(|k| ToSystem { src: part[*k].page, dst: part[*k].range.page_addr(part[*k].index) })
-            .collect();
-        let got = mem.ops().dma().submit(DmaJob::ToSystem { copies, sink: sink.clone() }).wait();
-        for (k, r) in todo.into_iter().zip(got) {
-            results[k] = r;
-        }
-    }
-    results
+    let copies: Vec<ToSystem> =
+        part.iter().map(|h| ToSystem { src: h.page, dst: h.range.page_addr(h.index) }).collect();
+    crate::dma::copy_to_system_retrying(mem.ops().dma(), sink, &copies, |round| round < 8)
 }
 
 /// Copies page `i` of `r` from this process's memory into the child (a

@@ -57,7 +57,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use crate::addr::{PageRange, VirtAddr};
-use crate::dma::{DmaError, DmaJob, ToSystem};
+use crate::dma::{DmaError, ToSystem};
 use crate::mirror::InvalidationEvent;
 use crate::os::mm::Mapping;
 use crate::page::{DevicePage, Residency};
@@ -415,11 +415,18 @@ fn deliver(inner: &Inner, range: &Range, index: usize, dst: VirtAddr, src: Sourc
         Source::Device(p) => {
             let r = match inner.device(p.dev) {
                 Some(mem) => {
-                    let job = DmaJob::ToSystem {
-                        copies: vec![ToSystem { src: p, dst }],
-                        sink: inner.sink.clone(),
-                    };
-                    match mem.ops().dma().submit(job).wait().pop() {
+                    // A copy short of memory is tried again until memory can
+                    // be had, as a fault-back is: a touch of the new address
+                    // waits meanwhile, and giving up would lose the page.
+                    let stopping = || inner.stopping.load(Ordering::Acquire);
+                    let copies = [ToSystem { src: p, dst }];
+                    let results = crate::dma::copy_to_system_retrying(
+                        mem.ops().dma(),
+                        &inner.sink,
+                        &copies,
+                        |_| !stopping() && !mem.is_failed(),
+                    );
+                    match results.into_iter().next() {
                         Some(Err(e)) if e != DmaError::Exists => Err(e.to_string()),
                         _ => Ok(()),
                     }

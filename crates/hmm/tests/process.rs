@@ -392,6 +392,41 @@ fn mremap_brings_device_pages_to_the_new_address() {
     }
 }
 
+/// `mremap` of device pages whose copies to the new address first find no
+/// system memory (as in a memory cgroup at its limit): the forward tries them
+/// again until they go, rather than poison the new address. Both kinds of
+/// `mremap`, both engines.
+#[test]
+fn a_remap_whose_copies_find_no_memory_at_first_still_delivers() {
+    if common::skip_without("event-remap") {
+        return;
+    }
+    let _fork = common::fork_lock();
+    let pages = 16;
+    let engines = [
+        SoftwareDeviceConfig::new("zc", 64 * PAGE_SIZE),
+        SoftwareDeviceConfig::new("copy", 64 * PAGE_SIZE).with_copy_engine(2),
+    ];
+    for config in engines {
+        for how in [Remap::Move, Remap::DontUnmap] {
+            let case = format!("{how:?}, {} engine", config.name);
+            let hmm = Hmm::new().unwrap();
+            let dev = SoftwareDevice::new(&hmm, config.clone()).unwrap();
+            let r = hmm.alloc(pages * PAGE_SIZE).unwrap();
+            let data = pattern(pages, 3);
+            r.write(0, &data).unwrap();
+            assert_eq!(dev.migrate_to_device(r.range()).unwrap().migrated, pages, "{case}");
+            dev.fail_next_copies_to_system(5);
+            let moved = remap(&r, r.range(), how);
+            let mut got = vec![0u8; r.len()];
+            moved.read(0, &mut got).unwrap_or_else(|e| panic!("{case}: {e}"));
+            dev.fail_next_copies_to_system(0);
+            assert_eq!(first_wrong_page(&got, &data), None, "{case}: the new address has the data");
+            common::eventually("the moved device pages freed", || dev.stats().pages_resident == 0);
+        }
+    }
+}
+
 /// An `mremap` that shrinks a range in place (it may not move): the kernel
 /// unmaps the tail, the tail's device pages are freed, and the rest keeps its
 /// device pages and bytes.
