@@ -121,6 +121,11 @@ pub enum DmaError {
     /// The destination address was populated behind the migration.
     #[error("destination already populated")]
     Exists,
+    /// The address space was changing (an unmap, discard, remap or fork
+    /// whose event the fault service had not read yet) for as long as the
+    /// install was tried: nothing was installed, and a later try may succeed.
+    #[error("the address space was changing")]
+    Changing,
     /// Anything else, with what the engine knows.
     #[error("{0}")]
     Failed(String),
@@ -131,6 +136,7 @@ impl From<FillError> for DmaError {
         match e.kind {
             FillErrorKind::NoMemory => DmaError::NoMemory,
             FillErrorKind::Exists => DmaError::Exists,
+            FillErrorKind::Again => DmaError::Changing,
             _ => DmaError::Failed(e.to_string()),
         }
     }
@@ -164,9 +170,11 @@ pub trait DmaEngine: Send + Sync {
 
 /// Copies `copies` to system memory with `engine`, submitting again those
 /// that found no memory for their page (`DmaError::NoMemory`: a memory
-/// cgroup at its limit, say), after a pause that doubles from 2 ms up to
-/// 100 ms, for as long as `again(round)` says (round 1 is the first retry).
-/// Other results are final. Returns one result per copy, in order.
+/// cgroup at its limit, say) or the address space changing
+/// (`DmaError::Changing`), after a pause that doubles from 2 ms up to
+/// 100 ms, for as long as `again(round)` says (round 1 is the first retry;
+/// it may also let the fault service catch up). Other results are final.
+/// Returns one result per copy, in order.
 pub(crate) fn copy_to_system_retrying(
     engine: &dyn DmaEngine,
     sink: &Arc<SystemSink>,
@@ -176,8 +184,10 @@ pub(crate) fn copy_to_system_retrying(
     let mut results: Vec<Result<(), DmaError>> = vec![Err(DmaError::NoMemory); copies.len()];
     let mut pause = std::time::Duration::from_millis(2);
     for round in 0u32.. {
-        let todo: Vec<usize> =
-            (0..copies.len()).filter(|k| results[*k] == Err(DmaError::NoMemory)).collect();
+        let retry = |r: &Result<(), DmaError>| {
+            matches!(r, Err(DmaError::NoMemory) | Err(DmaError::Changing))
+        };
+        let todo: Vec<usize> = (0..copies.len()).filter(|k| retry(&results[*k])).collect();
         if todo.is_empty() || (round > 0 && !again(round)) {
             break;
         }
@@ -394,7 +404,7 @@ fn per_page(
                     if ok_pages == 0 {
                         again += 1;
                         if again > MAX_AGAIN {
-                            out.push(Err(DmaError::Failed(e.to_string())));
+                            out.push(Err(DmaError::Changing));
                         } else {
                             std::thread::yield_now();
                         }

@@ -33,7 +33,8 @@
 //! A fault-back whose copy fails for lack of memory is never zero-filled and
 //! never poisoned: the page stays on the device, the faulting thread stays
 //! blocked, and the fault is retried with a growing delay (1 ms doubling to
-//! 100 ms) until memory is found. The retries are counted
+//! 100 ms) until memory is found (see `Service::retry_later`: a retry wakes
+//! the page, and the thread's fault after that is served). The retries are counted
 //! ([`Hmm::fault_stats`](crate::Hmm::fault_stats)). This is the kernel
 //! refusing to charge the installed page; the service's own memory (its
 //! stack, its heap) is touched like any thread's, so at the limit a page
@@ -49,7 +50,7 @@
 //! - The service never touches a managed address itself (it reaches pages
 //!   only through ioctls), so it cannot fault on itself.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -252,12 +253,92 @@ impl Batches {
     }
 }
 
+/// Fault injection: stops the fault service in the middle of a fault, after
+/// it has read the page's record and before it acts on it
+/// ([`Hmm::stall_next_fault`](crate::Hmm::stall_next_fault)), so that tests
+/// can change the page meanwhile, as another thread may at any time.
+#[derive(Debug, Default)]
+pub(crate) struct StallGate {
+    armed: AtomicBool,
+    state: Mutex<Stall>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Stall {
+    #[default]
+    Off,
+    Armed,
+    /// The service waits, at the fault of this address.
+    Stalled(VirtAddr),
+}
+
+impl StallGate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Stall> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn arm(&self) {
+        *self.lock() = Stall::Armed;
+        self.armed.store(true, Ordering::Release);
+    }
+
+    /// Lets the service go on (or disarms a stall not yet met).
+    pub(crate) fn release(&self) {
+        self.armed.store(false, Ordering::Release);
+        *self.lock() = Stall::Off;
+        self.changed.notify_all();
+    }
+
+    /// Waits up to `limit` for the service to stop; the fault's address.
+    pub(crate) fn wait_stalled(&self, limit: Duration) -> Option<VirtAddr> {
+        let st = self.lock();
+        let (st, _) = self
+            .changed
+            .wait_timeout_while(st, limit, |s| !matches!(s, Stall::Stalled(_)))
+            .unwrap_or_else(|e| e.into_inner());
+        match *st {
+            Stall::Stalled(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    /// On the service, at a fault of `addr` read in `batch` (if any): waits
+    /// while a stall is armed. The batch counts as handled meanwhile, so a
+    /// migration that begins now goes on as one begun before the fault was
+    /// read would, instead of waiting for the service.
+    fn pause(&self, addr: VirtAddr, batch: Option<(&Batches, u64)>) {
+        if !self.armed.load(Ordering::Acquire) {
+            return;
+        }
+        let mut st = self.lock();
+        if *st != Stall::Armed {
+            return;
+        }
+        if let Some((batches, n)) = batch {
+            batches.end(n);
+        }
+        *st = Stall::Stalled(addr);
+        self.changed.notify_all();
+        let _st = self
+            .changed
+            .wait_while(st, |s| matches!(s, Stall::Stalled(_)))
+            .unwrap_or_else(|e| e.into_inner());
+    }
+}
+
+/// A fault to be served again: at `due` the page is woken, and a thread still
+/// waiting there faults again; that fault is served with `delay` as the wait
+/// it follows (see [`Service::retry_later`]).
 struct Retry {
-    addr: VirtAddr,
-    write: bool,
+    page: VirtAddr,
     due: Instant,
     delay: Duration,
 }
+
+/// How long a woken retry's delay waits for the page's next fault, which
+/// continues its backoff.
+const BACKOFF_MEMORY: Duration = Duration::from_secs(1);
 
 /// Messages the service can hold while parked for a fork (each thread has at
 /// most one waiting).
@@ -265,8 +346,9 @@ const PARKED_ROOM: usize = 4096;
 /// How often a parked service looks whether the fork is over.
 const PARKED_POLL: Duration = Duration::from_millis(5);
 
-/// How soon the service looks again at new ranges it could not let go yet.
-const RELEASE_POLL: Duration = Duration::from_millis(1);
+/// How soon the service looks again at discarded pages the page table
+/// still had (see `Service::recheck_discarded`).
+const RECHECK_POLL: Duration = Duration::from_millis(1);
 
 /// How long the service looks again at discarded pages the page table still
 /// had when it handled the discard (see `Service::recheck_discarded`).
@@ -278,6 +360,11 @@ struct Service {
     /// Room for the messages read while parked for a fork, reserved up front.
     parked: Vec<UffdEvent>,
     retries: Vec<Retry>,
+    /// Retries woken, whose delay the page's next fault takes up (until the
+    /// instant given).
+    woken: Vec<(Retry, Instant)>,
+    /// The batch of messages being handled, if any (see [`Batches`]).
+    batch: Option<u64>,
     /// Where zeroed huge pages are made before they move into a huge range:
     /// hmm's own memory, never managed. Made on first use.
     thp_src: Option<Mapping>,
@@ -298,6 +385,8 @@ impl Service {
             events: Vec::with_capacity(64),
             parked: Vec::with_capacity(PARKED_ROOM),
             retries: Vec::new(),
+            woken: Vec::new(),
+            batch: None,
             thp_src: None,
             stream: (0, 0),
             discarded: Vec::new(),
@@ -318,11 +407,10 @@ impl Service {
                 .map(|r| r.due)
                 .min()
                 .map(|d| d.saturating_duration_since(Instant::now()));
-            // New ranges put back because a change was under way, and
-            // discarded pages still in the page table: look again soon even
+            // Discarded pages still in the page table: look again soon even
             // if no message comes.
-            let timeout = match self.inner.forwards.has_released() || !self.discarded.is_empty() {
-                true => Some(timeout.map_or(RELEASE_POLL, |t| t.min(RELEASE_POLL))),
+            let timeout = match !self.discarded.is_empty() {
+                true => Some(timeout.map_or(RECHECK_POLL, |t| t.min(RECHECK_POLL))),
                 false => timeout,
             };
             match self.inner.uffd.poll_with(&self.inner.notifier, timeout) {
@@ -347,9 +435,11 @@ impl Service {
                     }
                 };
                 let mut events = std::mem::take(&mut self.events);
+                self.batch = Some(batch);
                 for ev in events.drain(..) {
                     self.handle(ev);
                 }
+                self.batch = None;
                 self.events = events;
                 self.inner.batches.end(batch);
                 if got < 64 {
@@ -359,29 +449,7 @@ impl Service {
                 }
             }
             self.run_retries();
-            self.release_forwarded();
             self.recheck_discarded();
-        }
-    }
-
-    /// Lets go the new ranges of finished `mremap` forwards (see
-    /// `remap::Forwards`): here, after every event read so far is handled,
-    /// so an unmap of one of them has already taken it out of the list. A
-    /// change whose event is not read yet might be such an unmap, with other
-    /// managed memory moved onto the same addresses after it: the release
-    /// then waits for its event.
-    fn release_forwarded(&mut self) {
-        let ranges = self.inner.forwards.take_released();
-        if ranges.is_empty() {
-            return;
-        }
-        if self.inner.uffd.changes_pending().unwrap_or(false) {
-            self.inner.forwards.put_back_released(ranges);
-            return;
-        }
-        for r in ranges {
-            let _ = self.inner.uffd.unregister(r);
-            let _ = self.inner.uffd.wake(r);
         }
     }
 
@@ -415,9 +483,11 @@ impl Service {
             }
         }
         self.inner.fork_gate.set_parked(false);
+        self.batch = Some(batch);
         for ev in held.drain(..) {
             self.handle(ev);
         }
+        self.batch = None;
         self.parked = held;
         self.inner.batches.end(batch);
         ok
@@ -431,8 +501,10 @@ impl Service {
             self.retries = later;
             due
         };
+        self.woken.retain(|(_, until)| *until > now);
         for r in due {
-            self.fault(r.addr, r.write, r.delay);
+            let _ = self.inner.uffd.wake(PageRange::from_pages(r.page, 1).expect("one page"));
+            self.woken.push((r, now + BACKOFF_MEMORY));
         }
     }
 
@@ -441,16 +513,17 @@ impl Service {
             UffdEvent::PageFault { addr, flags, .. } if flags.wp => self.tracked_write(addr),
             UffdEvent::PageFault { addr, flags, .. } => {
                 self.inner.counters.faults_read.fetch_add(1, Ordering::Relaxed);
-                // Served now: a retry of the page pending is this fault's.
                 let page = addr.page_down();
-                let mut write = flags.write;
-                let mut delay = Duration::ZERO;
-                if let Some(k) = self.retries.iter().position(|r| r.addr.page_down() == page) {
-                    let r = self.retries.swap_remove(k);
-                    write |= r.write;
-                    delay = r.delay;
+                if self.retries.iter().any(|r| r.page == page) {
+                    // Joins the retry pending, whose wake brings it back.
+                    return;
                 }
-                self.fault(addr, write, delay);
+                // A fault after a retry's wake goes on with its backoff.
+                let delay = match self.woken.iter().position(|(r, _)| r.page == page) {
+                    Some(k) => self.woken.swap_remove(k).0.delay,
+                    None => Duration::ZERO,
+                };
+                self.fault(addr, flags.write, delay);
             }
             UffdEvent::Remove { start, end } => {
                 let own = PageRange::new(start, end.get() - start.get())
@@ -490,95 +563,122 @@ impl Service {
         }
     }
 
-    /// Serves the fault at `addr` again after `delay`. One retry per page: a
-    /// second fault of the page joins the one pending. (A retry left over
-    /// after its fault was served would bring the page back again later,
-    /// with no touch to ask for it, should it be on a device by then.)
-    fn retry_later(&mut self, addr: VirtAddr, write: bool, delay: Duration) {
+    /// Has the fault at `addr`, whose message is read and whose thread still
+    /// waits, served again after `delay`: the page is woken then, and the
+    /// thread, if it still waits, faults again and is served by what the
+    /// page is by then. One retry per page: a fault of the page meanwhile
+    /// joins it (so a thread woken early by a failed migration does not cut
+    /// the backoff short). Waking rather than serving on the old message's
+    /// behalf means a retry outlived by its fault (the page was brought back
+    /// and the thread woken by a migration meanwhile) does nothing: it never
+    /// brings a page back that no thread is waiting for.
+    fn retry_later(&mut self, addr: VirtAddr, delay: Duration) {
         let page = addr.page_down();
-        if let Some(r) = self.retries.iter_mut().find(|r| r.addr.page_down() == page) {
-            r.write |= write;
+        if self.retries.iter().any(|r| r.page == page) {
             return;
         }
-        self.retries.push(Retry { addr, write, due: Instant::now() + delay, delay });
+        self.retries.push(Retry { page, due: Instant::now() + delay, delay });
     }
 
     /// Serves one fault at `addr`. `delay` is the wait before this attempt (for
     /// the backoff of memory-starved retries).
+    ///
+    /// The page's record is read, then acted on: a migration that began
+    /// before this fault was read (it settled the event stream then) may take
+    /// the page in between, so the zero fill checks the record again under
+    /// its lock, and a changed record has the fault served anew by what it
+    /// says now. (The fault-back needs no such check: its migration takes
+    /// only pages still on that device.)
     fn fault(&mut self, addr: VirtAddr, write: bool, delay: Duration) {
         let page = PageRange::from_pages(addr.page_down(), 1).expect("one page");
-        if self.inner.forwards.awaits(page.start()) {
-            // The new home of remapped pages still on their way: the forward
-            // wakes the thread when they have all arrived (see `remap`).
-            return;
-        }
-        let Some(r) = self.inner.find(page.start()) else {
-            // Not managed (any more): a registered range hmm let go of, such as
-            // the new home of a remapped range. It is plain anonymous memory: an
-            // absent page reads as zeros.
-            self.zero(page, None, write, delay);
-            return;
-        };
-        let i = r.index(page.start());
-        let e = r.lock()[i];
-        if e.is_cpu_mapped() && !e.is_migrating() {
-            // Coherent memory mapped for the CPU: the touch raced the map
-            // going in, and finds it when it retries.
-            let _ = self.inner.uffd.wake(page);
-            return;
-        }
-        if e.is_migrating() {
-            if self.inner.is_copying_out(page.start()) {
-                // Absent while hmm reads it under its own hold (see
-                // `Inner::read_held`): it reads as zeros, and the reader is
-                // the holder, which must not wait on itself.
-                if let Err(e) = self.inner.uffd.zeropage(page, false)
-                    && e.kind == FillErrorKind::Again
-                {
-                    self.retry_later(page.start(), write, delay);
-                }
+        loop {
+            if self.inner.forwards.awaits(page.start()) {
+                // The new home of remapped pages still on their way: the forward
+                // wakes the thread when they have all arrived (see `remap`).
+                return;
             }
-            return; // the migration wakes the thread when it ends
+            let Some(r) = self.inner.find(page.start()) else {
+                // Not managed (any more) but registered: the new home of a
+                // remapped range, which keeps the registration (see `remap`).
+                // It is plain anonymous memory: an absent page reads as zeros.
+                self.zero_unmanaged(page, delay);
+                return;
+            };
+            let i = r.index(page.start());
+            let e = r.lock()[i];
+            let batch = self.batch.map(|n| (&self.inner.batches, n));
+            self.inner.fault_stall.pause(page.start(), batch);
+            if e.is_cpu_mapped() && !e.is_migrating() {
+                // Coherent memory mapped for the CPU: the touch raced the map
+                // going in, and finds it when it retries.
+                let _ = self.inner.uffd.wake(page);
+                return;
+            }
+            if e.is_migrating() {
+                if self.inner.is_copying_out(page.start()) {
+                    // Absent while hmm reads it under its own hold (see
+                    // `Inner::read_held`): it reads as zeros, and the reader is
+                    // the holder, which must not wait on itself.
+                    if let Err(e) = self.inner.uffd.zeropage(page, false)
+                        && e.kind == FillErrorKind::Again
+                    {
+                        self.retry_later(page.start(), delay);
+                    }
+                }
+                return; // the migration wakes the thread when it ends
+            }
+            match e.residency() {
+                Residency::None | Residency::System => {
+                    if self.zero(page, &r, delay) {
+                        return;
+                    }
+                }
+                Residency::Device(p) => return self.fault_back(&r, page.start(), p, write, delay),
+                Residency::Poisoned => {
+                    let _ = self.inner.uffd.poison(page, false);
+                    let _ = self.inner.uffd.wake(page);
+                    return;
+                }
+                // Normally a retry of a fault the unmap overtook: the address is
+                // gone, the fill fails, and the woken thread meets the unmap
+                // itself. But the address may be mapped again by now, by memory
+                // that is not this range's and that the kernel has registered
+                // here: the new home of an `mremap` the kernel placed in the
+                // hole, which stays registered (see `remap`). That is plain
+                // memory, served as such; the record
+                // stays `Unmapped`, since the range's own page is gone for good.
+                Residency::Unmapped => return self.zero_unmanaged(page, delay),
+            }
         }
-        match e.residency() {
-            Residency::None | Residency::System => self.zero(page, Some(&r), write, delay),
-            Residency::Device(p) => self.fault_back(&r, page.start(), p, write, delay),
-            Residency::Poisoned => {
-                let _ = self.inner.uffd.poison(page, false);
+    }
+
+    /// Maps the zero page at a fault on registered memory that no managed
+    /// range holds.
+    fn zero_unmanaged(&mut self, page: PageRange, delay: Duration) {
+        match self.inner.uffd.zeropage(page, false) {
+            Err(e) if e.kind == FillErrorKind::Again => self.retry_later(page.start(), delay),
+            _ => {
                 let _ = self.inner.uffd.wake(page);
             }
-            // Normally a retry of a fault the unmap overtook: the address is
-            // gone, the fill fails, and the woken thread meets the unmap
-            // itself. But the address may be mapped again by now, by memory
-            // that is not this range's and that the kernel has registered
-            // here: the new home of an `mremap` the kernel placed in the
-            // hole, still registered a moment after its pages arrived (see
-            // `remap`). That is plain memory, served as such; the record
-            // stays `Unmapped`, since the range's own page is gone for good.
-            Residency::Unmapped => self.zero(page, None, write, delay),
         }
     }
 
     /// Maps the zero page at the fault (and around it, over never-populated
-    /// pages of the same range).
-    fn zero(&mut self, page: PageRange, r: Option<&Arc<Range>>, write: bool, delay: Duration) {
-        let Some(r) = r else {
-            match self.inner.uffd.zeropage(page, false) {
-                Err(e) if e.kind == FillErrorKind::Again => {
-                    self.retry_later(page.start(), write, delay)
-                }
-                _ => {
-                    let _ = self.inner.uffd.wake(page);
-                }
-            }
-            return;
-        };
+    /// pages of the same range), a page recorded empty (`None`) or in system
+    /// memory (absent all the same: its bytes were dropped). Returns false,
+    /// filling nothing, if the record no longer says so: a migration took
+    /// the page after the fault read its record, and a zero page mapped now
+    /// would hide the page's data from the CPU for good.
+    fn zero(&mut self, page: PageRange, r: &Arc<Range>, delay: Duration) -> bool {
         if r.huge && self.zero_huge(page, r) {
-            return;
+            return true;
         }
         let around = self.inner.config.zero_fill_around_pages.max(1);
         let mut t = r.lock();
         let i = r.index(page.start());
+        if t[i].is_migrating() || !matches!(t[i].residency(), Residency::None | Residency::System) {
+            return false;
+        }
         let movable = |e: &crate::page::PageEntry| {
             !e.is_migrating() && matches!(e.residency(), Residency::None)
         };
@@ -600,8 +700,8 @@ impl Service {
             Err(e) if e.kind == FillErrorKind::Exists => {}
             Err(e) if e.kind == FillErrorKind::Again => {
                 drop(t);
-                self.retry_later(page.start(), write, delay);
-                return;
+                self.retry_later(page.start(), delay);
+                return true;
             }
             Err(e) => {
                 tracing::warn!(addr = %page.start(), error = %e, "cannot map the zero page");
@@ -623,6 +723,7 @@ impl Service {
         drop(t);
         r.counters.zero_fills.fetch_add(filled as u64, Ordering::Relaxed);
         let _ = self.inner.uffd.wake(window);
+        true
     }
 
     /// Fills the 2 MiB block around `page` with a zeroed huge page, if the
@@ -737,7 +838,7 @@ impl Service {
                 self.inner.counters.fault_retries_no_memory.fetch_add(1, Ordering::Relaxed);
                 let next = (delay * 2).clamp(Duration::from_millis(1), Duration::from_millis(100));
                 tracing::warn!(%addr, retry_in = ?next, "no system memory for a fault-back; retrying");
-                self.retry_later(addr, write, next);
+                self.retry_later(addr, next);
             }
             Err(e) => {
                 tracing::error!(%addr, page = %p, error = %e, "fault-back failed; poisoning the page");
@@ -825,9 +926,6 @@ impl Service {
     /// held it, and record the pages gone.
     fn invalidate(&mut self, start: usize, end: usize, unmapped: bool) {
         let Ok(range) = PageRange::new(VirtAddr::new(start), end - start) else { return };
-        if unmapped {
-            self.inner.forwards.unmapped(range);
-        }
         let event = if unmapped { InvalidationEvent::Unmap } else { InvalidationEvent::Clear };
         // Held until the records say the pages are gone: a device fill in
         // between would map a device page about to be freed.

@@ -74,8 +74,8 @@ pub use observe::{Place, ResidencyMap};
 pub use os::arena::ArenaError;
 pub use page::{DeviceId, DevicePage, Residency};
 pub use space::{
-    AdoptRefusal, Arena, Hmm, HmmConfig, HmmError, ManagedRange, MirroredRange, Pin, RangeStats,
-    Residence,
+    AdoptRefusal, Arena, FaultStall, Hmm, HmmConfig, HmmError, ManagedRange, MirroredRange, Pin,
+    RangeStats, Residence,
 };
 pub use swdev::{
     DeviceContext, DeviceEntry, EngineKind, EngineStall, MirrorStats, OpCounters, PageSnapshot,

@@ -34,11 +34,22 @@
 //!   it installed at the old address) to the forward (`hand_over`) instead of
 //!   freeing it; so does a fork copy that held the page.
 //!
-//! Until every page has arrived the new range stays registered with hmm's
-//! userfaultfd, and a CPU touch there waits (the fault service leaves such
-//! faults to the forward, `Forwards::awaits`). Once the last page is in
-//! place the new range is unregistered, which wakes the waiting threads: it
-//! is then ordinary memory that hmm does not manage.
+//! Until every page has arrived a CPU touch of the new range waits (the
+//! fault service leaves such faults to the forward, `Forwards::awaits`).
+//! Once the last page is in place the forward wakes the waiting threads: the
+//! new range is then ordinary memory that hmm does not manage.
+//!
+//! # The new range stays registered
+//!
+//! The kernel carries the registration with hmm's userfaultfd over to the
+//! new range, and hmm leaves it so: the fault service serves a touch of an
+//! absent page there as plain memory (the zero page). hmm never unregisters
+//! an address range the application may unmap: from the moment the
+//! application's `munmap` has taken the memory away (before hmm even hears
+//! of it) the kernel may place other memory there, such as the new home of
+//! another `mremap` of managed memory, which carries the registration too;
+//! an unregister of the old addresses would silently take it from that
+//! memory, whose device pages would then never arrive and read as zeros.
 //!
 //! A coherent device page that the CPU maps moves with the page tables as a
 //! file mapping: the forward swaps empty registered memory over the old
@@ -104,10 +115,6 @@ struct Forward {
     /// one old range may be under way at once (`MREMAP_DONTUNMAP` twice);
     /// each page belongs to the one that marked it moved.
     awaited: Vec<VirtAddr>,
-    /// Parts of the new range the application has unmapped since (UNMAP
-    /// events): they are not let go at the end, since by then other memory
-    /// may be mapped there.
-    unmapped: Vec<PageRange>,
 }
 
 impl Source {
@@ -127,29 +134,10 @@ impl Forward {
 }
 
 /// The forwards in progress of one `Hmm` instance.
-///
-/// # Letting a new range go
-///
-/// A forward's new range stays registered until its last page has arrived;
-/// then the fault service unregisters it ([`take_released`]), between the
-/// batches of events it reads, in their order. Not the forward's thread: by
-/// the time it is done the application may have read every page, unmapped
-/// the new range and moved other managed memory onto the same addresses,
-/// whose registration an unregister from there would silently remove. The
-/// service handles the UNMAP before the later REMAP, and [`unmapped`] takes
-/// the unmapped part out of what is to be let go, whether the forward is
-/// still running or already done (both under the list lock, so one of the
-/// two sees it); a change whose event is still unread postpones the release.
-///
-/// [`take_released`]: Forwards::take_released
-/// [`unmapped`]: Forwards::unmapped
 #[derive(Default)]
 pub(crate) struct Forwards {
     list: Mutex<Vec<Forward>>,
     changed: Condvar,
-    /// New ranges of finished forwards, to be unregistered by the service.
-    /// Locked after `list` when both are held.
-    released: Mutex<Vec<PageRange>>,
 }
 
 impl std::fmt::Debug for Forwards {
@@ -161,37 +149,6 @@ impl std::fmt::Debug for Forwards {
 impl Forwards {
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Forward>> {
         self.list.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn released(&self) -> std::sync::MutexGuard<'_, Vec<PageRange>> {
-        self.released.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The application unmapped `range` (the service handles its UNMAP): no
-    /// part of it is let go later (see the type's docs).
-    pub(crate) fn unmapped(&self, range: PageRange) {
-        let mut list = self.lock();
-        for f in list.iter_mut().filter(|f| f.new_range().overlaps(range)) {
-            f.unmapped.push(range);
-        }
-        let mut rel = self.released();
-        let kept: Vec<PageRange> = rel.iter().flat_map(|r| minus(*r, &[range])).collect();
-        *rel = kept;
-    }
-
-    /// The new ranges to let go now, taken out of the list.
-    pub(crate) fn take_released(&self) -> Vec<PageRange> {
-        std::mem::take(&mut *self.released())
-    }
-
-    /// Puts back ranges [`take_released`](Self::take_released) gave, for later.
-    pub(crate) fn put_back_released(&self, ranges: Vec<PageRange>) {
-        self.released().extend(ranges);
-    }
-
-    /// Whether new ranges wait to be let go.
-    pub(crate) fn has_released(&self) -> bool {
-        !self.released().is_empty()
     }
 
     /// Whether a CPU touch of `addr` waits for a forward: the address is the
@@ -241,7 +198,7 @@ impl Forwards {
 /// The fault service's handling of `REMAP`: `[from, from + len)` moved to
 /// `to` (see the module docs).
 pub(crate) fn start(inner: &Arc<Inner>, from: usize, to: usize, len: usize) {
-    let (Ok(old), Ok(new)) =
+    let (Ok(old), Ok(_)) =
         (PageRange::new(VirtAddr::new(from), len), PageRange::new(VirtAddr::new(to), len))
     else {
         return;
@@ -300,19 +257,11 @@ pub(crate) fn start(inner: &Arc<Inner>, from: usize, to: usize, len: usize) {
         }
     }
     if waiting == 0 {
-        drop(list);
-        // Nothing to wait for: the new range is plain memory at once.
-        let _ = inner.uffd.unregister(new);
+        // Nothing to wait for: the new range is plain memory at once (and
+        // stays registered, see the module docs).
         return;
     }
-    list.push(Forward {
-        from: old,
-        to: VirtAddr::new(to),
-        waiting,
-        ready: held,
-        awaited,
-        unmapped: Vec::new(),
-    });
+    list.push(Forward { from: old, to: VirtAddr::new(to), waiting, ready: held, awaited });
     drop(list);
     inner.counters.remaps_forwarded.fetch_add(forwarded, Ordering::Relaxed);
     let me = inner.clone();
@@ -329,17 +278,14 @@ pub(crate) fn start(inner: &Arc<Inner>, from: usize, to: usize, len: usize) {
 }
 
 /// The forward's thread: delivers what is handed over until every page of
-/// the forward of `old` has arrived, then lets the new range go.
+/// the forward of `old` has arrived, then wakes the threads waiting there.
 fn deliver_all(inner: &Arc<Inner>, old: PageRange) {
     loop {
         let (items, done, new) = {
             let mut list = inner.forwards.lock();
             let Some(k) = list.iter().position(|f| f.from == old) else { return };
             if list[k].waiting == 0 {
-                // Done: the service lets the new range go (what of it is
-                // still mapped), decided under this lock with `unmapped`.
                 let f = list.remove(k);
-                inner.forwards.released().extend(minus(f.new_range(), &f.unmapped));
                 (Vec::new(), true, f.new_range())
             } else if list[k].ready.is_empty() {
                 // Wait for migrations still holding pages to hand them over.
@@ -356,14 +302,18 @@ fn deliver_all(inner: &Arc<Inner>, old: PageRange) {
         };
         if done {
             inner.forwards.changed.notify_all();
-            inner.notifier.notify();
+            // Touches of the new range waited for this (`Forwards::awaits`):
+            // they fault again and find their pages. (Should the application
+            // have unmapped the range and the addresses hold other memory by
+            // now, a thread waiting there just faults again.)
+            let _ = inner.uffd.wake(new);
             return;
         }
         let n = items.len();
         // Fills fail with EAGAIN while an address-space change (the UNMAP that
         // follows a moving remap) is unread: let the service read and handle
         // it first, which also says whether the old range is gone.
-        inner.settle_events();
+        settle(inner);
         for item in items {
             let at = item.range.page_addr(item.index);
             let dst = VirtAddr::new(new.start().get() + (at.get() - old.start().get()));
@@ -382,29 +332,6 @@ fn deliver_all(inner: &Arc<Inner>, old: PageRange) {
     }
 }
 
-/// The parts of `r` outside every range of `cut`.
-fn minus(r: PageRange, cut: &[PageRange]) -> Vec<PageRange> {
-    let mut out = vec![r];
-    for c in cut {
-        out = out
-            .into_iter()
-            .flat_map(|p| {
-                let before = PageRange::new(
-                    p.start(),
-                    c.start().get().saturating_sub(p.start().get()).min(p.len()),
-                );
-                let after_start = c.end().get().max(p.start().get());
-                let after = PageRange::new(
-                    VirtAddr::new(after_start),
-                    p.end().get().saturating_sub(after_start),
-                );
-                [before, after].into_iter().flatten().filter(|x| !x.is_empty())
-            })
-            .collect();
-    }
-    out
-}
-
 /// Puts the data of page `index` of `range` (held by the forward) at `dst`,
 /// its new address. A page whose data cannot be delivered is poisoned there,
 /// so the CPU sees SIGBUS rather than wrong bytes.
@@ -416,15 +343,19 @@ fn deliver(inner: &Inner, range: &Range, index: usize, dst: VirtAddr, src: Sourc
             let r = match inner.device(p.dev) {
                 Some(mem) => {
                     // A copy short of memory is tried again until memory can
-                    // be had, as a fault-back is: a touch of the new address
-                    // waits meanwhile, and giving up would lose the page.
-                    let stopping = || inner.stopping.load(Ordering::Acquire);
+                    // be had, as a fault-back is, and one that met the address
+                    // space changing (another thread's unmap, say) once the
+                    // fault service has read the change: a touch of the new
+                    // address waits meanwhile, and giving up would lose the page.
                     let copies = [ToSystem { src: p, dst }];
                     let results = crate::dma::copy_to_system_retrying(
                         mem.ops().dma(),
                         &inner.sink,
                         &copies,
-                        |_| !stopping() && !mem.is_failed(),
+                        |_| {
+                            settle(inner);
+                            !inner.stopping.load(Ordering::Acquire) && !mem.is_failed()
+                        },
                     );
                     match results.into_iter().next() {
                         Some(Err(e)) if e != DmaError::Exists => Err(e.to_string()),
@@ -487,6 +418,38 @@ fn deliver(inner: &Inner, range: &Range, index: usize, dst: VirtAddr, src: Sourc
     };
     if let Err(e) = result {
         tracing::error!(%dst, error = %e, "cannot deliver a remapped page; poisoning it");
-        let _ = inner.uffd.poison(page, false);
+        poison_new(inner, page);
+    }
+}
+
+/// Poisons `page` of a new range whose data cannot be delivered, so that a
+/// touch gets SIGBUS. The new range is not managed: a touch of an absent page
+/// there is served as plain memory (zeros), so the marker must go in.
+/// Retried while the address space is changing, until the fault service has
+/// read the change; any other refusal (the application unmapped the range
+/// meanwhile) leaves nothing there to protect.
+fn poison_new(inner: &Inner, page: PageRange) {
+    for _ in 0..1000 {
+        match inner.uffd.poison(page, false) {
+            Err(e) if e.kind == crate::os::uffd::FillErrorKind::Again => settle(inner),
+            Err(e) => {
+                tracing::error!(%page, error = %e, "cannot poison an undeliverable remapped page");
+                return;
+            }
+            Ok(_) => return,
+        }
+        if inner.stopping.load(Ordering::Acquire) {
+            return;
+        }
+    }
+    tracing::error!(%page, "the address space kept changing; an undeliverable remapped page is not poisoned");
+}
+
+/// Lets the fault service read and handle the address-space changes under
+/// way, unless this is the service itself (delivering because no thread
+/// could be started), which cannot wait for itself.
+fn settle(inner: &Inner) {
+    if !crate::fault::on_service_thread() {
+        inner.settle_events();
     }
 }

@@ -475,6 +475,8 @@ pub(crate) struct Inner {
     pub(crate) coherent_maps: std::sync::atomic::AtomicUsize,
     /// The fault service's batches of messages (see [`Inner::settle_events`]).
     pub(crate) batches: crate::fault::Batches,
+    /// Fault injection: a stall of the fault service mid-fault.
+    pub(crate) fault_stall: Arc<crate::fault::StallGate>,
     /// Copies of device pages to forked children in progress.
     pub(crate) fork_copies: crate::fork::Copies,
     /// Where the fault service parks while the process forks.
@@ -594,6 +596,7 @@ impl Hmm {
             coherent_forking: AtomicBool::new(false),
             coherent_maps: Default::default(),
             batches: Default::default(),
+            fault_stall: Default::default(),
             fork_copies: Default::default(),
             forwards: Default::default(),
             fork_gate: Default::default(),
@@ -733,8 +736,9 @@ impl Hmm {
         }
         let range = mapping.range();
         // An unmap of earlier memory at these addresses may not be handled
-        // yet: it must not land on the new records. Nor may the end of a
-        // forward to earlier memory here (it unregisters its range).
+        // yet: it must not land on the new records. Nor may a forward to
+        // earlier memory here still be delivering: its pages would land in
+        // the new range.
         inner.settle_events();
         if !inner.forwards.wait_idle(Duration::from_secs(10)) {
             tracing::warn!("remapped pages still on their way after 10 s");
@@ -957,6 +961,20 @@ impl Hmm {
         (bytes, pages)
     }
 
+    /// Fault injection: the fault service stops at the next CPU fault it
+    /// serves, after it has read the page's record and before it acts on it,
+    /// until the returned guard is dropped. Whatever changes the page
+    /// meanwhile (a migration, a discard) must not be undone by the fault.
+    ///
+    /// A stall met while the service handles messages it has just read holds
+    /// up what settles the event stream first (migrations, device accesses:
+    /// they go on after two seconds, with a warning); one met while it
+    /// retries a fault does not.
+    pub fn stall_next_fault(&self) -> FaultStall {
+        self.inner.fault_stall.arm();
+        FaultStall { gate: self.inner.fault_stall.clone() }
+    }
+
     /// CPU faults the fault service read, and fault-backs retried because system
     /// memory could not be had.
     pub fn fault_stats(&self) -> (u64, u64) {
@@ -1065,6 +1083,25 @@ fn open_once<T, E>(cell: &OnceLock<T>, open: impl FnOnce() -> Result<T, E>) -> R
     }
     let v = open()?;
     Ok(cell.get_or_init(|| v))
+}
+
+/// The runs of pages of `r` not recorded `Unmapped`.
+fn mapped_runs(r: &Range) -> Vec<PageRange> {
+    let t = r.lock();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < t.len() {
+        if t[i].is_unmapped() {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < t.len() && !t[i].is_unmapped() {
+            i += 1;
+        }
+        out.push(PageRange::from_pages(r.page_addr(start), i - start).expect("inside the range"));
+    }
+    out
 }
 
 /// The devices that hold any of `entries`, each once.
@@ -1771,6 +1808,9 @@ impl Inner {
     /// Brings every device page of `r` back (or frees them when `discard`), then
     /// unregisters it and removes it from the registry.
     pub(crate) fn unmanage(self: &Arc<Self>, r: &Arc<Range>) {
+        // Unmaps the application made already are recorded, so that their
+        // parts are not unregistered below.
+        self.settle_events();
         // Created memory goes away with the range: mirrors stay invalidated
         // until its device pages are freed.
         let _inv = r.created.then(|| self.notifiers.start(r.range(), InvalidationEvent::Unmap));
@@ -1804,7 +1844,12 @@ impl Inner {
             self.put_page(p);
         }
         if !self.uffd.is_closed() {
-            let _ = self.uffd.unregister(r.range());
+            // Only what is still this range's: a part the application
+            // unmapped (recorded `Unmapped`) may hold other memory registered
+            // here by now, such as the new home of an `mremap` (see `remap`).
+            for part in mapped_runs(r) {
+                let _ = self.uffd.unregister(part);
+            }
         }
     }
 
@@ -1828,8 +1873,12 @@ impl Inner {
         for dev in devs {
             let _ = self.release_device(dev);
         }
+        // Not the holes: other memory may be registered there now (see
+        // `unmanage`).
         for r in &ranges {
-            let _ = self.uffd.unregister(r.range());
+            for part in mapped_runs(r) {
+                let _ = self.uffd.unregister(part);
+            }
         }
         self.stopping.store(true, Ordering::Release);
         self.notifier.notify();
@@ -2075,6 +2124,28 @@ impl Drop for Pin {
                 }
             }
         }
+    }
+}
+
+/// Holds the fault service stopped mid-fault while it lives
+/// ([`Hmm::stall_next_fault`]).
+#[must_use = "the fault service goes on as soon as the guard is dropped"]
+#[derive(Debug)]
+pub struct FaultStall {
+    gate: Arc<crate::fault::StallGate>,
+}
+
+impl FaultStall {
+    /// Waits up to `limit` for the service to stop at a fault; the address
+    /// of the fault, or `None` if it has not stopped.
+    pub fn wait_stalled(&self, limit: Duration) -> Option<VirtAddr> {
+        self.gate.wait_stalled(limit)
+    }
+}
+
+impl Drop for FaultStall {
+    fn drop(&mut self) {
+        self.gate.release();
     }
 }
 

@@ -834,7 +834,12 @@ impl<'a> Worker<'a> {
             let k = b.iter().zip(&self.model[at..at + len]).position(|(x, y)| x != y).unwrap_or(0)
                 / PAGE_SIZE;
             let zeros = b[k * PAGE_SIZE..(k + 1) * PAGE_SIZE].iter().all(|x| *x == 0);
-            format!("{e}; recorded {:?} as the move began; the page all zeros: {zeros}", before[k])
+            format!(
+                "{e}; recorded {:?} as the move began; the page all zeros: {zeros}; moved from {} to {}",
+                before[k],
+                VirtAddr::new(self.r.addr().get() + at + k * PAGE_SIZE),
+                VirtAddr::new(moved.range().start().get() + k * PAGE_SIZE)
+            )
         })?;
         if keep {
             self.model[at..at + len].fill(0);

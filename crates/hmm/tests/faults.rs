@@ -174,6 +174,81 @@ fn a_stalled_engine_holds_a_fault_back_until_it_runs_again() {
     }
 }
 
+/// The fault service stalled in the middle of a fault, after it read the
+/// page's record: a first touch of a never-populated page, which the service
+/// reads as empty. Meanwhile the page goes to the device (a migration that
+/// began before the fault was read goes on while the service works; the
+/// stall lets one go on in the same way) and the device writes it. When the
+/// service goes on, it must not map the zero page at the address, which
+/// would hide the device's bytes from the CPU for good: the touch reads
+/// them, brought back by what the page's record says now.
+#[test]
+fn a_stalled_fault_service_acts_on_the_page_as_it_is_now() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let _fork = common::fork_lock();
+    for (engine, config) in engines() {
+        let hmm = Hmm::new().unwrap();
+        let dev = SoftwareDevice::new(&hmm, config).unwrap();
+        let r = hmm.alloc(8 * PAGE_SIZE).unwrap();
+        let page = r.pages_range(2, 1).unwrap();
+        let stall = hmm.stall_next_fault();
+        std::thread::scope(|s| {
+            let toucher = s.spawn(|| r.touch_read(2 * PAGE_SIZE).unwrap());
+            let at = stall.wait_stalled(std::time::Duration::from_secs(5));
+            assert_eq!(at, Some(page.start()), "{engine}: the service stops at the touch");
+            assert_eq!(r.residency(2), Residency::None, "{engine}");
+            assert_eq!(dev.migrate_to_device(page).unwrap().migrated, 1, "{engine}");
+            dev.write(page.start(), &[0x5a; PAGE_SIZE]).unwrap();
+            assert!(!toucher.is_finished(), "{engine}: the touch waits for the service");
+            drop(stall);
+            assert_eq!(
+                toucher.join().unwrap(),
+                0x5a,
+                "{engine}: the touch reads the device's byte"
+            );
+        });
+        let mut b = vec![0u8; PAGE_SIZE];
+        r.read(2 * PAGE_SIZE, &mut b).unwrap();
+        assert!(b.iter().all(|x| *x == 0x5a), "{engine}: the page keeps the device's bytes");
+        assert_eq!(r.residency(2), Residency::System, "{engine}");
+    }
+}
+
+/// A fault-back starved of system memory several times in a row waits out
+/// its backoff (1 ms, doubling): the migration that fails wakes the
+/// touching thread, whose new fault joins the retry pending instead of
+/// trying again at once, so a starved service does not spin. The touch
+/// then completes with the page's bytes, each failure counted once.
+#[test]
+fn a_starved_fault_back_waits_out_its_backoff() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let _fork = common::fork_lock();
+    for (engine, config) in engines() {
+        let hmm = Hmm::new().unwrap();
+        let dev = SoftwareDevice::new(&hmm, config).unwrap();
+        let r = hmm.alloc(8 * PAGE_SIZE).unwrap();
+        common::fill_salted(&r, 17);
+        assert_eq!(dev.migrate_to_device(r.pages_range(3, 1).unwrap()).unwrap().migrated, 1);
+        let before = hmm.fault_stats().1;
+        dev.fail_next_copies_to_system(6);
+        let start = std::time::Instant::now();
+        let got = r.touch_read(3 * PAGE_SIZE).unwrap();
+        let waited = start.elapsed();
+        assert_eq!(got, (3 + 17u64).to_ne_bytes()[0], "{engine}");
+        assert_eq!(hmm.fault_stats().1 - before, 6, "{engine}: each failure retried once");
+        // 1 + 2 + 4 + 8 + 16 ms between the six attempts, at the least.
+        assert!(
+            waited >= std::time::Duration::from_millis(31),
+            "{engine}: the retries came {waited:?} apart in all"
+        );
+        common::check_salted(&common::cpu_bytes(&r), 0, 17, engine);
+    }
+}
+
 /// A memory cgroup made for one test (cgroup v2 where its memory controller
 /// is, else v1), removed when dropped.
 struct MemCgroup {

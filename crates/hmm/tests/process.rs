@@ -392,6 +392,55 @@ fn mremap_brings_device_pages_to_the_new_address() {
     }
 }
 
+/// `mremap` of device pages whose copy to the new address meets another
+/// change of the address space (an unmap elsewhere) that the fault service
+/// has not read yet, for longer than an install keeps trying: the forward
+/// waits for the service and tries again, rather than give the page up,
+/// and the new address reads the page's bytes.
+///
+/// Arranged with two stalls: the copy engine's, so that the copy runs only
+/// once the unmap is under way, and the fault service's (stopped at a touch
+/// of another range), so that the unmap's event stays unread meanwhile.
+#[test]
+fn a_remap_whose_copy_meets_an_unread_change_still_delivers() {
+    if common::skip_without("event-remap") {
+        return;
+    }
+    let _fork = common::fork_lock();
+    let pages = 4;
+    let hmm = Hmm::new().unwrap();
+    let config = SoftwareDeviceConfig::new("copy", 64 * PAGE_SIZE).with_copy_engine(1);
+    let dev = SoftwareDevice::new(&hmm, config).unwrap();
+    let r = hmm.alloc(pages * PAGE_SIZE).unwrap();
+    let data = pattern(pages, 11);
+    r.write(0, &data).unwrap();
+    assert_eq!(dev.migrate_to_device(r.range()).unwrap().migrated, pages);
+    let untouched = hmm.alloc(4 * PAGE_SIZE).unwrap();
+    let doomed = hmm.alloc(4 * PAGE_SIZE).unwrap();
+    let engine = dev.stall_engine();
+    let moved = remap(&r, r.range(), Remap::DontUnmap);
+    common::eventually("the forward's copy waits on the engine", || engine.held() >= 1);
+    let service = hmm.stall_next_fault();
+    std::thread::scope(|s| {
+        let toucher = s.spawn(|| untouched.touch_read(0).unwrap());
+        let at = service.wait_stalled(std::time::Duration::from_secs(5));
+        assert_eq!(at, Some(untouched.range().start()), "the service stops at the touch");
+        // Waits in the kernel until the service reads its UNMAP; the address
+        // space is changing until then.
+        let unmapper = s.spawn(|| doomed.unmap(doomed.pages_range(0, 1).unwrap()).unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        drop(engine);
+        // Longer than an install keeps trying while the address space changes.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        drop(service);
+        assert_eq!(toucher.join().unwrap(), 0);
+        unmapper.join().unwrap();
+    });
+    let mut got = vec![0u8; r.len()];
+    moved.read(0, &mut got).unwrap();
+    assert_eq!(first_wrong_page(&got, &data), None, "the new address has the data");
+}
+
 /// `mremap` of device pages whose copies to the new address first find no
 /// system memory (as in a memory cgroup at its limit): the forward tries them
 /// again until they go, rather than poison the new address. Both kinds of
