@@ -1858,6 +1858,9 @@ impl Inner {
         if self.shut_down.swap(true, Ordering::AcqRel) {
             return;
         }
+        // A stall left in place (`Hmm::stall_next_fault`) must not hold up
+        // the service, which the work below and its stop need.
+        self.fault_stall.release();
         // A copy to a forked child uses the devices: it ends first.
         self.fork_copies.wait_idle(Duration::from_secs(30));
         self.forwards.wait_idle(Duration::from_secs(30));
