@@ -313,7 +313,7 @@ fn deliver_all(inner: &Arc<Inner>, old: PageRange) {
         // Fills fail with EAGAIN while an address-space change (the UNMAP that
         // follows a moving remap) is unread: let the service read and handle
         // it first, which also says whether the old range is gone.
-        settle(inner);
+        inner.settle_events_off_service();
         for item in items {
             let at = item.range.page_addr(item.index);
             let dst = VirtAddr::new(new.start().get() + (at.get() - old.start().get()));
@@ -353,7 +353,7 @@ fn deliver(inner: &Inner, range: &Range, index: usize, dst: VirtAddr, src: Sourc
                         &inner.sink,
                         &copies,
                         |_| {
-                            settle(inner);
+                            inner.settle_events_off_service();
                             !inner.stopping.load(Ordering::Acquire) && !mem.is_failed()
                         },
                     );
@@ -431,7 +431,9 @@ fn deliver(inner: &Inner, range: &Range, index: usize, dst: VirtAddr, src: Sourc
 fn poison_new(inner: &Inner, page: PageRange) {
     for _ in 0..1000 {
         match inner.uffd.poison(page, false) {
-            Err(e) if e.kind == crate::os::uffd::FillErrorKind::Again => settle(inner),
+            Err(e) if e.kind == crate::os::uffd::FillErrorKind::Again => {
+                inner.settle_events_off_service()
+            }
             Err(e) => {
                 tracing::error!(%page, error = %e, "cannot poison an undeliverable remapped page");
                 return;
@@ -443,13 +445,4 @@ fn poison_new(inner: &Inner, page: PageRange) {
         }
     }
     tracing::error!(%page, "the address space kept changing; an undeliverable remapped page is not poisoned");
-}
-
-/// Lets the fault service read and handle the address-space changes under
-/// way, unless this is the service itself (delivering because no thread
-/// could be started), which cannot wait for itself.
-fn settle(inner: &Inner) {
-    if !crate::fault::on_service_thread() {
-        inner.settle_events();
-    }
 }

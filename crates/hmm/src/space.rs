@@ -1220,6 +1220,12 @@ impl Inner {
     /// the service starts when it handles the event, which this also waits
     /// for.) Nothing to wait for on the fault service's own thread.
     pub(crate) fn sync_device_access(&self) {
+        self.settle_events_off_service();
+    }
+
+    /// [`settle_events`](Self::settle_events), unless called on the fault
+    /// service's own thread, which cannot wait for itself.
+    pub(crate) fn settle_events_off_service(&self) {
         if !crate::fault::on_service_thread() {
             self.settle_events();
         }
