@@ -183,10 +183,9 @@ pub(crate) fn copy_to_system_retrying(
 ) -> Vec<Result<(), DmaError>> {
     let mut results: Vec<Result<(), DmaError>> = vec![Err(DmaError::NoMemory); copies.len()];
     let mut pause = std::time::Duration::from_millis(2);
+    let retry =
+        |r: &Result<(), DmaError>| matches!(r, Err(DmaError::NoMemory) | Err(DmaError::Changing));
     for round in 0u32.. {
-        let retry = |r: &Result<(), DmaError>| {
-            matches!(r, Err(DmaError::NoMemory) | Err(DmaError::Changing))
-        };
         let todo: Vec<usize> = (0..copies.len()).filter(|k| retry(&results[*k])).collect();
         if todo.is_empty() || (round > 0 && !again(round)) {
             break;

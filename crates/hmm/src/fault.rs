@@ -645,8 +645,8 @@ impl Service {
                 // that is not this range's and that the kernel has registered
                 // here: the new home of an `mremap` the kernel placed in the
                 // hole, which stays registered (see `remap`). That is plain
-                // memory, served as such; the record
-                // stays `Unmapped`, since the range's own page is gone for good.
+                // memory, served as such; the record stays `Unmapped`, since
+                // the range's own page is gone for good.
                 Residency::Unmapped => return self.zero_unmanaged(page, delay),
             }
         }

@@ -1811,6 +1811,15 @@ impl Inner {
         true
     }
 
+    /// Unregisters what is still `r`'s: a part the application unmapped
+    /// (recorded `Unmapped`) may hold other memory registered here by now,
+    /// such as the new home of an `mremap` (see `remap`).
+    fn unregister_own(&self, r: &Range) {
+        for part in mapped_runs(r) {
+            let _ = self.uffd.unregister(part);
+        }
+    }
+
     /// Brings every device page of `r` back (or frees them when `discard`), then
     /// unregisters it and removes it from the registry.
     pub(crate) fn unmanage(self: &Arc<Self>, r: &Arc<Range>) {
@@ -1850,12 +1859,7 @@ impl Inner {
             self.put_page(p);
         }
         if !self.uffd.is_closed() {
-            // Only what is still this range's: a part the application
-            // unmapped (recorded `Unmapped`) may hold other memory registered
-            // here by now, such as the new home of an `mremap` (see `remap`).
-            for part in mapped_runs(r) {
-                let _ = self.uffd.unregister(part);
-            }
+            self.unregister_own(r);
         }
     }
 
@@ -1882,12 +1886,8 @@ impl Inner {
         for dev in devs {
             let _ = self.release_device(dev);
         }
-        // Not the holes: other memory may be registered there now (see
-        // `unmanage`).
         for r in &ranges {
-            for part in mapped_runs(r) {
-                let _ = self.uffd.unregister(part);
-            }
+            self.unregister_own(r);
         }
         self.stopping.store(true, Ordering::Release);
         self.notifier.notify();
