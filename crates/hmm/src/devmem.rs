@@ -186,7 +186,8 @@ pub struct DeviceStats {
     pub bytes_to_device: u64,
     /// Bytes moved out of the device.
     pub bytes_to_system: u64,
-    /// CPU faults on this device's pages served.
+    /// CPU faults on this device's pages served, counted before the faulting
+    /// thread is woken (see [`RangeStats::cpu_faults`](crate::RangeStats::cpu_faults)).
     pub cpu_faults: u64,
     /// Pages lost because the device failed.
     pub pages_poisoned: u64,

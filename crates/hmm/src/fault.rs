@@ -91,6 +91,9 @@ pub struct CpuFault<'a> {
     page: DevicePage,
     window: PageRange,
     write: bool,
+    /// Whether the fault-back is counted already: it is counted as soon as
+    /// the faulting page has its bytes, before the thread is woken.
+    counted: bool,
 }
 
 impl std::fmt::Debug for CpuFault<'_> {
@@ -140,6 +143,11 @@ impl CpuFault<'_> {
         m.copy(engine);
         let at = (page.start().get() - first_part.start().get()) / PAGE_SIZE;
         let statuses = m.statuses();
+        if statuses.get(at) == Some(&PageStatus::Migrated) {
+            // Counted before `finalize` wakes the thread: a thread whose touch
+            // came back reads a count that includes its fault.
+            self.count();
+        }
         let report = m.finalize();
         let first = match statuses.get(at) {
             Some(PageStatus::Migrated) => Ok(()),
@@ -166,6 +174,17 @@ impl CpuFault<'_> {
             }
         }
         first
+    }
+
+    /// Counts the fault-back served, once, on the range and on the device.
+    fn count(&mut self) {
+        if std::mem::replace(&mut self.counted, true) {
+            return;
+        }
+        self.range.counters.cpu_faults.fetch_add(1, Ordering::Relaxed);
+        if let Some(mem) = self.inner.device(self.page.dev) {
+            mem.counters.cpu_faults.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -343,6 +362,9 @@ const BACKOFF_MEMORY: Duration = Duration::from_secs(1);
 /// Messages the service can hold while parked for a fork (each thread has at
 /// most one waiting).
 const PARKED_ROOM: usize = 4096;
+/// Room for retries reserved when the service starts (one per thread waiting
+/// for memory; more are allocated as needed).
+const RETRY_ROOM: usize = 64;
 /// How often a parked service looks whether the fork is over.
 const PARKED_POLL: Duration = Duration::from_millis(5);
 
@@ -384,8 +406,10 @@ impl Service {
             inner,
             events: Vec::with_capacity(64),
             parked: Vec::with_capacity(PARKED_ROOM),
-            retries: Vec::new(),
-            woken: Vec::new(),
+            // Reserved up front: a retry is made when memory is short, and
+            // the service's own allocation would then wait for memory too.
+            retries: Vec::with_capacity(RETRY_ROOM),
+            woken: Vec::with_capacity(RETRY_ROOM),
             batch: None,
             thp_src: None,
             stream: (0, 0),
@@ -493,16 +517,18 @@ impl Service {
         ok
     }
 
+    /// Wakes the retries that are due. Allocates nothing (within the room
+    /// reserved): it runs while memory is short.
     fn run_retries(&mut self) {
         let now = Instant::now();
-        let due: Vec<Retry> = {
-            let (due, later) =
-                std::mem::take(&mut self.retries).into_iter().partition(|r| r.due <= now);
-            self.retries = later;
-            due
-        };
         self.woken.retain(|(_, until)| *until > now);
-        for r in due {
+        let mut k = 0;
+        while k < self.retries.len() {
+            if self.retries[k].due > now {
+                k += 1;
+                continue;
+            }
+            let r = self.retries.swap_remove(k);
             let _ = self.inner.uffd.wake(PageRange::from_pages(r.page, 1).expect("one page"));
             self.woken.push((r, now + BACKOFF_MEMORY));
         }
@@ -813,7 +839,15 @@ impl Service {
                 PageRange::new(VirtAddr::new(lo), hi - lo).expect("inside the range")
             }
         };
-        let mut f = CpuFault { inner: &self.inner, range: r.clone(), addr, page: p, window, write };
+        let mut f = CpuFault {
+            inner: &self.inner,
+            range: r.clone(),
+            addr,
+            page: p,
+            window,
+            write,
+            counted: false,
+        };
         let mut span = crate::trace::span("CPU fault", crate::trace::Category::CpuFault);
         if let Some(s) = &mut span {
             s.arg("addr", addr.get() as u64);
@@ -827,10 +861,9 @@ impl Service {
         };
         drop(span);
         match res {
-            Ok(()) => {
-                r.counters.cpu_faults.fetch_add(1, Ordering::Relaxed);
-                mem.counters.cpu_faults.fetch_add(1, Ordering::Relaxed);
-            }
+            // A driver that brought the page back without `CpuFault::migrate`
+            // (which counts before the wake) is counted here.
+            Ok(()) => f.count(),
             Err(FaultBackError::Busy) => {
                 let _ = self.inner.uffd.wake(PageRange::from_pages(addr, 1).expect("page"));
             }

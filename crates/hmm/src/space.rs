@@ -258,9 +258,16 @@ pub struct RangeStats {
     pub migrated_to_device: u64,
     /// Pages migrated back to system memory.
     pub migrated_to_system: u64,
-    /// CPU faults on device pages served.
+    /// CPU faults on device pages served. A fault is counted before the
+    /// faulting thread is woken (by drivers that bring the page back with
+    /// [`CpuFault::migrate`](crate::CpuFault::migrate), as every driver in
+    /// this crate does), so once a touch of a device page has returned, its
+    /// fault is in the count. The rest of its fault-around window comes back
+    /// after the wake: the page counts above may still be changing then.
     pub cpu_faults: u64,
-    /// First touches of never-populated pages served.
+    /// Pages of never-populated memory filled on a first touch (the touched
+    /// page and the window around it), counted before the touching thread is
+    /// woken.
     pub zero_fills: u64,
 }
 
