@@ -878,7 +878,11 @@ fn fork_ms(size: usize) -> Result<Option<f64>, BenchError> {
     let child =
         crate::os::process::spawn_child(|| 0).map_err(|e| BenchError::Fork(e.to_string()))?;
     let ms = t.elapsed().as_secs_f64() * 1e3;
-    child.wait().map_err(|e| BenchError::Fork(format!("waiting for the child: {e}")))?;
+    match child.wait_within(Duration::from_secs(60)) {
+        Ok(crate::os::process::ChildOutcome::Exited(0)) => {}
+        Ok(out) => return Err(BenchError::Fork(format!("the forked child ended as {out:?}"))),
+        Err(e) => return Err(BenchError::Fork(format!("waiting for the child: {e}"))),
+    }
     let copied = hmm.forks().1 - before;
     if copied != (size / PAGE_SIZE) as u64 {
         return Err(BenchError::Fork(format!(

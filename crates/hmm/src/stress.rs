@@ -467,6 +467,10 @@ const UNMAP_BUDGET_DIV: usize = 4;
 /// The signal that ends a child touching a lost page.
 const SIGBUS: i32 = 7;
 
+/// How long a checking child may run before it is killed and the check
+/// fails: it reads one range, which takes milliseconds.
+const CHILD_LIMIT: Duration = Duration::from_secs(60);
+
 /// What a run may use of the kernel.
 #[derive(Debug, Clone, Copy)]
 struct Support {
@@ -799,7 +803,7 @@ impl<'a> Worker<'a> {
     /// touch kills it with `SIGBUS`).
     fn expect_sigbus(&self, at: usize, len: usize) -> Result<(), String> {
         let r = self.r;
-        let out = run_in_child(|| {
+        let out = run_in_child(CHILD_LIMIT, || {
             let mut b = vec![0u8; len];
             match r.read(at, &mut b) {
                 Ok(()) => 0,
@@ -999,7 +1003,7 @@ fn run_in_child_telling(
     f: impl FnOnce(&mut dyn Write) -> i32,
 ) -> Result<(ChildOutcome, String), String> {
     let (mut said, tell) = std::io::pipe().map_err(|e| format!("a pipe: {e}"))?;
-    let out = run_in_child(|| {
+    let out = run_in_child(CHILD_LIMIT, || {
         let mut tell = &tell;
         f(&mut tell)
     })

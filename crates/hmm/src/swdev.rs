@@ -745,7 +745,12 @@ impl PageSnapshot {
 pub struct MirrorStats {
     /// Device faults taken (`range_fault` calls that filled entries).
     pub faults: u64,
-    /// Invalidation callbacks received.
+    /// Invalidation callbacks received. An `munmap`, `mremap` or `madvise`
+    /// of mirrored memory reaches the mirror through an event the fault
+    /// service handles after the call has returned: its invalidation is
+    /// counted by the time a device access (a read, write, job or device
+    /// fault) that begins after the call has begun, not necessarily when the
+    /// call returns.
     pub invalidations: u64,
     /// Entries in the page table now.
     pub entries: usize,

@@ -119,7 +119,7 @@ fn fork_with_coherent_pages_isolates_parent_and_child() {
     let r = hmm.alloc(32 * PAGE_SIZE).unwrap();
     fill(&r, 40);
     assert_eq!(dev.migrate_to_device(r.range()).unwrap().migrated, 32);
-    let out = hmm::os::process::run_in_child(|| {
+    let out = hmm::os::process::run_in_child(common::CHILD_LIMIT, || {
         // The child's view: the data at fork time, in memory of its own.
         let mut b = vec![0u8; r.len()];
         if r.mapping().read(0, &mut b).is_err() {
@@ -160,7 +160,7 @@ fn a_failed_coherent_device_poisons_exactly_its_pages() {
         return;
     }
     let _fork = common::fork_lock();
-    let out = hmm::os::process::run_in_child(|| {
+    let out = hmm::os::process::run_in_child(common::CHILD_LIMIT, || {
         let Ok(hmm) = Hmm::new() else { return 2 };
         let cxl = coherent(&hmm, 16);
         let Ok(other) = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("p", 16 * PAGE_SIZE))

@@ -257,7 +257,7 @@ fn fork_child_is_not_mirrored_by_the_parents_device() {
     r.fill(0, r.len(), 0x11).unwrap();
     let (bytes, _) = dev.read(r.range()).unwrap();
     assert!(bytes.iter().all(|b| *b == 0x11), "the device maps the parent's pages");
-    let out = hmm::os::process::run_in_child(|| {
+    let out = hmm::os::process::run_in_child(common::CHILD_LIMIT, || {
         // The child writes its copy; reads its own bytes back.
         r.fill(0, r.len(), 0x22).unwrap();
         let mut b = vec![0u8; r.len()];

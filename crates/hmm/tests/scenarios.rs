@@ -444,7 +444,7 @@ fn open_close() {
         return;
     }
     let _fork = common::fork_lock();
-    let out = hmm::os::process::run_in_child(|| {
+    let out = hmm::os::process::run_in_child(common::CHILD_LIMIT, || {
         let threads = || std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count());
         let Ok(hmm) = Hmm::new() else { return 2 };
         let before = (threads(), hmm.notifier_count());
@@ -1003,7 +1003,10 @@ fn anon_write_child_case(migrated: bool, huge: bool) {
     if migrated {
         assert_eq!(dev.migrate_to_device(r.range()).unwrap().migrated, NPAGES);
     }
-    let out = hmm::os::process::run_in_child(|| child_writes_neg_index(r.mapping(), true)).unwrap();
+    let out = hmm::os::process::run_in_child(common::CHILD_LIMIT, || {
+        child_writes_neg_index(r.mapping(), true)
+    })
+    .unwrap();
     assert_eq!(
         out,
         hmm::os::process::ChildOutcome::Exited(0),
@@ -1036,7 +1039,9 @@ fn anon_write_child_shared() {
     let _fork = common::fork_lock();
     let m = Mapping::shared_anonymous(NPAGES * PAGE_SIZE, Protection::ReadWrite).unwrap();
     m.write(0, &index_bytes(NPAGES, 0)).unwrap();
-    let out = hmm::os::process::run_in_child(|| child_writes_neg_index(&m, true)).unwrap();
+    let out =
+        hmm::os::process::run_in_child(common::CHILD_LIMIT, || child_writes_neg_index(&m, true))
+            .unwrap();
     assert_eq!(out, hmm::os::process::ChildOutcome::Exited(0));
     let mut got = vec![0u8; m.len()];
     m.read(0, &mut got).unwrap();

@@ -239,7 +239,7 @@ fn poison_makes_a_touch_end_in_sigbus() {
     }
     let _g = fork_lock();
     // The child sets up, poisons page 0 and touches it: it must die of SIGBUS.
-    let touch_poisoned = run_in_child(|| {
+    let touch_poisoned = run_in_child(common::CHILD_LIMIT, || {
         let uffd = open(Features::POISON);
         let m = anon(2);
         uffd.register(&m, m.range(), RegisterMode::MISSING).unwrap();
@@ -249,7 +249,7 @@ fn poison_makes_a_touch_end_in_sigbus() {
     .unwrap();
     assert_eq!(touch_poisoned, ChildOutcome::Signaled(SIGBUS));
     // The same, touching only the page beside it: exactly the poisoned page faults.
-    let touch_neighbour = run_in_child(|| {
+    let touch_neighbour = run_in_child(common::CHILD_LIMIT, || {
         let uffd = open(Features::POISON);
         let m = anon(2);
         uffd.register(&m, m.range(), RegisterMode::MISSING).unwrap();
@@ -293,7 +293,10 @@ fn fork_event_hands_over_a_descriptor_that_serves_the_child() {
                 }
             }
         },
-        || run_in_child(|| i32::from(m.touch_read(PAGE_SIZE).unwrap())).unwrap(),
+        || {
+            run_in_child(common::CHILD_LIMIT, || i32::from(m.touch_read(PAGE_SIZE).unwrap()))
+                .unwrap()
+        },
     );
     assert_eq!(events.len(), 1);
     assert!(matches!(events[0], UffdEvent::Fork { .. }), "got {:?}", events[0]);

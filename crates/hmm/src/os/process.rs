@@ -1,6 +1,7 @@
 //! Processes: running a closure in a forked child, thread ids, identity.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::time::{Duration, Instant};
 
 use rustix::io::Errno;
 use rustix::process::{Pid, WaitOptions};
@@ -12,6 +13,9 @@ pub enum ChildOutcome {
     Exited(i32),
     /// A signal killed it (for example `SIGBUS` = 7 from a poisoned page).
     Signaled(i32),
+    /// It was still running when the time it was given ran out, and was
+    /// killed (`SIGKILL`) and reaped.
+    TimedOut(Duration),
 }
 
 /// Exit status of a child whose closure panicked.
@@ -30,10 +34,25 @@ impl Child {
         self.pid.as_raw_nonzero().get()
     }
 
-    /// Waits for the child to end.
-    pub fn wait(mut self) -> Result<ChildOutcome, Errno> {
-        self.reaped = true;
-        wait_for(self.pid)
+    /// Waits up to `limit` for the child to end. A child still running then
+    /// is killed and reaped, and the outcome is [`ChildOutcome::TimedOut`]:
+    /// a parent never waits for ever on a child that hangs.
+    pub fn wait_within(mut self, limit: Duration) -> Result<ChildOutcome, Errno> {
+        let deadline = Instant::now() + limit;
+        let mut pause = Duration::from_micros(50);
+        loop {
+            if let Some(out) = try_wait(self.pid)? {
+                self.reaped = true;
+                return Ok(out);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                // Dropping the handle kills and reaps the child.
+                return Ok(ChildOutcome::TimedOut(limit));
+            }
+            std::thread::sleep(pause.min(deadline - now));
+            pause = (pause * 2).min(Duration::from_millis(5));
+        }
     }
 }
 
@@ -50,8 +69,8 @@ impl Drop for Child {
 
 /// Forks and runs `f` in the child, which then exits with its result (as
 /// [`run_in_child`]), but returns at once: the parent and the child run side
-/// by side until [`Child::wait`] reaps the child (dropping the handle kills
-/// and reaps it).
+/// by side until [`Child::wait_within`] reaps the child (dropping the handle
+/// kills and reaps it).
 pub fn spawn_child<F: FnOnce() -> i32>(f: F) -> Result<Child, Errno> {
     // SAFETY: `fork` is called through the C library so that its at-fork handlers
     // keep the allocator and thread bookkeeping consistent in the child.
@@ -87,30 +106,49 @@ pub fn at_fork(
 }
 
 /// Forks, runs `f` in the child and exits the child with its result (without
-/// running exit handlers or returning into the caller's frames), then waits for
-/// the child and returns how it ended.
+/// running exit handlers or returning into the caller's frames), then waits up
+/// to `limit` for the child and returns how it ended: a child still running
+/// then is killed, and the outcome is [`ChildOutcome::TimedOut`].
 ///
 /// The child is a copy of this process with only the calling thread: `f` must
 /// not wait on locks that other threads of the parent may have held at the fork
 /// (printing to a shared stream, for example). Memory allocation is safe: the C
 /// library takes its allocator locks around `fork`. If the parent's registrations
 /// have `UFFD_FEATURE_EVENT_FORK`, the fork blocks until the FORK event is read.
-pub fn run_in_child<F: FnOnce() -> i32>(f: F) -> Result<ChildOutcome, Errno> {
-    spawn_child(f)?.wait()
+pub fn run_in_child<F: FnOnce() -> i32>(limit: Duration, f: F) -> Result<ChildOutcome, Errno> {
+    spawn_child(f)?.wait_within(limit)
 }
 
+/// How `pid` ended, once it has: blocks until it does.
 fn wait_for(pid: Pid) -> Result<ChildOutcome, Errno> {
     loop {
-        match rustix::process::waitpid(Some(pid), WaitOptions::empty()) {
+        if let Some(out) = reap(pid, WaitOptions::empty())? {
+            return Ok(out);
+        }
+    }
+}
+
+/// How `pid` ended, if it has; `None` while it runs.
+fn try_wait(pid: Pid) -> Result<Option<ChildOutcome>, Errno> {
+    reap(pid, WaitOptions::NOHANG)
+}
+
+fn reap(pid: Pid, options: WaitOptions) -> Result<Option<ChildOutcome>, Errno> {
+    loop {
+        match rustix::process::waitpid(Some(pid), options) {
             Ok(Some((_, status))) => {
                 if let Some(sig) = status.terminating_signal() {
-                    return Ok(ChildOutcome::Signaled(sig));
+                    return Ok(Some(ChildOutcome::Signaled(sig)));
                 }
                 if let Some(code) = status.exit_status() {
-                    return Ok(ChildOutcome::Exited(code));
+                    return Ok(Some(ChildOutcome::Exited(code)));
+                }
+                // Stopped or continued: not an end; look again.
+                if options.contains(WaitOptions::NOHANG) {
+                    return Ok(None);
                 }
             }
-            Ok(None) => {}
+            Ok(None) => return Ok(None),
             Err(Errno::INTR) => {}
             Err(e) => return Err(e),
         }
@@ -143,7 +181,22 @@ mod tests {
 
     #[test]
     fn child_exit_codes_and_panics_are_reported() {
-        assert_eq!(run_in_child(|| 3).unwrap(), ChildOutcome::Exited(3));
-        assert_eq!(run_in_child(|| panic!("boom")).unwrap(), ChildOutcome::Exited(CHILD_PANICKED));
+        let limit = Duration::from_secs(30);
+        assert_eq!(run_in_child(limit, || 3).unwrap(), ChildOutcome::Exited(3));
+        assert_eq!(
+            run_in_child(limit, || panic!("boom")).unwrap(),
+            ChildOutcome::Exited(CHILD_PANICKED)
+        );
+    }
+
+    #[test]
+    fn a_child_past_its_time_is_killed_and_reported() {
+        let limit = Duration::from_millis(200);
+        let out = run_in_child(limit, || {
+            std::thread::sleep(Duration::from_secs(600));
+            0
+        })
+        .unwrap();
+        assert_eq!(out, ChildOutcome::TimedOut(limit));
     }
 }

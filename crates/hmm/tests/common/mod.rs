@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+use std::io::Read;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::sync::{Barrier, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -32,6 +34,11 @@ pub fn skip_without(feature: &str) -> bool {
         true
     }
 }
+
+/// How long a forked child of a test may run before it is killed and its
+/// outcome is `ChildOutcome::TimedOut`: children read or write a few
+/// megabytes, which takes well under a second even on a loaded machine.
+pub const CHILD_LIMIT: Duration = Duration::from_secs(60);
 
 static FORK_LOCK: Mutex<()> = Mutex::new(());
 
@@ -177,4 +184,40 @@ pub fn cpu_bytes(r: &hmm::ManagedRange) -> Vec<u8> {
     let mut b = vec![0u8; r.len()];
     r.read(0, &mut b).unwrap();
     b
+}
+
+/// Why [`PipeBytes::next_within`] has no byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PipeEnd {
+    /// Every write end is closed (the writer exited) and nothing is left.
+    Closed,
+    /// Nothing came within the time given.
+    TimedOut(Duration),
+}
+
+/// The bytes a child process writes to a pipe, read with a deadline: a
+/// thread reads the pipe (a plain `read` has no deadline) and hands each
+/// byte over. The thread ends when every write end is closed, as when the
+/// child exits or is killed.
+pub struct PipeBytes {
+    bytes: Receiver<u8>,
+}
+
+impl PipeBytes {
+    pub fn new(mut pipe: std::io::PipeReader) -> Self {
+        let (tx, bytes) = channel();
+        thread::spawn(move || {
+            let mut b = [0u8];
+            while pipe.read_exact(&mut b).is_ok() && tx.send(b[0]).is_ok() {}
+        });
+        Self { bytes }
+    }
+
+    /// The next byte, waiting at most `limit` for it.
+    pub fn next_within(&self, limit: Duration) -> Result<u8, PipeEnd> {
+        self.bytes.recv_timeout(limit).map_err(|e| match e {
+            RecvTimeoutError::Timeout => PipeEnd::TimedOut(limit),
+            RecvTimeoutError::Disconnected => PipeEnd::Closed,
+        })
+    }
 }
