@@ -5,6 +5,9 @@
 
 mod common;
 
+use std::io::Write;
+use std::time::{Duration, Instant};
+
 use hmm::os::process::{ChildOutcome, run_in_child};
 use hmm::{
     DmaError, Hmm, ManagedRange, PAGE_SIZE, Residency, Selection, SkipReason, SoftwareDevice,
@@ -24,7 +27,7 @@ fn engines() -> [(&'static str, SoftwareDeviceConfig); 2] {
 /// ends in SIGBUS (in a child).
 fn assert_all_lost(r: &ManagedRange, touch: usize, engine: &str) {
     assert!(r.residencies().iter().all(|x| *x == Residency::Poisoned), "{engine}");
-    let out = run_in_child(|| {
+    let out = run_in_child(common::CHILD_LIMIT, || {
         let _ = r.touch_read(touch * PAGE_SIZE);
         0
     })
@@ -259,7 +262,8 @@ struct MemCgroup {
 impl MemCgroup {
     fn create() -> Result<Self, String> {
         use std::path::Path;
-        let name = format!("hmm-test-{}", std::process::id());
+        const PREFIX: &str = "hmm-test-";
+        let name = format!("{PREFIX}{}", std::process::id());
         let unified = Path::new("/sys/fs/cgroup");
         let controllers = std::fs::read_to_string(unified.join("cgroup.controllers"));
         let (dir, v2) = if controllers.is_ok_and(|c| c.split_whitespace().any(|w| w == "memory")) {
@@ -270,6 +274,17 @@ impl MemCgroup {
         } else {
             return Err("no memory cgroup controller is mounted".into());
         };
+        // Those of test processes that were killed (a run past its bound
+        // kills the test before its drop runs), empty now that they are gone.
+        if let Ok(entries) = std::fs::read_dir(dir.parent().expect("under a hierarchy")) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some(pid) = name.strip_prefix(PREFIX) else { continue };
+                if !Path::new("/proc").join(pid).exists() {
+                    let _ = std::fs::remove_dir(e.path());
+                }
+            }
+        }
         std::fs::create_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let cg = MemCgroup { dir, v2 };
         if !cg.file(if v2 { "memory.max" } else { "memory.limit_in_bytes" }).exists() {
@@ -349,15 +364,26 @@ impl Drop for MemCgroup {
 /// fault-back (counted in `fault_stats`) and the touching thread waits until
 /// memory can be had; then every page reads its bytes.
 ///
-/// The child makes one round trip before it is limited, so that the fault
-/// service's own stack and heap have grown to what this work needs: at the
-/// limit, a page fault of the service itself would wait in the kernel rather
-/// than be refused and retried, and the retry path would go untested.
-///
 /// The cgroup has the OOM killer off (cgroup v1's `oom_kill_disable`; under
 /// v2 the process runs with `oom_score_adj` -1000), so that the kernel
-/// refuses the charge (`ENOMEM`) rather than kill a task: where the OOM
-/// killer may act, it does what it does for any process out of memory.
+/// refuses the charge of an installed page (`ENOMEM`) rather than kill a
+/// task: where the OOM killer may act, it does what it does for any process
+/// out of memory. But a page fault of the limited process's own memory (a
+/// stack growing, a heap page touched for the first time) then waits in the
+/// kernel until memory is freed or the limit lifted, and only the parent
+/// lifts it. So the child is sound by construction: everything it needs
+/// under the limit exists, and has been touched, before the limit is set.
+/// - Its threads: the reader (the child's main thread) and the watcher that
+///   tells the parent the fault-back starved. The watcher is spawned, and
+///   runs its loop once, before the limit; a thread spawned under the limit
+///   allocates its stack and bookkeeping there, and waits for ever.
+/// - The fault service's stack and heap and the copy engine's: one round trip
+///   of every page before the limit grows them to what this work needs.
+/// - The buffers and pipes: made, and the pipes written once, before.
+///
+/// The parent waits for every message with a deadline and lifts the limit
+/// before it judges anything, so a child stuck at the limit fails the test
+/// with what it did not say, and is killed, instead of hanging it.
 #[test]
 fn system_memory_running_out_during_a_fault_back_waits_for_memory() {
     if common::skip_without_uffd() {
@@ -376,6 +402,8 @@ fn system_memory_running_out_during_a_fault_back_waits_for_memory() {
     };
     let _fork = common::fork_lock();
     const PAGES: usize = 512;
+    /// How long the watcher waits for a fault-back to starve.
+    const STARVE_WITHIN: Duration = Duration::from_secs(20);
     // Charges over the limit fail rather than call the OOM killer: cgroup v1
     // says so per cgroup; v2 cannot, and the child asks for it for itself.
     let v2 = cg.v2;
@@ -383,10 +411,10 @@ fn system_memory_running_out_during_a_fault_back_waits_for_memory() {
         cg.write("memory.oom_control", "1");
     }
     // The child says when it is set up ('r'), then, limited, when its
-    // fault-back starves ('s', or 'n' if it never does within 20 s): the
-    // limit is lifted then.
-    let (mut from_child, mut to_parent) = std::io::pipe().unwrap();
-    let (mut go_r, mut go_w) = std::io::pipe().unwrap();
+    // fault-back starves ('s', or 'n' if it never does): the limit is lifted
+    // then. The parent says "go" once to each of the child's two threads.
+    let (from_child, to_parent) = std::io::pipe().unwrap();
+    let (go_r, mut go_w) = std::io::pipe().unwrap();
     let child = hmm::os::process::spawn_child(move || {
         use std::io::{Read, Write};
         let setup = || -> Result<_, hmm::HmmError> {
@@ -397,9 +425,7 @@ fn system_memory_running_out_during_a_fault_back_waits_for_memory() {
             let r = hmm.alloc(PAGES * PAGE_SIZE)?;
             common::fill_salted(&r, 5);
             // One round trip first, so that the fault service's own memory
-            // (its stack, its heap) is already as large as this work needs:
-            // under the limit, a page fault of the service itself would wait
-            // in the kernel like any other thread's.
+            // (its stack, its heap) is already as large as this work needs.
             dev.migrate_to_device(r.range())?;
             let mut all = vec![0u8; r.len()];
             r.read(0, &mut all)?;
@@ -412,20 +438,38 @@ fn system_memory_running_out_during_a_fault_back_waits_for_memory() {
             return 4;
         }
         let mut page = vec![0u8; PAGE_SIZE];
-        let mut byte = [0u8];
-        if to_parent.write_all(b"r").is_err() || go_r.read_exact(&mut byte).is_err() {
-            return 5;
-        }
-        // Limited from here on: nothing below allocates.
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-                while hmm.fault_stats().1 == 0 && std::time::Instant::now() < deadline {
-                    std::thread::sleep(std::time::Duration::from_millis(1));
+        let watch = |wait_for_go: bool| -> u8 {
+            let mut byte = [0u8];
+            if wait_for_go && (&go_r).read_exact(&mut byte).is_err() {
+                return b'x';
+            }
+            let deadline = Instant::now() + STARVE_WITHIN;
+            while hmm.fault_stats().1 == 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+                if !wait_for_go {
+                    break;
                 }
-                let starved = if hmm.fault_stats().1 > 0 { b"s" } else { b"n" };
-                let _ = to_parent.write_all(starved);
+            }
+            if hmm.fault_stats().1 > 0 { b's' } else { b'n' }
+        };
+        std::thread::scope(|s| {
+            let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<()>(1);
+            let to_parent = &to_parent;
+            s.spawn(move || {
+                // Its loop once, unlimited: the stack it needs is touched now.
+                let _ = watch(false);
+                let _ = ready_tx.send(());
+                let said = watch(true);
+                let _ = { to_parent }.write_all(&[said]);
             });
+            let mut byte = [0u8];
+            if ready_rx.recv_timeout(Duration::from_secs(30)).is_err()
+                || { to_parent }.write_all(b"r").is_err()
+                || (&go_r).read_exact(&mut byte).is_err()
+            {
+                return 5;
+            }
+            // Limited from here on: nothing below allocates.
             for i in 0..PAGES {
                 if r.read(i * PAGE_SIZE, &mut page).is_err() {
                     return 6;
@@ -440,31 +484,34 @@ fn system_memory_running_out_during_a_fault_back_waits_for_memory() {
     })
     .unwrap();
     // The child's ends went with the closure.
-    use std::io::{Read, Write};
-    let mut byte = [0u8];
-    if from_child.read_exact(&mut byte).is_err() {
-        match child.wait() {
+    let said = common::PipeBytes::new(from_child);
+    match said.next_within(Duration::from_secs(60)) {
+        Ok(b'r') => {}
+        Err(common::PipeEnd::Closed) => match child.wait_within(Duration::from_secs(10)) {
             Ok(ChildOutcome::Exited(4)) => {
                 eprintln!("SKIP: cgroup v2 needs oom_score_adj -1000 (CAP_SYS_RESOURCE)");
                 return;
             }
             out => panic!("the child ended before its set-up was done: {out:?}"),
-        }
+        },
+        other => panic!("the child did not say it was set up within 60 s: {other:?}"),
     }
     cg.add(child.pid());
     // Room for a quarter of the pages beyond what is charged now.
     cg.limit(Some(cg.usage() + (PAGES / 4 * PAGE_SIZE) as u64));
-    go_w.write_all(b"g").unwrap();
-    let starved = from_child.read_exact(&mut byte).map(|()| byte[0]);
+    go_w.write_all(b"gg").unwrap();
+    let starved = said.next_within(STARVE_WITHIN + Duration::from_secs(30));
     let hit = cg.failures();
+    // Lifted before anything is judged: a child waiting at the limit goes on.
     cg.limit(None);
-    let out = child.wait().unwrap();
+    let out = child.wait_within(Duration::from_secs(60)).unwrap();
     assert_eq!(out, ChildOutcome::Exited(0), "1: wrong bytes, 3-6: set-up failed");
     assert!(hit > 0, "the limit was never reached");
     assert_eq!(
-        starved.ok(),
-        Some(b's'),
-        "no fault-back starved and was retried (did the fault service wait on a page fault of its own?)"
+        starved,
+        Ok(b's'),
+        "no fault-back starved and was retried within {STARVE_WITHIN:?} ('n'), or the \
+         watcher said nothing (did a thread of the child wait on a page fault of its own?)"
     );
 }
 
@@ -484,7 +531,7 @@ fn a_fork_copy_short_of_memory_is_retried() {
         common::fill_salted(&r, 11);
         assert_eq!(dev.migrate_to_device(r.range()).unwrap().migrated, 32, "{engine}");
         dev.fail_next_copies_to_system(3);
-        let out = run_in_child(|| {
+        let out = run_in_child(common::CHILD_LIMIT, || {
             let mut b = vec![0u8; r.len()];
             if r.read(0, &mut b).is_err() {
                 return 2;
