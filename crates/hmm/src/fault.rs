@@ -220,10 +220,55 @@ pub(crate) fn start(inner: Arc<Inner>) -> std::io::Result<JoinHandle<()>> {
         }
         ON_SERVICE.with(|c| c.set(true));
         let _ = tx.send(());
-        Service::new(inner).run();
+        let exited = inner.service_exited.clone();
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Service::new(inner).run();
+        }));
+        if let Err(e) = run {
+            // Every thread waiting on a fault would wait for ever, and
+            // closing the descriptor instead would hand them zero pages
+            // where their data lives on a device: stop the process, loudly.
+            let what = e
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| e.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(panic = %what, "the fault service panicked; aborting");
+            eprintln!(
+                "hmm: the fault service panicked ({what}); aborting: threads waiting on \
+                 faults could never be served"
+            );
+            std::process::abort();
+        }
+        exited.set();
     })?;
     let _ = rx.recv();
     Ok(h)
+}
+
+/// A flag set once, with a wait for it that has a deadline (a thread's
+/// `join` has none).
+#[derive(Debug, Default)]
+pub(crate) struct Signal {
+    set: Mutex<bool>,
+    changed: Condvar,
+}
+
+impl Signal {
+    pub(crate) fn set(&self) {
+        *self.set.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.changed.notify_all();
+    }
+
+    /// Waits up to `limit` for the flag; returns whether it was set.
+    pub(crate) fn wait(&self, limit: Duration) -> bool {
+        let g = self.set.lock().unwrap_or_else(|e| e.into_inner());
+        let (g, _) = self
+            .changed
+            .wait_timeout_while(g, limit, |set| !*set)
+            .unwrap_or_else(|e| e.into_inner());
+        *g
+    }
 }
 
 /// The batches of messages the service reads, numbered, so that a thread can
@@ -952,6 +997,7 @@ impl Service {
             left && now < *until
         });
         self.discarded = pending;
+        self.inner.discards_pending.store(self.discarded.len(), Ordering::Release);
     }
 
     /// The application discarded (`MADV_DONTNEED`, `MADV_FREE`,
@@ -971,6 +1017,7 @@ impl Service {
                 if held.contains(&true) {
                     let part = PageRange::from_pages(r.page_addr(a), b - a).expect("inside");
                     self.discarded.push((part, Instant::now() + DISCARD_RECHECK));
+                    self.inner.discards_pending.store(self.discarded.len(), Ordering::Release);
                 }
                 t[a..b]
                     .iter_mut()

@@ -75,7 +75,7 @@ pub use os::arena::ArenaError;
 pub use page::{DeviceId, DevicePage, Residency};
 pub use space::{
     AdoptRefusal, Arena, FaultStall, Hmm, HmmConfig, HmmError, ManagedRange, MirroredRange, Pin,
-    RangeStats, Residence,
+    RangeStats, Residence, Unsettled,
 };
 pub use swdev::{
     DeviceContext, DeviceEntry, EngineKind, EngineStall, MirrorStats, OpCounters, PageSnapshot,

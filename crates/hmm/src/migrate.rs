@@ -1064,7 +1064,7 @@ impl Migration {
         //    touched the range meanwhile and wait in the kernel (they retry and
         //    find the page, or fault again on its new home).
         self.inner.put_pages(&put);
-        let _ = self.inner.uffd.wake(self.range);
+        // The counters too, so that a woken thread reads them with its pages.
         let c = &self.rec.counters;
         if let Selection::Peer(from) = self.select
             && let Some(src) = self.inner.device(from)
@@ -1085,6 +1085,7 @@ impl Migration {
                 }
             }
         }
+        let _ = self.inner.uffd.wake(self.range);
         let mut report = MigrationReport::default();
         for (k, s) in self.slots.iter().enumerate() {
             match &s.status {

@@ -59,6 +59,29 @@ impl HmmConfig {
     pub const MAX_FAULT_AROUND: usize = 512;
 }
 
+/// What [`Hmm::settle`] found still under way when its time ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Unsettled {
+    /// An address-space change whose event the kernel has not handed over:
+    /// the fault service is not reading (stalled, or a fork holds it parked).
+    #[error("address-space changes are still pending (is the fault service stalled?)")]
+    Changes,
+    /// Messages read but not yet handled: the fault service is busy (a
+    /// fault-back waiting for memory, a slow device) or stalled.
+    #[error("the fault service has not handled the messages it read")]
+    Messages,
+    /// Pages of an `mremap` still on their way to the new address.
+    #[error("remapped pages are still on their way to their new address")]
+    Forwards,
+    /// Device pages still being copied into a forked child.
+    #[error("device pages are still being copied into a forked child")]
+    ForkCopies,
+    /// Discarded pages whose page-table entries the service is still
+    /// looking at (for at most 100 ms after the discard).
+    #[error("discarded pages are still being looked at")]
+    Discards,
+}
+
 /// Errors of the address-space operations.
 #[derive(Debug, thiserror::Error)]
 pub enum HmmError {
@@ -104,6 +127,14 @@ pub enum HmmError {
         range: PageRange,
         /// What failed.
         error: String,
+    },
+    /// [`Hmm::settle`] ran out of time.
+    #[error("hmm did not settle within {limit:?}: {what}")]
+    Unsettled {
+        /// What was still under way.
+        what: Unsettled,
+        /// The time it was given.
+        limit: Duration,
     },
     /// Pages stayed on a device through repeated eviction (each was caught in
     /// another migration every time).
@@ -493,10 +524,19 @@ pub(crate) struct Inner {
     /// Pages moved by the application's `mremap` on their way to the new
     /// address.
     pub(crate) forwards: crate::remap::Forwards,
+    /// Discards the fault service is still looking at again (see
+    /// `fault::Service::recheck_discarded`): only the service writes it.
+    pub(crate) discards_pending: std::sync::atomic::AtomicUsize,
     vma_query: OnceLock<VmaQuery>,
     pagemap: OnceLock<Pagemap>,
     service: Mutex<Option<JoinHandle<()>>>,
+    /// Set by the fault service as it returns: shutdown waits for it with
+    /// a deadline before it joins the thread.
+    pub(crate) service_exited: Arc<crate::fault::Signal>,
 }
+
+/// How long shutdown waits for the fault service to stop.
+const SERVICE_STOP: Duration = Duration::from_secs(30);
 
 impl fmt::Debug for Inner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -610,7 +650,9 @@ impl Hmm {
             fork_installs: Default::default(),
             vma_query: OnceLock::new(),
             pagemap: OnceLock::new(),
+            discards_pending: std::sync::atomic::AtomicUsize::new(0),
             service: Mutex::new(None),
+            service_exited: Arc::new(crate::fault::Signal::default()),
         });
         let handle = crate::fault::start(inner.clone()).map_err(HmmError::Thread)?;
         *inner.service.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
@@ -982,6 +1024,29 @@ impl Hmm {
         FaultStall { gate: self.inner.fault_stall.clone() }
     }
 
+    /// Waits, up to `limit`, until hmm has finished everything it does on its
+    /// own threads for what happened before the call: every address-space
+    /// change of managed memory (`munmap`, `mremap`, `madvise`, fork) handled
+    /// by the fault service, every CPU fault it read served with its whole
+    /// fault-around window, every page of an `mremap` delivered to its new
+    /// address, every copy into a forked child done, every discarded page's
+    /// record final.
+    ///
+    /// A touch of a device page returns once the page itself is back, while
+    /// the rest of its window is still coming back; `munmap` returns once
+    /// its event is read, before hmm has freed the device pages. So what
+    /// [`ManagedRange::residency`], the stats and the residency map say right
+    /// after such a call may still change. After `settle` returns `Ok`, they
+    /// describe everything that happened before it (pages other threads
+    /// move meanwhile move as usual).
+    ///
+    /// Returns at once on hmm's fault service thread (a driver callback),
+    /// which cannot wait for itself. [`HmmError::Unsettled`] says what was
+    /// still under way when `limit` ran out.
+    pub fn settle(&self, limit: Duration) -> Result<(), HmmError> {
+        self.inner.settle_within(limit).map_err(|what| HmmError::Unsettled { what, limit })
+    }
+
     /// CPU faults the fault service read, and fault-backs retried because system
     /// memory could not be had.
     pub fn fault_stats(&self) -> (u64, u64) {
@@ -1200,19 +1265,62 @@ impl Inner {
     /// (or a process that never stops unmapping) is logged, not waited on.
     pub(crate) fn settle_events(&self) {
         const LIMIT: Duration = Duration::from_secs(2);
-        let deadline = std::time::Instant::now() + LIMIT;
+        match self.settle_events_within(LIMIT) {
+            Ok(()) => {}
+            Err(Unsettled::Changes) => {
+                tracing::warn!("address-space changes stayed pending for {LIMIT:?}")
+            }
+            Err(_) => {
+                tracing::warn!("the fault service did not handle its messages within {LIMIT:?}")
+            }
+        }
+    }
+
+    /// [`settle_events`](Self::settle_events), within `limit`: says what
+    /// was still under way when it ran out.
+    pub(crate) fn settle_events_within(&self, limit: Duration) -> Result<(), Unsettled> {
+        let deadline = std::time::Instant::now() + limit;
         let mut pause = Duration::from_micros(20);
         while self.uffd.changes_pending().unwrap_or(false) {
             if std::time::Instant::now() >= deadline {
-                tracing::warn!("address-space changes stayed pending for {LIMIT:?}");
-                break;
+                return Err(Unsettled::Changes);
             }
             std::thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_millis(1));
         }
-        if !self.batches.wait_handled(LIMIT) {
-            tracing::warn!("the fault service did not handle its messages within {LIMIT:?}");
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if !self.batches.wait_handled(left) {
+            return Err(Unsettled::Messages);
         }
+        Ok(())
+    }
+
+    /// Everything the fault service and hmm's other threads do on the
+    /// application's behalf, done (see [`Hmm::settle`]).
+    pub(crate) fn settle_within(&self, limit: Duration) -> Result<(), Unsettled> {
+        if crate::fault::on_service_thread() {
+            return Ok(());
+        }
+        let deadline = std::time::Instant::now() + limit;
+        let left = || deadline.saturating_duration_since(std::time::Instant::now());
+        self.settle_events_within(left())?;
+        if !self.forwards.wait_idle(left()) {
+            return Err(Unsettled::Forwards);
+        }
+        if !self.fork_copies.wait_idle(left()) {
+            return Err(Unsettled::ForkCopies);
+        }
+        // Discarded pages the page table still held when their event was
+        // handled: looked at again until they are gone, or for 100 ms.
+        let mut pause = Duration::from_micros(50);
+        while self.discards_pending.load(Ordering::Acquire) > 0 {
+            if std::time::Instant::now() >= deadline {
+                return Err(Unsettled::Discards);
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(1));
+        }
+        Ok(())
     }
 
     /// Called as a device access begins (a device fault, a software device's
@@ -1799,6 +1907,7 @@ impl Inner {
         let one = PageRange::from_pages(addr, 1).expect("one page");
         // Mirrors first: the page's contents are about to be lost.
         let _inv = self.notifiers.start(one, InvalidationEvent::Clear);
+        let mem = self.device(page.dev);
         let mut t = r.lock();
         if t[i].device_page() != Some(page) || t[i].is_migrating() {
             return false;
@@ -1808,12 +1917,14 @@ impl Inner {
             tracing::error!(%addr, "UFFDIO_POISON unavailable: the page stays lost on a failed device");
             return false;
         }
-        t[i].poison().expect("device page, not migrating");
-        drop(t);
+        // Counted before the record says so: whoever sees the page poisoned
+        // sees it counted.
         r.counters.pages_poisoned.fetch_add(1, Ordering::Relaxed);
-        if let Some(mem) = self.device(page.dev) {
+        if let Some(mem) = &mem {
             mem.counters.pages_poisoned.fetch_add(1, Ordering::Relaxed);
         }
+        t[i].poison().expect("device page, not migrating");
+        drop(t);
         self.put_page(page);
         true
     }
@@ -1899,7 +2010,15 @@ impl Inner {
         self.stopping.store(true, Ordering::Release);
         self.notifier.notify();
         if let Some(h) = self.service.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            let _ = h.join();
+            // Bounded: a service stuck in a driver's callback is left behind
+            // (logged) rather than hang the drop of `Hmm`.
+            if self.service_exited.wait(SERVICE_STOP) {
+                let _ = h.join();
+            } else {
+                tracing::error!(
+                    "the fault service did not stop within {SERVICE_STOP:?}; leaving it"
+                );
+            }
         }
         self.ranges.write().unwrap_or_else(|e| e.into_inner()).clear();
         self.uffd.close();

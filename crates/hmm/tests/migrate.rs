@@ -545,3 +545,79 @@ fn a_migration_never_releases_a_page_another_migration_holds() {
     r.read(0, &mut back).unwrap();
     assert!(back == data, "every page is back in place with its data");
 }
+
+/// `Hmm::settle` waits for what hmm's threads do after a call has returned:
+/// a touch of a device page returns once that page is back, while the rest
+/// of its fault-around window is still on its way, and `munmap` returns once
+/// its event is read, before the device pages are freed. After `settle`,
+/// the records and counters describe all of it.
+#[test]
+fn settle_waits_for_the_fault_around_window_and_the_unmap_to_be_handled() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm =
+        Hmm::with_config(HmmConfig { fault_around_pages: 256, ..Default::default() }).unwrap();
+    let dev = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("d", 1024 * PAGE_SIZE)).unwrap();
+    let r = hmm.alloc(1024 * PAGE_SIZE).unwrap();
+    r.fill(0, r.len(), 9).unwrap();
+    assert_eq!(dev.migrate_to_device(r.range()).unwrap().migrated, 1024);
+    for round in 0..20 {
+        let at = round * 50 + 10;
+        if r.residency(at) != Residency::System {
+            assert_eq!(r.touch_read(at * PAGE_SIZE).unwrap(), 9);
+        }
+    }
+    hmm.settle(Duration::from_secs(10)).unwrap();
+    let stats = r.stats();
+    assert_eq!(stats.pages_migrating, 0, "no window is still coming back");
+    assert_eq!(
+        stats.migrated_to_system as usize,
+        r.residencies().iter().filter(|x| **x == Residency::System).count(),
+        "every page recorded in system memory is counted as migrated back"
+    );
+    assert_eq!(
+        dev.stats().pages_resident as usize,
+        1024 - stats.migrated_to_system as usize,
+        "every page that came back has its device page freed"
+    );
+    // The application's own munmap of the second half: once settled, the
+    // records say so and its device pages are free.
+    let on_device_second_half =
+        (512..1024).filter(|p| matches!(r.residency(*p), Residency::Device(_))).count();
+    r.unmap(r.pages_range(512, 512).unwrap()).unwrap();
+    hmm.settle(Duration::from_secs(10)).unwrap();
+    assert!((512..1024).all(|p| r.residency(p) == Residency::Unmapped));
+    assert_eq!(
+        dev.stats().pages_resident as usize,
+        1024 - stats.migrated_to_system as usize - on_device_second_half
+    );
+}
+
+/// `Hmm::settle` has a deadline: while the fault service waits on a hung
+/// DMA engine to bring a page back, it says what is under way instead of
+/// waiting for ever, and succeeds once the engine runs again.
+#[test]
+fn settle_says_what_is_still_under_way_when_its_time_runs_out() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    let dev = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("d", 64 * PAGE_SIZE)).unwrap();
+    let r = hmm.alloc(16 * PAGE_SIZE).unwrap();
+    r.fill(0, r.len(), 4).unwrap();
+    assert_eq!(dev.migrate_to_device(r.range()).unwrap().migrated, 16);
+    let stall = dev.stall_engine();
+    std::thread::scope(|s| {
+        let toucher = s.spawn(|| r.touch_read(3 * PAGE_SIZE).unwrap());
+        common::eventually("the fault-back to reach the stalled engine", || stall.held() > 0);
+        match hmm.settle(Duration::from_millis(100)) {
+            Err(HmmError::Unsettled { what: hmm::Unsettled::Messages, .. }) => {}
+            other => panic!("settle while the service waits on the engine: {other:?}"),
+        }
+        drop(stall);
+        hmm.settle(Duration::from_secs(10)).unwrap();
+        assert!(toucher.is_finished(), "the touch returned before the service settled");
+        assert_eq!(toucher.join().unwrap(), 4);
+    });
+}
