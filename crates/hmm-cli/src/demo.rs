@@ -176,6 +176,11 @@ pub fn run(args: &DemoArgs, out: &mut dyn FnMut(&str)) -> Result<(), String> {
     let ranges: [(&str, hmm::PageRange); 3] =
         [("tree", tree_range), ("array", array.range()), ("output", output.range())];
     let show_maps = |out: &mut dyn FnMut(&str), when: &str| {
+        // The last fault-around windows of a phase may still be coming back:
+        // the map shows where pages are once they have arrived.
+        if let Err(e) = hmm.settle(std::time::Duration::from_secs(10)) {
+            out(&format!("  note: {e}\n"));
+        }
         out(&format!("  residency {when}:\n"));
         for (name, r) in ranges {
             let m = hmm.residency_map(r);

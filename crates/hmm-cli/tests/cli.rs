@@ -1,9 +1,17 @@
 //! The `hmm` program as a person or a script runs it.
 
+#[path = "../../hmm/tests/common/mod.rs"]
+mod common;
+
 use std::process::Command;
+use std::time::Duration;
+
+/// How long one run of the program may take (the longest, a short
+/// benchmark or stress run in a debug build, takes well under a minute).
+const RUN_LIMIT: Duration = Duration::from_secs(100);
 
 fn hmm(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_hmm")).args(args).output().expect("run hmm")
+    common::output_within(Command::new(env!("CARGO_BIN_EXE_hmm")).args(args), RUN_LIMIT)
 }
 
 fn usable() -> bool {
@@ -183,17 +191,17 @@ fn check_as_an_unprivileged_user_explains_what_is_missing_and_the_fix() {
         eprintln!("SKIP: needs root and /usr/bin/setpriv to run hmm as another user");
         return;
     }
-    let out = Command::new("/usr/bin/setpriv")
-        .args([
+    let out = common::output_within(
+        Command::new("/usr/bin/setpriv").args([
             "--reuid=65534",
             "--regid=65534",
             "--clear-groups",
             env!("CARGO_BIN_EXE_hmm"),
             "check",
             "--json",
-        ])
-        .output()
-        .expect("run setpriv");
+        ]),
+        RUN_LIMIT,
+    );
     if out.stdout.is_empty() {
         eprintln!(
             "SKIP: user nobody cannot run the test binary: {}",

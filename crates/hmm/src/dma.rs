@@ -435,10 +435,12 @@ mod tests {
                 })
             })
             .collect();
-        let results = fence.wait();
+        // Joined first: a completer that panicked fails the test here
+        // instead of leaving the fence waiting for ever.
         for h in hs {
             h.join().unwrap();
         }
+        let results = fence.wait();
         assert_eq!(results.len(), 6);
         assert!(results[..2].iter().all(Result::is_ok));
         assert_eq!(results[2], Err(DmaError::NoMemory));

@@ -267,7 +267,9 @@ mod tests {
 
     #[test]
     fn nothing_is_recorded_while_off_and_spans_are_while_on() {
-        // Recording is process-wide: this is the one unit test that turns it on.
+        // Recording is process-wide: this is the one unit test that turns it
+        // on, but other tests' threads of the same process record meanwhile,
+        // so only this thread's events are looked at.
         assert!(span("x", Category::Migrate).is_none());
         start();
         {
@@ -277,13 +279,15 @@ mod tests {
         }
         let t = stop();
         assert!(span("y", Category::Migrate).is_none(), "off again");
-        assert_eq!(t.events().len(), 1);
-        assert_eq!(t.events()[0].args, [("pages", 4), ("addr", 0x1000)]);
+        let me = u64::from(crate::os::process::thread_id());
+        let mine: Vec<&Event> = t.events().iter().filter(|e| e.thread == me).collect();
+        assert_eq!(mine.len(), 1);
+        assert_eq!(mine[0].args, [("pages", 4), ("addr", 0x1000)]);
         let mut out = Vec::new();
         t.write_chrome_json(&mut out).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         let ev = v["traceEvents"].as_array().unwrap();
-        let x = ev.iter().find(|e| e["ph"] == "X").unwrap();
+        let x = ev.iter().find(|e| e["ph"] == "X" && e["tid"] == me).unwrap();
         assert_eq!(x["name"], "migrate to device");
         assert_eq!(x["cat"], "migrate");
         assert_eq!(x["args"]["addr"], "0x1000");

@@ -202,6 +202,8 @@ fn fills_racing_invalidations_never_install_a_stale_entry() {
     let reads = AtomicU64::new(0);
     std::thread::scope(|s| {
         s.spawn(|| {
+            // The readers stop however this thread ends.
+            let _stop = common::StopOnDrop(&stop);
             for g in 2..300u64 {
                 started.store(g, Ordering::SeqCst);
                 match g % 4 {
@@ -224,7 +226,7 @@ fn fills_racing_invalidations_never_install_a_stale_entry() {
                 }
                 done.store(g, Ordering::SeqCst);
             }
-            stop.store(true, Ordering::SeqCst);
+            common::wait_for_count("the readers' reads", &reads, 11);
         });
         for dev in [&d0, &d1] {
             let (started, done, stop, reads, r) = (&started, &done, &stop, &reads, &r);
@@ -306,13 +308,7 @@ fn munmap_and_remap_while_devices_read_never_show_stale_data() {
     std::thread::scope(|s| {
         s.spawn(|| {
             // The readers stop however this thread ends.
-            struct Stop<'a>(&'a AtomicBool);
-            impl Drop for Stop<'_> {
-                fn drop(&mut self) {
-                    self.0.store(true, Ordering::SeqCst);
-                }
-            }
-            let _stop = Stop(&stop);
+            let _stop = common::StopOnDrop(&stop);
             let mut r: Option<hmm::ManagedRange> = first.lock().unwrap().take();
             all_started.wait();
             for g in 1..150u64 {
@@ -345,6 +341,7 @@ fn munmap_and_remap_while_devices_read_never_show_stale_data() {
                 done.store(g, Ordering::SeqCst);
                 r = Some(range);
             }
+            common::wait_for_count("the readers' reads", &reads, 11);
             drop(r);
         });
         for dev in [&d0, &d1] {

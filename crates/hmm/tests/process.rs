@@ -670,7 +670,11 @@ fn concurrent_teardown_gives_errors_or_right_answers_and_leaks_nothing() {
             });
             let device_reader = s.spawn(|| {
                 let (mut errors, mut right) = (0, 0);
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // At least one pass, however late this thread gets its turn.
+                let mut first_pass = true;
+                while std::mem::take(&mut first_pass)
+                    || !stop.load(std::sync::atomic::Ordering::Relaxed)
+                {
                     // Read a page at a time: each page read is either refused
                     // (unmapped) or exact.
                     for p in (0..pages).step_by(7) {
@@ -699,6 +703,8 @@ fn concurrent_teardown_gives_errors_or_right_answers_and_leaks_nothing() {
             let (re, right) = device_reader.join().unwrap();
             (e + re, right)
         });
+        // The last unmaps are handled after they returned.
+        hmm.settle(std::time::Duration::from_secs(10)).unwrap();
         // Whatever is still mapped holds its bytes.
         let res = r.residencies();
         for p in (0..pages).filter(|p| res[*p] != Residency::Unmapped) {

@@ -53,7 +53,10 @@ pub fn fork_lock() -> MutexGuard<'static, ()> {
 }
 
 /// Runs `op` while another thread reads events from `uffd`, until `want` events
-/// have arrived or 10 seconds pass; `on_event` sees each as it arrives.
+/// have arrived and `op` has returned, or 10 seconds pass; `on_event` sees each
+/// as it arrives. An `op` still running after 10 s (a fault nobody served, an
+/// unmap whose event was not read) is released by closing `uffd`, and the test
+/// goes on to fail on what it got, instead of hanging.
 ///
 /// The reading loop allocates nothing (its vectors are sized up front, before
 /// `op` may start): while a fork waits for its FORK event to be read, glibc
@@ -65,15 +68,19 @@ pub fn with_reader<T: Send>(
     op: impl FnOnce() -> T + Send,
 ) -> (T, Vec<UffdEvent>) {
     let ready = Barrier::new(2);
+    let done = std::sync::atomic::AtomicBool::new(false);
     thread::scope(|s| {
-        let ready = &ready;
+        let (ready, done) = (&ready, &done);
         let reader = s.spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(10);
             let mut got = Vec::with_capacity(want + 16);
             let mut batch = Vec::with_capacity(16);
             // Only now may `op` fork: this thread has done its allocating.
             ready.wait();
-            while got.len() < want && Instant::now() < deadline {
+            let finished = |got: &Vec<UffdEvent>| {
+                got.len() >= want && done.load(std::sync::atomic::Ordering::Acquire)
+            };
+            while !finished(&got) && Instant::now() < deadline {
                 if uffd.poll(Some(Duration::from_millis(50))).expect("poll") {
                     uffd.read_events(&mut batch, 16).expect("read events");
                     for ev in &batch {
@@ -82,10 +89,17 @@ pub fn with_reader<T: Send>(
                     got.append(&mut batch);
                 }
             }
+            if !done.load(std::sync::atomic::Ordering::Acquire) {
+                eprintln!(
+                    "with_reader: the operation still ran after 10 s; closing the descriptor"
+                );
+                uffd.close();
+            }
             got
         });
         ready.wait();
         let out = op();
+        done.store(true, std::sync::atomic::Ordering::Release);
         (out, reader.join().expect("reader thread"))
     })
 }
@@ -219,5 +233,76 @@ impl PipeBytes {
             RecvTimeoutError::Timeout => PipeEnd::TimedOut(limit),
             RecvTimeoutError::Disconnected => PipeEnd::Closed,
         })
+    }
+}
+
+/// Runs `cmd` to its end, as `Command::output` does, but for at most
+/// `limit`: a command still running then is killed, and the test fails
+/// saying which command hung and what it had printed.
+pub fn output_within(cmd: &mut std::process::Command, limit: Duration) -> std::process::Output {
+    use std::process::Stdio;
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = pipe.read_to_end(&mut v);
+            v
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().expect("piped")));
+    let err = drain(Box::new(child.stderr.take().expect("piped")));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for the command") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let printed = |h: thread::JoinHandle<Vec<u8>>| {
+                String::from_utf8_lossy(&h.join().unwrap_or_default()).into_owned()
+            };
+            panic!(
+                "{what} still ran after {limit:?} and was killed; it printed:\n{}\n{}",
+                printed(out),
+                printed(err)
+            );
+        }
+        thread::sleep(Duration::from_millis(5));
+    };
+    let stdout = out.join().expect("stdout reader");
+    let stderr = err.join().expect("stderr reader");
+    std::process::Output { status, stdout, stderr }
+}
+
+/// Sets its flag when dropped, however the thread holding it ends (a
+/// failed assertion included): threads that loop until the flag is set
+/// stop then, and a scope joining them does not hang.
+pub struct StopOnDrop<'a>(pub &'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Waits (up to 30 s) until `count` reaches `at_least`: lets threads that
+/// run beside a test's main work get their turns on a loaded machine
+/// before the work stops them.
+pub fn wait_for_count(what: &str, count: &std::sync::atomic::AtomicU64, at_least: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count.load(std::sync::atomic::Ordering::Relaxed) < at_least {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {} of {at_least}",
+            count.load(std::sync::atomic::Ordering::Relaxed)
+        );
+        thread::sleep(Duration::from_millis(1));
     }
 }
