@@ -442,6 +442,9 @@ fn stress(a: &StressArgs) -> ExitCode {
             report.skipped
         );
     }
+    for what in &report.left_out {
+        eprintln!("left out here: {what}");
+    }
     out(&format!("ops={} divergences={}\n", report.ops, report.divergences.len()));
     if report.divergences.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) }
 }

@@ -51,6 +51,14 @@ pub enum RangeError {
     /// The part was unmapped.
     #[error("{0} was unmapped")]
     Unmapped(PageRange),
+    /// The part lived on a device that failed: its data is lost. A raw CPU
+    /// touch of it gets `SIGBUS`; discarding or unmapping it makes the
+    /// addresses usable again.
+    #[error(
+        "{0} lived on a device that failed: its data is lost (discard or unmap it to use the \
+         addresses again)"
+    )]
+    Poisoned(PageRange),
     /// A sub-range does not lie inside the range it was cut from.
     #[error("offset {offset:#x} + length {len:#x} lies outside a range of {outer:#x} bytes")]
     OutOfBounds {

@@ -285,6 +285,12 @@ impl Signal {
 pub(crate) struct Batches {
     /// Number of the last batch whose read has begun.
     begun: AtomicU64,
+    /// Number of the last batch whose messages have been read and looked
+    /// through for unmaps (see [`Inner::pending_unmap`]): moments after its
+    /// read, never behind a fault the batch is still serving.
+    ///
+    /// [`Inner::pending_unmap`]: crate::space::Inner::pending_unmap
+    scanned: AtomicU64,
     /// Number of the last batch handled, with its signal.
     done: Mutex<u64>,
     handled: Condvar,
@@ -295,6 +301,25 @@ impl Batches {
     /// belongs to a number a waiter already sees.
     fn begin(&self) -> u64 {
         self.begun.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// The messages of batch `n` are read and looked through.
+    fn scanned(&self, n: u64) {
+        self.scanned.fetch_max(n, Ordering::SeqCst);
+    }
+
+    /// Waits (up to `limit`, yielding) until every batch begun so far is
+    /// read and looked through. Returns whether it was.
+    pub(crate) fn wait_scanned(&self, limit: Duration) -> bool {
+        let target = self.begun.load(Ordering::SeqCst);
+        let deadline = Instant::now() + limit;
+        while self.scanned.load(Ordering::SeqCst) < target {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::yield_now();
+        }
+        true
     }
 
     /// Batch `n` is handled.
@@ -499,10 +524,13 @@ impl Service {
                         if !self.inner.stopping.load(Ordering::Acquire) {
                             tracing::error!(error = %e, "fault service cannot read events; stopping");
                         }
+                        self.inner.batches.scanned(batch);
                         self.inner.batches.end(batch);
                         return;
                     }
                 };
+                self.inner.note_unmaps(&self.events);
+                self.inner.batches.scanned(batch);
                 let mut events = std::mem::take(&mut self.events);
                 self.batch = Some(batch);
                 for ev in events.drain(..) {
@@ -528,7 +556,7 @@ impl Service {
     /// the forking thread holds the allocator's locks; handles them after.
     /// Returns false if the service must stop.
     fn park_for_fork(&mut self) -> bool {
-        let batch = self.inner.batches.begin();
+        let mut batch = self.inner.batches.begin();
         let mut held = std::mem::take(&mut self.parked);
         self.inner.fork_gate.set_parked(true);
         let mut ok = true;
@@ -544,13 +572,23 @@ impl Service {
                 std::thread::sleep(PARKED_POLL);
                 continue;
             }
-            if self.inner.uffd.poll_with(&self.inner.notifier, Some(PARKED_POLL)).is_err()
-                || self.inner.uffd.read_events(&mut held, room).is_err()
-            {
+            if self.inner.uffd.poll_with(&self.inner.notifier, Some(PARKED_POLL)).is_err() {
+                ok = false;
+                break;
+            }
+            // Each read a batch of its own, looked through for unmaps at once
+            // (a thread whose `munmap` returned after this read waits for it).
+            batch = self.inner.batches.begin();
+            let before = held.len();
+            let read = self.inner.uffd.read_events(&mut held, room);
+            self.inner.note_unmaps(&held[before..]);
+            self.inner.batches.scanned(batch);
+            if read.is_err() {
                 ok = false;
                 break;
             }
         }
+        self.inner.batches.scanned(batch);
         self.inner.fork_gate.set_parked(false);
         self.batch = Some(batch);
         for ev in held.drain(..) {
@@ -609,6 +647,7 @@ impl Service {
                 if !own {
                     self.invalidate(start.get(), end.get(), true);
                 }
+                self.inner.unmap_handled(start, end);
             }
             UffdEvent::Remap { from, to, len } => {
                 if !self.inner.take_own_change(OwnChange::Remap(from, to, len)) {

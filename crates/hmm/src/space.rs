@@ -527,6 +527,14 @@ pub(crate) struct Inner {
     /// Discards the fault service is still looking at again (see
     /// `fault::Service::recheck_discarded`): only the service writes it.
     pub(crate) discards_pending: std::sync::atomic::AtomicUsize,
+    /// Unmaps whose events the fault service has read but not yet handled
+    /// (see [`pending_unmap`](Self::pending_unmap)). Room for
+    /// [`UNMAPPING_ROOM`] is reserved: the service fills it while parked for
+    /// a fork, when it must not allocate.
+    unmapping: Mutex<Vec<PageRange>>,
+    /// The process this instance runs in: a forked child has a copy of it,
+    /// but none of its threads, and must never wait for them.
+    pid: u32,
     vma_query: OnceLock<VmaQuery>,
     pagemap: OnceLock<Pagemap>,
     service: Mutex<Option<JoinHandle<()>>>,
@@ -537,6 +545,10 @@ pub(crate) struct Inner {
 
 /// How long shutdown waits for the fault service to stop.
 const SERVICE_STOP: Duration = Duration::from_secs(30);
+
+/// Unmaps read and not yet handled that hmm keeps track of (far more than a
+/// batch of messages holds).
+const UNMAPPING_ROOM: usize = 1024;
 
 impl fmt::Debug for Inner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -651,6 +663,8 @@ impl Hmm {
             vma_query: OnceLock::new(),
             pagemap: OnceLock::new(),
             discards_pending: std::sync::atomic::AtomicUsize::new(0),
+            unmapping: Mutex::new(Vec::with_capacity(UNMAPPING_ROOM)),
+            pid: std::process::id(),
             service: Mutex::new(None),
             service_exited: Arc::new(crate::fault::Signal::default()),
         });
@@ -1295,10 +1309,57 @@ impl Inner {
         Ok(())
     }
 
+    /// Whether this is the process the instance was made in, not a forked
+    /// child of it (which has none of its threads to wait for).
+    pub(crate) fn in_own_process(&self) -> bool {
+        crate::os::process::pid() == self.pid
+    }
+
+    /// On the fault service, as it reads messages: notes each unmap before
+    /// any message of the batch is handled (a fault before it may take
+    /// long), so that [`pending_unmap`](Self::pending_unmap) knows of it as
+    /// soon as the `munmap` returns. Allocates nothing past the room
+    /// reserved: the service may be parked for a fork.
+    pub(crate) fn note_unmaps(&self, events: &[crate::os::uffd::UffdEvent]) {
+        let mut u = self.unmapping.lock().unwrap_or_else(|e| e.into_inner());
+        for ev in events {
+            if let crate::os::uffd::UffdEvent::Unmap { start, end } = *ev
+                && let Ok(part) = PageRange::new(start, end.get() - start.get())
+                && u.len() < u.capacity()
+            {
+                u.push(part);
+            }
+        }
+    }
+
+    /// On the fault service: the unmap of `[start, end)` is handled (its
+    /// pages are recorded `Unmapped`).
+    pub(crate) fn unmap_handled(&self, start: VirtAddr, end: VirtAddr) {
+        let Ok(part) = PageRange::new(start, end.get() - start.get()) else { return };
+        let mut u = self.unmapping.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = u.iter().position(|x| *x == part) {
+            u.swap_remove(k);
+        }
+    }
+
+    /// An unmap overlapping `part` that the application has made but whose
+    /// event the fault service has not handled yet, if any. The kernel lets
+    /// `munmap` return once its event is read; this waits (briefly: never
+    /// behind a fault being served) until every message read so far has
+    /// been looked through, so an unmap that returned before the call is
+    /// seen, whether or not its pages are recorded `Unmapped` yet.
+    pub(crate) fn pending_unmap(&self, part: PageRange) -> Option<PageRange> {
+        if !crate::fault::on_service_thread() && self.in_own_process() {
+            self.batches.wait_scanned(Duration::from_secs(1));
+        }
+        let u = self.unmapping.lock().unwrap_or_else(|e| e.into_inner());
+        u.iter().find(|x| x.overlaps(part)).copied()
+    }
+
     /// Everything the fault service and hmm's other threads do on the
     /// application's behalf, done (see [`Hmm::settle`]).
     pub(crate) fn settle_within(&self, limit: Duration) -> Result<(), Unsettled> {
-        if crate::fault::on_service_thread() {
+        if crate::fault::on_service_thread() || !self.in_own_process() {
             return Ok(());
         }
         let deadline = std::time::Instant::now() + limit;
@@ -1341,7 +1402,7 @@ impl Inner {
     /// [`settle_events`](Self::settle_events), unless called on the fault
     /// service's own thread, which cannot wait for itself.
     pub(crate) fn settle_events_off_service(&self) {
-        if !crate::fault::on_service_thread() {
+        if !crate::fault::on_service_thread() && self.in_own_process() {
             self.settle_events();
         }
     }
@@ -2063,28 +2124,73 @@ impl ManagedRange {
         self.addr().get() as *mut u8
     }
 
+    /// Before a CPU access of `len` bytes at `offset` through this handle:
+    /// no page of it may be gone or lost. A part the application unmapped
+    /// itself (`munmap`, as opposed to [`unmap`](Self::unmap), which the
+    /// handle knows of at once) is refused as soon as the `munmap` has
+    /// returned, though hmm may not have handled its event yet: the
+    /// addresses may hold another mapping by now, whose bytes are not this
+    /// range's. A page lost with a failed device is refused too (a raw touch
+    /// of it gets `SIGBUS`). Bounds are left to the mapping's own check.
+    fn check_cpu_access(&self, offset: usize, len: usize) -> Result<(), RangeError> {
+        let Some(end) = offset.checked_add(len.max(1)).filter(|e| *e <= self.len()) else {
+            return Ok(());
+        };
+        let (first, last) = (offset / PAGE_SIZE, (end - 1) / PAGE_SIZE);
+        let part = self.pages_range(first, last - first + 1)?;
+        if let Some(gone) = self.inner.pending_unmap(part) {
+            return Err(RangeError::Unmapped(gone));
+        }
+        let t = self.range.lock();
+        let bad =
+            |e: &PageEntry| matches!(e.residency(), Residency::Unmapped | Residency::Poisoned);
+        let Some(k) = (first..=last).find(|k| bad(&t[*k])) else { return Ok(()) };
+        // The whole run of pages gone (or lost) that the access meets.
+        let what = t[k].residency();
+        let from = (0..k).rev().take_while(|j| t[*j].residency() == what).last().unwrap_or(k);
+        let run = (from..t.len()).take_while(|j| t[*j].residency() == what).count();
+        drop(t);
+        let pages = self.pages_range(from, run)?;
+        Err(match what {
+            Residency::Poisoned => RangeError::Poisoned(pages),
+            _ => RangeError::Unmapped(pages),
+        })
+    }
+
     /// Copies bytes out, as the CPU would read them: device pages fault back.
+    /// A part unmapped (by this handle or by the application's own
+    /// `munmap`) is refused with [`RangeError::Unmapped`], a part lost with
+    /// a failed device with [`RangeError::Poisoned`].
     pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<(), RangeError> {
+        self.check_cpu_access(offset, buf.len())?;
         self.range.mapping().read(offset, buf)
     }
 
-    /// Copies `data` in, as the CPU would write it.
+    /// Copies `data` in, as the CPU would write it (refused as [`read`](Self::read)
+    /// refuses).
     pub fn write(&self, offset: usize, data: &[u8]) -> Result<(), RangeError> {
+        self.check_cpu_access(offset, data.len())?;
         self.range.mapping().write(offset, data)
     }
 
-    /// Sets `len` bytes at `offset` to `byte`.
+    /// Sets `len` bytes at `offset` to `byte` (refused as [`read`](Self::read)
+    /// refuses).
     pub fn fill(&self, offset: usize, len: usize, byte: u8) -> Result<(), RangeError> {
+        self.check_cpu_access(offset, len)?;
         self.range.mapping().fill(offset, len, byte)
     }
 
-    /// One CPU read of the byte at `offset`.
+    /// One CPU read of the byte at `offset` (refused as [`read`](Self::read)
+    /// refuses).
     pub fn touch_read(&self, offset: usize) -> Result<u8, RangeError> {
+        self.check_cpu_access(offset, 1)?;
         self.range.mapping().touch_read(offset)
     }
 
-    /// One CPU write of the byte at `offset`.
+    /// One CPU write of the byte at `offset` (refused as [`read`](Self::read)
+    /// refuses).
     pub fn touch_write(&self, offset: usize, value: u8) -> Result<(), RangeError> {
+        self.check_cpu_access(offset, 1)?;
         self.range.mapping().touch_write(offset, value)
     }
 
@@ -2316,5 +2422,77 @@ impl Drop for MirroredRange {
         m.remove(&self.range().start().get());
         // A device write in progress holds its own reference: the mapping is
         // unmapped when the last one goes.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::os::mm::{Mapping, Protection, munmap_behind};
+    use crate::swdev::{SoftwareDevice, SoftwareDeviceConfig};
+
+    fn usable() -> bool {
+        match crate::probe::probe().usable() {
+            Ok(()) => true,
+            Err((reason, _)) => {
+                eprintln!("SKIP: userfaultfd unusable here: {reason}");
+                false
+            }
+        }
+    }
+
+    /// The application's own `munmap` of managed memory (not through the
+    /// handle): the handle's accessors refuse the part at once, though hmm
+    /// may not have handled the event yet, and keep refusing it when another
+    /// mapping takes the addresses; that mapping's bytes are never read or
+    /// written through the handle.
+    #[test]
+    fn accessors_refuse_memory_the_application_unmapped_itself() {
+        if !usable() {
+            return;
+        }
+        let hmm = Hmm::new().unwrap();
+        let r = hmm.alloc(16 * PAGE_SIZE).unwrap();
+        r.fill(0, r.len(), 0x11).unwrap();
+        let whole = r.range();
+        munmap_behind(whole);
+        let mut b = [0u8; 8];
+        assert_eq!(r.read(0, &mut b), Err(RangeError::Unmapped(whole)), "right after munmap");
+        hmm.settle(Duration::from_secs(10)).unwrap();
+        assert!(r.residencies().iter().all(|x| *x == Residency::Unmapped));
+        // Another mapping lands in the hole.
+        let other = Mapping::anonymous_at(whole, Protection::ReadWrite).unwrap();
+        other.fill(0, other.len(), 0x77).unwrap();
+        let unmapped = |e: RangeError| matches!(e, RangeError::Unmapped(_));
+        assert!(r.read(10, &mut b).is_err_and(unmapped), "its bytes are not read");
+        assert!(r.write(10, &[0xEE]).is_err_and(unmapped), "nor written");
+        assert!(r.fill(10, 1, 0xEE).is_err_and(unmapped));
+        assert!(r.touch_read(10).is_err_and(unmapped));
+        assert!(r.touch_write(10, 0xEE).is_err_and(unmapped));
+        assert_eq!(other.touch_read(10).unwrap(), 0x77, "the other mapping's byte is untouched");
+    }
+
+    /// A page lost with a failed device: hmm's own accessors return an error
+    /// (a raw CPU touch would get SIGBUS); the rest of the range works.
+    #[test]
+    fn accessors_refuse_pages_lost_with_a_failed_device() {
+        if !usable() || !crate::probe::probe().has("poison") {
+            return;
+        }
+        let hmm = Hmm::new().unwrap();
+        let dev =
+            SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("d", 64 * PAGE_SIZE)).unwrap();
+        let r = hmm.alloc(8 * PAGE_SIZE).unwrap();
+        r.fill(0, r.len(), 5).unwrap();
+        assert_eq!(dev.migrate_to_device(r.pages_range(2, 3).unwrap()).unwrap().migrated, 3);
+        assert_eq!(dev.fail(), 3);
+        let lost = r.pages_range(2, 3).unwrap();
+        let mut b = vec![0u8; r.len()];
+        assert_eq!(r.read(0, &mut b), Err(RangeError::Poisoned(lost)));
+        assert_eq!(r.touch_read(3 * PAGE_SIZE), Err(RangeError::Poisoned(lost)));
+        assert_eq!(r.write(4 * PAGE_SIZE, &[1]), Err(RangeError::Poisoned(lost)));
+        assert_eq!(r.touch_read(5 * PAGE_SIZE).unwrap(), 5, "other pages read as ever");
+        let e = r.touch_write(2 * PAGE_SIZE, 1).unwrap_err();
+        assert!(e.to_string().contains("failed"), "{e}");
     }
 }

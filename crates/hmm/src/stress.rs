@@ -24,7 +24,7 @@ use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::addr::{PAGE_SIZE, PageRange, VirtAddr};
+use crate::addr::{PAGE_SIZE, PageRange, RangeError, VirtAddr};
 use crate::migrate::SkipReason;
 use crate::os::mm::{Advise, Protection};
 use crate::os::process::{ChildOutcome, run_in_child};
@@ -338,6 +338,10 @@ pub struct StressReport {
     /// Operations planned but skipped: unmaps past the budget (a quarter of
     /// each range), and what this kernel cannot do.
     pub skipped: u64,
+    /// What the run left out or checked another way on this machine, and
+    /// why (a kernel feature or a privilege it lacks): a run judges only
+    /// what hmm promises where it runs.
+    pub left_out: Vec<String>,
 }
 
 /// Number of devices a run shares among its workers.
@@ -488,6 +492,28 @@ impl Support {
             poison: p.has("poison"),
         }
     }
+
+    /// What a run leaves out, or checks another way, without each feature.
+    fn left_out(self) -> Vec<String> {
+        let mut out = Vec::new();
+        if !self.remap {
+            out.push(
+                "mremap operations: this kernel lacks the REMAP event or MREMAP_DONTUNMAP".into(),
+            );
+        }
+        if !self.fork {
+            out.push(
+                "fork operations, and the check of every page after a device failure is made \
+                 in this process instead of a forked child: without the FORK event (it needs \
+                 CAP_SYS_PTRACE) a child reads zeros where its parent's pages live on a device"
+                    .into(),
+            );
+        }
+        if !self.poison {
+            out.push("device failures: this kernel lacks UFFDIO_POISON".into());
+        }
+        out
+    }
 }
 
 /// One worker: its range, and the model of it.
@@ -562,7 +588,7 @@ impl<'a> Worker<'a> {
                 if self.any(first, count, Page::Unmapped) {
                     self.r.write(at, &b).err().ok_or_else(|| must_fail("a page is unmapped"))?;
                 } else if self.any(first, count, Page::Lost) {
-                    self.expect_sigbus(at, len)?;
+                    self.expect_lost(self.r.write(at, &b), at, len)?;
                 } else {
                     self.r.write(at, &b).map_err(|e| err(&e))?;
                     self.model[at..at + len].copy_from_slice(&b);
@@ -770,14 +796,6 @@ impl<'a> Worker<'a> {
             }
             Op::Fork { .. } => !self.support.fork,
             Op::Fail { .. } => !self.support.poison || self.threads > 1,
-            Op::CpuWrite { at, len, .. }
-            | Op::CpuRead { at, len }
-            | Op::Starved { at, len, .. } => {
-                let (first, count) = Self::span(at, len);
-                !self.support.fork
-                    && self.any(first, count, Page::Lost)
-                    && !self.any(first, count, Page::Unmapped)
-            }
             _ => false,
         }
     }
@@ -792,11 +810,32 @@ impl<'a> Worker<'a> {
                 Err(_) => Ok(()),
             }
         } else if self.any(first, count, Page::Lost) {
-            self.expect_sigbus(at, len)
+            self.expect_lost(self.r.read(at, &mut b), at, len)
         } else {
             self.r.read(at, &mut b).map_err(|e| format!("failed: {e}"))?;
             compare(&b, &self.model[at..at + len], at, "CPU")
         }
+    }
+
+    /// An access through hmm's checked accessors to bytes that include a
+    /// lost page: refused with `RangeError::Poisoned`; a raw CPU touch of
+    /// them gets `SIGBUS` (checked in a child, where a child sees the
+    /// parent's pages: with the FORK event).
+    fn expect_lost(
+        &self,
+        res: Result<(), RangeError>,
+        at: usize,
+        len: usize,
+    ) -> Result<(), String> {
+        match res {
+            Err(RangeError::Poisoned(_)) => {}
+            other => {
+                return Err(format!(
+                    "an access through hmm to a lost page ended as {other:?}, not Poisoned"
+                ));
+            }
+        }
+        if self.support.fork { self.expect_sigbus(at, len) } else { Ok(()) }
     }
 
     /// A CPU access to bytes that include a lost page: in a child (the
@@ -805,7 +844,8 @@ impl<'a> Worker<'a> {
         let r = self.r;
         let out = run_in_child(CHILD_LIMIT, || {
             let mut b = vec![0u8; len];
-            match r.read(at, &mut b) {
+            // A raw CPU read (hmm's checked accessors refuse lost pages).
+            match r.mapping().read(at, &mut b) {
                 Ok(()) => 0,
                 Err(_) => 1,
             }
@@ -973,6 +1013,18 @@ impl<'a> Worker<'a> {
             self.expect_sigbus(p * PAGE_SIZE, 1)?;
         }
         let (r, model, pages) = (self.r, &self.model, &self.pages);
+        if !self.support.fork {
+            // A child would read zeros where pages live on a device (no FORK
+            // event): read here, which brings those pages back, as any CPU
+            // read does; the lost pages are not touched.
+            return match first_wrong_mapped_page(r, pages, model) {
+                None => Ok(()),
+                Some(p) => Err(format!(
+                    "a page not on the failed device read wrong: {}",
+                    describe_wrong_page(r, p, model)
+                )),
+            };
+        }
         let (out, what) = run_in_child_telling(|tell| {
             let Some(p) = first_wrong_mapped_page(r, pages, model) else { return 0 };
             let _ = write!(tell, "{}", describe_wrong_page(r, p, model));
@@ -1215,6 +1267,7 @@ pub fn run(cfg: StressConfig, progress: &(dyn Fn(u64) + Sync)) -> Result<StressR
     });
     let mut report = StressReport {
         ops: counts.iter().map(|c| c.load(Ordering::Relaxed)).sum(),
+        left_out: support.left_out(),
         ..StressReport::default()
     };
     for (k, c) in KINDS.iter().zip(&counts) {

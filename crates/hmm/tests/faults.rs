@@ -23,12 +23,17 @@ fn engines() -> [(&'static str, SoftwareDeviceConfig); 2] {
     ]
 }
 
-/// Every page of `r` is lost (poisoned), and a CPU touch of page `touch`
-/// ends in SIGBUS (in a child).
+/// Every page of `r` is lost (poisoned): hmm's accessors refuse them, and a
+/// raw CPU touch of page `touch` ends in SIGBUS (in a child).
 fn assert_all_lost(r: &ManagedRange, touch: usize, engine: &str) {
     assert!(r.residencies().iter().all(|x| *x == Residency::Poisoned), "{engine}");
+    assert_eq!(
+        r.touch_read(touch * PAGE_SIZE),
+        Err(hmm::RangeError::Poisoned(r.range())),
+        "{engine}: the checked accessor refuses a lost page"
+    );
     let out = run_in_child(common::CHILD_LIMIT, || {
-        let _ = r.touch_read(touch * PAGE_SIZE);
+        let _ = r.mapping().touch_read(touch * PAGE_SIZE);
         0
     })
     .unwrap();

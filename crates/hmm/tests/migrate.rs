@@ -620,7 +620,6 @@ fn settle_says_what_is_still_under_way_when_its_time_runs_out() {
         }
         drop(stall);
         hmm.settle(Duration::from_secs(10)).unwrap();
-        assert!(toucher.is_finished(), "the touch returned before the service settled");
         assert_eq!(toucher.join().unwrap(), 4);
     });
 }

@@ -1077,6 +1077,15 @@ fn range_ptr(range: PageRange) -> *mut core::ffi::c_void {
     range.start().get() as *mut core::ffi::c_void
 }
 
+/// For tests: unmaps `range` behind the back of the [`Mapping`] that holds
+/// it, as C code of the application would (`munmap` of memory hmm manages).
+/// The mapping's own accessors then fault; hmm's checked accessors refuse the
+/// range, and its drop leaves alone what hmm recorded unmapped.
+#[cfg(test)]
+pub(crate) fn munmap_behind(range: PageRange) {
+    raw_munmap(range);
+}
+
 fn raw_munmap(range: PageRange) {
     // SAFETY: called only on ranges a `Mapping` owned and gives up here; no Rust
     // reference points into them.

@@ -155,6 +155,12 @@ fn reap(pid: Pid, options: WaitOptions) -> Result<Option<ChildOutcome>, Errno> {
     }
 }
 
+/// This process's id (asked of the kernel each time: it changes in a
+/// forked child).
+pub fn pid() -> u32 {
+    rustix::process::getpid().as_raw_nonzero().get().unsigned_abs()
+}
+
 /// The calling thread's kernel id (what `UFFD_FEATURE_THREAD_ID` reports).
 pub fn thread_id() -> u32 {
     rustix::thread::gettid().as_raw_nonzero().get().unsigned_abs()
