@@ -68,8 +68,9 @@ enum Command {
     /// the benchmark) as a timeline: a Chrome-trace JSON file that Perfetto
     /// (ui.perfetto.dev) and chrome://tracing open.
     Trace {
-        /// Where to write the trace.
-        #[arg(long, short, default_value = "hmm-trace.json")]
+        /// Where to write the trace (before or after the run's name:
+        /// `hmm trace --out t.json demo` or `hmm trace demo --out t.json`).
+        #[arg(long, short, default_value = "hmm-trace.json", global = true)]
         out: std::path::PathBuf,
         #[command(subcommand)]
         run: Traced,
@@ -121,7 +122,8 @@ enum Traced {
         #[command(flatten)]
         args: demo::DemoArgs,
     },
-    /// The benchmark (same options as `hmm bench`).
+    /// The benchmark (`--quick` for a short run; its figures are printed
+    /// as `hmm bench` prints them).
     Bench {
         /// Fewer repetitions (a few seconds).
         #[arg(long)]
@@ -241,19 +243,28 @@ impl Outputs {
 
     /// Refuses unusable destinations before anything is measured.
     fn check(&self) -> Result<(), String> {
-        if let Some(d) = &self.csv {
-            std::fs::create_dir_all(d)
+        if let Some(d) = &self.csv
+            && !d.is_dir()
+        {
+            // One level is made, and said: a mistyped path is not made whole.
+            std::fs::create_dir(d)
                 .map_err(|e| format!("cannot make the CSV directory {}: {e}", d.display()))?;
+            eprintln!("hmm bench: made the CSV directory {}", d.display());
         }
         if let Some(f) = &self.plot {
             // Opened for writing without emptying it: a file the run will not
-            // replace (the run fails first) keeps what it held.
+            // replace (the run fails first) keeps what it held, and one made
+            // only to ask is removed at once, so a failed run leaves none.
+            let existed = f.exists();
             std::fs::OpenOptions::new()
                 .write(true)
                 .create(true)
                 .truncate(false)
                 .open(f)
                 .map_err(|e| format!("cannot write the plot {}: {e}", f.display()))?;
+            if !existed {
+                let _ = std::fs::remove_file(f);
+            }
         }
         Ok(())
     }

@@ -230,9 +230,19 @@ fn check_as_an_unprivileged_user_explains_what_is_missing_and_the_fix() {
             "{attempts}"
         );
         // EVENT_FORK needs CAP_SYS_PTRACE even where userfaultfd itself is allowed.
-        let fork =
-            v["features"].as_array().unwrap().iter().find(|f| f["name"] == "event-fork").unwrap();
+        let feature = |name: &str| {
+            v["features"].as_array().unwrap().iter().find(|f| f["name"] == name).unwrap().clone()
+        };
+        let fork = feature("event-fork");
         assert_eq!(fork["present"], false);
+        // What is lost without it, in the user's terms.
+        let lost = fork["if_missing"].as_str().unwrap();
+        assert!(lost.contains("reads zeros"), "{lost}");
+        // The descriptor that could be had is named as what it is, not as
+        // userfaultfd "obtained".
+        let uffd = feature("userfaultfd");
+        let detail = uffd["detail"].as_str().unwrap();
+        assert!(detail.contains("does not see faults taken inside system calls"), "{detail}");
     } else {
         assert!(out.status.success(), "ordinary users may use userfaultfd here");
     }
@@ -276,6 +286,11 @@ fn trace_of_the_demo_is_a_timeline() {
     let out = hmm(&["trace", "--out", "/nonexistent-dir/t.json", "demo"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot write /nonexistent-dir/t.json"));
+    // `--out` may follow the run's name too, as a reader of the help would
+    // write it.
+    let out = hmm(&["trace", "demo", "--out", "/nonexistent-dir/u.json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot write /nonexistent-dir/u.json"));
 }
 
 /// `hmm bench plot` measures the series and draws them: the SVG names every
@@ -396,4 +411,40 @@ fn stress_without_cap_sys_ptrace_judges_what_hmm_promises_there() {
     assert!(out.status.success(), "{stdout}{stderr}");
     assert!(stdout.trim().ends_with("divergences=0"), "{stdout}");
     assert!(stderr.contains("left out here: fork operations"), "{stderr}");
+}
+
+/// `hmm bench --csv` makes one directory level and says so, but not a whole
+/// mistyped path; a run refused (or failed) leaves no empty plot file.
+#[test]
+fn bench_outputs_are_checked_before_the_run_and_leave_nothing_behind() {
+    let base = std::env::temp_dir().join(format!("hmm-bench-out-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    let plot = base.join("b.svg");
+    let deep = base.join("no/such/dir");
+    let out = hmm(&[
+        "bench",
+        "--quick",
+        "--csv",
+        deep.to_str().unwrap(),
+        "--plot",
+        plot.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot make the CSV directory"), "{err}");
+    assert!(!base.join("no").exists(), "no part of the mistyped path is made");
+    assert!(!plot.exists(), "no empty plot file is left");
+    // The plot's destination alone refused: nothing made either.
+    let out = hmm(&[
+        "bench",
+        "--quick",
+        "--csv",
+        base.join("csv").to_str().unwrap(),
+        "--plot",
+        "/nonexistent-dir/b.svg",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("made the CSV directory"));
+    std::fs::remove_dir_all(&base).unwrap();
 }

@@ -667,9 +667,21 @@ impl Service {
         let page = PageRange::from_pages(addr.page_down(), 1).expect("one page");
         self.inner.counters.tracked_writes.fetch_add(1, Ordering::Relaxed);
         let _inv = self.inner.notifiers.start(page, InvalidationEvent::Clear);
-        if let Err(e) = self.inner.uffd.write_unprotect(page, false) {
-            tracing::error!(%page, error = %e, "cannot lift write protection");
-            let _ = self.inner.uffd.wake(page);
+        match self.inner.uffd.write_unprotect(page, false) {
+            Ok(()) => {}
+            // The address space is changing (an event is queued): the woken
+            // writer faults again, and that fault, read after the event, is
+            // served then. Expected under concurrent unmaps, not a fault.
+            Err(crate::os::uffd::UffdError::Control {
+                errno: rustix::io::Errno::AGAIN, ..
+            }) => {
+                tracing::debug!(%page, "write protection not lifted yet: the address space is changing");
+                let _ = self.inner.uffd.wake(page);
+            }
+            Err(e) => {
+                tracing::error!(%page, error = %e, "cannot lift write protection");
+                let _ = self.inner.uffd.wake(page);
+            }
         }
     }
 

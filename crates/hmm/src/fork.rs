@@ -417,14 +417,20 @@ fn copy_held(inner: &Arc<Inner>, child: &Uffd, sink: &Arc<SystemSink>, mut held:
             _ => vec![Err(DmaError::Failed("the device failed".into())); n],
         };
         for (h, r) in part.iter().zip(results) {
-            if r.is_ok() {
-                inner.counters.fork_pages.fetch_add(1, Ordering::Relaxed);
-            }
-            if let Err(e) = r {
-                // What lived on a failed device is lost to the child too.
-                let page = PageRange::from_pages(h.range.page_addr(h.index), 1).expect("one page");
-                tracing::warn!(addr = %page.start(), error = %e, "a device page did not reach the forked child");
-                let _ = child.poison(page, true);
+            match r {
+                Ok(()) => {
+                    inner.counters.fork_pages.fetch_add(1, Ordering::Relaxed);
+                }
+                // The child has the page already (copied by an earlier pass of
+                // this copy, as `copy_from_parent` finds too): left as it is.
+                Err(DmaError::Exists) => {}
+                Err(e) => {
+                    // What lived on a failed device is lost to the child too.
+                    let page =
+                        PageRange::from_pages(h.range.page_addr(h.index), 1).expect("one page");
+                    tracing::warn!(addr = %page.start(), error = %e, "a device page did not reach the forked child");
+                    let _ = child.poison(page, true);
+                }
             }
         }
     }

@@ -320,6 +320,11 @@ fn run_probe() -> Probe {
             used_for: "CPU faults on device-resident pages reach hmm's fault service",
             if_missing: "everything: hmm cannot run",
             detail: match (origin, &create_err) {
+                (Some(o), _) if !kernel_faults => Some(format!(
+                    "only a {} descriptor could be had: it does not see faults taken inside \
+                     system calls, so read(2) into device-resident memory would fail",
+                    origin_name(o)
+                )),
                 (Some(o), _) => Some(format!("obtained through {}", origin_name(o))),
                 (None, Some(e)) => Some(e.clone()),
                 _ => None,
@@ -376,7 +381,8 @@ fn run_probe() -> Probe {
         present: fork_permitted,
         required: false,
         used_for: "fork of a process with device-resident pages: the child gets a copy of them",
-        if_missing: "fork while pages live on a device (needs CAP_SYS_PTRACE)",
+        if_missing: "a child forked while pages live on a device reads zeros where they \
+                     are (the FORK event needs CAP_SYS_PTRACE)",
         detail: (has(Features::EVENT_FORK) && !fork_permitted).then(|| {
             "the kernel has it but refuses it to this process (CAP_SYS_PTRACE)".to_string()
         }),

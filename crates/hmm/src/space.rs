@@ -120,6 +120,7 @@ pub enum HmmError {
     /// The device is not registered with this instance.
     #[error("device {0} is not registered with this hmm instance")]
     UnknownDevice(DeviceId),
+
     /// `/proc/self/maps` or the page table could not be read.
     #[error("cannot inspect {range}: {error}")]
     Inspect {
@@ -198,8 +199,12 @@ pub enum HmmError {
     /// A device job failed.
     #[error("device job: {0}")]
     Job(String),
-    /// The instance was shut down.
-    #[error("this hmm instance has been shut down")]
+    /// The instance was shut down (its `Hmm` dropped): its devices were
+    /// released and its ranges are no longer managed.
+    #[error(
+        "this hmm instance has been shut down (its Hmm was dropped, which released its \
+         devices): keep the Hmm alive for as long as its devices and ranges are used"
+    )]
     ShutDown,
 }
 
@@ -1592,6 +1597,16 @@ impl Inner {
         Ok(m.finalize())
     }
 
+    /// The error for a device this instance does not know: one it released
+    /// as it shut down, or one never registered with it.
+    pub(crate) fn unknown_device(&self, dev: DeviceId) -> HmmError {
+        if self.shut_down.load(Ordering::Acquire) {
+            HmmError::ShutDown
+        } else {
+            HmmError::UnknownDevice(dev)
+        }
+    }
+
     /// The managed range holding `addr`.
     pub(crate) fn find(&self, addr: VirtAddr) -> Option<Arc<Range>> {
         let ranges = self.ranges.read().unwrap_or_else(|e| e.into_inner());
@@ -1653,7 +1668,7 @@ impl Inner {
         map_for_cpu: bool,
     ) -> Result<MigrationReport, HmmError> {
         if mem.is_released() {
-            return Err(HmmError::UnknownDevice(mem.id()));
+            return Err(self.unknown_device(mem.id()));
         }
         let rec = self.find_containing(range)?;
         self.check_accessible(range, "migrate to a device")?;
@@ -1739,7 +1754,7 @@ impl Inner {
     ) -> Result<MigrationReport, HmmError> {
         self.check_accessible(range, "migrate between devices")?;
         if to.is_released() {
-            return Err(HmmError::UnknownDevice(to.id()));
+            return Err(self.unknown_device(to.id()));
         }
         if from.id() == to.id() {
             return Ok(MigrationReport::default());
@@ -1840,7 +1855,7 @@ impl Inner {
         dev: DeviceId,
         pages: &[DevicePage],
     ) -> Result<usize, HmmError> {
-        let mem = self.device(dev).ok_or(HmmError::UnknownDevice(dev))?;
+        let mem = self.device(dev).ok_or_else(|| self.unknown_device(dev))?;
         let addrs: Vec<VirtAddr> = pages.iter().filter_map(|p| mem.backs(*p)).collect();
         let mut moved = 0;
         for run in runs_of(&addrs) {
@@ -1863,7 +1878,7 @@ impl Inner {
     /// Evicts every page of `dev`, retrying pages caught mid-migration for up to
     /// about a second.
     pub(crate) fn evict_all(self: &Arc<Self>, dev: DeviceId) -> Result<(), HmmError> {
-        let mem = self.device(dev).ok_or(HmmError::UnknownDevice(dev))?;
+        let mem = self.device(dev).ok_or_else(|| self.unknown_device(dev))?;
         if mem.is_failed() {
             // Nothing can be read off it: its pages were poisoned as it
             // failed, and those a migration held are as the migration ends.

@@ -210,6 +210,13 @@ impl std::fmt::Debug for SoftwareDevice {
 impl SoftwareDevice {
     /// Creates a device and registers its memory with `hmm`.
     pub fn new(hmm: &Hmm, config: SoftwareDeviceConfig) -> Result<Self, HmmError> {
+        if config.capacity == 0 {
+            return Err(HmmError::Config(format!(
+                "software device {:?} has a capacity of 0 bytes: give it at least one page \
+                 ({PAGE_SIZE} bytes) of memory",
+                config.name
+            )));
+        }
         let (pool, file) = match config.kind {
             // Aligned to 2 MiB, so that device pages allocated in aligned runs
             // of 512 can hold a transparent huge page whole (moved in and out

@@ -511,3 +511,23 @@ fn trace_records_migrations_faults_and_invalidations() {
         "threads named"
     );
 }
+
+/// Misuse gets an error that says what was wrong: a device of no memory,
+/// and a device used after the `Hmm` it belongs to was dropped (which
+/// released it), rather than "unknown device 0" or "the range is empty".
+#[test]
+fn misused_devices_get_errors_that_say_what_is_wrong() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    let e = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("empty", 0)).unwrap_err();
+    assert!(e.to_string().contains("at least one page"), "{e}");
+    let dev = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("d", 16 * PAGE_SIZE)).unwrap();
+    let r = hmm.alloc(4 * PAGE_SIZE).unwrap();
+    r.fill(0, r.len(), 1).unwrap();
+    drop(hmm);
+    let e = dev.migrate_to_device(r.range()).unwrap_err();
+    assert!(matches!(e, HmmError::ShutDown), "{e:?}");
+    assert!(e.to_string().contains("dropped"), "{e}");
+}
