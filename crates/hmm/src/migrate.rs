@@ -114,6 +114,12 @@ pub struct MigrationReport {
     pub migrated: usize,
     /// Pages not moved, with the reason.
     pub skipped: Vec<(VirtAddr, SkipReason)>,
+    /// Pages of other memory the destination device evicted to system
+    /// memory to make room for this migration. A migration never evicts
+    /// pages it moved there itself: once the device holds nothing else it
+    /// can give up, the rest is skipped as
+    /// [`NoDeviceMemory`](SkipReason::NoDeviceMemory).
+    pub evicted: usize,
 }
 
 impl MigrationReport {
@@ -126,6 +132,7 @@ impl MigrationReport {
     pub fn append(&mut self, other: MigrationReport) {
         self.migrated += other.migrated;
         self.skipped.extend(other.skipped);
+        self.evicted += other.evicted;
     }
 
     /// Pages skipped for `reason`.
@@ -209,6 +216,11 @@ pub struct Migration {
     map_for_cpu: bool,
     /// The span recorded for the trace, when recording is on.
     trace: Option<crate::trace::Span>,
+    /// Addresses whose device pages eviction leaves alone: this migration's
+    /// own range, or the whole of the call it is one batch of.
+    keep: PageRange,
+    /// Pages evicted to make room for this migration.
+    evicted: usize,
 }
 
 impl std::fmt::Debug for Migration {
@@ -350,6 +362,8 @@ impl Migration {
             finalized: false,
             map_for_cpu: true,
             trace,
+            keep: range,
+            evicted: 0,
         };
         // Mirrors drop their translations before any page leaves its place
         // (the kernel's MMU_NOTIFY_MIGRATE), outside the table lock.
@@ -680,6 +694,13 @@ impl Migration {
         self.map_for_cpu = false;
     }
 
+    /// Eviction for this migration leaves the device pages of `range` alone
+    /// (it holds this migration's range): a call that migrates a range in
+    /// batches does not evict what its earlier batches moved.
+    pub(crate) fn keep_on_device(&mut self, range: PageRange) {
+        self.keep = range;
+    }
+
     /// Pages collected and still pending.
     pub fn collected(&self) -> usize {
         self.slots.iter().filter(|s| s.status == PageStatus::Pending).count()
@@ -732,11 +753,12 @@ impl Migration {
             let short = want - got.len();
             // Free pages an injected failure refused: not a lack of room.
             let short_of_room = short.saturating_sub(mem.free_pages() as usize);
-            let victims = mem.coldest_outside(short_of_room, Some(self.range));
+            let victims = mem.coldest_outside(short_of_room, Some(self.keep));
             if !victims.is_empty() {
                 let t0 = std::time::Instant::now();
                 match self.inner.evict(mem.id(), &victims) {
                     Ok(n) => {
+                        self.evicted += n;
                         mem.counters.pages_evicted.fetch_add(n as u64, Ordering::Relaxed);
                         let ns = t0.elapsed().as_nanos() as u64;
                         mem.counters.eviction_ns.fetch_add(ns, Ordering::Relaxed);
@@ -1086,7 +1108,7 @@ impl Migration {
             }
         }
         let _ = self.inner.uffd.wake(self.range);
-        let mut report = MigrationReport::default();
+        let mut report = MigrationReport { evicted: self.evicted, ..Default::default() };
         for (k, s) in self.slots.iter().enumerate() {
             match &s.status {
                 PageStatus::Migrated => report.migrated += 1,

@@ -1714,6 +1714,7 @@ impl Inner {
         let mut in_flight: Option<Migration> = None;
         let mut report = self.migrate_batches(range, |r| {
             let mut m = Migration::setup_for(self.clone(), r, Selection::System, Some(mem.id()))?;
+            m.keep_on_device(range);
             if !map_for_cpu {
                 m.keep_off_cpu();
             }
@@ -1771,6 +1772,7 @@ impl Inner {
                     Selection::Peer(from.id()),
                     Some(to.id()),
                 )?;
+                m.keep_on_device(range);
                 m.allocate_on(to);
                 m.copy(to.ops().dma());
                 return Ok(m.finalize());
@@ -1783,7 +1785,8 @@ impl Inner {
             for (a, _) in &back.skipped {
                 stayed[(a.get() - r.start().get()) / PAGE_SIZE] = true;
             }
-            let mut report = MigrationReport { migrated: 0, skipped: back.skipped };
+            let mut report =
+                MigrationReport { migrated: 0, skipped: back.skipped, evicted: back.evicted };
             let mut k = 0;
             while k < stayed.len() {
                 let n = stayed[k..].iter().take_while(|s| !**s).count();
@@ -1791,6 +1794,7 @@ impl Inner {
                     let part = r.subrange(k * PAGE_SIZE, n * PAGE_SIZE)?;
                     let mut m =
                         Migration::setup_for(self.clone(), part, Selection::System, Some(to.id()))?;
+                    m.keep_on_device(range);
                     m.allocate_on(to);
                     m.copy(to.ops().dma());
                     report.append(m.finalize());

@@ -175,6 +175,7 @@ fn pressure_evicts_the_least_recently_used_pages() {
     );
     assert!(y.residencies().iter().all(on(&d)));
     assert_eq!(d.stats().pages_evicted, 32);
+    assert_eq!(rep.evicted, 32, "the report says what made room");
     check(&cpu_bytes(&x), 0, 100, "x");
     check(&cpu_bytes(&y), 0, 200, "y");
 }
@@ -202,9 +203,41 @@ fn a_migration_does_not_evict_the_pages_it_gathers() {
     assert_eq!(rep.migrated, 16, "{:?}", rep.skipped.first());
     assert!(x.residencies().iter().all(on(&d)), "{:?}", x.residencies());
     let left = y.residencies().iter().filter(|r| **r == Residency::System).count();
-    assert_eq!((left, d.stats().pages_evicted), (16, 16));
+    assert_eq!((left, d.stats().pages_evicted, rep.evicted), (16, 16, 16));
     check(&cpu_bytes(&x), 0, 100, "x");
     check(&cpu_bytes(&y), 0, 200, "y");
+}
+
+/// A migration of more than the device holds, in one call: it fills the
+/// device (evicting other memory, and saying how much) and skips the rest
+/// as finding no device memory. It never evicts what its own earlier
+/// batches moved there, which would report every page migrated while most
+/// had gone back.
+#[test]
+fn a_migration_larger_than_the_device_fills_it_once_and_says_so() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let _fork = common::fork_lock();
+    let hmm = Hmm::new().unwrap();
+    const CAP: usize = 4096; // 16 MiB: one batch of a migration
+    let d = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("d", CAP * PAGE_SIZE).evicting())
+        .unwrap();
+    let other = hmm.alloc(1024 * PAGE_SIZE).unwrap();
+    fill(&other, 300);
+    assert_eq!(d.migrate_to_device(other.range()).unwrap().migrated, 1024);
+    let big = hmm.alloc(3 * CAP * PAGE_SIZE).unwrap();
+    fill(&big, 400);
+    let rep = d.migrate_to_device(big.range()).unwrap();
+    assert_eq!(rep.migrated, CAP, "the device is filled once");
+    assert_eq!(rep.evicted, 1024, "the other range made room");
+    assert_eq!(rep.count(&SkipReason::NoDeviceMemory), 2 * CAP, "the rest found no room");
+    assert!(!rep.all_migrated());
+    let on_device = big.residencies().iter().filter(|r| on(&d)(r)).count();
+    assert_eq!(on_device, rep.migrated, "every page reported migrated is on the device");
+    assert_eq!(d.stats().pages_resident as usize, CAP);
+    check(&cpu_bytes(&big), 0, 400, "big");
+    check(&cpu_bytes(&other), 0, 300, "other");
 }
 
 /// The word page `i` of the model holds.
