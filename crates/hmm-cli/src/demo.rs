@@ -69,8 +69,17 @@ struct Phase {
     span: Option<hmm::trace::Span>,
 }
 
+/// A run with at least this many nodes takes long enough (seconds to
+/// minutes) that its progress is shown on stderr.
+const LONG_RUN: u64 = 1_000_000;
+
 impl Phase {
-    fn start(name: &'static str) -> Self {
+    /// Starts a phase; `long` says so on stderr, where a long run shows its
+    /// progress.
+    fn start(name: &'static str, long: bool) -> Self {
+        if long {
+            eprintln!("hmm demo: {name}...");
+        }
         Self { name, start: Instant::now(), span: hmm::trace::span(name, Category::Phase) }
     }
 
@@ -79,6 +88,71 @@ impl Phase {
         let took = self.start.elapsed();
         drop(self.span);
         (self.name, took, what)
+    }
+}
+
+/// A duration in milliseconds, or seconds from 10 s on: at most 10
+/// characters for any run (a table column stays aligned).
+fn human_duration(d: Duration) -> String {
+    let ms = d.as_secs_f64() * 1e3;
+    if ms < 10_000.0 { format!("{ms:.1} ms") } else { format!("{:.1} s", ms / 1e3) }
+}
+
+/// Progress through a long loop on stderr: a bar on a terminal, a line at
+/// each tenth elsewhere; nothing for a short run.
+struct Steps {
+    bar: indicatif::ProgressBar,
+    what: &'static str,
+    total: u64,
+    done: u64,
+    /// Where the next line is printed (not on a terminal).
+    next_line: Option<u64>,
+}
+
+impl Steps {
+    fn new(what: &'static str, total: u64, long: bool) -> Self {
+        use std::io::IsTerminal;
+        let tty = long && std::io::stderr().is_terminal();
+        let bar = if tty {
+            let b = indicatif::ProgressBar::new(total);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "  [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
+            ) {
+                b.set_style(style);
+            }
+            b.set_message(what);
+            b
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        let next_line = (long && !tty).then_some(total / 10);
+        Self { bar, what, total, done: 0, next_line }
+    }
+
+    /// One more done.
+    fn one(&mut self) {
+        self.done += 1;
+        if self.done.is_multiple_of(1 << 16) {
+            self.bar.set_position(self.done);
+        }
+        if let Some(at) = self.next_line
+            && self.done >= at.max(1)
+        {
+            eprintln!(
+                "  {}: {} of {} ({}%)",
+                self.what,
+                self.done,
+                self.total,
+                self.done * 100 / self.total.max(1)
+            );
+            self.next_line = Some(at + (self.total / 10).max(1));
+        }
+    }
+}
+
+impl Drop for Steps {
+    fn drop(&mut self) {
+        self.bar.finish_and_clear();
     }
 }
 
@@ -150,15 +224,18 @@ pub fn run(args: &DemoArgs, out: &mut dyn FnMut(&str)) -> Result<(), String> {
         gpu.engine_name(),
     ));
     let mut phases: Vec<(&str, Duration, String)> = Vec::new();
+    let long = n >= LONG_RUN;
 
     // 1. Build.
-    let phase = Phase::start("build (CPU)");
+    let phase = Phase::start("build (CPU)", long);
     let arena = hmm.arena(arena_len).map_err(e("cannot make the arena"))?;
     let array = hmm.alloc(array_len).map_err(e("cannot allocate the array"))?;
     let output = hmm.alloc(array_len).map_err(e("cannot allocate the output"))?;
     let order = keys(n, seed);
     let mut root: Option<&Node<'_>> = None;
+    let mut built = Steps::new("nodes linked", n, long);
     for &k in &order {
+        built.one();
         let node: &Node<'_> = arena
             .alloc(Node {
                 key: k,
@@ -169,6 +246,7 @@ pub fn run(args: &DemoArgs, out: &mut dyn FnMut(&str)) -> Result<(), String> {
             .map_err(|err| format!("cannot place a node: {err}"))?;
         insert(&mut root, node);
     }
+    drop(built);
     let root = root.ok_or("the tree is empty")?;
     write_array(&array, seed).map_err(|err| format!("cannot write the array: {err}"))?;
     phases.push(phase.end(format!("{n} nodes linked, {words} words written")));
@@ -190,7 +268,7 @@ pub fn run(args: &DemoArgs, out: &mut dyn FnMut(&str)) -> Result<(), String> {
     show_maps(out, "after build");
 
     // 2. Placement hints.
-    let phase = Phase::start("place (hints to gpu0)");
+    let phase = Phase::start("place (hints to gpu0)", long);
     let head = (array_len / 4).next_multiple_of(PAGE_SIZE).min(array_len);
     let hints: Vec<(&str, hmm::PageRange)> = [
         ("tree", Some(tree_range)),
@@ -222,7 +300,7 @@ pub fn run(args: &DemoArgs, out: &mut dyn FnMut(&str)) -> Result<(), String> {
     show_maps(out, "after placement");
 
     // 3. The device job, and the CPU's own computation meanwhile.
-    let phase = Phase::start("device job (+ CPU meanwhile)");
+    let phase = Phase::start("device job (+ CPU meanwhile)", long);
     let faults_before = hmm.fault_stats().0;
     let job_args = JobArgs {
         root: VirtAddr::new(std::ptr::from_ref(root).addr()),
@@ -257,7 +335,7 @@ pub fn run(args: &DemoArgs, out: &mut dyn FnMut(&str)) -> Result<(), String> {
     show_maps(out, "after the device job");
 
     // 4. The CPU reads the results: they fault back.
-    let phase = Phase::start("read back (CPU)");
+    let phase = Phase::start("read back (CPU)", long);
     let faults_before = hmm.fault_stats().0;
     let out_sum = sum_output(&output).map_err(|err| format!("cannot read the output: {err}"))?;
     let (tree_sum, tree_nodes) = walk(root);
@@ -277,9 +355,10 @@ pub fn run(args: &DemoArgs, out: &mut dyn FnMut(&str)) -> Result<(), String> {
         ("tree nodes walked by the CPU", tree_nodes, cpu.tree_nodes),
     ];
 
-    out("\n  phase                          time  what happened\n");
+    let w = phases.iter().map(|(name, ..)| name.len()).max().unwrap_or(0).max("phase".len());
+    out(&format!("\n  {:<w$} {:>10}  what happened\n", "phase", "time"));
     for (name, d, what) in &phases {
-        out(&format!("  {name:<28} {:>7.1} ms  {what}\n", d.as_secs_f64() * 1e3));
+        out(&format!("  {name:<w$} {:>10}  {what}\n", human_duration(*d)));
     }
     let s = gpu.stats();
     out(&format!(

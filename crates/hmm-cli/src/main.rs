@@ -388,10 +388,18 @@ fn bench(json: bool, quick: bool, outputs: &Outputs) -> ExitCode {
     if json {
         out(&format!("{}\n", serde_json::to_string(&b).expect("bench report serializes")));
     } else {
-        let mut s = format!("{:<34} {:>12}  {:<9} what\n", "key", "value", "unit");
-        for r in b.rows() {
-            let v = r.value.map_or_else(|| "n/a".to_string(), |v| format!("{v:.3}"));
-            s.push_str(&format!("{:<34} {:>12}  {:<9} {}\n", r.key, v, r.unit, r.what));
+        // Columns as wide as their widest cell, so that none overflows.
+        let rows: Vec<_> = b
+            .rows()
+            .into_iter()
+            .map(|r| (r.value.map_or_else(|| "n/a".to_string(), |v| format!("{v:.3}")), r))
+            .collect();
+        let kw = rows.iter().map(|(_, r)| r.key.len()).max().unwrap_or(0).max(3);
+        let vw = rows.iter().map(|(v, _)| v.len()).max().unwrap_or(0).max(5);
+        let uw = rows.iter().map(|(_, r)| r.unit.len()).max().unwrap_or(0).max(4);
+        let mut s = format!("{:<kw$} {:>vw$}  {:<uw$} what\n", "key", "value", "unit");
+        for (v, r) in &rows {
+            s.push_str(&format!("{:<kw$} {:>vw$}  {:<uw$} {}\n", r.key, v, r.unit, r.what));
         }
         out(&s);
     }

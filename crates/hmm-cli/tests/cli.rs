@@ -134,6 +134,23 @@ fn bench_table_names_every_key() {
     ] {
         assert!(text.contains(key), "{key} missing:\n{text}");
     }
+    assert_columns_line_up(&text, "value");
+}
+
+/// Every row of the table that starts with the header holding `column` ends
+/// that column where the header does: no cell overflows it.
+fn assert_columns_line_up(text: &str, column: &str) {
+    let mut lines = text.lines().skip_while(|l| !l.contains(column));
+    let header = lines.next().unwrap_or_else(|| panic!("no header with {column:?}:\n{text}"));
+    let end = header.find(column).unwrap() + column.len();
+    let rows: Vec<&str> = lines.take_while(|l| !l.trim().is_empty()).collect();
+    assert!(!rows.is_empty(), "no rows under the header:\n{text}");
+    for row in rows {
+        assert!(
+            row.len() > end && row.as_bytes()[end] == b' ' && row.as_bytes()[end - 1] != b' ',
+            "a cell does not end where {column:?} does:\n{header}\n{row}"
+        );
+    }
 }
 
 /// The demo at a small size: every check passes, and the report shows the
@@ -447,4 +464,21 @@ fn bench_outputs_are_checked_before_the_run_and_leave_nothing_behind() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("made the CSV directory"));
     std::fs::remove_dir_all(&base).unwrap();
+}
+
+/// A long demo shows its progress on stderr (here not a terminal: a line
+/// per tenth of the build, and each phase as it starts), so that a run of
+/// minutes is not a silent one.
+#[test]
+fn a_long_demo_shows_its_progress() {
+    if !usable() {
+        eprintln!("SKIP: the demo needs a usable userfaultfd");
+        return;
+    }
+    let out = hmm(&["demo", "--nodes", "1000000", "--array-mib", "4"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("nodes linked: 500000 of 1000000 (50%)"), "{err}");
+    assert!(err.contains("hmm demo: device job"), "{err}");
+    assert_columns_line_up(&String::from_utf8_lossy(&out.stdout), "time");
 }

@@ -1121,7 +1121,10 @@ impl Hmm {
         IntervalNotifier::insert(&self.inner, range, Box::new(callback))
     }
 
-    /// Notifiers inserted and not yet dropped.
+    /// Notifiers inserted and not yet dropped: the application's and its
+    /// drivers' alike, since a driver mirrors memory with the same notifiers
+    /// (each [`SoftwareDevice`](crate::SoftwareDevice) keeps one over the
+    /// whole address space for its page table, for as long as it lives).
     pub fn notifier_count(&self) -> usize {
         self.inner.notifiers.len()
     }
@@ -1255,7 +1258,10 @@ impl Inner {
                 .map(|h| h.start())
                 .or(unmapped)
             {
-                let reason = format!("nothing is mapped at {at} (the application unmapped it)");
+                let reason = format!(
+                    "the application unmapped the range's pages at {at} (whatever is mapped \
+                     there now is not this range's memory)"
+                );
                 return Err(HmmError::InvalidRange { op, range, reason });
             }
         }
@@ -2489,6 +2495,13 @@ mod tests {
         assert!(r.touch_read(10).is_err_and(unmapped));
         assert!(r.touch_write(10, 0xEE).is_err_and(unmapped));
         assert_eq!(other.touch_read(10).unwrap(), 0x77, "the other mapping's byte is untouched");
+        // A migration of the range says the application unmapped it, though
+        // something is mapped there now.
+        let dev =
+            SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("d", 64 * PAGE_SIZE)).unwrap();
+        let e = dev.migrate_to_device(whole).unwrap_err().to_string();
+        assert!(e.contains("the application unmapped the range's pages"), "{e}");
+        assert!(!e.contains("nothing is mapped"), "{e}");
     }
 
     /// A page lost with a failed device: hmm's own accessors return an error

@@ -223,7 +223,10 @@ fn direct_munmap_returns_every_device_page() {
     // the mapped parts migrate.
     let e = dev.migrate_to_device(r.range()).unwrap_err();
     assert!(matches!(e, HmmError::InvalidRange { .. }), "{e}");
-    assert!(e.to_string().contains(&format!("nothing is mapped at {}", head.start())), "{e}");
+    assert!(
+        e.to_string().contains(&format!("unmapped the range's pages at {}", head.start())),
+        "{e}"
+    );
     let parts = [r.pages_range(16, 34).unwrap(), r.pages_range(80, 48).unwrap()];
     assert_eq!(
         parts.iter().map(|p| dev.migrate_to_device(*p).unwrap().migrated).sum::<usize>(),
