@@ -313,11 +313,21 @@ impl Batches {
     pub(crate) fn wait_scanned(&self, limit: Duration) -> bool {
         let target = self.begun.load(Ordering::SeqCst);
         let deadline = Instant::now() + limit;
+        let mut spins = 0u32;
+        let mut pause = Duration::from_micros(20);
         while self.scanned.load(Ordering::SeqCst) < target {
             if Instant::now() >= deadline {
                 return false;
             }
-            std::thread::yield_now();
+            // A read takes microseconds; a service the scheduler put aside
+            // takes longer, and is not to be competed with for the CPU.
+            if spins < 64 {
+                spins += 1;
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(1));
+            }
         }
         true
     }

@@ -2166,9 +2166,17 @@ impl ManagedRange {
         if let Some(gone) = self.inner.pending_unmap(part) {
             return Err(RangeError::Unmapped(gone));
         }
-        let t = self.range.lock();
         let bad =
             |e: &PageEntry| matches!(e.residency(), Residency::Unmapped | Residency::Poisoned);
+        let mut t = self.range.lock();
+        if (first..=last).any(|k| t[k].residency() == Residency::Poisoned) {
+            // A lost page is usable again once the application discards it
+            // (`MADV_DONTNEED`), which hmm hears of after the call returns:
+            // the record is looked at again once the events are handled.
+            drop(t);
+            self.inner.settle_events_off_service();
+            t = self.range.lock();
+        }
         let Some(k) = (first..=last).find(|k| bad(&t[*k])) else { return Ok(()) };
         // The whole run of pages gone (or lost) that the access meets.
         let what = t[k].residency();
@@ -2526,5 +2534,11 @@ mod tests {
         assert_eq!(r.touch_read(5 * PAGE_SIZE).unwrap(), 5, "other pages read as ever");
         let e = r.touch_write(2 * PAGE_SIZE, 1).unwrap_err();
         assert!(e.to_string().contains("failed"), "{e}");
+        // Discarded, the lost pages are usable again at once (hmm hears of
+        // the discard after the call returns).
+        r.advise(lost, crate::os::mm::Advise::DontNeed).unwrap();
+        r.write(2 * PAGE_SIZE, &[9]).unwrap();
+        assert_eq!(r.touch_read(2 * PAGE_SIZE).unwrap(), 9);
+        assert_eq!(r.touch_read(4 * PAGE_SIZE).unwrap(), 0, "a discarded page reads zeros");
     }
 }
