@@ -445,8 +445,13 @@ const PARKED_ROOM: usize = 4096;
 /// Room for retries reserved when the service starts (one per thread waiting
 /// for memory; more are allocated as needed).
 const RETRY_ROOM: usize = 64;
-/// How often a parked service looks whether the fork is over.
+/// How often a parked service looks whether the fork is over (and one asked
+/// to park, whether the forwards in progress are).
 const PARKED_POLL: Duration = Duration::from_millis(5);
+/// How long the service, asked to park for a fork, serves on while remap
+/// forwards are in progress (see `Service::may_park`): less than the fork
+/// handlers wait for the park (30 s), so the fork never goes on unparked.
+const PARK_DEFER: Duration = Duration::from_secs(20);
 
 /// How soon the service looks again at discarded pages the page table
 /// still had (see `Service::recheck_discarded`).
@@ -478,6 +483,9 @@ struct Service {
     /// Discarded pages the page table still had, looked at again until the
     /// instant given (see [`Service::recheck_discarded`]).
     discarded: Vec<(PageRange, Instant)>,
+    /// When the service first saw the fork it is asked to park for, while
+    /// forwards kept it from parking (see [`Service::may_park`]).
+    fork_asked_at: Option<Instant>,
 }
 
 impl Service {
@@ -494,6 +502,7 @@ impl Service {
             thp_src: None,
             stream: (0, 0),
             discarded: Vec::new(),
+            fork_asked_at: None,
         }
     }
 
@@ -502,7 +511,10 @@ impl Service {
             if self.inner.stopping.load(Ordering::Acquire) {
                 return;
             }
-            if self.inner.fork_gate.asked.load(Ordering::SeqCst) && !self.park_for_fork() {
+            let fork_asked = self.inner.fork_gate.asked.load(Ordering::SeqCst);
+            if !fork_asked {
+                self.fork_asked_at = None;
+            } else if self.may_park() && !self.park_for_fork() {
                 return;
             }
             let timeout = self
@@ -511,6 +523,12 @@ impl Service {
                 .map(|r| r.due)
                 .min()
                 .map(|d| d.saturating_duration_since(Instant::now()));
+            // A fork waits for the forwards in progress: look again soon
+            // whether they are over (each also notifies as it ends).
+            let timeout = match fork_asked {
+                true => Some(timeout.map_or(PARKED_POLL, |t| t.min(PARKED_POLL))),
+                false => timeout,
+            };
             // Discarded pages still in the page table: look again soon even
             // if no message comes.
             let timeout = match !self.discarded.is_empty() {
@@ -558,6 +576,30 @@ impl Service {
             self.run_retries();
             self.recheck_discarded();
         }
+    }
+
+    /// Whether the service may park for the fork it is asked for: only once
+    /// no forward is in progress. A forward waits for the service to handle
+    /// the messages it has read (the `UNMAP` that follows a moving remap, see
+    /// `remap::deliver_all`), which a parked service does not do until the
+    /// fork is over, while the fork waits for the forward: so the service
+    /// serves on until the forwards are over. Only the service starts
+    /// forwards (on `REMAP`), so none starts once it is parked, and the fork
+    /// never has remapped data in flight. Bounded, in case a forward cannot
+    /// end (its copies short of memory): the service parks after
+    /// [`PARK_DEFER`] all the same, and the fork says it has data in flight.
+    fn may_park(&mut self) -> bool {
+        let asked_at = *self.fork_asked_at.get_or_insert_with(Instant::now);
+        if self.inner.forwards.is_idle() {
+            return true;
+        }
+        if asked_at.elapsed() < PARK_DEFER {
+            return false;
+        }
+        tracing::error!(
+            "remapped pages are still on their way after {PARK_DEFER:?}; parking for the fork anyway"
+        );
+        true
     }
 
     /// While the process forks (between the fork handlers' `prepare` and

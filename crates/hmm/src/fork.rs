@@ -206,23 +206,17 @@ extern "C" fn prepare() {
         // Coherent memory the CPU maps would be shared with the child: it
         // goes back to system memory first (this needs the fault service).
         inner.coherent_before_fork();
-        // Forwards in progress finish first, while the service runs: a
-        // forward waits for the service to handle what it has read (see
-        // `Inner::settle_events`), which a parked service does not do.
-        if !inner.forwards.wait_idle(FORK_WAIT) {
-            tracing::error!("remapped pages are still on their way; forking anyway");
-        }
+        // The service parks only once no forward is in progress: it serves
+        // on until then, since a forward waits for it to handle what it has
+        // read (see `Service::may_park`), and it starts no forward parked.
+        // Pages on their way to an address the application moved them to
+        // would miss the child: they are in neither place it copies from.
         inner.fork_gate.asked.store(true, Ordering::SeqCst);
         inner.notifier.notify();
         if !inner.fork_gate.wait_parked(FORK_WAIT) {
             tracing::error!("the fault service did not park for the fork; forking anyway");
         }
-        // Pages on their way to an address the application moved them to
-        // would miss the child: they are in neither place it copies from.
-        // (Parked, the service starts no new forward; one that a remap
-        // started just before it parked ends here, or its wait on the
-        // parked service ends at that wait's bound.)
-        if !inner.forwards.wait_idle(FORK_WAIT) {
+        if !inner.forwards.is_idle() {
             tracing::error!("remapped pages are still on their way; forking anyway");
         }
     }

@@ -184,6 +184,11 @@ impl Forwards {
         }
     }
 
+    /// Whether no forward is in progress.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.lock().is_empty()
+    }
+
     /// Waits (up to `limit`) until no forward is in progress.
     pub(crate) fn wait_idle(&self, limit: Duration) -> bool {
         let list = self.lock();
@@ -302,6 +307,10 @@ fn deliver_all(inner: &Arc<Inner>, old: PageRange) {
         };
         if done {
             inner.forwards.changed.notify_all();
+            // A fault service asked to park for a fork waits for this.
+            if inner.fork_gate.asked.load(Ordering::SeqCst) {
+                inner.notifier.notify();
+            }
             // Touches of the new range waited for this (`Forwards::awaits`):
             // they fault again and find their pages. (Should the application
             // have unmapped the range and the addresses hold other memory by
