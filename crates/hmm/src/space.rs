@@ -1360,7 +1360,7 @@ impl Inner {
     /// been looked through, so an unmap that returned before the call is
     /// seen, whether or not its pages are recorded `Unmapped` yet.
     pub(crate) fn pending_unmap(&self, part: PageRange) -> Option<PageRange> {
-        if !crate::fault::on_service_thread() && self.in_own_process() {
+        if !crate::fault::on_service_thread() {
             self.batches.wait_scanned(Duration::from_secs(1));
         }
         let u = self.unmapping.lock().unwrap_or_else(|e| e.into_inner());
@@ -2157,7 +2157,15 @@ impl ManagedRange {
     /// addresses may hold another mapping by now, whose bytes are not this
     /// range's. A page lost with a failed device is refused too (a raw touch
     /// of it gets `SIGBUS`). Bounds are left to the mapping's own check.
+    ///
+    /// In a forked child nothing is looked at: the child has a copy of
+    /// hmm's records, frozen at the fork, and of its locks, which another
+    /// thread of the parent may have held then and which nothing in the
+    /// child would ever release. There the accessors act as raw accesses.
     fn check_cpu_access(&self, offset: usize, len: usize) -> Result<(), RangeError> {
+        if !self.inner.in_own_process() {
+            return Ok(());
+        }
         let Some(end) = offset.checked_add(len.max(1)).filter(|e| *e <= self.len()) else {
             return Ok(());
         };
