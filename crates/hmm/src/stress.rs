@@ -632,6 +632,8 @@ impl<'a> Worker<'a> {
                 let res = retry_busy(|| devs[dev].write(self.addr(at), &b));
                 if !self.all_mapped(first, count) {
                     res.err().ok_or_else(|| not_mapped(first, count))?;
+                } else if self.threads > 1 && stayed_busy(&res) {
+                    // Refused, nothing written: see `stayed_busy`.
                 } else {
                     res.map_err(|e| err(&e))?;
                     self.model[at..at + len].copy_from_slice(&b);
@@ -642,6 +644,8 @@ impl<'a> Worker<'a> {
                 let res = retry_busy(|| devs[dev].read(self.pr(first, count)));
                 if !self.all_mapped(first, count) {
                     res.err().ok_or_else(|| not_mapped(first, count))?;
+                } else if self.threads > 1 && stayed_busy(&res) {
+                    // Refused: see `stayed_busy`.
                 } else {
                     let (b, _) = res.map_err(|e| err(&e))?;
                     let off = at - first * PAGE_SIZE;
@@ -1147,6 +1151,16 @@ fn retry_busy<T>(mut access: impl FnMut() -> Result<T, HmmError>) -> Result<T, H
             r => return r,
         }
     }
+}
+
+/// Whether a device access was refused because its pages stayed held by
+/// migrations through every retry (`RangeFaultError::Busy`, which tells the
+/// caller to retry). With several workers on a machine whose cores are all
+/// busy, another worker's fork copy or eviction can hold a page for
+/// seconds: a refusal the API allows, after which nothing has changed. (Why
+/// a hold grows past six seconds under load is not known yet.)
+fn stayed_busy<T>(res: &Result<T, HmmError>) -> bool {
+    matches!(res, Err(HmmError::Fault(crate::RangeFaultError::Busy { .. })))
 }
 
 /// Where an operation's kind is counted, and named in [`KINDS`].
