@@ -220,7 +220,6 @@ pub(crate) fn start(inner: Arc<Inner>) -> std::io::Result<JoinHandle<()>> {
         }
         ON_SERVICE.with(|c| c.set(true));
         let _ = tx.send(());
-        let exited = inner.service_exited.clone();
         let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             Service::new(inner).run();
         }));
@@ -240,35 +239,32 @@ pub(crate) fn start(inner: Arc<Inner>) -> std::io::Result<JoinHandle<()>> {
             );
             std::process::abort();
         }
-        exited.set();
     })?;
     let _ = rx.recv();
     Ok(h)
 }
 
-/// A flag set once, with a wait for it that has a deadline (a thread's
-/// `join` has none).
-#[derive(Debug, Default)]
-pub(crate) struct Signal {
-    set: Mutex<bool>,
-    changed: Condvar,
-}
-
-impl Signal {
-    pub(crate) fn set(&self) {
-        *self.set.lock().unwrap_or_else(|e| e.into_inner()) = true;
-        self.changed.notify_all();
+/// Waits until `done()` holds or `deadline` passes; returns whether it
+/// held. For states other threads change in microseconds, which no signal
+/// announces: a few yields first, then sleeps growing from 20 us to 1 ms,
+/// so that a thread the scheduler put aside is not competed with for the
+/// CPU.
+pub(crate) fn poll_until(deadline: Instant, mut done: impl FnMut() -> bool) -> bool {
+    let mut spins = 0u32;
+    let mut pause = Duration::from_micros(20);
+    while !done() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        if spins < 64 {
+            spins += 1;
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(1));
+        }
     }
-
-    /// Waits up to `limit` for the flag; returns whether it was set.
-    pub(crate) fn wait(&self, limit: Duration) -> bool {
-        let g = self.set.lock().unwrap_or_else(|e| e.into_inner());
-        let (g, _) = self
-            .changed
-            .wait_timeout_while(g, limit, |set| !*set)
-            .unwrap_or_else(|e| e.into_inner());
-        *g
-    }
+    true
 }
 
 /// The batches of messages the service reads, numbered, so that a thread can
@@ -312,24 +308,7 @@ impl Batches {
     /// read and looked through. Returns whether it was.
     pub(crate) fn wait_scanned(&self, limit: Duration) -> bool {
         let target = self.begun.load(Ordering::SeqCst);
-        let deadline = Instant::now() + limit;
-        let mut spins = 0u32;
-        let mut pause = Duration::from_micros(20);
-        while self.scanned.load(Ordering::SeqCst) < target {
-            if Instant::now() >= deadline {
-                return false;
-            }
-            // A read takes microseconds; a service the scheduler put aside
-            // takes longer, and is not to be competed with for the CPU.
-            if spins < 64 {
-                spins += 1;
-                std::thread::yield_now();
-            } else {
-                std::thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_millis(1));
-            }
-        }
-        true
+        poll_until(Instant::now() + limit, || self.scanned.load(Ordering::SeqCst) >= target)
     }
 
     /// Batch `n` is handled.

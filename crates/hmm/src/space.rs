@@ -543,9 +543,6 @@ pub(crate) struct Inner {
     vma_query: OnceLock<VmaQuery>,
     pagemap: OnceLock<Pagemap>,
     service: Mutex<Option<JoinHandle<()>>>,
-    /// Set by the fault service as it returns: shutdown waits for it with
-    /// a deadline before it joins the thread.
-    pub(crate) service_exited: Arc<crate::fault::Signal>,
 }
 
 /// How long shutdown waits for the fault service to stop.
@@ -671,7 +668,6 @@ impl Hmm {
             unmapping: Mutex::new(Vec::with_capacity(UNMAPPING_ROOM)),
             pid: std::process::id(),
             service: Mutex::new(None),
-            service_exited: Arc::new(crate::fault::Signal::default()),
         });
         let handle = crate::fault::start(inner.clone()).map_err(HmmError::Thread)?;
         *inner.service.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
@@ -1305,13 +1301,8 @@ impl Inner {
     /// was still under way when it ran out.
     pub(crate) fn settle_events_within(&self, limit: Duration) -> Result<(), Unsettled> {
         let deadline = std::time::Instant::now() + limit;
-        let mut pause = Duration::from_micros(20);
-        while self.uffd.changes_pending().unwrap_or(false) {
-            if std::time::Instant::now() >= deadline {
-                return Err(Unsettled::Changes);
-            }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(1));
+        if !crate::fault::poll_until(deadline, || !self.uffd.changes_pending().unwrap_or(false)) {
+            return Err(Unsettled::Changes);
         }
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         if !self.batches.wait_handled(left) {
@@ -1384,13 +1375,10 @@ impl Inner {
         }
         // Discarded pages the page table still held when their event was
         // handled: looked at again until they are gone, or for 100 ms.
-        let mut pause = Duration::from_micros(50);
-        while self.discards_pending.load(Ordering::Acquire) > 0 {
-            if std::time::Instant::now() >= deadline {
-                return Err(Unsettled::Discards);
-            }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(1));
+        if !crate::fault::poll_until(deadline, || {
+            self.discards_pending.load(Ordering::Acquire) == 0
+        }) {
+            return Err(Unsettled::Discards);
         }
         Ok(())
     }
@@ -2098,7 +2086,8 @@ impl Inner {
         if let Some(h) = self.service.lock().unwrap_or_else(|e| e.into_inner()).take() {
             // Bounded: a service stuck in a driver's callback is left behind
             // (logged) rather than hang the drop of `Hmm`.
-            if self.service_exited.wait(SERVICE_STOP) {
+            let deadline = std::time::Instant::now() + SERVICE_STOP;
+            if crate::fault::poll_until(deadline, || h.is_finished()) {
                 let _ = h.join();
             } else {
                 tracing::error!(
