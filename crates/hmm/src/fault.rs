@@ -61,8 +61,8 @@ use crate::migrate::{Migration, PageStatus, Selection, SkipReason};
 use crate::mirror::InvalidationEvent;
 use crate::os::mm::{Advise, Mapping, Protection};
 use crate::os::uffd::{FillErrorKind, UffdEvent};
-use crate::page::{DevicePage, Residency};
-use crate::space::{HmmConfig, Inner, OwnChange, Range};
+use crate::page::{DevicePage, PageEntry, PageTable, Residency};
+use crate::space::{HmmConfig, Inner, OwnChange, Range, runs_where};
 
 /// Why a fault-back did not bring the faulting page back.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -677,6 +677,13 @@ impl Service {
                     .is_ok_and(|r| self.inner.take_own_change(OwnChange::Unmap(r)));
                 if !own {
                     self.invalidate(start.get(), end.get(), true);
+                    // The pages are recorded gone: the addresses are no
+                    // longer the ranges', and may be anyone's from now on.
+                    self.inner
+                        .ranges
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .cut(start.get(), end.get());
                 }
                 self.inner.unmap_handled(start, end);
             }
@@ -868,9 +875,9 @@ impl Service {
                 Err(e) => e.done / PAGE_SIZE,
             };
             let first = r.index(part.start());
-            for e in &mut t[first..first + done] {
+            t.for_each_mut(first..first + done, |_, e| {
                 let _ = e.populate();
-            }
+            });
             filled += done;
         }
         drop(t);
@@ -885,10 +892,10 @@ impl Service {
     fn zero_huge(&mut self, page: PageRange, r: &Arc<Range>) -> bool {
         let Some(block) = r.huge_block(page.start()) else { return false };
         let first = r.index(block.start());
-        let empty = |t: &[crate::page::PageEntry]| {
-            t[first..first + block.pages()]
-                .iter()
-                .all(|e| !e.is_migrating() && matches!(e.residency(), Residency::None))
+        let empty = |t: &crate::page::PageTable| {
+            !t.any(first..first + block.pages(), |e| {
+                e.is_migrating() || !matches!(e.residency(), Residency::None)
+            })
         };
         if !empty(&r.lock()) {
             return false;
@@ -921,9 +928,9 @@ impl Service {
             Ok(_) => block.pages(),
             Err(e) => e.done / PAGE_SIZE,
         };
-        for e in &mut t[first..first + done] {
+        t.for_each_mut(first..first + done, |_, e| {
             let _ = e.populate();
-        }
+        });
         drop(t);
         r.counters.zero_fills.fetch_add(done as u64, Ordering::Relaxed);
         if done == 0 {
@@ -1027,17 +1034,15 @@ impl Service {
     /// empties the page table, so a page seen here may be about to go: see
     /// [`recheck_discarded`](Self::recheck_discarded). Without a readable page
     /// table every page counts as dropped.
-    fn still_held(&self, r: &Range, first: usize, entries: &[crate::page::PageEntry]) -> Vec<bool> {
-        let system =
-            |e: &crate::page::PageEntry| !e.is_migrating() && e.residency() == Residency::System;
-        if !entries.iter().any(system) {
-            return Vec::new();
+    fn still_held(&self, r: &Range, t: &PageTable, pages: std::ops::Range<usize>) -> Vec<usize> {
+        let mut held = Vec::new();
+        let system = |e: PageEntry| !e.is_migrating() && e.residency() == Residency::System;
+        for run in runs_where(t, pages, system) {
+            let part = PageRange::from_pages(r.page_addr(run.start), run.len()).expect("inside");
+            let Some(h) = self.inner.held_pages(part) else { return Vec::new() };
+            held.extend(run.zip(h).filter(|(_, h)| *h).map(|(i, _)| i));
         }
-        let Ok(part) = PageRange::from_pages(r.page_addr(first), entries.len()) else {
-            return Vec::new();
-        };
-        let Some(held) = self.inner.held_pages(part) else { return Vec::new() };
-        entries.iter().zip(held).map(|(e, h)| system(e) && h).collect()
+        held
     }
 
     /// Looks again at pages a discard named that were still in the page table
@@ -1056,23 +1061,20 @@ impl Service {
         pending.retain(|(part, until)| {
             let (start, end) = (part.start().get(), part.end().get());
             let mut left = false;
-            for r in self.inner.overlapping(start, end) {
-                let (a, b) = r.clip(start, end);
+            for (r, s, e) in self.inner.overlapping(start, end) {
+                let (a, b) = r.clip(s, e);
                 let mut t = r.lock();
-                let Some(held) = PageRange::from_pages(r.page_addr(a), b - a)
-                    .ok()
-                    .and_then(|p| self.inner.held_pages(p))
-                else {
-                    continue;
-                };
-                for (e, h) in t[a..b].iter_mut().zip(held) {
-                    if e.is_migrating() || e.residency() != Residency::System {
-                        continue;
-                    }
-                    if h {
-                        left = true;
-                    } else {
-                        let _ = e.invalidate(false);
+                let system = |e: PageEntry| !e.is_migrating() && e.residency() == Residency::System;
+                for run in runs_where(&t, a..b, system) {
+                    let part =
+                        PageRange::from_pages(r.page_addr(run.start), run.len()).expect("in");
+                    let Some(held) = self.inner.held_pages(part) else { continue };
+                    for (i, h) in run.zip(held) {
+                        if h {
+                            left = true;
+                        } else {
+                            let _ = t[i].invalidate(false);
+                        }
                     }
                 }
             }
@@ -1091,22 +1093,29 @@ impl Service {
         // Held until the records say the pages are gone: a device fill in
         // between would map a device page about to be freed.
         let _inv = self.inner.notifiers.start(range, event);
-        for r in self.inner.overlapping(start, end) {
-            let (a, b) = r.clip(start, end);
+        for (r, s, e) in self.inner.overlapping(start, end) {
+            let (a, b) = r.clip(s, e);
             let freed: Vec<DevicePage> = {
                 let mut t = r.lock();
-                let held = if unmapped { Vec::new() } else { self.still_held(&r, a, &t[a..b]) };
-                if held.contains(&true) {
+                let held = if unmapped { Vec::new() } else { self.still_held(&r, &t, a..b) };
+                if !held.is_empty() {
                     let part = PageRange::from_pages(r.page_addr(a), b - a).expect("inside");
                     self.discarded.push((part, Instant::now() + DISCARD_RECHECK));
                     self.inner.discards_pending.store(self.discarded.len(), Ordering::Release);
                 }
-                t[a..b]
-                    .iter_mut()
-                    .enumerate()
-                    .filter(|(k, _)| !held.get(*k).copied().unwrap_or(false))
-                    .filter_map(|(_, e)| e.invalidate(unmapped))
-                    .collect()
+                let mut freed = Vec::new();
+                // Blank runs stay one record each: a huge range unmapped or
+                // discarded whole costs a step per node, not per page.
+                let blank = |mut e: PageEntry| {
+                    let _ = e.invalidate(unmapped);
+                    e
+                };
+                t.update(a..b, blank, |i, e| {
+                    if held.binary_search(&i).is_err() {
+                        freed.extend(e.invalidate(unmapped));
+                    }
+                });
+                freed
             };
             for p in freed {
                 self.inner.put_page(p);

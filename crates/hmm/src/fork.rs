@@ -326,13 +326,19 @@ pub(crate) fn copy_to_child(inner: &Arc<Inner>, child: Arc<Uffd>) {
     let mut held = Vec::new();
     for r in &ranges {
         let mut t = r.lock();
-        for (i, e) in t.iter_mut().enumerate() {
-            if e.is_migrating() {
-                busy.push((r.clone(), i));
-            } else {
-                held.extend(Held::take(r, i, e));
-            }
-        }
+        let all = 0..t.len();
+        // Blank runs hold nothing to copy: a step per node, not per page.
+        t.update(
+            all,
+            |e| e,
+            |i, e| {
+                if e.is_migrating() {
+                    busy.push((r.clone(), i));
+                } else {
+                    held.extend(Held::take(r, i, e));
+                }
+            },
+        );
     }
     // Pages put back after the fork began, and committed before the look
     // above: copied from this process, if in system memory and not held.

@@ -289,7 +289,8 @@ impl Migration {
         {
             let mut t = rec.lock();
             let pins = rec.lock_pins();
-            for (k, e) in t[first..first + range.pages()].iter_mut().enumerate() {
+            for k in 0..range.pages() {
+                let e = &mut t[first + k];
                 let r = e.residency();
                 let (src, status) = if e.is_migrating() {
                     (Src::None, PageStatus::Skipped(SkipReason::Busy))

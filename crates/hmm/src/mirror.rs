@@ -598,11 +598,12 @@ impl Inner {
         let mut cpu_mapped = vec![false; n];
         // Pages of a 2 MiB block that lives whole in one huge device page.
         let mut device_huge = vec![false; n];
-        for r in self.overlapping(range.start().get(), range.end().get()) {
-            let (a, b) = clip(range, r.range());
+        for (r, s, e) in self.overlapping(range.start().get(), range.end().get()) {
+            let held = PageRange::new(VirtAddr::new(s), e - s).expect("a part of the range");
+            let (a, b) = clip(range, held);
             let first = r.index(page_addr(a));
             let t = r.lock();
-            for (k, e) in t[first..first + (b - a)].iter().enumerate() {
+            for (k, e) in t.iter(first..first + (b - a)).enumerate() {
                 residency[a + k] = Some((e.residency(), e.is_migrating()));
                 cpu_mapped[a + k] = e.is_cpu_mapped();
             }
@@ -610,7 +611,7 @@ impl Inner {
             while block < base + b * PAGE_SIZE {
                 if let Some(whole) = r.huge_block(VirtAddr::new(block)) {
                     let i = r.index(whole.start());
-                    if is_device_huge_page(&t[i..i + HUGE_PAGE_SIZE / PAGE_SIZE]) {
+                    if is_device_huge_page(&t, i..i + HUGE_PAGE_SIZE / PAGE_SIZE) {
                         let (x, y) = clip(range, whole);
                         device_huge[x..y].iter_mut().for_each(|h| *h = true);
                     }
@@ -783,10 +784,10 @@ pub(crate) fn parts(range: PageRange) -> impl Iterator<Item = PageRange> {
 /// Whether the entries of a 2 MiB block live in one huge device page: one
 /// device's pages, a run aligned to 512 in the block's order, none migrating
 /// (the device can map the block with one entry, as a 2 MiB device page).
-fn is_device_huge_page(block: &[crate::page::PageEntry]) -> bool {
-    let Some(first) = block.first().and_then(|e| e.device_page()) else { return false };
+fn is_device_huge_page(t: &crate::page::PageTable, block: std::ops::Range<usize>) -> bool {
+    let Some(first) = t[block.start].device_page() else { return false };
     (first.index as usize).is_multiple_of(block.len())
-        && block.iter().enumerate().all(|(k, e)| {
+        && t.iter(block).enumerate().all(|(k, e)| {
             !e.is_migrating()
                 && e.device_page()
                     == Some(DevicePage { dev: first.dev, index: first.index + k as u32 })

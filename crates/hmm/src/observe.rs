@@ -29,7 +29,7 @@ use std::fmt;
 use std::sync::OnceLock;
 
 use crate::addr::{PAGE_SIZE, PageRange, VirtAddr};
-use crate::page::{DeviceId, Residency};
+use crate::page::{DeviceId, PageEntry, Residency, Segment};
 use crate::space::{Hmm, Inner, RangeStats};
 
 /// Where one page is, as the residency map shows it.
@@ -273,32 +273,33 @@ pub(crate) fn residency_map(inner: &Inner, range: PageRange) -> ResidencyMap {
     let (from, to) = (range.start().get(), range.end().get());
     let mut runs = Vec::new();
     let mut stats = RangeStats::default();
-    let mut ranges = inner.overlapping(from, to);
-    ranges.sort_by_key(|r| r.range().start());
+    // By address: each range with the parts it holds.
+    let ranges = inner.overlapping(from, to);
     // Everything before `at` has its runs.
     let mut at = from;
-    for r in ranges {
-        let (a, b) = r.clip(from, to);
+    for (r, s, e) in ranges {
+        let (a, b) = r.clip(s, e);
         let start = r.page_addr(a).get();
         if start > at {
             push_run(&mut runs, at, start - at, Place::Unmanaged);
         }
         {
             let t = r.lock();
-            stats.count_pages(&t[a..b]);
-            for (k, e) in t[a..b].iter().enumerate() {
-                let place = if e.is_migrating() {
-                    Place::Migrating
-                } else {
-                    match e.residency() {
-                        Residency::None => Place::Unpopulated,
-                        Residency::System => Place::System,
-                        Residency::Device(p) => Place::Device(p.dev),
-                        Residency::Poisoned => Place::Poisoned,
-                        Residency::Unmapped => Place::Unmapped,
+            stats.count_pages(&t, a..b);
+            let mut at = start;
+            for s in t.segments(a..b) {
+                let (e, n) = match s {
+                    Segment::Same(e, n) => (e, n),
+                    Segment::Pages(p) => {
+                        for e in p {
+                            push_run(&mut runs, at, PAGE_SIZE, place_of(*e));
+                            at += PAGE_SIZE;
+                        }
+                        continue;
                     }
                 };
-                push_run(&mut runs, start + k * PAGE_SIZE, PAGE_SIZE, place);
+                push_run(&mut runs, at, n * PAGE_SIZE, place_of(e));
+                at += n * PAGE_SIZE;
             }
         }
         at = r.page_addr(b).get();
@@ -316,6 +317,21 @@ pub(crate) fn residency_map(inner: &Inner, range: PageRange) -> ResidencyMap {
         }
     }
     ResidencyMap::from_runs(range, runs, devices, stats)
+}
+
+/// Where a page whose record is `e` is, for a map.
+fn place_of(e: PageEntry) -> Place {
+    if e.is_migrating() {
+        Place::Migrating
+    } else {
+        match e.residency() {
+            Residency::None => Place::Unpopulated,
+            Residency::System => Place::System,
+            Residency::Device(p) => Place::Device(p.dev),
+            Residency::Poisoned => Place::Poisoned,
+            Residency::Unmapped => Place::Unmapped,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -330,6 +330,308 @@ impl fmt::Debug for PageEntry {
     }
 }
 
+// ---- the per-range table of records --------------------------------------------
+
+/// Pages recorded by one leaf: a 2 MiB block, as one page-table page maps.
+const LEAF_SHIFT: u32 = 9;
+const LEAF_PAGES: usize = 1 << LEAF_SHIFT;
+/// Pages recorded by one middle node: 1 GiB.
+const MID_SHIFT: u32 = 2 * LEAF_SHIFT;
+const MID_PAGES: usize = 1 << MID_SHIFT;
+
+/// A leaf: one record per page, or one record standing for every page of it.
+enum Leaf {
+    Same(PageEntry),
+    Pages(Box<[PageEntry]>),
+}
+
+/// A middle node: its leaves, or one record standing for every page of it.
+enum Mid {
+    Same(PageEntry),
+    Leaves(Box<[Leaf]>),
+}
+
+/// The records of one managed range, indexed by page.
+///
+/// Laid out as a page table is: a middle node per 1 GiB and a leaf per 2 MiB,
+/// each made only when a page of it gets a record of its own. A node that was
+/// never made, or whose pages all went back to the same blank record (see
+/// [`PageEntry::is_blank`]: never populated, or unmapped), holds that one
+/// record for all of them. So the table costs memory for the blocks in use,
+/// not for the range's size: a terabyte range that is never touched costs a
+/// few kilobytes, and unmapping or discarding a block gives its leaf back.
+///
+/// Reading an entry (`t[i]`) makes nothing; writing one (`&mut t[i]`) makes
+/// the nodes above it. Range updates that may blank many pages at once (an
+/// unmap, a discard) go through [`update`](Self::update), which never makes a
+/// node for pages that are blank already.
+pub(crate) struct PageTable {
+    len: usize,
+    top: Vec<Mid>,
+}
+
+/// A run of entries of a [`PageTable`], as [`PageTable::segments`] yields them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Segment<'a> {
+    /// `n` pages all recorded `entry` (a node that holds one record for all).
+    Same(PageEntry, usize),
+    /// Pages recorded one by one.
+    Pages(&'a [PageEntry]),
+}
+
+impl Segment<'_> {
+    /// The number of pages the run covers.
+    pub(crate) fn pages(&self) -> usize {
+        match self {
+            Segment::Same(_, n) => *n,
+            Segment::Pages(p) => p.len(),
+        }
+    }
+}
+
+impl PageEntry {
+    /// Whether one record may stand for many pages in a [`PageTable`]: a
+    /// page never populated (`None`) or unmapped, with no flag set. Such a
+    /// record holds nothing page-specific (no device page, no migration).
+    pub fn is_blank(self) -> bool {
+        self == Self::NONE || self == Self(K_UNMAPPED)
+    }
+}
+
+impl PageTable {
+    /// The records of `len` pages, all `None`. Fails only when the top level
+    /// (24 bytes per 1 GiB of range) cannot be allocated.
+    pub(crate) fn new(len: usize) -> Result<Self, std::collections::TryReserveError> {
+        let mids = len.div_ceil(MID_PAGES);
+        let mut top = Vec::new();
+        top.try_reserve_exact(mids)?;
+        top.extend((0..mids).map(|_| Mid::Same(PageEntry::NONE)));
+        Ok(Self { len, top })
+    }
+
+    /// The number of pages recorded.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The pages node `first..` of `per` pages covers, clipped to the table.
+    fn node_end(&self, first: usize, per: usize) -> usize {
+        (first + per).min(self.len)
+    }
+
+    /// The entries of `r`, in order.
+    pub(crate) fn iter(&self, r: std::ops::Range<usize>) -> impl Iterator<Item = PageEntry> + '_ {
+        assert!(r.end <= self.len, "entries {r:?} of a table of {}", self.len);
+        r.map(move |i| self[i])
+    }
+
+    /// The entries of `r` as runs: one per node that holds a single record,
+    /// one per stretch of a leaf that holds records page by page. Reading a
+    /// huge, mostly blank range this way costs a step per node, not per page.
+    pub(crate) fn segments(&self, r: std::ops::Range<usize>) -> impl Iterator<Item = Segment<'_>> {
+        assert!(r.end <= self.len, "entries {r:?} of a table of {}", self.len);
+        let mut i = r.start;
+        std::iter::from_fn(move || {
+            if i >= r.end {
+                return None;
+            }
+            let seg = match &self.top[i >> MID_SHIFT] {
+                Mid::Same(e) => {
+                    let end = self.node_end(i & !(MID_PAGES - 1), MID_PAGES).min(r.end);
+                    Segment::Same(*e, end - i)
+                }
+                Mid::Leaves(leaves) => {
+                    let first = i & !(LEAF_PAGES - 1);
+                    let end = self.node_end(first, LEAF_PAGES).min(r.end);
+                    match &leaves[(i >> LEAF_SHIFT) & (LEAF_PAGES - 1)] {
+                        Leaf::Same(e) => Segment::Same(*e, end - i),
+                        Leaf::Pages(p) => Segment::Pages(&p[i - first..end - first]),
+                    }
+                }
+            };
+            i += seg.pages();
+            Some(seg)
+        })
+    }
+
+    /// Whether any entry of `r` satisfies `pred` (asked once per run of one record).
+    pub(crate) fn any(&self, r: std::ops::Range<usize>, pred: impl Fn(PageEntry) -> bool) -> bool {
+        self.segments(r).any(|s| match s {
+            Segment::Same(e, _) => pred(e),
+            Segment::Pages(p) => p.iter().any(|e| pred(*e)),
+        })
+    }
+
+    /// The first index of `r` whose entry satisfies `pred`.
+    pub(crate) fn position(
+        &self,
+        r: std::ops::Range<usize>,
+        pred: impl Fn(PageEntry) -> bool,
+    ) -> Option<usize> {
+        let mut at = r.start;
+        for s in self.segments(r) {
+            let found = match s {
+                Segment::Same(e, _) => pred(e).then_some(0),
+                Segment::Pages(p) => p.iter().position(|e| pred(*e)),
+            };
+            if let Some(k) = found {
+                return Some(at + k);
+            }
+            at += s.pages();
+        }
+        None
+    }
+
+    /// Applies `page` to every entry of `r`, making the nodes they need.
+    pub(crate) fn for_each_mut(
+        &mut self,
+        r: std::ops::Range<usize>,
+        mut page: impl FnMut(usize, &mut PageEntry),
+    ) {
+        assert!(r.end <= self.len, "entries {r:?} of a table of {}", self.len);
+        for i in r {
+            page(i, &mut self[i]);
+        }
+    }
+
+    /// Applies an update to every entry of `r`: `same` to a node that holds
+    /// one blank record for all its pages (once, for all of them; it must
+    /// depend on the record alone), `page` to each page recorded on its own.
+    /// A node whose pages all end up with the same blank record becomes one
+    /// record again, and its memory is given back.
+    ///
+    /// Where `same` returns a record that is not blank, the node is made
+    /// after all and `page` is applied to each of its pages instead.
+    pub(crate) fn update(
+        &mut self,
+        r: std::ops::Range<usize>,
+        same: impl Fn(PageEntry) -> PageEntry,
+        mut page: impl FnMut(usize, &mut PageEntry),
+    ) {
+        assert!(r.end <= self.len, "entries {r:?} of a table of {}", self.len);
+        let mut i = r.start;
+        while i < r.end {
+            let m = i >> MID_SHIFT;
+            let mid_first = m << MID_SHIFT;
+            let mid_end = self.node_end(mid_first, MID_PAGES);
+            if let Mid::Same(e) = self.top[m] {
+                let after = same(e);
+                if i == mid_first && r.end >= mid_end && after.is_blank() {
+                    self.top[m] = Mid::Same(after);
+                    i = mid_end;
+                    continue;
+                }
+                self.make_leaves(m);
+            }
+            let leaf_first = i & !(LEAF_PAGES - 1);
+            let leaf_end = self.node_end(leaf_first, LEAF_PAGES);
+            let stop = leaf_end.min(r.end);
+            let Mid::Leaves(leaves) = &mut self.top[m] else { unreachable!("made above") };
+            let leaf = &mut leaves[(i >> LEAF_SHIFT) & (LEAF_PAGES - 1)];
+            if let Leaf::Same(e) = *leaf {
+                let after = same(e);
+                if i == leaf_first && stop == leaf_end && after.is_blank() {
+                    *leaf = Leaf::Same(after);
+                } else {
+                    *leaf = Leaf::Pages(vec![e; leaf_end - leaf_first].into_boxed_slice());
+                }
+            }
+            if let Leaf::Pages(p) = leaf {
+                for k in i..stop {
+                    page(k, &mut p[k - leaf_first]);
+                }
+                let first = p[0];
+                if i == leaf_first
+                    && stop == leaf_end
+                    && first.is_blank()
+                    && p.iter().all(|e| *e == first)
+                {
+                    *leaf = Leaf::Same(first);
+                }
+            }
+            i = stop;
+            if i == mid_end || i == r.end {
+                self.collapse(m);
+            }
+        }
+    }
+
+    /// Gives middle node `m` leaves of its own (each holding its one record).
+    fn make_leaves(&mut self, m: usize) {
+        if let Mid::Same(e) = self.top[m] {
+            let first = m << MID_SHIFT;
+            let n = (self.node_end(first, MID_PAGES) - first).div_ceil(LEAF_PAGES);
+            self.top[m] = Mid::Leaves((0..n).map(|_| Leaf::Same(e)).collect());
+        }
+    }
+
+    /// Makes middle node `m` one record again if all its leaves hold the same one.
+    fn collapse(&mut self, m: usize) {
+        if let Mid::Leaves(leaves) = &self.top[m]
+            && let Some(Leaf::Same(e)) = leaves.first()
+            && leaves.iter().all(|l| matches!(l, Leaf::Same(x) if x == e))
+        {
+            self.top[m] = Mid::Same(*e);
+        }
+    }
+
+    /// Bytes of memory the table uses.
+    pub(crate) fn bytes(&self) -> usize {
+        let mut n = std::mem::size_of::<Self>() + self.top.capacity() * std::mem::size_of::<Mid>();
+        for mid in &self.top {
+            if let Mid::Leaves(leaves) = mid {
+                n += leaves.len() * std::mem::size_of::<Leaf>();
+                for l in leaves.iter() {
+                    if let Leaf::Pages(p) = l {
+                        n += p.len() * std::mem::size_of::<PageEntry>();
+                    }
+                }
+            }
+        }
+        n
+    }
+}
+
+impl std::ops::Index<usize> for PageTable {
+    type Output = PageEntry;
+
+    fn index(&self, i: usize) -> &PageEntry {
+        assert!(i < self.len, "page {i} of a table of {}", self.len);
+        match &self.top[i >> MID_SHIFT] {
+            Mid::Same(e) => e,
+            Mid::Leaves(leaves) => match &leaves[(i >> LEAF_SHIFT) & (LEAF_PAGES - 1)] {
+                Leaf::Same(e) => e,
+                Leaf::Pages(p) => &p[i & (LEAF_PAGES - 1)],
+            },
+        }
+    }
+}
+
+impl std::ops::IndexMut<usize> for PageTable {
+    /// The record of page `i`, made (with the nodes above it) if it had none
+    /// of its own.
+    fn index_mut(&mut self, i: usize) -> &mut PageEntry {
+        assert!(i < self.len, "page {i} of a table of {}", self.len);
+        let m = i >> MID_SHIFT;
+        self.make_leaves(m);
+        let leaf_first = i & !(LEAF_PAGES - 1);
+        let n = self.node_end(leaf_first, LEAF_PAGES) - leaf_first;
+        let Mid::Leaves(leaves) = &mut self.top[m] else { unreachable!("made above") };
+        let leaf = &mut leaves[(i >> LEAF_SHIFT) & (LEAF_PAGES - 1)];
+        if let Leaf::Same(e) = *leaf {
+            *leaf = Leaf::Pages(vec![e; n].into_boxed_slice());
+        }
+        let Leaf::Pages(p) = leaf else { unreachable!("made above") };
+        &mut p[i - leaf_first]
+    }
+}
+
+impl fmt::Debug for PageTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PageTable").field("pages", &self.len).field("bytes", &self.bytes()).finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -475,5 +777,107 @@ mod tests {
         let mut d = PageEntry::new(Residency::Device(dp(0, 1)));
         assert_eq!(d.poison().unwrap(), dp(0, 1));
         assert_eq!(d.residency(), Residency::Poisoned);
+    }
+
+    fn table_of(t: &PageTable) -> Vec<PageEntry> {
+        t.iter(0..t.len()).collect()
+    }
+
+    #[test]
+    fn a_table_costs_memory_for_the_blocks_in_use_not_the_range() {
+        let pages = 1usize << 32; // 16 TiB
+        let mut t = PageTable::new(pages).unwrap();
+        let empty = t.bytes();
+        assert!(empty < 512 << 10, "an untouched 16 TiB range costs {empty} bytes");
+        assert_eq!(t[pages - 1], PageEntry::NONE);
+        t[pages - 1].populate().unwrap();
+        t[7].populate().unwrap();
+        let two = t.bytes() - empty;
+        assert!(two <= 2 * (LEAF_PAGES * 8 + LEAF_PAGES * 24), "two pages in use cost {two} bytes");
+        assert_eq!(t[pages - 1], PageEntry::SYSTEM);
+        assert_eq!(t[pages - 2], PageEntry::NONE);
+        assert_eq!(t.position(0..pages, |e| e == PageEntry::SYSTEM), Some(7));
+        assert!(t.any(pages - 10..pages, |e| e == PageEntry::SYSTEM));
+        assert!(!t.any(8..pages - 1, |e| e == PageEntry::SYSTEM));
+        let segs: usize = t.segments(0..pages).map(|s| s.pages()).sum();
+        assert_eq!(segs, pages, "the runs cover every page once");
+        assert!(t.segments(0..pages).count() < 20_000, "one step per untouched node");
+    }
+
+    #[test]
+    fn unmapping_everything_gives_the_leaves_back_and_records_every_page() {
+        let pages = 3 * MID_PAGES + 1000; // ends in a part node
+        let mut t = PageTable::new(pages).unwrap();
+        let empty = t.bytes();
+        for i in [0, 5, LEAF_PAGES + 3, MID_PAGES + 9, pages - 1] {
+            t[i].populate().unwrap();
+        }
+        t[MID_PAGES + 10] = PageEntry::new(Residency::Device(dp(1, 4)));
+        assert!(t.bytes() > empty);
+        let mut freed = Vec::new();
+        t.update(
+            0..pages,
+            |mut e| {
+                assert_eq!(e.invalidate(true), None);
+                e
+            },
+            |_, e| freed.extend(e.invalidate(true)),
+        );
+        assert_eq!(freed, [dp(1, 4)]);
+        assert_eq!(t.bytes(), empty, "every node went back to one record");
+        assert!(t.iter(0..pages).all(|e| e.residency() == Residency::Unmapped));
+    }
+
+    #[test]
+    fn a_partial_update_touches_only_its_pages() {
+        let pages = 2 * LEAF_PAGES + 17;
+        let mut t = PageTable::new(pages).unwrap();
+        for i in 0..pages {
+            t[i].populate().unwrap();
+        }
+        let mut model = table_of(&t);
+        let r = 100..LEAF_PAGES + 300;
+        t.update(
+            r.clone(),
+            |e| e,
+            |_, e| {
+                e.invalidate(false);
+            },
+        );
+        for e in &mut model[r.clone()] {
+            e.invalidate(false);
+        }
+        assert_eq!(table_of(&t), model);
+        // Blank pages of a blank leaf in the middle of a range: unmapped in place.
+        let mut t = PageTable::new(pages).unwrap();
+        t.update(
+            3..pages - 3,
+            |mut e| {
+                e.invalidate(true);
+                e
+            },
+            |_, e| {
+                e.invalidate(true);
+            },
+        );
+        let got = table_of(&t);
+        assert!(got[..3].iter().chain(&got[pages - 3..]).all(|e| *e == PageEntry::NONE));
+        assert!(got[3..pages - 3].iter().all(|e| e.residency() == Residency::Unmapped));
+    }
+
+    #[test]
+    fn a_migrating_page_keeps_its_leaf() {
+        let mut t = PageTable::new(LEAF_PAGES).unwrap();
+        t[4].begin_migration().unwrap();
+        t.update(
+            0..LEAF_PAGES,
+            |e| e,
+            |_, e| {
+                e.invalidate(true);
+            },
+        );
+        assert!(t[4].is_migrating() && t[4].is_invalidated());
+        assert_eq!(t[5].residency(), Residency::Unmapped);
+        assert!(t.bytes() > std::mem::size_of::<PageTable>() + LEAF_PAGES * 8);
     }
 }

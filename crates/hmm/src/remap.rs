@@ -222,10 +222,15 @@ pub(crate) fn start(inner: &Arc<Inner>, from: usize, to: usize, len: usize) {
         // map a page about to leave.
         let _inv = inner.notifiers.start(old, InvalidationEvent::Unmap);
         list = inner.forwards.lock();
-        for r in inner.overlapping(from, from + len) {
-            let (a, b) = r.clip(from, from + len);
+        for (r, s, e) in inner.overlapping(from, from + len) {
+            let (a, b) = r.clip(s, e);
             let mut t = r.lock();
-            for (i, e) in t.iter_mut().enumerate().take(b).skip(a) {
+            for i in a..b {
+                if t[i].is_blank() {
+                    // Nothing there: nothing to hand on, and nothing to record.
+                    continue;
+                }
+                let e = &mut t[i];
                 let src = match e.residency() {
                     // Held by the forward of an earlier move of this address
                     // (which `MREMAP_DONTUNMAP` left mapped): its data is on

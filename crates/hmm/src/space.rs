@@ -3,8 +3,10 @@
 //!
 //! # Locks
 //!
-//! - `ranges` (read-write): the registry of managed ranges. Held only to look
-//!   a range up or to add or remove one, never across a system call.
+//! - `ranges` (read-write): the registry of managed ranges and of the
+//!   addresses each still holds ([`Registry`]). Held only to look a range up,
+//!   to add or remove one, or to take an unmapped part from one, never across
+//!   a system call.
 //! - a range's `table` (mutex): its page records. Held only for state
 //!   transitions, never across an ioctl that could wait for the fault service
 //!   (`UFFDIO_MOVE` and `UFFDIO_COPY` return `EAGAIN` rather than wait, but a
@@ -37,7 +39,7 @@ use crate::os::mm::{Advise, Backing, Mapping, MmError, Protection};
 use crate::os::pagemap::{Pagemap, PagemapError};
 use crate::os::uffd::{Features, FillErrorKind, RegisterMode, Uffd, UffdError, UffdOptions};
 use crate::os::vm::VmaQuery;
-use crate::page::{DeviceId, DevicePage, PageEntry, Residency};
+use crate::page::{DeviceId, DevicePage, PageEntry, PageTable, Residency, Segment};
 
 /// Tunables of an [`Hmm`] instance.
 #[derive(Debug, Clone, Copy)]
@@ -206,6 +208,16 @@ pub enum HmmError {
          devices): keep the Hmm alive for as long as its devices and ranges are used"
     )]
     ShutDown,
+    /// hmm could not allocate memory for its own records of `range`.
+    #[error(
+        "cannot manage {range}: no memory for hmm's records of it ({error}); manage less at once"
+    )]
+    NoMemory {
+        /// The range.
+        range: PageRange,
+        /// What the allocator said.
+        error: String,
+    },
 }
 
 /// An arena in memory hmm manages (see [`Hmm::arena`]); its owner is the
@@ -244,18 +256,19 @@ pub enum AdoptRefusal {
 impl RangeStats {
     /// Counts where each of `pages` lives (a page mid-migration counts as
     /// migrating and where its data is).
-    pub(crate) fn count_pages(&mut self, pages: &[PageEntry]) {
-        for e in pages {
+    pub(crate) fn count_pages(&mut self, t: &PageTable, pages: std::ops::Range<usize>) {
+        for_each_run(t, pages, |e, n| {
+            let n = n as u64;
             if e.is_migrating() {
-                self.pages_migrating += 1;
+                self.pages_migrating += n;
             }
             match e.residency() {
-                Residency::None | Residency::Unmapped => self.pages_none += 1,
-                Residency::System => self.pages_system += 1,
-                Residency::Device(p) => *self.pages_on_device.entry(p.dev.0).or_default() += 1,
-                Residency::Poisoned => self.pages_poisoned += 1,
+                Residency::None | Residency::Unmapped => self.pages_none += n,
+                Residency::System => self.pages_system += n,
+                Residency::Device(p) => *self.pages_on_device.entry(p.dev.0).or_default() += n,
+                Residency::Poisoned => self.pages_poisoned += n,
             }
-        }
+        });
     }
 
     /// Adds the counters of a range.
@@ -341,16 +354,28 @@ impl Residence {
     }
 
     /// Adds the pages of `entries`.
-    fn count(&mut self, entries: &[PageEntry]) {
-        let page = PAGE_SIZE as u64;
-        for e in entries {
+    fn count(&mut self, t: &PageTable) {
+        for_each_run(t, 0..t.len(), |e, n| {
+            let bytes = (n * PAGE_SIZE) as u64;
             match e.residency() {
-                Residency::None => self.unpopulated += page,
-                Residency::System => self.system += page,
-                Residency::Device(p) => *self.devices.entry(p.dev).or_default() += page,
-                Residency::Poisoned => self.poisoned += page,
-                Residency::Unmapped => self.unmapped += page,
+                Residency::None => self.unpopulated += bytes,
+                Residency::System => self.system += bytes,
+                Residency::Device(p) => *self.devices.entry(p.dev).or_default() += bytes,
+                Residency::Poisoned => self.poisoned += bytes,
+                Residency::Unmapped => self.unmapped += bytes,
             }
+        });
+    }
+}
+
+/// Calls `f` with each entry of `r` and the number of pages it stands for:
+/// once per node that holds one record for all its pages, once per page
+/// recorded on its own.
+fn for_each_run(t: &PageTable, r: std::ops::Range<usize>, mut f: impl FnMut(PageEntry, usize)) {
+    for s in t.segments(r) {
+        match s {
+            Segment::Same(e, n) => f(e, n),
+            Segment::Pages(p) => p.iter().for_each(|e| f(*e, 1)),
         }
     }
 }
@@ -369,9 +394,12 @@ pub(crate) enum OwnChange {
 
 /// One managed range: its memory and its page records.
 pub(crate) struct Range {
+    /// Unique within the instance: two ranges may start at one address
+    /// (the second where the application unmapped the first).
+    serial: u64,
     /// Always `Some` until drop.
     mapping: Option<Mapping>,
-    pub(crate) table: Mutex<Vec<PageEntry>>,
+    pub(crate) table: Mutex<PageTable>,
     /// Signalled (with `table`) whenever a migration of pages of this range
     /// finishes, for migrations waiting on pages another one holds.
     pub(crate) settled: Condvar,
@@ -434,7 +462,7 @@ impl Range {
         VirtAddr::new(self.range().start().get() + index * PAGE_SIZE)
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, Vec<PageEntry>> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, PageTable> {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -444,7 +472,7 @@ impl Range {
         let t = self.lock();
         let (_t, r) = self
             .settled
-            .wait_timeout_while(t, limit, |t| t[pages.clone()].iter().any(|e| e.is_migrating()))
+            .wait_timeout_while(t, limit, |t| t.any(pages.clone(), |e| e.is_migrating()))
             .unwrap_or_else(|e| e.into_inner());
         !r.timed_out()
     }
@@ -456,11 +484,11 @@ impl Drop for Range {
         let gone: Vec<PageRange> = {
             let t = self.table.get_mut().unwrap_or_else(|e| e.into_inner());
             let start = self.mapping.as_ref().map(|m| m.addr().get()).unwrap_or(0);
-            t.iter()
-                .enumerate()
-                .filter(|(_, e)| e.residency() == Residency::Unmapped)
-                .map(|(i, _)| {
-                    PageRange::from_pages(VirtAddr::new(start + i * PAGE_SIZE), 1).expect("page")
+            runs_where(t, 0..t.len(), |e| e.residency() == Residency::Unmapped)
+                .into_iter()
+                .map(|run| {
+                    let at = VirtAddr::new(start + run.start * PAGE_SIZE);
+                    PageRange::from_pages(at, run.len()).expect("inside the range")
                 })
                 .collect()
         };
@@ -488,7 +516,7 @@ pub(crate) struct Inner {
     /// reports no events, and with `UFFD_FEATURE_SIGBUS` a stray touch of an
     /// empty staging page is a SIGBUS, never a hang.
     pub(crate) staging_uffd: Uffd,
-    pub(crate) ranges: RwLock<BTreeMap<usize, Arc<Range>>>,
+    pub(crate) ranges: RwLock<Registry>,
     /// Memory devices may write through their page tables that hmm does not
     /// manage ([`Hmm::mirror`]), by start address.
     pub(crate) mirrored: RwLock<BTreeMap<usize, Arc<Mapping>>>,
@@ -642,7 +670,7 @@ impl Hmm {
             sink: Arc::new(SystemSink::new(uffd.clone())),
             uffd,
             staging_uffd,
-            ranges: RwLock::new(BTreeMap::new()),
+            ranges: RwLock::new(Registry::default()),
             mirrored: RwLock::new(BTreeMap::new()),
             devices: RwLock::new(Vec::new()),
             config,
@@ -807,7 +835,8 @@ impl Hmm {
         if !inner.forwards.wait_idle(Duration::from_secs(10)) {
             tracing::warn!("remapped pages still on their way after 10 s");
         }
-        let mut table = vec![PageEntry::NONE; range.pages()];
+        let mut table = PageTable::new(range.pages())
+            .map_err(|e| HmmError::NoMemory { range, error: e.to_string() })?;
         if scan {
             // Adopted memory may already hold data: every page the kernel maps
             // (or has swapped out) is system memory.
@@ -821,9 +850,13 @@ impl Hmm {
         }
         {
             let mut ranges = inner.ranges.write().unwrap_or_else(|e| e.into_inner());
-            let existing = overlapping(&ranges, range.start().get(), range.end().get())
+            // Only the parts earlier ranges still hold count: an address the
+            // application unmapped is no longer theirs, and the kernel may
+            // have given it to this memory.
+            let existing = ranges
+                .live(range.start().get(), range.end().get())
                 .next()
-                .map(|r| r.range());
+                .map(|(r, _, _)| r.range());
             if let Some(existing) = existing {
                 drop(ranges);
                 return Err(HmmError::Adopt { range, reason: AdoptRefusal::Overlaps(existing) });
@@ -844,6 +877,7 @@ impl Hmm {
                 return Err(e.into());
             }
             let r = Arc::new(Range {
+                serial: ranges.next_serial(),
                 // Guarded: parts can be unmapped (`ManagedRange::unmap`) or lent to
                 // an arena while the fault service and devices share the range.
                 mapping: Some(mapping.guarded()),
@@ -855,7 +889,7 @@ impl Hmm {
                 wp,
                 pins: Mutex::new(BTreeMap::new()),
             });
-            ranges.insert(range.start().get(), r.clone());
+            ranges.insert(r.clone());
             Ok(ManagedRange { inner: inner.clone(), range: r })
         }
     }
@@ -876,7 +910,9 @@ impl Hmm {
         if let Some(other) = clash.filter(|o| o.end() > range.start()) {
             return Err(HmmError::Adopt { range, reason: AdoptRefusal::Overlaps(other) });
         }
-        if let Some(r) = self.inner.overlapping(range.start().get(), range.end().get()).first() {
+        if let Some((r, _, _)) =
+            self.inner.overlapping(range.start().get(), range.end().get()).first()
+        {
             return Err(HmmError::Adopt { range, reason: AdoptRefusal::Overlaps(r.range()) });
         }
         let mapping = Arc::new(mapping);
@@ -1012,15 +1048,23 @@ impl Hmm {
     }
 
     /// Bytes of per-page metadata hmm keeps for its managed ranges, and the
-    /// number of pages they cover.
+    /// number of pages in use it describes (populated, on a device, or lost
+    /// with one). Records are kept as a page table keeps entries, per 2 MiB
+    /// block in use, so a range's size costs next to nothing until it is
+    /// used (24 bytes per GiB of range, plus up to 4 KiB of records per 2 MiB
+    /// block in use).
     pub fn metadata(&self) -> (usize, usize) {
         let ranges = self.inner.ranges.read().unwrap_or_else(|e| e.into_inner());
         let mut bytes = 0;
         let mut pages = 0;
         for r in ranges.values() {
             let t = r.lock();
-            bytes += t.capacity() * std::mem::size_of::<PageEntry>() + std::mem::size_of::<Range>();
-            pages += t.len();
+            bytes += t.bytes() + std::mem::size_of::<Range>();
+            for_each_run(&t, 0..t.len(), |e, n| {
+                if !e.is_blank() {
+                    pages += n;
+                }
+            });
         }
         (bytes, pages)
     }
@@ -1178,26 +1222,37 @@ fn open_once<T, E>(cell: &OnceLock<T>, open: impl FnOnce() -> Result<T, E>) -> R
 /// The runs of pages of `r` not recorded `Unmapped`.
 fn mapped_runs(r: &Range) -> Vec<PageRange> {
     let t = r.lock();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < t.len() {
-        if t[i].is_unmapped() {
-            i += 1;
-            continue;
+    runs_where(&t, 0..t.len(), |e| !e.is_unmapped())
+        .into_iter()
+        .map(|run| PageRange::from_pages(r.page_addr(run.start), run.len()).expect("inside"))
+        .collect()
+}
+
+/// The runs of adjacent pages of `pages` of `t` whose entries satisfy
+/// `pred`, lowest first.
+pub(crate) fn runs_where(
+    t: &PageTable,
+    pages: std::ops::Range<usize>,
+    pred: impl Fn(PageEntry) -> bool,
+) -> Vec<std::ops::Range<usize>> {
+    let mut out: Vec<std::ops::Range<usize>> = Vec::new();
+    let mut at = pages.start;
+    for_each_run(t, pages, |e, n| {
+        if pred(e) {
+            match out.last_mut() {
+                Some(last) if last.end == at => last.end += n,
+                _ => out.push(at..at + n),
+            }
         }
-        let start = i;
-        while i < t.len() && !t[i].is_unmapped() {
-            i += 1;
-        }
-        out.push(PageRange::from_pages(r.page_addr(start), i - start).expect("inside the range"));
-    }
+        at += n;
+    });
     out
 }
 
-/// The devices that hold any of `entries`, each once.
-fn devices_of(entries: &[PageEntry]) -> Vec<DeviceId> {
-    let mut d: Vec<DeviceId> =
-        entries.iter().filter_map(|e| e.device_page()).map(|p| p.dev).collect();
+/// The devices that hold any page of `pages` of `t`, each once.
+fn devices_of(t: &PageTable, pages: std::ops::Range<usize>) -> Vec<DeviceId> {
+    let mut d: Vec<DeviceId> = Vec::new();
+    for_each_run(t, pages, |e, _| d.extend(e.device_page().map(|p| p.dev)));
     d.sort();
     d.dedup();
     d
@@ -1221,13 +1276,124 @@ fn runs_of(addrs: &[VirtAddr]) -> Vec<PageRange> {
     runs
 }
 
-/// The ranges of `ranges` overlapping `[start, end)`, highest first.
-fn overlapping(
-    ranges: &BTreeMap<usize, Arc<Range>>,
-    start: usize,
-    end: usize,
-) -> impl Iterator<Item = &Arc<Range>> {
-    ranges.range(..end).rev().map(|(_, r)| r).take_while(move |r| r.range().end().get() > start)
+/// The managed ranges, and which of their addresses are still theirs.
+///
+/// A range's memory is its own until the application unmaps part of it
+/// (`munmap`, [`ManagedRange::unmap`], the old place of an `mremap`): from
+/// then on the kernel may give those addresses to any other mapping, even
+/// to a new range of this instance, while the handle of the first range
+/// lives on and its records say `Unmapped`. So the registry keeps two maps:
+/// every range with a live handle, and the *live spans*, the addresses each
+/// still holds. Live spans never overlap; lookups by address (faults,
+/// device accesses, events, new ranges' overlap checks) go by them alone.
+///
+/// A span loses an unmapped part when the fault service handles the
+/// kernel's `UNMAP` event for it, after recording its pages `Unmapped`.
+/// Before then no other memory of this instance can be there: a new range
+/// settles the event stream before it checks for overlap.
+#[derive(Default)]
+pub(crate) struct Registry {
+    /// Every range, by start and serial.
+    all: BTreeMap<(usize, u64), Arc<Range>>,
+    /// Live spans by start: end, and the range they belong to.
+    live: BTreeMap<usize, (usize, Arc<Range>)>,
+    /// The serial of the next range.
+    serial: u64,
+}
+
+impl Registry {
+    /// Every managed range, by address (earlier ranges first at one address).
+    pub(crate) fn values(&self) -> impl Iterator<Item = &Arc<Range>> {
+        self.all.values()
+    }
+
+    fn len(&self) -> usize {
+        self.all.len()
+    }
+
+    fn next_serial(&mut self) -> u64 {
+        self.serial += 1;
+        self.serial
+    }
+
+    /// Adds `r`, whose whole range is free of live spans.
+    fn insert(&mut self, r: Arc<Range>) {
+        let range = r.range();
+        self.live.insert(range.start().get(), (range.end().get(), r.clone()));
+        self.all.insert((range.start().get(), r.serial), r);
+    }
+
+    /// Takes `r` out, with whatever it still holds.
+    fn remove(&mut self, r: &Arc<Range>) {
+        self.all.remove(&(r.range().start().get(), r.serial));
+        self.live.retain(|_, (_, x)| !Arc::ptr_eq(x, r));
+    }
+
+    fn clear(&mut self) {
+        self.all.clear();
+        self.live.clear();
+    }
+
+    /// The live spans overlapping `[start, end)`, clipped to it, by address.
+    pub(crate) fn live(
+        &self,
+        start: usize,
+        end: usize,
+    ) -> impl Iterator<Item = (&Arc<Range>, usize, usize)> {
+        // The span that starts below `start` and may reach into it, then
+        // those that start inside.
+        let below = self.live.range(..start).next_back();
+        let inside = self.live.range(start..end);
+        below
+            .into_iter()
+            .chain(inside)
+            .filter(move |(s, (e, _))| **s < end && *e > start)
+            .map(move |(s, (e, r))| (r, (*s).max(start), (*e).min(end)))
+    }
+
+    /// The range holding `addr` now.
+    fn find(&self, addr: usize) -> Option<&Arc<Range>> {
+        self.live.range(..=addr).next_back().filter(|(_, (e, _))| *e > addr).map(|(_, (_, r))| r)
+    }
+
+    /// The latest range whose range covers all of `[start, end)`, whether or
+    /// not it still holds it (for messages about memory the application
+    /// unmapped).
+    fn covering(&self, start: usize, end: usize) -> Option<&Arc<Range>> {
+        self.all
+            .range(..(start + 1, 0))
+            .map(|(_, r)| r)
+            .filter(|r| r.range().start().get() <= start && r.range().end().get() >= end)
+            .max_by_key(|r| r.serial)
+    }
+
+    /// The application unmapped `[start, end)`: no range holds it any more.
+    pub(crate) fn cut(&mut self, start: usize, end: usize) {
+        let hit: Vec<(usize, usize, Arc<Range>)> = self
+            .live(start, end)
+            .map(|(r, _, _)| r.clone())
+            .collect::<Vec<_>>()
+            .into_iter()
+            .flat_map(|r| {
+                let spans: Vec<(usize, usize)> = self
+                    .live
+                    .iter()
+                    .filter(|(s, (e, x))| Arc::ptr_eq(x, &r) && **s < end && *e > start)
+                    .map(|(s, (e, _))| (*s, *e))
+                    .collect();
+                spans.into_iter().map(move |(s, e)| (s, e, r.clone()))
+            })
+            .collect();
+        for (s, e, r) in hit {
+            self.live.remove(&s);
+            if s < start {
+                self.live.insert(s, (start, r.clone()));
+            }
+            if e > end {
+                self.live.insert(end, (e, r));
+            }
+        }
+    }
 }
 
 impl Inner {
@@ -1240,12 +1406,16 @@ impl Inner {
     /// unmapped), not by what the kernel maps there now: the address may since
     /// hold some other mapping, which is not the range's memory.
     fn check_accessible(&self, range: PageRange, op: &'static str) -> Result<(), HmmError> {
-        if let Ok(rec) = self.find_containing(range) {
+        let rec = self.find_containing(range).ok().or_else(|| {
+            let ranges = self.ranges.read().unwrap_or_else(|e| e.into_inner());
+            ranges.covering(range.start().get(), range.end().get()).cloned()
+        });
+        if let Some(rec) = rec {
             let first = rec.index(range.start());
-            let unmapped = rec.lock()[first..first + range.pages()]
-                .iter()
-                .position(|e| e.residency() == Residency::Unmapped)
-                .map(|i| rec.page_addr(first + i));
+            let unmapped = rec
+                .lock()
+                .position(first..first + range.pages(), |e| e.residency() == Residency::Unmapped)
+                .map(|i| rec.page_addr(i));
             if let Some(at) = rec
                 .mapping()
                 .holes()
@@ -1571,10 +1741,13 @@ impl Inner {
         mapping.protect(part, prot)
     }
 
-    /// The managed ranges overlapping `[start, end)`.
-    pub(crate) fn overlapping(&self, start: usize, end: usize) -> Vec<Arc<Range>> {
+    /// The managed ranges holding memory in `[start, end)`, by address,
+    /// each with the part of `[start, end)` it holds (a range appears once
+    /// per part: it may hold pieces on both sides of memory it no longer
+    /// holds).
+    pub(crate) fn overlapping(&self, start: usize, end: usize) -> Vec<(Arc<Range>, usize, usize)> {
         let ranges = self.ranges.read().unwrap_or_else(|e| e.into_inner());
-        overlapping(&ranges, start, end).cloned().collect()
+        ranges.live(start, end).map(|(r, s, e)| (r.clone(), s, e)).collect()
     }
 
     /// Brings the pages of `part` (inside `r`) that live on `mem` back to system
@@ -1604,12 +1777,7 @@ impl Inner {
     /// The managed range holding `addr`.
     pub(crate) fn find(&self, addr: VirtAddr) -> Option<Arc<Range>> {
         let ranges = self.ranges.read().unwrap_or_else(|e| e.into_inner());
-        ranges
-            .range(..=addr.get())
-            .next_back()
-            .map(|(_, r)| r)
-            .filter(|r| r.range().contains(addr))
-            .cloned()
+        ranges.find(addr.get()).cloned()
     }
 
     /// The managed range wholly containing `range`.
@@ -1664,8 +1832,8 @@ impl Inner {
         if mem.is_released() {
             return Err(self.unknown_device(mem.id()));
         }
-        let rec = self.find_containing(range)?;
         self.check_accessible(range, "migrate to a device")?;
+        let rec = self.find_containing(range)?;
         let mut report = self.migrate_to_device_once(range, mem, engine, map_for_cpu)?;
         // A page the kernel would not move because this process does not
         // hold it alone (shared copy-on-write since a fork, even after the
@@ -1807,10 +1975,10 @@ impl Inner {
         range: PageRange,
         to: &Arc<DeviceMemory>,
     ) -> Result<MigrationReport, HmmError> {
-        let rec = self.find_containing(range)?;
         self.check_accessible(range, "migrate to a device")?;
+        let rec = self.find_containing(range)?;
         let first = rec.index(range.start());
-        let others: Vec<DeviceId> = devices_of(&rec.lock()[first..first + range.pages()])
+        let others: Vec<DeviceId> = devices_of(&rec.lock(), first..first + range.pages())
             .into_iter()
             .filter(|d| *d != to.id())
             .collect();
@@ -2021,7 +2189,10 @@ impl Inner {
         // Created memory goes away with the range: mirrors stay invalidated
         // until its device pages are freed.
         let _inv = r.created.then(|| self.notifiers.start(r.range(), InvalidationEvent::Unmap));
-        let devs = devices_of(&r.lock());
+        let devs = {
+            let t = r.lock();
+            devices_of(&t, 0..t.len())
+        };
         if !r.created {
             for dev in devs {
                 if let Some(mem) = self.device(dev)
@@ -2033,7 +2204,7 @@ impl Inner {
         }
         {
             let mut ranges = self.ranges.write().unwrap_or_else(|e| e.into_inner());
-            ranges.remove(&r.range().start().get());
+            ranges.remove(r);
         }
         // A fault-around window still in flight installs into the range: let it
         // finish before the range leaves the descriptor (an install into an
@@ -2043,9 +2214,18 @@ impl Inner {
         // Free what remains on devices (hmm-created memory is going away).
         let freed: Vec<DevicePage> = {
             let mut t = r.lock();
-            t.iter_mut()
-                .filter_map(|e| if e.is_migrating() { None } else { e.invalidate(false) })
-                .collect()
+            let mut freed = Vec::new();
+            let all = 0..t.len();
+            t.update(
+                all,
+                |e| e,
+                |_, e| {
+                    if !e.is_migrating() {
+                        freed.extend(e.invalidate(false));
+                    }
+                },
+            );
+            freed
         };
         for p in freed {
             self.put_page(p);
@@ -2177,10 +2357,12 @@ impl ManagedRange {
         let Some(k) = (first..=last).find(|k| bad(&t[*k])) else { return Ok(()) };
         // The whole run of pages gone (or lost) that the access meets.
         let what = t[k].residency();
-        let from = (0..k).rev().take_while(|j| t[*j].residency() == what).last().unwrap_or(k);
-        let run = (from..t.len()).take_while(|j| t[*j].residency() == what).count();
+        let run = runs_where(&t, 0..t.len(), |e| e.residency() == what)
+            .into_iter()
+            .find(|run| run.contains(&k))
+            .expect("page k is in a run of its kind");
         drop(t);
-        let pages = self.pages_range(from, run)?;
+        let pages = self.pages_range(run.start, run.len())?;
         Err(match what {
             Residency::Poisoned => RangeError::Poisoned(pages),
             _ => RangeError::Unmapped(pages),
@@ -2265,7 +2447,7 @@ impl ManagedRange {
         let first = self.range.index(part.start());
         let idx = first..first + part.pages();
         for _ in 0..100 {
-            let devs = devices_of(&self.range.lock()[idx.clone()]);
+            let devs = devices_of(&self.range.lock(), idx.clone());
             for dev in devs {
                 if let Some(mem) = self.inner.device(dev) {
                     self.inner.migrate_to_system(part, &mem, mem.ops().dma())?;
@@ -2273,8 +2455,8 @@ impl ManagedRange {
             }
             self.range.mapping().advise(part, Advise::PopulateWrite)?;
             let t = self.range.lock();
-            let settled = t[idx.clone()].iter().all(|e| {
-                !e.is_migrating() && matches!(e.residency(), Residency::System | Residency::None)
+            let settled = !t.any(idx.clone(), |e| {
+                e.is_migrating() || !matches!(e.residency(), Residency::System | Residency::None)
             });
             if settled {
                 let mut pins = self.range.lock_pins();
@@ -2283,11 +2465,10 @@ impl ManagedRange {
                 }
                 return Ok(Pin { range: self.range.clone(), pages: idx });
             }
-            if let Some((k, e)) = t[idx.clone()]
-                .iter()
-                .enumerate()
-                .find(|(_, e)| matches!(e.residency(), Residency::Poisoned | Residency::Unmapped))
-            {
+            let lost =
+                |e: PageEntry| matches!(e.residency(), Residency::Poisoned | Residency::Unmapped);
+            if let Some(i) = t.position(idx.clone(), lost) {
+                let (k, e) = (i - idx.start, t[i]);
                 let reason = if e.residency() == Residency::Poisoned {
                     crate::migrate::SkipReason::Poisoned
                 } else {
@@ -2324,7 +2505,8 @@ impl ManagedRange {
 
     /// Where every page lives, in order.
     pub fn residencies(&self) -> Vec<Residency> {
-        self.range.lock().iter().map(|e| e.residency()).collect()
+        let t = self.range.lock();
+        t.iter(0..t.len()).map(|e| e.residency()).collect()
     }
 
     /// Where the range's bytes live now: system memory, each device, never
@@ -2344,7 +2526,9 @@ impl ManagedRange {
     /// Where the pages live and what happened to them.
     pub fn stats(&self) -> RangeStats {
         let mut s = RangeStats::default();
-        s.count_pages(&self.range.lock());
+        let t = self.range.lock();
+        s.count_pages(&t, 0..t.len());
+        drop(t);
         s.add_counters(&self.range.counters);
         s
     }
@@ -2507,6 +2691,74 @@ mod tests {
         let e = dev.migrate_to_device(whole).unwrap_err().to_string();
         assert!(e.contains("the application unmapped the range's pages"), "{e}");
         assert!(!e.contains("nothing is mapped"), "{e}");
+    }
+
+    /// Addresses the application unmapped are no longer the range's, while
+    /// its handle lives on: the kernel may give them to other memory, which
+    /// hmm then manages (or leaves alone) as any other; the first range's
+    /// handle keeps saying `Unmapped` and, dropped, unmaps nothing of it.
+    #[test]
+    fn unmapped_addresses_belong_to_whatever_the_kernel_puts_there_next() {
+        if !usable() {
+            return;
+        }
+        let hmm = Hmm::new().unwrap();
+        let dev =
+            SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("d", 64 * PAGE_SIZE)).unwrap();
+        // Through the handle, and by the application's own munmap.
+        for own_munmap in [false, true] {
+            let r = hmm.alloc(16 * PAGE_SIZE).unwrap();
+            r.fill(0, r.len(), 0x11).unwrap();
+            let whole = r.range();
+            if own_munmap {
+                munmap_behind(whole);
+            } else {
+                r.unmap(whole).unwrap();
+            }
+            // Plain memory at those addresses is not managed.
+            let plain = Mapping::anonymous_at(whole, Protection::ReadWrite).unwrap();
+            plain.fill(0, plain.len(), 0x22).unwrap();
+            hmm.settle(Duration::from_secs(10)).unwrap();
+            assert_eq!(hmm.residency(whole.start()), None, "another mapping's page is not managed");
+            // Managed memory there is a range of its own, whole.
+            let again = hmm.adopt(plain).unwrap();
+            assert_eq!(again.range(), whole);
+            assert_eq!(hmm.residency(whole.start()), Some(Residency::System));
+            assert_eq!(dev.migrate_to_device(whole).unwrap().migrated, 16);
+            let mut b = [0u8; 4];
+            again.read(5 * PAGE_SIZE, &mut b).unwrap();
+            assert_eq!(b, [0x22; 4], "the new range's bytes fault back");
+            // The first handle: its pages are gone, and stay so.
+            assert!(r.residencies().iter().all(|x| *x == Residency::Unmapped));
+            assert!(matches!(r.read(0, &mut b), Err(RangeError::Unmapped(_))));
+            drop(r);
+            again.read(9 * PAGE_SIZE, &mut b).unwrap();
+            assert_eq!(b, [0x22; 4], "dropping the first handle unmapped nothing of the new range");
+            drop(again);
+        }
+        // A new allocation that the kernel places over part of a range.
+        let r = hmm.alloc(32 * PAGE_SIZE).unwrap();
+        let middle = r.pages_range(8, 8).unwrap();
+        r.unmap(middle).unwrap();
+        hmm.settle(Duration::from_secs(10)).unwrap();
+        let m = hmm.adopt(Mapping::anonymous_at(middle, Protection::ReadWrite).unwrap()).unwrap();
+        m.fill(0, m.len(), 0x33).unwrap();
+        r.fill(0, 8 * PAGE_SIZE, 0x44).unwrap();
+        r.fill(16 * PAGE_SIZE, 16 * PAGE_SIZE, 0x55).unwrap();
+        // Both sides of the middle still belong to the first range.
+        let e = dev.migrate_to_device(r.range()).unwrap_err().to_string();
+        assert!(e.contains("the application unmapped the range's pages"), "{e}");
+        assert_eq!(dev.migrate_to_device(r.pages_range(16, 16).unwrap()).unwrap().migrated, 16);
+        assert_eq!(dev.migrate_to_device(middle).unwrap().migrated, 8);
+        let map = hmm.residency_map(r.range());
+        assert_eq!(map.stats().pages_on_device.values().sum::<u64>(), 24);
+        let mut b = [0u8; 1];
+        m.read(3 * PAGE_SIZE, &mut b).unwrap();
+        assert_eq!(b, [0x33]);
+        r.read(20 * PAGE_SIZE, &mut b).unwrap();
+        assert_eq!(b, [0x55]);
+        assert_eq!(hmm.residency(middle.start()), Some(Residency::System));
+        assert_eq!(r.residency(8), Residency::Unmapped);
     }
 
     /// A page lost with a failed device: hmm's own accessors return an error

@@ -456,7 +456,11 @@ fn devices(hmm: &Hmm, threads: usize, pages: usize) -> Result<Devices, HmmError>
 enum Page {
     /// Mapped: reads give the model's bytes.
     Mapped,
-    /// Unmapped by the application: every access is refused.
+    /// Unmapped by the application: the addresses are no longer the
+    /// range's. Accesses through the handle and migrations are refused; no
+    /// device access is made there at all, since it would reach whatever the
+    /// kernel has put at those addresses since (this process's own memory,
+    /// perhaps), as a device access of any other unmanaged memory does.
     Unmapped,
     /// Lost with a failed device: a CPU touch gets `SIGBUS`, a device access
     /// is refused, a discard makes it an empty mapped page again.
@@ -628,6 +632,10 @@ impl<'a> Worker<'a> {
             }
             Op::DevWrite { dev, at, len, fill } => {
                 let (first, count) = Self::span(at, len);
+                if self.any(first, count, Page::Unmapped) {
+                    // Not the range's memory any more: see `Page::Unmapped`.
+                    return Ok(());
+                }
                 let b = bytes_of(fill, len);
                 let res = retry_busy(|| devs[dev].write(self.addr(at), &b));
                 if !self.all_mapped(first, count) {
@@ -641,6 +649,10 @@ impl<'a> Worker<'a> {
             }
             Op::DevRead { dev, at, len } => {
                 let (first, count) = Self::span(at, len);
+                if self.any(first, count, Page::Unmapped) {
+                    // Not the range's memory any more: see `Page::Unmapped`.
+                    return Ok(());
+                }
                 let res = retry_busy(|| devs[dev].read(self.pr(first, count)));
                 if !self.all_mapped(first, count) {
                     res.err().ok_or_else(|| not_mapped(first, count))?;

@@ -416,10 +416,11 @@ impl SoftwareDevice {
         let Ok(r) = self.hmm.find_containing(range) else { return Some(range.start()) };
         let first = r.index(range.start());
         let t = r.lock();
-        t[first..first + range.pages()]
-            .iter()
-            .position(|e| !matches!(e.residency(), Residency::Device(p) if p.dev == self.mem.id()))
-            .map(|k| VirtAddr::new(range.start().get() + k * PAGE_SIZE))
+        t.position(
+            first..first + range.pages(),
+            |e| !matches!(e.residency(), Residency::Device(p) if p.dev == self.mem.id()),
+        )
+        .map(|i| r.page_addr(i))
     }
 
     /// Fails if the device still holds any page of `range` exclusively.

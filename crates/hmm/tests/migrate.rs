@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use hmm::os::mm::{Advise, Mapping, Memfd, Protection};
 use hmm::{
-    AdoptRefusal, Hmm, HmmConfig, HmmError, PAGE_SIZE, PageStatus, Residency, Selection,
-    SkipReason, SoftwareDevice, SoftwareDeviceConfig,
+    AdoptRefusal, Hmm, HmmConfig, HmmError, PAGE_SIZE, PageRange, PageStatus, Residency, Selection,
+    SkipReason, SoftwareDevice, SoftwareDeviceConfig, VirtAddr,
 };
 
 fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
@@ -625,4 +625,76 @@ fn settle_says_what_is_still_under_way_when_its_time_runs_out() {
         hmm.settle(Duration::from_secs(10)).unwrap();
         assert_eq!(toucher.join().unwrap(), 4);
     });
+}
+
+#[test]
+fn a_16_tib_range_costs_records_for_the_pages_in_use_only() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    let len = 1usize << 44;
+    let r = match hmm.alloc(len) {
+        Ok(r) => r,
+        Err(HmmError::Mm(e)) => {
+            println!("skipped: the kernel will not map 16 TiB here ({e})");
+            return;
+        }
+        Err(e) => panic!("a 16 TiB range: {e}"),
+    };
+    let (bytes, in_use) = hmm.metadata();
+    assert_eq!(in_use, 0);
+    assert!(bytes < 1 << 20, "an untouched 16 TiB range costs {bytes} bytes of records");
+    let dev =
+        SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("far-end", 64 * PAGE_SIZE)).unwrap();
+    // A page at each end, and 16 on the device at the far end.
+    r.write(0, &[1]).unwrap();
+    r.write(len - 1, &[2]).unwrap();
+    let far =
+        PageRange::from_pages(VirtAddr::new(r.range().end().get() - 32 * PAGE_SIZE), 16).unwrap();
+    r.write(len - 32 * PAGE_SIZE, &[3]).unwrap();
+    let rep = dev.migrate_to_device(far).unwrap();
+    assert_eq!(rep.migrated, 16);
+    hmm.settle(Duration::from_secs(10)).unwrap();
+    let (bytes, in_use) = hmm.metadata();
+    assert!(in_use >= 18, "pages in use: {in_use}");
+    assert!(bytes < 1 << 20, "a few pages in use cost {bytes} bytes of records");
+    let home = r.residence();
+    assert_eq!(home.total(), len as u64, "every byte counted once");
+    assert_eq!(home.on_device(dev.memory().id()), 16 * PAGE_SIZE as u64);
+    assert_eq!(r.stats().pages_on_device.values().sum::<u64>(), 16);
+    let map = hmm.residency_map(r.range());
+    assert!(map.runs().len() <= 8, "a map of the range is its runs: {:?}", map.runs());
+    assert_eq!(map.stats().pages_on_device.values().sum::<u64>(), 16);
+    let mut b = [0u8];
+    r.read(len - 32 * PAGE_SIZE, &mut b).unwrap();
+    assert_eq!(b, [3], "the device page faults back with its byte");
+    r.read(len - 1, &mut b).unwrap();
+    assert_eq!(b, [2]);
+    // Unmapping all but the last 2 MiB gives back the records it held.
+    let before = hmm.metadata().0;
+    let keep = 2 << 20;
+    r.unmap(PageRange::new(r.range().start(), len - keep).unwrap()).unwrap();
+    hmm.settle(Duration::from_secs(10)).unwrap();
+    assert_eq!(r.residence().unmapped, (len - keep) as u64);
+    assert!(hmm.metadata().0 < before, "unmapping a block in use gives its records back");
+    assert!(
+        matches!(r.read(0, &mut b), Err(hmm::RangeError::Unmapped(_))),
+        "the unmapped part reads as unmapped"
+    );
+}
+
+#[test]
+fn a_range_larger_than_the_address_space_is_a_typed_error() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    for len in [1usize << 50, usize::MAX & !(PAGE_SIZE - 1)] {
+        match hmm.alloc(len) {
+            Err(HmmError::Mm(e)) => assert!(!e.to_string().is_empty()),
+            Err(e) => panic!("alloc({len:#x}): unexpected error {e}"),
+            Ok(r) => panic!("alloc({len:#x}) gave {}", r.range()),
+        }
+    }
 }
