@@ -282,17 +282,33 @@ pub struct SystemSink {
     /// Whether pages may be moved in. Not into a forked child: `UFFDIO_MOVE`
     /// works within one address space, and the device page must stay.
     moves: bool,
+    /// Whether an install waits out an address-space change being reported
+    /// (the kernel refuses fills with `EAGAIN` until the fault service has
+    /// read the change's event). Not for copies the fault service itself
+    /// waits on: the event waits for the service, which would wait for the
+    /// copy, which would wait for the event.
+    waits: bool,
 }
 
 impl SystemSink {
     pub(crate) fn new(uffd: Arc<Uffd>) -> Self {
-        Self { uffd, moves: true }
+        Self { uffd, moves: true, waits: true }
+    }
+
+    /// The sink of the fault service's own migrations (fault-backs): an
+    /// install that meets an address-space change being reported fails at
+    /// once with [`DmaError::Changing`], whichever thread runs it, so the
+    /// service never waits on a copy that waits on the service. The
+    /// fault-back then wakes its thread, which faults again once the
+    /// service has read the event.
+    pub(crate) fn for_service(uffd: Arc<Uffd>) -> Self {
+        Self { uffd, moves: true, waits: false }
     }
 
     /// A sink that only copies, into the address space behind `uffd` (a
     /// forked child's descriptor): the device pages keep their data.
     pub(crate) fn copy_only(uffd: Arc<Uffd>) -> Self {
-        Self { uffd, moves: false }
+        Self { uffd, moves: false, waits: true }
     }
 
     /// Whether [`install_move`](Self::install_move) may move pages; engines
@@ -339,7 +355,7 @@ impl SystemSink {
         src_offset: usize,
         pages: usize,
     ) -> Vec<Result<(), DmaError>> {
-        per_page(dst, pages, |d, done| {
+        per_page(dst, pages, self.waits, |d, done| {
             let s = src
                 .subrange(src_offset + done, d.len())
                 .map_err(|_| FillError::refused(op, d.len(), Errno::INVAL))?;
@@ -353,7 +369,7 @@ impl SystemSink {
 
     /// Maps the zero page at the absent pages at `dst` (`UFFDIO_ZEROPAGE`).
     pub fn install_zero(&self, dst: VirtAddr, pages: usize) -> Vec<Result<(), DmaError>> {
-        per_page(dst, pages, |d, _| self.uffd.zeropage(d, true).map(drop))
+        per_page(dst, pages, self.waits, |d, _| self.uffd.zeropage(d, true).map(drop))
     }
 }
 
@@ -365,10 +381,13 @@ impl SystemSink {
 /// page at that point failed with the reported reason. `EAGAIN` with progress
 /// just continues; `EAGAIN` with none means an address-space change is being
 /// reported to the fault service, so the call is retried (a bounded number of
-/// times) once it has had a chance to read it.
+/// times) once it has had a chance to read it. Unless `wait_out_changes` is
+/// false (a copy the fault service waits on, see [`SystemSink::for_service`]):
+/// then the rest fails at once with [`DmaError::Changing`].
 fn per_page(
     dst: VirtAddr,
     pages: usize,
+    wait_out_changes: bool,
     mut op: impl FnMut(PageRange, usize) -> Result<(), FillError>,
 ) -> Vec<Result<(), DmaError>> {
     const MAX_AGAIN: u32 = 10_000;
@@ -400,6 +419,10 @@ fn per_page(
                 let ok_pages = (e.done / PAGE_SIZE).min(rest.pages());
                 out.extend((0..ok_pages).map(|_| Ok(())));
                 if e.kind == FillErrorKind::Again {
+                    if ok_pages == 0 && !wait_out_changes {
+                        out.resize(pages, Err(DmaError::Changing));
+                        break;
+                    }
                     if ok_pages == 0 {
                         again += 1;
                         if again > MAX_AGAIN {
@@ -453,7 +476,7 @@ mod tests {
         let base = VirtAddr::new(0x10_0000);
         let bad = base.get() + 2 * PAGE_SIZE;
         let mut calls = 0;
-        let out = per_page(base, 5, |r, _| {
+        let out = per_page(base, 5, true, |r, _| {
             calls += 1;
             if r.contains(VirtAddr::new(bad)) {
                 let done = bad - r.start().get();
@@ -466,5 +489,29 @@ mod tests {
         assert_eq!(out.iter().filter(|r| r.is_err()).count(), 1);
         assert_eq!(out[2], Err(DmaError::Exists));
         assert_eq!(calls, 2, "one call up to the failure, one for the rest");
+    }
+
+    /// An address-space change being reported (`EAGAIN`, nothing done):
+    /// waited out by default, given up on at once for a copy the fault
+    /// service waits on, which is the one that must read the change.
+    #[test]
+    fn per_page_gives_up_on_a_changing_address_space_only_when_told() {
+        let base = VirtAddr::new(0x10_0000);
+        let again = |r: PageRange| FillError::refused(FillOp::Copy, r.len(), Errno::AGAIN);
+        let mut calls = 0;
+        let out = per_page(base, 4, false, |r, done| {
+            calls += 1;
+            if done == 0 { Err(FillError { done: PAGE_SIZE, ..again(r) }) } else { Err(again(r)) }
+        });
+        assert_eq!(out[0], Ok(()), "the page done before the refusal counts");
+        assert!(out[1..].iter().all(|r| *r == Err(DmaError::Changing)), "{out:?}");
+        assert_eq!(calls, 2, "no retry without progress");
+        let mut calls = 0;
+        let out = per_page(base, 2, true, |r, _| {
+            calls += 1;
+            if calls < 5 { Err(again(r)) } else { Ok(()) }
+        });
+        assert!(out.iter().all(Result::is_ok), "waited out: {out:?}");
+        assert_eq!(calls, 5);
     }
 }

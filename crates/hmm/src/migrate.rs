@@ -837,7 +837,14 @@ impl Migration {
                     idx.push(k);
                     v.push(ToSystem { src, dst: self.addr(k) });
                 }
-                DmaJob::ToSystem { copies: v, sink: self.inner.sink.clone() }
+                // The fault service waits for its copies: they must not wait
+                // for it (see `SystemSink::for_service`).
+                let sink = if crate::fault::on_service_thread() {
+                    self.inner.service_sink.clone()
+                } else {
+                    self.inner.sink.clone()
+                };
+                DmaJob::ToSystem { copies: v, sink }
             }
         };
         if job.is_empty() {

@@ -523,6 +523,9 @@ pub(crate) struct Inner {
     pub(crate) devices: RwLock<Vec<Option<Arc<DeviceMemory>>>>,
     pub(crate) config: HmmConfig,
     pub(crate) sink: Arc<SystemSink>,
+    /// The sink of the fault service's own migrations (see
+    /// [`SystemSink::for_service`]).
+    pub(crate) service_sink: Arc<SystemSink>,
     pub(crate) notifier: Notifier,
     pub(crate) stopping: AtomicBool,
     pub(crate) shut_down: AtomicBool,
@@ -668,6 +671,7 @@ impl Hmm {
         let uffd = Arc::new(uffd);
         let inner = Arc::new(Inner {
             sink: Arc::new(SystemSink::new(uffd.clone())),
+            service_sink: Arc::new(SystemSink::for_service(uffd.clone())),
             uffd,
             staging_uffd,
             ranges: RwLock::new(Registry::default()),
