@@ -10,8 +10,8 @@
 //! targets with `fuzz/run.sh ops|api [seconds]`, which passes the sanitizer
 //! flags they need.
 //!
-//! - [`ops`]: the operations `hmm::stress::decode` makes of the bytes, run by
-//!   `hmm::stress::replay` against its model of the bytes on a fresh
+//! - [`ops`]: the operations `hmm_tools::stress::decode` makes of the bytes, run by
+//!   `hmm_tools::stress::replay` against its model of the bytes on a fresh
 //!   instance. The property: hmm and the model never differ.
 //! - [`Api`]: calls of the public API with arbitrary arguments (ranges
 //!   unaligned, empty, overflowing, unmapped or outside what hmm manages,
@@ -35,9 +35,9 @@ use hmm::{
 /// Pages of the range the `ops` driver runs on.
 pub const OPS_PAGES: usize = 16;
 
-/// Runs the operations `data` decodes to ([`hmm::stress::decode`], at most
-/// [`hmm::stress::MAX_DECODED`]) on a fresh instance against the model
-/// ([`hmm::stress::replay`]): `Ok(Some(skipped))` when hmm and the model
+/// Runs the operations `data` decodes to ([`hmm_tools::stress::decode`], at most
+/// [`hmm_tools::stress::MAX_DECODED`]) on a fresh instance against the model
+/// ([`hmm_tools::stress::replay`]): `Ok(Some(skipped))` when hmm and the model
 /// agree (`skipped` operations this kernel cannot do, or past the unmap
 /// budget), `Err` with the divergence when they differ. `Ok(None)` where
 /// the instance cannot be made (hmm cannot run here): that is not a
@@ -47,8 +47,8 @@ pub const OPS_PAGES: usize = 16;
 /// `SIGBUS` in a child), so a caller that runs other forking code at the
 /// same time serializes with it.
 pub fn ops(data: &[u8]) -> Result<Option<u64>, String> {
-    let ops = hmm::stress::decode(data, OPS_PAGES);
-    match hmm::stress::replay(&ops, OPS_PAGES) {
+    let ops = hmm_tools::stress::decode(data, OPS_PAGES);
+    match hmm_tools::stress::replay(&ops, OPS_PAGES) {
         Ok(Ok(skipped)) => Ok(Some(skipped)),
         Ok(Err(divergence)) => Err(divergence.to_string()),
         Err(_) => Ok(None),

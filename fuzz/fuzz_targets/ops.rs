@@ -1,6 +1,6 @@
 //! Random operations against the model: the bytes decode to operations
-//! (`hmm::stress::decode`) that run on a fresh instance beside a model of
-//! the bytes (`hmm::stress::replay`). A divergence is a crash.
+//! (`hmm_tools::stress::decode`) that run on a fresh instance beside a model of
+//! the bytes (`hmm_tools::stress::replay`). A divergence is a crash.
 
 #![no_main]
 

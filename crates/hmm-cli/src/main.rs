@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use hmm::bench::{self, BenchOptions};
 use hmm::probe::{self, Probe, Verdict};
+use hmm_tools::bench::{self, BenchOptions};
 
 mod demo;
 mod plot;
@@ -422,7 +422,7 @@ fn stress(a: &StressArgs) -> ExitCode {
         eprintln!("hmm stress: hmm cannot run here: {reason}\nfix: {fix}");
         return ExitCode::from(1);
     }
-    let cfg = hmm::stress::StressConfig {
+    let cfg = hmm_tools::stress::StressConfig {
         seed: a.seed,
         ops: a.ops,
         threads: a.threads as usize,
@@ -431,7 +431,7 @@ fn stress(a: &StressArgs) -> ExitCode {
     };
     let p = progress(false, a.ops as usize, "running the operations");
     p.bar.set_message(format!("seed {}", a.seed));
-    let report = hmm::stress::run(cfg, &|n| p.bar.set_position(n));
+    let report = hmm_tools::stress::run(cfg, &|n| p.bar.set_position(n));
     drop(p);
     let report = match report {
         Ok(r) => r,

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use hmm::bench::series::Series;
+use hmm_tools::bench::series::Series;
 use plotters::prelude::*;
 
 /// Colours of the series, in order; memcpy (the reference) is black.

@@ -22,7 +22,9 @@
 //! - [`swdev`]: the built-in software device.
 //! - [`observe`] and [`trace`]: where every page lives, and a timeline of
 //!   what hmm did.
-//! - [`bench`](mod@bench): the baselines and every figure measured beside them.
+//!
+//! The stress driver, its model and the benchmark are tools around the
+//! library, in the `hmm-tools` crate.
 //!
 //! Start with [`Hmm`]: it has a short example of the whole cycle, as does
 //! [`SoftwareDevice`]; the crate's `examples/` show a minimal program, a new
@@ -37,7 +39,6 @@
 #![warn(missing_docs)]
 
 pub mod addr;
-pub mod bench;
 pub mod coherent;
 pub mod devmem;
 pub mod dma;
@@ -54,7 +55,6 @@ pub mod page;
 pub mod probe;
 pub(crate) mod remap;
 pub mod space;
-pub mod stress;
 pub mod swdev;
 pub(crate) mod sync;
 pub mod trace;

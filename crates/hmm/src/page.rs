@@ -390,7 +390,7 @@ impl Segment<'_> {
 }
 
 impl PageEntry {
-    /// Whether one record may stand for many pages in a [`PageTable`]: a
+    /// Whether one record may stand for many pages in a range's table of records: a
     /// page never populated (`None`) or unmapped, with no flag set. Such a
     /// record holds nothing page-specific (no device page, no migration).
     pub fn is_blank(self) -> bool {

@@ -4,7 +4,7 @@
 //! # Locks
 //!
 //! - `ranges` (read-write): the registry of managed ranges and of the
-//!   addresses each still holds ([`Registry`]). Held only to look a range up,
+//!   addresses each still holds (`Registry`). Held only to look a range up,
 //!   to add or remove one, or to take an unmapped part from one, never across
 //!   a system call.
 //! - a range's `table` (mutex): its page records. Held only for state
@@ -1085,6 +1085,14 @@ impl Hmm {
     pub fn stall_next_fault(&self) -> FaultStall {
         self.inner.fault_stall.arm();
         FaultStall { gate: self.inner.fault_stall.clone() }
+    }
+
+    /// Whether a forked child gets the pages that live on devices: the
+    /// kernel's `EVENT_FORK`, which needs `CAP_SYS_PTRACE`. Without it a
+    /// child reads zeros where its parent's pages live on a device (pages in
+    /// system memory are copied by the kernel as ever).
+    pub fn follows_forks(&self) -> bool {
+        self.inner.uffd.features().contains(Features::EVENT_FORK)
     }
 
     /// Waits, up to `limit`, until hmm has finished everything it does on its

@@ -20,10 +20,10 @@ use serde::Serialize;
 
 pub mod series;
 
-use crate::addr::{PAGE_SIZE, PageRange};
-use crate::os::mm::{Advise, Mapping, MmError, Protection};
-use crate::os::pagemap::{Pagemap, PagemapError, ScanRequest};
-use crate::os::uffd::{Features, FillError, RegisterMode, Uffd, UffdError, UffdEvent, UffdOptions};
+use hmm::addr::{PAGE_SIZE, PageRange};
+use hmm::os::mm::{Advise, Mapping, MmError, Protection};
+use hmm::os::pagemap::{Pagemap, PagemapError, ScanRequest};
+use hmm::os::uffd::{Features, FillError, RegisterMode, Uffd, UffdError, UffdEvent, UffdOptions};
 
 /// How long to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -406,7 +406,7 @@ mod tests {
 ///
 /// The memory migrated is populated private anonymous memory, as an
 /// application has it: the main keys use a range made with
-/// [`Hmm::alloc_huge`](crate::Hmm::alloc_huge), so the kernel backs it with
+/// [`Hmm::alloc_huge`](hmm::Hmm::alloc_huge), so the kernel backs it with
 /// transparent huge pages where it can (the usual case for large buffers); the
 /// `_4k` keys repeat the measurement on memory advised `MADV_NOHUGEPAGE`, which
 /// moves 4 KiB page by page.
@@ -623,7 +623,7 @@ pub fn run_all(
 ) -> Result<BenchReport, BenchError> {
     let mut relabel = |s: Step| progress(Step { total: ALL_STEPS, ..s });
     let baselines = run_baselines(opts, &mut relabel)?;
-    let migration = if crate::probe::probe().usable().is_ok() {
+    let migration = if hmm::probe::probe().usable().is_ok() {
         run_migration(opts, &mut |s| progress(Step { index: s.index + 5, total: ALL_STEPS, ..s }))?
     } else {
         MigrationFigures::default()
@@ -631,7 +631,7 @@ pub fn run_all(
     Ok(BenchReport { baselines, migration })
 }
 
-fn hmm_err(e: crate::space::HmmError) -> BenchError {
+fn hmm_err(e: hmm::space::HmmError) -> BenchError {
     BenchError::Server(e.to_string())
 }
 
@@ -649,10 +649,10 @@ struct Pass {
 /// A managed range of `size` bytes: huge-page memory where `huge`, 4 KiB
 /// pages (`MADV_NOHUGEPAGE`) otherwise.
 fn managed_range(
-    hmm: &crate::space::Hmm,
+    hmm: &hmm::space::Hmm,
     size: usize,
     huge: bool,
-) -> Result<crate::space::ManagedRange, BenchError> {
+) -> Result<hmm::space::ManagedRange, BenchError> {
     let r = if huge { hmm.alloc_huge(size) } else { hmm.alloc(size) }.map_err(hmm_err)?;
     if !huge {
         r.advise(r.range(), Advise::NoHugePage)?;
@@ -662,7 +662,7 @@ fn managed_range(
 
 /// The CPU reads the first byte of every page of `r`, in order: GB/s over
 /// the range, and the sum of the bytes read.
-fn touch_every_page(r: &crate::space::ManagedRange) -> Result<(f64, u64), BenchError> {
+fn touch_every_page(r: &hmm::space::ManagedRange) -> Result<(f64, u64), BenchError> {
     let t = Instant::now();
     let mut sum = 0u64;
     for p in 0..r.pages() {
@@ -673,14 +673,14 @@ fn touch_every_page(r: &crate::space::ManagedRange) -> Result<(f64, u64), BenchE
     Ok((gbps(r.len(), t.elapsed()), sum))
 }
 
-fn migration_pass(hmm: &crate::space::Hmm, size: usize, huge: bool) -> Result<Pass, BenchError> {
-    use crate::swdev::{SoftwareDevice, SoftwareDeviceConfig};
-    let populated = || -> Result<crate::space::ManagedRange, BenchError> {
+fn migration_pass(hmm: &hmm::space::Hmm, size: usize, huge: bool) -> Result<Pass, BenchError> {
+    use hmm::swdev::{SoftwareDevice, SoftwareDeviceConfig};
+    let populated = || -> Result<hmm::space::ManagedRange, BenchError> {
         let r = managed_range(hmm, size, huge)?;
         r.advise(r.range(), Advise::PopulateWrite)?;
         Ok(r)
     };
-    let whole = |rep: crate::migrate::MigrationReport, t: Instant| {
+    let whole = |rep: hmm::migrate::MigrationReport, t: Instant| {
         (rep.migrated * PAGE_SIZE == size).then(|| gbps(size, t.elapsed()))
     };
     let copy = {
@@ -710,8 +710,8 @@ pub fn run_migration(
     opts: BenchOptions,
     progress: &mut dyn FnMut(Step),
 ) -> Result<MigrationFigures, BenchError> {
-    use crate::space::{Hmm, HmmConfig};
-    use crate::swdev::{SoftwareDevice, SoftwareDeviceConfig};
+    use hmm::space::{Hmm, HmmConfig};
+    use hmm::swdev::{SoftwareDevice, SoftwareDeviceConfig};
     let size = if opts.quick { 256 << 20 } else { 1 << 30 };
     let mut f = MigrationFigures::default();
     let step =
@@ -792,8 +792,8 @@ pub fn run_migration(
 /// `migrate_device_to_device_gbps`, `coherent_cpu_read_gbps`,
 /// `migrate_to_coherent_gbps` and `evict_gbps`, each over `size` bytes of populated memory, each checked.
 fn devices_figures(size: usize, f: &mut MigrationFigures) -> Result<(), BenchError> {
-    use crate::space::Hmm;
-    use crate::swdev::{SoftwareDevice, SoftwareDeviceConfig};
+    use hmm::space::Hmm;
+    use hmm::swdev::{SoftwareDevice, SoftwareDeviceConfig};
     let hmm = Hmm::new().map_err(hmm_err)?;
     let moved = |what: &str, got: usize| {
         if got == size / PAGE_SIZE {
@@ -864,10 +864,10 @@ fn devices_figures(size: usize, f: &mut MigrationFigures) -> Result<(), BenchErr
 /// call takes in the parent (which returns once the child has its copy of
 /// every device page; the child then exits). `None` without `EVENT_FORK`.
 fn fork_ms(size: usize) -> Result<Option<f64>, BenchError> {
-    use crate::space::Hmm;
-    use crate::swdev::{SoftwareDevice, SoftwareDeviceConfig};
+    use hmm::space::Hmm;
+    use hmm::swdev::{SoftwareDevice, SoftwareDeviceConfig};
     let hmm = Hmm::new().map_err(hmm_err)?;
-    if !hmm.inner().uffd.features().contains(crate::os::uffd::Features::EVENT_FORK) {
+    if !hmm.follows_forks() {
         return Ok(None);
     }
     let r = hmm.alloc(size).map_err(hmm_err)?;
@@ -877,11 +877,10 @@ fn fork_ms(size: usize) -> Result<Option<f64>, BenchError> {
     dev.migrate_to_device(r.range()).map_err(hmm_err)?;
     let before = hmm.forks().1;
     let t = Instant::now();
-    let child =
-        crate::os::process::spawn_child(|| 0).map_err(|e| BenchError::Fork(e.to_string()))?;
+    let child = hmm::os::process::spawn_child(|| 0).map_err(|e| BenchError::Fork(e.to_string()))?;
     let ms = t.elapsed().as_secs_f64() * 1e3;
     match child.wait_within(Duration::from_secs(60)) {
-        Ok(crate::os::process::ChildOutcome::Exited(0)) => {}
+        Ok(hmm::os::process::ChildOutcome::Exited(0)) => {}
         Ok(out) => return Err(BenchError::Fork(format!("the forked child ended as {out:?}"))),
         Err(e) => return Err(BenchError::Fork(format!("waiting for the child: {e}"))),
     }
@@ -899,9 +898,9 @@ fn fork_ms(size: usize) -> Result<Option<f64>, BenchError> {
 /// memory as u64 words, reading 64 KiB at a time through the device's page
 /// table; the first reads take the device faults. Checked against the sum the
 /// memory must give.
-fn device_access_gbps(hmm: &crate::space::Hmm, size: usize) -> Result<f64, BenchError> {
-    use crate::addr::VirtAddr;
-    use crate::swdev::{SoftwareDevice, SoftwareDeviceConfig};
+fn device_access_gbps(hmm: &hmm::space::Hmm, size: usize) -> Result<f64, BenchError> {
+    use hmm::addr::VirtAddr;
+    use hmm::swdev::{SoftwareDevice, SoftwareDeviceConfig};
     let r = hmm.alloc(size).map_err(hmm_err)?;
     r.advise(r.range(), Advise::PopulateWrite)?;
     r.fill(0, size, 1).map_err(MmError::from)?;
@@ -934,8 +933,8 @@ fn device_access_gbps(hmm: &crate::space::Hmm, size: usize) -> Result<f64, Bench
 }
 
 /// `range_fault` snapshots of `size` bytes of populated memory (median of 5).
-fn snapshot_mpages_s(hmm: &crate::space::Hmm, size: usize) -> Result<f64, BenchError> {
-    use crate::mirror::RangeFault;
+fn snapshot_mpages_s(hmm: &hmm::space::Hmm, size: usize) -> Result<f64, BenchError> {
+    use hmm::mirror::RangeFault;
     let r = hmm.alloc(size).map_err(hmm_err)?;
     r.advise(r.range(), Advise::NoHugePage)?;
     r.advise(r.range(), Advise::PopulateWrite)?;
@@ -956,14 +955,14 @@ fn snapshot_mpages_s(hmm: &crate::space::Hmm, size: usize) -> Result<f64, BenchE
 /// `samples` times: the application unmaps one page of a managed range
 /// (`munmap`, which hmm learns of from the kernel's unmap event), and the time
 /// until a notifier over the range is called is taken.
-fn invalidate_us_p50(hmm: &crate::space::Hmm, samples: usize) -> Result<f64, BenchError> {
+fn invalidate_us_p50(hmm: &hmm::space::Hmm, samples: usize) -> Result<f64, BenchError> {
     use std::sync::{Arc, Mutex};
     let r = hmm.alloc(samples * PAGE_SIZE).map_err(hmm_err)?;
     r.fill(0, r.len(), 1).map_err(MmError::from)?;
     let seen: Arc<Mutex<Option<Instant>>> = Arc::default();
     let s = seen.clone();
     let _n = hmm.insert_notifier(r.range(), move |inv| {
-        if inv.event == crate::mirror::InvalidationEvent::Unmap {
+        if inv.event == hmm::mirror::InvalidationEvent::Unmap {
             *s.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         }
     });

@@ -24,13 +24,13 @@ use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::addr::{PAGE_SIZE, PageRange, RangeError, VirtAddr};
-use crate::migrate::SkipReason;
-use crate::os::mm::{Advise, Protection};
-use crate::os::process::{ChildOutcome, run_in_child};
-use crate::page::Residency;
-use crate::space::{Hmm, HmmError, ManagedRange};
-use crate::swdev::{SoftwareDevice, SoftwareDeviceConfig};
+use hmm::addr::{PAGE_SIZE, PageRange, RangeError, VirtAddr};
+use hmm::migrate::SkipReason;
+use hmm::os::mm::{Advise, Protection};
+use hmm::os::process::{ChildOutcome, run_in_child};
+use hmm::page::Residency;
+use hmm::space::{Hmm, HmmError, ManagedRange};
+use hmm::swdev::{SoftwareDevice, SoftwareDeviceConfig};
 
 /// What a stress run does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -489,7 +489,7 @@ struct Support {
 
 impl Support {
     fn probe() -> Self {
-        let p = crate::probe::probe();
+        let p = hmm::probe::probe();
         Self {
             remap: p.has("event-remap") && p.has("mremap-dontunmap"),
             fork: p.has("event-fork"),
@@ -702,7 +702,7 @@ impl<'a> Worker<'a> {
                     Err(HmmError::NotMoved { reason, .. }) => {
                         matches!(reason, SkipReason::Busy | SkipReason::NoDeviceMemory)
                     }
-                    Err(HmmError::Fault(crate::RangeFaultError::Busy { .. })) => true,
+                    Err(HmmError::Fault(hmm::RangeFaultError::Busy { .. })) => true,
                     _ => false,
                 };
                 if !self.all_mapped(first, count) {
@@ -965,7 +965,9 @@ impl<'a> Worker<'a> {
         // The records first take in what the kernel reported of earlier
         // operations (a discard's REMOVE is handled moments after the call
         // returns): they say which pages the device holds.
-        self.hmm.inner().settle_events();
+        if let Err(e) = self.hmm.settle(Duration::from_secs(10)) {
+            tracing::debug!(error = %e, "not settled before the device failure");
+        }
         let mut devs = self.devs.write().unwrap_or_else(|e| e.into_inner());
         let id = devs[dev].memory().id();
         let on: Vec<usize> = (0..self.pages.len())
@@ -1152,14 +1154,14 @@ fn execute(
 }
 
 /// Runs a device access again, a few times, while it fails with
-/// [`RangeFaultError::Busy`](crate::RangeFaultError::Busy): pages held by a
+/// [`RangeFaultError::Busy`](hmm::RangeFaultError::Busy): pages held by a
 /// migration longer than the fault's timeout (another worker's eviction on
 /// a loaded machine), which the caller is told to retry.
 fn retry_busy<T>(mut access: impl FnMut() -> Result<T, HmmError>) -> Result<T, HmmError> {
     let mut tries = 0;
     loop {
         match access() {
-            Err(HmmError::Fault(crate::RangeFaultError::Busy { .. })) if tries < 5 => tries += 1,
+            Err(HmmError::Fault(hmm::RangeFaultError::Busy { .. })) if tries < 5 => tries += 1,
             r => return r,
         }
     }
@@ -1172,7 +1174,7 @@ fn retry_busy<T>(mut access: impl FnMut() -> Result<T, HmmError>) -> Result<T, H
 /// seconds: a refusal the API allows, after which nothing has changed. (Why
 /// a hold grows past six seconds under load is not known yet.)
 fn stayed_busy<T>(res: &Result<T, HmmError>) -> bool {
-    matches!(res, Err(HmmError::Fault(crate::RangeFaultError::Busy { .. })))
+    matches!(res, Err(HmmError::Fault(hmm::RangeFaultError::Busy { .. })))
 }
 
 /// Where an operation's kind is counted, and named in [`KINDS`].
@@ -1512,7 +1514,7 @@ mod tests {
     /// range holds bytes the model (all zeros at the start) never saw.
     #[test]
     fn a_byte_the_model_did_not_write_is_a_divergence() {
-        if crate::probe::probe().usable().is_err() {
+        if hmm::probe::probe().usable().is_err() {
             eprintln!("SKIP: hmm cannot run here");
             return;
         }

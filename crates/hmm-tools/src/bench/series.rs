@@ -18,10 +18,10 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::{BenchError, BenchOptions, Step, gbps, hmm_err, median};
-use crate::addr::PAGE_SIZE;
-use crate::os::mm::MmError;
-use crate::space::{Hmm, ManagedRange};
-use crate::swdev::{SoftwareDevice, SoftwareDeviceConfig};
+use hmm::addr::PAGE_SIZE;
+use hmm::os::mm::MmError;
+use hmm::space::{Hmm, ManagedRange};
+use hmm::swdev::{SoftwareDevice, SoftwareDeviceConfig};
 
 /// One series: a value per size.
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -10,9 +10,10 @@
 //! times as many seeds. `hmm stress` runs the
 //! same thing from the command line for as long as asked.
 
+#[path = "../../hmm/tests/common/mod.rs"]
 mod common;
 
-use hmm::stress::{ALONE_ONLY, KINDS, StressConfig, StressReport, run};
+use hmm_tools::stress::{ALONE_ONLY, KINDS, StressConfig, StressReport, run};
 
 /// How many times the default number of seeds to run (`HMM_STRESS_SCALE`).
 fn scale() -> u64 {

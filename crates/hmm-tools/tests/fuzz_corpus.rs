@@ -7,6 +7,7 @@
 //! missing or shrunk fails here instead of passing with nothing to replay.
 //! `fuzz/run.sh ops|api` (nightly, cargo-fuzz) grows the corpus.
 
+#[path = "../../hmm/tests/common/mod.rs"]
 mod common;
 
 #[path = "../../../fuzz/drivers.rs"]
@@ -20,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::Duration;
 
-use hmm::stress::decode;
+use hmm_tools::stress::decode;
 
 /// The `fuzz/` folder of the repository.
 fn fuzz_dir() -> PathBuf {

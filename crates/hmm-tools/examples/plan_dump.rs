@@ -4,7 +4,7 @@ fn main() {
     let thread: usize = a[2].parse().unwrap();
     let n: usize = a[3].parse().unwrap();
     let alone = a[4] == "1";
-    for (i, op) in hmm::stress::plan(seed, thread, n, 128, alone, true).iter().enumerate() {
+    for (i, op) in hmm_tools::stress::plan(seed, thread, n, 128, alone, true).iter().enumerate() {
         println!("{i}: {op:?}");
     }
 }
