@@ -27,8 +27,9 @@ use std::time::Duration;
 use hmm::os::mm::{Advise, Mapping, Protection};
 use hmm::{
     FaultFlags, Hmm, HmmError, ManagedRange, PAGE_SIZE, PageRange, Pin, RangeError, RangeFault,
-    Residency, SoftwareDevice, SoftwareDeviceConfig, VirtAddr,
+    Residency, VirtAddr,
 };
+use hmm_swdev::{SoftwareDevice, SoftwareDeviceConfig};
 
 // ---- ops: the model ---------------------------------------------------------------------
 

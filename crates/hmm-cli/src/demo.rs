@@ -24,10 +24,8 @@ use std::time::{Duration, Instant};
 
 use hmm::observe::human_bytes;
 use hmm::trace::Category;
-use hmm::{
-    DeviceContext, Hmm, HmmError, ManagedRange, PAGE_SIZE, Place, SoftwareDevice,
-    SoftwareDeviceConfig, VirtAddr,
-};
+use hmm::{Hmm, HmmError, ManagedRange, PAGE_SIZE, Place, VirtAddr};
+use hmm_swdev::{DeviceContext, SoftwareDevice, SoftwareDeviceConfig};
 
 /// How big the demo is.
 #[derive(clap::Args, Debug, Clone)]

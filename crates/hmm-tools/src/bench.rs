@@ -674,7 +674,7 @@ fn touch_every_page(r: &hmm::space::ManagedRange) -> Result<(f64, u64), BenchErr
 }
 
 fn migration_pass(hmm: &hmm::space::Hmm, size: usize, huge: bool) -> Result<Pass, BenchError> {
-    use hmm::swdev::{SoftwareDevice, SoftwareDeviceConfig};
+    use hmm_swdev::{SoftwareDevice, SoftwareDeviceConfig};
     let populated = || -> Result<hmm::space::ManagedRange, BenchError> {
         let r = managed_range(hmm, size, huge)?;
         r.advise(r.range(), Advise::PopulateWrite)?;
@@ -711,7 +711,7 @@ pub fn run_migration(
     progress: &mut dyn FnMut(Step),
 ) -> Result<MigrationFigures, BenchError> {
     use hmm::space::{Hmm, HmmConfig};
-    use hmm::swdev::{SoftwareDevice, SoftwareDeviceConfig};
+    use hmm_swdev::{SoftwareDevice, SoftwareDeviceConfig};
     let size = if opts.quick { 256 << 20 } else { 1 << 30 };
     let mut f = MigrationFigures::default();
     let step =
@@ -793,7 +793,7 @@ pub fn run_migration(
 /// `migrate_to_coherent_gbps` and `evict_gbps`, each over `size` bytes of populated memory, each checked.
 fn devices_figures(size: usize, f: &mut MigrationFigures) -> Result<(), BenchError> {
     use hmm::space::Hmm;
-    use hmm::swdev::{SoftwareDevice, SoftwareDeviceConfig};
+    use hmm_swdev::{SoftwareDevice, SoftwareDeviceConfig};
     let hmm = Hmm::new().map_err(hmm_err)?;
     let moved = |what: &str, got: usize| {
         if got == size / PAGE_SIZE {
@@ -865,7 +865,7 @@ fn devices_figures(size: usize, f: &mut MigrationFigures) -> Result<(), BenchErr
 /// every device page; the child then exits). `None` without `EVENT_FORK`.
 fn fork_ms(size: usize) -> Result<Option<f64>, BenchError> {
     use hmm::space::Hmm;
-    use hmm::swdev::{SoftwareDevice, SoftwareDeviceConfig};
+    use hmm_swdev::{SoftwareDevice, SoftwareDeviceConfig};
     let hmm = Hmm::new().map_err(hmm_err)?;
     if !hmm.follows_forks() {
         return Ok(None);
@@ -900,7 +900,7 @@ fn fork_ms(size: usize) -> Result<Option<f64>, BenchError> {
 /// memory must give.
 fn device_access_gbps(hmm: &hmm::space::Hmm, size: usize) -> Result<f64, BenchError> {
     use hmm::addr::VirtAddr;
-    use hmm::swdev::{SoftwareDevice, SoftwareDeviceConfig};
+    use hmm_swdev::{SoftwareDevice, SoftwareDeviceConfig};
     let r = hmm.alloc(size).map_err(hmm_err)?;
     r.advise(r.range(), Advise::PopulateWrite)?;
     r.fill(0, size, 1).map_err(MmError::from)?;

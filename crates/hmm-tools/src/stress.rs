@@ -30,7 +30,7 @@ use hmm::os::mm::{Advise, Protection};
 use hmm::os::process::{ChildOutcome, run_in_child};
 use hmm::page::Residency;
 use hmm::space::{Hmm, HmmError, ManagedRange};
-use hmm::swdev::{SoftwareDevice, SoftwareDeviceConfig};
+use hmm_swdev::{SoftwareDevice, SoftwareDeviceConfig};
 
 /// What a stress run does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -3,7 +3,8 @@
 //!
 //! Run with `cargo run --example migrate_touch_fault_back`.
 
-use hmm::{Hmm, PAGE_SIZE, Residency, SoftwareDevice, SoftwareDeviceConfig};
+use hmm::{Hmm, PAGE_SIZE, Residency};
+use hmm_swdev::{SoftwareDevice, SoftwareDeviceConfig};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let hmm = Hmm::new()?;

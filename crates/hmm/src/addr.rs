@@ -211,9 +211,10 @@ impl PageRange {
         Self::try_containing(addr, len).expect("a checked span of bytes")
     }
 
-    /// The same for a span of bytes that may run past the end of the address
-    /// space (or be empty): then an error that says so.
-    pub(crate) fn try_containing(addr: usize, len: usize) -> Result<Self, RangeError> {
+    /// The smallest page range holding the `len` bytes at `addr`, or an
+    /// error saying that they run past the end of the address space (or
+    /// that `len` is zero).
+    pub fn try_containing(addr: usize, len: usize) -> Result<Self, RangeError> {
         let start = addr & !(PAGE_SIZE - 1);
         let overflow = RangeError::Overflow { start: VirtAddr::new(start), len };
         let end = addr

@@ -61,13 +61,37 @@ pub enum Pressure {
 }
 
 /// The driver's callbacks (the kernel's `dev_pagemap_ops`).
+///
+/// Rules every callback keeps (each method adds its own):
+/// - **Which thread.** Callbacks run on whichever thread does the work: an
+///   application thread (its migration, its `munmap`), hmm's fault service
+///   (a CPU fault-back, an event it handles), or one of hmm's helper threads
+///   (a fork copy, an `mremap` forward). So a callback never waits for the
+///   fault service: not [`HmmHandle::sync_device_access`], not
+///   [`Hmm::settle`](crate::Hmm::settle), not a migration or
+///   [`range_fault`](crate::HmmHandle::range_fault), nor a lock that a
+///   thread holds while it waits for one of those. hmm holds none of its own
+///   locks (page records, registry) while it calls a callback.
+/// - **Managed addresses.** A callback never touches memory hmm manages
+///   with the CPU (a load, a store, a `memcpy` from it): such a touch may
+///   fault to the fault service, which may be the very thread running the
+///   callback. Data moves only through the [`DmaEngine`](crate::DmaEngine)
+///   and the sink hmm hands it.
+/// - **Errors** are reported, never panicked: a panic on the fault service
+///   aborts the process (every faulting thread would otherwise wait forever).
+///
+/// [`HmmHandle::sync_device_access`]: crate::HmmHandle::sync_device_access
 pub trait DevicePagemapOps: Send + Sync {
-    /// The last reference to `page` is gone: the driver may reuse it. Called
-    /// without any hmm lock held.
+    /// The last reference to `page` is gone: the driver may reuse it (and
+    /// drop what it kept for it). Called once per allocation of the page,
+    /// possibly on the fault service; it must not block beyond a short lock
+    /// of the driver's own.
     fn page_free(&self, page: DevicePage);
 
     /// The engine hmm copies with when it moves this device's pages itself
-    /// (eviction, release, fault-back by default).
+    /// (eviction, release, fault-back by default). Called often: return a
+    /// reference, do no work. The engine's [`submit`](crate::DmaEngine::submit)
+    /// keeps the rules above too.
     fn dma(&self) -> &dyn crate::dma::DmaEngine;
 
     /// The device's memory as other devices' DMA engines reach it (a PCIe
@@ -84,10 +108,16 @@ pub trait DevicePagemapOps: Send + Sync {
         None
     }
 
-    /// A CPU touched a page that lives in this device's private memory. The
-    /// driver must bring at least the faulting page back; it cannot refuse: an
-    /// error other than [`FaultBackError::NoMemory`] poisons the page. The
-    /// default brings back the fault-around window with [`dma`](Self::dma).
+    /// A CPU touched a page that lives in this device's private memory (the
+    /// kernel's `migrate_to_ram`). Runs on the fault service while the
+    /// faulting thread waits, so every other fault waits too: bring the
+    /// page back ([`CpuFault::migrate`]), do nothing slow besides. The
+    /// driver must bring at least the faulting page back; it cannot refuse:
+    /// [`FaultBackError::NoMemory`] has the fault retried later, with a
+    /// backoff; [`FaultBackError::Busy`] has the thread fault again at once;
+    /// any other error poisons the page (a CPU touch then gets `SIGBUS`).
+    /// The default brings back the fault-around window with
+    /// [`dma`](Self::dma).
     fn migrate_to_ram(&self, fault: &mut CpuFault<'_>) -> Result<(), FaultBackError> {
         fault.migrate(self.dma())
     }

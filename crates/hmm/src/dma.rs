@@ -147,8 +147,17 @@ pub trait DmaEngine: Send + Sync {
     /// A short name for reports ("copy", "zero-copy").
     fn name(&self) -> &str;
 
-    /// Starts `job`; returns at once with a fence that completes when every
-    /// copy has a result.
+    /// Starts `job`; returns at once (or after copying synchronously) with a
+    /// fence that completes when every copy has a result, in the job's
+    /// order. May run on the fault service (a fault-back) and on any
+    /// application thread: it keeps the rules of
+    /// [`DevicePagemapOps`](crate::DevicePagemapOps) (never waits for the
+    /// fault service, never touches managed addresses with the CPU: pages
+    /// reach system memory only through the job's [`SystemSink`]). A copy
+    /// that fails reports why ([`DmaError`]): `NoMemory` and `Changing`
+    /// (the sink met an address-space change being reported) are tried
+    /// again by hmm; any other error is final for that page, and the
+    /// migration leaves the page where it was.
     fn submit(&self, job: DmaJob) -> DmaFence;
 
     /// Whether the engine can copy straight from another device's memory

@@ -19,15 +19,18 @@
 //!   driver callbacks, DMA engines, three-phase migration, CPU fault-back.
 //! - [`mirror`]: interval notifiers and `range_fault`, for device page tables.
 //! - [`coherent`]: device memory the CPU maps directly.
-//! - [`swdev`]: the built-in software device.
+//! - [`driver`]: what a device driver keeps and calls ([`HmmHandle`]).
+//!
+//! The software device is a driver of its own on that API, in the
+//! `hmm-swdev` crate.
 //! - [`observe`] and [`trace`]: where every page lives, and a timeline of
 //!   what hmm did.
 //!
 //! The stress driver, its model and the benchmark are tools around the
 //! library, in the `hmm-tools` crate.
 //!
-//! Start with [`Hmm`]: it has a short example of the whole cycle, as does
-//! [`SoftwareDevice`]; the crate's `examples/` show a minimal program, a new
+//! Start with [`Hmm`]: it has a short example of the whole cycle, with the
+//! software device; the crate's `examples/` show a minimal program, a new
 //! device driver, and mirroring with interval notifiers.
 //!
 //! ```
@@ -42,6 +45,7 @@ pub mod addr;
 pub mod coherent;
 pub mod devmem;
 pub mod dma;
+pub mod driver;
 pub mod fault;
 pub(crate) mod fork;
 pub(crate) mod interval;
@@ -55,8 +59,9 @@ pub mod page;
 pub mod probe;
 pub(crate) mod remap;
 pub mod space;
-pub mod swdev;
 pub(crate) mod sync;
+#[cfg(test)]
+mod testdev;
 pub mod trace;
 
 pub use addr::{HUGE_PAGE_SIZE, PAGE_SHIFT, PAGE_SIZE, PageRange, RangeError, VirtAddr};
@@ -64,6 +69,7 @@ pub use devmem::{
     DeviceMemory, DeviceMemoryConfig, DevicePagemapOps, DeviceStats, MemoryKind, Pressure,
 };
 pub use dma::{DmaEngine, DmaError, DmaFence, DmaJob};
+pub use driver::{HmmHandle, WriteTarget};
 pub use fault::{CpuFault, FaultBackError};
 pub use migrate::{Migration, MigrationReport, PageStatus, Selection, SkipReason};
 pub use mirror::{
@@ -76,10 +82,6 @@ pub use page::{DeviceId, DevicePage, Residency};
 pub use space::{
     AdoptRefusal, Arena, FaultStall, Hmm, HmmConfig, HmmError, ManagedRange, MirroredRange, Pin,
     RangeStats, Residence, Unsettled,
-};
-pub use swdev::{
-    DeviceContext, DeviceEntry, EngineKind, EngineStall, MirrorStats, OpCounters, PageSnapshot,
-    SnapshotAccess, SoftwareDevice, SoftwareDeviceConfig,
 };
 
 /// The README's example, compiled with the doc tests so that it stays true.

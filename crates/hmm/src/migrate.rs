@@ -184,7 +184,8 @@ struct Slot {
 ///
 /// ```
 /// # fn main() -> Result<(), hmm::HmmError> {
-/// use hmm::{Hmm, PAGE_SIZE, Selection, SoftwareDevice, SoftwareDeviceConfig};
+/// use hmm::{Hmm, PAGE_SIZE, Selection};
+/// use hmm_swdev::{SoftwareDevice, SoftwareDeviceConfig};
 /// let hmm = Hmm::new()?;
 /// let gpu = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("gpu0", 1 << 20))?;
 /// let r = hmm.alloc(8 * PAGE_SIZE)?;

@@ -408,7 +408,7 @@ impl<'a> RangeFault<'a> {
     /// The most pages one request may cover: 2^20 pages, 4 GiB of address
     /// space. A request keeps about a hundred bytes of bookkeeping per page
     /// while it runs and returns a [`PageInfo`] per page (and
-    /// [`SoftwareDevice::read`](crate::SoftwareDevice::read), held to the same
+    /// `hmm_swdev::SoftwareDevice::read`, held to the same
     /// bound, a buffer of the range's bytes), so a longer one is refused with
     /// [`RangeFaultError::TooLarge`] before anything is allocated, rather than
     /// ending the process for want of memory. A device faults what it is

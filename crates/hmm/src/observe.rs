@@ -9,7 +9,8 @@
 //!
 //! ```
 //! # fn main() -> Result<(), hmm::HmmError> {
-//! use hmm::{Hmm, PAGE_SIZE, Place, SoftwareDevice, SoftwareDeviceConfig};
+//! use hmm::{Hmm, PAGE_SIZE, Place};
+//! use hmm_swdev::{SoftwareDevice, SoftwareDeviceConfig};
 //! let hmm = Hmm::new()?;
 //! let gpu = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("gpu0", 1 << 20))?;
 //! let r = hmm.alloc(256 * PAGE_SIZE)?;

@@ -600,7 +600,8 @@ impl fmt::Debug for Inner {
 ///
 /// ```
 /// # fn main() -> Result<(), hmm::HmmError> {
-/// use hmm::{Hmm, PAGE_SIZE, Residency, SoftwareDevice, SoftwareDeviceConfig};
+/// use hmm::{Hmm, PAGE_SIZE, Residency};
+/// use hmm_swdev::{SoftwareDevice, SoftwareDeviceConfig};
 /// let hmm = Hmm::new()?; // says what the kernel lacks when it cannot start
 /// let gpu = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("gpu0", 1 << 20))?;
 /// let r = hmm.alloc(4 * PAGE_SIZE)?;
@@ -1175,7 +1176,7 @@ impl Hmm {
 
     /// Notifiers inserted and not yet dropped: the application's and its
     /// drivers' alike, since a driver mirrors memory with the same notifiers
-    /// (each [`SoftwareDevice`](crate::SoftwareDevice) keeps one over the
+    /// (each `hmm_swdev::SoftwareDevice` keeps one over the
     /// whole address space for its page table, for as long as it lives).
     pub fn notifier_count(&self) -> usize {
         self.inner.notifiers.len()
@@ -1792,6 +1793,23 @@ impl Inner {
         ranges.find(addr.get()).cloned()
     }
 
+    /// [`find_containing`](Self::find_containing) for an operation `op` of
+    /// the application's: memory a range held until the application
+    /// unmapped it is refused with that reason (whatever is mapped there
+    /// now), memory never managed with [`HmmError::NotManaged`].
+    fn find_managed(&self, range: PageRange, op: &'static str) -> Result<Arc<Range>, HmmError> {
+        self.find_containing(range).or_else(|e| {
+            let gone = {
+                let ranges = self.ranges.read().unwrap_or_else(|e| e.into_inner());
+                ranges.covering(range.start().get(), range.end().get()).is_some()
+            };
+            if gone {
+                self.check_accessible(range, op)?;
+            }
+            Err(e)
+        })
+    }
+
     /// The managed range wholly containing `range`.
     pub(crate) fn find_containing(&self, range: PageRange) -> Result<Arc<Range>, HmmError> {
         match self.find(range.start()) {
@@ -1844,8 +1862,8 @@ impl Inner {
         if mem.is_released() {
             return Err(self.unknown_device(mem.id()));
         }
+        let rec = self.find_managed(range, "migrate to a device")?;
         self.check_accessible(range, "migrate to a device")?;
-        let rec = self.find_containing(range)?;
         let mut report = self.migrate_to_device_once(range, mem, engine, map_for_cpu)?;
         // A page the kernel would not move because this process does not
         // hold it alone (shared copy-on-write since a fork, even after the
@@ -1987,8 +2005,8 @@ impl Inner {
         range: PageRange,
         to: &Arc<DeviceMemory>,
     ) -> Result<MigrationReport, HmmError> {
+        let rec = self.find_managed(range, "migrate to a device")?;
         self.check_accessible(range, "migrate to a device")?;
-        let rec = self.find_containing(range)?;
         let first = rec.index(range.start());
         let others: Vec<DeviceId> = devices_of(&rec.lock(), first..first + range.pages())
             .into_iter()
@@ -2655,7 +2673,7 @@ impl Drop for MirroredRange {
 mod tests {
     use super::*;
     use crate::os::mm::{Mapping, Protection, munmap_behind};
-    use crate::swdev::{SoftwareDevice, SoftwareDeviceConfig};
+    use crate::testdev::TestDevice;
 
     fn usable() -> bool {
         match crate::probe::probe().usable() {
@@ -2698,8 +2716,7 @@ mod tests {
         assert_eq!(other.touch_read(10).unwrap(), 0x77, "the other mapping's byte is untouched");
         // A migration of the range says the application unmapped it, though
         // something is mapped there now.
-        let dev =
-            SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("d", 64 * PAGE_SIZE)).unwrap();
+        let dev = TestDevice::new(&hmm, 64);
         let e = dev.migrate_to_device(whole).unwrap_err().to_string();
         assert!(e.contains("the application unmapped the range's pages"), "{e}");
         assert!(!e.contains("nothing is mapped"), "{e}");
@@ -2715,8 +2732,7 @@ mod tests {
             return;
         }
         let hmm = Hmm::new().unwrap();
-        let dev =
-            SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("d", 64 * PAGE_SIZE)).unwrap();
+        let dev = TestDevice::new(&hmm, 64);
         // Through the handle, and by the application's own munmap.
         for own_munmap in [false, true] {
             let r = hmm.alloc(16 * PAGE_SIZE).unwrap();
@@ -2781,8 +2797,7 @@ mod tests {
             return;
         }
         let hmm = Hmm::new().unwrap();
-        let dev =
-            SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("d", 64 * PAGE_SIZE)).unwrap();
+        let dev = TestDevice::new(&hmm, 64);
         let r = hmm.alloc(8 * PAGE_SIZE).unwrap();
         r.fill(0, r.len(), 5).unwrap();
         assert_eq!(dev.migrate_to_device(r.pages_range(2, 3).unwrap()).unwrap().migrated, 3);

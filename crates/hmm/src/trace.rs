@@ -10,7 +10,8 @@
 //!
 //! ```
 //! # fn main() -> Result<(), hmm::HmmError> {
-//! use hmm::{Hmm, PAGE_SIZE, SoftwareDevice, SoftwareDeviceConfig};
+//! use hmm::{Hmm, PAGE_SIZE};
+//! use hmm_swdev::{SoftwareDevice, SoftwareDeviceConfig};
 //! let hmm = Hmm::new()?;
 //! let gpu = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("gpu0", 1 << 20))?;
 //! let r = hmm.alloc(16 * PAGE_SIZE)?;

@@ -2,7 +2,8 @@
 
 mod common;
 
-use hmm::{Hmm, ManagedRange, PAGE_SIZE, Residency, SoftwareDevice, SoftwareDeviceConfig};
+use hmm::{Hmm, ManagedRange, PAGE_SIZE, Residency};
+use hmm_swdev::{SoftwareDevice, SoftwareDeviceConfig};
 
 fn coherent(hmm: &Hmm, pages: usize) -> SoftwareDevice {
     SoftwareDevice::new(hmm, SoftwareDeviceConfig::coherent("cxl0", pages * PAGE_SIZE)).unwrap()
@@ -213,7 +214,7 @@ fn bad_coherent_requests_are_refused_with_the_reason() {
     }
     let hmm = Hmm::new().unwrap();
     let zero_copy = SoftwareDeviceConfig {
-        engine: hmm::EngineKind::ZeroCopy,
+        engine: hmm_swdev::EngineKind::ZeroCopy,
         ..SoftwareDeviceConfig::coherent("c", PAGE_SIZE)
     };
     let e = SoftwareDevice::new(&hmm, zero_copy).unwrap_err();

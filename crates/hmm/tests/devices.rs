@@ -5,8 +5,9 @@ mod common;
 
 use hmm::{
     Hmm, HmmError, PAGE_SIZE, PageRange, Place, RangeFault, RangeFaultError, Residency, SkipReason,
-    SnapshotAccess, SoftwareDevice, SoftwareDeviceConfig, VirtAddr,
+    VirtAddr,
 };
+use hmm_swdev::{SnapshotAccess, SoftwareDevice, SoftwareDeviceConfig};
 
 use common::{check_salted as check, cpu_bytes, fill_salted as fill};
 use std::time::Duration;

@@ -9,10 +9,8 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use hmm::os::process::{ChildOutcome, run_in_child};
-use hmm::{
-    DmaError, Hmm, ManagedRange, PAGE_SIZE, Residency, Selection, SkipReason, SoftwareDevice,
-    SoftwareDeviceConfig,
-};
+use hmm::{DmaError, Hmm, ManagedRange, PAGE_SIZE, Residency, Selection, SkipReason};
+use hmm_swdev::{SoftwareDevice, SoftwareDeviceConfig};
 
 const SIGBUS: i32 = 7;
 

@@ -9,8 +9,9 @@ use std::time::Duration;
 use hmm::os::mm::{Advise, Mapping, Memfd, Protection};
 use hmm::{
     AdoptRefusal, Hmm, HmmConfig, HmmError, PAGE_SIZE, PageRange, PageStatus, Residency, Selection,
-    SkipReason, SoftwareDevice, SoftwareDeviceConfig, VirtAddr,
+    SkipReason, VirtAddr,
 };
+use hmm_swdev::{SoftwareDevice, SoftwareDeviceConfig};
 
 fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut r = common::Rng(seed);

@@ -7,9 +7,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use hmm::os::mm::{Advise, Mapping, Protection};
-use hmm::{
-    Hmm, InvalidationEvent, PAGE_SIZE, Residency, SoftwareDevice, SoftwareDeviceConfig, VirtAddr,
-};
+use hmm::{Hmm, InvalidationEvent, PAGE_SIZE, Residency, VirtAddr};
+use hmm_swdev::{SoftwareDevice, SoftwareDeviceConfig};
 
 fn device(hmm: &Hmm, name: &str, bytes: usize) -> SoftwareDevice {
     SoftwareDevice::new(hmm, SoftwareDeviceConfig::new(name, bytes)).unwrap()

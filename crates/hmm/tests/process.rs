@@ -8,7 +8,8 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 
 use hmm::os::process::{ChildOutcome, run_in_child, spawn_child};
-use hmm::{Hmm, PAGE_SIZE, Residency, SoftwareDevice, SoftwareDeviceConfig};
+use hmm::{Hmm, PAGE_SIZE, Residency};
+use hmm_swdev::{SoftwareDevice, SoftwareDeviceConfig};
 
 fn device(hmm: &Hmm, name: &str, pages: usize) -> SoftwareDevice {
     SoftwareDevice::new(hmm, SoftwareDeviceConfig::new(name, pages * PAGE_SIZE)).expect("device")

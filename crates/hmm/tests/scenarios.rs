@@ -12,7 +12,8 @@
 
 mod common;
 
-use hmm::{Hmm, PAGE_SIZE, Residency, SkipReason, SoftwareDevice, SoftwareDeviceConfig};
+use hmm::{Hmm, PAGE_SIZE, Residency, SkipReason};
+use hmm_swdev::{SoftwareDevice, SoftwareDeviceConfig};
 
 const NPAGES: usize = 1024;
 
@@ -433,7 +434,8 @@ fn migrate_anon_huge_free() {
 // ---- mirroring: device accesses through the device's page table ---------------------
 
 use hmm::os::mm::{Mapping, Protection};
-use hmm::{HmmError, RangeFaultError, SnapshotAccess};
+use hmm::{HmmError, RangeFaultError};
+use hmm_swdev::SnapshotAccess;
 
 /// Bytes of `pages` pages in which page `i` holds the word `i + add` repeated.
 fn index_bytes(pages: usize, add: u64) -> Vec<u8> {

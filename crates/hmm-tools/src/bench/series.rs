@@ -21,7 +21,7 @@ use super::{BenchError, BenchOptions, Step, gbps, hmm_err, median};
 use hmm::addr::PAGE_SIZE;
 use hmm::os::mm::MmError;
 use hmm::space::{Hmm, ManagedRange};
-use hmm::swdev::{SoftwareDevice, SoftwareDeviceConfig};
+use hmm_swdev::{SoftwareDevice, SoftwareDeviceConfig};
 
 /// One series: a value per size.
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -1,5 +1,10 @@
-//! The built-in software device: device-private memory backed by an anonymous
-//! mapping hmm owns, with one of two DMA engines.
+//! # hmm-swdev: hmm's software device
+//!
+//! A complete device driver built on hmm's public driver API alone (see
+//! `hmm::driver`): device-private (or coherent) memory backed by an
+//! anonymous mapping the driver owns, a device page table that mirrors the
+//! process's through an interval notifier and `range_fault`, device jobs,
+//! exclusive access, eviction, failure, and one of two DMA engines.
 //!
 //! - [`EngineKind::Copy`]: a pool of worker threads copies pages. Device memory
 //!   is a plain mapping (populated up front with `prefault`, like real VRAM);
@@ -11,22 +16,25 @@
 //!   with `UFFD_FEATURE_SIGBUS`: an empty device page is never touched by
 //!   mistake without a loud SIGBUS.
 
+#![warn(missing_docs)]
+
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
-use crate::addr::{HUGE_PAGE_SIZE, PAGE_SIZE, PageRange, VirtAddr};
-use crate::devmem::{
+use hmm::addr::{HUGE_PAGE_SIZE, PAGE_SIZE, PageRange, VirtAddr};
+use hmm::devmem::{
     DeviceMemory, DeviceMemoryConfig, DevicePagemapOps, DeviceStats, MemoryKind, Pressure,
 };
-use crate::dma::{DmaEngine, DmaError, DmaFence, DmaJob, FenceCompleter, ToDevice, ToSystem};
-use crate::migrate::{MigrationReport, SkipReason};
-use crate::mirror::{IntervalNotifier, InvalidationEvent, PageInfo, RangeFault, RangeFaultError};
-use crate::os::mm::{Advise, Mapping, Protection};
-use crate::os::uffd::{Features, FillErrorKind, RegisterMode, Uffd, UffdOptions};
-use crate::page::{DeviceId, DevicePage, Residency};
-use crate::space::{Hmm, HmmError, Inner};
+use hmm::dma::{DmaEngine, DmaError, DmaFence, DmaJob, FenceCompleter, ToDevice, ToSystem};
+use hmm::driver::HmmHandle;
+use hmm::migrate::{MigrationReport, SkipReason};
+use hmm::mirror::{IntervalNotifier, PageInfo, RangeFault, RangeFaultError};
+use hmm::os::mm::{Advise, Mapping, Protection};
+use hmm::os::uffd::{Features, FillErrorKind, RegisterMode, Uffd, UffdOptions};
+use hmm::page::{DeviceId, DevicePage};
+use hmm::space::{Hmm, HmmError};
 
 /// Which DMA engine a software device uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,7 +88,7 @@ impl SoftwareDeviceConfig {
     }
 
     /// A device of `capacity` bytes of coherent memory: a memfd, whose pages
-    /// the CPU maps directly once migrated (see [`crate::coherent`]). Its
+    /// the CPU maps directly once migrated (see [`hmm::coherent`]). Its
     /// engine copies (with two workers): `UFFDIO_MOVE` cannot move file pages.
     pub fn coherent(name: impl Into<String>, capacity: usize) -> Self {
         Self { kind: MemoryKind::Coherent, ..Self::new(name, capacity).with_copy_engine(2) }
@@ -118,7 +126,7 @@ pub struct OpCounters {
 struct Core {
     engine: Box<dyn DmaEngine>,
     /// Coherent memory: the file the pool maps, which hmm maps for the CPU.
-    file: Option<crate::os::mm::Memfd>,
+    file: Option<hmm::os::mm::Memfd>,
     /// The device's memory, offered to peers' engines when `peer` is set.
     pool: Arc<Mapping>,
     peer: bool,
@@ -177,7 +185,8 @@ fn slot_range(pool: &Mapping, page: DevicePage) -> PageRange {
 ///
 /// ```
 /// # fn main() -> Result<(), hmm::HmmError> {
-/// use hmm::{Hmm, PAGE_SIZE, SoftwareDevice, SoftwareDeviceConfig};
+/// use hmm::{Hmm, PAGE_SIZE};
+/// use hmm_swdev::{SoftwareDevice, SoftwareDeviceConfig};
 /// let hmm = Hmm::new()?;
 /// let gpu = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("gpu0", 1 << 20))?;
 /// let r = hmm.alloc(2 * PAGE_SIZE)?;
@@ -190,7 +199,7 @@ fn slot_range(pool: &Mapping, page: DevicePage) -> PageRange {
 /// # Ok(()) }
 /// ```
 pub struct SoftwareDevice {
-    hmm: Arc<Inner>,
+    hmm: HmmHandle,
     mem: Arc<DeviceMemory>,
     core: Arc<CoreHandle>,
     mirror: Arc<DeviceMirror>,
@@ -235,7 +244,7 @@ impl SoftwareDevice {
                 }
                 let name = std::ffi::CString::new(format!("hmm-coherent-{}", config.name))
                     .unwrap_or_else(|_| c"hmm-coherent".into());
-                let f = crate::os::mm::Memfd::create(&name, config.capacity as u64, false)?;
+                let f = hmm::os::mm::Memfd::create(&name, config.capacity as u64, false)?;
                 (f.map(0, config.capacity, Protection::ReadWrite, true)?, Some(f))
             }
         };
@@ -276,7 +285,7 @@ impl SoftwareDevice {
         mc.pressure = config.pressure;
         let mem = hmm.register_device_memory(mc, core)?;
         let mirror = DeviceMirror::new(hmm, mem.clone(), pool);
-        Ok(Self { hmm: hmm.inner().clone(), mem, core: Arc::new(CoreHandle { faults }), mirror })
+        Ok(Self { hmm: hmm.handle(), mem, core: Arc::new(CoreHandle { faults }), mirror })
     }
 
     /// The device's memory region.
@@ -326,7 +335,7 @@ impl SoftwareDevice {
     /// a longer range fails with [`RangeFaultError::TooLarge`] before its
     /// buffer is allocated.
     pub fn read(&self, range: PageRange) -> Result<(Vec<u8>, OpCounters), HmmError> {
-        crate::mirror::check_size(range)?;
+        RangeFault::check_size(range)?;
         self.hmm.sync_device_access();
         let mut out = vec![0u8; range.len()];
         let mut c = OpCounters::default();
@@ -361,38 +370,8 @@ impl SoftwareDevice {
     /// marked atomic. Any CPU access (read or write) then faults, which brings
     /// the page back and revokes the device's access, and proceeds.
     pub fn make_exclusive(&self, range: PageRange) -> Result<OpCounters, HmmError> {
-        if self.hmm.find_containing(range).is_err() {
-            return Err(HmmError::NeedsManaged { op: "make_exclusive", range });
-        }
-        self.hmm.notifiers.invalidate(range, InvalidationEvent::Exclusive { owner: self.mem.id() });
         let mut c = OpCounters::default();
-        // Pages of other devices come back first; then everything moves here.
-        // Coherent memory is held exclusively off the CPU's page table, so
-        // that a CPU touch faults (and revokes): pages already here and
-        // mapped for the CPU come back first too.
-        for part in crate::mirror::parts(range) {
-            self.hmm.range_fault(&RangeFault::fault(part, false, Some(self.mem.id())))?;
-        }
-        let coherent = self.mem.kind() == MemoryKind::Coherent;
-        if coherent {
-            self.migrate_to_system(range)?;
-        }
-        let rep =
-            self.hmm.migrate_to_device_with(range, &self.mem, self.mem.ops().dma(), !coherent)?;
-        if let Some(addr) = self.first_not_held(range) {
-            // Why that page is not here: what the migration said of it, or,
-            // when it was already here or elsewhere as the migration looked
-            // and has moved since (evicted, or taken by another migration),
-            // busy.
-            let reason = rep
-                .skipped
-                .iter()
-                .find(|(a, _)| *a == addr)
-                .map(|(_, why)| why.clone())
-                .filter(|why| !matches!(why, SkipReason::NotSelected(_)))
-                .unwrap_or(SkipReason::Busy);
-            return Err(HmmError::NotMoved { op: "make_exclusive", addr, reason });
-        }
+        self.hmm.make_device_exclusive(range, &self.mem)?;
         self.mirror.ensure(range, true, &mut c)?;
         let mut pt = self.mirror.table.write();
         for vpn in vpns(range) {
@@ -409,18 +388,6 @@ impl SoftwareDevice {
         }
         c.cpages = range.pages() as u64;
         Ok(c)
-    }
-
-    /// The first page of `range` that does not live in this device's memory.
-    fn first_not_held(&self, range: PageRange) -> Option<VirtAddr> {
-        let Ok(r) = self.hmm.find_containing(range) else { return Some(range.start()) };
-        let first = r.index(range.start());
-        let t = r.lock();
-        t.position(
-            first..first + range.pages(),
-            |e| !matches!(e.residency(), Residency::Device(p) if p.dev == self.mem.id()),
-        )
-        .map(|i| r.page_addr(i))
     }
 
     /// Fails if the device still holds any page of `range` exclusively.
@@ -463,7 +430,8 @@ impl SoftwareDevice {
     ///
     /// ```
     /// # fn main() -> Result<(), hmm::HmmError> {
-    /// use hmm::{Hmm, PAGE_SIZE, SoftwareDevice, SoftwareDeviceConfig, VirtAddr};
+    /// use hmm::{Hmm, PAGE_SIZE, VirtAddr};
+    /// use hmm_swdev::{SoftwareDevice, SoftwareDeviceConfig};
     /// let hmm = Hmm::new()?;
     /// let dev = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("gpu0", 1 << 20))?;
     /// let r = hmm.alloc(4 * PAGE_SIZE)?;
@@ -537,7 +505,7 @@ impl SoftwareDevice {
 
     /// Evicts every page of this device back to system memory.
     pub fn release(&self) -> Result<(), HmmError> {
-        self.hmm.evict_all(self.mem.id())
+        self.hmm.evict_all(&self.mem)
     }
 
     // ---- fault injection ----------------------------------------------------------
@@ -566,7 +534,7 @@ impl SoftwareDevice {
     /// Holds every submission to this device's engine back until the
     /// returned guard is dropped, as a hung DMA engine would: migrations to
     /// and from the device wait in the engine, and so does the fault service
-    /// when a CPU touch needs one of its pages back (see [`crate::fault`]).
+    /// when a CPU touch needs one of its pages back (see [`hmm::fault`]).
     pub fn stall_engine(&self) -> EngineStall {
         self.core.faults.set_stalled(true);
         EngineStall { faults: self.core.faults.clone() }
@@ -578,7 +546,7 @@ impl SoftwareDevice {
     /// many pages were poisoned.
     pub fn fail(&self) -> usize {
         self.core.faults.dead.store(true, Ordering::Release);
-        self.hmm.poison_device(self.mem.id())
+        self.hmm.device_failed(&self.mem)
     }
 
     /// Counters of the device's memory.
@@ -589,9 +557,7 @@ impl SoftwareDevice {
 
 impl Drop for SoftwareDevice {
     fn drop(&mut self) {
-        if !self.hmm.shut_down.load(Ordering::Acquire)
-            && let Err(e) = self.hmm.release_device(self.mem.id())
-        {
+        if let Err(e) = self.hmm.unregister_device_memory(&self.mem) {
             tracing::error!(error = %e, "releasing a software device");
         }
     }
@@ -695,7 +661,7 @@ impl Drop for EngineStall {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeviceEntry {
     /// The device's own page, or `None` for the system page at this address
-    /// (reached through the kernel, see [`crate::os::vm`]).
+    /// (reached through the kernel, see [`hmm::os::vm`]).
     pub page: Option<DevicePage>,
     /// The device may write.
     pub write: bool,
@@ -773,7 +739,7 @@ fn vpns(range: PageRange) -> std::ops::Range<usize> {
 ///
 /// The lock is the one the invalidation callback takes: it is never held
 /// across `range_fault` or an access that can fault into the fault service
-/// (see [`crate::mirror`]); only copies to and from the device's own memory,
+/// (see [`hmm::mirror`]); only copies to and from the device's own memory,
 /// which cannot fault, run under it.
 #[derive(Default)]
 struct PageTable {
@@ -835,7 +801,7 @@ const MAX_REFAULTS: usize = 1000;
 /// The mirror side of a software device: its page table, the notifier that
 /// keeps it true, and the accesses through it.
 pub(crate) struct DeviceMirror {
-    hmm: Arc<Inner>,
+    hmm: HmmHandle,
     id: DeviceId,
     /// The device's memory: accesses to its pages stamp them (recency).
     mem: Arc<DeviceMemory>,
@@ -853,9 +819,9 @@ impl DeviceMirror {
         // One notifier over the whole address space, as the kernel's test
         // driver has: every invalidation reaches the page table.
         let notifier =
-            hmm.insert_notifier(crate::mirror::address_space(), move |inv| t.clear(inv.range));
+            hmm.insert_notifier(RangeFault::address_space(), move |inv| t.clear(inv.range));
         Arc::new(Self {
-            hmm: hmm.inner().clone(),
+            hmm: hmm.handle(),
             id,
             mem,
             pool,
@@ -937,7 +903,7 @@ impl DeviceMirror {
             let pt = self.table.read();
             let Some(e) = pt.get(&vpn).copied() else {
                 drop(pt);
-                self.ensure(PageRange::containing(at, buf.len() - done), false, c)?;
+                self.ensure(PageRange::try_containing(at, buf.len() - done)?, false, c)?;
                 continue;
             };
             if let Some(p) = e.page {
@@ -952,7 +918,7 @@ impl DeviceMirror {
             // A run of system entries, read through the kernel without the lock.
             let len = system_run(&pt, at, buf.len() - done, false);
             drop(pt);
-            let n = crate::os::vm::read_memory(VirtAddr::new(at), &mut buf[done..done + len])
+            let n = hmm::os::vm::read_memory(VirtAddr::new(at), &mut buf[done..done + len])
                 .unwrap_or(0);
             done += n;
             if n < len {
@@ -976,12 +942,8 @@ impl DeviceMirror {
             return Ok(());
         }
         let range = PageRange::try_containing(addr.get(), data.len())?;
-        let managed = self.hmm.find_containing(range).ok();
-        let mirrored = if managed.is_none() { self.hmm.mirrored_containing(range) } else { None };
-        let target: &Mapping = match (&managed, &mirrored) {
-            (Some(r), _) => r.mapping(),
-            (None, Some(m)) => m,
-            (None, None) => return Err(HmmError::NotWritable(range)),
+        let Some(target) = self.hmm.write_target(range) else {
+            return Err(HmmError::NotWritable(range));
         };
         // Every page is faulted in for writing before a byte is written: a
         // write that reaches a page it may not write (unmapped, lost,
@@ -998,14 +960,14 @@ impl DeviceMirror {
             let pt = self.table.read();
             let Some(e) = pt.get(&vpn).copied().filter(|e| e.write) else {
                 drop(pt);
-                self.ensure(PageRange::containing(at, data.len() - done), true, c)?;
+                self.ensure(PageRange::try_containing(at, data.len() - done)?, true, c)?;
                 continue;
             };
             if let Some(p) = e.page {
                 // The device's own page: no kernel check on this path, so the
                 // permission is re-validated against the mapping as it is now
                 // (an mprotect hmm did not see must not let the device write).
-                if !self.writable_now(PageRange::containing(at, in_page)) {
+                if !self.writable_now(PageRange::try_containing(at, in_page)?) {
                     drop(pt);
                     self.refault(&mut refaults, at, || RangeFaultError::PermissionDenied {
                         addr: VirtAddr::new(at),
@@ -1020,15 +982,14 @@ impl DeviceMirror {
             }
             let len = system_run(&pt, at, data.len() - done, true);
             drop(pt);
-            let off = at - target.addr().get();
-            match target.write_checked(off, &data[done..done + len]) {
+            match target.write_checked(VirtAddr::new(at), &data[done..done + len]) {
                 Ok(()) => done += len,
-                Err(crate::os::vm::CheckedWriteError::Refused { done: n, .. }) => {
+                Err(hmm::os::vm::CheckedWriteError::Refused { done: n, .. }) => {
                     done += n;
                     let at = addr.get() + done;
                     self.refault(&mut refaults, at, || keeps_changing(at))?;
                 }
-                Err(crate::os::vm::CheckedWriteError::Range(e)) => return Err(e.into()),
+                Err(hmm::os::vm::CheckedWriteError::Range(e)) => return Err(e.into()),
             }
         }
         Ok(())
@@ -1036,9 +997,7 @@ impl DeviceMirror {
 
     /// Whether the mapping allows writing all of `range` now.
     fn writable_now(&self, range: PageRange) -> bool {
-        let Ok(q) = self.hmm.vma_query() else { return false };
-        let Ok(vmas) = q.overlapping(range) else { return false };
-        crate::os::vm::first_uncovered(range, &vmas, |v| v.write).is_none()
+        self.hmm.allows_write(range)
     }
 }
 
@@ -1082,14 +1041,16 @@ impl DeviceContext<'_> {
     /// Copies `buf.len()` bytes at `addr` into `buf`.
     pub fn read(&mut self, addr: VirtAddr, buf: &mut [u8]) -> Result<(), HmmError> {
         self.mirror.read_at(addr, buf, &mut self.counters)?;
-        self.counters.cpages += PageRange::containing(addr.get(), buf.len().max(1)).pages() as u64;
+        self.counters.cpages +=
+            PageRange::try_containing(addr.get(), buf.len().max(1))?.pages() as u64;
         Ok(())
     }
 
     /// Copies `data` to `addr` (memory hmm manages or mirrors).
     pub fn write(&mut self, addr: VirtAddr, data: &[u8]) -> Result<(), HmmError> {
         self.mirror.write_at(addr, data, &mut self.counters)?;
-        self.counters.cpages += PageRange::containing(addr.get(), data.len().max(1)).pages() as u64;
+        self.counters.cpages +=
+            PageRange::try_containing(addr.get(), data.len().max(1))?.pages() as u64;
         Ok(())
     }
 
@@ -1198,7 +1159,7 @@ const MIN_MOVE_RUN: usize = 8;
 /// the device page was moved out (left empty) rather than copied.
 fn to_system_copies(
     pool: &Mapping,
-    sink: &crate::dma::SystemSink,
+    sink: &hmm::dma::SystemSink,
     copies: &[ToSystem],
     faults: &Injector,
     zero_copy: bool,
