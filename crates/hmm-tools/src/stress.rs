@@ -1170,9 +1170,11 @@ fn retry_busy<T>(mut access: impl FnMut() -> Result<T, HmmError>) -> Result<T, H
 /// Whether a device access was refused because its pages stayed held by
 /// migrations through every retry (`RangeFaultError::Busy`, which tells the
 /// caller to retry). With several workers on a machine whose cores are all
-/// busy, another worker's fork copy or eviction can hold a page for
-/// seconds: a refusal the API allows, after which nothing has changed. (Why
-/// a hold grows past six seconds under load is not known yet.)
+/// busy, another worker's fork copy or eviction can hold a page for a long
+/// time: a refusal the API allows, after which nothing has changed. (Holds
+/// of several seconds had a cause of their own: the fault service waiting
+/// on a fault-back's copy that waited for the service to read an event,
+/// see DESIGN.md, "userfaultfd hazards"; fixed.)
 fn stayed_busy<T>(res: &Result<T, HmmError>) -> bool {
     matches!(res, Err(HmmError::Fault(hmm::RangeFaultError::Busy { .. })))
 }
