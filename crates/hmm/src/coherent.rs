@@ -48,7 +48,7 @@ use crate::addr::{PAGE_SIZE, PageRange};
 use crate::devmem::DeviceMemory;
 use crate::os::mm::{Advise, Mapping, Protection};
 use crate::os::uffd::RegisterMode;
-use crate::space::{Inner, OwnChange, Range};
+use crate::state::{Inner, OwnChange, Range};
 
 /// The protection of an area, as `PROCMAP_QUERY` reports it.
 fn protection(read: bool, write: bool) -> Protection {
@@ -207,45 +207,5 @@ impl Inner {
         }
         self.settle_own(&own);
         result
-    }
-
-    /// Before a fork: no new coherent page is mapped for the CPU, and every
-    /// one that is goes back to system memory (see the module docs).
-    pub(crate) fn coherent_before_fork(self: &std::sync::Arc<Self>) {
-        self.coherent_forking.store(true, Ordering::SeqCst);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while self.coherent_maps.load(Ordering::SeqCst) > 0 {
-            if std::time::Instant::now() >= deadline {
-                tracing::error!("coherent memory still being mapped at fork");
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let devs: Vec<std::sync::Arc<DeviceMemory>> = {
-            let d = self.devices.read().unwrap_or_else(|e| e.into_inner());
-            d.iter()
-                .flatten()
-                .filter(|m| m.kind() == crate::devmem::MemoryKind::Coherent && !m.is_released())
-                .cloned()
-                .collect()
-        };
-        for mem in devs {
-            let mapped: Vec<crate::page::DevicePage> = mem
-                .resident_pages()
-                .into_iter()
-                .filter(|(_, a)| {
-                    self.find(*a).is_some_and(|r| r.lock()[r.index(*a)].is_cpu_mapped())
-                })
-                .map(|(p, _)| p)
-                .collect();
-            if let Err(e) = self.evict(mem.id(), &mapped) {
-                tracing::error!(device = %mem.id(), error = %e, "coherent pages stay mapped across a fork");
-            }
-        }
-    }
-
-    /// After a fork (in the parent and in the child).
-    pub(crate) fn coherent_after_fork(&self) {
-        self.coherent_forking.store(false, Ordering::SeqCst);
     }
 }

@@ -33,8 +33,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::addr::{PAGE_SIZE, PageRange, VirtAddr};
-use crate::fault::{CpuFault, FaultBackError};
-
+use crate::dma::DmaEngine;
 use crate::page::{DeviceId, DevicePage};
 
 /// The kind of a device memory region.
@@ -60,6 +59,89 @@ pub enum Pressure {
     Evict,
 }
 
+/// Why a fault-back did not bring the faulting page back.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FaultBackError {
+    /// System memory could not be had: the fault is retried later.
+    #[error("out of system memory")]
+    NoMemory,
+    /// The device failed: the page is poisoned.
+    #[error("the device failed")]
+    DeviceFailed,
+    /// The page was not where the fault said (another migration took it):
+    /// the thread is woken and faults again if needed.
+    #[error("the page is busy")]
+    Busy,
+    /// Anything else: the page is poisoned.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A CPU fault on a device-private page, handed to the device's
+/// [`migrate_to_ram`](DevicePagemapOps::migrate_to_ram).
+///
+/// It stands for the fault hmm's fault service is serving (see
+/// [`crate::fault`]): what was touched, the fault-around window, and the way
+/// to bring the pages back.
+pub struct CpuFault<'a> {
+    fault: &'a mut dyn FaultBack,
+}
+
+/// What the fault service hands a driver as a [`CpuFault`]: defined here,
+/// below the service, so that device memory does not depend on it.
+pub(crate) trait FaultBack {
+    fn addr(&self) -> VirtAddr;
+    fn device_page(&self) -> DevicePage;
+    fn window(&self) -> PageRange;
+    fn is_write(&self) -> bool;
+    fn migrate(&mut self, engine: &dyn DmaEngine) -> Result<(), FaultBackError>;
+}
+
+impl std::fmt::Debug for CpuFault<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CpuFault")
+            .field("addr", &self.addr())
+            .field("page", &self.device_page())
+            .field("window", &self.window())
+            .field("write", &self.is_write())
+            .finish()
+    }
+}
+
+impl<'a> CpuFault<'a> {
+    pub(crate) fn new(fault: &'a mut dyn FaultBack) -> Self {
+        Self { fault }
+    }
+
+    /// The faulting address.
+    pub fn addr(&self) -> VirtAddr {
+        self.fault.addr()
+    }
+
+    /// The device page holding it.
+    pub fn device_page(&self) -> DevicePage {
+        self.fault.device_page()
+    }
+
+    /// The fault-around window (inside the managed range, containing the address).
+    pub fn window(&self) -> PageRange {
+        self.fault.window()
+    }
+
+    /// Whether the touch was a write.
+    pub fn is_write(&self) -> bool {
+        self.fault.is_write()
+    }
+
+    /// Brings the faulting page back with `engine`, then the rest of the
+    /// window. A window that is one whole 2 MiB block comes back in one
+    /// migration, so an engine can move it as a huge page. The fault is
+    /// counted before the faulting thread is woken.
+    pub fn migrate(&mut self, engine: &dyn DmaEngine) -> Result<(), FaultBackError> {
+        self.fault.migrate(engine)
+    }
+}
+
 /// The driver's callbacks (the kernel's `dev_pagemap_ops`).
 ///
 /// Rules every callback keeps (each method adds its own):
@@ -75,7 +157,7 @@ pub enum Pressure {
 /// - **Managed addresses.** A callback never touches memory hmm manages
 ///   with the CPU (a load, a store, a `memcpy` from it): such a touch may
 ///   fault to the fault service, which may be the very thread running the
-///   callback. Data moves only through the [`DmaEngine`](crate::DmaEngine)
+///   callback. Data moves only through the [`DmaEngine`]
 ///   and the sink hmm hands it.
 /// - **Errors** are reported, never panicked: a panic on the fault service
 ///   aborts the process (every faulting thread would otherwise wait forever).
@@ -92,7 +174,7 @@ pub trait DevicePagemapOps: Send + Sync {
     /// (eviction, release, fault-back by default). Called often: return a
     /// reference, do no work. The engine's [`submit`](crate::DmaEngine::submit)
     /// keeps the rules above too.
-    fn dma(&self) -> &dyn crate::dma::DmaEngine;
+    fn dma(&self) -> &dyn DmaEngine;
 
     /// The device's memory as other devices' DMA engines reach it (a PCIe
     /// BAR, say): page `i` at offset `i * PAGE_SIZE`. `None` (the default)

@@ -31,13 +31,15 @@ use crate::addr::{PageRange, VirtAddr};
 use crate::devmem::{DeviceMemory, MemoryKind};
 use crate::dma::DmaEngine;
 use crate::migrate::{MigrationReport, SkipReason};
-use crate::mirror::{
-    IntervalNotifier, Invalidation, InvalidationEvent, PageInfo, RangeFault, RangeFaultError,
-};
 use crate::os::mm::Mapping;
 use crate::os::vm::CheckedWriteError;
 use crate::page::Residency;
-use crate::space::{Hmm, HmmError, Inner, Range};
+use crate::space::{Hmm, HmmError};
+use crate::state::{Inner, Range};
+
+use crate::mirror::{
+    IntervalNotifier, Invalidation, InvalidationEvent, PageInfo, RangeFault, RangeFaultError,
+};
 
 /// What a device driver keeps of the hmm instance it serves: cheap to clone,
 /// `Send + Sync`, and not an owner (dropping it shuts nothing down).
@@ -146,7 +148,7 @@ impl HmmHandle {
         range: PageRange,
         callback: impl Fn(&Invalidation) + Send + Sync + 'static,
     ) -> IntervalNotifier {
-        IntervalNotifier::insert(&self.inner, range, Box::new(callback))
+        IntervalNotifier::insert(&self.inner.notifiers, range, Box::new(callback))
     }
 
     /// Before a device access that does not begin with a

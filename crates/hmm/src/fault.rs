@@ -50,41 +50,26 @@
 //! - The service never touches a managed address itself (it reaches pages
 //!   only through ioctls), so it cannot fault on itself.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::addr::{HUGE_PAGE_SIZE, PAGE_SIZE, PageRange, VirtAddr};
+use crate::devmem::FaultBack;
 use crate::dma::DmaEngine;
 use crate::migrate::{Migration, PageStatus, Selection, SkipReason};
 use crate::mirror::InvalidationEvent;
 use crate::os::mm::{Advise, Mapping, Protection};
 use crate::os::uffd::{FillErrorKind, UffdEvent};
 use crate::page::{DevicePage, PageEntry, PageTable, Residency};
-use crate::space::{HmmConfig, Inner, OwnChange, Range, runs_where};
+use crate::state::{HmmConfig, Inner, OwnChange, Range, mark_service_thread, runs_where};
 
-/// Why a fault-back did not bring the faulting page back.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum FaultBackError {
-    /// System memory could not be had: the fault is retried later.
-    #[error("out of system memory")]
-    NoMemory,
-    /// The device failed: the page is poisoned.
-    #[error("the device failed")]
-    DeviceFailed,
-    /// The page was not where the fault said (another migration took it):
-    /// the thread is woken and faults again if needed.
-    #[error("the page is busy")]
-    Busy,
-    /// Anything else: the page is poisoned.
-    #[error("{0}")]
-    Other(String),
-}
+pub use crate::devmem::{CpuFault, FaultBackError};
 
-/// A CPU fault on a device-private page, handed to the device's
-/// `migrate_to_ram`.
-pub struct CpuFault<'a> {
+/// The fault being served: what the device's `migrate_to_ram` sees through
+/// a [`CpuFault`].
+struct PendingFault<'a> {
     inner: &'a Arc<Inner>,
     range: Arc<Range>,
     addr: VirtAddr,
@@ -96,42 +81,24 @@ pub struct CpuFault<'a> {
     counted: bool,
 }
 
-impl std::fmt::Debug for CpuFault<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CpuFault")
-            .field("addr", &self.addr)
-            .field("page", &self.page)
-            .field("window", &self.window)
-            .field("write", &self.write)
-            .finish()
-    }
-}
-
-impl CpuFault<'_> {
-    /// The faulting address.
-    pub fn addr(&self) -> VirtAddr {
+impl FaultBack for PendingFault<'_> {
+    fn addr(&self) -> VirtAddr {
         self.addr
     }
 
-    /// The device page holding it.
-    pub fn device_page(&self) -> DevicePage {
+    fn device_page(&self) -> DevicePage {
         self.page
     }
 
-    /// The fault-around window (inside the managed range, containing the address).
-    pub fn window(&self) -> PageRange {
+    fn window(&self) -> PageRange {
         self.window
     }
 
-    /// Whether the touch was a write.
-    pub fn is_write(&self) -> bool {
+    fn is_write(&self) -> bool {
         self.write
     }
 
-    /// Brings the faulting page back with `engine`, then the rest of the
-    /// window. A window that is one whole 2 MiB block comes back in one
-    /// migration, so an engine can move it as a huge page.
-    pub fn migrate(&mut self, engine: &dyn DmaEngine) -> Result<(), FaultBackError> {
+    fn migrate(&mut self, engine: &dyn DmaEngine) -> Result<(), FaultBackError> {
         let page = PageRange::from_pages(self.addr.page_down(), 1).expect("one page");
         let whole = self.window.len() == HUGE_PAGE_SIZE
             && self.window.start().is_aligned_to(HUGE_PAGE_SIZE);
@@ -175,7 +142,9 @@ impl CpuFault<'_> {
         }
         first
     }
+}
 
+impl PendingFault<'_> {
     /// Counts the fault-back served, once, on the range and on the device.
     fn count(&mut self) {
         if std::mem::replace(&mut self.counted, true) {
@@ -198,16 +167,6 @@ fn outside(window: PageRange, page: PageRange) -> impl Iterator<Item = PageRange
     .flatten()
 }
 
-thread_local! {
-    static ON_SERVICE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Whether this thread is a fault service, which must never wait for its own
-/// events (see `crate::coherent`).
-pub(crate) fn on_service_thread() -> bool {
-    ON_SERVICE.with(|c| c.get())
-}
-
 /// Starts the service thread.
 pub(crate) fn start(inner: Arc<Inner>) -> std::io::Result<JoinHandle<()>> {
     let (tx, rx) = std::sync::mpsc::channel();
@@ -218,7 +177,7 @@ pub(crate) fn start(inner: Arc<Inner>) -> std::io::Result<JoinHandle<()>> {
         if let Ok(Some(vma)) = crate::os::maps::vma_containing(here) {
             let _ = inner.service_stack.set(vma.range);
         }
-        ON_SERVICE.with(|c| c.set(true));
+        mark_service_thread();
         let _ = tx.send(());
         let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             Service::new(inner).run();
@@ -242,167 +201,6 @@ pub(crate) fn start(inner: Arc<Inner>) -> std::io::Result<JoinHandle<()>> {
     })?;
     let _ = rx.recv();
     Ok(h)
-}
-
-/// Waits until `done()` holds or `deadline` passes; returns whether it
-/// held. For states other threads change in microseconds, which no signal
-/// announces: a few yields first, then sleeps growing from 20 us to 1 ms,
-/// so that a thread the scheduler put aside is not competed with for the
-/// CPU.
-pub(crate) fn poll_until(deadline: Instant, mut done: impl FnMut() -> bool) -> bool {
-    let mut spins = 0u32;
-    let mut pause = Duration::from_micros(20);
-    while !done() {
-        if Instant::now() >= deadline {
-            return false;
-        }
-        if spins < 64 {
-            spins += 1;
-            std::thread::yield_now();
-        } else {
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(1));
-        }
-    }
-    true
-}
-
-/// The batches of messages the service reads, numbered, so that a thread can
-/// wait until every message read so far has been handled.
-///
-/// Why: the kernel lets `munmap` (or `madvise`, `mremap`) return once its
-/// event has been *read*, not handled. Until the service handles it, the
-/// address may be mapped again and managed anew, and the late event would
-/// then unmap the new range's records. [`Inner::settle_events`] closes that
-/// window before a range is managed.
-///
-/// [`Inner::settle_events`]: crate::space::Inner::settle_events
-#[derive(Debug, Default)]
-pub(crate) struct Batches {
-    /// Number of the last batch whose read has begun.
-    begun: AtomicU64,
-    /// Number of the last batch whose messages have been read and looked
-    /// through for unmaps (see [`Inner::pending_unmap`]): moments after its
-    /// read, never behind a fault the batch is still serving.
-    ///
-    /// [`Inner::pending_unmap`]: crate::space::Inner::pending_unmap
-    scanned: AtomicU64,
-    /// Number of the last batch handled, with its signal.
-    done: Mutex<u64>,
-    handled: Condvar,
-}
-
-impl Batches {
-    /// A batch begins: numbered before the read, so a message read by it
-    /// belongs to a number a waiter already sees.
-    fn begin(&self) -> u64 {
-        self.begun.fetch_add(1, Ordering::SeqCst) + 1
-    }
-
-    /// The messages of batch `n` are read and looked through.
-    fn scanned(&self, n: u64) {
-        self.scanned.fetch_max(n, Ordering::SeqCst);
-    }
-
-    /// Waits (up to `limit`, yielding) until every batch begun so far is
-    /// read and looked through. Returns whether it was.
-    pub(crate) fn wait_scanned(&self, limit: Duration) -> bool {
-        let target = self.begun.load(Ordering::SeqCst);
-        poll_until(Instant::now() + limit, || self.scanned.load(Ordering::SeqCst) >= target)
-    }
-
-    /// Batch `n` is handled.
-    fn end(&self, n: u64) {
-        let mut d = self.done.lock().unwrap_or_else(|e| e.into_inner());
-        *d = (*d).max(n);
-        self.handled.notify_all();
-    }
-
-    /// Waits (up to `limit`) until every batch begun so far is handled.
-    /// Returns whether they were.
-    pub(crate) fn wait_handled(&self, limit: Duration) -> bool {
-        let target = self.begun.load(Ordering::SeqCst);
-        let d = self.done.lock().unwrap_or_else(|e| e.into_inner());
-        let (_d, r) = self
-            .handled
-            .wait_timeout_while(d, limit, |d| *d < target)
-            .unwrap_or_else(|e| e.into_inner());
-        !r.timed_out()
-    }
-}
-
-/// Fault injection: stops the fault service in the middle of a fault, after
-/// it has read the page's record and before it acts on it
-/// ([`Hmm::stall_next_fault`](crate::Hmm::stall_next_fault)), so that tests
-/// can change the page meanwhile, as another thread may at any time.
-#[derive(Debug, Default)]
-pub(crate) struct StallGate {
-    armed: AtomicBool,
-    state: Mutex<Stall>,
-    changed: Condvar,
-}
-
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-enum Stall {
-    #[default]
-    Off,
-    Armed,
-    /// The service waits, at the fault of this address.
-    Stalled(VirtAddr),
-}
-
-impl StallGate {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Stall> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub(crate) fn arm(&self) {
-        *self.lock() = Stall::Armed;
-        self.armed.store(true, Ordering::Release);
-    }
-
-    /// Lets the service go on (or disarms a stall not yet met).
-    pub(crate) fn release(&self) {
-        self.armed.store(false, Ordering::Release);
-        *self.lock() = Stall::Off;
-        self.changed.notify_all();
-    }
-
-    /// Waits up to `limit` for the service to stop; the fault's address.
-    pub(crate) fn wait_stalled(&self, limit: Duration) -> Option<VirtAddr> {
-        let st = self.lock();
-        let (st, _) = self
-            .changed
-            .wait_timeout_while(st, limit, |s| !matches!(s, Stall::Stalled(_)))
-            .unwrap_or_else(|e| e.into_inner());
-        match *st {
-            Stall::Stalled(a) => Some(a),
-            _ => None,
-        }
-    }
-
-    /// On the service, at a fault of `addr` read in `batch` (if any): waits
-    /// while a stall is armed. The batch counts as handled meanwhile, so a
-    /// migration that begins now goes on as one begun before the fault was
-    /// read would, instead of waiting for the service.
-    fn pause(&self, addr: VirtAddr, batch: Option<(&Batches, u64)>) {
-        if !self.armed.load(Ordering::Acquire) {
-            return;
-        }
-        let mut st = self.lock();
-        if *st != Stall::Armed {
-            return;
-        }
-        if let Some((batches, n)) = batch {
-            batches.end(n);
-        }
-        *st = Stall::Stalled(addr);
-        self.changed.notify_all();
-        let _st = self
-            .changed
-            .wait_while(st, |s| matches!(s, Stall::Stalled(_)))
-            .unwrap_or_else(|e| e.into_inner());
-    }
 }
 
 /// A fault to be served again: at `due` the page is woken, and a thread still
@@ -973,7 +771,7 @@ impl Service {
                 PageRange::new(VirtAddr::new(lo), hi - lo).expect("inside the range")
             }
         };
-        let mut f = CpuFault {
+        let mut f = PendingFault {
             inner: &self.inner,
             range: r.clone(),
             addr,
@@ -991,7 +789,7 @@ impl Service {
         let res = if mem.is_failed() {
             Err(FaultBackError::DeviceFailed)
         } else {
-            mem.ops().migrate_to_ram(&mut f)
+            mem.ops().migrate_to_ram(&mut CpuFault::new(&mut f))
         };
         drop(span);
         match res {

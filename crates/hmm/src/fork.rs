@@ -49,111 +49,15 @@
 
 use std::cell::RefCell;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once, Weak};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, Once, Weak};
 
-use crate::addr::{PageRange, VirtAddr};
+use crate::addr::PageRange;
 use crate::devmem::DeviceMemory;
 use crate::dma::{DmaError, SystemSink, ToSystem};
 use crate::mirror::InvalidationEvent;
 use crate::os::uffd::Uffd;
 use crate::page::{DevicePage, PageEntry, Residency};
-use crate::space::{Inner, Range};
-
-/// How long fork handlers wait on the fault service or a copy before giving
-/// up (with a log line): a stalled service must not hang every fork.
-const FORK_WAIT: Duration = Duration::from_secs(30);
-
-/// Copies to forked children in progress, for the fork handlers to wait on.
-#[derive(Debug, Default)]
-pub(crate) struct Copies {
-    pending: Mutex<usize>,
-    idle: Condvar,
-}
-
-impl Copies {
-    fn begin(&self) {
-        *self.pending.lock().unwrap_or_else(|e| e.into_inner()) += 1;
-    }
-
-    fn end(&self) {
-        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        *p = p.saturating_sub(1);
-        self.idle.notify_all();
-    }
-
-    /// Waits (up to `limit`) until no copy is in progress.
-    pub(crate) fn wait_idle(&self, limit: Duration) -> bool {
-        let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        let (_p, r) =
-            self.idle.wait_timeout_while(p, limit, |p| *p > 0).unwrap_or_else(|e| e.into_inner());
-        !r.timed_out()
-    }
-}
-
-/// Pages put back into this process's page table while a fork is under way.
-///
-/// The copy to the child takes a page recorded in system memory (and not
-/// held by a migration) to be in the child already, by copy-on-write. That
-/// holds for a page in the page table at the instant of the fork, but not for
-/// one a migration put back after it and committed before the copier looked:
-/// the fault service runs again once the fork is read, and a fault-back or a
-/// restored source may end in between. So from `prepare` until the copier has
-/// looked, every migration notes the pages it may commit to system memory
-/// before it commits them (after its last install), and the copier copies
-/// those from this process too. A migration that finds no fork open has put
-/// its pages back before the fork began.
-#[derive(Debug, Default)]
-pub(crate) struct Installs {
-    open: std::sync::atomic::AtomicBool,
-    pages: Mutex<Vec<VirtAddr>>,
-}
-
-impl Installs {
-    fn open(&self) {
-        self.pages.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        self.open.store(true, Ordering::SeqCst);
-    }
-
-    /// Notes `pages`, about to be committed to system memory, if a fork is
-    /// under way.
-    pub(crate) fn note(&self, pages: impl Iterator<Item = VirtAddr>) {
-        if self.open.load(Ordering::SeqCst) {
-            self.pages.lock().unwrap_or_else(|e| e.into_inner()).extend(pages);
-        }
-    }
-
-    /// Ends the noting; returns what was noted.
-    fn close(&self) -> Vec<VirtAddr> {
-        self.open.store(false, Ordering::SeqCst);
-        std::mem::take(&mut *self.pages.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-}
-
-/// The fault service's side of a fork: parked (reading, not handling)
-/// between the fork handlers' `prepare` and `parent`.
-#[derive(Debug, Default)]
-pub(crate) struct ForkGate {
-    /// Asked by `prepare`, lifted by `parent`.
-    pub(crate) asked: std::sync::atomic::AtomicBool,
-    parked: Mutex<bool>,
-    changed: Condvar,
-}
-
-impl ForkGate {
-    /// The service says whether it is parked.
-    pub(crate) fn set_parked(&self, parked: bool) {
-        *self.parked.lock().unwrap_or_else(|e| e.into_inner()) = parked;
-        self.changed.notify_all();
-    }
-
-    fn wait_parked(&self, limit: Duration) -> bool {
-        let p = self.parked.lock().unwrap_or_else(|e| e.into_inner());
-        let (_p, r) =
-            self.changed.wait_timeout_while(p, limit, |p| !*p).unwrap_or_else(|e| e.into_inner());
-        !r.timed_out()
-    }
-}
+use crate::state::{FORK_WAIT, Inner, Range};
 
 type Registry = Vec<Weak<Inner>>;
 
@@ -450,7 +354,7 @@ fn copy_held(inner: &Arc<Inner>, child: &Uffd, sink: &Arc<SystemSink>, mut held:
             // The parent moved it (`mremap`) meanwhile: its data goes on to
             // the new address, and the hold with it.
             None => {
-                let src = crate::remap::Source::Device(h.page);
+                let src = crate::state::Source::Device(h.page);
                 inner.forwards.hand_over(inner, &h.range, h.index, src);
             }
             Some(false) => put.push(h.page),
@@ -464,5 +368,49 @@ fn copy_held(inner: &Arc<Inner>, child: &Uffd, sink: &Arc<SystemSink>, mut held:
     for r in touched {
         r.settled.notify_all();
         let _ = inner.uffd.wake(r.range());
+    }
+}
+
+/// Coherent memory across a fork (see `crate::coherent`): the CPU mappings of
+/// device pages would be shared with the child, so they go back first.
+impl Inner {
+    /// Before a fork: no new coherent page is mapped for the CPU, and every
+    /// one that is goes back to system memory (see the module docs).
+    pub(crate) fn coherent_before_fork(self: &std::sync::Arc<Self>) {
+        self.coherent_forking.store(true, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.coherent_maps.load(Ordering::SeqCst) > 0 {
+            if std::time::Instant::now() >= deadline {
+                tracing::error!("coherent memory still being mapped at fork");
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let devs: Vec<std::sync::Arc<DeviceMemory>> = {
+            let d = self.devices.read().unwrap_or_else(|e| e.into_inner());
+            d.iter()
+                .flatten()
+                .filter(|m| m.kind() == crate::devmem::MemoryKind::Coherent && !m.is_released())
+                .cloned()
+                .collect()
+        };
+        for mem in devs {
+            let mapped: Vec<crate::page::DevicePage> = mem
+                .resident_pages()
+                .into_iter()
+                .filter(|(_, a)| {
+                    self.find(*a).is_some_and(|r| r.lock()[r.index(*a)].is_cpu_mapped())
+                })
+                .map(|(p, _)| p)
+                .collect();
+            if let Err(e) = self.evict(mem.id(), &mapped) {
+                tracing::error!(device = %mem.id(), error = %e, "coherent pages stay mapped across a fork");
+            }
+        }
+    }
+
+    /// After a fork (in the parent and in the child).
+    pub(crate) fn coherent_after_fork(&self) {
+        self.coherent_forking.store(false, Ordering::SeqCst);
     }
 }

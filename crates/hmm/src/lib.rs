@@ -46,6 +46,7 @@ pub mod coherent;
 pub mod devmem;
 pub mod dma;
 pub mod driver;
+mod error;
 pub mod fault;
 pub(crate) mod fork;
 pub(crate) mod interval;
@@ -59,18 +60,19 @@ pub mod page;
 pub mod probe;
 pub(crate) mod remap;
 pub mod space;
+pub(crate) mod state;
 pub(crate) mod sync;
 #[cfg(test)]
 mod testdev;
 pub mod trace;
 
 pub use addr::{HUGE_PAGE_SIZE, PAGE_SHIFT, PAGE_SIZE, PageRange, RangeError, VirtAddr};
+pub use devmem::{CpuFault, FaultBackError};
 pub use devmem::{
     DeviceMemory, DeviceMemoryConfig, DevicePagemapOps, DeviceStats, MemoryKind, Pressure,
 };
 pub use dma::{DmaEngine, DmaError, DmaFence, DmaJob};
 pub use driver::{HmmHandle, WriteTarget};
-pub use fault::{CpuFault, FaultBackError};
 pub use migrate::{Migration, MigrationReport, PageStatus, Selection, SkipReason};
 pub use mirror::{
     FaultFlags, IntervalNotifier, Invalidation, InvalidationEvent, PageInfo, RangeFault,

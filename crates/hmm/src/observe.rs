@@ -31,7 +31,10 @@ use std::sync::OnceLock;
 
 use crate::addr::{PAGE_SIZE, PageRange, VirtAddr};
 use crate::page::{DeviceId, PageEntry, Residency, Segment};
-use crate::space::{Hmm, Inner, RangeStats};
+use crate::space::{Hmm, ManagedRange, RangeStats};
+use crate::state::Inner;
+
+pub use crate::addr::human_bytes;
 
 /// Where one page is, as the residency map shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -234,16 +237,12 @@ impl fmt::Display for ResidencyMap {
     }
 }
 
-/// `n` bytes in binary units, one decimal.
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
+impl ManagedRange {
+    /// Where each page of this range lives now, with its counters (see
+    /// [`Hmm::residency_map`]).
+    pub fn residency_map(&self) -> ResidencyMap {
+        residency_map(&self.inner, self.range())
     }
-    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
 }
 
 impl Hmm {

@@ -80,10 +80,16 @@ pub(crate) struct TestDevice<'h> {
     mem: Arc<DeviceMemory>,
 }
 
+/// The callbacks and configuration of a test device of `pages` pages, for
+/// tests that register it themselves.
+pub(crate) fn parts(pages: usize) -> (DeviceMemoryConfig, Arc<dyn DevicePagemapOps>) {
+    let ops = Arc::new(Pages(Mutex::new((0..pages).map(|_| None).collect())));
+    (DeviceMemoryConfig::private("test", pages * PAGE_SIZE), ops)
+}
+
 impl<'h> TestDevice<'h> {
     pub(crate) fn new(hmm: &'h Hmm, pages: usize) -> Self {
-        let ops = Arc::new(Pages(Mutex::new((0..pages).map(|_| None).collect())));
-        let config = DeviceMemoryConfig::private("test", pages * PAGE_SIZE);
+        let (config, ops) = parts(pages);
         let mem = hmm.register_device_memory(config, ops).unwrap();
         Self { hmm, mem }
     }

@@ -19,18 +19,23 @@
 //! Each page ends with a [`PageStatus`]; a page that did not move says why.
 //! Dropping a migration before `finalize` restores every source.
 
+mod device;
+mod range;
+
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use crate::addr::{HUGE_PAGE_SIZE, PAGE_SIZE, PageRange, VirtAddr};
 use crate::devmem::{DeviceMemory, Pressure};
 use crate::dma::{DmaEngine, DmaError, DmaFence, DmaJob, SystemSource, ToDevice, ToSystem};
+use crate::error::HmmError;
 use crate::mirror::InvalidationEvent;
 use crate::os::mm::{Mapping, Protection};
 use crate::os::uffd::{FillErrorKind, RegisterMode};
 use crate::page::{DeviceId, DevicePage, Residency};
-use crate::remap::Source;
-use crate::space::{HmmError, Inner, Range};
+use crate::state::{Inner, Range, Source};
+
+pub use crate::error::SkipReason;
 
 /// How long [`Migration::setup`] waits for pages held by another migration
 /// before reporting them busy.
@@ -59,41 +64,6 @@ impl Selection {
             Selection::Device(d) => Some(d),
         }
     }
-}
-
-/// Why a page did not move.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SkipReason {
-    /// It does not match the selection (it lives elsewhere).
-    #[error("not selected: it lives in {0}")]
-    NotSelected(String),
-    /// Another migration holds it, or the kernel would not release it now.
-    #[error("busy: another migration holds it, or it is pinned or shared with a forked child")]
-    Busy,
-    /// The destination device has no free page.
-    #[error("no device memory")]
-    NoDeviceMemory,
-    /// The mapping does not allow moving it (not writable, not anonymous).
-    #[error("not movable: {0}")]
-    NotMovable(String),
-    /// The copy failed; the source stays where it was.
-    #[error("copy failed: {0}")]
-    CopyFailed(DmaError),
-    /// The application discarded or unmapped it during the migration.
-    #[error("discarded by the application during the migration")]
-    Invalidated,
-    /// It was lost with its device.
-    #[error("poisoned: its device failed")]
-    Poisoned,
-    /// It is no longer mapped.
-    #[error("unmapped")]
-    Unmapped,
-    /// The destination device failed.
-    #[error("the destination device failed")]
-    DeviceFailed,
-    /// It is pinned in system memory ([`ManagedRange::pin`](crate::ManagedRange::pin)).
-    #[error("pinned")]
-    Pinned,
 }
 
 /// The outcome for one page.
@@ -325,7 +295,7 @@ impl Migration {
                 // waits for it): there it is left alone.
                 let (src, status) = if status == PageStatus::Pending
                     && e.is_cpu_mapped()
-                    && crate::fault::on_service_thread()
+                    && crate::state::on_service_thread()
                 {
                     (Src::None, PageStatus::Skipped(SkipReason::Busy))
                 } else {
@@ -840,7 +810,7 @@ impl Migration {
                 }
                 // The fault service waits for its copies: they must not wait
                 // for it (see `SystemSink::for_service`).
-                let sink = if crate::fault::on_service_thread() {
+                let sink = if crate::state::on_service_thread() {
                     self.inner.service_sink.clone()
                 } else {
                     self.inner.sink.clone()
@@ -1197,6 +1167,78 @@ impl Drop for Migration {
     fn drop(&mut self) {
         if !self.finalized {
             self.finish();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::state::HmmConfig;
+
+    /// Migration stands on the shared state alone, as the kernel's
+    /// `migrate_vma_*` needs no fault handler: with no fault service and no
+    /// fork handlers started, populated memory moves to a device and back
+    /// with its bytes.
+    #[test]
+    fn a_migration_needs_no_fault_service() {
+        let inner = match crate::state::Inner::new(HmmConfig::default()) {
+            Ok(i) => i,
+            Err(e) => {
+                eprintln!("skipped: {e}");
+                return;
+            }
+        };
+        assert!(inner.service.lock().unwrap().is_none(), "the state alone starts no fault service");
+        let (config, ops) = crate::testdev::parts(16);
+        let mem = inner.register_device(config, ops).unwrap();
+        let m = Mapping::anonymous(16 * PAGE_SIZE, Protection::ReadWrite).unwrap();
+        let pattern: Vec<u8> = (0..16 * PAGE_SIZE).map(|i| (i * 7 % 251) as u8).collect();
+        m.write(0, &pattern).unwrap();
+        // Populated already, so no first touch needs a service to fill it.
+        let r = inner.manage(m, true, true, false).unwrap();
+        let range = r.range();
+        // Unregistered before anything unmaps it, pass or fail: with no
+        // service to read the unmap's event, the kernel would hold the
+        // `munmap` until one did.
+        let _unregister = Unregister(inner.clone(), range);
+
+        // Each step in a thread of its own, waited for with a deadline: a
+        // migration that needed a service would wait for ever.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (i2, mem2) = (inner.clone(), mem.clone());
+        let worker = std::thread::spawn(move || {
+            let to = i2.migrate_to_device(range, &mem2, mem2.ops().dma());
+            let on_device = to.as_ref().is_ok_and(|rep| rep.migrated == 16);
+            let back = i2.migrate_to_system(range, &mem2, mem2.ops().dma());
+            let _ = tx.send((to.map(|r| r.migrated), on_device, back.map(|r| r.migrated)));
+        });
+        let (to, on_device, back) = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("a migration without a fault service did not finish within 60 s");
+        assert_eq!(to.unwrap(), 16, "every page moves to the device");
+        assert!(on_device);
+        assert_eq!(back.unwrap(), 16, "every page comes back");
+        let t = r.lock();
+        assert!(
+            t.iter(0..16).all(|e| e.residency() == Residency::System),
+            "the records say system memory again"
+        );
+        drop(t);
+        let mut got = vec![0u8; pattern.len()];
+        r.mapping().read(0, &mut got).unwrap();
+        assert!(got == pattern, "the bytes came back as they were");
+        assert_eq!(mem.allocated_pages(), 0, "the device holds no page any more");
+        worker.join().expect("the migrating thread ended");
+    }
+
+    struct Unregister(Arc<Inner>, PageRange);
+
+    impl Drop for Unregister {
+        fn drop(&mut self) {
+            let _ = self.0.uffd.unregister(self.1);
         }
     }
 }
