@@ -14,7 +14,7 @@
 //!   `UFFDIO_MOVE` into the absent page), so it never touches the address itself.
 
 use std::fmt;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 
 use crate::addr::{PAGE_SIZE, PageRange, VirtAddr};
 use crate::os::mm::Mapping;
@@ -221,7 +221,7 @@ struct FenceState {
 
 struct FenceInner {
     state: Mutex<FenceState>,
-    done: Condvar,
+    done: crate::sync::Signal,
 }
 
 /// Completion of a submitted job.
@@ -253,17 +253,15 @@ impl DmaFence {
                 // Every slot is overwritten before `wait` returns.
                 results: vec![Ok(()); n],
             }),
-            done: Condvar::new(),
+            done: crate::sync::Signal::new(),
         });
         (DmaFence(inner.clone()), FenceCompleter(inner))
     }
 
     /// Waits for every copy; returns their results in job order.
     pub fn wait(self) -> Vec<Result<(), DmaError>> {
-        let mut s = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
-        while s.remaining > 0 {
-            s = self.0.done.wait(s).unwrap_or_else(|e| e.into_inner());
-        }
+        let s = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = self.0.done.wait_while(s, |s| s.remaining > 0);
         std::mem::take(&mut s.results)
     }
 }

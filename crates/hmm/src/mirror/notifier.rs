@@ -53,26 +53,46 @@ pub(crate) struct NotifierState {
     range: PageRange,
     /// Set to a new value when an invalidation starts.
     seq: AtomicU64,
-    /// Invalidations whose callback is running.
-    busy: Mutex<u32>,
+    /// Invalidations in progress, and fills waiting for them to end.
+    busy: Mutex<Busy>,
     idle: Condvar,
     callback: Callback,
+}
+
+/// A notifier's invalidations in progress and the threads waiting for them
+/// to end. The waiters count themselves here, under the lock, so that the
+/// end of an invalidation wakes (a system call) only when someone waits:
+/// almost never, while every migration and fault-back ends one.
+#[derive(Default)]
+struct Busy {
+    running: u32,
+    waiting: u32,
 }
 
 impl NotifierState {
     fn end(&self) {
         let mut b = self.busy.lock().unwrap_or_else(|e| e.into_inner());
-        *b -= 1;
-        if *b == 0 {
+        b.running -= 1;
+        if b.running == 0 && b.waiting > 0 {
             self.idle.notify_all();
         }
     }
 
-    fn wait_idle(&self) {
+    /// Waits until no invalidation is in progress; returns the lock.
+    fn lock_idle(&self) -> crate::sync::MutexGuard<'_, Busy> {
         let mut b = self.busy.lock().unwrap_or_else(|e| e.into_inner());
-        while *b > 0 {
-            b = self.idle.wait(b).unwrap_or_else(|e| e.into_inner());
+        if b.running > 0 {
+            b.waiting += 1;
+            while b.running > 0 {
+                b = self.idle.wait(b).unwrap_or_else(|e| e.into_inner());
+            }
+            b.waiting -= 1;
         }
+        b
+    }
+
+    fn wait_idle(&self) {
+        drop(self.lock_idle());
     }
 
     /// [`IntervalNotifier::read_begin`]. The sequence is read under the
@@ -81,10 +101,7 @@ impl NotifierState {
     /// could be the sequence of an invalidation that started in between and
     /// is still running, which `read_retry` would then let pass.
     pub(crate) fn read_begin(&self) -> u64 {
-        let mut b = self.busy.lock().unwrap_or_else(|e| e.into_inner());
-        while *b > 0 {
-            b = self.idle.wait(b).unwrap_or_else(|e| e.into_inner());
-        }
+        let _idle = self.lock_idle();
         self.seq.load(Ordering::Acquire)
     }
 
@@ -135,7 +152,7 @@ impl Notifiers {
                     seq = self.seq.fetch_add(2, Ordering::AcqRel) + 2;
                 }
                 let mut busy = n.busy.lock().unwrap_or_else(|e| e.into_inner());
-                *busy += 1;
+                busy.running += 1;
                 n.seq.store(seq, Ordering::Release);
                 drop(busy);
                 v.push(n.clone())
@@ -186,7 +203,7 @@ impl Notifiers {
         let state = Arc::new(NotifierState {
             range,
             seq: AtomicU64::new(self.seq.load(Ordering::Acquire)),
-            busy: Mutex::new(0),
+            busy: Mutex::new(Busy::default()),
             idle: Condvar::new(),
             callback,
         });

@@ -68,7 +68,7 @@ pub(crate) struct Batches {
     pub(crate) scanned: AtomicU64,
     /// Number of the last batch handled, with its signal.
     pub(crate) done: Mutex<u64>,
-    pub(crate) handled: Condvar,
+    pub(crate) handled: crate::sync::Signal,
 }
 
 impl Batches {
@@ -102,11 +102,8 @@ impl Batches {
     pub(crate) fn wait_handled(&self, limit: Duration) -> bool {
         let target = self.begun.load(Ordering::SeqCst);
         let d = self.done.lock().unwrap_or_else(|e| e.into_inner());
-        let (_d, r) = self
-            .handled
-            .wait_timeout_while(d, limit, |d| *d < target)
-            .unwrap_or_else(|e| e.into_inner());
-        !r.timed_out()
+        let (_d, timed_out) = self.handled.wait_timeout_while(d, limit, |d| *d < target);
+        !timed_out
     }
 }
 

@@ -28,7 +28,7 @@ mod registry;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -345,7 +345,7 @@ impl Inner {
                 // an arena while the fault service and devices share the range.
                 mapping: Some(mapping.guarded()),
                 table: Mutex::new(table),
-                settled: Condvar::new(),
+                settled: crate::sync::Signal::new(),
                 counters: RangeCounters::default(),
                 created,
                 huge,

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::addr::{HUGE_PAGE_SIZE, PAGE_SIZE, PageRange, VirtAddr};
@@ -163,7 +163,7 @@ pub(crate) struct Range {
     pub(crate) table: Mutex<PageTable>,
     /// Signalled (with `table`) whenever a migration of pages of this range
     /// finishes, for migrations waiting on pages another one holds.
-    pub(crate) settled: Condvar,
+    pub(crate) settled: crate::sync::Signal,
     pub(crate) counters: RangeCounters,
     /// Memory hmm created (freed with the range) rather than adopted.
     pub(crate) created: bool,
@@ -231,11 +231,10 @@ impl Range {
     /// Returns whether they all settled.
     pub(crate) fn wait_settled(&self, pages: std::ops::Range<usize>, limit: Duration) -> bool {
         let t = self.lock();
-        let (_t, r) = self
+        let (_t, timed_out) = self
             .settled
-            .wait_timeout_while(t, limit, |t| t.any(pages.clone(), |e| e.is_migrating()))
-            .unwrap_or_else(|e| e.into_inner());
-        !r.timed_out()
+            .wait_timeout_while(t, limit, |t| t.any(pages.clone(), |e| e.is_migrating()));
+        !timed_out
     }
 }
 
