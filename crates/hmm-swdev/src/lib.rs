@@ -39,7 +39,8 @@ use hmm::space::{Hmm, HmmError};
 /// Which DMA engine a software device uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EngineKind {
-    /// Worker threads copy the pages.
+    /// Worker threads copy the pages; a job of at most 16 pages (a fault-back
+    /// of one page, say) is copied on the thread that submits it.
     Copy {
         /// Number of worker threads (at least 1).
         workers: usize,
@@ -1078,6 +1079,11 @@ type Work = Box<dyn FnOnce() + Send>;
 
 /// Worker threads that copy pages between staging, device memory and their
 /// addresses.
+/// Jobs of at most this many pages are copied on the submitting thread: a
+/// slice for a worker is never smaller, so a hand-off would buy no
+/// parallelism, only two wake-ups.
+const INLINE_PAGES: usize = 16;
+
 pub(crate) struct CopyEngine {
     pool: Arc<Mapping>,
     queue: Option<Sender<Work>>,
@@ -1219,9 +1225,24 @@ impl DmaEngine for CopyEngine {
         self.faults.pass();
         let n = job.len();
         let (fence, done) = DmaFence::new(n);
+        if n <= INLINE_PAGES {
+            // One worker would take it all: copy here instead, and spare the
+            // two thread wake-ups a hand-off costs (a fault-back of one page
+            // then wakes no thread but the faulting one).
+            let res = match &job {
+                DmaJob::ToDevice(ops) => {
+                    ops.iter().map(|op| to_device_copy(&self.pool, op, &self.faults)).collect()
+                }
+                DmaJob::ToSystem { copies, sink } => {
+                    to_system_copies(&self.pool, sink, copies, &self.faults, false).0
+                }
+            };
+            done.complete(0, res);
+            return fence;
+        }
         let workers = self.workers.len().max(1);
-        // Split into one slice per worker, at least 16 pages each.
-        let per = n.div_ceil(workers).max(16);
+        // Split into one slice per worker, at least INLINE_PAGES each.
+        let per = n.div_ceil(workers).max(INLINE_PAGES);
         let send = |work: Work, done: &FenceCompleter, first: usize, len: usize| {
             if let Some(q) = &self.queue
                 && q.send(work).is_ok()

@@ -432,6 +432,12 @@ pub struct MigrationFigures {
     pub fault_back_random_us_p50: Option<f64>,
     /// The same, 99th percentile.
     pub fault_back_random_us_p99: Option<f64>,
+    /// `fault_back_random_us_p50` with the copying engine (two workers).
+    pub fault_back_random_copy_us_p50: Option<f64>,
+    /// A faulting touch at a random address with the default fault-around
+    /// window (the window's pages come back after the touch's page), median,
+    /// microseconds.
+    pub fault_back_random_around_us_p50: Option<f64>,
     /// Bytes of hmm metadata per 4 KiB page of managed memory.
     pub metadata_bytes_per_page: Option<f64>,
     /// Bytes of device page descriptors per 4 KiB page of device memory in use.
@@ -528,6 +534,18 @@ impl MigrationFigures {
                 self.fault_back_random_us_p99,
                 "us",
                 "random single-page fault-back, p99",
+            ),
+            row(
+                "fault_back_random_copy_us_p50",
+                self.fault_back_random_copy_us_p50,
+                "us",
+                "random fault-back, copying engine, median",
+            ),
+            row(
+                "fault_back_random_around_us_p50",
+                self.fault_back_random_around_us_p50,
+                "us",
+                "random touch with fault-around, median",
             ),
             row(
                 "metadata_bytes_per_page",
@@ -705,6 +723,48 @@ fn migration_pass(hmm: &hmm::space::Hmm, size: usize, huge: bool) -> Result<Pass
     Ok(Pass { copy, zero_copy, to_system, sequential })
 }
 
+/// The latency of CPU touches of `pages` device-resident pages in random
+/// order, one byte each, with hmm configured by `config` and the device by
+/// `device`: (median, 99th percentile), microseconds, of the touches that
+/// fault (with fault-around, a touch's neighbours come back with it, and
+/// later touches of them do not fault).
+fn random_fault_back(
+    config: hmm::space::HmmConfig,
+    device: impl FnOnce(hmm_swdev::SoftwareDeviceConfig) -> hmm_swdev::SoftwareDeviceConfig,
+    pages: usize,
+) -> Result<(f64, f64), BenchError> {
+    use hmm::space::Hmm;
+    use hmm_swdev::{SoftwareDevice, SoftwareDeviceConfig};
+    let hmm = Hmm::with_config(config).map_err(hmm_err)?;
+    let r = hmm.alloc(pages * PAGE_SIZE).map_err(hmm_err)?;
+    r.fill(0, r.len(), 1).map_err(MmError::from)?;
+    let dev = SoftwareDevice::new(&hmm, device(SoftwareDeviceConfig::new("bench-rand", r.len())))
+        .map_err(hmm_err)?;
+    dev.migrate_to_device(r.range()).map_err(hmm_err)?;
+    let mut order: Vec<usize> = (0..pages).collect();
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    for i in (1..pages).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        order.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    let mut lat = Vec::with_capacity(pages);
+    for p in order {
+        // Only touches that fault: with fault-around, most pages are back
+        // before they are touched.
+        if !matches!(r.residency(p), hmm::Residency::Device(_)) {
+            continue;
+        }
+        let t = Instant::now();
+        std::hint::black_box(r.mapping().touch_read(p * PAGE_SIZE).map_err(MmError::from)?);
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    lat.sort_by(f64::total_cmp);
+    drop((r, dev, hmm));
+    Ok((quantile(&lat, 0.5), quantile(&lat, 0.99)))
+}
+
 /// Measures the migration figures on software devices.
 pub fn run_migration(
     opts: BenchOptions,
@@ -747,32 +807,15 @@ pub fn run_migration(
     drop(hmm);
 
     step(progress, 3, "random fault-back");
-    let hmm = Hmm::with_config(HmmConfig { fault_around_pages: 1, ..HmmConfig::default() })
-        .map_err(hmm_err)?;
     let pages = if opts.quick { 2_000 } else { 20_000 };
-    let r = hmm.alloc(pages * PAGE_SIZE).map_err(hmm_err)?;
-    r.fill(0, r.len(), 1).map_err(MmError::from)?;
-    let dev = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("bench-rand", r.len()))
-        .map_err(hmm_err)?;
-    dev.migrate_to_device(r.range()).map_err(hmm_err)?;
-    let mut order: Vec<usize> = (0..pages).collect();
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    for i in (1..pages).rev() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        order.swap(i, (x % (i as u64 + 1)) as usize);
-    }
-    let mut lat = Vec::with_capacity(pages);
-    for p in order {
-        let t = Instant::now();
-        std::hint::black_box(r.mapping().touch_read(p * PAGE_SIZE).map_err(MmError::from)?);
-        lat.push(t.elapsed().as_secs_f64() * 1e6);
-    }
-    lat.sort_by(f64::total_cmp);
-    f.fault_back_random_us_p50 = Some(quantile(&lat, 0.5));
-    f.fault_back_random_us_p99 = Some(quantile(&lat, 0.99));
-    drop((r, dev, hmm));
+    let single = HmmConfig { fault_around_pages: 1, ..HmmConfig::default() };
+    let (p50, p99) = random_fault_back(single, |c| c, pages)?;
+    f.fault_back_random_us_p50 = Some(p50);
+    f.fault_back_random_us_p99 = Some(p99);
+    let (p50, _) = random_fault_back(single, |c| c.with_copy_engine(2), pages)?;
+    f.fault_back_random_copy_us_p50 = Some(p50);
+    let (p50, _) = random_fault_back(HmmConfig::default(), |c| c, pages)?;
+    f.fault_back_random_around_us_p50 = Some(p50);
 
     step(progress, 4, "the mirror");
     let hmm = Hmm::new().map_err(hmm_err)?;
