@@ -699,3 +699,58 @@ fn a_range_larger_than_the_address_space_is_a_typed_error() {
         }
     }
 }
+
+/// A pin is counted before its pages come back, so threads that keep
+/// migrating the same pages to a device cannot starve it: the pin succeeds,
+/// and from then on their migrations leave the pinned pages in system
+/// memory (and move the rest).
+#[test]
+fn a_pin_wins_against_a_thread_migrating_the_same_pages() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let hmm = Hmm::new().unwrap();
+    let pages = 64;
+    let dev =
+        SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("pin", pages * PAGE_SIZE)).unwrap();
+    let r = hmm.alloc(pages * PAGE_SIZE).unwrap();
+    let data = random_bytes(r.len(), 0x51);
+    r.write(0, &data).unwrap();
+    let (stop, rounds) = (AtomicBool::new(false), AtomicU64::new(0));
+    let pinned = r.pages_range(16, 16).unwrap();
+    std::thread::scope(|s| {
+        let _stop = common::StopOnDrop(&stop);
+        let (dev, r, stop, rounds) = (&dev, &r, &stop, &rounds);
+        // Two threads: one takes the whole range to the device, one keeps
+        // taking the part to be pinned there, as fast as it can.
+        for part in [r.range(), pinned] {
+            s.spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    // Busy pages (held by the pin's own migration) are
+                    // skipped, not an error.
+                    dev.migrate_to_device(part).unwrap();
+                    rounds.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        common::wait_for_count("migrations by the other threads", rounds, 3);
+        let pin = r.pin(pinned).expect("a pin is not starved by another thread's migrations");
+        let after = rounds.load(Ordering::Relaxed);
+        common::wait_for_count("migrations after the pin", rounds, after + 3);
+        for p in 16..32 {
+            assert_eq!(
+                r.residency(p),
+                Residency::System,
+                "pinned page {p} stayed in system memory"
+            );
+        }
+        common::eventually("the pages not pinned to move to the device", || {
+            (0..pages)
+                .filter(|p| !(16..32).contains(p))
+                .all(|p| matches!(r.residency(p), Residency::Device(_)))
+        });
+        drop(pin);
+    });
+    assert_eq!(common::cpu_bytes(&r), data, "every byte survived the contest");
+}

@@ -265,7 +265,11 @@ impl Migration {
                 let r = e.residency();
                 let (src, status) = if e.is_migrating() {
                     (Src::None, PageStatus::Skipped(SkipReason::Busy))
-                } else if Range::is_pinned(&pins, first + k) {
+                } else if Range::is_pinned(&pins, first + k)
+                    && !matches!(select, Selection::Device(_))
+                {
+                    // A pinned page goes to no device; it may come back to
+                    // system memory (that is what its pin does first).
                     (Src::None, PageStatus::Skipped(SkipReason::Pinned))
                 } else {
                     match (select, r) {

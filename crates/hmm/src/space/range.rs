@@ -196,6 +196,17 @@ impl ManagedRange {
         self.range.mapping().check(part).map_err(MmError::from)?;
         let first = self.range.index(part.start());
         let idx = first..first + part.pages();
+        // Counted first: from now on no migration takes these pages to a
+        // device, so bringing them back converges however busy other threads
+        // are with migrations of their own. Given back (the `Pin` dropped) if
+        // they cannot be had.
+        {
+            let mut pins = self.range.lock_pins();
+            for i in idx.clone() {
+                *pins.entry(i).or_default() += 1;
+            }
+        }
+        let pin = Pin { range: self.range.clone(), pages: idx.clone() };
         for _ in 0..100 {
             let devs = devices_of(&self.range.lock(), idx.clone());
             for dev in devs {
@@ -209,11 +220,7 @@ impl ManagedRange {
                 e.is_migrating() || !matches!(e.residency(), Residency::System | Residency::None)
             });
             if settled {
-                let mut pins = self.range.lock_pins();
-                for i in idx.clone() {
-                    *pins.entry(i).or_default() += 1;
-                }
-                return Ok(Pin { range: self.range.clone(), pages: idx });
+                return Ok(pin);
             }
             let lost =
                 |e: PageEntry| matches!(e.residency(), Residency::Poisoned | Residency::Unmapped);
