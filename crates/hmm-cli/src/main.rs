@@ -40,6 +40,11 @@ enum Command {
         /// Fewer repetitions (a few seconds).
         #[arg(long, global = true)]
         quick: bool,
+        /// Also measure the kernel's zram swap-in as an anchor. Root only: it
+        /// adds a zram device of its own, swaps on it for the run and removes
+        /// it afterwards (skipped, with the reason, where that cannot be done).
+        #[arg(long)]
+        zram: bool,
         /// Also measure the series (throughput against size) and write them,
         /// with the figures, as CSV files into this directory.
         #[arg(long, value_name = "DIR")]
@@ -142,8 +147,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { json } => check(json),
-        Command::Bench { json, quick, csv, plot, only } => match only {
-            None => bench(json, quick, &Outputs { csv, plot }),
+        Command::Bench { json, quick, zram, csv, plot, only } => match only {
+            None => bench(json, quick, zram, &Outputs { csv, plot }),
             Some(BenchOnly::Plot { out, csv }) => {
                 bench_series(quick, &Outputs { csv, plot: Some(out) })
             }
@@ -345,7 +350,8 @@ fn progress(json: bool, total: usize, what: &str) -> Progress {
 
 fn measure_series(json: bool, quick: bool) -> Result<Vec<bench::series::Series>, String> {
     let p = progress(json, bench::series::SERIES_STEPS, "measuring the series");
-    let res = bench::series::run_series(BenchOptions { quick }, &mut |step| p.step(step));
+    let res =
+        bench::series::run_series(BenchOptions { quick, zram: false }, &mut |step| p.step(step));
     drop(p);
     res.map_err(|e| e.to_string())
 }
@@ -367,7 +373,7 @@ fn bench_series(quick: bool, outputs: &Outputs) -> ExitCode {
     }
 }
 
-fn bench(json: bool, quick: bool, outputs: &Outputs) -> ExitCode {
+fn bench(json: bool, quick: bool, zram: bool, outputs: &Outputs) -> ExitCode {
     if let Err(e) = outputs.check() {
         eprintln!("hmm bench: {e}");
         return ExitCode::from(1);
@@ -375,7 +381,7 @@ fn bench(json: bool, quick: bool, outputs: &Outputs) -> ExitCode {
     let what =
         format!("measuring baselines and migration figures{}", if quick { " (quick)" } else { "" });
     let p = progress(json, bench::ALL_STEPS, &what);
-    let res = bench::run_all(BenchOptions { quick }, &mut |step| p.step(step));
+    let res = bench::run_all(BenchOptions { quick, zram }, &mut |step| p.step(step));
     drop(p);
     let b = match res {
         Ok(b) => b,
@@ -480,7 +486,7 @@ fn trace(path: &std::path::Path, run: Traced) -> ExitCode {
     hmm::trace::start();
     let code = match run {
         Traced::Demo { args } => demo(&args, false),
-        Traced::Bench { quick } => bench(false, quick, &Outputs::default()),
+        Traced::Bench { quick } => bench(false, quick, false, &Outputs::default()),
     };
     let t = hmm::trace::stop();
     if code != ExitCode::SUCCESS {

@@ -10,6 +10,7 @@
 //! | `uffd_roundtrip_us_p50`, `_p99` | a bare MISSING fault served by a thread blocked in `read(2)` with `UFFDIO_COPY`, as the faulting thread sees it |
 //! | `uffd_move_gbps` | 256 MiB of populated 4 KiB pages in one `UFFDIO_MOVE` |
 //! | `pagemap_scan_mpages_s` | `PAGEMAP_SCAN` over 256 MiB in which every other page is present (one region per page, the worst case) |
+//! | `zram_swapin_us_p50`, `_p99` | a random swap-in of a compressible page that `MADV_PAGEOUT` put on a zram (lz4) device of the run's own; only with `--zram`, as root ([`zram`]) |
 //!
 //! A figure this kernel cannot measure (no `UFFDIO_MOVE`, say) is `null`.
 
@@ -19,6 +20,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 pub mod series;
+pub mod zram;
 
 use hmm::addr::{PAGE_SIZE, PageRange};
 use hmm::os::mm::{Advise, Mapping, MmError, Protection};
@@ -30,6 +32,9 @@ use hmm::os::uffd::{Features, FillError, RegisterMode, Uffd, UffdError, UffdEven
 pub struct BenchOptions {
     /// Fewer repetitions: finishes in a few seconds.
     pub quick: bool,
+    /// Also measure the zram swap-in anchor ([`zram`]): changes the
+    /// machine's swap configuration for the run, so only when asked.
+    pub zram: bool,
 }
 
 /// A step of the run, for progress display.
@@ -81,6 +86,11 @@ pub struct Baselines {
     pub uffd_move_gbps: Option<f64>,
     /// `PAGEMAP_SCAN`, millions of pages per second.
     pub pagemap_scan_mpages_s: Option<f64>,
+    /// A random swap-in of an lz4-compressed page from a zram device of the
+    /// run's own, median, microseconds (only with `--zram`, as root).
+    pub zram_swapin_us_p50: Option<f64>,
+    /// The same, 99th percentile.
+    pub zram_swapin_us_p99: Option<f64>,
 }
 
 /// A row of the human-readable table.
@@ -135,6 +145,18 @@ impl Baselines {
                 value: self.pagemap_scan_mpages_s,
                 unit: "Mpages/s",
                 what: "PAGEMAP_SCAN, every other page present",
+            },
+            Row {
+                key: "zram_swapin_us_p50",
+                value: self.zram_swapin_us_p50,
+                unit: "us",
+                what: "random swap-in from zram (--zram), median",
+            },
+            Row {
+                key: "zram_swapin_us_p99",
+                value: self.zram_swapin_us_p99,
+                unit: "us",
+                what: "random swap-in from zram (--zram), 99th percentile",
             },
         ]
     }
@@ -194,6 +216,21 @@ pub fn run_baselines(
     let uffd_move_gbps = uffd_move_gbps(plan.move_reps)?;
     step(4, "PAGEMAP_SCAN");
     let pagemap_scan_mpages_s = pagemap_scan_mpages_s(plan.scan_reps)?;
+    let zram = if opts.zram {
+        step(4, "zram swap-in");
+        match zram::swapin_us(if opts.quick { 2_000 } else { 20_000 }) {
+            Ok((p50, p99, algo)) => {
+                tracing::info!(algorithm = %algo, "zram anchor measured");
+                Some((p50, p99))
+            }
+            Err(why) => {
+                tracing::warn!("the zram anchor is skipped: {why}");
+                None
+            }
+        }
+    } else {
+        None
+    };
     Ok(Baselines {
         memcpy_gbps,
         kernel_first_touch_us,
@@ -201,6 +238,8 @@ pub fn run_baselines(
         uffd_roundtrip_us_p99: rt.map(|(_, p99)| p99),
         uffd_move_gbps,
         pagemap_scan_mpages_s,
+        zram_swapin_us_p50: zram.map(|(p50, _)| p50),
+        zram_swapin_us_p99: zram.map(|(_, p99)| p99),
     })
 }
 
@@ -391,6 +430,8 @@ mod tests {
             uffd_roundtrip_us_p99: None,
             uffd_move_gbps: None,
             pagemap_scan_mpages_s: None,
+            zram_swapin_us_p50: None,
+            zram_swapin_us_p99: None,
         };
         let v = serde_json::to_value(b).unwrap();
         let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
@@ -398,7 +439,7 @@ mod tests {
         let mut rows: Vec<&str> = b.rows().iter().map(|r| r.key).collect();
         rows.sort_unstable();
         assert_eq!(keys, rows);
-        assert_eq!(keys.len(), 6);
+        assert_eq!(keys.len(), 8);
     }
 }
 

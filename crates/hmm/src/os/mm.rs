@@ -173,6 +173,9 @@ pub enum Advise {
     NoHugePage,
     /// `MADV_DONTFORK`: the range is not inherited by a child after fork.
     DontFork,
+    /// `MADV_PAGEOUT`: reclaim the pages now (private anonymous memory goes
+    /// to swap, if there is any).
+    PageOut,
 }
 
 impl Advise {
@@ -186,6 +189,7 @@ impl Advise {
             Advise::HugePage => Advice::LinuxHugepage,
             Advise::NoHugePage => Advice::LinuxNoHugepage,
             Advise::DontFork => Advice::LinuxDontFork,
+            Advise::PageOut => Advice::LinuxPageOut,
         }
     }
 }
