@@ -19,11 +19,14 @@ use crate::os::maps;
 use crate::os::mm::{Advise, Backing, Mapping, Protection};
 use crate::os::uffd::Features;
 use crate::page::{DeviceId, DevicePage, Residency};
-use crate::state::{Inner, Range, SERVICE_STOP, devices_of, for_each_run, mapped_runs};
+use crate::state::{Inner, Range, devices_of, for_each_run, mapped_runs};
 
 pub use self::range::{FaultStall, ManagedRange, MirroredRange, Pin};
 pub use crate::error::{AdoptRefusal, HmmError, Unsettled};
 pub use crate::state::{HmmConfig, RangeStats, Residence};
+
+/// How long shutdown waits for the fault service to stop.
+const SERVICE_STOP: Duration = Duration::from_secs(30);
 
 /// An arena in memory hmm manages (see [`Hmm::arena`]); its owner is the
 /// managed range, whose [`stats`](ManagedRange::stats) it shares.

@@ -72,7 +72,7 @@ impl Forward {
 /// The forwards in progress of one `Hmm` instance.
 #[derive(Default)]
 pub(crate) struct Forwards {
-    pub(crate) list: Mutex<Vec<Forward>>,
+    list: Mutex<Vec<Forward>>,
     pub(crate) changed: Condvar,
 }
 

@@ -59,16 +59,16 @@ pub(crate) fn poll_until(deadline: Instant, mut done: impl FnMut() -> bool) -> b
 #[derive(Debug, Default)]
 pub(crate) struct Batches {
     /// Number of the last batch whose read has begun.
-    pub(crate) begun: AtomicU64,
+    begun: AtomicU64,
     /// Number of the last batch whose messages have been read and looked
     /// through for unmaps (see [`Inner::pending_unmap`]): moments after its
     /// read, never behind a fault the batch is still serving.
     ///
     /// [`Inner::pending_unmap`]: crate::state::Inner::pending_unmap
-    pub(crate) scanned: AtomicU64,
+    scanned: AtomicU64,
     /// Number of the last batch handled, with its signal.
-    pub(crate) done: Mutex<u64>,
-    pub(crate) handled: crate::sync::Signal,
+    done: Mutex<u64>,
+    handled: crate::sync::Signal,
 }
 
 impl Batches {
@@ -113,13 +113,13 @@ impl Batches {
 /// can change the page meanwhile, as another thread may at any time.
 #[derive(Debug, Default)]
 pub(crate) struct StallGate {
-    pub(crate) armed: AtomicBool,
-    pub(crate) state: Mutex<Stall>,
-    pub(crate) changed: Condvar,
+    armed: AtomicBool,
+    state: Mutex<Stall>,
+    changed: Condvar,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Stall {
+enum Stall {
     #[default]
     Off,
     Armed,
@@ -128,7 +128,7 @@ pub(crate) enum Stall {
 }
 
 impl StallGate {
-    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, Stall> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Stall> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -188,8 +188,8 @@ pub(crate) const FORK_WAIT: Duration = Duration::from_secs(30);
 /// Copies to forked children in progress, for the fork handlers to wait on.
 #[derive(Debug, Default)]
 pub(crate) struct Copies {
-    pub(crate) pending: Mutex<usize>,
-    pub(crate) idle: Condvar,
+    pending: Mutex<usize>,
+    idle: Condvar,
 }
 
 impl Copies {
@@ -226,8 +226,8 @@ impl Copies {
 /// its pages back before the fork began.
 #[derive(Debug, Default)]
 pub(crate) struct Installs {
-    pub(crate) open: std::sync::atomic::AtomicBool,
-    pub(crate) pages: Mutex<Vec<VirtAddr>>,
+    open: std::sync::atomic::AtomicBool,
+    pages: Mutex<Vec<VirtAddr>>,
 }
 
 impl Installs {
@@ -257,8 +257,8 @@ impl Installs {
 pub(crate) struct ForkGate {
     /// Asked by `prepare`, lifted by `parent`.
     pub(crate) asked: std::sync::atomic::AtomicBool,
-    pub(crate) parked: Mutex<bool>,
-    pub(crate) changed: Condvar,
+    parked: Mutex<bool>,
+    changed: Condvar,
 }
 
 impl ForkGate {

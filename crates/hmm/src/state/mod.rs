@@ -144,21 +144,18 @@ pub(crate) struct Inner {
     /// (see [`pending_unmap`](Self::pending_unmap)). Room for
     /// [`UNMAPPING_ROOM`] is reserved: the service fills it while parked for
     /// a fork, when it must not allocate.
-    pub(crate) unmapping: Mutex<Vec<PageRange>>,
+    unmapping: Mutex<Vec<PageRange>>,
     /// The process this instance runs in: a forked child has a copy of it,
     /// but none of its threads, and must never wait for them.
-    pub(crate) pid: u32,
-    pub(crate) vma_query: OnceLock<VmaQuery>,
-    pub(crate) pagemap: OnceLock<Pagemap>,
+    pid: u32,
+    vma_query: OnceLock<VmaQuery>,
+    pagemap: OnceLock<Pagemap>,
     pub(crate) service: Mutex<Option<JoinHandle<()>>>,
 }
 
-/// How long shutdown waits for the fault service to stop.
-pub(crate) const SERVICE_STOP: Duration = Duration::from_secs(30);
-
 /// Unmaps read and not yet handled that hmm keeps track of (far more than a
 /// batch of messages holds).
-pub(crate) const UNMAPPING_ROOM: usize = 1024;
+const UNMAPPING_ROOM: usize = 1024;
 
 impl fmt::Debug for Inner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -171,10 +168,7 @@ impl fmt::Debug for Inner {
 
 /// The value of `cell`, made by `open` the first time it is asked for (an
 /// error leaves the cell empty, to be tried again).
-pub(crate) fn open_once<T, E>(
-    cell: &OnceLock<T>,
-    open: impl FnOnce() -> Result<T, E>,
-) -> Result<&T, E> {
+fn open_once<T, E>(cell: &OnceLock<T>, open: impl FnOnce() -> Result<T, E>) -> Result<&T, E> {
     if let Some(v) = cell.get() {
         return Ok(v);
     }

@@ -157,9 +157,9 @@ pub(crate) enum OwnChange {
 pub(crate) struct Range {
     /// Unique within the instance: two ranges may start at one address
     /// (the second where the application unmapped the first).
-    pub(crate) serial: u64,
+    pub(super) serial: u64,
     /// Always `Some` until drop.
-    pub(crate) mapping: Option<Mapping>,
+    pub(super) mapping: Option<Mapping>,
     pub(crate) table: Mutex<PageTable>,
     /// Signalled (with `table`) whenever a migration of pages of this range
     /// finishes, for migrations waiting on pages another one holds.

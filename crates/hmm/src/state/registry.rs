@@ -23,11 +23,11 @@ use super::Range;
 #[derive(Default)]
 pub(crate) struct Registry {
     /// Every range, by start and serial.
-    pub(crate) all: BTreeMap<(usize, u64), Arc<Range>>,
+    all: BTreeMap<(usize, u64), Arc<Range>>,
     /// Live spans by start: end, and the range they belong to.
-    pub(crate) live: BTreeMap<usize, (usize, Arc<Range>)>,
+    live: BTreeMap<usize, (usize, Arc<Range>)>,
     /// The serial of the next range.
-    pub(crate) serial: u64,
+    serial: u64,
 }
 
 impl Registry {
