@@ -1123,6 +1123,15 @@ impl Drop for CopyEngine {
     }
 }
 
+/// Copies each of `ops` into device memory, in order.
+fn to_device_copies(
+    pool: &Mapping,
+    ops: &[ToDevice],
+    faults: &Injector,
+) -> Vec<Result<(), DmaError>> {
+    ops.iter().map(|op| to_device_copy(pool, op, faults)).collect()
+}
+
 fn to_device_copy(pool: &Mapping, op: &ToDevice, faults: &Injector) -> Result<(), DmaError> {
     if let Some(e) = faults.to_device_error() {
         return Err(e);
@@ -1230,9 +1239,7 @@ impl DmaEngine for CopyEngine {
             // two thread wake-ups a hand-off costs (a fault-back of one page
             // then wakes no thread but the faulting one).
             let res = match &job {
-                DmaJob::ToDevice(ops) => {
-                    ops.iter().map(|op| to_device_copy(&self.pool, op, &self.faults)).collect()
-                }
+                DmaJob::ToDevice(ops) => to_device_copies(&self.pool, ops, &self.faults),
                 DmaJob::ToSystem { copies, sink } => {
                     to_system_copies(&self.pool, sink, copies, &self.faults, false).0
                 }
@@ -1259,11 +1266,7 @@ impl DmaEngine for CopyEngine {
                     let (ops, pool, d, f) =
                         (ops.clone(), self.pool.clone(), done.clone(), self.faults.clone());
                     let work: Work = Box::new(move || {
-                        let res = ops[first..first + len]
-                            .iter()
-                            .map(|op| to_device_copy(&pool, op, &f))
-                            .collect();
-                        d.complete(first, res);
+                        d.complete(first, to_device_copies(&pool, &ops[first..first + len], &f));
                     });
                     send(work, &done, first, len);
                 }

@@ -249,6 +249,38 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 /// The `q`-quantile (0..=1) of sorted samples, nearest rank.
+/// `items` in a pseudo-random order (xorshift from `seed`), the same every run.
+fn shuffled(mut items: Vec<usize>, seed: u64) -> Vec<usize> {
+    let mut x = seed;
+    for i in (1..items.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        items.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    items
+}
+
+/// Times a one-byte read of each page of `m` in `order` that `keep` takes,
+/// each touch alone: (median, 99th percentile), microseconds.
+fn touch_latency_us(
+    m: &Mapping,
+    order: &[usize],
+    mut keep: impl FnMut(usize) -> bool,
+) -> Result<(f64, f64), hmm::RangeError> {
+    let mut lat = Vec::with_capacity(order.len());
+    for &p in order {
+        if !keep(p) {
+            continue;
+        }
+        let t = Instant::now();
+        std::hint::black_box(m.touch_read(p * PAGE_SIZE)?);
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    lat.sort_by(f64::total_cmp);
+    Ok((quantile(&lat, 0.5), quantile(&lat, 0.99)))
+}
+
 fn quantile(sorted: &[f64], q: f64) -> f64 {
     let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
     sorted[rank - 1]
@@ -782,28 +814,15 @@ fn random_fault_back(
     let dev = SoftwareDevice::new(&hmm, device(SoftwareDeviceConfig::new("bench-rand", r.len())))
         .map_err(hmm_err)?;
     dev.migrate_to_device(r.range()).map_err(hmm_err)?;
-    let mut order: Vec<usize> = (0..pages).collect();
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    for i in (1..pages).rev() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        order.swap(i, (x % (i as u64 + 1)) as usize);
-    }
-    let mut lat = Vec::with_capacity(pages);
-    for p in order {
-        // Only touches that fault: with fault-around, most pages are back
-        // before they are touched.
-        if !matches!(r.residency(p), hmm::Residency::Device(_)) {
-            continue;
-        }
-        let t = Instant::now();
-        std::hint::black_box(r.mapping().touch_read(p * PAGE_SIZE).map_err(MmError::from)?);
-        lat.push(t.elapsed().as_secs_f64() * 1e6);
-    }
-    lat.sort_by(f64::total_cmp);
+    let order = shuffled((0..pages).collect(), 0x2545_f491_4f6c_dd1d);
+    // Only touches that fault: with fault-around, most pages are back
+    // before they are touched.
+    let lat = touch_latency_us(r.mapping(), &order, |p| {
+        matches!(r.residency(p), hmm::Residency::Device(_))
+    })
+    .map_err(MmError::from)?;
     drop((r, dev, hmm));
-    Ok((quantile(&lat, 0.5), quantile(&lat, 0.99)))
+    Ok(lat)
 }
 
 /// Measures the migration figures on software devices.

@@ -10,7 +10,6 @@
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::Instant;
 
 use hmm::addr::PAGE_SIZE;
 use hmm::os::mm::{Advise, Mapping, Protection};
@@ -154,23 +153,10 @@ pub fn swapin_us(pages: usize) -> Result<(f64, f64, String), Skipped> {
             out.len()
         )));
     }
-    let mut order = out;
-    for i in (1..order.len()).rev() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        order.swap(i, (x % (i as u64 + 1)) as usize);
-    }
-    let mut lat = Vec::with_capacity(order.len());
-    for p in order {
-        let t = Instant::now();
-        std::hint::black_box(
-            m.touch_read(p * PAGE_SIZE).map_err(|e| skip(format!("a touch failed: {e}")))?,
-        );
-        lat.push(t.elapsed().as_secs_f64() * 1e6);
-    }
+    let order = super::shuffled(out, x);
+    let (p50, p99) = super::touch_latency_us(&m, &order, |_| true)
+        .map_err(|e| skip(format!("a touch failed: {e}")))?;
     drop(m);
     drop(dev);
-    lat.sort_by(f64::total_cmp);
-    Ok((super::quantile(&lat, 0.5), super::quantile(&lat, 0.99), algo))
+    Ok((p50, p99, algo))
 }
