@@ -68,6 +68,8 @@ fn bench_quick_json_prints_exactly_the_documented_keys() {
             "device_access_gbps",
             "device_descriptor_bytes_per_page",
             "evict_gbps",
+            "fault_back_in_thread_us_p50",
+            "fault_back_in_thread_us_p99",
             "fault_back_random_around_us_p50",
             "fault_back_random_copy_us_p50",
             "fault_back_random_us_p50",

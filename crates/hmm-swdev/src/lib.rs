@@ -131,9 +131,21 @@ struct Core {
     /// The device's memory, offered to peers' engines when `peer` is set.
     pool: Arc<Mapping>,
     peer: bool,
+    /// The engine's fault injection, which an in-thread copy honours too.
+    faults: Arc<Injector>,
 }
 
 impl DevicePagemapOps for Core {
+    /// A read of the page's slot in the pool: a plain memory read, which
+    /// allocates nothing and takes no lock (an injected failure or a stalled
+    /// engine sends the fault to the fault service, where the engine meets it).
+    fn copy_to_ram_in_thread(&self, page: DevicePage, dst: &mut [u8]) -> bool {
+        if self.file.is_some() || self.faults.armed() {
+            return false;
+        }
+        self.pool.read(page.index as usize * PAGE_SIZE, dst).is_ok()
+    }
+
     fn page_free(&self, _page: DevicePage) {
         // Nothing to do now. The zero-copy engine empties a freed page that
         // still holds one (it came back by copy) when the page is next filled:
@@ -279,7 +291,13 @@ impl SoftwareDevice {
                 })
             }
         };
-        let core = Arc::new(Core { engine, file, pool: pool.clone(), peer: config.peer_to_peer });
+        let core = Arc::new(Core {
+            engine,
+            file,
+            pool: pool.clone(),
+            peer: config.peer_to_peer,
+            faults: faults.clone(),
+        });
         let mut mc = DeviceMemoryConfig::private(config.name, config.capacity);
         mc.kind = config.kind;
         mc.chunk_pages = 512;
@@ -396,8 +414,10 @@ impl SoftwareDevice {
         let pt = self.mirror.table.read();
         // The table's entries in the range, not every page of it: a huge
         // range costs no more than the entries the device holds.
-        let held: Vec<usize> =
-            pt.range(vpns(range)).filter(|(_, e)| e.atomic).map(|(v, _)| *v).collect();
+        let v = vpns(range);
+        let mut held: Vec<usize> =
+            pt.iter().filter(|(k, e)| e.atomic && v.contains(k)).map(|(k, _)| *k).collect();
+        held.sort_unstable();
         match held.first() {
             Some(v) => Err(HmmError::StillExclusive {
                 pages: held.len(),
@@ -610,6 +630,15 @@ impl Injector {
         self.dead.load(Ordering::Acquire)
     }
 
+    /// Whether a failure is injected or the engine is stalled: a copy must
+    /// then go through the engine. Takes no lock a waiter could hold (a
+    /// stall's lock that is busy counts as a stall).
+    fn armed(&self) -> bool {
+        self.is_dead()
+            || self.to_system.load(Ordering::Acquire) > 0
+            || self.stalled.try_lock().map_or(true, |g| *g)
+    }
+
     fn set_stalled(&self, on: bool) {
         *self.stalled.lock().unwrap_or_else(|e| e.into_inner()) = on;
         if !on {
@@ -743,13 +772,16 @@ fn vpns(range: PageRange) -> std::ops::Range<usize> {
 /// (see [`hmm::mirror`]); only copies to and from the device's own memory,
 /// which cannot fault, run under it.
 #[derive(Default)]
+///
+/// A hash map, whose removals never free memory: the invalidation callback
+/// may run in a `SIGBUS` handler (`FaultMode::InThread`), where it must not.
 struct PageTable {
-    map: std::sync::RwLock<std::collections::BTreeMap<usize, DeviceEntry>>,
+    map: std::sync::RwLock<std::collections::HashMap<usize, DeviceEntry>>,
     invalidations: std::sync::atomic::AtomicU64,
 }
 
-type PtRead<'a> = std::sync::RwLockReadGuard<'a, std::collections::BTreeMap<usize, DeviceEntry>>;
-type PtWrite<'a> = std::sync::RwLockWriteGuard<'a, std::collections::BTreeMap<usize, DeviceEntry>>;
+type PtRead<'a> = std::sync::RwLockReadGuard<'a, std::collections::HashMap<usize, DeviceEntry>>;
+type PtWrite<'a> = std::sync::RwLockWriteGuard<'a, std::collections::HashMap<usize, DeviceEntry>>;
 
 impl PageTable {
     fn read(&self) -> PtRead<'_> {
@@ -758,16 +790,15 @@ impl PageTable {
     fn write(&self) -> PtWrite<'_> {
         self.map.write().unwrap_or_else(|e| e.into_inner())
     }
-    /// Drops the entries of `range`.
+    /// Drops the entries of `range`, allocating and freeing nothing.
     fn clear(&self, range: PageRange) {
         let mut pt = self.write();
         let v = vpns(range);
         if v.len() > pt.len() {
             pt.retain(|k, _| !v.contains(k));
         } else {
-            let keys: Vec<usize> = pt.range(v).map(|(k, _)| *k).collect();
-            keys.iter().for_each(|k| {
-                pt.remove(k);
+            v.for_each(|k| {
+                pt.remove(&k);
             });
         }
         self.invalidations.fetch_add(1, Ordering::Relaxed);
@@ -818,9 +849,10 @@ impl DeviceMirror {
         let table = Arc::new(PageTable::default());
         let t = table.clone();
         // One notifier over the whole address space, as the kernel's test
-        // driver has: every invalidation reaches the page table.
-        let notifier =
-            hmm.insert_notifier(RangeFault::address_space(), move |inv| t.clear(inv.range));
+        // driver has: every invalidation reaches the page table. Its callback
+        // keeps a `SIGBUS` handler's rules (see `PageTable`).
+        let notifier = hmm
+            .insert_notifier_in_thread(RangeFault::address_space(), move |inv| t.clear(inv.range));
         Arc::new(Self {
             hmm: hmm.handle(),
             id,

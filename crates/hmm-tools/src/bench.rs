@@ -511,6 +511,12 @@ pub struct MigrationFigures {
     /// window (the window's pages come back after the touch's page), median,
     /// microseconds.
     pub fault_back_random_around_us_p50: Option<f64>,
+    /// `fault_back_random_us_p50` in `FaultMode::InThread` (the touching
+    /// thread brings the page back in its `SIGBUS` handler); `None` where
+    /// the kernel or the architecture has no SIGBUS mode.
+    pub fault_back_in_thread_us_p50: Option<f64>,
+    /// The same, 99th percentile.
+    pub fault_back_in_thread_us_p99: Option<f64>,
     /// Bytes of hmm metadata per 4 KiB page of managed memory.
     pub metadata_bytes_per_page: Option<f64>,
     /// Bytes of device page descriptors per 4 KiB page of device memory in use.
@@ -619,6 +625,18 @@ impl MigrationFigures {
                 self.fault_back_random_around_us_p50,
                 "us",
                 "random touch with fault-around, median",
+            ),
+            row(
+                "fault_back_in_thread_us_p50",
+                self.fault_back_in_thread_us_p50,
+                "us",
+                "random fault-back served in the faulting thread, median",
+            ),
+            row(
+                "fault_back_in_thread_us_p99",
+                self.fault_back_in_thread_us_p99,
+                "us",
+                "random fault-back served in the faulting thread, p99",
             ),
             row(
                 "metadata_bytes_per_page",
@@ -768,7 +786,7 @@ fn migration_pass(hmm: &hmm::space::Hmm, size: usize, huge: bool) -> Result<Pass
     use hmm_swdev::{SoftwareDevice, SoftwareDeviceConfig};
     let populated = || -> Result<hmm::space::ManagedRange, BenchError> {
         let r = managed_range(hmm, size, huge)?;
-        r.advise(r.range(), Advise::PopulateWrite)?;
+        r.populate(r.range()).map_err(hmm_err)?;
         Ok(r)
     };
     let whole = |rep: hmm::migrate::MigrationReport, t: Instant| {
@@ -868,14 +886,21 @@ pub fn run_migration(
 
     step(progress, 3, "random fault-back");
     let pages = if opts.quick { 2_000 } else { 20_000 };
-    let single = HmmConfig { fault_around_pages: 1, ..HmmConfig::default() };
+    let service = HmmConfig { fault_mode: hmm::FaultMode::Service, ..HmmConfig::default() };
+    let single = HmmConfig { fault_around_pages: 1, ..service };
     let (p50, p99) = random_fault_back(single, |c| c, pages)?;
     f.fault_back_random_us_p50 = Some(p50);
     f.fault_back_random_us_p99 = Some(p99);
     let (p50, _) = random_fault_back(single, |c| c.with_copy_engine(2), pages)?;
     f.fault_back_random_copy_us_p50 = Some(p50);
-    let (p50, _) = random_fault_back(HmmConfig::default(), |c| c, pages)?;
+    let (p50, _) = random_fault_back(service, |c| c, pages)?;
     f.fault_back_random_around_us_p50 = Some(p50);
+    if hmm::probe::probe().has("sigbus-mode") {
+        let in_thread = HmmConfig { fault_mode: hmm::FaultMode::InThread, ..single };
+        let (p50, p99) = random_fault_back(in_thread, |c| c, pages)?;
+        f.fault_back_in_thread_us_p50 = Some(p50);
+        f.fault_back_in_thread_us_p99 = Some(p99);
+    }
 
     step(progress, 4, "the mirror");
     let hmm = Hmm::new().map_err(hmm_err)?;
@@ -1005,7 +1030,7 @@ fn device_access_gbps(hmm: &hmm::space::Hmm, size: usize) -> Result<f64, BenchEr
     use hmm::addr::VirtAddr;
     use hmm_swdev::{SoftwareDevice, SoftwareDeviceConfig};
     let r = hmm.alloc(size).map_err(hmm_err)?;
-    r.advise(r.range(), Advise::PopulateWrite)?;
+    r.populate(r.range()).map_err(hmm_err)?;
     r.fill(0, size, 1).map_err(MmError::from)?;
     let dev = SoftwareDevice::new(hmm, SoftwareDeviceConfig::new("bench-access", 16 * PAGE_SIZE))
         .map_err(hmm_err)?;
@@ -1040,7 +1065,7 @@ fn snapshot_mpages_s(hmm: &hmm::space::Hmm, size: usize) -> Result<f64, BenchErr
     use hmm::mirror::RangeFault;
     let r = hmm.alloc(size).map_err(hmm_err)?;
     r.advise(r.range(), Advise::NoHugePage)?;
-    r.advise(r.range(), Advise::PopulateWrite)?;
+    r.populate(r.range()).map_err(hmm_err)?;
     let mut runs = Vec::new();
     for _ in 0..5 {
         let t = Instant::now();

@@ -167,7 +167,9 @@ pub trait DevicePagemapOps: Send + Sync {
     /// The last reference to `page` is gone: the driver may reuse it (and
     /// drop what it kept for it). Called once per allocation of the page,
     /// possibly on the fault service; it must not block beyond a short lock
-    /// of the driver's own.
+    /// of the driver's own. A driver that serves faults in the faulting
+    /// thread ([`copy_to_ram_in_thread`](Self::copy_to_ram_in_thread)) keeps
+    /// that method's rules here too.
     fn page_free(&self, page: DevicePage);
 
     /// The engine hmm copies with when it moves this device's pages itself
@@ -202,6 +204,24 @@ pub trait DevicePagemapOps: Send + Sync {
     /// [`dma`](Self::dma).
     fn migrate_to_ram(&self, fault: &mut CpuFault<'_>) -> Result<(), FaultBackError> {
         fault.migrate(self.dma())
+    }
+
+    /// In an instance whose CPU faults are served in the faulting thread
+    /// ([`FaultMode::InThread`](crate::FaultMode::InThread)): copies the bytes
+    /// of `page` into `dst` (one page) and returns true, or returns false to
+    /// have the fault served by the fault service instead (through
+    /// [`migrate_to_ram`](Self::migrate_to_ram)). The default returns false.
+    ///
+    /// Runs in a `SIGBUS` handler, on whatever thread touched the page, in
+    /// the middle of whatever it was doing: it must not allocate or free,
+    /// must not take a lock that code touching managed memory could hold,
+    /// must not block for long, and must not touch managed memory. A read of
+    /// the device's own memory, a decompression into `dst`, a bounded wait
+    /// on the device's DMA engine through atomics qualify. So does
+    /// [`page_free`](Self::page_free), which may run there too in that mode.
+    fn copy_to_ram_in_thread(&self, page: DevicePage, dst: &mut [u8]) -> bool {
+        let _ = (page, dst);
+        false
     }
 }
 
@@ -631,6 +651,23 @@ impl DeviceMemory {
         drop(fl);
         self.counters.pages_freed.fetch_add(n, Ordering::Relaxed);
         self.allocated.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    /// Drops one reference to `page`, as [`put_all`](Self::put_all) does,
+    /// allocating nothing (a `SIGBUS` handler's way, see `crate::inthread`).
+    pub(crate) fn put_one(&self, page: DevicePage) {
+        debug_assert_eq!(page.dev, self.id);
+        let d = self.descriptor(page.index);
+        let was = d.refcount.fetch_sub(1, Ordering::AcqRel);
+        debug_assert!(was > 0, "device page {page} released more often than taken");
+        if was != 1 {
+            return;
+        }
+        d.backs.store(0, Ordering::Relaxed);
+        self.ops.page_free(page);
+        self.free.lock().unwrap_or_else(|e| e.into_inner()).insert(page.index);
+        self.counters.pages_freed.fetch_add(1, Ordering::Relaxed);
+        self.allocated.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Records the address `page` backs (a migration committed data into it:

@@ -148,7 +148,17 @@ impl HmmHandle {
         range: PageRange,
         callback: impl Fn(&Invalidation) + Send + Sync + 'static,
     ) -> IntervalNotifier {
-        IntervalNotifier::insert(&self.inner.notifiers, range, Box::new(callback))
+        IntervalNotifier::insert(&self.inner.notifiers, range, Box::new(callback), false)
+    }
+
+    /// Inserts an interval notifier whose callback may run in a `SIGBUS`
+    /// handler (as [`Hmm::insert_notifier_in_thread`], whose rules it keeps).
+    pub fn insert_notifier_in_thread(
+        &self,
+        range: PageRange,
+        callback: impl Fn(&Invalidation) + Send + Sync + 'static,
+    ) -> IntervalNotifier {
+        IntervalNotifier::insert(&self.inner.notifiers, range, Box::new(callback), true)
     }
 
     /// Before a device access that does not begin with a

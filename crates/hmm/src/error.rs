@@ -35,6 +35,10 @@ pub enum Unsettled {
     /// looking at (for at most 100 ms after the discard).
     #[error("discarded pages are still being looked at")]
     Discards,
+    /// Fault-backs threads began in their own handlers (`FaultMode::InThread`)
+    /// and fault-around windows they asked for, still with the service.
+    #[error("fault-backs begun in faulting threads are still being finished")]
+    Handovers,
 }
 
 /// Errors of the address-space operations.

@@ -62,8 +62,10 @@ use crate::migrate::{Migration, PageStatus, Selection, SkipReason};
 use crate::mirror::InvalidationEvent;
 use crate::os::mm::{Advise, Mapping, Protection};
 use crate::os::uffd::{FillErrorKind, UffdEvent};
-use crate::page::{DevicePage, PageEntry, PageTable, Residency};
-use crate::state::{HmmConfig, Inner, OwnChange, Range, mark_service_thread, runs_where};
+use crate::page::{DeviceId, DevicePage, PageEntry, PageTable, Residency};
+use crate::state::{
+    HANDOVER_ROOM, Handover, HmmConfig, Inner, OwnChange, Range, mark_service_thread, runs_where,
+};
 
 pub use crate::devmem::{CpuFault, FaultBackError};
 
@@ -263,6 +265,10 @@ struct Service {
     /// When the service first saw the fork it is asked to park for, while
     /// forwards kept it from parking (see [`Service::may_park`]).
     fork_asked_at: Option<Instant>,
+    /// Room for what threads serving their own faults hand over (see
+    /// [`Service::finish_handovers`]), reserved up front.
+    handed: Vec<Handover>,
+    around: Vec<(VirtAddr, DeviceId)>,
 }
 
 impl Service {
@@ -280,6 +286,8 @@ impl Service {
             stream: (0, 0),
             discarded: Vec::new(),
             fork_asked_at: None,
+            handed: Vec::with_capacity(HANDOVER_ROOM),
+            around: Vec::with_capacity(64),
         }
     }
 
@@ -312,6 +320,12 @@ impl Service {
                 true => Some(timeout.map_or(RECHECK_POLL, |t| t.min(RECHECK_POLL))),
                 false => timeout,
             };
+            // Work a thread left while the service was awake (it tells the
+            // service only when the list was empty): no sleep before it.
+            let timeout = match self.inner.handovers.is_empty() {
+                true => timeout,
+                false => Some(Duration::ZERO),
+            };
             match self.inner.uffd.poll_with(&self.inner.notifier, timeout) {
                 Ok(_) => {}
                 Err(e) => {
@@ -322,6 +336,7 @@ impl Service {
                 }
             }
             loop {
+                self.finish_handovers();
                 let batch = self.inner.batches.begin();
                 let got = match self.inner.uffd.read_events(&mut self.events, 64) {
                     Ok(n) => n,
@@ -429,6 +444,48 @@ impl Service {
         ok
     }
 
+    /// Finishes the fault-backs threads began in their `SIGBUS` handlers and
+    /// handed over (`FaultMode::InThread`, see `crate::inthread`), each as a
+    /// one-page migration, then brings back the fault-around windows they
+    /// asked for.
+    fn finish_handovers(&mut self) {
+        if self.inner.handovers.is_empty() {
+            return;
+        }
+        self.inner.handovers.set_working(true);
+        let mut list = std::mem::take(&mut self.handed);
+        self.inner.handovers.take(&mut list);
+        for h in list.drain(..) {
+            Migration::handed_over(&self.inner, h.range, h.addr, h.page, h.installed).finalize();
+        }
+        self.handed = list;
+        let mut around = std::mem::take(&mut self.around);
+        self.inner.handovers.take_around(&mut around);
+        for (addr, dev) in around.drain(..) {
+            self.bring_around(addr, dev);
+        }
+        self.around = around;
+        self.inner.handovers.set_working(false);
+    }
+
+    /// Brings back what a fault-around window holds of `dev`'s pages around
+    /// `addr`, a page a thread brought back itself.
+    fn bring_around(&mut self, addr: VirtAddr, dev: DeviceId) {
+        let Some(r) = self.inner.find(addr) else { return };
+        let (Some(mem), false) = (self.inner.device(dev), r.huge) else { return };
+        let window = self.window(&r, addr);
+        let page = PageRange::from_pages(addr, 1).expect("one page");
+        let sel = Selection::Device(dev);
+        for part in outside(window, page) {
+            if let Ok(mut m) = Migration::setup_in(&self.inner, r.clone(), part, sel, sel.owner()) {
+                if m.collected() > 0 {
+                    m.copy(mem.ops().dma());
+                }
+                m.finalize();
+            }
+        }
+    }
+
     /// Wakes the retries that are due. Allocates nothing (within the room
     /// reserved): it runs while memory is short.
     fn run_retries(&mut self) {
@@ -487,6 +544,11 @@ impl Service {
             }
             UffdEvent::Remap { from, to, len } => {
                 if !self.inner.take_own_change(OwnChange::Remap(from, to, len)) {
+                    self.inner
+                        .ranges
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .add_home(to.get(), to.get() + len);
                     crate::remap::start(&self.inner, from.get(), to.get(), len)
                 }
             }
@@ -593,8 +655,24 @@ impl Service {
                 }
                 Residency::Device(p) => return self.fault_back(&r, page.start(), p, write, delay),
                 Residency::Poisoned => {
-                    let _ = self.inner.uffd.poison(page, false);
-                    let _ = self.inner.uffd.wake(page);
+                    match self.inner.uffd.poison(page, false) {
+                        // The marker is there already, or the memory is not
+                        // registered (a failed coherent device's file
+                        // mapping, say): the kernel raises the signal there
+                        // itself, which a thread waiting in its handler
+                        // (SIGBUS mode) lets go on.
+                        Err(e)
+                            if matches!(
+                                e.kind,
+                                FillErrorKind::Exists | FillErrorKind::NotRegistered
+                            ) =>
+                        {
+                            self.inner.uffd.refuse(page)
+                        }
+                        _ => {
+                            let _ = self.inner.uffd.wake(page);
+                        }
+                    }
                     return;
                 }
                 // Normally a retry of a fault the unmap overtook: the address is
@@ -615,6 +693,9 @@ impl Service {
     fn zero_unmanaged(&mut self, page: PageRange, delay: Duration) {
         match self.inner.uffd.zeropage(page, false) {
             Err(e) if e.kind == FillErrorKind::Again => self.retry_later(page.start(), delay),
+            // Not registered with this instance (SIGBUS mode hands over any
+            // fault of a range's address): the signal goes on.
+            Err(e) if e.kind == FillErrorKind::NotRegistered => self.inner.uffd.refuse(page),
             _ => {
                 let _ = self.inner.uffd.wake(page);
             }
@@ -752,25 +833,7 @@ impl Service {
             let _ = self.inner.uffd.wake(PageRange::from_pages(addr, 1).expect("page"));
             return;
         };
-        let window = match r.huge_block(addr).filter(|_| r.huge) {
-            // A huge range comes back a block at a time.
-            Some(block) => block,
-            None => {
-                let around = self.inner.config.fault_around_pages.max(1);
-                let rr = r.range();
-                let (end, last) = self.stream;
-                let (lo, pages) = if around > 1 && end == addr.get() {
-                    // Sequential: a bigger window, ahead of the fault.
-                    (addr.get(), (last * 2).clamp(around, HmmConfig::MAX_FAULT_AROUND))
-                } else {
-                    let half = (around / 2) * PAGE_SIZE;
-                    (addr.get().saturating_sub(half).max(rr.start().get()), around)
-                };
-                let hi = (lo + pages * PAGE_SIZE).min(rr.end().get()).max(addr.get() + PAGE_SIZE);
-                self.stream = (hi, pages);
-                PageRange::new(VirtAddr::new(lo), hi - lo).expect("inside the range")
-            }
-        };
+        let window = self.window(r, addr);
         let mut f = PendingFault {
             inner: &self.inner,
             range: r.clone(),
@@ -810,6 +873,28 @@ impl Service {
                 self.poison_page(r, addr, p);
             }
         }
+    }
+
+    /// The fault-around window of a fault-back at `addr` (see the module
+    /// docs): a huge range's 2 MiB block, a window ahead of a sequential
+    /// stream, or one centred on the fault.
+    fn window(&mut self, r: &Range, addr: VirtAddr) -> PageRange {
+        if let Some(block) = r.huge_block(addr).filter(|_| r.huge) {
+            return block;
+        }
+        let around = self.inner.config.fault_around_pages.max(1);
+        let rr = r.range();
+        let (end, last) = self.stream;
+        let (lo, pages) = if around > 1 && end == addr.get() {
+            // Sequential: a bigger window, ahead of the fault.
+            (addr.get(), (last * 2).clamp(around, HmmConfig::MAX_FAULT_AROUND))
+        } else {
+            let half = (around / 2) * PAGE_SIZE;
+            (addr.get().saturating_sub(half).max(rr.start().get()), around)
+        };
+        let hi = (lo + pages * PAGE_SIZE).min(rr.end().get()).max(addr.get() + PAGE_SIZE);
+        self.stream = (hi, pages);
+        PageRange::new(VirtAddr::new(lo), hi - lo).expect("inside the range")
     }
 
     fn poison_page(&mut self, r: &Arc<Range>, addr: VirtAddr, p: DevicePage) {

@@ -50,6 +50,7 @@ mod error;
 pub mod fault;
 pub(crate) mod fork;
 pub(crate) mod interval;
+pub(crate) mod inthread;
 pub mod migrate;
 pub mod mirror;
 #[cfg(all(test, feature = "shuttle"))]
@@ -82,8 +83,8 @@ pub use observe::{Place, ResidencyMap};
 pub use os::arena::ArenaError;
 pub use page::{DeviceId, DevicePage, Residency};
 pub use space::{
-    AdoptRefusal, Arena, FaultStall, Hmm, HmmConfig, HmmError, ManagedRange, MirroredRange, Pin,
-    RangeStats, Residence, Unsettled,
+    AdoptRefusal, Arena, FaultMode, FaultStall, Hmm, HmmConfig, HmmError, ManagedRange,
+    MirroredRange, Pin, RangeStats, Residence, Unsettled,
 };
 
 /// The README's example, compiled with the doc tests so that it stays true.

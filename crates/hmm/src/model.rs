@@ -74,11 +74,15 @@ impl Mirror {
         let notifiers = Notifiers::new();
         let table = Arc::new(Mutex::new(None));
         let t = table.clone();
-        let (_, notifier) = notifiers
-            .register(pages(0, 4), Box::new(move |_: &Invalidation| *t.lock().unwrap() = None));
+        let (_, notifier) = notifiers.register(
+            pages(0, 4),
+            Box::new(move |_: &Invalidation| *t.lock().unwrap() = None),
+            false,
+        );
         let (_, _elsewhere) = notifiers.register(
             pages(8, 2),
             Box::new(|i: &Invalidation| panic!("{i:?} called a notifier it does not overlap")),
+            false,
         );
         Arc::new(Mirror { notifiers, notifier, cpu: AtomicU64::new(1), table })
     }
@@ -164,17 +168,21 @@ fn read_begin_waits_out_an_invalidation_in_progress() {
         let gate = Arc::new((Mutex::new(false), Condvar::new()));
         let called = Arc::new(AtomicU64::new(0));
         let ending = Arc::new(AtomicBool::new(false));
-        let (_, n) = notifiers.register(pages(0, 1), {
-            let (gate, called) = (gate.clone(), called.clone());
-            Box::new(move |i: &Invalidation| {
-                called.store(i.seq, Ordering::SeqCst);
-                let (open, cv) = &*gate;
-                let mut o = open.lock().unwrap();
-                while !*o {
-                    o = cv.wait(o).unwrap();
-                }
-            })
-        });
+        let (_, n) = notifiers.register(
+            pages(0, 1),
+            {
+                let (gate, called) = (gate.clone(), called.clone());
+                Box::new(move |i: &Invalidation| {
+                    called.store(i.seq, Ordering::SeqCst);
+                    let (open, cv) = &*gate;
+                    let mut o = open.lock().unwrap();
+                    while !*o {
+                        o = cv.wait(o).unwrap();
+                    }
+                })
+            },
+            false,
+        );
         let invalidator = thread::spawn({
             let (notifiers, ending) = (notifiers.clone(), ending.clone());
             move || {
@@ -224,20 +232,24 @@ fn a_removed_notifier_is_called_no_more() {
     let test = || {
         let notifiers = Arc::new(Notifiers::new());
         let removed = Arc::new(AtomicBool::new(false));
-        let (key, n) = notifiers.register(pages(0, 2), {
-            let removed = removed.clone();
-            Box::new(move |_: &Invalidation| {
-                assert!(
-                    !removed.load(Ordering::SeqCst),
-                    "a callback ran after its notifier was removed"
-                );
-                thread::yield_now();
-                assert!(
-                    !removed.load(Ordering::SeqCst),
-                    "a notifier's removal returned while its callback ran"
-                );
-            })
-        });
+        let (key, n) = notifiers.register(
+            pages(0, 2),
+            {
+                let removed = removed.clone();
+                Box::new(move |_: &Invalidation| {
+                    assert!(
+                        !removed.load(Ordering::SeqCst),
+                        "a callback ran after its notifier was removed"
+                    );
+                    thread::yield_now();
+                    assert!(
+                        !removed.load(Ordering::SeqCst),
+                        "a notifier's removal returned while its callback ran"
+                    );
+                })
+            },
+            false,
+        );
         let invalidator = thread::spawn({
             let notifiers = notifiers.clone();
             move || {

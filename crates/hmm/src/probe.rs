@@ -396,6 +396,19 @@ fn run_probe() -> Probe {
         detail: result_detail(scratch.as_ref().map(|s| &s.move_ok)),
     });
     features.push(Feature {
+        name: "sigbus-mode",
+        present: has(Features::SIGBUS) && crate::os::sigbus::reports_access(),
+        required: false,
+        used_for: "FaultMode::InThread: a CPU fault served in the faulting thread itself \
+                   (UFFD_FEATURE_SIGBUS and the fault's access type, which x86-64 reports)",
+        if_missing: "FaultMode::InThread: instances serve faults on the fault service thread",
+        detail: (has(Features::SIGBUS) && !crate::os::sigbus::reports_access()).then(|| {
+            "the kernel has it, but this architecture does not report a fault's \
+                      access type to the handler"
+                .to_string()
+        }),
+    });
+    features.push(Feature {
         name: "write-protect",
         present: has(Features::PAGEFAULT_FLAG_WP) && ok(scratch.as_ref().map(|s| &s.wp_register)),
         required: false,

@@ -421,7 +421,11 @@ fn system_memory_running_out_during_a_fault_back_waits_for_memory() {
     let child = hmm::os::process::spawn_child(move || {
         use std::io::{Read, Write};
         let setup = || -> Result<_, hmm::HmmError> {
-            let hmm = Hmm::new()?;
+            // The service's retries are what this test watches.
+            let hmm = Hmm::with_config(hmm::HmmConfig {
+                fault_mode: hmm::FaultMode::Service,
+                ..hmm::HmmConfig::default()
+            })?;
             let mut config = SoftwareDeviceConfig::new("dev", 4 << 20).with_copy_engine(1);
             config.prefault = true;
             let dev = SoftwareDevice::new(&hmm, config)?;

@@ -43,8 +43,10 @@ const LAYERS: &[&str] = &[
     "mirror::range_fault",
     "remap",
     "fork",
-    // The fault service, which drives them from userfaultfd's messages.
+    // The fault service, which drives them from userfaultfd's messages, and
+    // the faults threads serve themselves (FaultMode::InThread).
     "fault",
+    "inthread",
     // What applications and drivers hold.
     "space",
     "observe",

@@ -213,7 +213,13 @@ fn system_calls_and_pins_on_device_resident_buffers() {
         return;
     }
     let _fork = common::fork_lock();
-    let hmm = Hmm::new().unwrap();
+    // The kernel's accesses wait for a fault in this mode only (see
+    // tests/inthread.rs for `FaultMode::InThread`).
+    let hmm = Hmm::with_config(hmm::HmmConfig {
+        fault_mode: hmm::FaultMode::Service,
+        ..hmm::HmmConfig::default()
+    })
+    .unwrap();
     let dev = device(&hmm, "d", 64);
     let r = hmm.alloc(8 * PAGE_SIZE).unwrap();
     let data = pattern(8, 40);

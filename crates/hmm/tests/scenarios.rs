@@ -87,6 +87,16 @@ fn fill_index(r: &hmm::ManagedRange) {
     r.write(0, &index_bytes(r.pages(), 0)).unwrap();
 }
 
+/// An instance in `FaultMode::Service` whatever the environment asks
+/// (`HMM_FAULT_MODE`), for what only that mode promises.
+fn service_mode() -> Hmm {
+    Hmm::with_config(hmm::HmmConfig {
+        fault_mode: hmm::FaultMode::Service,
+        ..hmm::HmmConfig::default()
+    })
+    .unwrap()
+}
+
 /// An instance, a device of `NPAGES` pages, and a range of `NPAGES` pages
 /// holding [`fill_index`] data.
 fn indexed_range() -> (Hmm, SoftwareDevice, hmm::ManagedRange) {
@@ -1075,12 +1085,17 @@ fn anon_write_child_shared() {
 
 /// System calls on device-resident pages work (the kernel's own access
 /// faults them back), and pinning brings pages back and keeps them there.
+/// In `FaultMode::Service`, the mode in which the kernel's accesses wait for
+/// a fault (`FaultMode::InThread` gives that up: tests/inthread.rs).
 #[test]
 fn gup() {
     if common::skip_without_uffd() {
         return;
     }
-    let (hmm, dev, r) = indexed_range();
+    let hmm = service_mode();
+    let dev = device(&hmm, NPAGES);
+    let r = hmm.alloc(NPAGES * PAGE_SIZE).unwrap();
+    fill_index(&r);
     let four = r.pages_range(0, 4).unwrap();
     assert_eq!(dev.migrate_to_device(four).unwrap().migrated, 4);
     // write(2) from pages 0 and 1 into a pipe.

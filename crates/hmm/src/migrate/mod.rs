@@ -236,6 +236,12 @@ impl Migration {
             return Err(HmmError::ShutDown);
         }
         let rec = inner.find_containing(range)?;
+        // Fault-around windows asked for by threads that served their own
+        // faults (`FaultMode::InThread`) are brought back first: a window
+        // asked for before this migration must not take its pages back after.
+        crate::state::poll_until(std::time::Instant::now() + SETTLE_WAIT, || {
+            inner.handovers.is_empty()
+        });
         // Pages another migration holds (most often a fault-around window the
         // fault service is bringing back) are waited for, briefly, rather than
         // skipped: an application's migration should not lose to hmm's own.
@@ -349,6 +355,50 @@ impl Migration {
         me.unmap_coherent();
         me.isolate()?;
         Ok(me)
+    }
+
+    /// The one-page fault-back a thread began in its `SIGBUS` handler and
+    /// handed over (see `crate::inthread`): the record of `addr` is held
+    /// (migrating) from device page `page`, whose bytes the thread installed
+    /// at `addr` if `installed`. Finalizing it commits or aborts the page by
+    /// the rules of every migration.
+    pub(crate) fn handed_over(
+        inner: &Arc<Inner>,
+        rec: Arc<Range>,
+        addr: VirtAddr,
+        page: DevicePage,
+        installed: bool,
+    ) -> Self {
+        let range = PageRange::from_pages(addr, 1).expect("one page");
+        let first = rec.index(addr);
+        let status = match installed {
+            true => PageStatus::Migrated,
+            false => PageStatus::Skipped(SkipReason::Busy),
+        };
+        let slot = Slot {
+            src: Src::Device(page),
+            dst: None,
+            status,
+            held: true,
+            cpu_unmapped: false,
+            cpu_mapped: false,
+        };
+        Migration {
+            inner: inner.clone(),
+            rec,
+            range,
+            first,
+            select: Selection::Device(page.dev),
+            slots: vec![slot],
+            staging: None,
+            in_flight: None,
+            sources_kept: true,
+            finalized: false,
+            map_for_cpu: true,
+            trace: None,
+            keep: range,
+            evicted: 0,
+        }
     }
 
     /// Takes the collected coherent pages that the CPU maps off its page

@@ -8,7 +8,6 @@ use super::{Migration, MigrationReport, Selection};
 use crate::addr::{PAGE_SIZE, PageRange, VirtAddr};
 use crate::devmem::DeviceMemory;
 use crate::error::{HmmError, SkipReason};
-use crate::os::mm::Advise;
 use crate::page::DeviceId;
 use crate::state::{Inner, Range, devices_of, runs_of};
 
@@ -49,7 +48,7 @@ impl Inner {
         if mem.is_released() {
             return Err(self.unknown_device(mem.id()));
         }
-        let rec = self.find_managed(range, "migrate to a device")?;
+        self.find_managed(range, "migrate to a device")?;
         self.check_accessible(range, "migrate to a device")?;
         let mut report = self.migrate_to_device_once(range, mem, engine, map_for_cpu)?;
         // A page the kernel would not move because this process does not
@@ -70,7 +69,7 @@ impl Inner {
         }
         report.skipped.retain(|(_, r)| *r != SkipReason::Busy);
         for run in runs_of(&busy) {
-            if rec.mapping().advise(run, Advise::PopulateWrite).is_ok() {
+            if self.populate(run, true).is_ok() {
                 report.append(self.migrate_to_device_once(run, mem, engine, map_for_cpu)?);
             } else {
                 let page = |i| VirtAddr::new(run.start().get() + i * PAGE_SIZE);

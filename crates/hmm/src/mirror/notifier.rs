@@ -57,6 +57,9 @@ pub(crate) struct NotifierState {
     busy: Mutex<Busy>,
     idle: Condvar,
     callback: Callback,
+    /// The callback keeps the rules of a `SIGBUS` handler (see
+    /// [`Notifiers::invalidate_in_thread`]).
+    in_thread: bool,
 }
 
 /// A notifier's invalidations in progress and the threads waiting for them
@@ -184,6 +187,42 @@ impl Notifiers {
         self.start(range, event).0.len()
     }
 
+    /// [`invalidate`](Self::invalidate) from a `SIGBUS` handler
+    /// (`FaultMode::InThread`, see `crate::inthread`): allocates and frees
+    /// nothing, and holds the tree's lock throughout (so no notifier is
+    /// removed, and freed, under it). Does nothing and returns false if a
+    /// notifier over `range` was not inserted for this
+    /// ([`Hmm::insert_notifier_in_thread`](crate::Hmm::insert_notifier_in_thread)).
+    pub(crate) fn invalidate_in_thread(&self, range: PageRange, event: InvalidationEvent) -> bool {
+        let tree = self.tree.read().unwrap_or_else(|e| e.into_inner());
+        let (start, end) = (range.start().get(), range.end().get());
+        let (mut hits, mut all_in_thread) = (0, true);
+        tree.for_each_overlapping(start, end, |_, _, _, n| {
+            hits += 1;
+            all_in_thread &= n.in_thread;
+        });
+        if hits == 0 {
+            return true;
+        }
+        if !all_in_thread {
+            return false;
+        }
+        let seq = self.seq.fetch_add(2, Ordering::AcqRel) + 2;
+        tree.for_each_overlapping(start, end, |_, _, _, n| {
+            let mut busy = n.busy.lock().unwrap_or_else(|e| e.into_inner());
+            busy.running += 1;
+            n.seq.store(seq, Ordering::Release);
+        });
+        tree.for_each_overlapping(start, end, |_, _, _, n| {
+            let s = range.start().max(n.range.start());
+            let e = range.end().min(n.range.end());
+            let part = PageRange::new(s, e.get() - s.get()).expect("overlap");
+            (n.callback)(&Invalidation { range: part, event, seq });
+        });
+        tree.for_each_overlapping(start, end, |_, _, _, n| n.end());
+        true
+    }
+
     /// Invalidates everything (shut-down).
     pub(crate) fn invalidate_all(&self, event: InvalidationEvent) -> usize {
         self.invalidate(address_space(), event)
@@ -199,6 +238,7 @@ impl Notifiers {
         &self,
         range: PageRange,
         callback: Callback,
+        in_thread: bool,
     ) -> (IntervalKey, Arc<NotifierState>) {
         let state = Arc::new(NotifierState {
             range,
@@ -206,6 +246,7 @@ impl Notifiers {
             busy: Mutex::new(Busy::default()),
             idle: Condvar::new(),
             callback,
+            in_thread,
         });
         let key = self.tree.write().unwrap_or_else(|e| e.into_inner()).insert(
             range.start().get(),
@@ -261,8 +302,9 @@ impl IntervalNotifier {
         notifiers: &Arc<Notifiers>,
         range: PageRange,
         callback: Callback,
+        in_thread: bool,
     ) -> IntervalNotifier {
-        let (key, state) = notifiers.register(range, callback);
+        let (key, state) = notifiers.register(range, callback, in_thread);
         IntervalNotifier { notifiers: notifiers.clone(), key, state }
     }
 

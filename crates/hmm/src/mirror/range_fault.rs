@@ -244,7 +244,7 @@ impl Inner {
             }
         }
         for (run, write) in &pending.populate {
-            if let Err(e) = crate::os::vm::populate(*run, *write) {
+            if let Err(e) = self.populate(*run, *write) {
                 let errno = match &e {
                     crate::os::mm::MmError::Advise { errno, .. } => *errno,
                     _ => rustix::io::Errno::FAULT,

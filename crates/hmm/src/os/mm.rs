@@ -703,6 +703,17 @@ impl Mapping {
         Ok(())
     }
 
+    /// Writes one byte's own value back with one atomic read-modify-write
+    /// (adding zero): a CPU write touch of that page that changes no byte,
+    /// even under concurrent writers.
+    pub fn touch_keep(&self, offset: usize) -> Result<(), RangeError> {
+        let a = self.access(offset, 1)?;
+        let p = a.ptr;
+        // SAFETY: inside the live mapping, accessed atomically (see `read`).
+        unsafe { AtomicU8::from_ptr(p) }.fetch_add(0, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// `madvise` over `range`, which must lie inside this mapping.
     pub fn advise(&self, range: PageRange, advice: Advise) -> Result<(), MmError> {
         let _a = self.access_range(range)?;

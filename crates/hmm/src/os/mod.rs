@@ -27,6 +27,7 @@ pub mod maps;
 pub mod mm;
 pub mod pagemap;
 pub mod process;
+pub mod sigbus;
 pub(crate) mod sys;
 pub mod uffd;
 pub mod vm;

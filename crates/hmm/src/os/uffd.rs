@@ -59,6 +59,7 @@
 
 use std::fmt;
 use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{RwLock, RwLockReadGuard};
 use std::time::Duration;
 
@@ -678,6 +679,9 @@ pub struct Uffd {
     fd: RwLock<Option<OwnedFd>>,
     features: Features,
     origin: UffdOrigin,
+    /// In SIGBUS mode, the threads waiting in their handlers (see
+    /// [`Uffd::with_waiters`]).
+    waiters: Option<Box<Waiters>>,
 }
 
 /// An ioctl with a pointer argument whose integer result is returned.
@@ -818,7 +822,9 @@ impl Uffd {
         loop {
             let (fd, origin, _) = create(opts.nonblocking, opts.allow_user_mode_only)?;
             match api(&fd, features) {
-                Ok(_) => return Ok(Uffd { fd: RwLock::new(Some(fd)), features, origin }),
+                Ok(_) => {
+                    return Ok(Uffd { fd: RwLock::new(Some(fd)), features, origin, waiters: None });
+                }
                 // EVENT_FORK needs CAP_SYS_PTRACE; merely wanted, it is dropped
                 // (on a fresh descriptor: the handshake is made once).
                 Err(Errno::PERM)
@@ -848,6 +854,9 @@ impl Uffd {
     pub fn close(&self) {
         let fd = self.fd.write().unwrap_or_else(|e| e.into_inner()).take();
         drop(fd);
+        if let Some(w) = &self.waiters {
+            w.release_all();
+        }
     }
 
     /// Whether [`close`](Self::close) was called.
@@ -895,7 +904,13 @@ impl Uffd {
     }
 
     /// Wakes threads waiting on faults in `range` (after `DONTWAKE` fills).
+    /// In SIGBUS mode no thread waits in the kernel: this releases the
+    /// threads waiting in their handlers instead (see [`Waiters`]).
     pub fn wake(&self, range: PageRange) -> Result<(), UffdError> {
+        if let Some(w) = &self.waiters {
+            w.release(range);
+            return Ok(());
+        }
         let g = self.guard();
         let fd = g.as_ref().ok_or(UffdError::Closed)?;
         let mut arg = raw_range(range);
@@ -914,7 +929,10 @@ impl Uffd {
     /// Removes write protection from `range`, waking blocked writers unless
     /// `dont_wake`.
     pub fn write_unprotect(&self, range: PageRange, dont_wake: bool) -> Result<(), UffdError> {
-        self.writeprotect(range, mode(&[(dont_wake, sys::UFFDIO_WRITEPROTECT_MODE_DONTWAKE)]))
+        let res =
+            self.writeprotect(range, mode(&[(dont_wake, sys::UFFDIO_WRITEPROTECT_MODE_DONTWAKE)]));
+        self.woke(range, dont_wake);
+        res
     }
 
     // The kernel refuses WP together with DONTWAKE (protecting wakes no one), which
@@ -1000,14 +1018,19 @@ impl Uffd {
             mode,
             copy: 0,
         };
-        self.fill(FillOp::Copy, sys::UFFDIO_COPY, dst.len(), &mut arg, |a| a.copy)
+        let res = self.fill(FillOp::Copy, sys::UFFDIO_COPY, dst.len(), &mut arg, |a| a.copy);
+        self.woke(dst, dont_wake);
+        res
     }
 
     /// `UFFDIO_ZEROPAGE`: maps the zero page at the missing pages of `dst`.
     pub fn zeropage(&self, dst: PageRange, dont_wake: bool) -> Result<Filled, FillError> {
         let mode = mode(&[(dont_wake, sys::UFFDIO_ZEROPAGE_MODE_DONTWAKE)]);
         let mut arg = sys::uffdio_zeropage { range: raw_range(dst), mode, zeropage: 0 };
-        self.fill(FillOp::ZeroPage, sys::UFFDIO_ZEROPAGE, dst.len(), &mut arg, |a| a.zeropage)
+        let res =
+            self.fill(FillOp::ZeroPage, sys::UFFDIO_ZEROPAGE, dst.len(), &mut arg, |a| a.zeropage);
+        self.woke(dst, dont_wake);
+        res
     }
 
     /// Whether an address-space change (unmap, discard, remap, fork) of
@@ -1050,14 +1073,19 @@ impl Uffd {
             (write_protect, sys::UFFDIO_CONTINUE_MODE_WP),
         ]);
         let mut arg = sys::uffdio_continue { range: raw_range(dst), mode, mapped: 0 };
-        self.fill(FillOp::Continue, sys::UFFDIO_CONTINUE, dst.len(), &mut arg, |a| a.mapped)
+        let res =
+            self.fill(FillOp::Continue, sys::UFFDIO_CONTINUE, dst.len(), &mut arg, |a| a.mapped);
+        self.woke(dst, dont_wake);
+        res
     }
 
     /// `UFFDIO_POISON`: marks the missing pages of `dst` poisoned; a touch gets SIGBUS.
     pub fn poison(&self, dst: PageRange, dont_wake: bool) -> Result<Filled, FillError> {
         let mode = mode(&[(dont_wake, sys::UFFDIO_POISON_MODE_DONTWAKE)]);
         let mut arg = sys::uffdio_poison { range: raw_range(dst), mode, updated: 0 };
-        self.fill(FillOp::Poison, sys::UFFDIO_POISON, dst.len(), &mut arg, |a| a.updated)
+        let res = self.fill(FillOp::Poison, sys::UFFDIO_POISON, dst.len(), &mut arg, |a| a.updated);
+        self.woke(dst, dont_wake);
+        res
     }
 
     /// `UFFDIO_MOVE`: moves the pages of `src_range` (inside the mapping `src`) to
@@ -1085,7 +1113,9 @@ impl Uffd {
             mode,
             move_: 0,
         };
-        self.fill(FillOp::Move, sys::UFFDIO_MOVE, dst.len(), &mut arg, |a| a.move_)
+        let res = self.fill(FillOp::Move, sys::UFFDIO_MOVE, dst.len(), &mut arg, |a| a.move_);
+        self.woke(dst, dont_wake);
+        res
     }
 
     /// Like [`move_pages`](Self::move_pages), retrying partial results while the
@@ -1180,16 +1210,28 @@ impl Uffd {
     ///
     /// Allocates nothing when `out` has room for `max` more events (see the fork
     /// hazard in the module docs).
+    ///
+    /// In SIGBUS mode the faults that threads handed over from their handlers
+    /// ([`wait_in_thread`](Self::wait_in_thread)) come first, as `PageFault`
+    /// messages.
     pub fn read_events(&self, out: &mut Vec<UffdEvent>, max: usize) -> Result<usize, UffdError> {
         let max = max.clamp(1, 64);
+        let handed = match &self.waiters {
+            Some(w) => w.take_ready(out, max),
+            None => 0,
+        };
+        let room = max - handed;
+        if room == 0 {
+            return Ok(handed);
+        }
         let mut buf = [0u8; MSG_SIZE * 64];
         let n = {
             let g = self.guard();
             let fd = g.as_ref().ok_or(UffdError::Closed)?;
             loop {
-                match rustix::io::read(fd, &mut buf[..max * MSG_SIZE]) {
+                match rustix::io::read(fd, &mut buf[..room * MSG_SIZE]) {
                     Ok(n) => break n,
-                    Err(Errno::AGAIN) => return Ok(0),
+                    Err(Errno::AGAIN) => return Ok(handed),
                     Err(Errno::INTR) => continue,
                     Err(e) => return Err(UffdError::Read(e)),
                 }
@@ -1213,6 +1255,7 @@ impl Uffd {
                             fd: RwLock::new(Some(fd)),
                             features: self.features,
                             origin: self.origin,
+                            waiters: None,
                         },
                     }
                 }
@@ -1227,7 +1270,229 @@ impl Uffd {
             out.push(ev);
             count += 1;
         }
-        Ok(count)
+        Ok(handed + count)
+    }
+
+    /// Turns on SIGBUS mode's waiting room: a descriptor opened with
+    /// `UFFD_FEATURE_SIGBUS` whose faults threads hand over from their
+    /// `SIGBUS` handlers ([`wait_in_thread`](Self::wait_in_thread)) to the
+    /// thread that reads its messages.
+    pub fn with_waiters(mut self) -> Result<Self, UffdError> {
+        if !self.features.contains(Features::SIGBUS) {
+            return Err(UffdError::MissingFeatures(Features::SIGBUS));
+        }
+        self.waiters = Some(Box::new(Waiters::new()));
+        Ok(self)
+    }
+
+    /// Whether threads wait in their handlers (SIGBUS mode) rather than in
+    /// the kernel.
+    pub fn waits_in_thread(&self) -> bool {
+        self.waiters.is_some()
+    }
+
+    /// SIGBUS mode: hands the fault at `addr` to the thread that reads this
+    /// descriptor's messages (it reads it as a `PageFault` message, after
+    /// `notify` tells it to look) and waits until a wake or fill covers the
+    /// page, as the kernel would have kept the thread. Returns false, at
+    /// once, if every seat of the waiting room is taken (the caller lets the
+    /// instruction fault again) or the descriptor has no waiting room.
+    ///
+    /// Async-signal-safe: atomics, `notify`, and futex waits of at most
+    /// [`WAITER_NAP`] each, rechecking that the descriptor is open.
+    pub fn wait_in_thread(&self, addr: VirtAddr, flags: FaultFlags, notify: impl Fn()) -> Waited {
+        let Some(w) = &self.waiters else { return Waited::NoSeat };
+        let Some(seat) = w.claim(addr.page_down(), flags) else { return Waited::NoSeat };
+        notify();
+        let waited = loop {
+            let state = seat.state.load(Ordering::Acquire);
+            if state == SEAT_DONE {
+                break Waited::Woken;
+            }
+            if state == SEAT_REFUSED {
+                break Waited::Refused;
+            }
+            if w.closed.load(Ordering::Acquire) != 0 {
+                break Waited::Woken;
+            }
+            super::sigbus::futex_wait(&seat.state, state, Some(WAITER_NAP));
+        };
+        seat.state.store(SEAT_FREE, Ordering::Release);
+        waited
+    }
+
+    /// SIGBUS mode: the reader cannot serve the faults on `range` (no fill
+    /// reaches the address: it is not, or no longer, registered memory, such
+    /// as a device's file mapping hmm put there): the threads waiting on it
+    /// let their signal go on, as the kernel would have raised it without
+    /// userfaultfd. Without a waiting room, a wake.
+    pub fn refuse(&self, range: PageRange) {
+        match &self.waiters {
+            Some(w) => w.finish(range, SEAT_REFUSED),
+            None => {
+                let _ = self.wake(range);
+            }
+        }
+    }
+
+    /// Releases the threads waiting in their handlers on `range`, unless the
+    /// fill asked not to wake.
+    fn woke(&self, range: PageRange, dont_wake: bool) {
+        if !dont_wake && let Some(w) = &self.waiters {
+            w.release(range);
+        }
+    }
+}
+
+/// How long a thread waiting in its handler sleeps before it looks again
+/// whether its descriptor was closed.
+pub const WAITER_NAP: Duration = Duration::from_millis(100);
+
+/// Seats in SIGBUS mode's waiting room: threads waiting at once. A thread
+/// that finds none free lets its instruction fault again.
+const SEATS: usize = 256;
+
+const SEAT_FREE: u32 = 0;
+/// Taken; the address is being written.
+const SEAT_CLAIMED: u32 = 1;
+/// Waiting to be read as a message.
+const SEAT_READY: u32 = 2;
+/// Read as a message; waiting for its wake.
+const SEAT_READ: u32 = 3;
+/// Woken: the thread leaves its handler and frees the seat.
+const SEAT_DONE: u32 = 4;
+/// Refused: the thread lets its signal go on, and frees the seat.
+const SEAT_REFUSED: u32 = 5;
+
+/// How a wait in the waiting room ended ([`Uffd::wait_in_thread`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Waited {
+    /// A wake or fill covered the page (or the descriptor closed): the
+    /// instruction runs again.
+    Woken,
+    /// The reader could not serve the fault ([`Uffd::refuse`]).
+    Refused,
+    /// No seat was free (or there is no waiting room): nothing was handed over.
+    NoSeat,
+}
+
+/// One thread waiting in its handler.
+struct Seat {
+    state: AtomicU32,
+    addr: AtomicUsize,
+    /// Bit 0: write; bit 1: write-protect fault.
+    flags: AtomicU32,
+}
+
+/// SIGBUS mode's stand-in for the kernel's fault wait queue: threads whose
+/// fault their handler cannot serve itself wait here, as they would in the
+/// kernel in the normal mode, and every wake or waking fill of their page
+/// releases them, as it would have woken them there.
+///
+/// The same ordering holds as in the kernel: a seat is ready before the
+/// reader is told to look, so a wake that comes after the fault was read
+/// finds it; a wake that comes before the seat was taken finds nothing, and
+/// the reader then serves a page that is already there (`EEXIST`: success),
+/// waking the seat itself.
+struct Waiters {
+    seats: Box<[Seat]>,
+    /// Where the next claim starts looking (spreads threads over the seats).
+    next: AtomicUsize,
+    closed: AtomicU32,
+}
+
+impl fmt::Debug for Waiters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let waiting =
+            self.seats.iter().filter(|s| s.state.load(Ordering::Relaxed) != SEAT_FREE).count();
+        f.debug_struct("Waiters").field("waiting", &waiting).finish()
+    }
+}
+
+impl Waiters {
+    fn new() -> Self {
+        let seats = (0..SEATS)
+            .map(|_| Seat {
+                state: AtomicU32::new(SEAT_FREE),
+                addr: AtomicUsize::new(0),
+                flags: AtomicU32::new(0),
+            })
+            .collect();
+        Self { seats, next: AtomicUsize::new(0), closed: AtomicU32::new(0) }
+    }
+
+    fn claim(&self, page: VirtAddr, flags: FaultFlags) -> Option<&Seat> {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        for k in 0..SEATS {
+            let seat = &self.seats[(start + k) % SEATS];
+            if seat
+                .state
+                .compare_exchange(SEAT_FREE, SEAT_CLAIMED, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+            {
+                seat.addr.store(page.get(), Ordering::Relaxed);
+                let bits = u32::from(flags.write) | u32::from(flags.wp) << 1;
+                seat.flags.store(bits, Ordering::Relaxed);
+                seat.state.store(SEAT_READY, Ordering::SeqCst);
+                return Some(seat);
+            }
+        }
+        None
+    }
+
+    /// Moves the ready seats (at most `max`) into `out` as messages.
+    fn take_ready(&self, out: &mut Vec<UffdEvent>, max: usize) -> usize {
+        let mut n = 0;
+        for seat in self.seats.iter() {
+            if n == max {
+                break;
+            }
+            if seat
+                .state
+                .compare_exchange(SEAT_READY, SEAT_READ, Ordering::SeqCst, Ordering::Relaxed)
+                .is_ok()
+            {
+                let bits = seat.flags.load(Ordering::Relaxed);
+                out.push(UffdEvent::PageFault {
+                    addr: VirtAddr::new(seat.addr.load(Ordering::Relaxed)),
+                    flags: FaultFlags { write: bits & 1 != 0, wp: bits & 2 != 0, minor: false },
+                    thread: None,
+                });
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Wakes the seats whose page lies in `range`.
+    fn release(&self, range: PageRange) {
+        self.finish(range, SEAT_DONE);
+    }
+
+    /// Ends the waits on `range` with `end` (done or refused).
+    fn finish(&self, range: PageRange, end: u32) {
+        let (lo, hi) = (range.start().get(), range.end().get());
+        for seat in self.seats.iter() {
+            let s = seat.state.load(Ordering::SeqCst);
+            if s != SEAT_READY && s != SEAT_READ {
+                continue;
+            }
+            let a = seat.addr.load(Ordering::Relaxed);
+            if a < lo || a >= hi {
+                continue;
+            }
+            if seat.state.compare_exchange(s, end, Ordering::SeqCst, Ordering::Relaxed).is_ok() {
+                super::sigbus::futex_wake(&seat.state);
+            }
+        }
+    }
+
+    /// Releases every seat, for good (the descriptor is closing).
+    fn release_all(&self) {
+        self.closed.store(1, Ordering::SeqCst);
+        for seat in self.seats.iter() {
+            super::sigbus::futex_wake(&seat.state);
+        }
     }
 }
 

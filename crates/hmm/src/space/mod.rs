@@ -23,7 +23,7 @@ use crate::state::{Inner, Range, devices_of, for_each_run, mapped_runs};
 
 pub use self::range::{FaultStall, ManagedRange, MirroredRange, Pin};
 pub use crate::error::{AdoptRefusal, HmmError, Unsettled};
-pub use crate::state::{HmmConfig, RangeStats, Residence};
+pub use crate::state::{FaultMode, HmmConfig, RangeStats, Residence};
 
 /// How long shutdown waits for the fault service to stop.
 const SERVICE_STOP: Duration = Duration::from_secs(30);
@@ -80,7 +80,12 @@ impl Hmm {
         if inner.uffd.features().contains(Features::EVENT_FORK) {
             crate::fork::register(&inner);
         }
-        Ok(Self { inner })
+        let me = Self { inner };
+        if me.inner.config.fault_mode == FaultMode::InThread {
+            // On error the instance is dropped, and shut down, here.
+            crate::inthread::enable(&me.inner)?;
+        }
+        Ok(me)
     }
 
     /// The configuration.
@@ -410,6 +415,16 @@ impl Hmm {
         (c.faults_read.load(Ordering::Relaxed), c.fault_retries_no_memory.load(Ordering::Relaxed))
     }
 
+    /// With [`FaultMode::InThread`]: the fault-backs threads served in their
+    /// own `SIGBUS` handlers, and the faults they handed to the fault
+    /// service instead (never-populated pages, pages mid-migration, pages a
+    /// mirror covers, drivers without an in-thread copy; see DESIGN.md,
+    /// "Fault modes"). Both 0 in [`FaultMode::Service`].
+    pub fn in_thread_faults(&self) -> (u64, u64) {
+        let c = &self.inner.counters;
+        (c.faults_in_thread.load(Ordering::Relaxed), c.faults_handed_over.load(Ordering::Relaxed))
+    }
+
     /// CPU writes caught on pages a device mapped read-only (each invalidated
     /// the mirrors before it landed).
     pub fn tracked_writes(&self) -> u64 {
@@ -455,7 +470,25 @@ impl Hmm {
         range: PageRange,
         callback: impl Fn(&Invalidation) + Send + Sync + 'static,
     ) -> IntervalNotifier {
-        IntervalNotifier::insert(&self.inner.notifiers, range, Box::new(callback))
+        IntervalNotifier::insert(&self.inner.notifiers, range, Box::new(callback), false)
+    }
+
+    /// [`insert_notifier`](Self::insert_notifier) with a callback that may
+    /// run in a `SIGBUS` handler: in [`FaultMode::InThread`] a thread that
+    /// brings a device page back itself invalidates the page's mirrors from
+    /// its handler (a one-page [`InvalidationEvent::Migrate`]), which it can
+    /// do only if every notifier over the page was inserted this way (a page
+    /// under any other goes to the fault service). The callback then keeps
+    /// a handler's rules: it neither allocates nor frees, takes no lock that
+    /// code touching managed memory could hold (a device page table's own
+    /// lock qualifies when no access under it touches managed memory
+    /// directly), and does not insert or drop notifiers.
+    pub fn insert_notifier_in_thread(
+        &self,
+        range: PageRange,
+        callback: impl Fn(&Invalidation) + Send + Sync + 'static,
+    ) -> IntervalNotifier {
+        IntervalNotifier::insert(&self.inner.notifiers, range, Box::new(callback), true)
     }
 
     /// Notifiers inserted and not yet dropped: the application's and its
@@ -613,6 +646,7 @@ impl Inner {
         }
         self.ranges.write().unwrap_or_else(|e| e.into_inner()).clear();
         self.uffd.close();
+        crate::inthread::disable(self);
         self.staging_uffd.close();
     }
 }

@@ -183,6 +183,25 @@ impl ManagedRange {
         self.inner.protect(self.range.mapping(), part, prot)
     }
 
+    /// Makes every page of `part` present in system memory, for write: its
+    /// device pages come back and the rest is faulted in. What a kernel
+    /// access to the memory (`read(2)` into it, `write(2)` from it) needs in
+    /// [`FaultMode::InThread`](crate::FaultMode::InThread), where the kernel
+    /// cannot wait for a fault and fails with `EFAULT` instead. A migration
+    /// may take the pages again afterwards: [`pin`](Self::pin) keeps them.
+    pub fn populate(&self, part: PageRange) -> Result<(), HmmError> {
+        self.range.mapping().check(part).map_err(MmError::from)?;
+        let first = self.range.index(part.start());
+        let idx = first..first + part.pages();
+        let devs = devices_of(&self.range.lock(), idx);
+        for dev in devs {
+            if let Some(mem) = self.inner.device(dev) {
+                self.inner.migrate_to_system(part, &mem, mem.ops().dma())?;
+            }
+        }
+        Ok(self.inner.populate(part, true)?)
+    }
+
     /// Pins `part` in system memory, for DMA by another driver or `O_DIRECT`
     /// I/O (the kernel's long-term pin): its device pages come back first,
     /// never-populated pages are populated, and until the [`Pin`] is dropped
@@ -214,7 +233,7 @@ impl ManagedRange {
                     self.inner.migrate_to_system(part, &mem, mem.ops().dma())?;
                 }
             }
-            self.range.mapping().advise(part, Advise::PopulateWrite)?;
+            self.inner.populate(part, true)?;
             let t = self.range.lock();
             let settled = !t.any(idx.clone(), |e| {
                 e.is_migrating() || !matches!(e.residency(), Residency::System | Residency::None)

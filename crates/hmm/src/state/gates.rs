@@ -97,6 +97,13 @@ impl Batches {
         self.handled.notify_all();
     }
 
+    /// Whether every batch begun so far is handled: no message read is
+    /// waiting to be acted on.
+    pub(crate) fn is_idle(&self) -> bool {
+        let target = self.begun.load(Ordering::SeqCst);
+        *self.done.lock().unwrap_or_else(|e| e.into_inner()) >= target
+    }
+
     /// Waits (up to `limit`) until every batch begun so far is handled.
     /// Returns whether they were.
     pub(crate) fn wait_handled(&self, limit: Duration) -> bool {
@@ -130,6 +137,12 @@ enum Stall {
 impl StallGate {
     fn lock(&self) -> std::sync::MutexGuard<'_, Stall> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the next fault is to stall (a thread serving its own fault
+    /// then hands it to the service, where the stall is).
+    pub(crate) fn is_armed(&self) -> bool {
+        self.armed.load(Ordering::SeqCst)
     }
 
     pub(crate) fn arm(&self) {
@@ -231,6 +244,11 @@ pub(crate) struct Installs {
 }
 
 impl Installs {
+    /// Whether a fork is under way (pages committed now must be noted).
+    pub(crate) fn is_open(&self) -> bool {
+        self.open.load(Ordering::SeqCst)
+    }
+
     pub(crate) fn open(&self) {
         self.pages.lock().unwrap_or_else(|e| e.into_inner()).clear();
         self.open.store(true, Ordering::SeqCst);

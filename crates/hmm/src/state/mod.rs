@@ -22,6 +22,7 @@
 
 mod forwards;
 mod gates;
+mod handover;
 mod range;
 mod registry;
 
@@ -32,7 +33,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::addr::{PageRange, VirtAddr};
+use crate::addr::{PAGE_SIZE, PageRange, VirtAddr};
 use crate::devmem::{DeviceMemory, DeviceMemoryConfig, DeviceMemoryError, DevicePagemapOps};
 use crate::dma::SystemSink;
 use crate::error::{AdoptRefusal, HmmError, Unsettled};
@@ -49,6 +50,7 @@ pub(crate) use gates::{
     Batches, Copies, FORK_WAIT, ForkGate, Installs, StallGate, mark_service_thread,
     on_service_thread, poll_until,
 };
+pub(crate) use handover::{HANDOVER_ROOM, Handover, Handovers};
 pub(crate) use range::{
     OwnChange, Range, RangeCounters, devices_of, for_each_run, mapped_runs, runs_of, runs_where,
 };
@@ -62,12 +64,46 @@ pub struct HmmConfig {
     pub fault_around_pages: usize,
     /// Never-populated pages zero-filled around a first touch.
     pub zero_fill_around_pages: usize,
+    /// Who serves a CPU touch of a page hmm keeps elsewhere.
+    pub fault_mode: FaultMode,
 }
 
 impl Default for HmmConfig {
+    /// 128 pages of fault-around, 64 of zero-fill-around, and the fault mode
+    /// the environment names (`HMM_FAULT_MODE=in-thread`, else
+    /// [`FaultMode::Service`]): a program, or a whole test suite, can be run
+    /// in the other mode without a change.
     fn default() -> Self {
-        Self { fault_around_pages: 128, zero_fill_around_pages: 64 }
+        let fault_mode = match std::env::var("HMM_FAULT_MODE").as_deref() {
+            Ok("in-thread") => FaultMode::InThread,
+            _ => FaultMode::Service,
+        };
+        Self { fault_around_pages: 128, zero_fill_around_pages: 64, fault_mode }
     }
+}
+
+/// Who serves a CPU touch of a page hmm keeps elsewhere (see DESIGN.md,
+/// "Fault modes").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FaultMode {
+    /// The kernel queues the fault and puts the thread to sleep; hmm's fault
+    /// service thread reads it, brings the page back and wakes the thread
+    /// (userfaultfd's normal mode). Kernel accesses (`read(2)` into managed
+    /// memory, say) wait for the page like the thread's own touches.
+    #[default]
+    Service,
+    /// The touching thread brings a device page back itself, in a `SIGBUS`
+    /// handler (userfaultfd's SIGBUS mode): no second thread is woken, so a
+    /// fault-back costs about what the kernel's own swap-in does. Gives up:
+    /// a kernel access to a page that is not in system memory fails with
+    /// `EFAULT` instead of waiting (bring such buffers back first, with
+    /// [`ManagedRange::migrate_to_system`](crate::ManagedRange::migrate_to_system));
+    /// the process's `SIGBUS` handler is hmm's (it hands other signals on to
+    /// the one installed before it: install yours before the instance is
+    /// made, never after). Needs x86-64 and a kernel with
+    /// `UFFD_FEATURE_SIGBUS`; what the handler cannot do alone it hands to
+    /// the fault service, as in [`Service`](Self::Service).
+    InThread,
 }
 
 impl HmmConfig {
@@ -84,6 +120,10 @@ pub(crate) struct HmmCounters {
     pub(crate) forks: AtomicU64,
     pub(crate) fork_pages: AtomicU64,
     pub(crate) remaps_forwarded: AtomicU64,
+    /// Fault-backs a thread served in its own handler (`FaultMode::InThread`).
+    pub(crate) faults_in_thread: AtomicU64,
+    /// Faults a thread handed to the service from its handler.
+    pub(crate) faults_handed_over: AtomicU64,
 }
 
 /// The state shared by an [`Hmm`](crate::Hmm) handle, its ranges, devices and fault service.
@@ -147,10 +187,13 @@ pub(crate) struct Inner {
     unmapping: Mutex<Vec<PageRange>>,
     /// The process this instance runs in: a forked child has a copy of it,
     /// but none of its threads, and must never wait for them.
-    pid: u32,
+    pub(crate) pid: u32,
     vma_query: OnceLock<VmaQuery>,
     pagemap: OnceLock<Pagemap>,
     pub(crate) service: Mutex<Option<JoinHandle<()>>>,
+    /// What threads serving their own faults leave to the service
+    /// (`FaultMode::InThread`).
+    pub(crate) handovers: Handovers,
 }
 
 /// Unmaps read and not yet handled that hmm keeps track of (far more than a
@@ -184,6 +227,18 @@ impl Inner {
     /// memory that is populated already, migrating it) works; a CPU touch of
     /// a page hmm holds elsewhere would wait for a service.
     pub(crate) fn new(config: HmmConfig) -> Result<Arc<Self>, HmmError> {
+        let in_thread = config.fault_mode == FaultMode::InThread;
+        if in_thread && !crate::os::sigbus::reports_access() {
+            return Err(HmmError::Config(
+                "FaultMode::InThread needs the fault's access type, which only x86-64 reports \
+                 to a SIGBUS handler: use FaultMode::Service here"
+                    .into(),
+            ));
+        }
+        let required = match in_thread {
+            true => Features::MOVE | Features::SIGBUS,
+            false => Features::MOVE,
+        };
         let uffd = Uffd::open(UffdOptions {
             wanted: Features::EVENT_UNMAP
                 | Features::EVENT_FORK
@@ -191,10 +246,11 @@ impl Inner {
                 | Features::EVENT_REMAP
                 | Features::POISON
                 | Features::THREAD_ID,
-            required: Features::MOVE,
+            required,
             nonblocking: true,
             allow_user_mode_only: false,
         })?;
+        let uffd = if in_thread { uffd.with_waiters()? } else { uffd };
         let staging_uffd = Uffd::open(UffdOptions {
             wanted: Features::SIGBUS,
             required: Features::MOVE,
@@ -233,6 +289,7 @@ impl Inner {
             unmapping: Mutex::new(Vec::with_capacity(UNMAPPING_ROOM)),
             pid: std::process::id(),
             service: Mutex::new(None),
+            handovers: Handovers::default(),
         }))
     }
 
@@ -508,6 +565,9 @@ impl Inner {
         }) {
             return Err(Unsettled::Discards);
         }
+        if !crate::state::poll_until(deadline, || self.handovers.is_empty()) {
+            return Err(Unsettled::Handovers);
+        }
         Ok(())
     }
 
@@ -761,6 +821,38 @@ impl Inner {
     pub(crate) fn device(&self, id: DeviceId) -> Option<Arc<DeviceMemory>> {
         let devs = self.devices.read().unwrap_or_else(|e| e.into_inner());
         devs.get(id.index()).and_then(Clone::clone)
+    }
+
+    /// Faults in `run` (`MADV_POPULATE_READ`, or `_WRITE`), as the kernel
+    /// does for a device's fault or a pin. In SIGBUS mode
+    /// (`FaultMode::InThread`) the kernel's fault-in of a page userfaultfd
+    /// reports fails with `EFAULT` instead of waiting: the pages hmm records
+    /// empty, in system memory or mid-migration are then touched from this
+    /// thread (a read, or a write that changes no byte), whose `SIGBUS`
+    /// handler has each served as the kernel would have, and the run is
+    /// populated again. Pages on a device or poisoned are not touched (the
+    /// callers bring the first back and report the second).
+    pub(crate) fn populate(&self, run: PageRange, write: bool) -> Result<(), MmError> {
+        let res = crate::os::vm::populate(run, write);
+        match res {
+            Err(MmError::Advise { errno: rustix::io::Errno::FAULT, .. })
+                if self.uffd.waits_in_thread() => {}
+            _ => return res,
+        }
+        for k in 0..run.pages() {
+            let addr = VirtAddr::new(run.start().get() + k * PAGE_SIZE);
+            let Some(r) = self.find(addr) else { continue };
+            let e = r.lock()[r.index(addr)];
+            if !e.is_migrating() && !matches!(e.residency(), Residency::None | Residency::System) {
+                continue;
+            }
+            let offset = addr.get() - r.mapping().addr().get();
+            let _ = match write {
+                true => r.mapping().touch_keep(offset),
+                false => r.mapping().touch_read(offset).map(drop),
+            };
+        }
+        crate::os::vm::populate(run, write)
     }
 
     /// Drops a reference to a device page (freeing it when last).

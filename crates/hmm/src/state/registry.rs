@@ -28,6 +28,11 @@ pub(crate) struct Registry {
     live: BTreeMap<usize, (usize, Arc<Range>)>,
     /// The serial of the next range.
     serial: u64,
+    /// Registered memory no range holds, by start: end. The new home of an
+    /// `mremap` of managed memory keeps the registration (see `remap`), and
+    /// a thread serving its own fault there (`FaultMode::InThread`) must know
+    /// the address is this instance's. Cut as spans are.
+    homes: BTreeMap<usize, usize>,
 }
 
 impl Registry {
@@ -61,6 +66,37 @@ impl Registry {
     pub(crate) fn clear(&mut self) {
         self.all.clear();
         self.live.clear();
+        self.homes.clear();
+    }
+
+    /// `[start, end)`, the new home of an `mremap` of managed memory, stays
+    /// registered with this instance.
+    pub(crate) fn add_home(&mut self, start: usize, end: usize) {
+        self.cut_homes(start, end);
+        self.homes.insert(start, end);
+    }
+
+    /// Whether `addr` lies in such a home. Allocates nothing.
+    pub(crate) fn is_home(&self, addr: usize) -> bool {
+        self.homes.range(..=addr).next_back().is_some_and(|(_, e)| *e > addr)
+    }
+
+    fn cut_homes(&mut self, start: usize, end: usize) {
+        let hit: Vec<(usize, usize)> = self
+            .homes
+            .range(..end)
+            .filter(|(s, e)| **s < end && **e > start)
+            .map(|(s, e)| (*s, *e))
+            .collect();
+        for (s, e) in hit {
+            self.homes.remove(&s);
+            if s < start {
+                self.homes.insert(s, start);
+            }
+            if e > end {
+                self.homes.insert(end, e);
+            }
+        }
     }
 
     /// The live spans overlapping `[start, end)`, clipped to it, by address.
@@ -98,6 +134,7 @@ impl Registry {
 
     /// The application unmapped `[start, end)`: no range holds it any more.
     pub(crate) fn cut(&mut self, start: usize, end: usize) {
+        self.cut_homes(start, end);
         let hit: Vec<(usize, usize, Arc<Range>)> = self
             .live(start, end)
             .map(|(r, _, _)| r.clone())

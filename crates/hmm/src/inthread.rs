@@ -1,0 +1,342 @@
+//! `FaultMode::InThread`: a CPU touch of a device page served by the touching
+//! thread itself, in a `SIGBUS` handler (userfaultfd's SIGBUS mode, see
+//! [`crate::os::sigbus`]).
+//!
+//! # The fast path
+//!
+//! For a page whose record says `Device(p)`, not migrating, on a device that
+//! is neither failed nor released, with no mirror over the page, and whose
+//! driver copies in the thread
+//! ([`DevicePagemapOps::copy_to_ram_in_thread`]), the handler:
+//!
+//! 1. takes the page as a migration does (`begin_migration`, under the
+//!    range's table lock), after reserving a place in the hand-over list;
+//! 2. has the driver copy the page into a buffer on its own stack, and
+//!    installs it with one `UFFDIO_COPY`;
+//! 3. commits the record to `System` under the table lock, frees the device
+//!    page, counts, and releases any thread that waits for the page in the
+//!    service's waiting room;
+//! 4. asks the service for the fault-around window, which it brings back
+//!    while the thread goes on.
+//!
+//! A step that cannot go on (no driver copy, `EAGAIN` from the fill while the
+//! address space changes, an invalidation or a fork that came meanwhile)
+//! hands the page over to the fault service ([`Handover`]), which finishes
+//! it as a one-page migration (`Migration::finish`: the same commit or abort
+//! rules, the same remap forwarding and fork noting), and the thread waits in
+//! the waiting room ([`Uffd::wait_in_thread`](crate::os::uffd::Uffd::wait_in_thread))
+//! if it still needs the page.
+//!
+//! # The slow path
+//!
+//! Every other fault (a never-populated page, a page mid-migration, a
+//! write-protect fault, a poisoned page, an address awaiting a remap's data)
+//! is handed to the fault service, which reads it as a `PageFault` message
+//! and serves it as in `FaultMode::Service`; the thread waits in its handler
+//! for the wake the service would have given it in the kernel.
+//!
+//! # What the handler may do
+//!
+//! It neither allocates nor frees (the interrupted code may be the
+//! allocator's), and it takes only hmm's own locks: the list of instances,
+//! an instance's registry, device list, notifier tree and a range's table,
+//! a device's free list. hmm never touches managed memory while it holds any
+//! of them (the fault service takes the same ones to serve a touch in
+//! `FaultMode::Service`, so a touch under one would hang there too). Nothing
+//! it holds is dropped in the handler: the range and the device are borrowed
+//! under their lists' read locks, and what goes on to the service (an
+//! `Arc<Range>` in a hand-over) is moved into room reserved beforehand.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use crate::addr::{PAGE_SIZE, PageRange, VirtAddr};
+use crate::devmem::DeviceMemory;
+use crate::error::HmmError;
+use crate::os::sigbus::{self, BusFault, Verdict};
+use crate::os::uffd::{FaultFlags, Waited};
+use crate::page::{DevicePage, Residency};
+use crate::state::{Handover, Inner, Range};
+
+/// The instances in `FaultMode::InThread`, which the handler asks in turn.
+static INSTANCES: RwLock<Vec<Arc<Inner>>> = RwLock::new(Vec::new());
+
+/// How long a thread whose fault found no seat in the waiting room, or
+/// whose fill met an address-space change, sleeps before its instruction
+/// faults again.
+const NAP: Duration = Duration::from_micros(200);
+
+/// Serves `inner`'s faults in the faulting threads from now on.
+pub(crate) fn enable(inner: &Arc<Inner>) -> Result<(), HmmError> {
+    sigbus::install(hook).map_err(|e| {
+        HmmError::Config(format!(
+            "FaultMode::InThread cannot install its SIGBUS handler ({e}): use FaultMode::Service"
+        ))
+    })?;
+    static FORK_HANDLERS: std::sync::Once = std::sync::Once::new();
+    FORK_HANDLERS.call_once(|| {
+        if let Err(e) = crate::os::process::at_fork(fork_prepare, fork_parent, fork_child) {
+            tracing::error!(errno = %e, "cannot register the in-thread fault mode's fork handlers");
+        }
+    });
+    INSTANCES.write().unwrap_or_else(|e| e.into_inner()).push(inner.clone());
+    Ok(())
+}
+
+type ListGuard = std::sync::RwLockWriteGuard<'static, Vec<Arc<Inner>>>;
+
+thread_local! {
+    /// The list, held by the forking thread from `prepare` to `parent` or
+    /// `child`.
+    static FORK_HELD: std::cell::RefCell<Option<ListGuard>> = const { std::cell::RefCell::new(None) };
+    /// Whether this thread holds `FORK_HELD`: a flag with nothing to drop,
+    /// which the handler can read in any thread without the thread-local
+    /// machinery allocating (`FORK_HELD` is only read where it was set).
+    static FORKING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Before `fork()`: takes the list of instances, so no thread is in the
+/// middle of serving a fault with it read-locked (the child would inherit
+/// the lock held by a thread it does not have).
+extern "C" fn fork_prepare() {
+    let g = INSTANCES.write().unwrap_or_else(|e| e.into_inner());
+    FORK_HELD.with(|h| *h.borrow_mut() = Some(g));
+    FORKING.with(|f| f.set(true));
+}
+
+extern "C" fn fork_parent() {
+    FORKING.with(|f| f.set(false));
+    FORK_HELD.with(|h| drop(h.borrow_mut().take()));
+}
+
+extern "C" fn fork_child() {
+    FORKING.with(|f| f.set(false));
+    FORK_HELD.with(|h| drop(h.borrow_mut().take()));
+}
+
+/// Stops serving `inner`'s faults (its descriptor is closed: no more come).
+pub(crate) fn disable(inner: &Arc<Inner>) {
+    INSTANCES.write().unwrap_or_else(|e| e.into_inner()).retain(|i| !Arc::ptr_eq(i, inner));
+}
+
+/// The process's `SIGBUS` hook (see the module docs for what it may do).
+///
+/// The list of instances is held only while the fault is looked at and
+/// served in the thread, never while it waits for the service: a fork
+/// (whose handlers take the list, see [`enable`]) must not wait for a
+/// thread that waits for a parked service.
+fn hook(f: &BusFault) -> Verdict {
+    if crate::state::on_service_thread() {
+        // The service waiting on itself would hang: let the signal kill.
+        return Verdict::NotMine;
+    }
+    let page = f.addr.page_down();
+    let pid = sigbus::current_pid();
+    let look = |list: &[Arc<Inner>]| -> Result<(Arc<Inner>, FaultFlags), Verdict> {
+        for inner in list {
+            if inner.pid != pid {
+                // A forked child's copy of its parent's instance, which
+                // serves nothing here: the child's pages were copied before
+                // its fork handler let it run, and what the kernel still
+                // reports there gets the signal, as in `FaultMode::Service`
+                // (where the kernel raises `SIGBUS` for a fault it cannot
+                // queue).
+                continue;
+            }
+            match serve(inner, page, f) {
+                Served::NotMine => continue,
+                Served::Done => return Err(Verdict::Retry),
+                Served::Wait(flags) => return Ok((inner.clone(), flags)),
+            }
+        }
+        Err(Verdict::NotMine)
+    };
+    // The thread running the fork handlers holds the list already (a fault
+    // of its own there, say a coherent page going back to system memory).
+    let found = match FORKING.with(std::cell::Cell::get) {
+        true => FORK_HELD.with(|h| look(h.borrow().as_deref().map_or(&[], |v| &v[..]))),
+        false => look(&INSTANCES.read().unwrap_or_else(|e| e.into_inner())),
+    };
+    let (inner, flags) = match found {
+        Ok(x) => x,
+        Err(v) => return v,
+    };
+    inner.counters.faults_handed_over.fetch_add(1, Ordering::Relaxed);
+    let waited = inner.uffd.wait_in_thread(page, flags, || inner.notifier.notify());
+    if Arc::strong_count(&inner) == 1 {
+        // The instance was dropped while this thread waited: its last
+        // reference is not dropped (freed) in a signal handler.
+        std::mem::forget(inner);
+    }
+    match waited {
+        Waited::Woken => Verdict::Retry,
+        Waited::Refused => Verdict::NotMine,
+        Waited::NoSeat => {
+            sigbus::nap(NAP);
+            Verdict::Retry
+        }
+    }
+}
+
+/// What the fast path did.
+enum Fast {
+    /// The page is in place.
+    Served,
+    /// The page was lost with its device: the thread gets the signal (the
+    /// kernel raises it for the page's poison marker too).
+    Lost,
+    /// Not for the fast path: the service serves it.
+    No,
+}
+
+/// What [`serve`] did.
+enum Served {
+    NotMine,
+    Done,
+    /// The thread waits for the service, with the fault's flags.
+    Wait(FaultFlags),
+}
+
+/// Serves a fault on `page` if `inner` owns the address.
+///
+/// Messages the service has read but not acted on may change what the page
+/// is (an unmap, a discard, a move): in the normal mode a fault queued
+/// after them is served after them. So while the service is in the middle of
+/// a batch the thread yields and faults again; with the batches handled, the
+/// registry and the records say what the page is.
+fn serve(inner: &Arc<Inner>, page: VirtAddr, f: &BusFault) -> Served {
+    if !inner.batches.is_idle() {
+        sigbus::yield_now();
+        return Served::Done;
+    }
+    let wp = f.present == Some(true) && f.write == Some(true);
+    let (managed, home) = {
+        let ranges = inner.ranges.read().unwrap_or_else(|e| e.into_inner());
+        (ranges.find(page.get()).is_some(), ranges.is_home(page.get()))
+    };
+    if !managed && !home {
+        return Served::NotMine;
+    }
+    if managed && !wp && !crate::trace::enabled() {
+        match fault_back(inner, page) {
+            Fast::Served => return Served::Done,
+            Fast::Lost => return Served::NotMine,
+            Fast::No => {}
+        }
+    }
+    Served::Wait(FaultFlags { write: f.write.unwrap_or(false), wp, minor: false })
+}
+
+/// The fast path (see the module docs).
+fn fault_back(inner: &Arc<Inner>, page: VirtAddr) -> Fast {
+    if inner.fork_gate.asked.load(Ordering::SeqCst) || inner.fault_stall.is_armed() {
+        return Fast::No;
+    }
+    let ranges = inner.ranges.read().unwrap_or_else(|e| e.into_inner());
+    let Some(r) = ranges.find(page.get()) else { return Fast::No };
+    if r.huge {
+        return Fast::No;
+    }
+    let i = r.index(page);
+    let p = {
+        let mut t = r.lock();
+        let e = t[i];
+        if e.residency() == Residency::Poisoned && !e.is_migrating() {
+            // Lost with its device: the signal is the page's contents
+            // (see `Fast::Lost`).
+            return Fast::Lost;
+        }
+        let Residency::Device(p) = e.residency() else { return Fast::No };
+        if e.is_migrating() || e.is_cpu_mapped() || !inner.handovers.reserve() {
+            return Fast::No;
+        }
+        t[i].begin_migration().expect("checked: a device page no migration holds");
+        p
+    };
+    let one = PageRange::from_pages(page, 1).expect("one page");
+    let devices = inner.devices.read().unwrap_or_else(|e| e.into_inner());
+    let mem = devices.get(p.dev.index()).and_then(Option::as_ref);
+    // Mirrors drop their translations before the page leaves (as in
+    // `Migration::setup_in`), with the page taken: a mirror inserted after
+    // this finds it migrating.
+    let event = crate::mirror::InvalidationEvent::Migrate { owner: Some(p.dev) };
+    let installed = match mem {
+        Some(mem)
+            if !mem.is_failed()
+                && !mem.is_released()
+                && inner.notifiers.invalidate_in_thread(one, event) =>
+        {
+            copy_in(inner, mem, p, one)
+        }
+        _ => false,
+    };
+    if !installed {
+        give_back(inner, r, i, page, p);
+        return Fast::No;
+    }
+    let mem = mem.expect("installed from it");
+    // Counted before the commit, as the service counts before its wake.
+    r.counters.cpu_faults.fetch_add(1, Ordering::Relaxed);
+    mem.counters.cpu_faults.fetch_add(1, Ordering::Relaxed);
+    inner.counters.faults_in_thread.fetch_add(1, Ordering::Relaxed);
+    // A fork under way notes the pages committed to system memory, and an
+    // invalidation or a move that came meanwhile has its own rules: the
+    // service finishes those (the thread has its page either way).
+    let committed = !inner.fork_installs.is_open() && {
+        let mut t = r.lock();
+        let e = &mut t[i];
+        !e.is_invalidated() && e.commit(Residency::System).expect("taken above")
+    };
+    if !committed {
+        hand_over(inner, r, page, p, true);
+        return Fast::Served;
+    }
+    inner.handovers.unreserve();
+    r.settled.notify_all();
+    mem.put_one(p);
+    r.counters.migrated_to_system.fetch_add(1, Ordering::Relaxed);
+    mem.counters.migrated_to_system.fetch_add(1, Ordering::Relaxed);
+    // Threads that touched the page meanwhile wait for the service's wake.
+    let _ = inner.uffd.wake(one);
+    if inner.config.fault_around_pages > 1 && inner.handovers.ask_around(page, p.dev) {
+        inner.notifier.notify();
+    }
+    Fast::Served
+}
+
+/// Copies device page `p` into `one` through the driver, with a buffer on
+/// this thread's stack. Returns whether the page is installed.
+fn copy_in(inner: &Inner, mem: &DeviceMemory, p: DevicePage, one: PageRange) -> bool {
+    let mut buf = [0u8; PAGE_SIZE];
+    if !mem.ops().copy_to_ram_in_thread(p, &mut buf) {
+        return false;
+    }
+    inner.uffd.copy(one, &buf, true, false).is_ok()
+}
+
+/// Gives back the page taken at `page` (index `i` of `r`), not installed:
+/// here when nothing happened to it meanwhile (the thread then hands its
+/// fault to the service, which must not find the page still taken by it),
+/// else through the service (see [`Handover`]).
+fn give_back(inner: &Inner, r: &Arc<Range>, i: usize, page: VirtAddr, p: DevicePage) {
+    let kept = {
+        let mut t = r.lock();
+        let e = &mut t[i];
+        !e.is_invalidated() && e.abort().expect("taken above")
+    };
+    if !kept {
+        hand_over(inner, r, page, p, false);
+        return;
+    }
+    inner.handovers.unreserve();
+    r.settled.notify_all();
+    // Threads that touched the page meanwhile wait for the service's wake.
+    let _ = inner.uffd.wake(PageRange::from_pages(page, 1).expect("one page"));
+}
+
+/// Leaves the page taken at `page` to the service (see [`Handover`]).
+fn hand_over(inner: &Inner, r: &Arc<Range>, page: VirtAddr, p: DevicePage, installed: bool) {
+    inner.handovers.push(Handover { range: r.clone(), addr: page, page: p, installed });
+    inner.notifier.notify();
+}

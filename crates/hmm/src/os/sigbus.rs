@@ -1,0 +1,226 @@
+//! The process's `SIGBUS` handler, for userfaultfd's SIGBUS mode
+//! (`UFFD_FEATURE_SIGBUS`), and the futex waits it may make.
+//!
+//! In SIGBUS mode the kernel queues no fault message: a thread that touches a
+//! missing page of a registered range gets `SIGBUS` (`BUS_ADRERR`, the
+//! address in `si_addr`) at the faulting instruction, and whatever the
+//! handler installs there before it returns is what the instruction finds
+//! when it runs again. So the fault is served in the faulting thread itself,
+//! with no second thread woken at all.
+//!
+//! One handler serves the process ([`install`]); it asks the hook that hmm
+//! registered, and hands a signal that is not hmm's (another `si_code`, an
+//! address the hook does not own) to the handler that was installed before
+//! it, or to the default action (the process dies of `SIGBUS`, as it would
+//! have without hmm).
+//!
+//! # What may run in the handler
+//!
+//! The handler interrupts arbitrary code at an arbitrary instruction: a
+//! store into managed memory by the application, by its allocator (a heap
+//! hmm adopted), by a C library routine. So the hook must not allocate or
+//! free, and must not take a lock that any code touching managed memory can
+//! hold. hmm's own locks qualify by hmm's rule that no thread ever touches
+//! managed memory while it holds one of them (which the service mode needs
+//! too: the fault service takes the same locks to serve the touch). The
+//! futex calls here, `write(2)` to an eventfd and the userfaultfd ioctls are
+//! all async-signal-safe.
+//!
+//! The handler runs on the thread's own stack (no `SA_ONSTACK`: the
+//! alternate stacks Rust gives its threads are a few kilobytes, and the hook
+//! stages a page on the stack), with `SIGBUS` blocked: a `SIGBUS` inside the
+//! hook (a bug) kills the process at once instead of recursing.
+
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Once, OnceLock};
+use std::time::Duration;
+
+use crate::addr::VirtAddr;
+
+/// A `SIGBUS` the kernel raised for a userfaultfd fault in SIGBUS mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BusFault {
+    /// The faulting address (not page-aligned).
+    pub addr: VirtAddr,
+    /// Whether the access was a write, where the architecture says so.
+    pub write: Option<bool>,
+    /// Whether the page was present (a write-protect fault) rather than
+    /// missing, where the architecture says so.
+    pub present: Option<bool>,
+}
+
+/// What the hook did with a fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Served (or waited for): the instruction runs again.
+    Retry,
+    /// Not hmm's: the signal goes to the handler installed before, or kills
+    /// the process.
+    NotMine,
+}
+
+/// The hook: a plain function, so the handler reaches it with one load.
+pub type Hook = fn(&BusFault) -> Verdict;
+
+static HOOK: AtomicUsize = AtomicUsize::new(0);
+static INSTALL: Once = Once::new();
+/// The `sigaction` found before ours, set once before ours goes in.
+static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
+static INSTALLED: AtomicU32 = AtomicU32::new(0);
+static INSTALL_ERRNO: AtomicU32 = AtomicU32::new(0);
+
+/// Installs the process's `SIGBUS` handler (once) with `hook`. Every later
+/// call must pass the same hook.
+pub fn install(hook: Hook) -> std::io::Result<()> {
+    HOOK.store(hook as usize, Ordering::Release);
+    INSTALL.call_once(|| match install_once() {
+        Ok(()) => INSTALLED.store(1, Ordering::Release),
+        Err(e) => INSTALL_ERRNO.store(e.raw_os_error().unwrap_or(0) as u32, Ordering::Relaxed),
+    });
+    match INSTALLED.load(Ordering::Acquire) {
+        1 => Ok(()),
+        _ => Err(std::io::Error::from_raw_os_error(INSTALL_ERRNO.load(Ordering::Relaxed) as i32)),
+    }
+}
+
+/// An all-zero `sigaction` (no handler, empty mask, no flags).
+fn empty_action() -> libc::sigaction {
+    // SAFETY: `sigaction` is plain old data, for which all-zero bytes are a
+    // valid value (`SIG_DFL`, an empty mask, no flags, no restorer).
+    unsafe { std::mem::zeroed() }
+}
+
+/// `sigaction(SIGBUS, new, old)`.
+fn sigaction(
+    new: Option<&libc::sigaction>,
+    old: Option<&mut libc::sigaction>,
+) -> std::io::Result<()> {
+    let new = new.map_or(std::ptr::null(), |n| n as *const libc::sigaction);
+    let old = old.map_or(std::ptr::null_mut(), |o| o as *mut libc::sigaction);
+    // SAFETY: both pointers are null or point to live, initialised structures;
+    // a handler installed through here is `handle`, which keeps the rules in
+    // the module docs.
+    match unsafe { libc::sigaction(libc::SIGBUS, new, old) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+fn install_once() -> std::io::Result<()> {
+    let mut old = empty_action();
+    sigaction(None, Some(&mut old))?;
+    // Stored before ours can run (ours goes in below), never written again.
+    let _ = PREVIOUS.set(old);
+    let mut new = empty_action();
+    new.sa_sigaction =
+        handle as extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) as usize;
+    new.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+    sigaction(Some(&new), None)
+}
+
+extern "C" fn handle(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid `siginfo_t` to an `SA_SIGINFO` handler.
+    let info_ref = unsafe { &*info };
+    let code = info_ref.si_code;
+    // SAFETY: for SIGBUS the kernel fills in `si_addr`.
+    let addr = unsafe { info_ref.si_addr() } as usize;
+    let hook = HOOK.load(Ordering::Acquire);
+    if code == libc::BUS_ADRERR && hook != 0 {
+        let (write, present) = error_code(ctx);
+        let fault = BusFault { addr: VirtAddr::new(addr), write, present };
+        // SAFETY: `HOOK` only ever holds a `Hook` stored by `install`.
+        let hook: Hook = unsafe { std::mem::transmute::<usize, Hook>(hook) };
+        if hook(&fault) == Verdict::Retry {
+            return;
+        }
+    }
+    chain(sig, info, ctx);
+}
+
+/// Hands the signal to the handler installed before ours, or (none, or the
+/// default) restores the default action and returns: the instruction faults
+/// again and the process dies of `SIGBUS`, with its core as without hmm.
+fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    if let Some(prev) = PREVIOUS.get() {
+        let h = prev.sa_sigaction;
+        if h != libc::SIG_DFL && h != libc::SIG_IGN {
+            if prev.sa_flags & libc::SA_SIGINFO != 0 {
+                type Action = extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void);
+                // SAFETY: a handler installed with `SA_SIGINFO` has this type.
+                let f = unsafe { std::mem::transmute::<usize, Action>(h) };
+                f(sig, info, ctx);
+            } else {
+                // SAFETY: a handler installed without `SA_SIGINFO` has this type.
+                let f = unsafe { std::mem::transmute::<usize, extern "C" fn(libc::c_int)>(h) };
+                f(sig);
+            }
+            return;
+        }
+    }
+    let _ = sigaction(Some(&empty_action()), None);
+}
+
+/// The page-fault error code's write and present bits (x86-64 reports them
+/// in the signal context for a fault's `SIGBUS`).
+#[cfg(target_arch = "x86_64")]
+fn error_code(ctx: *mut libc::c_void) -> (Option<bool>, Option<bool>) {
+    if ctx.is_null() {
+        return (None, None);
+    }
+    // SAFETY: an `SA_SIGINFO` handler's third argument is its `ucontext_t`.
+    let err =
+        unsafe { (*(ctx as *const libc::ucontext_t)).uc_mcontext.gregs[libc::REG_ERR as usize] };
+    (Some(err & 2 != 0), Some(err & 1 != 0))
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn error_code(_ctx: *mut libc::c_void) -> (Option<bool>, Option<bool>) {
+    (None, None)
+}
+
+/// Whether this architecture reports what a faulting access was (see
+/// [`BusFault`]): SIGBUS mode needs it to tell a write-protect fault from a
+/// missing page.
+pub fn reports_access() -> bool {
+    cfg!(target_arch = "x86_64")
+}
+
+/// Sleeps until `word` is no longer `expected`, a wake comes, or `limit`
+/// passes (`FUTEX_WAIT`, private). Async-signal-safe.
+pub fn futex_wait(word: &AtomicU32, expected: u32, limit: Option<Duration>) {
+    let ts = limit.map(|d| rustix::thread::futex::Timespec {
+        tv_sec: d.as_secs().try_into().unwrap_or(i64::MAX),
+        tv_nsec: d.subsec_nanos().into(),
+    });
+    let _ = rustix::thread::futex::wait(
+        word,
+        rustix::thread::futex::Flags::PRIVATE,
+        expected,
+        ts.as_ref(),
+    );
+}
+
+/// Wakes every thread waiting on `word` (`FUTEX_WAKE`, private).
+pub fn futex_wake(word: &AtomicU32) {
+    let _ = rustix::thread::futex::wake(word, rustix::thread::futex::Flags::PRIVATE, u32::MAX);
+}
+
+/// This process's id, asked of the kernel each time (a forked child's
+/// handler must not take its parent's instances for its own).
+pub fn current_pid() -> u32 {
+    rustix::process::getpid().as_raw_nonzero().get() as u32
+}
+
+/// Sleeps for `d` (`nanosleep`, async-signal-safe).
+pub fn nap(d: Duration) {
+    let ts = rustix::time::Timespec {
+        tv_sec: d.as_secs().try_into().unwrap_or(i64::MAX),
+        tv_nsec: d.subsec_nanos().into(),
+    };
+    let _ = rustix::thread::nanosleep(&ts);
+}
+
+/// Gives the CPU to another thread (`sched_yield`, async-signal-safe).
+pub fn yield_now() {
+    rustix::thread::sched_yield();
+}
