@@ -25,7 +25,8 @@ use std::thread::JoinHandle;
 
 use hmm::addr::{HUGE_PAGE_SIZE, PAGE_SIZE, PageRange, VirtAddr};
 use hmm::devmem::{
-    DeviceMemory, DeviceMemoryConfig, DevicePagemapOps, DeviceStats, MemoryKind, Pressure,
+    DeviceMemory, DeviceMemoryConfig, DevicePagemapOps, DeviceStats, InThreadFill, MemoryKind,
+    Pressure,
 };
 use hmm::dma::{DmaEngine, DmaError, DmaFence, DmaJob, FenceCompleter, ToDevice, ToSystem};
 use hmm::driver::HmmHandle;
@@ -133,17 +134,32 @@ struct Core {
     peer: bool,
     /// The engine's fault injection, which an in-thread copy honours too.
     faults: Arc<Injector>,
+    /// The zero-copy engine's record of the pool's populated slots: an
+    /// in-thread fault-back moves the page out of its slot, as the engine's
+    /// own move back does.
+    moves: Option<Arc<Populated>>,
 }
 
 impl DevicePagemapOps for Core {
-    /// A read of the page's slot in the pool: a plain memory read, which
-    /// allocates nothing and takes no lock (an injected failure or a stalled
-    /// engine sends the fault to the fault service, where the engine meets it).
-    fn copy_to_ram_in_thread(&self, page: DevicePage, dst: &mut [u8]) -> bool {
+    /// The page's slot in the pool, moved to the faulting address by the
+    /// zero-copy engine (its slot is then empty), copied by the copying one.
+    /// One system call; nothing allocated, no lock taken (an injected
+    /// failure or a stalled engine sends the fault to the fault service,
+    /// where the engine meets it).
+    fn copy_to_ram_in_thread(&self, page: DevicePage, to: &mut InThreadFill<'_>) -> bool {
         if self.file.is_some() || self.faults.armed() {
             return false;
         }
-        self.pool.read(page.index as usize * PAGE_SIZE, dst).is_ok()
+        let Ok(slot) = self.pool.subrange(page.index as usize * PAGE_SIZE, PAGE_SIZE) else {
+            return false;
+        };
+        if let Some(populated) = &self.moves
+            && to.move_from(&self.pool, slot)
+        {
+            populated.set(page.index, false);
+            return true;
+        }
+        to.copy_from(&self.pool, slot)
     }
 
     fn page_free(&self, _page: DevicePage) {
@@ -263,6 +279,7 @@ impl SoftwareDevice {
         };
         let pool = Arc::new(pool);
         let faults = Arc::new(Injector::default());
+        let mut moves = None;
         let engine: Box<dyn DmaEngine> = match config.engine {
             EngineKind::Copy { workers } => {
                 if config.prefault {
@@ -276,6 +293,8 @@ impl SoftwareDevice {
                 Box::new(e)
             }
             EngineKind::ZeroCopy => {
+                let populated = Arc::new(Populated::new(config.capacity / PAGE_SIZE));
+                moves = Some(populated.clone());
                 let uffd = Uffd::open(UffdOptions {
                     wanted: Features::SIGBUS,
                     required: Features::MOVE,
@@ -287,7 +306,7 @@ impl SoftwareDevice {
                     pool: pool.clone(),
                     uffd: Arc::new(uffd),
                     faults: faults.clone(),
-                    populated: Arc::new(Populated::new(config.capacity / PAGE_SIZE)),
+                    populated,
                 })
             }
         };
@@ -297,6 +316,7 @@ impl SoftwareDevice {
             pool: pool.clone(),
             peer: config.peer_to_peer,
             faults: faults.clone(),
+            moves,
         });
         let mut mc = DeviceMemoryConfig::private(config.name, config.capacity);
         mc.kind = config.kind;

@@ -34,6 +34,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::addr::{PAGE_SIZE, PageRange, VirtAddr};
 use crate::dma::DmaEngine;
+use crate::os::mm::Mapping;
 use crate::page::{DeviceId, DevicePage};
 
 /// The kind of a device memory region.
@@ -207,21 +208,82 @@ pub trait DevicePagemapOps: Send + Sync {
     }
 
     /// In an instance whose CPU faults are served in the faulting thread
-    /// ([`FaultMode::InThread`](crate::FaultMode::InThread)): copies the bytes
-    /// of `page` into `dst` (one page) and returns true, or returns false to
-    /// have the fault served by the fault service instead (through
+    /// ([`FaultMode::InThread`](crate::FaultMode::InThread)): installs the
+    /// bytes of `page` at the faulting address through `to` (one of its
+    /// three ways) and returns true, or returns false to have the fault
+    /// served by the fault service instead (through
     /// [`migrate_to_ram`](Self::migrate_to_ram)). The default returns false.
     ///
     /// Runs in a `SIGBUS` handler, on whatever thread touched the page, in
     /// the middle of whatever it was doing: it must not allocate or free,
     /// must not take a lock that code touching managed memory could hold,
-    /// must not block for long, and must not touch managed memory. A read of
-    /// the device's own memory, a decompression into `dst`, a bounded wait
-    /// on the device's DMA engine through atomics qualify. So does
-    /// [`page_free`](Self::page_free), which may run there too in that mode.
-    fn copy_to_ram_in_thread(&self, page: DevicePage, dst: &mut [u8]) -> bool {
-        let _ = (page, dst);
+    /// must not block for long, and must not touch managed memory. A move or
+    /// a copy out of the device's own memory, a decompression into a buffer
+    /// on the stack, a bounded wait on the device through atomics qualify.
+    /// So does [`page_free`](Self::page_free), which may run there too in
+    /// that mode.
+    fn copy_to_ram_in_thread(&self, page: DevicePage, to: &mut InThreadFill<'_>) -> bool {
+        let _ = (page, to);
         false
+    }
+}
+
+/// Where a driver installs a page it brings back in the faulting thread
+/// ([`DevicePagemapOps::copy_to_ram_in_thread`]): the faulting page, missing
+/// until one of these fills it. Each allocates nothing and is one system
+/// call; each returns whether the page is in place.
+pub struct InThreadFill<'a> {
+    uffd: &'a crate::os::uffd::Uffd,
+    dst: PageRange,
+    filled: bool,
+}
+
+impl<'a> InThreadFill<'a> {
+    pub(crate) fn new(uffd: &'a crate::os::uffd::Uffd, dst: PageRange) -> Self {
+        Self { uffd, dst, filled: false }
+    }
+
+    /// The page to fill.
+    pub fn page(&self) -> PageRange {
+        self.dst
+    }
+
+    /// Whether a fill succeeded.
+    pub(crate) fn filled(&self) -> bool {
+        self.filled
+    }
+
+    /// Moves the page at `at` (one page inside `src`, device memory the CPU
+    /// can address, such as a software device's pool) to the faulting
+    /// address without copying (`UFFDIO_MOVE`): `at` is empty afterwards.
+    /// Fails where the kernel will not move the page (shared, pinned, no
+    /// `UFFDIO_MOVE`): copy it then.
+    pub fn move_from(&mut self, src: &Mapping, at: PageRange) -> bool {
+        self.filled = self.uffd.move_pages(self.dst, src, at, true, false).is_ok();
+        self.filled
+    }
+
+    /// Copies the page at `at` (one page inside `src`) to the faulting
+    /// address (`UFFDIO_COPY`).
+    pub fn copy_from(&mut self, src: &Mapping, at: PageRange) -> bool {
+        self.filled = self.uffd.copy_from(self.dst, src, at, true).is_ok();
+        self.filled
+    }
+
+    /// Copies `bytes` (one page, a buffer of the driver's: a page it
+    /// decompressed, say) to the faulting address (`UFFDIO_COPY`).
+    pub fn write(&mut self, bytes: &[u8]) -> bool {
+        self.filled = self.uffd.copy(self.dst, bytes, true, false).is_ok();
+        self.filled
+    }
+}
+
+impl std::fmt::Debug for InThreadFill<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InThreadFill")
+            .field("page", &self.dst)
+            .field("filled", &self.filled)
+            .finish()
     }
 }
 

@@ -11,8 +11,9 @@
 //!
 //! 1. takes the page as a migration does (`begin_migration`, under the
 //!    range's table lock), after reserving a place in the hand-over list;
-//! 2. has the driver copy the page into a buffer on its own stack, and
-//!    installs it with one `UFFDIO_COPY`;
+//! 2. has the driver install the page's bytes with one fill
+//!    ([`InThreadFill`](crate::InThreadFill): a move out of device memory the
+//!    CPU can address, or a copy);
 //! 3. commits the record to `System` under the table lock, frees the device
 //!    page, counts, and releases any thread that waits for the page in the
 //!    service's waiting room;
@@ -51,8 +52,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use crate::addr::{PAGE_SIZE, PageRange, VirtAddr};
-use crate::devmem::DeviceMemory;
+use crate::addr::{PageRange, VirtAddr};
+use crate::devmem::{DeviceMemory, InThreadFill};
 use crate::error::HmmError;
 use crate::os::sigbus::{self, BusFault, Verdict};
 use crate::os::uffd::{FaultFlags, Waited};
@@ -211,30 +212,26 @@ fn serve(inner: &Arc<Inner>, page: VirtAddr, f: &BusFault) -> Served {
         return Served::Done;
     }
     let wp = f.present == Some(true) && f.write == Some(true);
-    let (managed, home) = {
-        let ranges = inner.ranges.read().unwrap_or_else(|e| e.into_inner());
-        (ranges.find(page.get()).is_some(), ranges.is_home(page.get()))
-    };
-    if !managed && !home {
-        return Served::NotMine;
-    }
-    if managed && !wp && !crate::trace::enabled() {
-        match fault_back(inner, page) {
+    // The range is borrowed under the registry's lock, never cloned: its
+    // last reference is never dropped here.
+    let ranges = inner.ranges.read().unwrap_or_else(|e| e.into_inner());
+    match ranges.find(page.get()) {
+        None if !ranges.is_home(page.get()) => return Served::NotMine,
+        Some(r) if !wp && !crate::trace::enabled() => match fault_back(inner, r, page) {
             Fast::Served => return Served::Done,
             Fast::Lost => return Served::NotMine,
             Fast::No => {}
-        }
+        },
+        _ => {}
     }
     Served::Wait(FaultFlags { write: f.write.unwrap_or(false), wp, minor: false })
 }
 
 /// The fast path (see the module docs).
-fn fault_back(inner: &Arc<Inner>, page: VirtAddr) -> Fast {
+fn fault_back(inner: &Arc<Inner>, r: &Arc<Range>, page: VirtAddr) -> Fast {
     if inner.fork_gate.asked.load(Ordering::SeqCst) || inner.fault_stall.is_armed() {
         return Fast::No;
     }
-    let ranges = inner.ranges.read().unwrap_or_else(|e| e.into_inner());
-    let Some(r) = ranges.find(page.get()) else { return Fast::No };
     if r.huge {
         return Fast::No;
     }
@@ -305,14 +302,10 @@ fn fault_back(inner: &Arc<Inner>, page: VirtAddr) -> Fast {
     Fast::Served
 }
 
-/// Copies device page `p` into `one` through the driver, with a buffer on
-/// this thread's stack. Returns whether the page is installed.
+/// Has the driver install device page `p` at `one`. Returns whether it did.
 fn copy_in(inner: &Inner, mem: &DeviceMemory, p: DevicePage, one: PageRange) -> bool {
-    let mut buf = [0u8; PAGE_SIZE];
-    if !mem.ops().copy_to_ram_in_thread(p, &mut buf) {
-        return false;
-    }
-    inner.uffd.copy(one, &buf, true, false).is_ok()
+    let mut fill = InThreadFill::new(&inner.uffd, one);
+    mem.ops().copy_to_ram_in_thread(p, &mut fill) && fill.filled()
 }
 
 /// Gives back the page taken at `page` (index `i` of `r`), not installed:

@@ -68,7 +68,7 @@ mod testdev;
 pub mod trace;
 
 pub use addr::{HUGE_PAGE_SIZE, PAGE_SHIFT, PAGE_SIZE, PageRange, RangeError, VirtAddr};
-pub use devmem::{CpuFault, FaultBackError};
+pub use devmem::{CpuFault, FaultBackError, InThreadFill};
 pub use devmem::{
     DeviceMemory, DeviceMemoryConfig, DevicePagemapOps, DeviceStats, MemoryKind, Pressure,
 };

@@ -905,7 +905,7 @@ impl Uffd {
 
     /// Wakes threads waiting on faults in `range` (after `DONTWAKE` fills).
     /// In SIGBUS mode no thread waits in the kernel: this releases the
-    /// threads waiting in their handlers instead (see [`Waiters`]).
+    /// threads waiting in their handlers instead (see `Waiters`).
     pub fn wake(&self, range: PageRange) -> Result<(), UffdError> {
         if let Some(w) = &self.waiters {
             w.release(range);
@@ -1318,6 +1318,7 @@ impl Uffd {
             super::sigbus::futex_wait(&seat.state, state, Some(WAITER_NAP));
         };
         seat.state.store(SEAT_FREE, Ordering::Release);
+        w.taken.fetch_sub(1, Ordering::SeqCst);
         waited
     }
 
@@ -1398,6 +1399,8 @@ struct Waiters {
     seats: Box<[Seat]>,
     /// Where the next claim starts looking (spreads threads over the seats).
     next: AtomicUsize,
+    /// Seats taken: a wake with none taken looks at none.
+    taken: AtomicUsize,
     closed: AtomicU32,
 }
 
@@ -1418,7 +1421,12 @@ impl Waiters {
                 flags: AtomicU32::new(0),
             })
             .collect();
-        Self { seats, next: AtomicUsize::new(0), closed: AtomicU32::new(0) }
+        Self {
+            seats,
+            next: AtomicUsize::new(0),
+            taken: AtomicUsize::new(0),
+            closed: AtomicU32::new(0),
+        }
     }
 
     fn claim(&self, page: VirtAddr, flags: FaultFlags) -> Option<&Seat> {
@@ -1430,6 +1438,7 @@ impl Waiters {
                 .compare_exchange(SEAT_FREE, SEAT_CLAIMED, Ordering::Acquire, Ordering::Relaxed)
                 .is_ok()
             {
+                self.taken.fetch_add(1, Ordering::SeqCst);
                 seat.addr.store(page.get(), Ordering::Relaxed);
                 let bits = u32::from(flags.write) | u32::from(flags.wp) << 1;
                 seat.flags.store(bits, Ordering::Relaxed);
@@ -1471,6 +1480,10 @@ impl Waiters {
 
     /// Ends the waits on `range` with `end` (done or refused).
     fn finish(&self, range: PageRange, end: u32) {
+        // A seat is counted before it is ready: one a wake must see is.
+        if self.taken.load(Ordering::SeqCst) == 0 {
+            return;
+        }
         let (lo, hi) = (range.start().get(), range.end().get());
         for seat in self.seats.iter() {
             let s = seat.state.load(Ordering::SeqCst);

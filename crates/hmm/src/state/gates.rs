@@ -69,6 +69,8 @@ pub(crate) struct Batches {
     /// Number of the last batch handled, with its signal.
     done: Mutex<u64>,
     handled: crate::sync::Signal,
+    /// `done`, readable without the lock (see [`is_idle`](Self::is_idle)).
+    done_seen: AtomicU64,
 }
 
 impl Batches {
@@ -94,6 +96,7 @@ impl Batches {
     pub(crate) fn end(&self, n: u64) {
         let mut d = self.done.lock().unwrap_or_else(|e| e.into_inner());
         *d = (*d).max(n);
+        self.done_seen.fetch_max(n, Ordering::SeqCst);
         self.handled.notify_all();
     }
 
@@ -101,7 +104,7 @@ impl Batches {
     /// waiting to be acted on.
     pub(crate) fn is_idle(&self) -> bool {
         let target = self.begun.load(Ordering::SeqCst);
-        *self.done.lock().unwrap_or_else(|e| e.into_inner()) >= target
+        self.done_seen.load(Ordering::SeqCst) >= target
     }
 
     /// Waits (up to `limit`) until every batch begun so far is handled.

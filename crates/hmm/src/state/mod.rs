@@ -97,7 +97,7 @@ pub enum FaultMode {
     /// fault-back costs about what the kernel's own swap-in does. Gives up:
     /// a kernel access to a page that is not in system memory fails with
     /// `EFAULT` instead of waiting (bring such buffers back first, with
-    /// [`ManagedRange::migrate_to_system`](crate::ManagedRange::migrate_to_system));
+    /// [`ManagedRange::populate`](crate::ManagedRange::populate));
     /// the process's `SIGBUS` handler is hmm's (it hands other signals on to
     /// the one installed before it: install yours before the instance is
     /// made, never after). Needs x86-64 and a kernel with
