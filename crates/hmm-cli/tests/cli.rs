@@ -91,6 +91,8 @@ fn bench_quick_json_prints_exactly_the_documented_keys() {
             "migrate_to_system_gbps",
             "pagemap_scan_mpages_s",
             "range_fault_snapshot_mpages_s",
+            "sigbus_roundtrip_us_p50",
+            "sigbus_roundtrip_us_p99",
             "uffd_move_gbps",
             "uffd_roundtrip_us_p50",
             "uffd_roundtrip_us_p99",

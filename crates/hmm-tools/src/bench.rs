@@ -10,6 +10,7 @@
 //! | `uffd_roundtrip_us_p50`, `_p99` | a bare MISSING fault served by a thread blocked in `read(2)` with `UFFDIO_COPY`, as the faulting thread sees it |
 //! | `uffd_move_gbps` | 256 MiB of populated 4 KiB pages in one `UFFDIO_MOVE` |
 //! | `pagemap_scan_mpages_s` | `PAGEMAP_SCAN` over 256 MiB in which every other page is present (one region per page, the worst case) |
+//! | `sigbus_roundtrip_us_p50`, `_p99` | a bare MISSING fault in SIGBUS mode, served in the faulting thread's own handler by one `UFFDIO_MOVE` of a populated page: the floor of `FaultMode::InThread` |
 //! | `zram_swapin_us_p50`, `_p99` | a random swap-in of a compressible page that `MADV_PAGEOUT` put on a zram (lz4) device of the run's own; only with `--zram`, as root ([`zram`]) |
 //!
 //! A figure this kernel cannot measure (no `UFFDIO_MOVE`, say) is `null`.
@@ -82,6 +83,11 @@ pub struct Baselines {
     pub uffd_roundtrip_us_p50: Option<f64>,
     /// The same, 99th percentile.
     pub uffd_roundtrip_us_p99: Option<f64>,
+    /// userfaultfd MISSING fault in SIGBUS mode served in the faulting
+    /// thread's handler with one `UFFDIO_MOVE`, median, microseconds.
+    pub sigbus_roundtrip_us_p50: Option<f64>,
+    /// The same, 99th percentile.
+    pub sigbus_roundtrip_us_p99: Option<f64>,
     /// `UFFDIO_MOVE` of 256 MiB in one call, GB/s.
     pub uffd_move_gbps: Option<f64>,
     /// `PAGEMAP_SCAN`, millions of pages per second.
@@ -133,6 +139,18 @@ impl Baselines {
                 value: self.uffd_roundtrip_us_p99,
                 unit: "us",
                 what: "userfaultfd MISSING fault + UFFDIO_COPY, 99th percentile",
+            },
+            Row {
+                key: "sigbus_roundtrip_us_p50",
+                value: self.sigbus_roundtrip_us_p50,
+                unit: "us",
+                what: "SIGBUS-mode fault + UFFDIO_MOVE in the handler, median",
+            },
+            Row {
+                key: "sigbus_roundtrip_us_p99",
+                value: self.sigbus_roundtrip_us_p99,
+                unit: "us",
+                what: "SIGBUS-mode fault + UFFDIO_MOVE in the handler, 99th percentile",
             },
             Row {
                 key: "uffd_move_gbps",
@@ -212,6 +230,7 @@ pub fn run_baselines(
     let kernel_first_touch_us = first_touch_us(plan.touch_pages, plan.touch_reps)?;
     step(2, "userfaultfd round trip");
     let rt = uffd_roundtrip_us(plan.faults)?;
+    let sigbus = sigbus_roundtrip_us(plan.faults)?;
     step(3, "UFFDIO_MOVE");
     let uffd_move_gbps = uffd_move_gbps(plan.move_reps)?;
     step(4, "PAGEMAP_SCAN");
@@ -236,6 +255,8 @@ pub fn run_baselines(
         kernel_first_touch_us,
         uffd_roundtrip_us_p50: rt.map(|(p50, _)| p50),
         uffd_roundtrip_us_p99: rt.map(|(_, p99)| p99),
+        sigbus_roundtrip_us_p50: sigbus.map(|(p50, _)| p50),
+        sigbus_roundtrip_us_p99: sigbus.map(|(_, p99)| p99),
         uffd_move_gbps,
         pagemap_scan_mpages_s,
         zram_swapin_us_p50: zram.map(|(p50, _)| p50),
@@ -392,6 +413,74 @@ fn uffd_roundtrip_us(faults: usize) -> Result<Option<(f64, f64)>, BenchError> {
     Ok(Some((quantile(&sorted, 0.5), quantile(&sorted, 0.99))))
 }
 
+/// What [`sigbus_hook`] serves: the registered area's range, and a pool of
+/// populated pages, page `i` of the pool moving to page `i` of the area.
+struct SigbusAnchor {
+    uffd: Uffd,
+    area: PageRange,
+    pool: Mapping,
+}
+
+static SIGBUS_ANCHOR: std::sync::Mutex<Option<SigbusAnchor>> = std::sync::Mutex::new(None);
+
+/// The anchor's `SIGBUS` hook: one `UFFDIO_MOVE`, nothing allocated (the
+/// measuring thread never holds the anchor's lock while it touches).
+fn sigbus_hook(f: &hmm::os::sigbus::BusFault) -> hmm::os::sigbus::Verdict {
+    use hmm::os::sigbus::Verdict;
+    let Ok(g) = SIGBUS_ANCHOR.try_lock() else { return Verdict::NotMine };
+    let Some(a) = g.as_ref() else { return Verdict::NotMine };
+    let page = f.addr.page_down();
+    if !a.area.contains(page) {
+        return Verdict::NotMine;
+    }
+    let dst = PageRange::new(page, PAGE_SIZE).expect("one page");
+    let Ok(src) = a.pool.subrange(page.get() - a.area.start().get(), PAGE_SIZE) else {
+        return Verdict::NotMine;
+    };
+    match a.uffd.move_pages(dst, &a.pool, src, true, false) {
+        Ok(_) => Verdict::Retry,
+        Err(_) => Verdict::NotMine,
+    }
+}
+
+/// The floor of a fault served in the faulting thread: `faults` touches, in
+/// random order, of a SIGBUS-mode area, each served by [`sigbus_hook`]:
+/// (median, 99th percentile) in microseconds. `None` without SIGBUS mode or
+/// `UFFDIO_MOVE`. Run before any instance in `FaultMode::InThread` (the
+/// process has one `SIGBUS` hook; such an instance installs its own).
+fn sigbus_roundtrip_us(faults: usize) -> Result<Option<(f64, f64)>, BenchError> {
+    if !hmm::os::sigbus::reports_access() {
+        return Ok(None);
+    }
+    let opts =
+        UffdOptions { required: Features::SIGBUS | Features::MOVE, ..UffdOptions::default() };
+    let uffd = match Uffd::open(opts) {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGBUS mode: its round-trip figures are null");
+            return Ok(None);
+        }
+    };
+    let area = Mapping::anonymous(faults * PAGE_SIZE, Protection::ReadWrite)?;
+    area.advise(area.range(), Advise::NoHugePage)?;
+    uffd.register(&area, area.range(), RegisterMode::MISSING)?;
+    let pool = populated(faults * PAGE_SIZE)?;
+    let anchor = SigbusAnchor { uffd, area: area.range(), pool };
+    *SIGBUS_ANCHOR.lock().unwrap_or_else(|e| e.into_inner()) = Some(anchor);
+    let lat = match hmm::os::sigbus::install(sigbus_hook) {
+        Ok(()) => {
+            let order = shuffled((0..faults).collect(), 0x9e37_79b9_7f4a_7c15);
+            Some(touch_latency_us(&area, &order, |_| true).map_err(MmError::from)?)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGBUS handler: its round-trip figures are null");
+            None
+        }
+    };
+    SIGBUS_ANCHOR.lock().unwrap_or_else(|e| e.into_inner()).take();
+    Ok(lat)
+}
+
 fn uffd_move_gbps(reps: usize) -> Result<Option<f64>, BenchError> {
     let uffd = match Uffd::open(UffdOptions { required: Features::MOVE, ..UffdOptions::default() })
     {
@@ -460,6 +549,8 @@ mod tests {
             kernel_first_touch_us: 1.0,
             uffd_roundtrip_us_p50: None,
             uffd_roundtrip_us_p99: None,
+            sigbus_roundtrip_us_p50: None,
+            sigbus_roundtrip_us_p99: None,
             uffd_move_gbps: None,
             pagemap_scan_mpages_s: None,
             zram_swapin_us_p50: None,
@@ -471,7 +562,7 @@ mod tests {
         let mut rows: Vec<&str> = b.rows().iter().map(|r| r.key).collect();
         rows.sort_unstable();
         assert_eq!(keys, rows);
-        assert_eq!(keys.len(), 8);
+        assert_eq!(keys.len(), 10);
     }
 }
 
