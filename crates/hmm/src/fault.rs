@@ -693,9 +693,6 @@ impl Service {
     fn zero_unmanaged(&mut self, page: PageRange, delay: Duration) {
         match self.inner.uffd.zeropage(page, false) {
             Err(e) if e.kind == FillErrorKind::Again => self.retry_later(page.start(), delay),
-            // Not registered with this instance (SIGBUS mode hands over any
-            // fault of a range's address): the signal goes on.
-            Err(e) if e.kind == FillErrorKind::NotRegistered => self.inner.uffd.refuse(page),
             _ => {
                 let _ = self.inner.uffd.wake(page);
             }

@@ -75,6 +75,9 @@ thread_local! {
 /// What `prepare` hands to `parent` and `child`.
 struct Prepared {
     registry: MutexGuard<'static, Registry>,
+    /// The list of in-thread instances, held across `fork()` (see
+    /// `state::IN_THREAD`).
+    in_thread: Option<std::sync::RwLockWriteGuard<'static, Vec<Arc<Inner>>>>,
     live: Vec<Arc<Inner>>,
     /// The child waits for end of file on it before running on: the parent
     /// closes its end once the child has its pages (or by dying).
@@ -88,15 +91,29 @@ fn lock_registry() -> MutexGuard<'static, Registry> {
 /// Adds an instance to those the fork handlers prepare (installing the
 /// handlers the first time).
 pub(crate) fn register(inner: &Arc<Inner>) {
+    install_handlers();
+    let mut r = lock_registry();
+    r.retain(|w| w.strong_count() > 0);
+    r.push(Arc::downgrade(inner));
+}
+
+/// Installs the fork handlers (once): for instances with `EVENT_FORK`
+/// ([`register`]), and for the list of in-thread instances.
+pub(crate) fn install_handlers() {
     static HANDLERS: Once = Once::new();
     HANDLERS.call_once(|| {
         if let Err(e) = crate::os::process::at_fork(prepare, parent, child) {
             tracing::warn!(error = %e, "cannot install fork handlers: fork() will not wait for device pages to reach the child");
         }
     });
-    let mut r = lock_registry();
-    r.retain(|w| w.strong_count() > 0);
-    r.push(Arc::downgrade(inner));
+}
+
+/// The last step of `prepare`: the list of in-thread instances, taken to
+/// write once nothing else of the fork needs a fault served.
+fn take_in_thread_list() -> std::sync::RwLockWriteGuard<'static, Vec<Arc<Inner>>> {
+    let g = crate::state::IN_THREAD.write().unwrap_or_else(|e| e.into_inner());
+    crate::state::FORKING.with(|f| f.set(true));
+    g
 }
 
 extern "C" fn prepare() {
@@ -125,13 +142,18 @@ extern "C" fn prepare() {
         }
     }
     let ready = if live.is_empty() { None } else { std::io::pipe().ok() };
-    HELD.with(|h| *h.borrow_mut() = Some(Prepared { registry: reg, live, ready }));
+    let in_thread = Some(take_in_thread_list());
+    HELD.with(|h| *h.borrow_mut() = Some(Prepared { registry: reg, in_thread, live, ready }));
 }
 
 extern "C" fn parent() {
-    let Some(Prepared { registry: reg, live, ready }) = HELD.with(|h| h.borrow_mut().take()) else {
+    let Some(Prepared { registry: reg, in_thread, live, ready }) =
+        HELD.with(|h| h.borrow_mut().take())
+    else {
         return;
     };
+    crate::state::FORKING.with(|f| f.set(false));
+    drop(in_thread);
     for inner in &live {
         inner.fork_gate.asked.store(false, Ordering::SeqCst);
         inner.coherent_after_fork();
@@ -155,10 +177,13 @@ extern "C" fn parent() {
 }
 
 extern "C" fn child() {
-    let Some(Prepared { registry: mut reg, live, ready }) = HELD.with(|h| h.borrow_mut().take())
+    let Some(Prepared { registry: mut reg, in_thread, live, ready }) =
+        HELD.with(|h| h.borrow_mut().take())
     else {
         return;
     };
+    crate::state::FORKING.with(|f| f.set(false));
+    drop(in_thread);
     // The parent's instances have no threads here: none is the child's.
     // Their state is the parent's; it is left alone (never dropped here).
     for inner in &live {

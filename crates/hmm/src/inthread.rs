@@ -48,8 +48,8 @@
 //! under their lists' read locks, and what goes on to the service (an
 //! `Arc<Range>` in a hand-over) is moved into room reserved beforehand.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use crate::addr::{PageRange, VirtAddr};
@@ -58,15 +58,29 @@ use crate::error::HmmError;
 use crate::os::sigbus::{self, BusFault, Verdict};
 use crate::os::uffd::{FaultFlags, Waited};
 use crate::page::{DevicePage, Residency};
-use crate::state::{Handover, Inner, Range};
-
-/// The instances in `FaultMode::InThread`, which the handler asks in turn.
-static INSTANCES: RwLock<Vec<Arc<Inner>>> = RwLock::new(Vec::new());
+use crate::state::{FORKING, Handover, IN_THREAD, IN_THREAD_HELD, Inner, Range, in_thread_slot};
 
 /// How long a thread whose fault found no seat in the waiting room, or
 /// whose fill met an address-space change, sleeps before its instruction
 /// faults again.
 const NAP: Duration = Duration::from_micros(200);
+
+/// How long a shut-down instance waits for handlers that hold it.
+const HELD_WAIT: Duration = Duration::from_secs(10);
+
+/// Serializes the writers of `IN_THREAD` (each swaps in a new list).
+static LIST_WRITERS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Replaces the list of in-thread instances with `change` applied to a copy
+/// of it: the new list is made, and the old one freed, outside the list's
+/// lock, since the allocator may be what a faulting thread interrupted.
+fn change_list(change: impl FnOnce(&mut Vec<Arc<Inner>>)) {
+    let _w = LIST_WRITERS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut list = IN_THREAD.read().unwrap_or_else(|e| e.into_inner()).clone();
+    change(&mut list);
+    let old = std::mem::replace(&mut *IN_THREAD.write().unwrap_or_else(|e| e.into_inner()), list);
+    drop(old);
+}
 
 /// Serves `inner`'s faults in the faulting threads from now on.
 pub(crate) fn enable(inner: &Arc<Inner>) -> Result<(), HmmError> {
@@ -75,58 +89,31 @@ pub(crate) fn enable(inner: &Arc<Inner>) -> Result<(), HmmError> {
             "FaultMode::InThread cannot install its SIGBUS handler ({e}): use FaultMode::Service"
         ))
     })?;
-    static FORK_HANDLERS: std::sync::Once = std::sync::Once::new();
-    FORK_HANDLERS.call_once(|| {
-        if let Err(e) = crate::os::process::at_fork(fork_prepare, fork_parent, fork_child) {
-            tracing::error!(errno = %e, "cannot register the in-thread fault mode's fork handlers");
-        }
-    });
-    INSTANCES.write().unwrap_or_else(|e| e.into_inner()).push(inner.clone());
+    // The fork handlers hold the list across `fork()`.
+    crate::fork::install_handlers();
+    change_list(|l| l.push(inner.clone()));
     Ok(())
 }
 
-type ListGuard = std::sync::RwLockWriteGuard<'static, Vec<Arc<Inner>>>;
-
-thread_local! {
-    /// The list, held by the forking thread from `prepare` to `parent` or
-    /// `child`.
-    static FORK_HELD: std::cell::RefCell<Option<ListGuard>> = const { std::cell::RefCell::new(None) };
-    /// Whether this thread holds `FORK_HELD`: a flag with nothing to drop,
-    /// which the handler can read in any thread without the thread-local
-    /// machinery allocating (`FORK_HELD` is only read where it was set).
-    static FORKING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Before `fork()`: takes the list of instances, so no thread is in the
-/// middle of serving a fault with it read-locked (the child would inherit
-/// the lock held by a thread it does not have).
-extern "C" fn fork_prepare() {
-    let g = INSTANCES.write().unwrap_or_else(|e| e.into_inner());
-    FORK_HELD.with(|h| *h.borrow_mut() = Some(g));
-    FORKING.with(|f| f.set(true));
-}
-
-extern "C" fn fork_parent() {
-    FORKING.with(|f| f.set(false));
-    FORK_HELD.with(|h| drop(h.borrow_mut().take()));
-}
-
-extern "C" fn fork_child() {
-    FORKING.with(|f| f.set(false));
-    FORK_HELD.with(|h| drop(h.borrow_mut().take()));
-}
-
-/// Stops serving `inner`'s faults (its descriptor is closed: no more come).
+/// Stops serving `inner`'s faults (its descriptor is closed: no more come),
+/// then waits for the handlers that still hold it. Should one not let go in
+/// time, the instance is leaked rather than freed in its handler.
 pub(crate) fn disable(inner: &Arc<Inner>) {
-    INSTANCES.write().unwrap_or_else(|e| e.into_inner()).retain(|i| !Arc::ptr_eq(i, inner));
+    change_list(|l| l.retain(|i| !Arc::ptr_eq(i, inner)));
+    let deadline = std::time::Instant::now() + HELD_WAIT;
+    let held = &IN_THREAD_HELD[in_thread_slot(inner)];
+    if !crate::state::poll_until(deadline, || held.load(Ordering::SeqCst) == 0) {
+        tracing::error!("a thread still waits in its SIGBUS handler; leaking the instance");
+        std::mem::forget(inner.clone());
+    }
 }
 
 /// The process's `SIGBUS` hook (see the module docs for what it may do).
 ///
 /// The list of instances is held only while the fault is looked at and
 /// served in the thread, never while it waits for the service: a fork
-/// (whose handlers take the list, see [`enable`]) must not wait for a
-/// thread that waits for a parked service.
+/// (whose handlers take the list) must not wait for a thread that waits for
+/// a parked service.
 fn hook(f: &BusFault) -> Verdict {
     if crate::state::on_service_thread() {
         // The service waiting on itself would hang: let the signal kill.
@@ -153,23 +140,32 @@ fn hook(f: &BusFault) -> Verdict {
         }
         Err(Verdict::NotMine)
     };
-    // The thread running the fork handlers holds the list already (a fault
-    // of its own there, say a coherent page going back to system memory).
-    let found = match FORKING.with(std::cell::Cell::get) {
-        true => FORK_HELD.with(|h| look(h.borrow().as_deref().map_or(&[], |v| &v[..]))),
-        false => look(&INSTANCES.read().unwrap_or_else(|e| e.into_inner())),
+    // The thread running the fork handlers holds the list to write: a fault
+    // of its own there (another library's fork handler touching managed
+    // memory) is not served, and gets its signal, rather than deadlock.
+    if FORKING.with(std::cell::Cell::get) {
+        return Verdict::NotMine;
+    }
+    let found = {
+        let list = IN_THREAD.read().unwrap_or_else(|e| e.into_inner());
+        let found = look(&list);
+        if let Ok((inner, _)) = &found {
+            // Counted under the list's lock: `disable` takes the instance
+            // out, then waits for this count to fall.
+            IN_THREAD_HELD[in_thread_slot(inner)].fetch_add(1, Ordering::SeqCst);
+        }
+        found
     };
     let (inner, flags) = match found {
         Ok(x) => x,
         Err(v) => return v,
     };
+    let slot = in_thread_slot(&inner);
     inner.counters.faults_handed_over.fetch_add(1, Ordering::Relaxed);
     let waited = inner.uffd.wait_in_thread(page, flags, || inner.notifier.notify());
-    if Arc::strong_count(&inner) == 1 {
-        // The instance was dropped while this thread waited: its last
-        // reference is not dropped (freed) in a signal handler.
-        std::mem::forget(inner);
-    }
+    // Never the last reference: `disable` waits for the count below.
+    drop(inner);
+    IN_THREAD_HELD[slot].fetch_sub(1, Ordering::SeqCst);
     match waited {
         Waited::Woken => Verdict::Retry,
         Waited::Refused => Verdict::NotMine,
@@ -216,7 +212,9 @@ fn serve(inner: &Arc<Inner>, page: VirtAddr, f: &BusFault) -> Served {
     // last reference is never dropped here.
     let ranges = inner.ranges.read().unwrap_or_else(|e| e.into_inner());
     match ranges.find(page.get()) {
-        None if !ranges.is_home(page.get()) => return Served::NotMine,
+        None if !ranges.is_home(page.get()) && !inner.forwards.awaits(page) => {
+            return Served::NotMine;
+        }
         Some(r) if !wp && !crate::trace::enabled() => match fault_back(inner, r, page) {
             Fast::Served => return Served::Done,
             Fast::Lost => return Served::NotMine,
@@ -262,7 +260,8 @@ fn fault_back(inner: &Arc<Inner>, r: &Arc<Range>, page: VirtAddr) -> Fast {
         Some(mem)
             if !mem.is_failed()
                 && !mem.is_released()
-                && inner.notifiers.invalidate_in_thread(one, event) =>
+                && inner.notifiers.invalidate_in_thread(one, event)
+                && inner.batches.is_idle() =>
         {
             copy_in(inner, mem, p, one)
         }
@@ -280,7 +279,9 @@ fn fault_back(inner: &Arc<Inner>, r: &Arc<Range>, page: VirtAddr) -> Fast {
     // A fork under way notes the pages committed to system memory, and an
     // invalidation or a move that came meanwhile has its own rules: the
     // service finishes those (the thread has its page either way).
-    let committed = !inner.fork_installs.is_open() && {
+    // So is a batch of messages the service began reading meanwhile (an
+    // unmap, a discard or a move it has not acted on yet).
+    let committed = !inner.fork_installs.is_open() && inner.batches.is_idle() && {
         let mut t = r.lock();
         let e = &mut t[i];
         !e.is_invalidated() && e.commit(Residency::System).expect("taken above")
@@ -305,7 +306,9 @@ fn fault_back(inner: &Arc<Inner>, r: &Arc<Range>, page: VirtAddr) -> Fast {
 /// Has the driver install device page `p` at `one`. Returns whether it did.
 fn copy_in(inner: &Inner, mem: &DeviceMemory, p: DevicePage, one: PageRange) -> bool {
     let mut fill = InThreadFill::new(&inner.uffd, one);
-    mem.ops().copy_to_ram_in_thread(p, &mut fill) && fill.filled()
+    // What is in place decides, whatever the driver returned.
+    let _ = mem.ops().copy_to_ram_in_thread(p, &mut fill);
+    fill.filled()
 }
 
 /// Gives back the page taken at `page` (index `i` of `r`), not installed:

@@ -12,7 +12,7 @@
 //! registered, and hands a signal that is not hmm's (another `si_code`, an
 //! address the hook does not own) to the handler that was installed before
 //! it, or to the default action (the process dies of `SIGBUS`, as it would
-//! have without hmm).
+//! have without hmm). The interrupted code's `errno` is kept.
 //!
 //! # What may run in the handler
 //!
@@ -119,6 +119,33 @@ fn install_once() -> std::io::Result<()> {
 }
 
 extern "C" fn handle(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // The interrupted code's `errno` is kept: the hook's system calls and
+    // futex waits may set it.
+    let errno = errno_get();
+    dispatch(sig, info, ctx);
+    errno_set(errno);
+}
+
+/// This thread's `errno`.
+fn errno_ptr() -> *mut libc::c_int {
+    // SAFETY: `__errno_location` has no preconditions; it returns the
+    // address of this thread's `errno`, valid for the thread's life.
+    unsafe { libc::__errno_location() }
+}
+
+fn errno_get() -> libc::c_int {
+    let p = errno_ptr();
+    // SAFETY: `p` is this thread's live `errno`.
+    unsafe { p.read() }
+}
+
+fn errno_set(value: libc::c_int) {
+    let p = errno_ptr();
+    // SAFETY: as in `errno_get`.
+    unsafe { p.write(value) };
+}
+
+fn dispatch(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid `siginfo_t` to an `SA_SIGINFO` handler.
     let info_ref = unsafe { &*info };
     let code = info_ref.si_code;
@@ -138,8 +165,9 @@ extern "C" fn handle(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut lib
 }
 
 /// Hands the signal to the handler installed before ours, or (none, or the
-/// default) restores the default action and returns: the instruction faults
-/// again and the process dies of `SIGBUS`, with its core as without hmm.
+/// default) restores the default action and raises the signal again, which
+/// is delivered as the handler returns: the process dies of `SIGBUS`, with
+/// its core, as without hmm (even if the instruction would not fault again).
 fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     if let Some(prev) = PREVIOUS.get() {
         let h = prev.sa_sigaction;
@@ -158,6 +186,9 @@ fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
         }
     }
     let _ = sigaction(Some(&empty_action()), None);
+    // SAFETY: `raise` is async-signal-safe; SIGBUS is blocked in this
+    // handler, so it stays pending until the handler returns.
+    unsafe { libc::raise(libc::SIGBUS) };
 }
 
 /// The page-fault error code's write and present bits (x86-64 reports them

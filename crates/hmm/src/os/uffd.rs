@@ -898,9 +898,11 @@ impl Uffd {
         let fd = g.as_ref().ok_or(UffdError::Closed)?;
         let mut arg = raw_range(range);
         // SAFETY: UFFDIO_UNREGISTER reads a `uffdio_range`.
-        unsafe { ioctl_ptr(fd, sys::UFFDIO_UNREGISTER, &mut arg) }
-            .map_err(|errno| UffdError::Unregister { range, errno })?;
-        Ok(())
+        let res = unsafe { ioctl_ptr(fd, sys::UFFDIO_UNREGISTER, &mut arg) }
+            .map_err(|errno| UffdError::Unregister { range, errno });
+        // As the kernel wakes its waiters on the range.
+        self.woke(range, false);
+        res.map(drop)
     }
 
     /// Wakes threads waiting on faults in `range` (after `DONTWAKE` fills).
@@ -1306,18 +1308,15 @@ impl Uffd {
         notify();
         let waited = loop {
             let state = seat.state.load(Ordering::Acquire);
-            if state == SEAT_DONE {
-                break Waited::Woken;
+            match code(state) {
+                SEAT_DONE => break Waited::Woken,
+                SEAT_REFUSED => break Waited::Refused,
+                _ if w.closed.load(Ordering::Acquire) != 0 => break Waited::Woken,
+                _ => super::sigbus::futex_wait(&seat.state, state, Some(WAITER_NAP)),
             }
-            if state == SEAT_REFUSED {
-                break Waited::Refused;
-            }
-            if w.closed.load(Ordering::Acquire) != 0 {
-                break Waited::Woken;
-            }
-            super::sigbus::futex_wait(&seat.state, state, Some(WAITER_NAP));
         };
-        seat.state.store(SEAT_FREE, Ordering::Release);
+        let state = seat.state.load(Ordering::Acquire);
+        seat.state.store(with_code(state, SEAT_FREE), Ordering::Release);
         w.taken.fetch_sub(1, Ordering::SeqCst);
         waited
     }
@@ -1353,6 +1352,9 @@ pub const WAITER_NAP: Duration = Duration::from_millis(100);
 /// that finds none free lets its instruction fault again.
 const SEATS: usize = 256;
 
+/// A seat's state word: the state in the low byte, and in the rest a
+/// generation, moved on each claim, so that a wake that read a seat's
+/// address cannot end the wait of a thread that took the seat since.
 const SEAT_FREE: u32 = 0;
 /// Taken; the address is being written.
 const SEAT_CLAIMED: u32 = 1;
@@ -1364,6 +1366,14 @@ const SEAT_READ: u32 = 3;
 const SEAT_DONE: u32 = 4;
 /// Refused: the thread lets its signal go on, and frees the seat.
 const SEAT_REFUSED: u32 = 5;
+
+fn code(state: u32) -> u32 {
+    state & 0xff
+}
+
+fn with_code(state: u32, code: u32) -> u32 {
+    (state & !0xff) | code
+}
 
 /// How a wait in the waiting room ended ([`Uffd::wait_in_thread`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1406,8 +1416,11 @@ struct Waiters {
 
 impl fmt::Debug for Waiters {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let waiting =
-            self.seats.iter().filter(|s| s.state.load(Ordering::Relaxed) != SEAT_FREE).count();
+        let waiting = self
+            .seats
+            .iter()
+            .filter(|s| code(s.state.load(Ordering::Relaxed)) != SEAT_FREE)
+            .count();
         f.debug_struct("Waiters").field("waiting", &waiting).finish()
     }
 }
@@ -1433,16 +1446,18 @@ impl Waiters {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         for k in 0..SEATS {
             let seat = &self.seats[(start + k) % SEATS];
-            if seat
-                .state
-                .compare_exchange(SEAT_FREE, SEAT_CLAIMED, Ordering::Acquire, Ordering::Relaxed)
-                .is_ok()
+            let s = seat.state.load(Ordering::Relaxed);
+            if code(s) != SEAT_FREE {
+                continue;
+            }
+            let claimed = (s & !0xff).wrapping_add(0x100) | SEAT_CLAIMED;
+            if seat.state.compare_exchange(s, claimed, Ordering::Acquire, Ordering::Relaxed).is_ok()
             {
                 self.taken.fetch_add(1, Ordering::SeqCst);
                 seat.addr.store(page.get(), Ordering::Relaxed);
                 let bits = u32::from(flags.write) | u32::from(flags.wp) << 1;
                 seat.flags.store(bits, Ordering::Relaxed);
-                seat.state.store(SEAT_READY, Ordering::SeqCst);
+                seat.state.store(with_code(claimed, SEAT_READY), Ordering::SeqCst);
                 return Some(seat);
             }
         }
@@ -1456,10 +1471,17 @@ impl Waiters {
             if n == max {
                 break;
             }
-            if seat
-                .state
-                .compare_exchange(SEAT_READY, SEAT_READ, Ordering::SeqCst, Ordering::Relaxed)
-                .is_ok()
+            let s = seat.state.load(Ordering::SeqCst);
+            if code(s) == SEAT_READY
+                && seat
+                    .state
+                    .compare_exchange(
+                        s,
+                        with_code(s, SEAT_READ),
+                        Ordering::SeqCst,
+                        Ordering::Relaxed,
+                    )
+                    .is_ok()
             {
                 let bits = seat.flags.load(Ordering::Relaxed);
                 out.push(UffdEvent::PageFault {
@@ -1487,14 +1509,17 @@ impl Waiters {
         let (lo, hi) = (range.start().get(), range.end().get());
         for seat in self.seats.iter() {
             let s = seat.state.load(Ordering::SeqCst);
-            if s != SEAT_READY && s != SEAT_READ {
+            if code(s) != SEAT_READY && code(s) != SEAT_READ {
                 continue;
             }
             let a = seat.addr.load(Ordering::Relaxed);
             if a < lo || a >= hi {
                 continue;
             }
-            if seat.state.compare_exchange(s, end, Ordering::SeqCst, Ordering::Relaxed).is_ok() {
+            // The generation in `s` makes this fail if the seat was freed
+            // and taken again since its address was read.
+            let ended = with_code(s, end);
+            if seat.state.compare_exchange(s, ended, Ordering::SeqCst, Ordering::Relaxed).is_ok() {
                 super::sigbus::futex_wake(&seat.state);
             }
         }

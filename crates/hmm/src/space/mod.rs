@@ -574,6 +574,9 @@ impl Inner {
         {
             let mut ranges = self.ranges.write().unwrap_or_else(|e| e.into_inner());
             ranges.remove(r);
+            // Still registered until `unregister_own` below: a fault there
+            // is this instance's (see `Registry::add_home`).
+            ranges.add_home(r.range().start().get(), r.range().end().get());
         }
         // A fault-around window still in flight installs into the range: let it
         // finish before the range leaves the descriptor (an install into an
@@ -602,6 +605,8 @@ impl Inner {
         if !self.uffd.is_closed() {
             self.unregister_own(r);
         }
+        let (start, end) = (r.range().start().get(), r.range().end().get());
+        self.ranges.write().unwrap_or_else(|e| e.into_inner()).cut_homes(start, end);
     }
 
     /// Brings every page back, stops the fault service, closes the descriptors.

@@ -196,6 +196,33 @@ pub(crate) struct Inner {
     pub(crate) handovers: Handovers,
 }
 
+/// The instances in `FaultMode::InThread`, which the process's `SIGBUS`
+/// handler asks in turn (`crate::inthread`). Written by `inthread::enable`
+/// and `disable` (a new list swapped in, so nothing is allocated or freed
+/// under the lock), and held to write by the fork handlers across `fork()`
+/// (`crate::fork`), so no thread's read lock is inherited by the child.
+pub(crate) static IN_THREAD: RwLock<Vec<Arc<Inner>>> = RwLock::new(Vec::new());
+
+/// Handlers holding an instance they took from [`IN_THREAD`] while they wait
+/// for its fault service, counted by the instance's slot
+/// ([`in_thread_slot`]): an instance shut down waits for its slot's count,
+/// so that its last reference is never dropped (and it freed) in a signal
+/// handler. Instances sharing a slot only wait longer.
+pub(crate) static IN_THREAD_HELD: [std::sync::atomic::AtomicUsize; 64] =
+    [const { std::sync::atomic::AtomicUsize::new(0) }; 64];
+
+/// `inner`'s counter in [`IN_THREAD_HELD`].
+pub(crate) fn in_thread_slot(inner: &Inner) -> usize {
+    (inner as *const Inner as usize >> 6) % IN_THREAD_HELD.len()
+}
+
+thread_local! {
+    /// Set on the thread running the fork handlers while it holds
+    /// [`IN_THREAD`] to write (see `in_thread_list`). A flag with nothing to
+    /// drop: reading it in a signal handler allocates nothing.
+    pub(crate) static FORKING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Unmaps read and not yet handled that hmm keeps track of (far more than a
 /// batch of messages holds).
 const UNMAPPING_ROOM: usize = 1024;

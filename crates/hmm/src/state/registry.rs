@@ -30,8 +30,11 @@ pub(crate) struct Registry {
     serial: u64,
     /// Registered memory no range holds, by start: end. The new home of an
     /// `mremap` of managed memory keeps the registration (see `remap`), and
-    /// a thread serving its own fault there (`FaultMode::InThread`) must know
-    /// the address is this instance's. Cut as spans are.
+    /// so does a range being unmanaged until it is unregistered; a thread
+    /// serving its own fault there (`FaultMode::InThread`) must know the
+    /// address is this instance's (a userfaultfd fill is no test of that:
+    /// the kernel fills any registered memory of the process). Cut as spans
+    /// are.
     homes: BTreeMap<usize, usize>,
 }
 
@@ -69,8 +72,8 @@ impl Registry {
         self.homes.clear();
     }
 
-    /// `[start, end)`, the new home of an `mremap` of managed memory, stays
-    /// registered with this instance.
+    /// `[start, end)`, the new home of an `mremap` of managed memory (or a
+    /// range being unmanaged), stays registered with this instance.
     pub(crate) fn add_home(&mut self, start: usize, end: usize) {
         self.cut_homes(start, end);
         self.homes.insert(start, end);
@@ -81,7 +84,8 @@ impl Registry {
         self.homes.range(..=addr).next_back().is_some_and(|(_, e)| *e > addr)
     }
 
-    fn cut_homes(&mut self, start: usize, end: usize) {
+    /// `[start, end)` is no longer registered memory of this instance.
+    pub(crate) fn cut_homes(&mut self, start: usize, end: usize) {
         let hit: Vec<(usize, usize)> = self
             .homes
             .range(..end)
