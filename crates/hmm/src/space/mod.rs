@@ -555,6 +555,12 @@ impl Inner {
         // Unmaps the application made already are recorded, so that their
         // parts are not unregistered below.
         self.settle_events();
+        // Fault-backs threads began in their own handlers, and the windows
+        // they asked for, are finished first (`FaultMode::InThread`): they
+        // free device pages, and bring back pages, of this range.
+        crate::state::poll_until(std::time::Instant::now() + Duration::from_secs(1), || {
+            self.handovers.is_empty()
+        });
         // Created memory goes away with the range: mirrors stay invalidated
         // until its device pages are freed.
         let _inv = r.created.then(|| self.notifiers.start(r.range(), InvalidationEvent::Unmap));
