@@ -207,14 +207,16 @@ pub trait DevicePagemapOps: Send + Sync {
         fault.migrate(self.dma())
     }
 
-    /// In an instance whose CPU faults are served in the faulting thread
-    /// ([`FaultMode::InThread`](crate::FaultMode::InThread)): installs the
-    /// bytes of `page` at the faulting address through `to` (one of its
-    /// three ways) and returns true, or returns false to have the fault
-    /// served by the fault service instead (through
-    /// [`migrate_to_ram`](Self::migrate_to_ram)). The default returns false.
+    /// Installs the bytes of `page` at the faulting address through `to`
+    /// (one of its three ways) and returns true, or returns false to have the
+    /// fault served through [`migrate_to_ram`](Self::migrate_to_ram). The
+    /// default returns false. hmm calls it for the faulting page of a
+    /// fault-back before anything else: in the faulting thread's own handler
+    /// with [`FaultMode::InThread`](crate::FaultMode::InThread), on the fault
+    /// service otherwise (the rest of the fault-around window then comes back
+    /// through [`dma`](Self::dma), after the faulting thread is woken).
     ///
-    /// Runs in a `SIGBUS` handler, on whatever thread touched the page, in
+    /// May run in a `SIGBUS` handler, on whatever thread touched the page, in
     /// the middle of whatever it was doing: it must not allocate or free,
     /// must not take a lock that code touching managed memory could hold,
     /// must not block for long, and must not touch managed memory. A move or

@@ -58,7 +58,7 @@ use std::time::{Duration, Instant};
 use crate::addr::{HUGE_PAGE_SIZE, PAGE_SIZE, PageRange, VirtAddr};
 use crate::devmem::FaultBack;
 use crate::dma::DmaEngine;
-use crate::migrate::{Migration, PageStatus, Selection, SkipReason};
+use crate::migrate::{Migration, OneFault, PageStatus, Selection, SkipReason, fault_back_one};
 use crate::mirror::InvalidationEvent;
 use crate::os::mm::{Advise, Mapping, Protection};
 use crate::os::uffd::{FillErrorKind, UffdEvent};
@@ -830,6 +830,18 @@ impl Service {
             let _ = self.inner.uffd.wake(PageRange::from_pages(addr, 1).expect("page"));
             return;
         };
+        // The faulting page the short way where the driver offers it (one
+        // fill, no allocation, the thread woken at once), then the window
+        // as a migration. While a trace records, the migration path, which
+        // the trace shows.
+        if !crate::trace::enabled()
+            && fault_back_one(&self.inner, r, addr.page_down(), false) == OneFault::Served
+        {
+            if self.inner.config.fault_around_pages > 1 {
+                self.bring_around(addr.page_down(), p.dev);
+            }
+            return;
+        }
         let window = self.window(r, addr);
         let mut f = PendingFault {
             inner: &self.inner,

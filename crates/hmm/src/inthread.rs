@@ -52,13 +52,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use crate::addr::{PageRange, VirtAddr};
-use crate::devmem::{DeviceMemory, InThreadFill};
+use crate::addr::VirtAddr;
 use crate::error::HmmError;
+use crate::migrate::{OneFault, fault_back_one};
 use crate::os::sigbus::{self, BusFault, Verdict};
 use crate::os::uffd::{FaultFlags, Waited};
-use crate::page::{DevicePage, Residency};
-use crate::state::{FORKING, Handover, IN_THREAD, IN_THREAD_HELD, Inner, Range, in_thread_slot};
+use crate::state::{FORKING, IN_THREAD, IN_THREAD_HELD, Inner, in_thread_slot};
 
 /// How long a thread whose fault found no seat in the waiting room, or
 /// whose fill met an address-space change, sleeps before its instruction
@@ -176,17 +175,6 @@ fn hook(f: &BusFault) -> Verdict {
     }
 }
 
-/// What the fast path did.
-enum Fast {
-    /// The page is in place.
-    Served,
-    /// The page was lost with its device: the thread gets the signal (the
-    /// kernel raises it for the page's poison marker too).
-    Lost,
-    /// Not for the fast path: the service serves it.
-    No,
-}
-
 /// What [`serve`] did.
 enum Served {
     NotMine,
@@ -215,124 +203,12 @@ fn serve(inner: &Arc<Inner>, page: VirtAddr, f: &BusFault) -> Served {
         None if !ranges.is_home(page.get()) && !inner.forwards.awaits(page) => {
             return Served::NotMine;
         }
-        Some(r) if !wp && !crate::trace::enabled() => match fault_back(inner, r, page) {
-            Fast::Served => return Served::Done,
-            Fast::Lost => return Served::NotMine,
-            Fast::No => {}
+        Some(r) if !wp && !crate::trace::enabled() => match fault_back_one(inner, r, page, true) {
+            OneFault::Served => return Served::Done,
+            OneFault::Lost => return Served::NotMine,
+            OneFault::No => {}
         },
         _ => {}
     }
     Served::Wait(FaultFlags { write: f.write.unwrap_or(false), wp, minor: false })
-}
-
-/// The fast path (see the module docs).
-fn fault_back(inner: &Arc<Inner>, r: &Arc<Range>, page: VirtAddr) -> Fast {
-    if inner.fork_gate.asked.load(Ordering::SeqCst) || inner.fault_stall.is_armed() {
-        return Fast::No;
-    }
-    if r.huge {
-        return Fast::No;
-    }
-    let i = r.index(page);
-    let p = {
-        let mut t = r.lock();
-        let e = t[i];
-        if e.residency() == Residency::Poisoned && !e.is_migrating() {
-            // Lost with its device: the signal is the page's contents
-            // (see `Fast::Lost`).
-            return Fast::Lost;
-        }
-        let Residency::Device(p) = e.residency() else { return Fast::No };
-        if e.is_migrating() || e.is_cpu_mapped() || !inner.handovers.reserve() {
-            return Fast::No;
-        }
-        t[i].begin_migration().expect("checked: a device page no migration holds");
-        p
-    };
-    let one = PageRange::from_pages(page, 1).expect("one page");
-    let devices = inner.devices.read().unwrap_or_else(|e| e.into_inner());
-    let mem = devices.get(p.dev.index()).and_then(Option::as_ref);
-    // Mirrors drop their translations before the page leaves (as in
-    // `Migration::setup_in`), with the page taken: a mirror inserted after
-    // this finds it migrating.
-    let event = crate::mirror::InvalidationEvent::Migrate { owner: Some(p.dev) };
-    let installed = match mem {
-        Some(mem)
-            if !mem.is_failed()
-                && !mem.is_released()
-                && inner.notifiers.invalidate_in_thread(one, event)
-                && inner.batches.is_idle() =>
-        {
-            copy_in(inner, mem, p, one)
-        }
-        _ => false,
-    };
-    if !installed {
-        give_back(inner, r, i, page, p);
-        return Fast::No;
-    }
-    let mem = mem.expect("installed from it");
-    // Counted before the commit, as the service counts before its wake.
-    r.counters.cpu_faults.fetch_add(1, Ordering::Relaxed);
-    mem.counters.cpu_faults.fetch_add(1, Ordering::Relaxed);
-    inner.counters.faults_in_thread.fetch_add(1, Ordering::Relaxed);
-    // A fork under way notes the pages committed to system memory, and an
-    // invalidation or a move that came meanwhile has its own rules: the
-    // service finishes those (the thread has its page either way).
-    // So is a batch of messages the service began reading meanwhile (an
-    // unmap, a discard or a move it has not acted on yet).
-    let committed = !inner.fork_installs.is_open() && inner.batches.is_idle() && {
-        let mut t = r.lock();
-        let e = &mut t[i];
-        !e.is_invalidated() && e.commit(Residency::System).expect("taken above")
-    };
-    if !committed {
-        hand_over(inner, r, page, p, true);
-        return Fast::Served;
-    }
-    inner.handovers.unreserve();
-    r.settled.notify_all();
-    mem.put_one(p);
-    r.counters.migrated_to_system.fetch_add(1, Ordering::Relaxed);
-    mem.counters.migrated_to_system.fetch_add(1, Ordering::Relaxed);
-    // Threads that touched the page meanwhile wait for the service's wake.
-    let _ = inner.uffd.wake(one);
-    if inner.config.fault_around_pages > 1 && inner.handovers.ask_around(page, p.dev) {
-        inner.notifier.notify();
-    }
-    Fast::Served
-}
-
-/// Has the driver install device page `p` at `one`. Returns whether it did.
-fn copy_in(inner: &Inner, mem: &DeviceMemory, p: DevicePage, one: PageRange) -> bool {
-    let mut fill = InThreadFill::new(&inner.uffd, one);
-    // What is in place decides, whatever the driver returned.
-    let _ = mem.ops().copy_to_ram_in_thread(p, &mut fill);
-    fill.filled()
-}
-
-/// Gives back the page taken at `page` (index `i` of `r`), not installed:
-/// here when nothing happened to it meanwhile (the thread then hands its
-/// fault to the service, which must not find the page still taken by it),
-/// else through the service (see [`Handover`]).
-fn give_back(inner: &Inner, r: &Arc<Range>, i: usize, page: VirtAddr, p: DevicePage) {
-    let kept = {
-        let mut t = r.lock();
-        let e = &mut t[i];
-        !e.is_invalidated() && e.abort().expect("taken above")
-    };
-    if !kept {
-        hand_over(inner, r, page, p, false);
-        return;
-    }
-    inner.handovers.unreserve();
-    r.settled.notify_all();
-    // Threads that touched the page meanwhile wait for the service's wake.
-    let _ = inner.uffd.wake(PageRange::from_pages(page, 1).expect("one page"));
-}
-
-/// Leaves the page taken at `page` to the service (see [`Handover`]).
-fn hand_over(inner: &Inner, r: &Arc<Range>, page: VirtAddr, p: DevicePage, installed: bool) {
-    inner.handovers.push(Handover { range: r.clone(), addr: page, page: p, installed });
-    inner.notifier.notify();
 }

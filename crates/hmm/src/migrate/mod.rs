@@ -20,7 +20,10 @@
 //! Dropping a migration before `finalize` restores every source.
 
 mod device;
+mod one;
 mod range;
+
+pub(crate) use one::{OneFault, fault_back_one};
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
