@@ -131,17 +131,7 @@ impl FaultBack for PendingFault<'_> {
             _ if report.migrated == 0 => Err(FaultBackError::Busy),
             _ => Ok(()),
         };
-        // The rest of the window, before and after the page.
-        for part in outside(self.window, first_part) {
-            if let Ok(mut m) =
-                Migration::setup_in(self.inner, self.range.clone(), part, sel, sel.owner())
-            {
-                if m.collected() > 0 {
-                    m.copy(engine);
-                }
-                m.finalize();
-            }
-        }
+        migrate_around(self.inner, &self.range, self.window, first_part, sel, engine);
         first
     }
 }
@@ -155,6 +145,26 @@ impl PendingFault<'_> {
         self.range.counters.cpu_faults.fetch_add(1, Ordering::Relaxed);
         if let Some(mem) = self.inner.device(self.page.dev) {
             mem.counters.cpu_faults.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Brings back, with `engine`, what `sel` selects of the parts of `window`
+/// before and after `page` (which lies inside it, and is back already).
+fn migrate_around(
+    inner: &Arc<Inner>,
+    r: &Arc<Range>,
+    window: PageRange,
+    page: PageRange,
+    sel: Selection,
+    engine: &dyn DmaEngine,
+) {
+    for part in outside(window, page) {
+        if let Ok(mut m) = Migration::setup_in(inner, r.clone(), part, sel, sel.owner()) {
+            if m.collected() > 0 {
+                m.copy(engine);
+            }
+            m.finalize();
         }
     }
 }
@@ -462,7 +472,9 @@ impl Service {
         let mut around = std::mem::take(&mut self.around);
         self.inner.handovers.take_around(&mut around);
         for (addr, dev) in around.drain(..) {
-            self.bring_around(addr, dev);
+            if let Some(r) = self.inner.find(addr) {
+                self.bring_around(&r, addr, dev);
+            }
         }
         self.around = around;
         self.inner.handovers.set_working(false);
@@ -470,20 +482,11 @@ impl Service {
 
     /// Brings back what a fault-around window holds of `dev`'s pages around
     /// `addr`, a page a thread brought back itself.
-    fn bring_around(&mut self, addr: VirtAddr, dev: DeviceId) {
-        let Some(r) = self.inner.find(addr) else { return };
+    fn bring_around(&mut self, r: &Arc<Range>, addr: VirtAddr, dev: DeviceId) {
         let (Some(mem), false) = (self.inner.device(dev), r.huge) else { return };
-        let window = self.window(&r, addr);
+        let window = self.window(r, addr);
         let page = PageRange::from_pages(addr, 1).expect("one page");
-        let sel = Selection::Device(dev);
-        for part in outside(window, page) {
-            if let Ok(mut m) = Migration::setup_in(&self.inner, r.clone(), part, sel, sel.owner()) {
-                if m.collected() > 0 {
-                    m.copy(mem.ops().dma());
-                }
-                m.finalize();
-            }
-        }
+        migrate_around(&self.inner, r, window, page, Selection::Device(dev), mem.ops().dma());
     }
 
     /// Wakes the retries that are due. Allocates nothing (within the room
@@ -838,7 +841,7 @@ impl Service {
             && fault_back_one(&self.inner, r, addr.page_down(), false) == OneFault::Served
         {
             if self.inner.config.fault_around_pages > 1 {
-                self.bring_around(addr.page_down(), p.dev);
+                self.bring_around(r, addr.page_down(), p.dev);
             }
             return;
         }

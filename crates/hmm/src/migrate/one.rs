@@ -92,7 +92,7 @@ pub(crate) fn fault_back_one(
         _ => false,
     };
     if !installed {
-        give_back(inner, r, i, page, p);
+        give_back(inner, r, i, page, p, in_thread);
         return OneFault::No;
     }
     let mem = mem.expect("installed from it");
@@ -140,8 +140,18 @@ fn copy_in(inner: &Inner, mem: &DeviceMemory, p: DevicePage, one: PageRange) -> 
 /// Gives back the page taken at `page` (index `i` of `r`), not installed:
 /// here when nothing happened to it meanwhile (the thread then hands its
 /// fault to the service, which must not find the page still taken by it),
-/// else through the service (see [`Handover`]).
-fn give_back(inner: &Inner, r: &Arc<Range>, i: usize, page: VirtAddr, p: DevicePage) {
+/// else through the service (see [`Handover`]). The fault service, which
+/// goes on at once to bring the page back as a migration (whose end wakes
+/// the page), wakes no one here: a wake now would only have the faulting
+/// thread fault again.
+fn give_back(
+    inner: &Inner,
+    r: &Arc<Range>,
+    i: usize,
+    page: VirtAddr,
+    p: DevicePage,
+    in_thread: bool,
+) {
     let kept = {
         let mut t = r.lock();
         let e = &mut t[i];
@@ -153,8 +163,10 @@ fn give_back(inner: &Inner, r: &Arc<Range>, i: usize, page: VirtAddr, p: DeviceP
     }
     inner.handovers.unreserve();
     r.settled.notify_all();
-    // Threads that touched the page meanwhile wait for the service's wake.
-    let _ = inner.uffd.wake(PageRange::from_pages(page, 1).expect("one page"));
+    if in_thread {
+        // Threads that touched the page meanwhile wait for the service's wake.
+        let _ = inner.uffd.wake(PageRange::from_pages(page, 1).expect("one page"));
+    }
 }
 
 /// Leaves the page taken at `page` to the service (see [`Handover`]).
