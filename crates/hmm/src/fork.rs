@@ -8,11 +8,12 @@
 //! would read zeros there. With `UFFD_FEATURE_EVENT_FORK`, the child's copies
 //! of the managed ranges stay registered, with a new descriptor the FORK event
 //! hands to the fault service. The service gives it to a copier thread
-//! ([`copy_to_child`]), which copies every device-resident page into the child
+//! ([`start_copy`]), which copies every device-resident page into the child
 //! with the device's DMA engine (`UFFDIO_COPY` through the child's descriptor
-//! reads the source in this process and installs in the child), then closes
-//! the descriptor: the child's ranges become plain memory of its own, and the
-//! child never depends on its parent again.
+//! reads the source in this process and installs in the child; a large copy
+//! is split between threads, one a CPU), then closes the descriptor: the
+//! child's ranges become plain memory of its own, and the child never
+//! depends on its parent again.
 //!
 //! While it copies, the device pages are held as a migration holds them (a CPU
 //! touch in the parent waits, migrations skip them as busy, a discard or an
@@ -30,7 +31,9 @@
 //! that exits (or is killed) right after `fork()` leaves a complete child.
 //! The child, for its part, waits in its handler until the parent's copy is
 //! over (end of file on a pipe the parent closes then, or by dying), so none
-//! of its own code runs against a half-copied address space.
+//! of its own code runs against a half-copied address space. (Both go on
+//! once the child has every page, before its descriptor is closed: see
+//! [`start_copy`].)
 //! They also keep the fork away from two hazards:
 //!
 //! - **Allocator locks.** `fork()` holds the C library's allocator locks
@@ -162,7 +165,14 @@ extern "C" fn parent() {
     for inner in &live {
         // The FORK event is handled (its copy begun), then the copy ends.
         inner.settle_events();
-        if !inner.fork_copies.wait_idle(FORK_WAIT) {
+        // In SIGBUS mode the child's descriptor has the mode too: a child
+        // touching an empty page before the close would get a signal that
+        // no instance of its own serves. It runs once the close is done.
+        let copies = match inner.sigbus_mode() {
+            false => &inner.fork_copying,
+            true => &inner.fork_copies,
+        };
+        if !copies.wait_idle(FORK_WAIT) {
             tracing::error!(
                 "the copy of device pages to the child is still running after {FORK_WAIT:?}"
             );
@@ -210,14 +220,27 @@ extern "C" fn child() {
 
 /// Starts the copy of the parent's device pages into the child behind
 /// `child` (called by the fault service on a FORK event).
+///
+/// Two counts follow it: `fork_copying` ends once the child has every page,
+/// which is all the parent's `fork()` waits for (the child then runs on);
+/// `fork_copies` ends once the child's descriptor is closed too, which a
+/// next fork waits for (it must not inherit the descriptor). Closing it
+/// takes the kernel a walk over the child's registered page tables (about
+/// 20 ms a GiB): a child that faults meanwhile waits for the close, and then
+/// finds its ranges plain memory.
 pub(crate) fn start_copy(inner: &Arc<Inner>, child: Uffd) {
     inner.fork_copies.begin();
+    inner.fork_copying.begin();
     let me = inner.clone();
     let spawned = std::thread::Builder::new().name("hmm-fork".into()).spawn(move || {
-        copy_to_child(&me, Arc::new(child));
+        let child = Arc::new(child);
+        copy_to_child(&me, &child);
+        me.fork_copying.end();
+        child.close();
         me.fork_copies.end();
     });
     if let Err(e) = spawned {
+        inner.fork_copying.end();
         inner.fork_copies.end();
         tracing::error!(error = %e, "cannot start the copy to a forked child: it reads zeros where device pages were");
     }
@@ -240,9 +263,9 @@ impl Held {
     }
 }
 
-/// Copies every device-resident page of every managed range into the child,
-/// then closes the child's descriptor (see the module docs).
-pub(crate) fn copy_to_child(inner: &Arc<Inner>, child: Arc<Uffd>) {
+/// Copies every device-resident page of every managed range into the child
+/// (see the module docs); the caller closes the child's descriptor.
+fn copy_to_child(inner: &Arc<Inner>, child: &Arc<Uffd>) {
     let ranges: Vec<Arc<Range>> = {
         let r = inner.ranges.read().unwrap_or_else(|e| e.into_inner());
         r.values().cloned().collect()
@@ -276,7 +299,7 @@ pub(crate) fn copy_to_child(inner: &Arc<Inner>, child: Arc<Uffd>) {
     let mut late = inner.fork_installs.close();
     late.sort();
     late.dedup();
-    copy_held(inner, &child, &sink, held);
+    copy_held(inner, child, &sink, held);
     for a in late {
         let Some(r) = inner.find(a) else { continue };
         let i = r.index(a);
@@ -285,7 +308,7 @@ pub(crate) fn copy_to_child(inner: &Arc<Inner>, child: Arc<Uffd>) {
             !e.is_migrating() && e.residency() == Residency::System
         };
         if in_system {
-            copy_from_parent(&child, &r, i);
+            copy_from_parent(child, &r, i);
         }
     }
     // Pages a migration held at the fork: copied from where it left them.
@@ -297,12 +320,11 @@ pub(crate) fn copy_to_child(inner: &Arc<Inner>, child: Arc<Uffd>) {
             (Held::take(&r, i, e), e.residency() == Residency::System)
         };
         if let Some(h) = again {
-            copy_held(inner, &child, &sink, vec![h]);
+            copy_held(inner, child, &sink, vec![h]);
         } else if in_system {
-            copy_from_parent(&child, &r, i);
+            copy_from_parent(child, &r, i);
         }
     }
-    child.close();
     inner.counters.forks.fetch_add(1, Ordering::Relaxed);
 }
 
@@ -318,6 +340,50 @@ fn copy_retrying(
     let copies: Vec<ToSystem> =
         part.iter().map(|h| ToSystem { src: h.page, dst: h.range.page_addr(h.index) }).collect();
     crate::dma::copy_to_system_retrying(mem.ops().dma(), sink, &copies, |round| round < 8)
+}
+
+/// Held pages per thread, at least, when a copy is split between threads.
+const PARALLEL_PAGES: usize = 4096;
+
+/// [`copy_retrying`], with the pages split between as many threads as the
+/// machine has CPUs (four at most), each submitting its share to the engine:
+/// the child waits for the whole copy, and one thread's copies, each
+/// allocating the child's page and installing it, leave the other CPUs idle.
+/// (An engine may be called from any thread; one that has worker threads of
+/// its own splits each share again.)
+fn copy_parallel(
+    mem: &DeviceMemory,
+    sink: &Arc<SystemSink>,
+    part: &[Held],
+) -> Vec<Result<(), DmaError>> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
+    let threads = cpus.min(part.len() / PARALLEL_PAGES).max(1);
+    if threads == 1 {
+        return copy_retrying(mem, sink, part);
+    }
+    let per = part.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let shares: Vec<_> = part
+            .chunks(per)
+            .skip(1)
+            .map(|share| {
+                let spawned = std::thread::Builder::new()
+                    .name("hmm-fork-copy".into())
+                    .spawn_scoped(s, move || copy_retrying(mem, sink, share));
+                (share, spawned)
+            })
+            .collect();
+        let mut out = copy_retrying(mem, sink, &part[..per]);
+        for (share, h) in shares {
+            // A thread that cannot start, or panicked, leaves its share to
+            // this one.
+            match h.ok().map(|h| h.join()) {
+                Some(Ok(r)) => out.extend(r),
+                _ => out.extend(copy_retrying(mem, sink, share)),
+            }
+        }
+        out
+    })
 }
 
 /// Copies page `i` of `r` from this process's memory into the child (a
@@ -342,7 +408,7 @@ fn copy_held(inner: &Arc<Inner>, child: &Uffd, sink: &Arc<SystemSink>, mut held:
         let (part, tail) = rest.split_at(n);
         rest = tail;
         let results = match inner.device(first.page.dev) {
-            Some(mem) if !mem.is_failed() => copy_retrying(&mem, sink, part),
+            Some(mem) if !mem.is_failed() => copy_parallel(&mem, sink, part),
             _ => vec![Err(DmaError::Failed("the device failed".into())); n],
         };
         for (h, r) in part.iter().zip(results) {

@@ -94,6 +94,60 @@ fn fork_gives_the_child_the_fork_time_data_and_isolates_both_sides() {
     assert_eq!(dev.stats().pages_resident, 0, "no device page left behind");
 }
 
+/// A fork with more device pages than one copying thread takes (the copy is
+/// split between threads, one a CPU): the child finds every page at its own
+/// place, and zeros where nothing was ever written, which it may touch as
+/// soon as it runs (its descriptor may still be closing then).
+#[test]
+fn a_large_fork_copy_puts_every_page_in_place() {
+    if common::skip_without("event-fork") {
+        return;
+    }
+    let _fork = common::fork_lock();
+    let hmm = Hmm::new().unwrap();
+    // Three threads' worth and a remainder, then pages never touched.
+    let on_device = 3 * 4096 + 5;
+    let pages = on_device + 64;
+    let dev = device(&hmm, "d", on_device);
+    let r = hmm.alloc(pages * PAGE_SIZE).unwrap();
+    let data = pattern(on_device, 7);
+    r.write(0, &data).unwrap();
+    let moved = dev.migrate_to_device(r.pages_range(0, on_device).unwrap()).unwrap();
+    assert_eq!(moved.migrated, on_device, "{moved:?}");
+    let mut want = data;
+    want.resize(pages * PAGE_SIZE, 0);
+    let child = spawn_child(|| {
+        // The never-touched tail first: the descriptor may be closing.
+        let mut tail = vec![1u8; 64 * PAGE_SIZE];
+        if r.mapping().read(on_device * PAGE_SIZE, &mut tail).is_err() {
+            return 3;
+        }
+        if tail.iter().any(|b| *b != 0) {
+            return 4;
+        }
+        let mut got = vec![0u8; pages * PAGE_SIZE];
+        if r.mapping().read(0, &mut got).is_err() {
+            return 5;
+        }
+        match first_wrong_page(&got, &want) {
+            Some(p) => 10 + p as i32,
+            None => 0,
+        }
+    })
+    .unwrap();
+    assert_eq!(hmm.forks(), (1, on_device as u64), "the child got every page before fork returned");
+    assert_eq!(
+        child.wait_within(common::CHILD_LIMIT).unwrap(),
+        ChildOutcome::Exited(0),
+        "3, 4: the untouched tail was not zeros; 10 + page: the child read that page wrong"
+    );
+    // The parent's pages are where they were, and read the same.
+    assert!(r.residencies()[..on_device].iter().all(|x| matches!(x, Residency::Device(_))));
+    let mut got = vec![0u8; r.len()];
+    r.read(0, &mut got).unwrap();
+    assert_eq!(first_wrong_page(&got, &want), None, "the parent's data");
+}
+
 /// Pages a device held exclusively are handed back at fork: the device's
 /// exclusive access ends, and both sides read the data.
 #[test]

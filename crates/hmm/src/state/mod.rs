@@ -170,6 +170,9 @@ pub(crate) struct Inner {
     pub(crate) fault_stall: Arc<crate::state::StallGate>,
     /// Copies of device pages to forked children in progress.
     pub(crate) fork_copies: crate::state::Copies,
+    /// Copies to forked children whose pages are not all there yet (see
+    /// `fork::start_copy`).
+    pub(crate) fork_copying: crate::state::Copies,
     /// Where the fault service parks while the process forks.
     pub(crate) fork_gate: crate::state::ForkGate,
     /// Pages put back into the page table while a fork is under way.
@@ -247,6 +250,12 @@ fn open_once<T, E>(cell: &OnceLock<T>, open: impl FnOnce() -> Result<T, E>) -> R
 }
 
 impl Inner {
+    /// Whether CPU faults are served in the faulting thread
+    /// (`FaultMode::InThread`: the descriptor is in SIGBUS mode).
+    pub(crate) fn sigbus_mode(&self) -> bool {
+        self.config.fault_mode == FaultMode::InThread
+    }
+
     /// The state of a new instance, with no thread started: the fault
     /// service ([`crate::fault`]) and the fork handlers ([`crate::fork`]) are
     /// started on it by [`Hmm::with_config`](crate::Hmm::with_config). Without
@@ -307,6 +316,7 @@ impl Inner {
             batches: Default::default(),
             fault_stall: Default::default(),
             fork_copies: Default::default(),
+            fork_copying: Default::default(),
             forwards: Default::default(),
             fork_gate: Default::default(),
             fork_installs: Default::default(),
