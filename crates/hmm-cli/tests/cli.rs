@@ -64,6 +64,7 @@ fn bench_quick_json_prints_exactly_the_documented_keys() {
     assert_eq!(
         keys,
         [
+            "checked_read_gbps",
             "coherent_cpu_read_gbps",
             "device_access_gbps",
             "device_descriptor_bytes_per_page",
@@ -138,6 +139,7 @@ fn bench_table_names_every_key() {
         "uffd_roundtrip_us_p99",
         "uffd_move_gbps",
         "pagemap_scan_mpages_s",
+        "checked_read_gbps",
         "device_access_gbps",
         "range_fault_snapshot_mpages_s",
         "invalidate_us_p50",

@@ -277,6 +277,13 @@ impl SoftwareDevice {
                 (f.map(0, config.capacity, Protection::ReadWrite, true)?, Some(f))
             }
         };
+        // Device memory is the parent's alone, as a real device's is: a fork
+        // neither copies the pool's page table nor leaves its pages shared
+        // (which would turn the engine's moves out of it into copies until
+        // the child exits). Coherent memory is left to `hmm::coherent`.
+        if config.kind == MemoryKind::Private {
+            pool.advise(pool.range(), Advise::DontFork)?;
+        }
         let pool = Arc::new(pool);
         let faults = Arc::new(Injector::default());
         let mut moves = None;
@@ -901,14 +908,29 @@ impl DeviceMirror {
             )?;
             let seq = self.notifier.read_begin();
             let info = self.hmm.range_fault(&RangeFault::fault(part, write, Some(self.id)))?;
+            let around = match write {
+                false => self.look_around(part),
+                true => None,
+            };
             let mut pt = self.table.write();
             if self.notifier.read_retry(seq) {
                 continue;
             }
+            let entry = |p: PageInfo| {
+                let page = p.device.filter(|d| d.dev == self.id);
+                p.valid.then_some(DeviceEntry { page, write: p.write, atomic: false })
+            };
             for (vpn, p) in vpns(part).zip(info) {
-                if p.valid {
-                    let page = p.device.filter(|d| d.dev == self.id);
-                    pt.insert(vpn, DeviceEntry { page, write: p.write, atomic: false });
+                if let Some(e) = entry(p) {
+                    pt.insert(vpn, e);
+                }
+            }
+            // Entries already there (written since, say) stay as they are.
+            if let Some((r, info)) = &around {
+                for (vpn, p) in vpns(*r).zip(info.iter().copied()) {
+                    if let Some(e) = entry(p) {
+                        pt.entry(vpn).or_insert(e);
+                    }
                 }
             }
             drop(pt);
@@ -916,6 +938,22 @@ impl DeviceMirror {
             c.faults += 1;
         }
         Err(RangeFaultError::Busy { range, timeout: RangeFault::DEFAULT_TIMEOUT }.into())
+    }
+
+    /// Device fault-around for a read fault of `part`: what the rest of its
+    /// 2 MiB block holds, as a snapshot (nothing faulted, nothing waited
+    /// for: a page mid-migration, or any error, leaves the block out), for
+    /// the device to map what is already there. A stream then takes one
+    /// device fault a block instead of one a read.
+    fn look_around(&self, part: PageRange) -> Option<(PageRange, Vec<PageInfo>)> {
+        let end = part.end().get();
+        let block_end = (end + HUGE_PAGE_SIZE - 1) & !(HUGE_PAGE_SIZE - 1);
+        let rest = PageRange::new(part.end(), block_end - end).ok().filter(|r| r.pages() > 0)?;
+        let look = RangeFault {
+            timeout: std::time::Duration::ZERO,
+            ..RangeFault::snapshot(rest, Some(self.id))
+        };
+        self.hmm.range_fault(&look).ok().map(|info| (rest, info))
     }
 
     /// Drops the entry of the page holding `at`, found stale by an access, so

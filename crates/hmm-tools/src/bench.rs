@@ -10,6 +10,7 @@
 //! | `uffd_roundtrip_us_p50`, `_p99` | a bare MISSING fault served by a thread blocked in `read(2)` with `UFFDIO_COPY`, as the faulting thread sees it |
 //! | `uffd_move_gbps` | 256 MiB of populated 4 KiB pages in one `UFFDIO_MOVE` |
 //! | `pagemap_scan_mpages_s` | `PAGEMAP_SCAN` over 256 MiB in which every other page is present (one region per page, the worst case) |
+//! | `checked_read_gbps` | 256 MiB of populated memory read 64 KiB at a time through the kernel's checked copy (`process_vm_readv` of this process) and summed as u64 words: the software device's job of `device_access_gbps` without the device, the floor of its reads of system memory |
 //! | `sigbus_roundtrip_us_p50`, `_p99` | a bare MISSING fault in SIGBUS mode, served in the faulting thread's own handler by one `UFFDIO_MOVE` of a populated page: the floor of `FaultMode::InThread` |
 //! | `zram_swapin_us_p50`, `_p99` | a random swap-in of a compressible page that `MADV_PAGEOUT` put on a zram (lz4) device of the run's own; only with `--zram`, as root ([`zram`]) |
 //!
@@ -92,6 +93,9 @@ pub struct Baselines {
     pub uffd_move_gbps: Option<f64>,
     /// `PAGEMAP_SCAN`, millions of pages per second.
     pub pagemap_scan_mpages_s: Option<f64>,
+    /// Populated memory read through `process_vm_readv` 64 KiB at a time and
+    /// summed (the floor of a software device's reads of system memory), GB/s.
+    pub checked_read_gbps: f64,
     /// A random swap-in of an lz4-compressed page from a zram device of the
     /// run's own, median, microseconds (only with `--zram`, as root).
     pub zram_swapin_us_p50: Option<f64>,
@@ -165,6 +169,12 @@ impl Baselines {
                 what: "PAGEMAP_SCAN, every other page present",
             },
             Row {
+                key: "checked_read_gbps",
+                value: Some(self.checked_read_gbps),
+                unit: "GB/s",
+                what: "process_vm_readv 64 KiB at a time, summed",
+            },
+            Row {
                 key: "zram_swapin_us_p50",
                 value: self.zram_swapin_us_p50,
                 unit: "us",
@@ -235,6 +245,7 @@ pub fn run_baselines(
     let uffd_move_gbps = uffd_move_gbps(plan.move_reps)?;
     step(4, "PAGEMAP_SCAN");
     let pagemap_scan_mpages_s = pagemap_scan_mpages_s(plan.scan_reps)?;
+    let checked_read_gbps = checked_read_gbps(plan.scan_reps)?;
     let zram = if opts.zram {
         step(4, "zram swap-in");
         match zram::swapin_us(if opts.quick { 2_000 } else { 20_000 }) {
@@ -259,6 +270,7 @@ pub fn run_baselines(
         sigbus_roundtrip_us_p99: sigbus.map(|(_, p99)| p99),
         uffd_move_gbps,
         pagemap_scan_mpages_s,
+        checked_read_gbps,
         zram_swapin_us_p50: zram.map(|(p50, _)| p50),
         zram_swapin_us_p99: zram.map(|(_, p99)| p99),
     })
@@ -528,6 +540,34 @@ fn pagemap_scan_mpages_s(reps: usize) -> Result<Option<f64>, BenchError> {
     Ok(Some(median(&mut runs)))
 }
 
+/// Median GB/s of reading `BIG` bytes of populated memory 64 KiB at a time
+/// with `process_vm_readv`, summing each piece as u64 words, as the device
+/// job of `device_access_gbps` reads and sums system memory.
+fn checked_read_gbps(reps: usize) -> Result<f64, BenchError> {
+    let m = populated(BIG)?;
+    m.fill(0, BIG, 1).expect("inside");
+    let mut buf = vec![0u8; 64 << 10];
+    let mut runs = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t = Instant::now();
+        let mut sum = 0u64;
+        for off in (0..BIG).step_by(buf.len()) {
+            let at = hmm::addr::VirtAddr::new(m.addr().get() + off);
+            let n = hmm::os::vm::read_memory(at, &mut buf)
+                .map_err(|e| BenchError::Server(format!("process_vm_readv: {e}")))?;
+            if n != buf.len() {
+                return Err(BenchError::Server(format!("process_vm_readv read {n} bytes")));
+            }
+            for w in buf.chunks_exact(8) {
+                sum = sum.wrapping_add(u64::from_ne_bytes(w.try_into().expect("8 bytes")));
+            }
+        }
+        runs.push(gbps(BIG, t.elapsed()));
+        std::hint::black_box(sum);
+    }
+    Ok(median(&mut runs))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -553,6 +593,7 @@ mod tests {
             sigbus_roundtrip_us_p99: None,
             uffd_move_gbps: None,
             pagemap_scan_mpages_s: None,
+            checked_read_gbps: 1.0,
             zram_swapin_us_p50: None,
             zram_swapin_us_p99: None,
         };
@@ -562,7 +603,7 @@ mod tests {
         let mut rows: Vec<&str> = b.rows().iter().map(|r| r.key).collect();
         rows.sort_unstable();
         assert_eq!(keys, rows);
-        assert_eq!(keys.len(), 10);
+        assert_eq!(keys.len(), 11);
     }
 }
 

@@ -471,3 +471,39 @@ fn a_device_write_that_cannot_complete_writes_nothing() {
     r.read(0, &mut cpu).unwrap();
     assert!(cpu[8..].iter().all(|x| *x == 0x11), "the CPU reads them too");
 }
+
+/// Device fault-around: a read fault maps what the rest of the faulting
+/// page's 2 MiB block already holds, so reads there take no further fault;
+/// a page absent there, or on another device, still takes its own fault
+/// when read (and reads right).
+#[test]
+fn a_device_read_fault_maps_what_the_rest_of_its_block_holds() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    let dev = device(&hmm, "d", 1 << 20);
+    let other = device(&hmm, "other", 1 << 20);
+    let r = hmm.alloc(2 * hmm::HUGE_PAGE_SIZE).unwrap();
+    r.advise(r.range(), Advise::NoHugePage).unwrap();
+    r.fill(0, r.len(), 0x42).unwrap();
+    // The first page of a whole block inside the range.
+    let a = (r.addr().get() + hmm::HUGE_PAGE_SIZE - 1) & !(hmm::HUGE_PAGE_SIZE - 1);
+    let page = |k: usize| hmm::PageRange::from_pages(VirtAddr::new(a + k * PAGE_SIZE), 1).unwrap();
+    r.advise(page(20), Advise::DontNeed).unwrap();
+    assert_eq!(other.migrate_to_device(page(30)).unwrap().migrated, 1);
+    let (b, c) = dev.read(page(0)).unwrap();
+    assert!(b.iter().all(|x| *x == 0x42));
+    assert_eq!(c.faults, 1, "the first read faults");
+    for k in [1, 10, 511] {
+        let (b, c) = dev.read(page(k)).unwrap();
+        assert!(b.iter().all(|x| *x == 0x42), "page {k}");
+        assert_eq!(c.faults, 0, "page {k} was mapped by the fault of page 0");
+    }
+    let (b, c) = dev.read(page(20)).unwrap();
+    assert!(b.iter().all(|x| *x == 0), "the absent page reads as zeros");
+    assert_eq!(c.faults, 1, "an absent page takes its own fault");
+    let (b, c) = dev.read(page(30)).unwrap();
+    assert!(b.iter().all(|x| *x == 0x42), "the other device's page reads right");
+    assert_eq!(c.faults, 1, "another device's page takes its own fault");
+}
