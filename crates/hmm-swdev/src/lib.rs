@@ -576,7 +576,10 @@ impl SoftwareDevice {
     /// engine's several workers, which pages of a batch fail is not fixed;
     /// how many is.
     pub fn fail_copies_to_device(&self, after: u32, n: u32) {
-        *self.core.faults.to_device.lock().unwrap_or_else(|e| e.into_inner()) = (after, n);
+        let f = &self.core.faults;
+        let mut g = f.to_device.lock().unwrap_or_else(|e| e.into_inner());
+        *g = (after, n);
+        f.to_device_armed.store(n > 0, Ordering::Release);
     }
 
     /// Holds every submission to this device's engine back until the
@@ -624,6 +627,9 @@ struct Injector {
     to_system: AtomicU32,
     /// Copies into device memory to let through, then to fail.
     to_device: Mutex<(u32, u32)>,
+    /// Whether `to_device` holds failures to come: copies look at this
+    /// first, so that an engine with none armed takes no lock per page.
+    to_device_armed: AtomicBool,
     /// The device failed: every copy fails.
     dead: AtomicBool,
     /// While set, the engine holds copies back.
@@ -639,11 +645,17 @@ impl Injector {
         if self.is_dead() {
             return Some(DmaError::DeviceFailed);
         }
+        if !self.to_device_armed.load(Ordering::Acquire) {
+            return None;
+        }
         let mut g = self.to_device.lock().unwrap_or_else(|e| e.into_inner());
         match *g {
             (0, 0) => None,
             (0, n) => {
                 g.1 = n - 1;
+                if n == 1 {
+                    self.to_device_armed.store(false, Ordering::Release);
+                }
                 Some(DmaError::Failed("injected DMA error".into()))
             }
             (after, n) => {

@@ -471,6 +471,9 @@ impl Migration {
     /// cannot be mapped stays unmapped, where it behaves as private memory
     /// (a touch faults it back). Not while the process forks.
     fn map_coherent(&mut self) {
+        if !self.map_for_cpu {
+            return;
+        }
         let mut want: Vec<(usize, DevicePage)> = Vec::new();
         {
             let t = self.rec.lock();
@@ -486,12 +489,21 @@ impl Migration {
                 want.push((k, page));
             }
         }
-        want.retain(|(_, p)| {
-            self.inner
-                .device(p.dev)
-                .is_some_and(|m| m.kind() == crate::devmem::MemoryKind::Coherent)
+        // The kind of each device met, looked up once (a migration's pages
+        // are on one or two devices, and there may be a million of them).
+        let mut kinds: Vec<(crate::page::DeviceId, bool)> = Vec::new();
+        want.retain(|(_, p)| match kinds.iter().find(|(d, _)| *d == p.dev) {
+            Some(&(_, coherent)) => coherent,
+            None => {
+                let coherent = self
+                    .inner
+                    .device(p.dev)
+                    .is_some_and(|m| m.kind() == crate::devmem::MemoryKind::Coherent);
+                kinds.push((p.dev, coherent));
+                coherent
+            }
         });
-        if want.is_empty() || !self.map_for_cpu || !self.inner.begin_coherent_map() {
+        if want.is_empty() || !self.inner.begin_coherent_map() {
             return;
         }
         let mut i = 0;
