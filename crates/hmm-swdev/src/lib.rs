@@ -142,10 +142,13 @@ struct Core {
 
 impl DevicePagemapOps for Core {
     /// The page's slot in the pool, moved to the faulting address by the
-    /// zero-copy engine (its slot is then empty), copied by the copying one.
-    /// One system call; nothing allocated, no lock taken (an injected
-    /// failure or a stalled engine sends the fault to the fault service,
-    /// where the engine meets it).
+    /// zero-copy engine in the faulting thread's handler (its slot is then
+    /// empty), copied otherwise: from the fault service a move's TLB
+    /// shootdown costs more than the copy (see [`InThreadFill::in_handler`]),
+    /// as for the engine's short runs ([`MIN_MOVE_RUN`]). One system call;
+    /// nothing allocated, no lock taken (an injected failure or a stalled
+    /// engine sends the fault to the fault service, where the engine meets
+    /// it).
     fn copy_to_ram_in_thread(&self, page: DevicePage, to: &mut InThreadFill<'_>) -> bool {
         if self.file.is_some() || self.faults.armed() {
             return false;
@@ -154,6 +157,7 @@ impl DevicePagemapOps for Core {
             return false;
         };
         if let Some(populated) = &self.moves
+            && to.in_handler()
             && to.move_from(&self.pool, slot)
         {
             populated.set(page.index, false);
@@ -956,11 +960,17 @@ impl DeviceMirror {
     /// 2 MiB block holds, as a snapshot (nothing faulted, nothing waited
     /// for: a page mid-migration, or any error, leaves the block out), for
     /// the device to map what is already there. A stream then takes one
-    /// device fault a block instead of one a read.
+    /// device fault a block instead of one a read. Only inside memory hmm
+    /// manages or mirrors: elsewhere hmm sees no unmap that would take the
+    /// entries away again.
     fn look_around(&self, part: PageRange) -> Option<(PageRange, Vec<PageInfo>)> {
         let end = part.end().get();
-        let block_end = (end + HUGE_PAGE_SIZE - 1) & !(HUGE_PAGE_SIZE - 1);
-        let rest = PageRange::new(part.end(), block_end - end).ok().filter(|r| r.pages() > 0)?;
+        let tracked = self.hmm.write_target(part)?.range();
+        let block_end =
+            ((end + HUGE_PAGE_SIZE - 1) & !(HUGE_PAGE_SIZE - 1)).min(tracked.end().get());
+        let rest = PageRange::new(part.end(), block_end.checked_sub(end)?)
+            .ok()
+            .filter(|r| r.pages() > 0)?;
         let look = RangeFault {
             timeout: std::time::Duration::ZERO,
             ..RangeFault::snapshot(rest, Some(self.id))

@@ -238,16 +238,30 @@ pub struct InThreadFill<'a> {
     uffd: &'a crate::os::uffd::Uffd,
     dst: PageRange,
     filled: bool,
+    in_handler: bool,
 }
 
 impl<'a> InThreadFill<'a> {
-    pub(crate) fn new(uffd: &'a crate::os::uffd::Uffd, dst: PageRange) -> Self {
-        Self { uffd, dst, filled: false }
+    pub(crate) fn new(uffd: &'a crate::os::uffd::Uffd, dst: PageRange, in_handler: bool) -> Self {
+        Self { uffd, dst, filled: false, in_handler }
     }
 
     /// The page to fill.
     pub fn page(&self) -> PageRange {
         self.dst
+    }
+
+    /// Whether the fill runs in the faulting thread's own `SIGBUS` handler
+    /// (`FaultMode::InThread`), rather than on the fault service while the
+    /// faulting thread sleeps. It decides between a move and a copy: a move
+    /// clears the device page's entry, and that costs a TLB shootdown, an
+    /// inter-processor interrupt to the CPUs that may hold the translation,
+    /// which is dear in a virtual machine. From the fault service it is paid
+    /// (a random fault-back measured about 25% slower by move than by copy
+    /// here); in the faulting thread's handler it was not (the move measured
+    /// about 10% faster than a copy, which allocates and fills a page).
+    pub fn in_handler(&self) -> bool {
+        self.in_handler
     }
 
     /// Whether a fill succeeded.

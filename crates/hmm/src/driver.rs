@@ -283,6 +283,16 @@ impl WriteTarget {
         }
     }
 
+    /// All of the memory the target belongs to: the managed range or the
+    /// mirrored mapping, whose changes hmm learns of (a device may keep
+    /// entries there that only an invalidation takes away).
+    pub fn range(&self) -> PageRange {
+        match &self.0 {
+            Target::Managed(r) => r.range(),
+            Target::Mirrored(m) => m.range(),
+        }
+    }
+
     /// Writes `data` at `addr` through the kernel, as a device's DMA into
     /// system memory would: a page that is not mapped writable now (the
     /// application unmapped or protected it meanwhile) ends the write with

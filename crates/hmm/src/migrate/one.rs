@@ -87,7 +87,7 @@ pub(crate) fn fault_back_one(
                 && inner.notifiers.invalidate_in_thread(one, event)
                 && idle() =>
         {
-            copy_in(inner, mem, p, one)
+            copy_in(inner, mem, p, one, in_thread)
         }
         _ => false,
     };
@@ -129,9 +129,16 @@ pub(crate) fn fault_back_one(
     OneFault::Served
 }
 
-/// Has the driver install device page `p` at `one`. Returns whether it did.
-fn copy_in(inner: &Inner, mem: &DeviceMemory, p: DevicePage, one: PageRange) -> bool {
-    let mut fill = InThreadFill::new(&inner.uffd, one);
+/// Has the driver install device page `p` at `one` (`in_handler`: from the
+/// faulting thread's handler). Returns whether it did.
+fn copy_in(
+    inner: &Inner,
+    mem: &DeviceMemory,
+    p: DevicePage,
+    one: PageRange,
+    in_handler: bool,
+) -> bool {
+    let mut fill = InThreadFill::new(&inner.uffd, one, in_handler);
     // What is in place decides, whatever the driver returned.
     let _ = mem.ops().copy_to_ram_in_thread(p, &mut fill);
     fill.filled()
