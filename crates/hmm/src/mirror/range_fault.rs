@@ -255,6 +255,12 @@ impl Inner {
                     rustix::io::Errno::NOMEM if !self.still_mapped(*run) => continue,
                     rustix::io::Errno::NOMEM => RangeFaultError::OutOfMemory { addr: run.start() },
                     rustix::io::Errno::INTR | rustix::io::Errno::AGAIN => continue,
+                    // In SIGBUS mode, after `populate` touched the run's
+                    // empty pages itself: a page emptied again since (a
+                    // discard) or gone to a device meanwhile. The next pass
+                    // looks again (a lost page it reports; the timeout
+                    // bounds the rest).
+                    rustix::io::Errno::FAULT if self.uffd.waits_in_thread() => continue,
                     rustix::io::Errno::INVAL => RangeFaultError::Fault {
                         addr: run.start(),
                         reason: "the mapping cannot be faulted in (changed protection, or an I/O mapping)"
