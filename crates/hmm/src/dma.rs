@@ -126,6 +126,17 @@ pub enum DmaError {
     /// install was tried: nothing was installed, and a later try may succeed.
     #[error("the address space was changing")]
     Changing,
+    /// The device declined the page (a compressed tier's page that would
+    /// not compress enough, say): it stays where it was, reported
+    /// [`SkipReason::Declined`](crate::SkipReason::Declined) with the reason.
+    #[error("declined by the device: {0}")]
+    Declined(String),
+    /// The device had no room left for the page (a page was allocated for it,
+    /// but what the device stores it in ran out: a compressed tier's
+    /// compressed bytes, say): it stays where it was, reported
+    /// [`SkipReason::NoDeviceMemory`](crate::SkipReason::NoDeviceMemory).
+    #[error("the device is full")]
+    DeviceFull,
     /// Anything else, with what the engine knows.
     #[error("{0}")]
     Failed(String),
@@ -371,6 +382,19 @@ impl SystemSink {
                 _ => self.uffd.copy_from(d, src, s, true),
             }
             .map(drop)
+        })
+    }
+
+    /// Copies `bytes` (whole pages, a buffer of the engine's: pages it
+    /// decompressed or received, say) into the absent pages at `dst`
+    /// (`UFFDIO_COPY`). Returns one result per page.
+    pub fn install_bytes(&self, dst: VirtAddr, bytes: &[u8]) -> Vec<Result<(), DmaError>> {
+        let pages = bytes.len() / PAGE_SIZE;
+        if !bytes.len().is_multiple_of(PAGE_SIZE) {
+            return vec![Err(DmaError::Failed("not whole pages".into())); pages.max(1)];
+        }
+        per_page(dst, pages, self.waits, |d, done| {
+            self.uffd.copy(d, &bytes[done..done + d.len()], true, false).map(drop)
         })
     }
 

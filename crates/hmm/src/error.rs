@@ -239,4 +239,8 @@ pub enum SkipReason {
     /// It is pinned in system memory ([`ManagedRange::pin`](crate::ManagedRange::pin)).
     #[error("pinned")]
     Pinned,
+    /// The destination device declined it, for the reason given (a
+    /// compressed tier's page that would not compress enough, say).
+    #[error("declined by the device: {0}")]
+    Declined(String),
 }

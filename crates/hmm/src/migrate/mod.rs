@@ -901,6 +901,8 @@ impl Migration {
         for (k, r) in idx.into_iter().zip(fence.wait()) {
             self.slots[k].status = match r {
                 Ok(()) => PageStatus::Migrated,
+                Err(DmaError::Declined(why)) => PageStatus::Skipped(SkipReason::Declined(why)),
+                Err(DmaError::DeviceFull) => PageStatus::Skipped(SkipReason::NoDeviceMemory),
                 Err(e) => PageStatus::Skipped(SkipReason::CopyFailed(e)),
             };
         }

@@ -1,0 +1,637 @@
+//! A compressed-memory tier for hmm: a device whose private memory is
+//! system memory holding pages compressed, the far-memory tier that zswap
+//! and zram give the kernel, on hmm's public driver API.
+//!
+//! A page migrated to the device is compressed (lz4 by default, zstd as an
+//! option) by the device's DMA engine, on worker threads, in batches:
+//! - a page of zeros is a flag, not a stored page;
+//! - a page that compresses to more than the threshold (2990 of 4096 bytes
+//!   by default, where keeping it compressed saves too little) is declined:
+//!   it stays in system memory, reported
+//!   [`SkipReason::Declined`](hmm::SkipReason::Declined);
+//! - the rest are packed by size class into slabs (`store`), so the
+//!   device's capacity is counted in the bytes it really holds, compressed
+//!   bytes plus the allocator's waste ([`CompressedStats::footprint_bytes`]);
+//!   a page that finds no room is left where it was
+//!   ([`SkipReason::NoDeviceMemory`](hmm::SkipReason::NoDeviceMemory)).
+//!
+//! A CPU touch of a compressed page is served by decompressing the
+//! faulting page first, before the rest of the fault-around window: with
+//! lz4, in the faulting thread's own `SIGBUS` handler when the instance
+//! runs in `FaultMode::InThread` (one lock of the store, a copy of the
+//! compressed bytes, a decompression into a buffer of the thread's own, one
+//! `UFFDIO_COPY`: nothing allocated), on the fault service otherwise.
+//!
+//! ```no_run
+//! use hmm::Hmm;
+//! use hmm_compressed::{CompressedConfig, CompressedDevice};
+//!
+//! let hmm = Hmm::new()?;
+//! let tier = CompressedDevice::new(&hmm, CompressedConfig::new("cold", 64 << 20))?;
+//! let r = hmm.alloc(16 << 20)?;
+//! r.fill(0, r.len(), 7)?;
+//! let report = tier.migrate_to_device(r.range())?;
+//! println!("{} pages compressed, {:?}", report.migrated, tier.stats());
+//! assert_eq!(r.touch_read(4096)?, 7); // decompressed on touch
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod store;
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use hmm::dma::{
+    DmaEngine, DmaError, DmaFence, DmaJob, FenceCompleter, SystemSink, ToDevice, ToSystem,
+};
+use hmm::migrate::MigrationReport;
+use hmm::space::{Hmm, HmmError};
+use hmm::{
+    DeviceMemory, DeviceMemoryConfig, DevicePage, DevicePagemapOps, HmmHandle, InThreadFill,
+};
+use hmm::{PAGE_SIZE, PageRange};
+
+use store::{PutError, Record, SLAB_BYTES, Store};
+
+/// The default threshold: a page whose compressed form is longer is declined.
+/// (Google's far memory declines pages that compress worse than 2990 of 4096
+/// bytes: the saving would not pay for the cost of decompressing.)
+pub const DEFAULT_THRESHOLD: usize = 2990;
+
+/// How pages are compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    /// lz4 (block format): fast both ways; decompressed in the faulting
+    /// thread's handler in `FaultMode::InThread`.
+    Lz4,
+    /// zstd at `level` (1 to 22; 3 is zstd's default): smaller, slower.
+    /// Decompressed on the fault service (its context is not kept per thread).
+    Zstd {
+        /// The compression level.
+        level: i32,
+    },
+}
+
+impl std::fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Algorithm::Lz4 => f.write_str("lz4"),
+            Algorithm::Zstd { level } => write!(f, "zstd-{level}"),
+        }
+    }
+}
+
+/// How to build a compressed device.
+#[derive(Debug, Clone)]
+pub struct CompressedConfig {
+    /// Name for reports.
+    pub name: String,
+    /// The memory the device may hold, in bytes of slabs (compressed bytes
+    /// plus the allocator's waste); rounded up to whole slabs (64 KiB).
+    pub capacity: usize,
+    /// How many pages the device can hold at most (its device pages, whose
+    /// descriptors hmm makes as they are first used; the device keeps 12
+    /// bytes a page for them). `None`: eight times the pages `capacity`
+    /// would hold uncompressed, room for a compression ratio of 8.
+    pub max_pages: Option<usize>,
+    /// The compression.
+    pub algorithm: Algorithm,
+    /// Pages compressing to more bytes than this are declined (64 to 4096).
+    pub threshold: usize,
+    /// Worker threads that compress and decompress (at least 1).
+    pub workers: usize,
+}
+
+impl CompressedConfig {
+    /// A device of `capacity` bytes, lz4, the default threshold, two workers.
+    pub fn new(name: impl Into<String>, capacity: usize) -> Self {
+        Self {
+            name: name.into(),
+            capacity,
+            max_pages: None,
+            algorithm: Algorithm::Lz4,
+            threshold: DEFAULT_THRESHOLD,
+            workers: 2,
+        }
+    }
+
+    /// The same with zstd at `level`.
+    pub fn with_zstd(mut self, level: i32) -> Self {
+        self.algorithm = Algorithm::Zstd { level };
+        self
+    }
+
+    /// The same with `threshold`.
+    pub fn with_threshold(mut self, threshold: usize) -> Self {
+        self.threshold = threshold;
+        self
+    }
+
+    fn check(&self) -> Result<(), HmmError> {
+        let bad = |what: String| {
+            Err(HmmError::Config(format!("compressed device {:?}: {what}", self.name)))
+        };
+        if self.capacity == 0 {
+            return bad("a capacity of 0 bytes: give it at least one slab (64 KiB)".into());
+        }
+        if !(64..=PAGE_SIZE).contains(&self.threshold) {
+            return bad(format!(
+                "a threshold of {} bytes: give one from 64 to {PAGE_SIZE} (the default is {DEFAULT_THRESHOLD})",
+                self.threshold
+            ));
+        }
+        if self.workers == 0 {
+            return bad("no worker threads: give it at least 1".into());
+        }
+        if self.max_pages == Some(0) {
+            return bad("room for 0 pages: give max_pages at least 1, or None".into());
+        }
+        if let Algorithm::Zstd { level } = self.algorithm {
+            let levels = zstd::compression_level_range();
+            if !levels.contains(&level) || level == 0 {
+                return bad(format!(
+                    "zstd level {level}: give one from 1 to {} (3 is zstd's default)",
+                    levels.end()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a compressed device holds, and what it declined.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CompressedStats {
+    /// Pages held compressed.
+    pub stored_pages: u64,
+    /// Pages held as the zero flag (no memory).
+    pub zero_pages: u64,
+    /// The compressed bytes of the stored pages.
+    pub compressed_bytes: u64,
+    /// The memory the stored pages take: the slabs in use, compressed bytes
+    /// plus the allocator's waste (rounding up to a size class, free slots).
+    pub footprint_bytes: u64,
+    /// The memory the device holds: the footprint, and empty slabs kept for
+    /// reuse.
+    pub held_bytes: u64,
+    /// The capacity, in bytes of slabs.
+    pub capacity_bytes: u64,
+    /// Pages declined since creation: they compressed to more than the
+    /// threshold.
+    pub declined_pages: u64,
+    /// Pages refused since creation for lack of room.
+    pub full_pages: u64,
+}
+
+impl CompressedStats {
+    /// Uncompressed bytes of the pages held (stored and zero).
+    pub fn logical_bytes(&self) -> u64 {
+        (self.stored_pages + self.zero_pages) * PAGE_SIZE as u64
+    }
+
+    /// Uncompressed bytes of the stored pages over their compressed bytes
+    /// (`None` when nothing is stored).
+    pub fn compression_ratio(&self) -> Option<f64> {
+        (self.compressed_bytes > 0)
+            .then(|| (self.stored_pages * PAGE_SIZE as u64) as f64 / self.compressed_bytes as f64)
+    }
+
+    /// Uncompressed bytes of every page held (zero pages included) over the
+    /// memory they take, the allocator's waste included (`None` when the
+    /// device takes no memory).
+    pub fn effective_ratio(&self) -> Option<f64> {
+        (self.footprint_bytes > 0)
+            .then(|| self.logical_bytes() as f64 / self.footprint_bytes as f64)
+    }
+}
+
+/// What the device's callbacks and its engine share.
+struct Shared {
+    store: Mutex<Store>,
+    algorithm: Algorithm,
+    threshold: usize,
+    capacity: u64,
+    declined: AtomicU64,
+    full: AtomicU64,
+}
+
+impl Shared {
+    fn store(&self) -> MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Compresses the page `page` holds into device page `dst`.
+    fn put(&self, dst: DevicePage, page: &[u8], packed: &mut [u8]) -> Result<(), DmaError> {
+        if is_zero(page) {
+            self.store().put_zero(dst.index);
+            return Ok(());
+        }
+        let Some(len) = compress(self.algorithm, page, packed).filter(|n| *n <= self.threshold)
+        else {
+            self.declined.fetch_add(1, Ordering::Relaxed);
+            return Err(DmaError::Declined(format!(
+                "it compresses ({}) to more than {} of {PAGE_SIZE} bytes",
+                self.algorithm, self.threshold
+            )));
+        };
+        match self.store().put(dst.index, &packed[..len]) {
+            Ok(()) => Ok(()),
+            Err(PutError::Full) => {
+                self.full.fetch_add(1, Ordering::Relaxed);
+                Err(DmaError::DeviceFull)
+            }
+            Err(e) => Err(DmaError::Failed(format!("device page {}: {e:?}", dst.index))),
+        }
+    }
+
+    /// Decompresses device page `src` into `out` (one page).
+    fn get(&self, src: DevicePage, packed: &mut [u8], out: &mut [u8]) -> Result<(), DmaError> {
+        let rec = self.store().read(src.index, packed);
+        match rec {
+            Record::Zero => {
+                out.fill(0);
+                Ok(())
+            }
+            Record::Stored { len, .. } => {
+                decompress(self.algorithm, &packed[..len as usize], out).then_some(()).ok_or_else(
+                    || DmaError::Failed(format!("device page {} does not decompress", src.index)),
+                )
+            }
+            Record::Empty => {
+                Err(DmaError::Failed(format!("device page {} holds nothing", src.index)))
+            }
+        }
+    }
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    page.chunks_exact(16).all(|c| u128::from_ne_bytes(c.try_into().expect("16 bytes")) == 0)
+}
+
+thread_local! {
+    /// A zstd context per thread that compresses or decompresses, made on
+    /// first use (never in a signal handler: zstd pages are not served there).
+    static ZSTD: RefCell<Option<(i32, zstd::bulk::Compressor<'static>, zstd::bulk::Decompressor<'static>)>> =
+        const { RefCell::new(None) };
+}
+
+fn with_zstd<T>(
+    level: i32,
+    f: impl FnOnce(
+        &mut zstd::bulk::Compressor<'static>,
+        &mut zstd::bulk::Decompressor<'static>,
+    ) -> Option<T>,
+) -> Option<T> {
+    ZSTD.with(|z| {
+        let mut z = z.try_borrow_mut().ok()?;
+        if z.as_ref().is_none_or(|(l, _, _)| *l != level) {
+            let c = zstd::bulk::Compressor::new(level).ok()?;
+            let d = zstd::bulk::Decompressor::new().ok()?;
+            *z = Some((level, c, d));
+        }
+        let (_, c, d) = z.as_mut()?;
+        f(c, d)
+    })
+}
+
+/// The room a compressed page may need (lz4's bound for a page, which
+/// covers zstd's).
+const PACKED_BYTES: usize = 2 * PAGE_SIZE;
+
+/// Compresses `page` into `out` ([`PACKED_BYTES`] long); `None` when it
+/// does not fit.
+fn compress(algorithm: Algorithm, page: &[u8], out: &mut [u8]) -> Option<usize> {
+    match algorithm {
+        Algorithm::Lz4 => lz4_flex::block::compress_into(page, out).ok(),
+        Algorithm::Zstd { level } => with_zstd(level, |c, _| c.compress_to_buffer(page, out).ok()),
+    }
+}
+
+/// Decompresses `packed` into `out` (one page); whether it gave one page.
+fn decompress(algorithm: Algorithm, packed: &[u8], out: &mut [u8]) -> bool {
+    let n = match algorithm {
+        Algorithm::Lz4 => lz4_flex::block::decompress_into(packed, out).ok(),
+        Algorithm::Zstd { level } => {
+            with_zstd(level, |_, d| d.decompress_to_buffer(packed, out).ok())
+        }
+    };
+    n == Some(PAGE_SIZE)
+}
+
+/// The scratch a thread serving its own fault decompresses in: in
+/// thread-local storage with a constant initializer and nothing to drop,
+/// so a signal handler reaches it without allocating.
+struct Scratch {
+    packed: [u8; PAGE_SIZE],
+    page: [u8; PAGE_SIZE],
+}
+
+thread_local! {
+    static HANDLER_SCRATCH: RefCell<Scratch> =
+        const { RefCell::new(Scratch { packed: [0; PAGE_SIZE], page: [0; PAGE_SIZE] }) };
+}
+
+/// The driver side of the device's memory.
+struct Core {
+    shared: Arc<Shared>,
+    engine: Engine,
+}
+
+impl DevicePagemapOps for Core {
+    fn page_free(&self, page: DevicePage) {
+        // Frees nothing but a slot: may run in a signal handler.
+        self.shared.store().free(page.index);
+    }
+
+    fn dma(&self) -> &dyn DmaEngine {
+        &self.engine
+    }
+
+    /// The faulting page, decompressed first (lz4 only; zstd pages go to the
+    /// engine). One lock of the store, held for a copy of at most a page;
+    /// nothing allocated (see `Scratch`).
+    fn copy_to_ram_in_thread(&self, page: DevicePage, to: &mut InThreadFill<'_>) -> bool {
+        if self.shared.algorithm != Algorithm::Lz4 {
+            return false;
+        }
+        HANDLER_SCRATCH.with(|s| {
+            let Ok(mut s) = s.try_borrow_mut() else { return false };
+            let Scratch { packed, page: out } = &mut *s;
+            match self.shared.get(page, packed, out) {
+                Ok(()) => to.write(out),
+                Err(_) => false,
+            }
+        })
+    }
+}
+
+// ---- the engine ----------------------------------------------------------------------
+
+type Work = Box<dyn FnOnce() + Send>;
+
+/// Jobs of at most this many pages are done on the submitting thread (a
+/// fault-back's window, say): a hand-off would cost two thread wake-ups.
+const INLINE_PAGES: usize = 16;
+
+/// Empty slabs kept for reuse after a job; the rest are given back.
+const KEEP_EMPTY_SLABS: usize = 16;
+
+/// Worker threads that compress pages into the store and decompress them
+/// into their addresses.
+struct Engine {
+    shared: Arc<Shared>,
+    queue: Mutex<Option<Sender<Work>>>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+    count: usize,
+}
+
+impl Engine {
+    fn new(shared: Arc<Shared>, workers: usize, name: &str) -> std::io::Result<Self> {
+        let (tx, rx) = channel::<Work>();
+        let rx = Arc::new(Mutex::new(rx));
+        let mut handles = Vec::with_capacity(workers);
+        for n in 0..workers {
+            let rx: Arc<Mutex<Receiver<Work>>> = rx.clone();
+            handles.push(std::thread::Builder::new().name(format!("hmm-z-{name}-{n}")).spawn(
+                move || loop {
+                    let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => return,
+                    }
+                },
+            )?);
+        }
+        Ok(Self {
+            shared,
+            queue: Mutex::new(Some(tx)),
+            workers: Mutex::new(handles),
+            count: workers,
+        })
+    }
+
+    fn stop(&self) {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).take();
+        for h in self.workers.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Compresses each of `ops` into its device page.
+fn to_device(shared: &Shared, ops: &[ToDevice]) -> Vec<Result<(), DmaError>> {
+    let mut page = vec![0u8; PAGE_SIZE];
+    let mut packed = vec![0u8; PACKED_BYTES];
+    let out = ops
+        .iter()
+        .map(|op| match op.src.bytes() {
+            None => {
+                shared.store().put_zero(op.dst.index);
+                Ok(())
+            }
+            Some((m, offset)) => match m.read(offset, &mut page) {
+                Ok(()) => shared.put(op.dst, &page, &mut packed),
+                Err(e) => Err(DmaError::Failed(format!("reading the source: {e}"))),
+            },
+        })
+        .collect();
+    shared.store().trim(KEEP_EMPTY_SLABS);
+    out
+}
+
+/// Decompresses each of `copies` into its address: each run of consecutive
+/// addresses in one `UFFDIO_COPY`.
+fn to_system(shared: &Shared, sink: &SystemSink, copies: &[ToSystem]) -> Vec<Result<(), DmaError>> {
+    let mut out = Vec::with_capacity(copies.len());
+    let mut packed = vec![0u8; PAGE_SIZE];
+    let mut i = 0;
+    while i < copies.len() {
+        let mut j = i + 1;
+        while j < copies.len() && copies[j].dst.get() == copies[j - 1].dst.get() + PAGE_SIZE {
+            j += 1;
+        }
+        let mut run = vec![0u8; (j - i) * PAGE_SIZE];
+        let got: Vec<Result<(), DmaError>> = copies[i..j]
+            .iter()
+            .zip(run.chunks_exact_mut(PAGE_SIZE))
+            .map(|(c, page)| shared.get(c.src, &mut packed, page))
+            .collect();
+        // Runs of pages that decompressed, each installed whole.
+        let mut k = 0;
+        while k < got.len() {
+            if let Err(e) = &got[k] {
+                out.push(Err(e.clone()));
+                k += 1;
+                continue;
+            }
+            let mut l = k + 1;
+            while l < got.len() && got[l].is_ok() {
+                l += 1;
+            }
+            out.extend(sink.install_bytes(copies[i + k].dst, &run[k * PAGE_SIZE..l * PAGE_SIZE]));
+            k = l;
+        }
+        i = j;
+    }
+    out
+}
+
+impl DmaEngine for Engine {
+    fn name(&self) -> &str {
+        "compress"
+    }
+
+    fn submit(&self, job: DmaJob) -> DmaFence {
+        let n = job.len();
+        let (fence, done) = DmaFence::new(n);
+        let run = |job: &DmaJob| match job {
+            DmaJob::ToDevice(ops) => to_device(&self.shared, ops),
+            DmaJob::ToSystem { copies, sink } => to_system(&self.shared, sink, copies),
+        };
+        if n <= INLINE_PAGES {
+            done.complete(0, run(&job));
+            return fence;
+        }
+        let per = n.div_ceil(self.count.max(1)).max(INLINE_PAGES);
+        let queue = self.queue.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let send = |work: Work, done: &FenceCompleter, first: usize, len: usize| {
+            if let Some(q) = &queue
+                && q.send(work).is_ok()
+            {
+                return;
+            }
+            done.complete(first, vec![Err(DmaError::Failed("the engine stopped".into())); len]);
+        };
+        match job {
+            DmaJob::ToDevice(ops) => {
+                let ops = Arc::new(ops);
+                for first in (0..n).step_by(per) {
+                    let len = per.min(n - first);
+                    let (ops, shared, d) = (ops.clone(), self.shared.clone(), done.clone());
+                    let work: Work = Box::new(move || {
+                        d.complete(first, to_device(&shared, &ops[first..first + len]));
+                    });
+                    send(work, &done, first, len);
+                }
+            }
+            DmaJob::ToSystem { copies, sink } => {
+                let copies = Arc::new(copies);
+                for first in (0..n).step_by(per) {
+                    let len = per.min(n - first);
+                    let (c, shared, d, s) =
+                        (copies.clone(), self.shared.clone(), done.clone(), sink.clone());
+                    let work: Work = Box::new(move || {
+                        d.complete(first, to_system(&shared, &s, &c[first..first + len]));
+                    });
+                    send(work, &done, first, len);
+                }
+            }
+        }
+        fence
+    }
+}
+
+// ---- the device ----------------------------------------------------------------------
+
+/// A compressed-memory tier (see the crate docs).
+pub struct CompressedDevice {
+    hmm: HmmHandle,
+    mem: Arc<DeviceMemory>,
+    core: Arc<Core>,
+}
+
+impl std::fmt::Debug for CompressedDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompressedDevice")
+            .field("name", &self.mem.name())
+            .field("algorithm", &self.core.shared.algorithm)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl CompressedDevice {
+    /// Creates a device and registers its memory with `hmm`. Bad
+    /// configuration fails here, saying what to change.
+    pub fn new(hmm: &Hmm, config: CompressedConfig) -> Result<Self, HmmError> {
+        config.check()?;
+        let slabs = config.capacity.div_ceil(SLAB_BYTES);
+        let pages = config.max_pages.unwrap_or(8 * slabs * SLAB_BYTES / PAGE_SIZE);
+        let pages = u32::try_from(pages).ok().filter(|p| *p < u32::MAX).ok_or_else(|| {
+            HmmError::Config(format!(
+                "compressed device {:?}: room for {pages} pages, more than a device can number",
+                config.name
+            ))
+        })?;
+        let shared = Arc::new(Shared {
+            store: Mutex::new(Store::new(slabs, pages as usize, config.threshold)),
+            algorithm: config.algorithm,
+            threshold: config.threshold,
+            capacity: (slabs * SLAB_BYTES) as u64,
+            declined: AtomicU64::new(0),
+            full: AtomicU64::new(0),
+        });
+        let engine =
+            Engine::new(shared.clone(), config.workers, &config.name).map_err(HmmError::Thread)?;
+        let core = Arc::new(Core { shared, engine });
+        let mc = DeviceMemoryConfig::private(config.name, pages as usize * PAGE_SIZE);
+        let mem = hmm.register_device_memory(mc, core.clone())?;
+        Ok(Self { hmm: hmm.handle(), mem, core })
+    }
+
+    /// The device's memory region.
+    pub fn memory(&self) -> &Arc<DeviceMemory> {
+        &self.mem
+    }
+
+    /// The compression.
+    pub fn algorithm(&self) -> Algorithm {
+        self.core.shared.algorithm
+    }
+
+    /// Compresses the pages of `range` that are in system memory into the
+    /// device. Pages declined (incompressible) or refused (no room) stay in
+    /// system memory, each with its reason in the report.
+    pub fn migrate_to_device(&self, range: PageRange) -> Result<MigrationReport, HmmError> {
+        self.hmm.migrate_to_device(range, &self.mem, self.mem.ops().dma())
+    }
+
+    /// Brings the device's pages in `range` back to system memory.
+    pub fn migrate_to_system(&self, range: PageRange) -> Result<MigrationReport, HmmError> {
+        self.hmm.migrate_to_system(range, &self.mem, self.mem.ops().dma())
+    }
+
+    /// What the device holds now.
+    pub fn stats(&self) -> CompressedStats {
+        let s = &self.core.shared;
+        let u = s.store().usage();
+        CompressedStats {
+            stored_pages: u.stored_pages,
+            zero_pages: u.zero_pages,
+            compressed_bytes: u.compressed_bytes,
+            footprint_bytes: u.footprint_bytes,
+            held_bytes: u.held_bytes,
+            capacity_bytes: s.capacity,
+            declined_pages: s.declined.load(Ordering::Relaxed),
+            full_pages: s.full.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Drop for CompressedDevice {
+    fn drop(&mut self) {
+        if let Err(e) = self.hmm.unregister_device_memory(&self.mem) {
+            tracing::error!(error = %e, "releasing a compressed device");
+        }
+        self.core.engine.stop();
+    }
+}
