@@ -42,6 +42,20 @@ pub struct DemoArgs {
     /// Seed of the data set.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Where the data goes: `software` (a device that computes on it) or
+    /// `compressed` (a compressed-memory tier that keeps the cold part).
+    #[arg(long, value_enum, default_value_t = DemoDevice::Software)]
+    pub device: DemoDevice,
+}
+
+/// The device of `hmm demo`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DemoDevice {
+    /// The software device: a device job computes on the data set.
+    Software,
+    /// The compressed tier: the cold part of the data set is compressed
+    /// away, and CPU touches bring it back.
+    Compressed,
 }
 
 /// One node of the search tree. `repr(C)`, so the device knows where each
@@ -197,6 +211,202 @@ fn value_of(seed: u64, key: u64) -> u64 {
 
 /// Runs the demo, printing as it goes; an error says what went wrong.
 pub fn run(args: &DemoArgs, out: &mut dyn FnMut(&str)) -> Result<(), String> {
+    match args.device {
+        DemoDevice::Software => run_software(args, out),
+        DemoDevice::Compressed => run_compressed(args, out),
+    }
+}
+
+/// One line of the tier demo's log: text of the kind a server keeps, about
+/// 3:1 compressible.
+fn log_line(seed: u64, i: u64) -> String {
+    let x = mix(seed ^ 0x1095, i);
+    let verb = ["GET", "GET", "GET", "PUT", "POST", "DELETE"][(x % 6) as usize];
+    let status = [200, 200, 200, 200, 304, 404, 500][((x >> 8) % 7) as usize];
+    format!(
+        "{i:010} user{:05} {verb} /items/{:06}?v={} {status} {}\n",
+        (x >> 16) % 50_000,
+        (x >> 32) % 1_000_000,
+        (x >> 52) % 10,
+        (x >> 20) % 65_536,
+    )
+}
+
+/// FNV-1a over `bytes`.
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3))
+}
+
+/// The demo on the compressed tier: the CPU builds the search tree and a
+/// log of text records; the cold part (the tree, and the log but for its
+/// last quarter) is compressed away onto the tier; the CPU then walks the
+/// tree and reads the whole log, its touches bringing pages back
+/// decompressed; everything is checked against what was built.
+fn run_compressed(args: &DemoArgs, out: &mut dyn FnMut(&str)) -> Result<(), String> {
+    use hmm_compressed::{CompressedConfig, CompressedDevice};
+    let e = |what: &str| {
+        let what = what.to_string();
+        move |err: HmmError| format!("{what}: {err}")
+    };
+    let n = args.nodes;
+    let log_len = ((args.array_mib as usize) << 20).next_multiple_of(PAGE_SIZE);
+    let seed = args.seed;
+    let node_bytes = std::mem::size_of::<Node<'static>>();
+    let arena_len = (n as usize * node_bytes).next_multiple_of(PAGE_SIZE) + PAGE_SIZE;
+    let capacity = (log_len + arena_len).next_multiple_of(1 << 20);
+    let long = n >= LONG_RUN;
+
+    let hmm = Hmm::new().map_err(e("cannot start hmm"))?;
+    let tier = CompressedDevice::new(&hmm, CompressedConfig::new("cold0", capacity))
+        .map_err(e("cannot make the compressed tier"))?;
+    out(&format!(
+        "hmm demo: a search tree of {n} nodes ({}) in hmm's arena and a log of {} of text\n\
+         device: compressed tier cold0, up to {} of memory, {}, pages over {} bytes declined\n\n",
+        human_bytes((n as usize * node_bytes) as u64),
+        human_bytes(log_len as u64),
+        human_bytes(capacity as u64),
+        tier.algorithm(),
+        hmm_compressed::DEFAULT_THRESHOLD,
+    ));
+    let mut phases: Vec<(&str, Duration, String)> = Vec::new();
+
+    // 1. Build.
+    let phase = Phase::start("build (CPU)", long);
+    let arena = hmm.arena(arena_len).map_err(e("cannot make the arena"))?;
+    let log = hmm.alloc(log_len).map_err(e("cannot allocate the log"))?;
+    let mut root: Option<&Node<'_>> = None;
+    let mut built = Steps::new("nodes linked", n, long);
+    for &k in &keys(n, seed) {
+        built.one();
+        let node: &Node<'_> = arena
+            .alloc(Node {
+                key: k,
+                value: value_of(seed, k),
+                left: Cell::new(None),
+                right: Cell::new(None),
+            })
+            .map_err(|err| format!("cannot place a node: {err}"))?;
+        insert(&mut root, node);
+    }
+    drop(built);
+    let root = root.ok_or("the tree is empty")?;
+    let mut text = Vec::with_capacity(log_len);
+    let mut lines = 0u64;
+    while text.len() < log_len {
+        text.extend_from_slice(log_line(seed, lines).as_bytes());
+        lines += 1;
+    }
+    text.truncate(log_len);
+    log.write(0, &text).map_err(|err| format!("cannot write the log: {err}"))?;
+    let want_log = fnv(&text);
+    drop(text);
+    let (want_tree, want_nodes) = walk(root);
+    phases.push(phase.end(format!("{n} nodes linked, {lines} log lines written")));
+    let tree_range = arena.range();
+    let ranges: [(&str, hmm::PageRange); 2] = [("tree", tree_range), ("log", log.range())];
+    let show_maps = |out: &mut dyn FnMut(&str), when: &str| {
+        if let Err(e) = hmm.settle(std::time::Duration::from_secs(10)) {
+            out(&format!("  note: {e}\n"));
+        }
+        out(&format!("  residency {when}:\n"));
+        for (name, r) in ranges {
+            let m = hmm.residency_map(r);
+            out(&format!("    {name:<6} [{}]\n", m.render(64)));
+        }
+    };
+
+    // 2. The cold part goes to the tier.
+    let phase = Phase::start("compress the cold part", long);
+    let hot = (log_len / 4).next_multiple_of(PAGE_SIZE).min(log_len);
+    let cold: Vec<(&str, hmm::PageRange)> = [
+        ("tree", Some(tree_range)),
+        ("log (all but its last quarter)", hmm::PageRange::new(log.addr(), log_len - hot).ok()),
+    ]
+    .into_iter()
+    .filter_map(|(w, r)| r.map(|r| (w, r)))
+    .collect();
+    let mut moved = 0;
+    let mut declined = 0;
+    for (what, r) in &cold {
+        let rep = tier.migrate_to_device(*r).map_err(e("moving to the tier failed"))?;
+        let d =
+            rep.skipped.iter().filter(|(_, w)| matches!(w, hmm::SkipReason::Declined(_))).count();
+        declined += d;
+        if let Some((addr, why)) =
+            rep.skipped.iter().find(|(_, w)| !matches!(w, hmm::SkipReason::Declined(_)))
+        {
+            out(&format!("  note: pages of the {what} stayed put ({addr}: {why})\n"));
+        }
+        moved += rep.migrated;
+    }
+    let s = tier.stats();
+    phases.push(phase.end(format!(
+        "{moved} pages on the tier ({} compressed, {} zero), {declined} declined (incompressible)",
+        s.stored_pages, s.zero_pages
+    )));
+    out(&format!(
+        "  the tier holds {} of data in {} ({} compressed): {:.2}x, {:.2}x counting the allocator's waste\n",
+        human_bytes(s.logical_bytes()),
+        human_bytes(s.footprint_bytes),
+        human_bytes(s.compressed_bytes),
+        s.compression_ratio().unwrap_or(0.0),
+        s.effective_ratio().unwrap_or(0.0),
+    ));
+    show_maps(out, "after compression");
+
+    // 3. The CPU uses all of it: touches bring pages back.
+    let phase = Phase::start("use (CPU)", long);
+    let faults_before = hmm.fault_stats().0;
+    let (tree_sum, tree_nodes) = walk(root);
+    let mut back = vec![0u8; log_len];
+    log.read(0, &mut back).map_err(|err| format!("cannot read the log: {err}"))?;
+    let log_sum = fnv(&back);
+    let faults = hmm.fault_stats().0 - faults_before;
+    phases.push(phase.end(format!("{faults} CPU faults decompressed pages as they were touched")));
+    show_maps(out, "after the CPU used the data");
+
+    let w = phases.iter().map(|(name, ..)| name.len()).max().unwrap_or(0).max("phase".len());
+    out(&format!("\n  {:<w$} {:>10}  what happened\n", "phase", "time"));
+    for (name, d, what) in &phases {
+        out(&format!("  {name:<w$} {:>10}  {what}\n", human_duration(*d)));
+    }
+    out(&format!(
+        "  residency legend: {} system memory, {} cold0, {} never touched, {} migrating\n\n",
+        Place::System.symbol(),
+        Place::Device(tier.memory().id()).symbol(),
+        Place::Unpopulated.symbol(),
+        Place::Migrating.symbol(),
+    ));
+    let checks = [
+        ("tree sum walked by the CPU", tree_sum, want_tree),
+        ("tree nodes walked by the CPU", tree_nodes, want_nodes),
+        ("log checksum read back by the CPU", log_sum, want_log),
+    ];
+    let mut failed = Vec::new();
+    for (what, got, want) in checks {
+        let ok = got == want;
+        let mark = if ok { "ok  " } else { "FAIL" };
+        if what.contains("nodes") {
+            out(&format!("  {mark} {what}: {got}\n"));
+        } else {
+            out(&format!("  {mark} {what}: {got:#018x}\n"));
+        }
+        if !ok {
+            failed.push(format!("{what}: got {got:#x}, want {want:#x}"));
+        }
+    }
+    if failed.is_empty() {
+        out("\nevery byte came back as it was built\n");
+        Ok(())
+    } else {
+        Err(format!("data differ from what was built: {}", failed.join("; ")))
+    }
+}
+
+/// The demo on the software device (see the module docs).
+fn run_software(args: &DemoArgs, out: &mut dyn FnMut(&str)) -> Result<(), String> {
     let e = |what: &str| {
         let what = what.to_string();
         move |err: HmmError| format!("{what}: {err}")

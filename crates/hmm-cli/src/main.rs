@@ -172,10 +172,24 @@ fn verdict_exit(p: &Probe) -> ExitCode {
 
 fn check(json: bool) -> ExitCode {
     let p = probe::probe();
+    let zram = hmm_tools::bench::zram::available();
     if json {
-        out(&format!("{}\n", serde_json::to_string_pretty(p).expect("probe serializes")));
+        let mut v = serde_json::to_value(p).expect("probe serializes");
+        if let Some(o) = v.as_object_mut() {
+            o.insert(
+                "bench_anchors".into(),
+                serde_json::json!({ "zram": { "available": zram.is_ok(), "why_not": zram.as_ref().err().map(ToString::to_string) } }),
+            );
+        }
+        out(&format!("{}\n", serde_json::to_string_pretty(&v).expect("JSON")));
     } else {
         out(&render_probe(p));
+        out(&match &zram {
+            Ok(()) => {
+                "benchmark anchors: zram swap-in can be measured (hmm bench --zram)\n".to_string()
+            }
+            Err(why) => format!("benchmark anchors: zram swap-in cannot be measured here: {why}\n"),
+        });
     }
     verdict_exit(p)
 }

@@ -66,6 +66,14 @@ fn bench_quick_json_prints_exactly_the_documented_keys() {
         [
             "checked_read_gbps",
             "coherent_cpu_read_gbps",
+            "compressed_declined_share",
+            "compressed_effective_ratio",
+            "compressed_fault_back_in_thread_us_p50",
+            "compressed_fault_back_in_thread_us_p99",
+            "compressed_fault_back_seq_gbps",
+            "compressed_fault_back_us_p50",
+            "compressed_fault_back_us_p99",
+            "compressed_ratio",
             "device_access_gbps",
             "device_descriptor_bytes_per_page",
             "evict_gbps",
@@ -84,6 +92,7 @@ fn bench_quick_json_prints_exactly_the_documented_keys() {
             "metadata_bytes_per_page",
             "migrate_device_to_device_gbps",
             "migrate_to_coherent_gbps",
+            "migrate_to_compressed_gbps",
             "migrate_to_device_4k_gbps",
             "migrate_to_device_gbps",
             "migrate_to_device_zero_copy_4k_gbps",
@@ -97,6 +106,7 @@ fn bench_quick_json_prints_exactly_the_documented_keys() {
             "uffd_move_gbps",
             "uffd_roundtrip_us_p50",
             "uffd_roundtrip_us_p99",
+            "zram_swapin_seq_gbps",
             "zram_swapin_us_p50",
             "zram_swapin_us_p99",
         ]
@@ -115,12 +125,16 @@ fn bench_quick_json_prints_exactly_the_documented_keys() {
         }
         // The zram anchor is measured only when asked (`--zram`).
         assert!(obj["zram_swapin_us_p50"].is_null() && obj["zram_swapin_us_p99"].is_null());
+        assert!(obj["zram_swapin_seq_gbps"].is_null());
+        // A share of incompressible pages may be none at all.
+        assert!(num("compressed_declined_share").is_some_and(|x| (0.0..=1.0).contains(&x)));
         // Every migration figure was measured (each pass moved every page).
         let fork = hmm::probe::probe().has("event-fork");
         for (k, v) in obj.iter().filter(|(k, _)| {
             !k.starts_with("uffd")
                 && !k.starts_with("pagemap")
                 && !k.starts_with("zram")
+                && *k != "compressed_declined_share"
                 && (fork || !k.starts_with("fork"))
         }) {
             assert!(v.as_f64().is_some_and(|x| x > 0.0), "{k} = {v}");
@@ -147,6 +161,8 @@ fn bench_table_names_every_key() {
         "migrate_device_to_device_gbps",
         "coherent_cpu_read_gbps",
         "evict_gbps",
+        "compressed_ratio",
+        "compressed_fault_back_in_thread_us_p50",
     ] {
         assert!(text.contains(key), "{key} missing:\n{text}");
     }
@@ -199,6 +215,40 @@ fn demo_runs_the_workload_and_reports_it() {
     assert!(map("after placement", "tree").chars().all(|c| c == '0'), "{text}");
     assert!(map("after the CPU read the results", "tree").chars().all(|c| c == 'S'), "{text}");
     assert!(map("after placement", "array").starts_with("SSSS"), "{text}");
+}
+
+#[test]
+fn demo_on_the_compressed_tier_compresses_the_cold_part_and_gets_every_byte_back() {
+    let out = hmm(&["demo", "--device", "compressed", "--nodes", "20000", "--array-mib", "4"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    if !usable() {
+        assert!(!out.status.success());
+        return;
+    }
+    assert!(out.status.success(), "{text}\n{err}");
+    assert!(text.contains("every byte came back as it was built"), "{text}");
+    assert!(!text.contains("FAIL"), "{text}");
+    assert!(text.contains("compressed tier cold0") && text.contains("lz4"), "{text}");
+    let map = |when: &str, name: &str| -> String {
+        let at = text.find(when).unwrap_or_else(|| panic!("{when} missing: {text}"));
+        let line = text[at..].lines().find(|l| l.trim_start().starts_with(name)).unwrap();
+        line[line.find('[').unwrap() + 1..line.rfind(']').unwrap()].to_string()
+    };
+    // The log's last quarter stays; the rest, and the tree, go to the tier.
+    assert!(map("after compression", "log").starts_with("0000"), "{text}");
+    assert!(map("after compression", "log").ends_with("SSSS"), "{text}");
+    assert!(map("after the CPU used the data", "log").chars().all(|c| c == 'S'), "{text}");
+    assert!(map("after the CPU used the data", "tree").chars().all(|c| c == 'S'), "{text}");
+    assert!(text.contains("x counting the allocator's waste"), "{text}");
+}
+
+#[test]
+fn demo_refuses_an_unknown_device_with_the_choices() {
+    let out = hmm(&["demo", "--device", "floppy"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("software") && err.contains("compressed"), "{err}");
 }
 
 #[test]

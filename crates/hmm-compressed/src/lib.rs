@@ -54,7 +54,7 @@ use hmm::{
 };
 use hmm::{PAGE_SIZE, PageRange};
 
-use store::{PutError, Record, SLAB_BYTES, Store};
+use store::{PutError, Record, Store};
 
 /// The default threshold: a page whose compressed form is longer is declined.
 /// (Google's far memory declines pages that compress worse than 2990 of 4096
@@ -90,7 +90,7 @@ pub struct CompressedConfig {
     /// Name for reports.
     pub name: String,
     /// The memory the device may hold, in bytes of slabs (compressed bytes
-    /// plus the allocator's waste); rounded up to whole slabs (64 KiB).
+    /// plus the allocator's waste); rounded up to whole pages.
     pub capacity: usize,
     /// How many pages the device can hold at most (its device pages, whose
     /// descriptors hmm makes as they are first used; the device keeps 12
@@ -134,8 +134,12 @@ impl CompressedConfig {
         let bad = |what: String| {
             Err(HmmError::Config(format!("compressed device {:?}: {what}", self.name)))
         };
-        if self.capacity == 0 {
-            return bad("a capacity of 0 bytes: give it at least one slab (64 KiB)".into());
+        if self.capacity < store::SLAB_PAGES_MAX * PAGE_SIZE {
+            return bad(format!(
+                "a capacity of {} bytes: give it at least {} bytes (a slab of the largest class)",
+                self.capacity,
+                store::SLAB_PAGES_MAX * PAGE_SIZE
+            ));
         }
         if !(64..=PAGE_SIZE).contains(&self.threshold) {
             return bad(format!(
@@ -564,8 +568,8 @@ impl CompressedDevice {
     /// configuration fails here, saying what to change.
     pub fn new(hmm: &Hmm, config: CompressedConfig) -> Result<Self, HmmError> {
         config.check()?;
-        let slabs = config.capacity.div_ceil(SLAB_BYTES);
-        let pages = config.max_pages.unwrap_or(8 * slabs * SLAB_BYTES / PAGE_SIZE);
+        let budget = config.capacity.div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        let pages = config.max_pages.unwrap_or(8 * budget / PAGE_SIZE);
         let pages = u32::try_from(pages).ok().filter(|p| *p < u32::MAX).ok_or_else(|| {
             HmmError::Config(format!(
                 "compressed device {:?}: room for {pages} pages, more than a device can number",
@@ -573,10 +577,10 @@ impl CompressedDevice {
             ))
         })?;
         let shared = Arc::new(Shared {
-            store: Mutex::new(Store::new(slabs, pages as usize, config.threshold)),
+            store: Mutex::new(Store::new(budget, pages as usize, config.threshold)),
             algorithm: config.algorithm,
             threshold: config.threshold,
-            capacity: (slabs * SLAB_BYTES) as u64,
+            capacity: budget as u64,
             declined: AtomicU64::new(0),
             full: AtomicU64::new(0),
         });

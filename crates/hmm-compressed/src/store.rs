@@ -2,15 +2,18 @@
 //!
 //! A compressed page of `len` bytes takes a slot of the smallest class that
 //! holds it (classes every [`CLASS_STEP`] bytes, up to the device's
-//! threshold), in a slab of [`SLAB_BYTES`] given to that class. So the
-//! device's memory is counted in what it really holds: its footprint is
-//! the slabs in use, the compressed bytes plus the allocator's waste (the
-//! rounding up to a class, and the free slots of partly used slabs).
+//! threshold), in a slab given to that class. A class's slabs are one to
+//! [`SLAB_PAGES_MAX`] pages long, whichever wastes least at the slab's end
+//! (as zsmalloc sizes its zspages). So the device's memory is counted in
+//! what it really holds: its footprint is the slabs in use, the compressed
+//! bytes plus the allocator's waste (the rounding up to a class, the slab's
+//! tail, and the free slots of partly used slabs), and its capacity bounds
+//! the memory of every slab it holds.
 //!
 //! # Invariants
 //!
 //! - A slab is in exactly one state: *fresh* (no memory, on `fresh`),
-//!   *empty* (memory, no class, on `empty`), or *in use* by one class
+//!   *empty* (memory, no class, on `empty[pages]`), or *in use* by one class
 //!   (`class != NO_CLASS`); an in-use slab that is not full is on its
 //!   class's `partial` list. The lists are threaded through the slabs
 //!   themselves (`prev`/`next`), so moving a slab between them allocates
@@ -19,14 +22,18 @@
 //!   form a list threaded through their own first two bytes (`free_head`).
 //! - Every record `Stored { slab, slot, len }` names a slot in use, and
 //!   `used` counts them per slab.
+//! - `held_bytes` (the memory of every slab that has some) never exceeds
+//!   the budget.
 //!
 //! Only [`put`](Store::put) and [`trim`](Store::trim) allocate or free
 //! memory (a slab's); [`read`](Store::read) and [`free`](Store::free)
 //! neither allocate nor free, so they may run in a signal handler (the
 //! in-thread fault path and `page_free`).
 
-/// Bytes of one slab.
-pub(crate) const SLAB_BYTES: usize = 64 << 10;
+use hmm::PAGE_SIZE;
+
+/// The longest slab, in pages.
+pub(crate) const SLAB_PAGES_MAX: usize = 4;
 /// Size classes are this many bytes apart.
 pub(crate) const CLASS_STEP: usize = 64;
 
@@ -48,6 +55,8 @@ pub(crate) enum Record {
 #[derive(Debug)]
 struct Slab {
     mem: Option<Box<[u8]>>,
+    /// Pages of memory (while it has some).
+    pages: u8,
     class: u16,
     used: u16,
     carved: u16,
@@ -59,6 +68,8 @@ struct Slab {
 #[derive(Debug)]
 struct Class {
     size: usize,
+    /// Pages of its slabs.
+    pages: usize,
     slots: u16,
     partial: u32,
 }
@@ -96,19 +107,24 @@ pub(crate) struct Store {
     classes: Vec<Class>,
     records: Vec<Record>,
     fresh: u32,
-    empty: u32,
+    /// Empty slabs by their length in pages.
+    empty: [u32; SLAB_PAGES_MAX + 1],
     empty_count: usize,
+    budget: u64,
     usage: Usage,
 }
 
 impl Store {
-    /// A store of `max_slabs` slabs for `pages` device pages, whose
-    /// largest class holds `max_len` bytes. All of its bookkeeping is
+    /// A store of at most `budget` bytes of slabs for `pages` device pages,
+    /// whose largest class holds `max_len` bytes. All of its bookkeeping is
     /// allocated here; slab memory when first used.
-    pub(crate) fn new(max_slabs: usize, pages: usize, max_len: usize) -> Self {
+    pub(crate) fn new(budget: usize, pages: usize, max_len: usize) -> Self {
+        // At most one slab a page of the budget.
+        let max_slabs = budget / PAGE_SIZE;
         let slabs = (0..max_slabs)
             .map(|i| Slab {
                 mem: None,
+                pages: 0,
                 class: NO_CLASS,
                 used: 0,
                 carved: 0,
@@ -120,7 +136,13 @@ impl Store {
         let classes = (1..=max_len.div_ceil(CLASS_STEP))
             .map(|k| {
                 let size = k * CLASS_STEP;
-                Class { size, slots: (SLAB_BYTES / size) as u16, partial: NIL }
+                // The slab length that wastes the least share of itself
+                // (the waste of `p` pages over `p`, in twelfths: exact for
+                // one to four pages).
+                let pages = (1..=SLAB_PAGES_MAX)
+                    .min_by_key(|p| ((p * PAGE_SIZE) % size) * (12 / p))
+                    .expect("at least one length");
+                Class { size, pages, slots: (pages * PAGE_SIZE / size) as u16, partial: NIL }
             })
             .collect();
         Self {
@@ -128,8 +150,9 @@ impl Store {
             classes,
             records: vec![Record::Empty; pages],
             fresh: if max_slabs > 0 { 0 } else { NIL },
-            empty: NIL,
+            empty: [NIL; SLAB_PAGES_MAX + 1],
             empty_count: 0,
+            budget: (max_slabs * PAGE_SIZE) as u64,
             usage: Usage::default(),
         }
     }
@@ -212,16 +235,24 @@ impl Store {
 
     /// Gives back the memory of empty slabs beyond `keep` of them.
     pub(crate) fn trim(&mut self, keep: usize) {
-        while self.empty_count > keep && self.empty != NIL {
-            let s = self.empty;
-            self.unlink_empty(s);
-            let slab = &mut self.slabs[s as usize];
-            slab.mem = None;
-            self.usage.held_bytes -= SLAB_BYTES as u64;
-            slab.prev = NIL;
-            slab.next = self.fresh;
-            self.fresh = s;
+        for pages in (1..=SLAB_PAGES_MAX).rev() {
+            while self.empty_count > keep && self.empty[pages] != NIL {
+                let s = self.empty[pages];
+                self.drop_empty(s);
+            }
         }
+    }
+
+    /// Gives back the memory of empty slab `s`.
+    fn drop_empty(&mut self, s: u32) {
+        self.unlink_empty(s);
+        let slab = &mut self.slabs[s as usize];
+        slab.mem = None;
+        self.usage.held_bytes -= (slab.pages as usize * PAGE_SIZE) as u64;
+        slab.pages = 0;
+        slab.prev = NIL;
+        slab.next = self.fresh;
+        self.fresh = s;
     }
 
     fn alloc(&mut self, class: usize) -> Result<(u32, u16), PutError> {
@@ -249,28 +280,40 @@ impl Store {
         Ok((s, slot))
     }
 
-    /// An empty slab (or a fresh one, given memory) for `class`, put on
-    /// its partial list.
+    /// An empty slab of the class's length (or a fresh one, given memory:
+    /// empty slabs of other lengths give theirs back first where the budget
+    /// needs it) for `class`, put on its partial list.
     fn take_slab(&mut self, class: usize) -> Result<u32, PutError> {
-        let s = if self.empty != NIL {
-            let s = self.empty;
+        let pages = self.classes[class].pages;
+        let bytes = (pages * PAGE_SIZE) as u64;
+        let s = if self.empty[pages] != NIL {
+            let s = self.empty[pages];
             self.unlink_empty(s);
             s
-        } else if self.fresh != NIL {
+        } else {
+            while self.usage.held_bytes + bytes > self.budget {
+                let Some(other) = (1..=SLAB_PAGES_MAX).map(|p| self.empty[p]).find(|s| *s != NIL)
+                else {
+                    return Err(PutError::Full);
+                };
+                self.drop_empty(other);
+            }
+            if self.fresh == NIL {
+                return Err(PutError::Full);
+            }
             let s = self.fresh;
             self.fresh = self.slabs[s as usize].next;
-            self.slabs[s as usize].mem = Some(vec![0u8; SLAB_BYTES].into_boxed_slice());
-            self.usage.held_bytes += SLAB_BYTES as u64;
+            self.slabs[s as usize].mem = Some(vec![0u8; pages * PAGE_SIZE].into_boxed_slice());
+            self.slabs[s as usize].pages = pages as u8;
+            self.usage.held_bytes += bytes;
             s
-        } else {
-            return Err(PutError::Full);
         };
         let slab = &mut self.slabs[s as usize];
         slab.class = class as u16;
         slab.used = 0;
         slab.carved = 0;
         slab.free_head = NO_SLOT;
-        self.usage.footprint_bytes += SLAB_BYTES as u64;
+        self.usage.footprint_bytes += bytes;
         self.link_partial(class, s);
         Ok(s)
     }
@@ -293,13 +336,14 @@ impl Store {
             self.unlink_partial(class, s);
             let slab = &mut self.slabs[s as usize];
             slab.class = NO_CLASS;
-            self.usage.footprint_bytes -= SLAB_BYTES as u64;
+            let pages = slab.pages as usize;
+            self.usage.footprint_bytes -= (pages * PAGE_SIZE) as u64;
             slab.prev = NIL;
-            slab.next = self.empty;
-            if self.empty != NIL {
-                self.slabs[self.empty as usize].prev = s;
+            slab.next = self.empty[pages];
+            if self.empty[pages] != NIL {
+                self.slabs[self.empty[pages] as usize].prev = s;
             }
-            self.empty = s;
+            self.empty[pages] = s;
             self.empty_count += 1;
         }
     }
@@ -329,8 +373,9 @@ impl Store {
 
     fn unlink_empty(&mut self, s: u32) {
         let (prev, next) = (self.slabs[s as usize].prev, self.slabs[s as usize].next);
+        let pages = self.slabs[s as usize].pages as usize;
         match prev {
-            NIL => self.empty = next,
+            NIL => self.empty[pages] = next,
             p => self.slabs[p as usize].next = next,
         }
         if next != NIL {
@@ -360,7 +405,7 @@ mod tests {
 
     #[test]
     fn pages_come_back_as_stored_and_slots_are_reused() {
-        let mut s = Store::new(4, 64, 3000);
+        let mut s = Store::new(64 * PAGE_SIZE, 64, 3000);
         s.put(0, &bytes(100, 1)).unwrap();
         s.put(1, &bytes(100, 2)).unwrap();
         s.put(2, &bytes(2990, 3)).unwrap();
@@ -369,8 +414,9 @@ mod tests {
         assert_eq!(stored(&s, 2), bytes(2990, 3));
         let u = s.usage();
         assert_eq!((u.stored_pages, u.compressed_bytes), (3, 3190));
-        // Two classes in use: two slabs.
-        assert_eq!(u.footprint_bytes, 2 * SLAB_BYTES as u64);
+        // Two classes in use: a slab of each.
+        let slab = |len: usize| (s.classes[len.div_ceil(CLASS_STEP) - 1].pages * PAGE_SIZE) as u64;
+        assert_eq!(u.footprint_bytes, slab(100) + slab(2990));
         // A freed slot is the next one taken in its class.
         let Record::Stored { slot: freed, .. } = s.record(0) else { unreachable!() };
         s.free(0);
@@ -381,33 +427,54 @@ mod tests {
     }
 
     #[test]
-    fn capacity_is_counted_in_slabs_and_empty_slabs_are_reused_then_trimmed() {
-        // One slab of the largest class holds SLAB_BYTES / 3008 = 21 pages.
-        let mut s = Store::new(1, 64, 3000);
-        for p in 0..21 {
+    fn classes_take_the_slab_length_that_wastes_least() {
+        let s = Store::new(1 << 20, 8, 4096);
+        for c in &s.classes {
+            let bytes = c.pages * PAGE_SIZE;
+            let waste = (bytes - c.slots as usize * c.size) as f64 / bytes as f64;
+            let best = (1..=SLAB_PAGES_MAX)
+                .map(|p| ((p * PAGE_SIZE) % c.size) as f64 / (p * PAGE_SIZE) as f64)
+                .fold(f64::MAX, f64::min);
+            assert!((waste - best).abs() < 1e-9, "class {}: {} pages", c.size, c.pages);
+        }
+        // 3008 bytes: three pages hold four slots (waste 256 of 12288).
+        let c = &s.classes[3008 / CLASS_STEP - 1];
+        assert_eq!((c.pages, c.slots), (3, 4));
+    }
+
+    #[test]
+    fn the_budget_bounds_the_slabs_and_empty_slabs_are_reused_then_trimmed() {
+        // Three pages: one slab of the 3008-byte class, four slots.
+        let mut s = Store::new(3 * PAGE_SIZE, 64, 3000);
+        for p in 0..4 {
             s.put(p, &bytes(3000, p as u8)).unwrap();
         }
-        assert_eq!(s.put(21, &bytes(3000, 0)), Err(PutError::Full));
-        // A smaller class needs a slab of its own: full too.
-        assert_eq!(s.put(21, &bytes(10, 0)), Err(PutError::Full));
-        for p in 0..21 {
+        assert_eq!(s.put(5, &bytes(3000, 0)), Err(PutError::Full));
+        // A smaller class needs a slab of its own: no budget left.
+        assert_eq!(s.put(5, &bytes(10, 0)), Err(PutError::Full));
+        for p in 0..4 {
             s.free(p);
         }
         let u = s.usage();
-        assert_eq!((u.footprint_bytes, u.held_bytes), (0, SLAB_BYTES as u64), "kept, not in use");
-        // The empty slab serves another class.
+        assert_eq!(
+            (u.footprint_bytes, u.held_bytes),
+            (0, 3 * PAGE_SIZE as u64),
+            "kept, not in use"
+        );
+        // Another length of slab: the empty one gives its memory back first.
         s.put(3, &bytes(10, 7)).unwrap();
         assert_eq!(stored(&s, 3), bytes(10, 7));
+        assert!(s.usage().held_bytes <= 3 * PAGE_SIZE as u64);
         s.free(3);
         s.trim(0);
         assert_eq!(s.usage().held_bytes, 0, "trimmed");
-        s.put(4, &bytes(10, 8)).unwrap();
-        assert_eq!(stored(&s, 4), bytes(10, 8), "a trimmed slab is given memory again");
+        s.put(4, &bytes(3000, 8)).unwrap();
+        assert_eq!(stored(&s, 4), bytes(3000, 8), "a trimmed slab is given memory again");
     }
 
     #[test]
     fn zero_pages_take_no_memory_and_too_large_pages_are_refused() {
-        let mut s = Store::new(2, 8, 2990);
+        let mut s = Store::new(8 * PAGE_SIZE, 8, 2990);
         s.put_zero(1);
         assert_eq!(s.record(1), Record::Zero);
         assert_eq!(s.usage().footprint_bytes, 0);
@@ -426,7 +493,7 @@ mod tests {
     #[test]
     fn a_churn_of_pages_keeps_every_page_and_the_figures_exact() {
         let pages = 2000u32;
-        let mut s = Store::new(64, pages as usize, 2990);
+        let mut s = Store::new(1 << 20, pages as usize, 2990);
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
         let mut next = || {
             x ^= x << 13;

@@ -180,7 +180,9 @@ fn a_full_device_refuses_pages_and_keeps_them_where_they_were() {
     assert_eq!(other, None, "every page skipped for room");
     let s = dev.stats();
     assert_eq!(s.full_pages as usize, pages - rep.migrated, "{s:?}");
-    assert_eq!(s.footprint_bytes, s.capacity_bytes, "one slab, in use: {s:?}");
+    // Full: what is left is less than the longest slab.
+    assert!(s.held_bytes <= s.capacity_bytes, "{s:?}");
+    assert!(s.footprint_bytes + 3 * PAGE_SIZE as u64 >= s.capacity_bytes, "{s:?}");
     let mut got = vec![0u8; r.len()];
     r.read(0, &mut got).unwrap();
     assert_eq!(first_wrong_page(&got, &want), None);

@@ -13,6 +13,7 @@
 //! | `checked_read_gbps` | 256 MiB of populated memory read 64 KiB at a time through the kernel's checked copy (`process_vm_readv` of this process) and summed as u64 words: the software device's job of `device_access_gbps` without the device, the floor of its reads of system memory |
 //! | `sigbus_roundtrip_us_p50`, `_p99` | a bare MISSING fault in SIGBUS mode, served in the faulting thread's own handler by one `UFFDIO_MOVE` of a populated page: the floor of `FaultMode::InThread` |
 //! | `zram_swapin_us_p50`, `_p99` | a random swap-in of a compressible page that `MADV_PAGEOUT` put on a zram (lz4) device of the run's own; only with `--zram`, as root ([`zram`]) |
+//! | `zram_swapin_seq_gbps` | the same pages paged out again and touched in order |
 //!
 //! A figure this kernel cannot measure (no `UFFDIO_MOVE`, say) is `null`.
 
@@ -22,6 +23,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 pub mod series;
+pub mod tier;
 pub mod zram;
 
 use hmm::addr::{PAGE_SIZE, PageRange};
@@ -101,6 +103,8 @@ pub struct Baselines {
     pub zram_swapin_us_p50: Option<f64>,
     /// The same, 99th percentile.
     pub zram_swapin_us_p99: Option<f64>,
+    /// The same pages swapped in in order, GB/s.
+    pub zram_swapin_seq_gbps: Option<f64>,
 }
 
 /// A row of the human-readable table.
@@ -186,6 +190,12 @@ impl Baselines {
                 unit: "us",
                 what: "random swap-in from zram (--zram), 99th percentile",
             },
+            Row {
+                key: "zram_swapin_seq_gbps",
+                value: self.zram_swapin_seq_gbps,
+                unit: "GB/s",
+                what: "the same pages swapped in in order (--zram)",
+            },
         ]
     }
 }
@@ -248,10 +258,10 @@ pub fn run_baselines(
     let checked_read_gbps = checked_read_gbps(plan.scan_reps)?;
     let zram = if opts.zram {
         step(4, "zram swap-in");
-        match zram::swapin_us(if opts.quick { 2_000 } else { 20_000 }) {
-            Ok((p50, p99, algo)) => {
-                tracing::info!(algorithm = %algo, "zram anchor measured");
-                Some((p50, p99))
+        match zram::swapin(if opts.quick { 2_000 } else { 20_000 }) {
+            Ok(a) => {
+                tracing::info!(algorithm = %a.algorithm, "zram anchor measured");
+                Some(a)
             }
             Err(why) => {
                 tracing::warn!("the zram anchor is skipped: {why}");
@@ -271,8 +281,9 @@ pub fn run_baselines(
         uffd_move_gbps,
         pagemap_scan_mpages_s,
         checked_read_gbps,
-        zram_swapin_us_p50: zram.map(|(p50, _)| p50),
-        zram_swapin_us_p99: zram.map(|(_, p99)| p99),
+        zram_swapin_us_p50: zram.as_ref().map(|a| a.p50),
+        zram_swapin_us_p99: zram.as_ref().map(|a| a.p99),
+        zram_swapin_seq_gbps: zram.as_ref().map(|a| a.sequential_gbps),
     })
 }
 
@@ -596,6 +607,7 @@ mod tests {
             checked_read_gbps: 1.0,
             zram_swapin_us_p50: None,
             zram_swapin_us_p99: None,
+            zram_swapin_seq_gbps: None,
         };
         let v = serde_json::to_value(b).unwrap();
         let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
@@ -603,7 +615,7 @@ mod tests {
         let mut rows: Vec<&str> = b.rows().iter().map(|r| r.key).collect();
         rows.sort_unstable();
         assert_eq!(keys, rows);
-        assert_eq!(keys.len(), 11);
+        assert_eq!(keys.len(), 12);
     }
 }
 
@@ -844,6 +856,9 @@ pub struct BenchReport {
     /// The migration figures.
     #[serde(flatten)]
     pub migration: MigrationFigures,
+    /// The tiers' figures.
+    #[serde(flatten)]
+    pub tiers: tier::TierFigures,
 }
 
 impl BenchReport {
@@ -851,12 +866,13 @@ impl BenchReport {
     pub fn rows(&self) -> Vec<Row> {
         let mut r = self.baselines.rows();
         r.extend(self.migration.rows());
+        r.extend(self.tiers.rows());
         r
     }
 }
 
 /// Number of steps [`run_all`] reports.
-pub const ALL_STEPS: usize = 12;
+pub const ALL_STEPS: usize = 13;
 
 /// Measures the baselines, then the migration figures.
 pub fn run_all(
@@ -865,12 +881,19 @@ pub fn run_all(
 ) -> Result<BenchReport, BenchError> {
     let mut relabel = |s: Step| progress(Step { total: ALL_STEPS, ..s });
     let baselines = run_baselines(opts, &mut relabel)?;
-    let migration = if hmm::probe::probe().usable().is_ok() {
+    let usable = hmm::probe::probe().usable().is_ok();
+    let migration = if usable {
         run_migration(opts, &mut |s| progress(Step { index: s.index + 5, total: ALL_STEPS, ..s }))?
     } else {
         MigrationFigures::default()
     };
-    Ok(BenchReport { baselines, migration })
+    let tiers = if usable {
+        progress(Step { name: "the compressed tier", index: 12, total: ALL_STEPS });
+        tier::run(opts)?
+    } else {
+        tier::TierFigures::default()
+    };
+    Ok(BenchReport { baselines, migration, tiers })
 }
 
 fn hmm_err(e: hmm::space::HmmError) -> BenchError {

@@ -108,12 +108,62 @@ fn run(program: &str, args: &[&str]) -> Result<(), Skipped> {
     Ok(())
 }
 
+/// Whether the anchor can be measured here (`hmm bench --zram`), without
+/// changing anything: root, zram's control files, `mkswap` and `swapon`.
+pub fn available() -> Result<(), Skipped> {
+    if !hmm::os::process::is_root() {
+        return Err(skip("it changes the swap configuration: run as root"));
+    }
+    if !std::path::Path::new("/sys/class/zram-control/hot_add").exists() {
+        return Err(skip(
+            "no /sys/class/zram-control (zram not built in, nor its module loaded: modprobe zram)",
+        ));
+    }
+    for program in ["mkswap", "swapon", "swapoff"] {
+        let found = std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()));
+        if !found {
+            return Err(skip(format!("{program} is not on PATH (util-linux)")));
+        }
+    }
+    Ok(())
+}
+
+/// Fills `page` with the anchor's data: a quarter of random words (from
+/// `x`), repeated over the rest, about 4:1 compressible as program data
+/// often is. The compressed tier's figures use the same data.
+pub(crate) fn anchor_page(x: &mut u64, page: &mut [u8]) {
+    for chunk in page[..PAGE_SIZE / 4].chunks_mut(8) {
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        chunk.copy_from_slice(&x.to_ne_bytes()[..chunk.len()]);
+    }
+    let (head, tail) = page.split_at_mut(PAGE_SIZE / 4);
+    for c in tail.chunks_mut(PAGE_SIZE / 4) {
+        c.copy_from_slice(&head[..c.len()]);
+    }
+}
+
+/// The anchor's figures.
+#[derive(Debug, Clone)]
+pub struct Anchor {
+    /// Random swap-in, median, microseconds.
+    pub p50: f64,
+    /// The same, 99th percentile.
+    pub p99: f64,
+    /// Every page paged out again, then touched in order: GB/s.
+    pub sequential_gbps: f64,
+    /// The compression algorithm.
+    pub algorithm: String,
+}
+
 /// What a swap-in from zram costs: random touches of `pages` pages of
-/// compressible data (about 4:1, as program data often is) that
-/// `MADV_PAGEOUT` put on a zram device of the run's own. Returns the median
-/// and the 99th percentile in microseconds, over the touches of pages that
-/// were out, and the compression algorithm.
-pub fn swapin_us(pages: usize) -> Result<(f64, f64, String), Skipped> {
+/// compressible data (about 4:1, as program data often is) that `MADV_PAGEOUT` put on a zram
+/// device of the run's own (the median and the 99th percentile, over the
+/// touches of pages that were out), then the same pages paged out again
+/// and touched in order.
+pub fn swapin(pages: usize) -> Result<Anchor, Skipped> {
     if !hmm::os::process::is_root() {
         return Err(skip("the zram anchor changes the swap configuration: run as root"));
     }
@@ -128,17 +178,7 @@ pub fn swapin_us(pages: usize) -> Result<(f64, f64, String), Skipped> {
     let mut page = vec![0u8; PAGE_SIZE];
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     for p in 0..pages {
-        // A quarter of each page varies; the rest repeats it.
-        for chunk in page[..PAGE_SIZE / 4].chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            chunk.copy_from_slice(&x.to_ne_bytes()[..chunk.len()]);
-        }
-        let (head, tail) = page.split_at_mut(PAGE_SIZE / 4);
-        for c in tail.chunks_mut(PAGE_SIZE / 4) {
-            c.copy_from_slice(&head[..c.len()]);
-        }
+        anchor_page(&mut x, &mut page);
         m.write(p * PAGE_SIZE, &page).map_err(|e| skip(format!("cannot fill the pages: {e}")))?;
     }
     m.advise(m.range(), Advise::PageOut).map_err(|e| skip(format!("MADV_PAGEOUT failed: {e}")))?;
@@ -156,7 +196,18 @@ pub fn swapin_us(pages: usize) -> Result<(f64, f64, String), Skipped> {
     let order = super::shuffled(out, x);
     let (p50, p99) = super::touch_latency_us(&m, &order, |_| true)
         .map_err(|e| skip(format!("a touch failed: {e}")))?;
+    // In order: the kernel's swap readahead does what it can.
+    m.advise(m.range(), Advise::PageOut).map_err(|e| skip(format!("MADV_PAGEOUT failed: {e}")))?;
+    let t = std::time::Instant::now();
+    let mut sum = 0u64;
+    for p in 0..pages {
+        sum += u64::from(
+            m.touch_read(p * PAGE_SIZE).map_err(|e| skip(format!("a touch failed: {e}")))?,
+        );
+    }
+    let sequential_gbps = super::gbps(len, t.elapsed());
+    std::hint::black_box(sum);
     drop(m);
     drop(dev);
-    Ok((p50, p99, algo))
+    Ok(Anchor { p50, p99, sequential_gbps, algorithm: algo })
 }

@@ -1,0 +1,251 @@
+//! The tiers' figures: the compressed tier (`hmm-compressed`) on real data
+//! and on the zram anchor's data, measured after the migration figures in
+//! the same run.
+//!
+//! | key | what |
+//! | --- | --- |
+//! | `compressed_ratio`, `compressed_effective_ratio` | files shipped by the machine's packages (`/usr/bin`, `/usr/share`: binaries and text nobody here wrote), 64 MiB (16 MiB when quick), compressed with lz4: uncompressed over compressed bytes, and over the memory the tier takes (the allocator's waste included; pages declined as incompressible stay out of both) |
+//! | `compressed_declined_share` | the share of those pages declined as incompressible |
+//! | `migrate_to_compressed_gbps` | migrating those files' pages into the tier (two workers), GB/s |
+//! | `compressed_fault_back_us_p50`, `_p99` | a random CPU touch of a page of the zram anchor's data on the tier, `FaultMode::Service`, no fault-around |
+//! | `compressed_fault_back_in_thread_us_p50`, `_p99` | the same in `FaultMode::InThread` (decompressed in the faulting thread) |
+//! | `compressed_fault_back_seq_gbps` | the same data touched in order, default fault-around, `FaultMode::Service`, GB/s |
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use hmm::PAGE_SIZE;
+use hmm::space::{FaultMode, Hmm, HmmConfig};
+use hmm_compressed::{CompressedConfig, CompressedDevice};
+use serde::Serialize;
+
+use super::{BenchError, BenchOptions, Row, gbps, hmm_err, shuffled, touch_latency_us};
+
+/// The tiers' figures (see the module docs); `None` where not measured.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Default)]
+pub struct TierFigures {
+    /// Real data: uncompressed over compressed bytes.
+    pub compressed_ratio: Option<f64>,
+    /// Real data: uncompressed over the memory the tier takes.
+    pub compressed_effective_ratio: Option<f64>,
+    /// Real data: the share of pages declined as incompressible.
+    pub compressed_declined_share: Option<f64>,
+    /// Real data migrated into the tier, GB/s.
+    pub migrate_to_compressed_gbps: Option<f64>,
+    /// Random fault-back from the tier, service mode, median, microseconds.
+    pub compressed_fault_back_us_p50: Option<f64>,
+    /// The same, 99th percentile.
+    pub compressed_fault_back_us_p99: Option<f64>,
+    /// Random fault-back from the tier, in-thread mode, median, microseconds.
+    pub compressed_fault_back_in_thread_us_p50: Option<f64>,
+    /// The same, 99th percentile.
+    pub compressed_fault_back_in_thread_us_p99: Option<f64>,
+    /// Sequential fault-back from the tier, GB/s.
+    pub compressed_fault_back_seq_gbps: Option<f64>,
+}
+
+impl TierFigures {
+    /// One row per figure.
+    pub fn rows(&self) -> Vec<Row> {
+        let row = |key, value, unit, what| Row { key, value, unit, what };
+        vec![
+            row(
+                "compressed_ratio",
+                self.compressed_ratio,
+                "x",
+                "lz4 on package files: bytes over compressed bytes",
+            ),
+            row(
+                "compressed_effective_ratio",
+                self.compressed_effective_ratio,
+                "x",
+                "the same over the tier's memory, waste included",
+            ),
+            row(
+                "compressed_declined_share",
+                self.compressed_declined_share,
+                "",
+                "package-file pages declined (incompressible)",
+            ),
+            row(
+                "migrate_to_compressed_gbps",
+                self.migrate_to_compressed_gbps,
+                "GB/s",
+                "package files into the compressed tier",
+            ),
+            row(
+                "compressed_fault_back_us_p50",
+                self.compressed_fault_back_us_p50,
+                "us",
+                "random fault-back from the tier, median",
+            ),
+            row(
+                "compressed_fault_back_us_p99",
+                self.compressed_fault_back_us_p99,
+                "us",
+                "random fault-back from the tier, 99th percentile",
+            ),
+            row(
+                "compressed_fault_back_in_thread_us_p50",
+                self.compressed_fault_back_in_thread_us_p50,
+                "us",
+                "the same in FaultMode::InThread, median",
+            ),
+            row(
+                "compressed_fault_back_in_thread_us_p99",
+                self.compressed_fault_back_in_thread_us_p99,
+                "us",
+                "the same in FaultMode::InThread, 99th percentile",
+            ),
+            row(
+                "compressed_fault_back_seq_gbps",
+                self.compressed_fault_back_seq_gbps,
+                "GB/s",
+                "the tier's pages touched in order",
+            ),
+        ]
+    }
+}
+
+/// Up to `bytes` of the regular files under `roots`, read in path order
+/// (deterministic on one machine), padded with zeros to whole pages;
+/// with the number of files read.
+fn package_files(roots: &[&str], bytes: usize) -> (Vec<u8>, usize) {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>, limit: usize) {
+        let Ok(rd) = std::fs::read_dir(dir) else { return };
+        let mut entries: Vec<_> = rd.flatten().map(|e| e.path()).collect();
+        entries.sort();
+        for p in entries {
+            if out.len() >= limit {
+                return;
+            }
+            let Ok(meta) = std::fs::symlink_metadata(&p) else { continue };
+            if meta.is_dir() {
+                walk(&p, out, limit);
+            } else if meta.is_file() && meta.len() > 0 {
+                out.push(p);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    for r in roots {
+        walk(Path::new(r), &mut files, 100_000);
+    }
+    let mut data = Vec::with_capacity(bytes);
+    let mut read = 0;
+    for f in files {
+        if data.len() >= bytes {
+            break;
+        }
+        let Ok(b) = std::fs::read(&f) else { continue };
+        let take = b.len().min(bytes - data.len());
+        data.extend_from_slice(&b[..take]);
+        read += 1;
+    }
+    data.resize(data.len().div_ceil(PAGE_SIZE) * PAGE_SIZE, 0);
+    (data, read)
+}
+
+/// `pages` pages of the zram anchor's data.
+fn anchor_data(pages: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut out = vec![0u8; pages * PAGE_SIZE];
+    for p in out.chunks_exact_mut(PAGE_SIZE) {
+        super::zram::anchor_page(&mut x, p);
+    }
+    out
+}
+
+/// Random touches of `pages` pages of the anchor's data on a compressed
+/// tier, with `mode` and no fault-around: (median, 99th percentile).
+fn random_fault_back(mode: FaultMode, pages: usize) -> Result<(f64, f64), BenchError> {
+    let config = HmmConfig { fault_mode: mode, fault_around_pages: 1, ..HmmConfig::default() };
+    let hmm = Hmm::with_config(config).map_err(hmm_err)?;
+    let r = hmm.alloc(pages * PAGE_SIZE).map_err(hmm_err)?;
+    r.write(0, &anchor_data(pages)).map_err(hmm::os::mm::MmError::from)?;
+    let dev = CompressedDevice::new(&hmm, CompressedConfig::new("bench-z", pages * PAGE_SIZE))
+        .map_err(hmm_err)?;
+    let rep = dev.migrate_to_device(r.range()).map_err(hmm_err)?;
+    if rep.migrated != pages {
+        return Err(BenchError::Server(format!(
+            "the compressed tier took {} of {pages} pages: {:?}",
+            rep.migrated,
+            rep.skipped.first()
+        )));
+    }
+    let order = shuffled((0..pages).collect(), 0x2545_f491_4f6c_dd1d);
+    let lat = touch_latency_us(r.mapping(), &order, |p| {
+        matches!(r.residency(p), hmm::Residency::Device(_))
+    })
+    .map_err(hmm::os::mm::MmError::from)?;
+    drop((r, dev, hmm));
+    Ok(lat)
+}
+
+/// Measures the tiers' figures.
+pub fn run(opts: BenchOptions) -> Result<TierFigures, BenchError> {
+    let mut f = TierFigures::default();
+    let size = if opts.quick { 16 << 20 } else { 64 << 20 };
+
+    // Real data: files of the machine's packages.
+    let (data, files) = package_files(&["/usr/bin", "/usr/share"], size);
+    if data.len() >= size / 4 {
+        let hmm = Hmm::new().map_err(hmm_err)?;
+        let r = hmm.alloc(data.len()).map_err(hmm_err)?;
+        r.write(0, &data).map_err(hmm::os::mm::MmError::from)?;
+        let dev = CompressedDevice::new(&hmm, CompressedConfig::new("bench-files", data.len()))
+            .map_err(hmm_err)?;
+        let t = Instant::now();
+        let rep = dev.migrate_to_device(r.range()).map_err(hmm_err)?;
+        let elapsed = t.elapsed();
+        let s = dev.stats();
+        tracing::info!(files, bytes = data.len(), ?s, "package files on the compressed tier");
+        let pages = data.len() / PAGE_SIZE;
+        f.compressed_ratio = s.compression_ratio();
+        f.compressed_effective_ratio = s.effective_ratio();
+        f.compressed_declined_share = Some(s.declined_pages as f64 / pages as f64);
+        f.migrate_to_compressed_gbps = Some(gbps(rep.migrated * PAGE_SIZE, elapsed));
+        // The bytes came back right.
+        let mut got = vec![0u8; data.len()];
+        r.read(0, &mut got).map_err(hmm::os::mm::MmError::from)?;
+        if got != data {
+            return Err(BenchError::Server("the compressed tier gave back other bytes".into()));
+        }
+    } else {
+        tracing::warn!(bytes = data.len(), "too few package files for the compressed tier's ratio");
+    }
+
+    // The zram anchor's data: random and sequential fault-back.
+    let pages = if opts.quick { 2_000 } else { 20_000 };
+    let (p50, p99) = random_fault_back(FaultMode::Service, pages)?;
+    f.compressed_fault_back_us_p50 = Some(p50);
+    f.compressed_fault_back_us_p99 = Some(p99);
+    if hmm::probe::probe().has("sigbus-mode") {
+        let (p50, p99) = random_fault_back(FaultMode::InThread, pages)?;
+        f.compressed_fault_back_in_thread_us_p50 = Some(p50);
+        f.compressed_fault_back_in_thread_us_p99 = Some(p99);
+    }
+    {
+        let config = HmmConfig { fault_mode: FaultMode::Service, ..HmmConfig::default() };
+        let hmm = Hmm::with_config(config).map_err(hmm_err)?;
+        let r = hmm.alloc(pages * PAGE_SIZE).map_err(hmm_err)?;
+        let want = anchor_data(pages);
+        r.write(0, &want).map_err(hmm::os::mm::MmError::from)?;
+        let dev = CompressedDevice::new(&hmm, CompressedConfig::new("bench-zs", r.len()))
+            .map_err(hmm_err)?;
+        dev.migrate_to_device(r.range()).map_err(hmm_err)?;
+        let t = Instant::now();
+        let mut sum = 0u64;
+        for p in 0..pages {
+            sum += u64::from(
+                r.mapping().touch_read(p * PAGE_SIZE).map_err(hmm::os::mm::MmError::from)?,
+            );
+        }
+        f.compressed_fault_back_seq_gbps = Some(gbps(r.len(), t.elapsed()));
+        let want_sum: u64 = (0..pages).map(|p| u64::from(want[p * PAGE_SIZE])).sum();
+        if sum != want_sum {
+            return Err(BenchError::Server("sequential fault-back read other bytes".into()));
+        }
+    }
+    Ok(f)
+}
