@@ -1,0 +1,911 @@
+//! A remote-memory tier for hmm: a device whose private memory is a Redis
+//! server or a Redis Cluster, on hmm's public driver API. Device memory
+//! becomes a store other machines hold: the way far memory grows past one
+//! machine (FluidMem keeps a VM's pages in a key-value store the same way,
+//! on a patched kernel; hmm needs none).
+//!
+//! - **Keys** are `hmm:<instance>:<page>`, `<instance>` a random id each
+//!   device draws at creation, so two processes (or two devices of one) on
+//!   the same server never see each other's pages. A value is one page. A
+//!   page of zeros is a flag kept here, not a key.
+//! - **Batches are pipelined**: a migration's pages go out as pipelined
+//!   `SET`s, a fault-back's come back as pipelined `GET`s, on worker threads
+//!   (a job of a few pages on the submitting thread). `page_free` only
+//!   queues the key; a background thread deletes them in pipelined batches,
+//!   never on the fault path.
+//! - **A slow server** is waited for up to [`RedisConfig::timeout`] per
+//!   round trip; **a lost connection** is retried with doubling pauses for
+//!   [`RedisConfig::retry_for`]. After that the device fails: every page it
+//!   held is lost, and a CPU touch of one gets `SIGBUS` (hmm's own reads say
+//!   `RangeError::Poisoned`). A page is never lost before it is stored: a
+//!   `SET` that did not complete fails its copy, and the migration keeps the
+//!   page where it was.
+//! - **A server that lost its data** (restarted without persistence, say)
+//!   is found out, never read back as zeros: an epoch key the device sets at
+//!   creation is checked on every reconnection, and a page whose key is
+//!   missing fails the device.
+//! - **Bad configuration** (no server at the address, a wrong password, a
+//!   cluster with slots unassigned) fails at creation, saying what to fix.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use hmm::dma::{
+    DmaEngine, DmaError, DmaFence, DmaJob, FenceCompleter, SystemSink, ToDevice, ToSystem,
+};
+use hmm::migrate::MigrationReport;
+use hmm::space::{Hmm, HmmError};
+use hmm::{DeviceMemory, DeviceMemoryConfig, DevicePage, DevicePagemapOps, HmmHandle};
+use hmm::{PAGE_SIZE, PageRange};
+use redis::{ConnectionInfo, IntoConnectionInfo, RedisError};
+
+/// How to reach the store and how much of it to use.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// Name for reports.
+    pub name: String,
+    /// `redis://host:port`, `unix:///path/to/socket` (one server), or the
+    /// seed nodes of a cluster (with [`cluster`](Self::cluster)). TLS
+    /// (`rediss://`) is not built in.
+    pub urls: Vec<String>,
+    /// Whether `urls` are the nodes of a Redis Cluster.
+    pub cluster: bool,
+    /// The user, where the server has users (ACL).
+    pub username: Option<String>,
+    /// The password.
+    pub password: Option<String>,
+    /// The pages the device may hold, in bytes.
+    pub capacity: usize,
+    /// How long one round trip (a pipelined batch) may take.
+    pub timeout: Duration,
+    /// How long a lost connection is retried before the device fails.
+    pub retry_for: Duration,
+    /// Worker threads (each with its own connection).
+    pub workers: usize,
+    /// Pages per pipelined batch.
+    pub batch_pages: usize,
+}
+
+impl RedisConfig {
+    /// A device on the server at `url`, holding up to `capacity` bytes.
+    pub fn new(name: impl Into<String>, url: impl Into<String>, capacity: usize) -> Self {
+        Self {
+            name: name.into(),
+            urls: vec![url.into()],
+            cluster: false,
+            username: None,
+            password: None,
+            capacity,
+            timeout: Duration::from_secs(2),
+            retry_for: Duration::from_secs(5),
+            workers: 2,
+            batch_pages: 256,
+        }
+    }
+
+    /// A device on the Redis Cluster whose nodes include `urls`.
+    pub fn cluster(name: impl Into<String>, urls: Vec<String>, capacity: usize) -> Self {
+        Self { urls, cluster: true, ..Self::new(name, String::new(), capacity) }
+    }
+
+    /// The same with a password (and a user, where given).
+    pub fn with_auth(mut self, username: Option<String>, password: impl Into<String>) -> Self {
+        self.username = username;
+        self.password = Some(password.into());
+        self
+    }
+
+    fn check(&self) -> Result<Vec<ConnectionInfo>, HmmError> {
+        let bad = |what: String| HmmError::Config(format!("redis device {:?}: {what}", self.name));
+        if self.urls.is_empty() || self.urls.iter().any(String::is_empty) {
+            return Err(bad("no server address: give redis://host:port or unix:///path".into()));
+        }
+        if !self.cluster && self.urls.len() > 1 {
+            return Err(bad(format!(
+                "{} addresses for one server: give one, or set `cluster` for a Redis Cluster's nodes",
+                self.urls.len()
+            )));
+        }
+        if self.capacity < PAGE_SIZE {
+            return Err(bad(format!(
+                "a capacity of {} bytes: give at least one page",
+                self.capacity
+            )));
+        }
+        if self.workers == 0 || self.batch_pages == 0 {
+            return Err(bad("no workers, or batches of 0 pages: give at least 1 of each".into()));
+        }
+        if self.timeout.is_zero() {
+            return Err(bad("a timeout of 0: give one (2 s by default)".into()));
+        }
+        self.urls
+            .iter()
+            .map(|u| {
+                let info = u.as_str().into_connection_info().map_err(|e| {
+                    bad(format!(
+                        "{u:?} is not a Redis address ({e}): give redis://host:port or unix:///path"
+                    ))
+                })?;
+                let mut r = info.redis_settings().clone();
+                if let Some(user) = &self.username {
+                    r = r.set_username(user);
+                }
+                if let Some(pass) = &self.password {
+                    r = r.set_password(pass);
+                }
+                Ok(info.set_redis_settings(r))
+            })
+            .collect()
+    }
+}
+
+/// What a device holds, and what it met.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RedisStats {
+    /// Pages stored in Redis.
+    pub stored_pages: u64,
+    /// Pages held as the zero flag (no key).
+    pub zero_pages: u64,
+    /// Keys freed and not yet deleted.
+    pub pending_deletes: u64,
+    /// Connections made again after one was lost.
+    pub reconnects: u64,
+    /// Whether the device failed (its pages were lost).
+    pub failed: bool,
+}
+
+// ---- connections -----------------------------------------------------------------
+
+/// One connection: to a server, or to a cluster (routing by key).
+enum Conn {
+    One(redis::Connection),
+    Cluster(Box<redis::cluster::ClusterConnection>),
+}
+
+/// Runs a pipeline built by `$build` (with `$p` the pipeline) on `$conn`.
+macro_rules! pipelined {
+    ($conn:expr, $t:ty, |$p:ident| $build:expr) => {
+        match $conn {
+            Conn::One(c) => {
+                let mut $p = redis::pipe();
+                $build;
+                $p.query::<$t>(c)
+            }
+            Conn::Cluster(c) => {
+                let mut $p = redis::cluster::cluster_pipe();
+                $build;
+                $p.query::<$t>(&mut **c)
+            }
+        }
+    };
+}
+
+impl Conn {
+    fn set_many(&mut self, kv: &[(String, &[u8])]) -> Result<(), RedisError> {
+        pipelined!(self, (), |p| {
+            for (k, v) in kv {
+                p.set(k, *v).ignore();
+            }
+        })
+    }
+
+    fn get_many(&mut self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, RedisError> {
+        pipelined!(self, Vec<Option<Vec<u8>>>, |p| {
+            for k in keys {
+                p.get(k);
+            }
+        })
+    }
+
+    fn del_many(&mut self, keys: &[String]) -> Result<(), RedisError> {
+        pipelined!(self, (), |p| {
+            for k in keys {
+                p.del(k).ignore();
+            }
+        })
+    }
+}
+
+/// Whether `e` means the connection is gone or the server too slow: worth
+/// connecting again (other errors are the server refusing the command).
+fn is_lost(e: &RedisError) -> bool {
+    e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()
+}
+
+/// How to connect, and the connections not in use.
+struct Link {
+    infos: Vec<ConnectionInfo>,
+    cluster: bool,
+    timeout: Duration,
+    idle: Mutex<Vec<Conn>>,
+}
+
+impl Link {
+    fn connect(&self) -> Result<Conn, RedisError> {
+        if self.cluster {
+            let c = redis::cluster::ClusterClientBuilder::new(self.infos.clone())
+                .connection_timeout(self.timeout)
+                .response_timeout(self.timeout)
+                .build()?
+                .get_connection()?;
+            return Ok(Conn::Cluster(Box::new(c)));
+        }
+        let c = redis::Client::open(self.infos[0].clone())?
+            .get_connection_with_timeout(self.timeout)?;
+        c.set_read_timeout(Some(self.timeout))?;
+        c.set_write_timeout(Some(self.timeout))?;
+        Ok(Conn::One(c))
+    }
+
+    fn take(&self) -> Option<Conn> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()
+    }
+
+    fn put(&self, c: Conn) {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).push(c);
+    }
+}
+
+/// What a device's operation met.
+#[derive(Debug)]
+enum Failure {
+    /// The store is gone (or lost its data): the device has failed.
+    Down,
+    /// The server refused the command, for this reason.
+    Refused(String),
+}
+
+impl From<Failure> for DmaError {
+    fn from(f: Failure) -> Self {
+        match f {
+            Failure::Down => DmaError::DeviceFailed,
+            Failure::Refused(why) => DmaError::Failed(why),
+        }
+    }
+}
+
+// ---- the device's state ------------------------------------------------------------
+
+const EMPTY: u8 = 0;
+const ZERO: u8 = 1;
+const STORED: u8 = 2;
+
+/// What the callbacks, the engine and the background thread share.
+struct Shared {
+    link: Link,
+    prefix: String,
+    epoch: String,
+    retry_for: Duration,
+    batch: usize,
+    /// Per device page: `EMPTY`, `ZERO` or `STORED`.
+    pages: Mutex<Vec<u8>>,
+    /// Keys freed, to delete.
+    deletes: Mutex<Vec<u32>>,
+    wake: Condvar,
+    wake_lock: Mutex<bool>,
+    failed: AtomicBool,
+    reconnects: AtomicU64,
+    stopping: AtomicBool,
+}
+
+impl Shared {
+    fn pages(&self) -> MutexGuard<'_, Vec<u8>> {
+        self.pages.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn key(&self, page: u32) -> String {
+        format!("{}{page}", self.prefix)
+    }
+
+    fn epoch_key(&self) -> String {
+        format!("{}epoch", self.prefix)
+    }
+
+    /// Runs `op` on a connection, connecting again (after checking that
+    /// the server kept its data) while the connection is lost, for up to
+    /// `retry_for`; then fails the device.
+    fn run<T>(&self, mut op: impl FnMut(&mut Conn) -> Result<T, RedisError>) -> Result<T, Failure> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(Failure::Down);
+        }
+        let mut conn = self.link.take();
+        let mut first_loss: Option<Instant> = None;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            if conn.is_none() {
+                match self.reconnect() {
+                    Ok(c) => conn = Some(c),
+                    Err(Some(f)) => return Err(f),
+                    Err(None) => {}
+                }
+            }
+            if let Some(c) = conn.as_mut() {
+                match op(c) {
+                    Ok(v) => {
+                        self.link.put(conn.take().expect("a connection"));
+                        return Ok(v);
+                    }
+                    Err(e) if is_lost(&e) => {
+                        tracing::warn!(error = %e, "lost the connection to Redis; retrying");
+                        conn = None;
+                    }
+                    Err(e) => {
+                        self.link.put(conn.take().expect("a connection"));
+                        return Err(Failure::Refused(e.to_string()));
+                    }
+                }
+            }
+            let since = *first_loss.get_or_insert_with(Instant::now);
+            if since.elapsed() >= self.retry_for || self.stopping.load(Ordering::Acquire) {
+                tracing::error!(after = ?self.retry_for, "Redis stayed out of reach: the device fails");
+                self.fail();
+                return Err(Failure::Down);
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// A new connection to a server that still holds this device's epoch.
+    /// `Err(None)`: out of reach (try again); `Err(Some(Down))`: the server
+    /// lost its data, and the device has failed.
+    fn reconnect(&self) -> Result<Conn, Option<Failure>> {
+        let mut c = self.link.connect().map_err(|_| None)?;
+        self.reconnects.fetch_add(1, Ordering::Relaxed);
+        match c.get_many(&[self.epoch_key()]) {
+            Ok(v)
+                if v.first()
+                    .and_then(Option::as_ref)
+                    .is_some_and(|e| *e == self.epoch.as_bytes()) =>
+            {
+                Ok(c)
+            }
+            Ok(_) => {
+                tracing::error!(
+                    "Redis no longer holds this device's epoch: it lost its data; the device fails"
+                );
+                self.fail();
+                Err(Some(Failure::Down))
+            }
+            Err(_) => Err(None),
+        }
+    }
+
+    fn fail(&self) {
+        if !self.failed.swap(true, Ordering::AcqRel) {
+            self.poke();
+        }
+    }
+
+    fn poke(&self) {
+        *self.wake_lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.wake.notify_all();
+    }
+
+    /// Stores `ops` (pipelined in batches).
+    fn to_device(&self, ops: &[ToDevice]) -> Vec<Result<(), DmaError>> {
+        let mut out: Vec<Result<(), DmaError>> = Vec::with_capacity(ops.len());
+        for part in ops.chunks(self.batch) {
+            let mut data = vec![0u8; part.len() * PAGE_SIZE];
+            let mut zero = vec![false; part.len()];
+            let mut bad: Vec<Option<DmaError>> = vec![None; part.len()];
+            for (k, op) in part.iter().enumerate() {
+                let page = &mut data[k * PAGE_SIZE..(k + 1) * PAGE_SIZE];
+                match op.src.bytes() {
+                    None => zero[k] = true,
+                    Some((m, off)) => match m.read(off, page) {
+                        Ok(()) => zero[k] = page.iter().all(|b| *b == 0),
+                        Err(e) => {
+                            bad[k] = Some(DmaError::Failed(format!("reading the source: {e}")))
+                        }
+                    },
+                }
+            }
+            let kv: Vec<(String, &[u8])> = part
+                .iter()
+                .enumerate()
+                .filter(|(k, _)| !zero[*k] && bad[*k].is_none())
+                .map(|(k, op)| (self.key(op.dst.index), &data[k * PAGE_SIZE..(k + 1) * PAGE_SIZE]))
+                .collect();
+            let stored = if kv.is_empty() { Ok(()) } else { self.run(|c| c.set_many(&kv)) };
+            let mut pages = self.pages();
+            for (k, op) in part.iter().enumerate() {
+                out.push(match (&bad[k], &stored) {
+                    (Some(e), _) => Err(e.clone()),
+                    (None, _) if zero[k] => {
+                        pages[op.dst.index as usize] = ZERO;
+                        Ok(())
+                    }
+                    (None, Ok(())) => {
+                        pages[op.dst.index as usize] = STORED;
+                        Ok(())
+                    }
+                    (None, Err(Failure::Down)) => Err(DmaError::DeviceFailed),
+                    (None, Err(Failure::Refused(why))) => Err(DmaError::Failed(why.clone())),
+                });
+            }
+        }
+        out
+    }
+
+    /// Fetches `copies` (pipelined in batches) and installs them, each run
+    /// of consecutive addresses with one `UFFDIO_COPY`.
+    fn to_system(&self, sink: &SystemSink, copies: &[ToSystem]) -> Vec<Result<(), DmaError>> {
+        let mut out = Vec::with_capacity(copies.len());
+        for part in copies.chunks(self.batch) {
+            let kinds: Vec<u8> = {
+                let pages = self.pages();
+                part.iter()
+                    .map(|c| pages.get(c.src.index as usize).copied().unwrap_or(EMPTY))
+                    .collect()
+            };
+            let keys: Vec<String> = part
+                .iter()
+                .zip(&kinds)
+                .filter(|(_, k)| **k == STORED)
+                .map(|(c, _)| self.key(c.src.index))
+                .collect();
+            let got =
+                if keys.is_empty() { Ok(Vec::new()) } else { self.run(|c| c.get_many(&keys)) };
+            let mut got = match got {
+                Ok(v) if v.len() == keys.len() => v.into_iter(),
+                Ok(_) => {
+                    out.extend(
+                        part.iter()
+                            .map(|_| Err(DmaError::Failed("Redis answered a batch short".into()))),
+                    );
+                    continue;
+                }
+                Err(f) => {
+                    let e = DmaError::from(f);
+                    out.extend(part.iter().map(|_| Err(e.clone())));
+                    continue;
+                }
+            };
+            let mut data = vec![0u8; part.len() * PAGE_SIZE];
+            let mut res: Vec<Result<(), DmaError>> = Vec::with_capacity(part.len());
+            for (k, kind) in kinds.iter().enumerate() {
+                res.push(match *kind {
+                    ZERO => Ok(()),
+                    STORED => match got.next().flatten() {
+                        Some(v) if v.len() == PAGE_SIZE => {
+                            data[k * PAGE_SIZE..(k + 1) * PAGE_SIZE].copy_from_slice(&v);
+                            Ok(())
+                        }
+                        Some(v) => {
+                            Err(DmaError::Failed(format!("a page of {} bytes in Redis", v.len())))
+                        }
+                        None => {
+                            // Stored, and gone: the server lost data.
+                            tracing::error!(
+                                page = part[k].src.index,
+                                "a page is missing from Redis: the device fails"
+                            );
+                            self.fail();
+                            Err(DmaError::DeviceFailed)
+                        }
+                    },
+                    _ => Err(DmaError::Failed(format!(
+                        "device page {} holds nothing",
+                        part[k].src.index
+                    ))),
+                });
+            }
+            // Runs of pages in hand, each installed whole.
+            let mut k = 0;
+            while k < part.len() {
+                if let Err(e) = &res[k] {
+                    out.push(Err(e.clone()));
+                    k += 1;
+                    continue;
+                }
+                let mut l = k + 1;
+                while l < part.len()
+                    && res[l].is_ok()
+                    && part[l].dst.get() == part[l - 1].dst.get() + PAGE_SIZE
+                {
+                    l += 1;
+                }
+                out.extend(sink.install_bytes(part[k].dst, &data[k * PAGE_SIZE..l * PAGE_SIZE]));
+                k = l;
+            }
+        }
+        out
+    }
+
+    /// Deletes the freed keys, in pipelined batches.
+    fn flush_deletes(&self) {
+        loop {
+            let batch: Vec<u32> = {
+                let mut d = self.deletes.lock().unwrap_or_else(|e| e.into_inner());
+                let n = d.len().min(self.batch.max(512));
+                d.drain(..n).collect()
+            };
+            if batch.is_empty() || self.failed.load(Ordering::Acquire) {
+                return;
+            }
+            let keys: Vec<String> = batch.iter().map(|p| self.key(*p)).collect();
+            if let Err(f) = self.run(|c| c.del_many(&keys)) {
+                tracing::warn!(?f, keys = keys.len(), "freed pages not deleted from Redis");
+                return;
+            }
+            // Deleted: the device pages may now hold new data.
+            let mut pages = self.pages();
+            for p in batch {
+                if pages[p as usize] == STORED {
+                    pages[p as usize] = EMPTY;
+                }
+            }
+        }
+    }
+}
+
+/// The background thread: deletes freed keys, and fails the device in hmm
+/// when the store is lost.
+fn background(shared: Arc<Shared>, hmm: HmmHandle, mem: Weak<DeviceMemory>) {
+    let mut reported = false;
+    loop {
+        {
+            let g = shared.wake_lock.lock().unwrap_or_else(|e| e.into_inner());
+            let (mut g, _) = shared
+                .wake
+                .wait_timeout_while(g, Duration::from_millis(20), |woken| !*woken)
+                .unwrap_or_else(|e| e.into_inner());
+            *g = false;
+        }
+        if shared.failed.load(Ordering::Acquire) && !reported {
+            reported = true;
+            if let Some(mem) = mem.upgrade() {
+                let lost = hmm.device_failed(&mem);
+                tracing::error!(lost, "the Redis device failed: its pages are lost");
+            }
+        }
+        shared.flush_deletes();
+        if shared.stopping.load(Ordering::Acquire) {
+            return;
+        }
+    }
+}
+
+// ---- the engine and the callbacks --------------------------------------------------
+
+type Work = Box<dyn FnOnce() + Send>;
+
+/// Jobs of at most this many pages run on the submitting thread.
+const INLINE_PAGES: usize = 16;
+
+struct Engine {
+    shared: Arc<Shared>,
+    queue: Mutex<Option<Sender<Work>>>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+    count: usize,
+}
+
+impl Engine {
+    fn new(shared: Arc<Shared>, workers: usize, name: &str) -> std::io::Result<Self> {
+        let (tx, rx) = channel::<Work>();
+        let rx = Arc::new(Mutex::new(rx));
+        let mut handles = Vec::with_capacity(workers);
+        for n in 0..workers {
+            let rx: Arc<Mutex<Receiver<Work>>> = rx.clone();
+            handles.push(std::thread::Builder::new().name(format!("hmm-r-{name}-{n}")).spawn(
+                move || loop {
+                    let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => return,
+                    }
+                },
+            )?);
+        }
+        Ok(Self {
+            shared,
+            queue: Mutex::new(Some(tx)),
+            workers: Mutex::new(handles),
+            count: workers,
+        })
+    }
+
+    fn stop(&self) {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).take();
+        for h in self.workers.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+impl DmaEngine for Engine {
+    fn name(&self) -> &str {
+        "redis"
+    }
+
+    fn submit(&self, job: DmaJob) -> DmaFence {
+        let n = job.len();
+        let (fence, done) = DmaFence::new(n);
+        if n <= INLINE_PAGES {
+            let res = match &job {
+                DmaJob::ToDevice(ops) => self.shared.to_device(ops),
+                DmaJob::ToSystem { copies, sink } => self.shared.to_system(sink, copies),
+            };
+            done.complete(0, res);
+            return fence;
+        }
+        let per = n.div_ceil(self.count.max(1)).max(INLINE_PAGES);
+        let queue = self.queue.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let send = |work: Work, done: &FenceCompleter, first: usize, len: usize| {
+            if let Some(q) = &queue
+                && q.send(work).is_ok()
+            {
+                return;
+            }
+            done.complete(first, vec![Err(DmaError::Failed("the engine stopped".into())); len]);
+        };
+        match job {
+            DmaJob::ToDevice(ops) => {
+                let ops = Arc::new(ops);
+                for first in (0..n).step_by(per) {
+                    let len = per.min(n - first);
+                    let (ops, shared, d) = (ops.clone(), self.shared.clone(), done.clone());
+                    let work: Work = Box::new(move || {
+                        d.complete(first, shared.to_device(&ops[first..first + len]));
+                    });
+                    send(work, &done, first, len);
+                }
+            }
+            DmaJob::ToSystem { copies, sink } => {
+                let copies = Arc::new(copies);
+                for first in (0..n).step_by(per) {
+                    let len = per.min(n - first);
+                    let (c, shared, d, s) =
+                        (copies.clone(), self.shared.clone(), done.clone(), sink.clone());
+                    let work: Work = Box::new(move || {
+                        d.complete(first, shared.to_system(&s, &c[first..first + len]));
+                    });
+                    send(work, &done, first, len);
+                }
+            }
+        }
+        fence
+    }
+}
+
+struct Core {
+    shared: Arc<Shared>,
+    engine: Engine,
+}
+
+impl DevicePagemapOps for Core {
+    /// Queues the key for the background thread (no round trip here: this
+    /// may run on the fault service). A zero page just forgets its flag.
+    fn page_free(&self, page: DevicePage) {
+        let stored = {
+            let mut pages = self.shared.pages();
+            match pages.get_mut(page.index as usize) {
+                Some(p) if *p == STORED => true,
+                Some(p) => {
+                    *p = EMPTY;
+                    false
+                }
+                None => false,
+            }
+        };
+        if stored {
+            self.shared.deletes.lock().unwrap_or_else(|e| e.into_inner()).push(page.index);
+        }
+    }
+
+    fn dma(&self) -> &dyn DmaEngine {
+        &self.engine
+    }
+}
+
+// ---- the device --------------------------------------------------------------------
+
+/// A remote-memory tier on Redis (see the crate docs).
+pub struct RedisDevice {
+    hmm: HmmHandle,
+    mem: Arc<DeviceMemory>,
+    core: Arc<Core>,
+    background: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for RedisDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisDevice")
+            .field("name", &self.mem.name())
+            .field("prefix", &self.core.shared.prefix)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// A random instance id: the process, the time, and the standard library's
+/// per-process hash keys, mixed.
+fn instance_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
+/// What a failed first connection means, and what to do.
+fn explain(url: &str, e: &RedisError) -> String {
+    use redis::ErrorKind;
+    let text = e.to_string();
+    if e.kind() == ErrorKind::AuthenticationFailed
+        || text.contains("WRONGPASS")
+        || text.contains("NOAUTH")
+    {
+        return format!(
+            "the server at {url} refused the credentials ({e}): give the right user and password (RedisConfig::with_auth)"
+        );
+    }
+    if is_lost(e) {
+        return format!(
+            "no Redis server answers at {url} ({e}): start one (redis-server), or give the address of one"
+        );
+    }
+    format!("cannot use the server at {url}: {e}")
+}
+
+impl RedisDevice {
+    /// Connects, checks the store, and registers the device's memory with
+    /// `hmm`. Bad configuration fails here, saying what to fix.
+    pub fn new(hmm: &Hmm, config: RedisConfig) -> Result<Self, HmmError> {
+        let infos = config.check()?;
+        let bad =
+            |what: String| HmmError::Config(format!("redis device {:?}: {what}", config.name));
+        if config.cluster {
+            check_cluster(&config, &infos).map_err(bad)?;
+        }
+        let link = Link {
+            infos,
+            cluster: config.cluster,
+            timeout: config.timeout,
+            idle: Mutex::new(Vec::new()),
+        };
+        let url = config.urls.join(", ");
+        let mut conn = link.connect().map_err(|e| bad(explain(&url, &e)))?;
+        let id = instance_id();
+        let prefix = format!("hmm:{id:016x}:");
+        let epoch = format!("{:016x}", instance_id());
+        let epoch_key = format!("{prefix}epoch");
+        conn.set_many(&[(epoch_key, epoch.as_bytes())]).map_err(|e| bad(explain(&url, &e)))?;
+        link.put(conn);
+        let pages = config.capacity / PAGE_SIZE;
+        let shared = Arc::new(Shared {
+            link,
+            prefix,
+            epoch,
+            retry_for: config.retry_for,
+            batch: config.batch_pages,
+            pages: Mutex::new(vec![EMPTY; pages]),
+            deletes: Mutex::new(Vec::new()),
+            wake: Condvar::new(),
+            wake_lock: Mutex::new(false),
+            failed: AtomicBool::new(false),
+            reconnects: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
+        });
+        let engine =
+            Engine::new(shared.clone(), config.workers, &config.name).map_err(HmmError::Thread)?;
+        let core = Arc::new(Core { shared: shared.clone(), engine });
+        let mc = DeviceMemoryConfig::private(config.name.clone(), pages * PAGE_SIZE);
+        let mem = hmm.register_device_memory(mc, core.clone())?;
+        let (h, weak) = (hmm.handle(), Arc::downgrade(&mem));
+        let background = std::thread::Builder::new()
+            .name(format!("hmm-r-{}-bg", config.name))
+            .spawn(move || background(shared, h, weak))
+            .map_err(HmmError::Thread)?;
+        Ok(Self { hmm: hmm.handle(), mem, core, background: Some(background) })
+    }
+
+    /// The device's memory region.
+    pub fn memory(&self) -> &Arc<DeviceMemory> {
+        &self.mem
+    }
+
+    /// The prefix of this device's keys (`hmm:<instance>:`).
+    pub fn key_prefix(&self) -> &str {
+        &self.core.shared.prefix
+    }
+
+    /// Stores the pages of `range` that are in system memory in Redis.
+    pub fn migrate_to_device(&self, range: PageRange) -> Result<MigrationReport, HmmError> {
+        self.hmm.migrate_to_device(range, &self.mem, self.mem.ops().dma())
+    }
+
+    /// Brings the device's pages in `range` back to system memory.
+    pub fn migrate_to_system(&self, range: PageRange) -> Result<MigrationReport, HmmError> {
+        self.hmm.migrate_to_system(range, &self.mem, self.mem.ops().dma())
+    }
+
+    /// What the device holds now.
+    pub fn stats(&self) -> RedisStats {
+        let s = &self.core.shared;
+        let (mut stored, mut zero) = (0, 0);
+        for p in s.pages().iter() {
+            match *p {
+                STORED => stored += 1,
+                ZERO => zero += 1,
+                _ => {}
+            }
+        }
+        RedisStats {
+            stored_pages: stored,
+            zero_pages: zero,
+            pending_deletes: s.deletes.lock().unwrap_or_else(|e| e.into_inner()).len() as u64,
+            reconnects: s.reconnects.load(Ordering::Relaxed),
+            failed: s.failed.load(Ordering::Acquire),
+        }
+    }
+}
+
+/// A cluster whose every slot is served, or why not.
+fn check_cluster(config: &RedisConfig, infos: &[ConnectionInfo]) -> Result<(), String> {
+    let mut last = String::new();
+    for (url, info) in config.urls.iter().zip(infos) {
+        let c = redis::Client::open(info.clone())
+            .and_then(|c| c.get_connection_with_timeout(config.timeout));
+        let mut c = match c {
+            Ok(c) => c,
+            Err(e) => {
+                last = explain(url, &e);
+                continue;
+            }
+        };
+        let text: String = match redis::cmd("CLUSTER").arg("INFO").query(&mut c) {
+            Ok(t) => t,
+            Err(e) => {
+                return Err(format!(
+                    "{url} does not answer CLUSTER INFO ({e}): is it a cluster node (cluster-enabled yes)?"
+                ));
+            }
+        };
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(':')))
+                .map(str::trim)
+                .unwrap_or("?")
+                .to_string()
+        };
+        if field("cluster_state") != "ok" {
+            return Err(format!(
+                "the cluster is not serving every slot (cluster_state:{}, {} of 16384 slots assigned, at {url}): \
+                 assign them (redis-cli --cluster create, or --cluster fix)",
+                field("cluster_state"),
+                field("cluster_slots_assigned")
+            ));
+        }
+        return Ok(());
+    }
+    Err(last)
+}
+
+impl Drop for RedisDevice {
+    fn drop(&mut self) {
+        if let Err(e) = self.hmm.unregister_device_memory(&self.mem) {
+            tracing::error!(error = %e, "releasing a Redis device");
+        }
+        self.core.engine.stop();
+        let s = &self.core.shared;
+        s.stopping.store(true, Ordering::Release);
+        s.poke();
+        if let Some(h) = self.background.take() {
+            let _ = h.join();
+        }
+        // The epoch key goes too (best effort: the store may be gone).
+        if !s.failed.load(Ordering::Acquire) {
+            let key = s.epoch_key();
+            let _ = s.run(|c| c.del_many(std::slice::from_ref(&key)));
+        }
+    }
+}
