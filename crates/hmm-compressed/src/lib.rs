@@ -94,7 +94,8 @@ pub struct CompressedConfig {
     pub capacity: usize,
     /// How many pages the device can hold at most (its device pages, whose
     /// descriptors hmm makes as they are first used; the device keeps 12
-    /// bytes a page for them). `None`: eight times the pages `capacity`
+    /// bytes a page for them, and 40 bytes a page of `capacity` for its
+    /// slabs, all made at creation: about 3% of the capacity). `None`: eight times the pages `capacity`
     /// would hold uncompressed, room for a compression ratio of 8.
     pub max_pages: Option<usize>,
     /// The compression.
@@ -134,6 +135,9 @@ impl CompressedConfig {
         let bad = |what: String| {
             Err(HmmError::Config(format!("compressed device {:?}: {what}", self.name)))
         };
+        if self.name.contains('\0') {
+            return bad("a name with a NUL byte: give a name without one".into());
+        }
         if self.capacity < store::SLAB_PAGES_MAX * PAGE_SIZE {
             return bad(format!(
                 "a capacity of {} bytes: give it at least {} bytes (a slab of the largest class)",
@@ -155,7 +159,7 @@ impl CompressedConfig {
         }
         if let Algorithm::Zstd { level } = self.algorithm {
             let levels = zstd::compression_level_range();
-            if !levels.contains(&level) || level == 0 {
+            if !levels.contains(&level) || level < 1 {
                 return bad(format!(
                     "zstd level {level}: give one from 1 to {} (3 is zstd's default)",
                     levels.end()
@@ -220,6 +224,9 @@ struct Shared {
     capacity: u64,
     declined: AtomicU64,
     full: AtomicU64,
+    /// Set when the device goes: the housekeeping thread ends.
+    stop: Mutex<bool>,
+    stop_cv: std::sync::Condvar,
 }
 
 impl Shared {
@@ -251,23 +258,39 @@ impl Shared {
         }
     }
 
-    /// Decompresses device page `src` into `out` (one page).
-    fn get(&self, src: DevicePage, packed: &mut [u8], out: &mut [u8]) -> Result<(), DmaError> {
+    /// Decompresses device page `src` into `out` (one page). Allocates
+    /// nothing, error or not: it runs in a signal handler too.
+    fn get(&self, src: DevicePage, packed: &mut [u8], out: &mut [u8]) -> Result<(), GetError> {
         let rec = self.store().read(src.index, packed);
         match rec {
             Record::Zero => {
                 out.fill(0);
                 Ok(())
             }
-            Record::Stored { len, .. } => {
-                decompress(self.algorithm, &packed[..len as usize], out).then_some(()).ok_or_else(
-                    || DmaError::Failed(format!("device page {} does not decompress", src.index)),
-                )
-            }
-            Record::Empty => {
-                Err(DmaError::Failed(format!("device page {} holds nothing", src.index)))
-            }
+            Record::Stored { len, .. } => decompress(self.algorithm, &packed[..len as usize], out)
+                .then_some(())
+                .ok_or(GetError::Corrupt),
+            Record::Empty => Err(GetError::Empty),
         }
+    }
+}
+
+/// Why a page could not be decompressed (a plain value: the handler's path
+/// builds no message).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GetError {
+    /// The device page holds nothing.
+    Empty,
+    /// Its bytes do not decompress to a page.
+    Corrupt,
+}
+
+impl GetError {
+    fn into_dma(self, page: DevicePage) -> DmaError {
+        DmaError::Failed(match self {
+            GetError::Empty => format!("device page {} holds nothing", page.index),
+            GetError::Corrupt => format!("device page {} does not decompress", page.index),
+        })
     }
 }
 
@@ -467,7 +490,7 @@ fn to_system(shared: &Shared, sink: &SystemSink, copies: &[ToSystem]) -> Vec<Res
         let got: Vec<Result<(), DmaError>> = copies[i..j]
             .iter()
             .zip(run.chunks_exact_mut(PAGE_SIZE))
-            .map(|(c, page)| shared.get(c.src, &mut packed, page))
+            .map(|(c, page)| shared.get(c.src, &mut packed, page).map_err(|e| e.into_dma(c.src)))
             .collect();
         // Runs of pages that decompressed, each installed whole.
         let mut k = 0;
@@ -487,6 +510,24 @@ fn to_system(shared: &Shared, sink: &SystemSink, copies: &[ToSystem]) -> Vec<Res
         i = j;
     }
     out
+}
+
+/// The housekeeping thread: gives back the memory of empty slabs beyond
+/// [`KEEP_EMPTY_SLABS`], every 50 ms while there are more (pages are freed
+/// by `page_free`, which may run in a signal handler and frees no memory).
+fn housekeeping(shared: Arc<Shared>) {
+    let mut stop = shared.stop.lock().unwrap_or_else(|e| e.into_inner());
+    while !*stop {
+        stop = shared
+            .stop_cv
+            .wait_timeout(stop, std::time::Duration::from_millis(50))
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+        let mut store = shared.store();
+        if store.empty_slabs() > KEEP_EMPTY_SLABS {
+            store.trim(KEEP_EMPTY_SLABS);
+        }
+    }
 }
 
 impl DmaEngine for Engine {
@@ -551,6 +592,7 @@ pub struct CompressedDevice {
     hmm: HmmHandle,
     mem: Arc<DeviceMemory>,
     core: Arc<Core>,
+    keeper: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for CompressedDevice {
@@ -583,13 +625,22 @@ impl CompressedDevice {
             capacity: budget as u64,
             declined: AtomicU64::new(0),
             full: AtomicU64::new(0),
+            stop: Mutex::new(false),
+            stop_cv: std::sync::Condvar::new(),
         });
+        let keeper = {
+            let s = shared.clone();
+            std::thread::Builder::new()
+                .name(format!("hmm-z-{}-keep", config.name))
+                .spawn(move || housekeeping(s))
+                .map_err(HmmError::Thread)?
+        };
         let engine =
             Engine::new(shared.clone(), config.workers, &config.name).map_err(HmmError::Thread)?;
         let core = Arc::new(Core { shared, engine });
         let mc = DeviceMemoryConfig::private(config.name, pages as usize * PAGE_SIZE);
         let mem = hmm.register_device_memory(mc, core.clone())?;
-        Ok(Self { hmm: hmm.handle(), mem, core })
+        Ok(Self { hmm: hmm.handle(), mem, core, keeper: Some(keeper) })
     }
 
     /// The device's memory region.
@@ -633,9 +684,17 @@ impl CompressedDevice {
 
 impl Drop for CompressedDevice {
     fn drop(&mut self) {
-        if let Err(e) = self.hmm.unregister_device_memory(&self.mem) {
-            tracing::error!(error = %e, "releasing a compressed device");
+        // The workers stop once no page is left on the device; if some
+        // could not be brought back, hmm keeps the engine (and them) alive.
+        match self.hmm.unregister_device_memory(&self.mem) {
+            Ok(()) => self.core.engine.stop(),
+            Err(e) => tracing::error!(error = %e, "releasing a compressed device"),
         }
-        self.core.engine.stop();
+        let s = &self.core.shared;
+        *s.stop.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        s.stop_cv.notify_all();
+        if let Some(h) = self.keeper.take() {
+            let _ = h.join();
+        }
     }
 }

@@ -181,11 +181,14 @@ impl Store {
         if page as usize >= self.records.len() {
             return Err(PutError::NoSuchPage);
         }
-        self.free(page);
         let class = bytes.len().max(1).div_ceil(CLASS_STEP) - 1;
         if class >= self.classes.len() {
             return Err(PutError::TooLarge);
         }
+        // What the page held goes first (its slot may be the one reused); a
+        // page that then finds no room holds nothing. (The engine only puts
+        // freshly allocated device pages.)
+        self.free(page);
         let (slab, slot) = self.alloc(class)?;
         let size = self.classes[class].size;
         let mem = self.slabs[slab as usize].mem.as_mut().expect("a slab in use has memory");
@@ -231,6 +234,11 @@ impl Store {
                 self.release(slab, slot);
             }
         }
+    }
+
+    /// Empty slabs holding memory.
+    pub(crate) fn empty_slabs(&self) -> usize {
+        self.empty_count
     }
 
     /// Gives back the memory of empty slabs beyond `keep` of them.

@@ -127,6 +127,7 @@ fn pages_are_compressed_flagged_or_declined_and_read_back_right() {
                     "{who}: {why}"
                 );
             }
+            hmm.settle(Duration::from_secs(10)).unwrap();
             let res = r.residencies();
             for (i, x) in res.iter().enumerate() {
                 let on_device = matches!(x, Residency::Device(p) if p.dev == dev.memory().id());
@@ -154,6 +155,38 @@ fn pages_are_compressed_flagged_or_declined_and_read_back_right() {
             hmm.settle(Duration::from_secs(10)).unwrap();
             nothing_held(&dev);
         }
+    }
+}
+
+/// Migrating back (more pages than a job done inline) brings every page
+/// back with both algorithms, and the device gives its memory back: what
+/// stays is at most the empty slabs it keeps for reuse.
+#[test]
+fn migrating_back_brings_every_page_and_gives_the_memory_back() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    for cfg in
+        [CompressedConfig::new("z", 8 << 20), CompressedConfig::new("z", 8 << 20).with_zstd(3)]
+    {
+        let who = cfg.algorithm.to_string();
+        let hmm = Hmm::new().unwrap();
+        let dev = CompressedDevice::new(&hmm, cfg).unwrap();
+        let (r, want) = filled(&hmm, 1024);
+        let rep = dev.migrate_to_device(r.range()).unwrap();
+        assert!(rep.migrated > 800, "{who}: {}", rep.migrated);
+        assert!(dev.stats().held_bytes > 0, "{who}");
+        let back = dev.migrate_to_system(r.range()).unwrap();
+        assert_eq!(back.migrated, rep.migrated, "{who}: {:?}", back.skipped.first());
+        assert!(r.residencies().iter().all(|x| *x == Residency::System), "{who}");
+        let mut got = vec![0u8; r.len()];
+        r.read(0, &mut got).unwrap();
+        assert_eq!(first_wrong_page(&got, &want), None, "{who}");
+        nothing_held(&dev);
+        // Sixteen empty slabs of at most four pages are kept.
+        common::eventually("the memory of the other empty slabs given back", || {
+            dev.stats().held_bytes <= 16 * 4 * PAGE_SIZE as u64
+        });
     }
 }
 

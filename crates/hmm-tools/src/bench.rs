@@ -325,7 +325,7 @@ fn touch_latency_us(
     Ok((quantile(&lat, 0.5), quantile(&lat, 0.99)))
 }
 
-fn quantile(sorted: &[f64], q: f64) -> f64 {
+pub(crate) fn quantile(sorted: &[f64], q: f64) -> f64 {
     let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
     sorted[rank - 1]
 }

@@ -10,6 +10,13 @@
 //! | `compressed_fault_back_us_p50`, `_p99` | a random CPU touch of a page of the zram anchor's data on the tier, `FaultMode::Service`, no fault-around |
 //! | `compressed_fault_back_in_thread_us_p50`, `_p99` | the same in `FaultMode::InThread` (decompressed in the faulting thread) |
 //! | `compressed_fault_back_seq_gbps` | the same data touched in order, default fault-around, `FaultMode::Service`, GB/s |
+//! | `redis_get_us_p50` | a bare `GET` of one page from a `redis-server` the run starts on a unix socket, median (the anchor of the Redis tier's fault-back) |
+//! | `redis_set_pipelined_gbps` | a bare loop of pipelined `SET`s (256 pages a pipeline) of 64 MiB (16 MiB when quick), GB/s (the anchor of its migration) |
+//! | `redis_fault_back_us_p50`, `_p99` | a random CPU touch of a page on the Redis tier, `FaultMode::Service`, no fault-around |
+//! | `migrate_to_redis_gbps` | the same bytes migrated to the Redis tier, GB/s |
+//!
+//! The Redis figures need `redis-server` on `PATH`; without it they are
+//! `null` (and the run says why).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -42,6 +49,16 @@ pub struct TierFigures {
     pub compressed_fault_back_in_thread_us_p99: Option<f64>,
     /// Sequential fault-back from the tier, GB/s.
     pub compressed_fault_back_seq_gbps: Option<f64>,
+    /// A bare one-page `GET`, median, microseconds.
+    pub redis_get_us_p50: Option<f64>,
+    /// A bare loop of pipelined `SET`s, GB/s.
+    pub redis_set_pipelined_gbps: Option<f64>,
+    /// Random fault-back from the Redis tier, median, microseconds.
+    pub redis_fault_back_us_p50: Option<f64>,
+    /// The same, 99th percentile.
+    pub redis_fault_back_us_p99: Option<f64>,
+    /// Migration to the Redis tier, GB/s.
+    pub migrate_to_redis_gbps: Option<f64>,
 }
 
 impl TierFigures {
@@ -102,6 +119,36 @@ impl TierFigures {
                 self.compressed_fault_back_seq_gbps,
                 "GB/s",
                 "the tier's pages touched in order",
+            ),
+            row(
+                "redis_get_us_p50",
+                self.redis_get_us_p50,
+                "us",
+                "bare GET of one page from redis-server, median",
+            ),
+            row(
+                "redis_set_pipelined_gbps",
+                self.redis_set_pipelined_gbps,
+                "GB/s",
+                "bare pipelined SETs of pages",
+            ),
+            row(
+                "redis_fault_back_us_p50",
+                self.redis_fault_back_us_p50,
+                "us",
+                "random fault-back from the Redis tier, median",
+            ),
+            row(
+                "redis_fault_back_us_p99",
+                self.redis_fault_back_us_p99,
+                "us",
+                "random fault-back from the Redis tier, 99th percentile",
+            ),
+            row(
+                "migrate_to_redis_gbps",
+                self.migrate_to_redis_gbps,
+                "GB/s",
+                "the same bytes into the Redis tier",
             ),
         ]
     }
@@ -182,6 +229,129 @@ fn random_fault_back(mode: FaultMode, pages: usize) -> Result<(f64, f64), BenchE
     Ok(lat)
 }
 
+/// A `redis-server` of the run's own on a unix socket, killed when dropped.
+struct RedisServer {
+    child: std::process::Child,
+    dir: PathBuf,
+    url: String,
+}
+
+impl RedisServer {
+    fn start() -> Result<RedisServer, String> {
+        let dir = std::env::temp_dir().join(format!("hmm-bench-redis-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot make {}: {e}", dir.display()))?;
+        let sock = dir.join("redis.sock");
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", "0", "--save", "", "--appendonly", "no", "--unixsocket"])
+            .arg(&sock)
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| {
+                format!("cannot start redis-server (install it: apt-get install redis-server): {e}")
+            })?;
+        let s = RedisServer { child, dir, url: format!("unix://{}", sock.display()) };
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        while s.conn().is_err() {
+            if Instant::now() >= deadline {
+                return Err("redis-server did not answer within 10 s".into());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        Ok(s)
+    }
+
+    fn conn(&self) -> redis::RedisResult<redis::Connection> {
+        let mut c = redis::Client::open(self.url.as_str())?.get_connection()?;
+        redis::cmd("PING").query::<String>(&mut c)?;
+        Ok(c)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The Redis figures (see the module docs), on a server of the run's own.
+fn redis_figures(f: &mut TierFigures, size: usize, pages: usize) -> Result<(), BenchError> {
+    let server = match RedisServer::start() {
+        Ok(s) => s,
+        Err(why) => {
+            tracing::warn!("the Redis figures are skipped: {why}");
+            return Ok(());
+        }
+    };
+    let rerr = |e: redis::RedisError| BenchError::Server(format!("redis: {e}"));
+    let mut c = server.conn().map_err(rerr)?;
+    // The anchors: one GET at a time, and pipelined SETs.
+    let page = vec![0x5Au8; PAGE_SIZE];
+    let _: () = redis::cmd("SET").arg("bench:page").arg(&page).query(&mut c).map_err(rerr)?;
+    let mut lat = Vec::with_capacity(pages);
+    for _ in 0..pages {
+        let t = Instant::now();
+        let v: Vec<u8> = redis::cmd("GET").arg("bench:page").query(&mut c).map_err(rerr)?;
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+        std::hint::black_box(v);
+    }
+    lat.sort_by(f64::total_cmp);
+    f.redis_get_us_p50 = Some(super::quantile(&lat, 0.5));
+    let data = anchor_data(size / PAGE_SIZE);
+    let t = Instant::now();
+    for (b, chunk) in data.chunks(256 * PAGE_SIZE).enumerate() {
+        let mut p = redis::pipe();
+        for (k, pg) in chunk.chunks(PAGE_SIZE).enumerate() {
+            p.set(format!("bench:{b}:{k}"), pg).ignore();
+        }
+        p.query::<()>(&mut c).map_err(rerr)?;
+    }
+    f.redis_set_pipelined_gbps = Some(gbps(size, t.elapsed()));
+    let _: () = redis::cmd("FLUSHALL").query(&mut c).map_err(rerr)?;
+
+    // The tier: migration, then random fault-back.
+    let config =
+        HmmConfig { fault_mode: FaultMode::Service, fault_around_pages: 1, ..HmmConfig::default() };
+    let hmm = Hmm::with_config(config).map_err(hmm_err)?;
+    let r = hmm.alloc(size).map_err(hmm_err)?;
+    r.write(0, &data).map_err(hmm::os::mm::MmError::from)?;
+    let dev = hmm_redis::RedisDevice::new(
+        &hmm,
+        hmm_redis::RedisConfig::new("bench-redis", &server.url, size),
+    )
+    .map_err(hmm_err)?;
+    let t = Instant::now();
+    let rep = dev.migrate_to_device(r.range()).map_err(hmm_err)?;
+    let elapsed = t.elapsed();
+    if rep.migrated * PAGE_SIZE != size {
+        return Err(BenchError::Server(format!(
+            "the Redis tier took {} of {} pages",
+            rep.migrated,
+            size / PAGE_SIZE
+        )));
+    }
+    f.migrate_to_redis_gbps = Some(gbps(size, elapsed));
+    let order = shuffled((0..size / PAGE_SIZE).collect(), 0x2545_f491_4f6c_dd1d);
+    let order = &order[..pages.min(order.len())];
+    let (p50, p99) = touch_latency_us(r.mapping(), order, |p| {
+        matches!(r.residency(p), hmm::Residency::Device(_))
+    })
+    .map_err(hmm::os::mm::MmError::from)?;
+    f.redis_fault_back_us_p50 = Some(p50);
+    f.redis_fault_back_us_p99 = Some(p99);
+    let mut got = vec![0u8; PAGE_SIZE];
+    r.read(order[0] * PAGE_SIZE, &mut got).map_err(hmm::os::mm::MmError::from)?;
+    if got[..] != data[order[0] * PAGE_SIZE..(order[0] + 1) * PAGE_SIZE] {
+        return Err(BenchError::Server("the Redis tier gave back other bytes".into()));
+    }
+    drop((r, dev, hmm));
+    Ok(())
+}
+
 /// Measures the tiers' figures.
 pub fn run(opts: BenchOptions) -> Result<TierFigures, BenchError> {
     let mut f = TierFigures::default();
@@ -247,5 +417,6 @@ pub fn run(opts: BenchOptions) -> Result<TierFigures, BenchError> {
             return Err(BenchError::Server("sequential fault-back read other bytes".into()));
         }
     }
+    redis_figures(&mut f, size, pages.min(5_000))?;
     Ok(f)
 }
