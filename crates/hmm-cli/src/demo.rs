@@ -42,20 +42,92 @@ pub struct DemoArgs {
     /// Seed of the data set.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Where the data goes: `software` (a device that computes on it) or
-    /// `compressed` (a compressed-memory tier that keeps the cold part).
-    #[arg(long, value_enum, default_value_t = DemoDevice::Software)]
+    /// Where the data goes: `software` (a device that computes on it),
+    /// `compressed` (a compressed-memory tier that keeps the cold part), or
+    /// `redis` (a remote tier on a Redis server: `redis=URL` for one of
+    /// yours, or a redis-server the demo starts on a unix socket).
+    #[arg(long, default_value = "software", value_parser = parse_device)]
     pub device: DemoDevice,
 }
 
 /// The device of `hmm demo`.
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DemoDevice {
     /// The software device: a device job computes on the data set.
     Software,
     /// The compressed tier: the cold part of the data set is compressed
     /// away, and CPU touches bring it back.
     Compressed,
+    /// The Redis tier: the cold part goes to a Redis server (this URL, or
+    /// one the demo starts).
+    Redis(Option<String>),
+}
+
+fn parse_device(s: &str) -> Result<DemoDevice, String> {
+    match s {
+        "software" => Ok(DemoDevice::Software),
+        "compressed" => Ok(DemoDevice::Compressed),
+        "redis" => Ok(DemoDevice::Redis(None)),
+        _ => match s.strip_prefix("redis=") {
+            Some(url) if !url.is_empty() => Ok(DemoDevice::Redis(Some(url.to_string()))),
+            _ => Err(format!(
+                "{s:?} is no device: give software, compressed, redis, or redis=URL (redis://host:port, unix:///path)"
+            )),
+        },
+    }
+}
+
+/// The tier of a tier demo.
+enum Tier {
+    Compressed(hmm_compressed::CompressedDevice),
+    /// The device, and the server the demo started (if it did), which
+    /// outlives it (fields drop in order).
+    Redis {
+        device: hmm_redis::RedisDevice,
+        _server: Option<hmm_redis::LocalServer>,
+    },
+}
+
+impl Tier {
+    fn migrate(&self, r: hmm::PageRange) -> Result<hmm::MigrationReport, HmmError> {
+        match self {
+            Tier::Compressed(d) => d.migrate_to_device(r),
+            Tier::Redis { device: d, .. } => d.migrate_to_device(r),
+        }
+    }
+
+    fn id(&self) -> hmm::DeviceId {
+        match self {
+            Tier::Compressed(d) => d.memory().id(),
+            Tier::Redis { device: d, .. } => d.memory().id(),
+        }
+    }
+
+    /// What the tier holds, in a line.
+    fn holds(&self) -> String {
+        match self {
+            Tier::Compressed(d) => {
+                let s = d.stats();
+                format!(
+                    "  the tier holds {} of data in {} ({} compressed): {:.2}x, {:.2}x counting the allocator's waste\n",
+                    human_bytes(s.logical_bytes()),
+                    human_bytes(s.footprint_bytes),
+                    human_bytes(s.compressed_bytes),
+                    s.compression_ratio().unwrap_or(0.0),
+                    s.effective_ratio().unwrap_or(0.0),
+                )
+            }
+            Tier::Redis { device: d, .. } => {
+                let s = d.stats();
+                format!(
+                    "  Redis holds {} pages under {}*, {} zero pages are flags here\n",
+                    s.stored_pages,
+                    d.key_prefix(),
+                    s.zero_pages
+                )
+            }
+        }
+    }
 }
 
 /// One node of the search tree. `repr(C)`, so the device knows where each
@@ -213,7 +285,7 @@ fn value_of(seed: u64, key: u64) -> u64 {
 pub fn run(args: &DemoArgs, out: &mut dyn FnMut(&str)) -> Result<(), String> {
     match args.device {
         DemoDevice::Software => run_software(args, out),
-        DemoDevice::Compressed => run_compressed(args, out),
+        _ => run_tier(args, out),
     }
 }
 
@@ -239,12 +311,12 @@ fn fnv(bytes: &[u8]) -> u64 {
         .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3))
 }
 
-/// The demo on the compressed tier: the CPU builds the search tree and a
-/// log of text records; the cold part (the tree, and the log but for its
-/// last quarter) is compressed away onto the tier; the CPU then walks the
-/// tree and reads the whole log, its touches bringing pages back
-/// decompressed; everything is checked against what was built.
-fn run_compressed(args: &DemoArgs, out: &mut dyn FnMut(&str)) -> Result<(), String> {
+/// The demo on a tier (compressed, or Redis): the CPU builds the search
+/// tree and a log of text records; the cold part (the tree, and the log
+/// but for its last quarter) goes to the tier; the CPU then walks the tree
+/// and reads the whole log, its touches bringing pages back; everything is
+/// checked against what was built.
+fn run_tier(args: &DemoArgs, out: &mut dyn FnMut(&str)) -> Result<(), String> {
     use hmm_compressed::{CompressedConfig, CompressedDevice};
     let e = |what: &str| {
         let what = what.to_string();
@@ -259,16 +331,48 @@ fn run_compressed(args: &DemoArgs, out: &mut dyn FnMut(&str)) -> Result<(), Stri
     let long = n >= LONG_RUN;
 
     let hmm = Hmm::new().map_err(e("cannot start hmm"))?;
-    let tier = CompressedDevice::new(&hmm, CompressedConfig::new("cold0", capacity))
-        .map_err(e("cannot make the compressed tier"))?;
+    let (tier, what) = match &args.device {
+        DemoDevice::Redis(url) => {
+            let (server, url) = match url {
+                Some(u) => (None, u.clone()),
+                None => {
+                    let s = hmm_redis::LocalServer::start().map_err(|why| {
+                        format!("no Redis server to use: {why} (or give --device redis=URL)")
+                    })?;
+                    let u = s.url().to_string();
+                    (Some(s), u)
+                }
+            };
+            let d = hmm_redis::RedisDevice::new(
+                &hmm,
+                hmm_redis::RedisConfig::new("cold0", &url, capacity),
+            )
+            .map_err(e("cannot make the Redis tier"))?;
+            let whose =
+                if server.is_some() { "a redis-server of the demo's own" } else { "your server" };
+            let what = format!(
+                "Redis tier cold0 at {url} ({whose}), up to {}",
+                human_bytes(capacity as u64)
+            );
+            (Tier::Redis { device: d, _server: server }, what)
+        }
+        _ => {
+            let d = CompressedDevice::new(&hmm, CompressedConfig::new("cold0", capacity))
+                .map_err(e("cannot make the compressed tier"))?;
+            let what = format!(
+                "compressed tier cold0, up to {} of memory, {}, pages over {} bytes declined",
+                human_bytes(capacity as u64),
+                d.algorithm(),
+                hmm_compressed::DEFAULT_THRESHOLD
+            );
+            (Tier::Compressed(d), what)
+        }
+    };
     out(&format!(
         "hmm demo: a search tree of {n} nodes ({}) in hmm's arena and a log of {} of text\n\
-         device: compressed tier cold0, up to {} of memory, {}, pages over {} bytes declined\n\n",
+         device: {what}\n\n",
         human_bytes((n as usize * node_bytes) as u64),
         human_bytes(log_len as u64),
-        human_bytes(capacity as u64),
-        tier.algorithm(),
-        hmm_compressed::DEFAULT_THRESHOLD,
     ));
     let mut phases: Vec<(&str, Duration, String)> = Vec::new();
 
@@ -318,7 +422,7 @@ fn run_compressed(args: &DemoArgs, out: &mut dyn FnMut(&str)) -> Result<(), Stri
     };
 
     // 2. The cold part goes to the tier.
-    let phase = Phase::start("compress the cold part", long);
+    let phase = Phase::start("move the cold part to cold0", long);
     let hot = (log_len / 4).next_multiple_of(PAGE_SIZE).min(log_len);
     let cold: Vec<(&str, hmm::PageRange)> = [
         ("tree", Some(tree_range)),
@@ -330,7 +434,7 @@ fn run_compressed(args: &DemoArgs, out: &mut dyn FnMut(&str)) -> Result<(), Stri
     let mut moved = 0;
     let mut declined = 0;
     for (what, r) in &cold {
-        let rep = tier.migrate_to_device(*r).map_err(e("moving to the tier failed"))?;
+        let rep = tier.migrate(*r).map_err(e("moving to the tier failed"))?;
         let d =
             rep.skipped.iter().filter(|(_, w)| matches!(w, hmm::SkipReason::Declined(_))).count();
         declined += d;
@@ -341,20 +445,11 @@ fn run_compressed(args: &DemoArgs, out: &mut dyn FnMut(&str)) -> Result<(), Stri
         }
         moved += rep.migrated;
     }
-    let s = tier.stats();
-    phases.push(phase.end(format!(
-        "{moved} pages on the tier ({} compressed, {} zero), {declined} declined (incompressible)",
-        s.stored_pages, s.zero_pages
-    )));
-    out(&format!(
-        "  the tier holds {} of data in {} ({} compressed): {:.2}x, {:.2}x counting the allocator's waste\n",
-        human_bytes(s.logical_bytes()),
-        human_bytes(s.footprint_bytes),
-        human_bytes(s.compressed_bytes),
-        s.compression_ratio().unwrap_or(0.0),
-        s.effective_ratio().unwrap_or(0.0),
-    ));
-    show_maps(out, "after compression");
+    phases.push(
+        phase.end(format!("{moved} pages on the tier, {declined} declined (incompressible)")),
+    );
+    out(&tier.holds());
+    show_maps(out, "after the move to the tier");
 
     // 3. The CPU uses all of it: touches bring pages back.
     let phase = Phase::start("use (CPU)", long);
@@ -364,7 +459,7 @@ fn run_compressed(args: &DemoArgs, out: &mut dyn FnMut(&str)) -> Result<(), Stri
     log.read(0, &mut back).map_err(|err| format!("cannot read the log: {err}"))?;
     let log_sum = fnv(&back);
     let faults = hmm.fault_stats().0 - faults_before;
-    phases.push(phase.end(format!("{faults} CPU faults decompressed pages as they were touched")));
+    phases.push(phase.end(format!("{faults} CPU faults brought pages back as they were touched")));
     show_maps(out, "after the CPU used the data");
 
     let w = phases.iter().map(|(name, ..)| name.len()).max().unwrap_or(0).max("phase".len());
@@ -375,7 +470,7 @@ fn run_compressed(args: &DemoArgs, out: &mut dyn FnMut(&str)) -> Result<(), Stri
     out(&format!(
         "  residency legend: {} system memory, {} cold0, {} never touched, {} migrating\n\n",
         Place::System.symbol(),
-        Place::Device(tier.memory().id()).symbol(),
+        Place::Device(tier.id()).symbol(),
         Place::Unpopulated.symbol(),
         Place::Migrating.symbol(),
     ));

@@ -173,12 +173,22 @@ fn verdict_exit(p: &Probe) -> ExitCode {
 fn check(json: bool) -> ExitCode {
     let p = probe::probe();
     let zram = hmm_tools::bench::zram::available();
+    // The Redis figures run on a redis-server the bench starts itself.
+    let redis = std::process::Command::new("redis-server")
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
     if json {
         let mut v = serde_json::to_value(p).expect("probe serializes");
         if let Some(o) = v.as_object_mut() {
             o.insert(
                 "bench_anchors".into(),
-                serde_json::json!({ "zram": { "available": zram.is_ok(), "why_not": zram.as_ref().err().map(ToString::to_string) } }),
+                serde_json::json!({
+                    "zram": { "available": zram.is_ok(), "why_not": zram.as_ref().err().map(ToString::to_string) },
+                    "redis": { "available": redis, "why_not": (!redis).then_some("redis-server is not on PATH (apt-get install redis-server)") },
+                }),
             );
         }
         out(&format!("{}\n", serde_json::to_string_pretty(&v).expect("JSON")));
@@ -189,6 +199,11 @@ fn check(json: bool) -> ExitCode {
                 "benchmark anchors: zram swap-in can be measured (hmm bench --zram)\n".to_string()
             }
             Err(why) => format!("benchmark anchors: zram swap-in cannot be measured here: {why}\n"),
+        });
+        out(if redis {
+            "benchmark anchors: redis-server found: the Redis tier's figures are measured on one the bench starts\n"
+        } else {
+            "benchmark anchors: no redis-server on PATH: the Redis tier's figures are skipped (apt-get install redis-server)\n"
         });
     }
     verdict_exit(p)

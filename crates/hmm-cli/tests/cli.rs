@@ -254,11 +254,43 @@ fn demo_on_the_compressed_tier_compresses_the_cold_part_and_gets_every_byte_back
         line[line.find('[').unwrap() + 1..line.rfind(']').unwrap()].to_string()
     };
     // The log's last quarter stays; the rest, and the tree, go to the tier.
-    assert!(map("after compression", "log").starts_with("0000"), "{text}");
-    assert!(map("after compression", "log").ends_with("SSSS"), "{text}");
+    assert!(map("after the move to the tier", "log").starts_with("0000"), "{text}");
+    assert!(map("after the move to the tier", "log").ends_with("SSSS"), "{text}");
     assert!(map("after the CPU used the data", "log").chars().all(|c| c == 'S'), "{text}");
     assert!(map("after the CPU used the data", "tree").chars().all(|c| c == 'S'), "{text}");
     assert!(text.contains("x counting the allocator's waste"), "{text}");
+}
+
+#[test]
+fn demo_on_the_redis_tier_moves_the_cold_part_and_gets_every_byte_back() {
+    let have = std::process::Command::new("redis-server")
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok();
+    if !usable() || !have {
+        eprintln!("SKIP: needs userfaultfd and redis-server (.ci/run installs it)");
+        return;
+    }
+    let out = hmm(&["demo", "--device", "redis", "--nodes", "20000", "--array-mib", "4"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("Redis tier cold0") && text.contains("demo's own"), "{text}");
+    assert!(text.contains("every byte came back as it was built"), "{text}");
+    assert!(!text.contains("FAIL"), "{text}");
+    // A server that is not there: the reason, and no demo.
+    let out = hmm(&[
+        "demo",
+        "--device",
+        "redis=redis://127.0.0.1:1",
+        "--nodes",
+        "100",
+        "--array-mib",
+        "1",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no Redis server answers"), "{err}");
 }
 
 #[test]
@@ -266,7 +298,10 @@ fn demo_refuses_an_unknown_device_with_the_choices() {
     let out = hmm(&["demo", "--device", "floppy"]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("software") && err.contains("compressed"), "{err}");
+    assert!(
+        err.contains("software") && err.contains("compressed") && err.contains("redis=URL"),
+        "{err}"
+    );
 }
 
 #[test]

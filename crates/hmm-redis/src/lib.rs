@@ -4,14 +4,16 @@
 //! machine (FluidMem keeps a VM's pages in a key-value store the same way,
 //! on a patched kernel; hmm needs none).
 //!
-//! - **Keys** are `hmm:<instance>:<page>`, `<instance>` a random id each
+//! - **Keys** are `hmm:<instance>:<page>:<generation>`, `<instance>` a random id each
 //!   device draws at creation, so two processes (or two devices of one) on
 //!   the same server never see each other's pages. A value is one page. A
 //!   page of zeros is a flag kept here, not a key.
 //! - **Batches are pipelined**: a migration's pages go out as pipelined
 //!   `SET`s, a fault-back's come back as pipelined `GET`s, on worker threads
 //!   (a job of a few pages on the submitting thread). `page_free` only
-//!   queues the key; a background thread deletes them in pipelined batches,
+//!   queues the key (each store of a page takes a key of a new generation,
+//!   so a queued delete never reaches what the page holds next); a
+//!   background thread deletes them in pipelined batches,
 //!   never on the fault path.
 //! - **A slow server** is waited for up to [`RedisConfig::timeout`] per
 //!   round trip; **a lost connection** is retried with doubling pauses for
@@ -273,6 +275,15 @@ const EMPTY: u8 = 0;
 const ZERO: u8 = 1;
 const STORED: u8 = 2;
 
+/// A device page's state, and the generation of its key: each store of the
+/// page takes a new generation (a new key), so a delete queued for a freed
+/// page never reaches the data the page holds next.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    state: u8,
+    generation: u32,
+}
+
 /// What the callbacks, the engine and the background thread share.
 struct Shared {
     link: Link,
@@ -280,10 +291,10 @@ struct Shared {
     epoch: String,
     retry_for: Duration,
     batch: usize,
-    /// Per device page: `EMPTY`, `ZERO` or `STORED`.
-    pages: Mutex<Vec<u8>>,
-    /// Keys freed, to delete.
-    deletes: Mutex<Vec<u32>>,
+    /// Per device page.
+    pages: Mutex<Vec<Slot>>,
+    /// Keys freed, to delete: (page, generation).
+    deletes: Mutex<Vec<(u32, u32)>>,
     wake: Condvar,
     wake_lock: Mutex<bool>,
     failed: AtomicBool,
@@ -292,12 +303,12 @@ struct Shared {
 }
 
 impl Shared {
-    fn pages(&self) -> MutexGuard<'_, Vec<u8>> {
+    fn pages(&self) -> MutexGuard<'_, Vec<Slot>> {
         self.pages.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn key(&self, page: u32) -> String {
-        format!("{}{page}", self.prefix)
+    fn key(&self, page: u32, generation: u32) -> String {
+        format!("{}{page}:{generation}", self.prefix)
     }
 
     fn epoch_key(&self) -> String {
@@ -404,11 +415,20 @@ impl Shared {
                     },
                 }
             }
+            // Each store under a new generation of the page's key.
+            let gens: Vec<u32> = {
+                let pages = self.pages();
+                part.iter()
+                    .map(|op| pages[op.dst.index as usize].generation.wrapping_add(1))
+                    .collect()
+            };
             let kv: Vec<(String, &[u8])> = part
                 .iter()
                 .enumerate()
                 .filter(|(k, _)| !zero[*k] && bad[*k].is_none())
-                .map(|(k, op)| (self.key(op.dst.index), &data[k * PAGE_SIZE..(k + 1) * PAGE_SIZE]))
+                .map(|(k, op)| {
+                    (self.key(op.dst.index, gens[k]), &data[k * PAGE_SIZE..(k + 1) * PAGE_SIZE])
+                })
                 .collect();
             let stored = if kv.is_empty() { Ok(()) } else { self.run(|c| c.set_many(&kv)) };
             let mut pages = self.pages();
@@ -416,11 +436,11 @@ impl Shared {
                 out.push(match (&bad[k], &stored) {
                     (Some(e), _) => Err(e.clone()),
                     (None, _) if zero[k] => {
-                        pages[op.dst.index as usize] = ZERO;
+                        pages[op.dst.index as usize].state = ZERO;
                         Ok(())
                     }
                     (None, Ok(())) => {
-                        pages[op.dst.index as usize] = STORED;
+                        pages[op.dst.index as usize] = Slot { state: STORED, generation: gens[k] };
                         Ok(())
                     }
                     (None, Err(Failure::Down)) => Err(DmaError::DeviceFailed),
@@ -436,17 +456,23 @@ impl Shared {
     fn to_system(&self, sink: &SystemSink, copies: &[ToSystem]) -> Vec<Result<(), DmaError>> {
         let mut out = Vec::with_capacity(copies.len());
         for part in copies.chunks(self.batch) {
-            let kinds: Vec<u8> = {
+            let slots: Vec<Slot> = {
                 let pages = self.pages();
                 part.iter()
-                    .map(|c| pages.get(c.src.index as usize).copied().unwrap_or(EMPTY))
+                    .map(|c| {
+                        pages
+                            .get(c.src.index as usize)
+                            .copied()
+                            .unwrap_or(Slot { state: EMPTY, generation: 0 })
+                    })
                     .collect()
             };
+            let kinds: Vec<u8> = slots.iter().map(|s| s.state).collect();
             let keys: Vec<String> = part
                 .iter()
-                .zip(&kinds)
-                .filter(|(_, k)| **k == STORED)
-                .map(|(c, _)| self.key(c.src.index))
+                .zip(&slots)
+                .filter(|(_, s)| s.state == STORED)
+                .map(|(c, s)| self.key(c.src.index, s.generation))
                 .collect();
             let got =
                 if keys.is_empty() { Ok(Vec::new()) } else { self.run(|c| c.get_many(&keys)) };
@@ -519,7 +545,7 @@ impl Shared {
     /// Deletes the freed keys, in pipelined batches.
     fn flush_deletes(&self) {
         loop {
-            let batch: Vec<u32> = {
+            let batch: Vec<(u32, u32)> = {
                 let mut d = self.deletes.lock().unwrap_or_else(|e| e.into_inner());
                 let n = d.len().min(self.batch.max(512));
                 d.drain(..n).collect()
@@ -527,17 +553,12 @@ impl Shared {
             if batch.is_empty() || self.failed.load(Ordering::Acquire) {
                 return;
             }
-            let keys: Vec<String> = batch.iter().map(|p| self.key(*p)).collect();
+            // Each key names its generation: a page stored again since has
+            // a key of its own, which this leaves alone.
+            let keys: Vec<String> = batch.iter().map(|(p, g)| self.key(*p, *g)).collect();
             if let Err(f) = self.run(|c| c.del_many(&keys)) {
                 tracing::warn!(?f, keys = keys.len(), "freed pages not deleted from Redis");
                 return;
-            }
-            // Deleted: the device pages may now hold new data.
-            let mut pages = self.pages();
-            for p in batch {
-                if pages[p as usize] == STORED {
-                    pages[p as usize] = EMPTY;
-                }
             }
         }
     }
@@ -683,17 +704,14 @@ impl DevicePagemapOps for Core {
     fn page_free(&self, page: DevicePage) {
         let stored = {
             let mut pages = self.shared.pages();
-            match pages.get_mut(page.index as usize) {
-                Some(p) if *p == STORED => true,
-                Some(p) => {
-                    *p = EMPTY;
-                    false
-                }
-                None => false,
-            }
+            let Some(p) = pages.get_mut(page.index as usize) else { return };
+            let stored = p.state == STORED;
+            p.state = EMPTY;
+            stored.then_some(p.generation)
         };
-        if stored {
-            self.shared.deletes.lock().unwrap_or_else(|e| e.into_inner()).push(page.index);
+        if let Some(generation) = stored {
+            let mut d = self.shared.deletes.lock().unwrap_or_else(|e| e.into_inner());
+            d.push((page.index, generation));
         }
     }
 
@@ -787,7 +805,7 @@ impl RedisDevice {
             epoch,
             retry_for: config.retry_for,
             batch: config.batch_pages,
-            pages: Mutex::new(vec![EMPTY; pages]),
+            pages: Mutex::new(vec![Slot { state: EMPTY, generation: 0 }; pages]),
             deletes: Mutex::new(Vec::new()),
             wake: Condvar::new(),
             wake_lock: Mutex::new(false),
@@ -833,7 +851,7 @@ impl RedisDevice {
         let s = &self.core.shared;
         let (mut stored, mut zero) = (0, 0);
         for p in s.pages().iter() {
-            match *p {
+            match p.state {
                 STORED => stored += 1,
                 ZERO => zero += 1,
                 _ => {}
@@ -907,5 +925,69 @@ impl Drop for RedisDevice {
             let key = s.epoch_key();
             let _ = s.run(|c| c.del_many(std::slice::from_ref(&key)));
         }
+    }
+}
+
+/// A `redis-server` of this process's own, on a unix socket in a directory
+/// of its own, for a demo or a benchmark that has no server to point at:
+/// started with persistence off, killed (and its directory removed) when
+/// dropped.
+#[derive(Debug)]
+pub struct LocalServer {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+    url: String,
+}
+
+impl LocalServer {
+    /// Starts one and waits (up to 10 s) until it answers; says why not
+    /// (no `redis-server` on `PATH`, say).
+    pub fn start() -> Result<LocalServer, String> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("hmm-redis-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot make {}: {e}", dir.display()))?;
+        let sock = dir.join("redis.sock");
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", "0", "--save", "", "--appendonly", "no", "--unixsocket"])
+            .arg(&sock)
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| {
+                let _ = std::fs::remove_dir_all(&dir);
+                format!(
+                    "cannot start redis-server ({e}): install it (apt-get install redis-server)"
+                )
+            })?;
+        let s = LocalServer { child, dir, url: format!("unix://{}", sock.display()) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let up = redis::Client::open(s.url.as_str())
+                .and_then(|c| c.get_connection())
+                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c));
+            if up.is_ok() {
+                return Ok(s);
+            }
+            if Instant::now() >= deadline {
+                return Err("redis-server did not answer within 10 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Its address (`unix:///...`).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+impl Drop for LocalServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

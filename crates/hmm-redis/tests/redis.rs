@@ -510,3 +510,29 @@ fn a_cluster_shards_the_pages_over_its_nodes() {
     r.read(0, &mut got).unwrap();
     assert_eq!(first_wrong_page(&got, &want), None);
 }
+
+/// Device pages freed and at once used again, before the background
+/// thread deleted their keys: the deletes do not reach the new data.
+#[test]
+fn a_reused_device_page_keeps_its_new_data_when_the_old_key_is_deleted() {
+    if common::skip_without_uffd() || !have_redis() {
+        return;
+    }
+    let server = Server::unix(&[]);
+    let hmm = Hmm::new().unwrap();
+    // Room for 64 pages: the second round reuses the first round's pages.
+    let dev = RedisDevice::new(&hmm, RedisConfig::new("r", &server.url, 64 * PAGE_SIZE)).unwrap();
+    for round in 0..5 {
+        let (r, _) = filled(&hmm, 64);
+        let second: Vec<u8> =
+            (0..64 * PAGE_SIZE).map(|i| (i / PAGE_SIZE + round) as u8 | 1).collect();
+        r.write(0, &second).unwrap();
+        assert_eq!(dev.migrate_to_device(r.range()).unwrap().migrated, 64, "round {round}");
+        common::eventually("the freed keys deleted", || dev.stats().pending_deletes == 0);
+        let mut got = vec![0u8; r.len()];
+        r.read(0, &mut got).unwrap();
+        assert_eq!(first_wrong_page(&got, &second), None, "round {round}");
+        assert!(!dev.stats().failed, "round {round}");
+        drop(r);
+    }
+}

@@ -229,58 +229,9 @@ fn random_fault_back(mode: FaultMode, pages: usize) -> Result<(f64, f64), BenchE
     Ok(lat)
 }
 
-/// A `redis-server` of the run's own on a unix socket, killed when dropped.
-struct RedisServer {
-    child: std::process::Child,
-    dir: PathBuf,
-    url: String,
-}
-
-impl RedisServer {
-    fn start() -> Result<RedisServer, String> {
-        let dir = std::env::temp_dir().join(format!("hmm-bench-redis-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot make {}: {e}", dir.display()))?;
-        let sock = dir.join("redis.sock");
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", "0", "--save", "", "--appendonly", "no", "--unixsocket"])
-            .arg(&sock)
-            .arg("--dir")
-            .arg(&dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .map_err(|e| {
-                format!("cannot start redis-server (install it: apt-get install redis-server): {e}")
-            })?;
-        let s = RedisServer { child, dir, url: format!("unix://{}", sock.display()) };
-        let deadline = Instant::now() + std::time::Duration::from_secs(10);
-        while s.conn().is_err() {
-            if Instant::now() >= deadline {
-                return Err("redis-server did not answer within 10 s".into());
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        Ok(s)
-    }
-
-    fn conn(&self) -> redis::RedisResult<redis::Connection> {
-        let mut c = redis::Client::open(self.url.as_str())?.get_connection()?;
-        redis::cmd("PING").query::<String>(&mut c)?;
-        Ok(c)
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// The Redis figures (see the module docs), on a server of the run's own.
 fn redis_figures(f: &mut TierFigures, size: usize, pages: usize) -> Result<(), BenchError> {
-    let server = match RedisServer::start() {
+    let server = match hmm_redis::LocalServer::start() {
         Ok(s) => s,
         Err(why) => {
             tracing::warn!("the Redis figures are skipped: {why}");
@@ -288,7 +239,7 @@ fn redis_figures(f: &mut TierFigures, size: usize, pages: usize) -> Result<(), B
         }
     };
     let rerr = |e: redis::RedisError| BenchError::Server(format!("redis: {e}"));
-    let mut c = server.conn().map_err(rerr)?;
+    let mut c = redis::Client::open(server.url()).and_then(|c| c.get_connection()).map_err(rerr)?;
     // The anchors: one GET at a time, and pipelined SETs.
     let page = vec![0x5Au8; PAGE_SIZE];
     let _: () = redis::cmd("SET").arg("bench:page").arg(&page).query(&mut c).map_err(rerr)?;
@@ -321,7 +272,7 @@ fn redis_figures(f: &mut TierFigures, size: usize, pages: usize) -> Result<(), B
     r.write(0, &data).map_err(hmm::os::mm::MmError::from)?;
     let dev = hmm_redis::RedisDevice::new(
         &hmm,
-        hmm_redis::RedisConfig::new("bench-redis", &server.url, size),
+        hmm_redis::RedisConfig::new("bench-redis", server.url(), size),
     )
     .map_err(hmm_err)?;
     let t = Instant::now();
