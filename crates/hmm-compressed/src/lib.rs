@@ -326,7 +326,28 @@ fn with_zstd<T>(
 
 /// The room a compressed page may need (lz4's bound for a page, which
 /// covers zstd's).
-const PACKED_BYTES: usize = 2 * PAGE_SIZE;
+pub const PACKED_BYTES: usize = 2 * PAGE_SIZE;
+
+/// One page's compression, for other tiers that keep pages compressed (the
+/// Redis tier compresses its values with it).
+pub mod codec {
+    use super::{Algorithm, PACKED_BYTES, PAGE_SIZE};
+
+    /// Compresses `page` (one page) into `out` (at least [`PACKED_BYTES`]
+    /// long): the compressed length, or `None` when it does not fit.
+    pub fn compress(algorithm: Algorithm, page: &[u8], out: &mut [u8]) -> Option<usize> {
+        if page.len() != PAGE_SIZE || out.len() < PACKED_BYTES {
+            return None;
+        }
+        super::compress(algorithm, page, out)
+    }
+
+    /// Decompresses `packed` into `out` (one page): whether it gave exactly
+    /// one page.
+    pub fn decompress(algorithm: Algorithm, packed: &[u8], out: &mut [u8]) -> bool {
+        out.len() == PAGE_SIZE && super::decompress(algorithm, packed, out)
+    }
+}
 
 /// Compresses `page` into `out` ([`PACKED_BYTES`] long); `None` when it
 /// does not fit.

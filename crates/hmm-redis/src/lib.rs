@@ -7,7 +7,8 @@
 //! - **Keys** are `hmm:<instance>:<page>:<generation>`, `<instance>` a random id each
 //!   device draws at creation, so two processes (or two devices of one) on
 //!   the same server never see each other's pages. A value is one page. A
-//!   page of zeros is a flag kept here, not a key.
+//!   page of zeros is a flag kept here, not a key. Values may be compressed
+//!   with the compressed tier's codec ([`RedisConfig::compression`]).
 //! - **Batches are pipelined**: a migration's pages go out as pipelined
 //!   `SET`s, a fault-back's come back as pipelined `GET`s, on worker threads
 //!   (a job of a few pages on the submitting thread). `page_free` only
@@ -69,6 +70,9 @@ pub struct RedisConfig {
     pub workers: usize,
     /// Pages per pipelined batch.
     pub batch_pages: usize,
+    /// Values compressed with the compressed tier's codec (a page that
+    /// compresses to no less than itself is stored as it is), or not.
+    pub compression: Option<hmm_compressed::Algorithm>,
 }
 
 impl RedisConfig {
@@ -85,12 +89,19 @@ impl RedisConfig {
             retry_for: Duration::from_secs(5),
             workers: 2,
             batch_pages: 256,
+            compression: None,
         }
     }
 
     /// A device on the Redis Cluster whose nodes include `urls`.
     pub fn cluster(name: impl Into<String>, urls: Vec<String>, capacity: usize) -> Self {
         Self { urls, cluster: true, ..Self::new(name, String::new(), capacity) }
+    }
+
+    /// The same with values compressed by `algorithm`.
+    pub fn with_compression(mut self, algorithm: hmm_compressed::Algorithm) -> Self {
+        self.compression = Some(algorithm);
+        self
     }
 
     /// The same with a password (and a user, where given).
@@ -291,6 +302,7 @@ struct Shared {
     epoch: String,
     retry_for: Duration,
     batch: usize,
+    compression: Option<hmm_compressed::Algorithm>,
     /// Per device page.
     pages: Mutex<Vec<Slot>>,
     /// Keys freed, to delete: (page, generation).
@@ -422,12 +434,27 @@ impl Shared {
                     .map(|op| pages[op.dst.index as usize].generation.wrapping_add(1))
                     .collect()
             };
+            let values: Vec<Vec<u8>> = match self.compression {
+                Some(a) => part
+                    .iter()
+                    .enumerate()
+                    .map(|(k, _)| match zero[k] || bad[k].is_some() {
+                        true => Vec::new(),
+                        false => pack(a, &data[k * PAGE_SIZE..(k + 1) * PAGE_SIZE]),
+                    })
+                    .collect(),
+                None => Vec::new(),
+            };
             let kv: Vec<(String, &[u8])> = part
                 .iter()
                 .enumerate()
                 .filter(|(k, _)| !zero[*k] && bad[*k].is_none())
                 .map(|(k, op)| {
-                    (self.key(op.dst.index, gens[k]), &data[k * PAGE_SIZE..(k + 1) * PAGE_SIZE])
+                    let v: &[u8] = match self.compression {
+                        Some(_) => &values[k],
+                        None => &data[k * PAGE_SIZE..(k + 1) * PAGE_SIZE],
+                    };
+                    (self.key(op.dst.index, gens[k]), v)
                 })
                 .collect();
             let stored = if kv.is_empty() { Ok(()) } else { self.run(|c| c.set_many(&kv)) };
@@ -497,12 +524,16 @@ impl Shared {
                 res.push(match *kind {
                     ZERO => Ok(()),
                     STORED => match got.next().flatten() {
-                        Some(v) if v.len() == PAGE_SIZE => {
-                            data[k * PAGE_SIZE..(k + 1) * PAGE_SIZE].copy_from_slice(&v);
-                            Ok(())
-                        }
                         Some(v) => {
-                            Err(DmaError::Failed(format!("a page of {} bytes in Redis", v.len())))
+                            let page = &mut data[k * PAGE_SIZE..(k + 1) * PAGE_SIZE];
+                            if unpack(self.compression, &v, page) {
+                                Ok(())
+                            } else {
+                                Err(DmaError::Failed(format!(
+                                    "a value of {} bytes in Redis is not a page",
+                                    v.len()
+                                )))
+                            }
                         }
                         None => {
                             // Stored, and gone: the server lost data.
@@ -561,6 +592,44 @@ impl Shared {
                 return;
             }
         }
+    }
+}
+
+/// A value's first byte, with compression on: what follows.
+const RAW: u8 = 0;
+const PACKED: u8 = 1;
+
+/// The value of `page` with compression on: `PACKED` and the compressed
+/// bytes, or `RAW` and the page where that is no smaller.
+fn pack(algorithm: hmm_compressed::Algorithm, page: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8; 1 + hmm_compressed::PACKED_BYTES];
+    match hmm_compressed::codec::compress(algorithm, page, &mut out[1..]) {
+        Some(n) if n < PAGE_SIZE => {
+            out[0] = PACKED;
+            out.truncate(1 + n);
+        }
+        _ => {
+            out[0] = RAW;
+            out.truncate(1 + PAGE_SIZE);
+            out[1..].copy_from_slice(page);
+        }
+    }
+    out
+}
+
+/// Puts value `v` back into `page`; whether it was one page.
+fn unpack(compression: Option<hmm_compressed::Algorithm>, v: &[u8], page: &mut [u8]) -> bool {
+    match (compression, v.split_first()) {
+        (None, _) if v.len() == PAGE_SIZE => {
+            page.copy_from_slice(v);
+            true
+        }
+        (Some(_), Some((&RAW, rest))) if rest.len() == PAGE_SIZE => {
+            page.copy_from_slice(rest);
+            true
+        }
+        (Some(a), Some((&PACKED, rest))) => hmm_compressed::codec::decompress(a, rest, page),
+        _ => false,
     }
 }
 
@@ -805,6 +874,7 @@ impl RedisDevice {
             epoch,
             retry_for: config.retry_for,
             batch: config.batch_pages,
+            compression: config.compression,
             pages: Mutex::new(vec![Slot { state: EMPTY, generation: 0 }; pages]),
             deletes: Mutex::new(Vec::new()),
             wake: Condvar::new(),

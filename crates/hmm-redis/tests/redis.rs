@@ -536,3 +536,44 @@ fn a_reused_device_page_keeps_its_new_data_when_the_old_key_is_deleted() {
         drop(r);
     }
 }
+
+/// Values compressed with the compressed tier's codec: the server holds
+/// fewer bytes than the pages, and every page comes back (incompressible
+/// ones stored as they are).
+#[test]
+fn compressed_values_take_less_of_the_server_and_come_back() {
+    if common::skip_without_uffd() || !have_redis() {
+        return;
+    }
+    let server = Server::unix(&[]);
+    for algorithm in [hmm_compressed::Algorithm::Lz4, hmm_compressed::Algorithm::Zstd { level: 3 }]
+    {
+        let hmm = Hmm::new().unwrap();
+        let cfg = RedisConfig::new("r", &server.url, 4 << 20).with_compression(algorithm);
+        let dev = RedisDevice::new(&hmm, cfg).unwrap();
+        // Half text (compressible), half random (stored as it is).
+        let pages = 128;
+        let r = hmm.alloc(pages * PAGE_SIZE).unwrap();
+        let want: Vec<u8> = (0..pages)
+            .flat_map(|i| match i % 2 {
+                0 => format!("page {i} compresses well; ").repeat(200).into_bytes()[..PAGE_SIZE]
+                    .to_vec(),
+                _ => page(i),
+            })
+            .collect();
+        r.write(0, &want).unwrap();
+        assert_eq!(dev.migrate_to_device(r.range()).unwrap().migrated, pages, "{algorithm}");
+        let mut c = server.conn();
+        let keys: Vec<String> =
+            redis::cmd("KEYS").arg(format!("{}*", dev.key_prefix())).query(&mut c).unwrap();
+        let bytes: usize = keys
+            .iter()
+            .filter(|k| !k.ends_with("epoch"))
+            .map(|k| redis::cmd("STRLEN").arg(k).query::<usize>(&mut c).unwrap())
+            .sum();
+        assert!(bytes < pages * PAGE_SIZE * 3 / 4, "{algorithm}: {bytes} bytes for {pages} pages");
+        let mut got = vec![0u8; r.len()];
+        r.read(0, &mut got).unwrap();
+        assert_eq!(first_wrong_page(&got, &want), None, "{algorithm}");
+    }
+}
