@@ -73,6 +73,9 @@ fn bench_quick_json_prints_exactly_the_documented_keys() {
             "compressed_fault_back_seq_gbps",
             "compressed_fault_back_us_p50",
             "compressed_fault_back_us_p99",
+            "compressed_program_declined_share",
+            "compressed_program_effective_ratio",
+            "compressed_program_ratio",
             "compressed_ratio",
             "device_access_gbps",
             "device_descriptor_bytes_per_page",
@@ -133,13 +136,26 @@ fn bench_quick_json_prints_exactly_the_documented_keys() {
         assert!(obj["zram_swapin_seq_gbps"].is_null());
         // A share of incompressible pages may be none at all.
         assert!(num("compressed_declined_share").is_some_and(|x| (0.0..=1.0).contains(&x)));
+        // The program image needs python3 and root (ptrace rights).
+        let python = std::process::Command::new("python3")
+            .arg("--version")
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if python && hmm::probe::probe().root {
+            assert!(num("compressed_program_ratio").is_some_and(|x| x > 1.0), "{obj:?}");
+            assert!(
+                num("compressed_program_declined_share").is_some_and(|x| (0.0..=1.0).contains(&x))
+            );
+        }
         // Every migration figure was measured (each pass moved every page).
         let fork = hmm::probe::probe().has("event-fork");
         for (k, v) in obj.iter().filter(|(k, _)| {
             !k.starts_with("uffd")
                 && !k.starts_with("pagemap")
                 && !k.starts_with("zram")
-                && *k != "compressed_declined_share"
+                && !k.ends_with("declined_share")
+                && !k.contains("compressed_program")
                 && !k.contains("redis")
                 && (fork || !k.starts_with("fork"))
         }) {

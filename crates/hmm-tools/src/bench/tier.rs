@@ -6,6 +6,7 @@
 //! | --- | --- |
 //! | `compressed_ratio`, `compressed_effective_ratio` | files shipped by the machine's packages (`/usr/bin`, `/usr/share`: binaries and text nobody here wrote), 64 MiB (16 MiB when quick), compressed with lz4: uncompressed over compressed bytes, and over the memory the tier takes (the allocator's waste included; pages declined as incompressible stay out of both) |
 //! | `compressed_declined_share` | the share of those pages declined as incompressible |
+//! | `compressed_program_ratio`, `_effective_ratio`, `_declined_share` | the same on a real program's memory image: the heap and anonymous memory of CPython holding a table of 120,000 records (30,000 when quick), read through `/proc/<pid>/mem` (root; `null` without `python3` or the rights) |
 //! | `migrate_to_compressed_gbps` | migrating those files' pages into the tier (two workers), GB/s |
 //! | `compressed_fault_back_us_p50`, `_p99` | a random CPU touch of a page of the zram anchor's data on the tier, `FaultMode::Service`, no fault-around |
 //! | `compressed_fault_back_in_thread_us_p50`, `_p99` | the same in `FaultMode::InThread` (decompressed in the faulting thread) |
@@ -39,6 +40,12 @@ pub struct TierFigures {
     pub compressed_declined_share: Option<f64>,
     /// Real data migrated into the tier, GB/s.
     pub migrate_to_compressed_gbps: Option<f64>,
+    /// A real program's memory image: uncompressed over compressed bytes.
+    pub compressed_program_ratio: Option<f64>,
+    /// The same over the tier's memory.
+    pub compressed_program_effective_ratio: Option<f64>,
+    /// The share of its pages declined.
+    pub compressed_program_declined_share: Option<f64>,
     /// Random fault-back from the tier, service mode, median, microseconds.
     pub compressed_fault_back_us_p50: Option<f64>,
     /// The same, 99th percentile.
@@ -121,6 +128,24 @@ impl TierFigures {
                 "the tier's pages touched in order",
             ),
             row(
+                "compressed_program_ratio",
+                self.compressed_program_ratio,
+                "x",
+                "lz4 on a CPython heap image: bytes over compressed bytes",
+            ),
+            row(
+                "compressed_program_effective_ratio",
+                self.compressed_program_effective_ratio,
+                "x",
+                "the same over the tier's memory, waste included",
+            ),
+            row(
+                "compressed_program_declined_share",
+                self.compressed_program_declined_share,
+                "",
+                "CPython heap pages declined (incompressible)",
+            ),
+            row(
                 "redis_get_us_p50",
                 self.redis_get_us_p50,
                 "us",
@@ -191,6 +216,110 @@ fn package_files(roots: &[&str], bytes: usize) -> (Vec<u8>, usize) {
     }
     data.resize(data.len().div_ceil(PAGE_SIZE) * PAGE_SIZE, 0);
     (data, read)
+}
+
+/// The program whose memory image the compressed tier's second ratio is
+/// measured on: CPython building a table of records (strings, floats,
+/// lists), as a service keeps its state, then waiting for its stdin to close.
+const PROGRAM: &str = r#"
+import random, sys
+random.seed(1)
+words = "the quick brown fox jumps over a lazy dog page cache memory tier kernel process thread".split()
+table = {}
+for i in range(int(sys.argv[1])):
+    table[f"user:{i}"] = {
+        "name": " ".join(random.choice(words) for _ in range(3)),
+        "score": random.random(),
+        "tags": [random.randint(0, 1000) for _ in range(4)],
+    }
+sys.stdout.write("ready\n")
+sys.stdout.flush()
+sys.stdin.read()
+"#;
+
+/// Up to `bytes` of the private writable memory (heap and anonymous
+/// mappings) of a real program, [`PROGRAM`] run by `python3`, read through
+/// `/proc/<pid>/mem` once it has built its table. Root (or ptrace rights
+/// over the child) and `python3` are needed; otherwise why not.
+fn program_image(bytes: usize, records: usize) -> Result<Vec<u8>, String> {
+    use std::io::{BufRead, Write};
+    use std::os::unix::fs::FileExt;
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", PROGRAM, &records.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot run python3: {e}"))?;
+    let result = (|| {
+        let out = child.stdout.take().ok_or("no stdout")?;
+        let mut line = String::new();
+        std::io::BufReader::new(out).read_line(&mut line).map_err(|e| e.to_string())?;
+        if line.trim() != "ready" {
+            return Err(format!("python3 said {line:?}, not ready"));
+        }
+        let pid = child.id();
+        let maps =
+            std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| e.to_string())?;
+        let mem = std::fs::File::open(format!("/proc/{pid}/mem"))
+            .map_err(|e| format!("cannot read the program's memory (root needed): {e}"))?;
+        let mut image = Vec::with_capacity(bytes);
+        for l in maps.lines() {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let anonymous = f.len() == 5 || f.get(5) == Some(&"[heap]");
+            if f.len() < 5 || f[1] != "rw-p" || !anonymous {
+                continue;
+            }
+            let Some((a, b)) = f[0].split_once('-') else { continue };
+            let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else {
+                continue;
+            };
+            let mut at = a;
+            while at < b && image.len() < bytes {
+                let mut page = vec![0u8; PAGE_SIZE];
+                if mem.read_at(&mut page, at).is_ok_and(|n| n == PAGE_SIZE) {
+                    image.extend_from_slice(&page);
+                }
+                at += PAGE_SIZE as u64;
+            }
+        }
+        Ok(image)
+    })();
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(b"");
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}
+
+/// Compresses `data` on a compressed tier and checks it comes back:
+/// (ratio, effective ratio, declined share, migration GB/s).
+fn ratios(data: &[u8], name: &str) -> Result<(Option<f64>, Option<f64>, f64, f64), BenchError> {
+    let hmm = Hmm::new().map_err(hmm_err)?;
+    let r = hmm.alloc(data.len()).map_err(hmm_err)?;
+    r.write(0, data).map_err(hmm::os::mm::MmError::from)?;
+    let dev =
+        CompressedDevice::new(&hmm, CompressedConfig::new(name, data.len())).map_err(hmm_err)?;
+    let t = Instant::now();
+    let rep = dev.migrate_to_device(r.range()).map_err(hmm_err)?;
+    let elapsed = t.elapsed();
+    let s = dev.stats();
+    tracing::info!(name, bytes = data.len(), ?s, "data on the compressed tier");
+    let pages = data.len() / PAGE_SIZE;
+    let mut got = vec![0u8; data.len()];
+    r.read(0, &mut got).map_err(hmm::os::mm::MmError::from)?;
+    if got != data {
+        return Err(BenchError::Server(format!(
+            "the compressed tier gave back other bytes ({name})"
+        )));
+    }
+    Ok((
+        s.compression_ratio(),
+        s.effective_ratio(),
+        s.declined_pages as f64 / pages as f64,
+        gbps(rep.migrated * PAGE_SIZE, elapsed),
+    ))
 }
 
 /// `pages` pages of the zram anchor's data.
@@ -311,29 +440,27 @@ pub fn run(opts: BenchOptions) -> Result<TierFigures, BenchError> {
     // Real data: files of the machine's packages.
     let (data, files) = package_files(&["/usr/bin", "/usr/share"], size);
     if data.len() >= size / 4 {
-        let hmm = Hmm::new().map_err(hmm_err)?;
-        let r = hmm.alloc(data.len()).map_err(hmm_err)?;
-        r.write(0, &data).map_err(hmm::os::mm::MmError::from)?;
-        let dev = CompressedDevice::new(&hmm, CompressedConfig::new("bench-files", data.len()))
-            .map_err(hmm_err)?;
-        let t = Instant::now();
-        let rep = dev.migrate_to_device(r.range()).map_err(hmm_err)?;
-        let elapsed = t.elapsed();
-        let s = dev.stats();
-        tracing::info!(files, bytes = data.len(), ?s, "package files on the compressed tier");
-        let pages = data.len() / PAGE_SIZE;
-        f.compressed_ratio = s.compression_ratio();
-        f.compressed_effective_ratio = s.effective_ratio();
-        f.compressed_declined_share = Some(s.declined_pages as f64 / pages as f64);
-        f.migrate_to_compressed_gbps = Some(gbps(rep.migrated * PAGE_SIZE, elapsed));
-        // The bytes came back right.
-        let mut got = vec![0u8; data.len()];
-        r.read(0, &mut got).map_err(hmm::os::mm::MmError::from)?;
-        if got != data {
-            return Err(BenchError::Server("the compressed tier gave back other bytes".into()));
-        }
+        tracing::info!(files, "package files read");
+        let (ratio, effective, declined, gbps) = ratios(&data, "bench-files")?;
+        f.compressed_ratio = ratio;
+        f.compressed_effective_ratio = effective;
+        f.compressed_declined_share = Some(declined);
+        f.migrate_to_compressed_gbps = Some(gbps);
     } else {
         tracing::warn!(bytes = data.len(), "too few package files for the compressed tier's ratio");
+    }
+    // A real program's memory image.
+    match program_image(size, if opts.quick { 30_000 } else { 120_000 }) {
+        Ok(image) if image.len() >= size / 8 => {
+            let (ratio, effective, declined, _) = ratios(&image, "bench-program")?;
+            f.compressed_program_ratio = ratio;
+            f.compressed_program_effective_ratio = effective;
+            f.compressed_program_declined_share = Some(declined);
+        }
+        Ok(image) => {
+            tracing::warn!(bytes = image.len(), "the program's image is too small to measure")
+        }
+        Err(why) => tracing::warn!("the program-image ratio is skipped: {why}"),
     }
 
     // The zram anchor's data: random and sequential fault-back.
