@@ -577,3 +577,56 @@ fn compressed_values_take_less_of_the_server_and_come_back() {
         assert_eq!(first_wrong_page(&got, &want), None, "{algorithm}");
     }
 }
+
+/// A second process on the same server sees none of the first's keys: a
+/// forked child makes a device of its own there, finds no key under the
+/// parent's prefix that is its own, and the parent's pages are untouched.
+#[test]
+fn a_second_process_on_the_same_server_sees_none_of_the_first_keys() {
+    if common::skip_without("event-fork") || !have_redis() {
+        return;
+    }
+    let _fork = common::fork_lock();
+    let server = Server::unix(&[]);
+    let hmm = Hmm::new().unwrap();
+    let dev = RedisDevice::new(&hmm, RedisConfig::new("parent", &server.url, 1 << 20)).unwrap();
+    let (r, want) = filled(&hmm, 32);
+    dev.migrate_to_device(r.range()).unwrap();
+    let parent_prefix = dev.key_prefix().to_string();
+    let parent_keys = server.keys(&parent_prefix);
+    let url = server.url.clone();
+    let child = spawn_child(move || {
+        let Ok(h) = Hmm::new() else { return 2 };
+        let Ok(d) = RedisDevice::new(&h, RedisConfig::new("child", &url, 1 << 20)) else {
+            return 3;
+        };
+        if d.key_prefix() == parent_prefix {
+            return 4;
+        }
+        let Ok(r) = h.alloc(16 * PAGE_SIZE) else { return 5 };
+        if r.fill(0, r.len(), 0x77).is_err()
+            || d.migrate_to_device(r.range()).map_or(true, |x| x.migrated != 16)
+        {
+            return 6;
+        }
+        let mut b = vec![0u8; r.len()];
+        if r.read(0, &mut b).is_err() || b.iter().any(|x| *x != 0x77) {
+            return 7;
+        }
+        0
+    })
+    .unwrap();
+    assert_eq!(
+        child.wait_within(common::CHILD_LIMIT).unwrap(),
+        ChildOutcome::Exited(0),
+        "2-7: see the child"
+    );
+    assert_eq!(
+        server.keys(dev.key_prefix()),
+        parent_keys,
+        "the child touched none of the parent's keys"
+    );
+    let mut got = vec![0u8; r.len()];
+    r.read(0, &mut got).unwrap();
+    assert_eq!(first_wrong_page(&got, &want), None);
+}
