@@ -998,10 +998,26 @@ impl Drop for RedisDevice {
     }
 }
 
+/// `redis-server`, under `setpriv --pdeathsig KILL` where the machine has
+/// it: a server whose starter dies without dropping its [`LocalServer`]
+/// (killed, or crashed) goes with it instead of staying behind. The signal
+/// follows the *thread* that started it, so a `LocalServer` is started on a
+/// thread that outlives it.
+pub fn server_command() -> std::process::Command {
+    let setpriv = std::path::Path::new("/usr/bin/setpriv");
+    if setpriv.is_file() {
+        let mut c = std::process::Command::new(setpriv);
+        c.args(["--pdeathsig", "KILL", "redis-server"]);
+        c
+    } else {
+        std::process::Command::new("redis-server")
+    }
+}
+
 /// A `redis-server` of this process's own, on a unix socket in a directory
 /// of its own, for a demo or a benchmark that has no server to point at:
 /// started with persistence off, killed (and its directory removed) when
-/// dropped.
+/// dropped, or when the thread that started it dies ([`server_command`]).
 #[derive(Debug)]
 pub struct LocalServer {
     child: std::process::Child,
@@ -1018,7 +1034,7 @@ impl LocalServer {
         let dir = std::env::temp_dir().join(format!("hmm-redis-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| format!("cannot make {}: {e}", dir.display()))?;
         let sock = dir.join("redis.sock");
-        let child = std::process::Command::new("redis-server")
+        let child = server_command()
             .args(["--port", "0", "--save", "", "--appendonly", "no", "--unixsocket"])
             .arg(&sock)
             .arg("--dir")

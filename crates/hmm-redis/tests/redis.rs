@@ -87,7 +87,8 @@ impl Server {
 
     /// Starts the server (again: empty), and waits until it answers.
     fn start(&mut self) {
-        let child = Command::new("redis-server")
+        // Killed with the test if it dies without dropping this.
+        let child = hmm_redis::server_command()
             .args(&self.args)
             .args(["--save", "", "--appendonly", "no", "--dir"])
             .arg(&self.dir)
