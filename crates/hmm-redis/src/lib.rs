@@ -28,7 +28,8 @@
 //!   creation is checked on every reconnection, and a page whose key is
 //!   missing fails the device.
 //! - **Bad configuration** (no server at the address, a wrong password, a
-//!   cluster with slots unassigned) fails at creation, saying what to fix.
+//!   cluster with slots unassigned, a TLS certificate not trusted) fails at
+//!   creation, saying what to fix. TLS (`rediss://`) runs on rustls.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
@@ -50,9 +51,9 @@ use redis::{ConnectionInfo, IntoConnectionInfo, RedisError};
 pub struct RedisConfig {
     /// Name for reports.
     pub name: String,
-    /// `redis://host:port`, `unix:///path/to/socket` (one server), or the
-    /// seed nodes of a cluster (with [`cluster`](Self::cluster)). TLS
-    /// (`rediss://`) is not built in.
+    /// `redis://host:port`, `rediss://host:port` (TLS), `unix:///path/to/socket`
+    /// (one server), or the seed nodes of a cluster (with
+    /// [`cluster`](Self::cluster)).
     pub urls: Vec<String>,
     /// Whether `urls` are the nodes of a Redis Cluster.
     pub cluster: bool,
@@ -73,6 +74,9 @@ pub struct RedisConfig {
     /// Values compressed with the compressed tier's codec (a page that
     /// compresses to no less than itself is stored as it is), or not.
     pub compression: Option<hmm_compressed::Algorithm>,
+    /// For `rediss://` servers whose certificate the system does not trust:
+    /// the certificate authority to trust instead (a PEM file).
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 impl RedisConfig {
@@ -90,6 +94,7 @@ impl RedisConfig {
             workers: 2,
             batch_pages: 256,
             compression: None,
+            tls_ca: None,
         }
     }
 
@@ -233,21 +238,54 @@ struct Link {
     infos: Vec<ConnectionInfo>,
     cluster: bool,
     timeout: Duration,
+    /// The certificate authority for TLS servers, where given (PEM).
+    ca: Option<Vec<u8>>,
     idle: Mutex<Vec<Conn>>,
+}
+
+/// A client of one server, with the configured certificate authority.
+fn client(info: &ConnectionInfo, ca: &Option<Vec<u8>>) -> Result<redis::Client, RedisError> {
+    match ca {
+        Some(pem) => {
+            tls_provider();
+            let certs = redis::TlsCertificates { client_tls: None, root_cert: Some(pem.clone()) };
+            redis::Client::build_with_tls(info.clone(), certs)
+        }
+        None => {
+            if matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }) {
+                tls_provider();
+            }
+            redis::Client::open(info.clone())
+        }
+    }
+}
+
+/// Installs rustls's aws-lc-rs provider as the process's default, once (a
+/// provider the application installed first stays).
+fn tls_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    });
 }
 
 impl Link {
     fn connect(&self) -> Result<Conn, RedisError> {
         if self.cluster {
-            let c = redis::cluster::ClusterClientBuilder::new(self.infos.clone())
+            let mut b = redis::cluster::ClusterClientBuilder::new(self.infos.clone())
                 .connection_timeout(self.timeout)
-                .response_timeout(self.timeout)
-                .build()?
-                .get_connection()?;
+                .response_timeout(self.timeout);
+            if let Some(pem) = &self.ca {
+                tls_provider();
+                b = b.certs(redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                });
+            }
+            let c = b.build()?.get_connection()?;
             return Ok(Conn::Cluster(Box::new(c)));
         }
-        let c = redis::Client::open(self.infos[0].clone())?
-            .get_connection_with_timeout(self.timeout)?;
+        let c = client(&self.infos[0], &self.ca)?.get_connection_with_timeout(self.timeout)?;
         c.set_read_timeout(Some(self.timeout))?;
         c.set_write_timeout(Some(self.timeout))?;
         Ok(Conn::One(c))
@@ -835,6 +873,15 @@ fn explain(url: &str, e: &RedisError) -> String {
             "the server at {url} refused the credentials ({e}): give the right user and password (RedisConfig::with_auth)"
         );
     }
+    if text.contains("certificate")
+        || text.contains("InvalidCertificate")
+        || text.contains("UnknownIssuer")
+    {
+        return format!(
+            "the TLS server at {url} has a certificate this process does not trust ({e}): give its \
+             certificate authority (RedisConfig::tls_ca), or add it to the system's trust store"
+        );
+    }
     if is_lost(e) {
         return format!(
             "no Redis server answers at {url} ({e}): start one (redis-server), or give the address of one"
@@ -850,13 +897,20 @@ impl RedisDevice {
         let infos = config.check()?;
         let bad =
             |what: String| HmmError::Config(format!("redis device {:?}: {what}", config.name));
+        let ca = match &config.tls_ca {
+            Some(p) => Some(std::fs::read(p).map_err(|e| {
+                bad(format!("cannot read the certificate authority {}: {e}", p.display()))
+            })?),
+            None => None,
+        };
         if config.cluster {
-            check_cluster(&config, &infos).map_err(bad)?;
+            check_cluster(&config, &infos, &ca).map_err(bad)?;
         }
         let link = Link {
             infos,
             cluster: config.cluster,
             timeout: config.timeout,
+            ca,
             idle: Mutex::new(Vec::new()),
         };
         let url = config.urls.join(", ");
@@ -938,11 +992,14 @@ impl RedisDevice {
 }
 
 /// A cluster whose every slot is served, or why not.
-fn check_cluster(config: &RedisConfig, infos: &[ConnectionInfo]) -> Result<(), String> {
+fn check_cluster(
+    config: &RedisConfig,
+    infos: &[ConnectionInfo],
+    ca: &Option<Vec<u8>>,
+) -> Result<(), String> {
     let mut last = String::new();
     for (url, info) in config.urls.iter().zip(infos) {
-        let c = redis::Client::open(info.clone())
-            .and_then(|c| c.get_connection_with_timeout(config.timeout));
+        let c = client(info, ca).and_then(|c| c.get_connection_with_timeout(config.timeout));
         let mut c = match c {
             Ok(c) => c,
             Err(e) => {

@@ -631,3 +631,98 @@ fn a_second_process_on_the_same_server_sees_none_of_the_first_keys() {
     r.read(0, &mut got).unwrap();
     assert_eq!(first_wrong_page(&got, &want), None);
 }
+
+/// A TLS server (`rediss://`, a certificate of a test authority): with the
+/// authority given, pages round trip; without it, creation says the
+/// certificate is not trusted and what to give.
+#[test]
+fn a_tls_server_is_used_with_its_certificate_authority_and_refused_without() {
+    if common::skip_without_uffd() || !have_redis() {
+        return;
+    }
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("hmm-redis-tls-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sh = |script: &str| {
+        let out = common::output_within(
+            Command::new("sh").arg("-c").arg(script).current_dir(&dir),
+            Duration::from_secs(30),
+        );
+        assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let have_openssl =
+        Command::new("openssl").arg("version").stdout(Stdio::null()).status().is_ok();
+    if !have_openssl {
+        eprintln!("SKIP: no openssl to make the test's certificates");
+        return;
+    }
+    let ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+    sh(&format!("openssl req -x509 {ec} -keyout ca.key -out ca.crt -days 1 -subj /CN=hmm-test-ca"));
+    sh(&format!("openssl req {ec} -keyout server.key -out server.csr -subj /CN=127.0.0.1"));
+    sh("printf 'subjectAltName=IP:127.0.0.1\\nbasicConstraints=CA:FALSE\\n' > ext && \
+        openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt -days 1 -extfile ext");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let arg = |f: &str| dir.join(f).display().to_string();
+    let mut server = Server {
+        child: None,
+        dir: dir.clone(),
+        args: vec![
+            "--port".into(),
+            "0".into(),
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--tls-port".into(),
+            port.to_string(),
+            "--tls-cert-file".into(),
+            arg("server.crt"),
+            "--tls-key-file".into(),
+            arg("server.key"),
+            "--tls-ca-cert-file".into(),
+            arg("ca.crt"),
+            "--tls-auth-clients".into(),
+            "no".into(),
+        ],
+        url: format!("rediss://127.0.0.1:{port}"),
+        port: Some(port),
+    };
+    // Started by hand: the helper's readiness check speaks plain Redis.
+    server.child = Some(
+        hmm_redis::server_command()
+            .args(&server.args)
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let hmm = Hmm::new().unwrap();
+    let trusted = RedisConfig {
+        tls_ca: Some(dir.join("ca.crt")),
+        ..RedisConfig::new("tls", &server.url, 1 << 20)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let dev = loop {
+        match RedisDevice::new(&hmm, trusted.clone()) {
+            Ok(d) => break d,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("the TLS server did not take the device within 10 s: {e}"),
+        }
+    };
+    let (r, want) = filled(&hmm, 32);
+    assert_eq!(dev.migrate_to_device(r.range()).unwrap().migrated, 32);
+    let mut got = vec![0u8; r.len()];
+    r.read(0, &mut got).unwrap();
+    assert_eq!(first_wrong_page(&got, &want), None);
+    match RedisDevice::new(&hmm, RedisConfig::new("tls", &server.url, 1 << 20)) {
+        Err(HmmError::Config(m)) => {
+            assert!(m.contains("certificate") && m.contains("tls_ca"), "{m}")
+        }
+        other => panic!("an untrusted certificate: {other:?}"),
+    }
+    drop(dev);
+    server.kill();
+}
