@@ -40,12 +40,11 @@ mod store;
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use hmm::dma::{
-    DmaEngine, DmaError, DmaFence, DmaJob, FenceCompleter, SystemSink, ToDevice, ToSystem,
+    DmaEngine, DmaError, DmaFence, DmaJob, JobPart, SystemSink, ToDevice, ToSystem, Workers,
 };
 use hmm::migrate::MigrationReport;
 use hmm::space::{Hmm, HmmError};
@@ -418,60 +417,22 @@ impl DevicePagemapOps for Core {
 
 // ---- the engine ----------------------------------------------------------------------
 
-type Work = Box<dyn FnOnce() + Send>;
-
-/// Jobs of at most this many pages are done on the submitting thread (a
-/// fault-back's window, say): a hand-off would cost two thread wake-ups.
-const INLINE_PAGES: usize = 16;
-
 /// Empty slabs kept for reuse after a job; the rest are given back.
 const KEEP_EMPTY_SLABS: usize = 16;
 
 /// Worker threads that compress pages into the store and decompress them
 /// into their addresses.
 struct Engine {
-    shared: Arc<Shared>,
-    queue: Mutex<Option<Sender<Work>>>,
-    workers: Mutex<Vec<JoinHandle<()>>>,
-    count: usize,
+    workers: Workers,
 }
 
 impl Engine {
     fn new(shared: Arc<Shared>, workers: usize, name: &str) -> std::io::Result<Self> {
-        let (tx, rx) = channel::<Work>();
-        let rx = Arc::new(Mutex::new(rx));
-        let mut handles = Vec::with_capacity(workers);
-        for n in 0..workers {
-            let rx: Arc<Mutex<Receiver<Work>>> = rx.clone();
-            handles.push(std::thread::Builder::new().name(format!("hmm-z-{name}-{n}")).spawn(
-                move || loop {
-                    let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-                    match job {
-                        Ok(job) => job(),
-                        Err(_) => return,
-                    }
-                },
-            )?);
-        }
-        Ok(Self {
-            shared,
-            queue: Mutex::new(Some(tx)),
-            workers: Mutex::new(handles),
-            count: workers,
-        })
-    }
-
-    fn stop(&self) {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner()).take();
-        for h in self.workers.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
-            let _ = h.join();
-        }
-    }
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        self.stop();
+        let workers = Workers::new(workers, &format!("hmm-z-{name}"), move |part| match part {
+            JobPart::ToDevice(ops) => to_device(&shared, ops),
+            JobPart::ToSystem { copies, sink } => to_system(&shared, sink, copies),
+        })?;
+        Ok(Self { workers })
     }
 }
 
@@ -557,52 +518,7 @@ impl DmaEngine for Engine {
     }
 
     fn submit(&self, job: DmaJob) -> DmaFence {
-        let n = job.len();
-        let (fence, done) = DmaFence::new(n);
-        let run = |job: &DmaJob| match job {
-            DmaJob::ToDevice(ops) => to_device(&self.shared, ops),
-            DmaJob::ToSystem { copies, sink } => to_system(&self.shared, sink, copies),
-        };
-        if n <= INLINE_PAGES {
-            done.complete(0, run(&job));
-            return fence;
-        }
-        let per = n.div_ceil(self.count.max(1)).max(INLINE_PAGES);
-        let queue = self.queue.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let send = |work: Work, done: &FenceCompleter, first: usize, len: usize| {
-            if let Some(q) = &queue
-                && q.send(work).is_ok()
-            {
-                return;
-            }
-            done.complete(first, vec![Err(DmaError::Failed("the engine stopped".into())); len]);
-        };
-        match job {
-            DmaJob::ToDevice(ops) => {
-                let ops = Arc::new(ops);
-                for first in (0..n).step_by(per) {
-                    let len = per.min(n - first);
-                    let (ops, shared, d) = (ops.clone(), self.shared.clone(), done.clone());
-                    let work: Work = Box::new(move || {
-                        d.complete(first, to_device(&shared, &ops[first..first + len]));
-                    });
-                    send(work, &done, first, len);
-                }
-            }
-            DmaJob::ToSystem { copies, sink } => {
-                let copies = Arc::new(copies);
-                for first in (0..n).step_by(per) {
-                    let len = per.min(n - first);
-                    let (c, shared, d, s) =
-                        (copies.clone(), self.shared.clone(), done.clone(), sink.clone());
-                    let work: Work = Box::new(move || {
-                        d.complete(first, to_system(&shared, &s, &c[first..first + len]));
-                    });
-                    send(work, &done, first, len);
-                }
-            }
-        }
-        fence
+        self.workers.submit(job)
     }
 }
 
@@ -708,7 +624,7 @@ impl Drop for CompressedDevice {
         // The workers stop once no page is left on the device; if some
         // could not be brought back, hmm keeps the engine (and them) alive.
         match self.hmm.unregister_device_memory(&self.mem) {
-            Ok(()) => self.core.engine.stop(),
+            Ok(()) => self.core.engine.workers.stop(),
             Err(e) => tracing::error!(error = %e, "releasing a compressed device"),
         }
         let s = &self.core.shared;

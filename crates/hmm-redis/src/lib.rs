@@ -32,13 +32,12 @@
 //!   creation, saying what to fix. TLS (`rediss://`) runs on rustls.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use hmm::dma::{
-    DmaEngine, DmaError, DmaFence, DmaJob, FenceCompleter, SystemSink, ToDevice, ToSystem,
+    DmaEngine, DmaError, DmaFence, DmaJob, JobPart, SystemSink, ToDevice, ToSystem, Workers,
 };
 use hmm::migrate::MigrationReport;
 use hmm::space::{Hmm, HmmError};
@@ -700,48 +699,17 @@ fn background(shared: Arc<Shared>, hmm: HmmHandle, mem: Weak<DeviceMemory>) {
 
 // ---- the engine and the callbacks --------------------------------------------------
 
-type Work = Box<dyn FnOnce() + Send>;
-
-/// Jobs of at most this many pages run on the submitting thread.
-const INLINE_PAGES: usize = 16;
-
 struct Engine {
-    shared: Arc<Shared>,
-    queue: Mutex<Option<Sender<Work>>>,
-    workers: Mutex<Vec<JoinHandle<()>>>,
-    count: usize,
+    workers: Workers,
 }
 
 impl Engine {
     fn new(shared: Arc<Shared>, workers: usize, name: &str) -> std::io::Result<Self> {
-        let (tx, rx) = channel::<Work>();
-        let rx = Arc::new(Mutex::new(rx));
-        let mut handles = Vec::with_capacity(workers);
-        for n in 0..workers {
-            let rx: Arc<Mutex<Receiver<Work>>> = rx.clone();
-            handles.push(std::thread::Builder::new().name(format!("hmm-r-{name}-{n}")).spawn(
-                move || loop {
-                    let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-                    match job {
-                        Ok(job) => job(),
-                        Err(_) => return,
-                    }
-                },
-            )?);
-        }
-        Ok(Self {
-            shared,
-            queue: Mutex::new(Some(tx)),
-            workers: Mutex::new(handles),
-            count: workers,
-        })
-    }
-
-    fn stop(&self) {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner()).take();
-        for h in self.workers.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
-            let _ = h.join();
-        }
+        let workers = Workers::new(workers, &format!("hmm-r-{name}"), move |part| match part {
+            JobPart::ToDevice(ops) => shared.to_device(ops),
+            JobPart::ToSystem { copies, sink } => shared.to_system(sink, copies),
+        })?;
+        Ok(Self { workers })
     }
 }
 
@@ -751,52 +719,7 @@ impl DmaEngine for Engine {
     }
 
     fn submit(&self, job: DmaJob) -> DmaFence {
-        let n = job.len();
-        let (fence, done) = DmaFence::new(n);
-        if n <= INLINE_PAGES {
-            let res = match &job {
-                DmaJob::ToDevice(ops) => self.shared.to_device(ops),
-                DmaJob::ToSystem { copies, sink } => self.shared.to_system(sink, copies),
-            };
-            done.complete(0, res);
-            return fence;
-        }
-        let per = n.div_ceil(self.count.max(1)).max(INLINE_PAGES);
-        let queue = self.queue.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let send = |work: Work, done: &FenceCompleter, first: usize, len: usize| {
-            if let Some(q) = &queue
-                && q.send(work).is_ok()
-            {
-                return;
-            }
-            done.complete(first, vec![Err(DmaError::Failed("the engine stopped".into())); len]);
-        };
-        match job {
-            DmaJob::ToDevice(ops) => {
-                let ops = Arc::new(ops);
-                for first in (0..n).step_by(per) {
-                    let len = per.min(n - first);
-                    let (ops, shared, d) = (ops.clone(), self.shared.clone(), done.clone());
-                    let work: Work = Box::new(move || {
-                        d.complete(first, shared.to_device(&ops[first..first + len]));
-                    });
-                    send(work, &done, first, len);
-                }
-            }
-            DmaJob::ToSystem { copies, sink } => {
-                let copies = Arc::new(copies);
-                for first in (0..n).step_by(per) {
-                    let len = per.min(n - first);
-                    let (c, shared, d, s) =
-                        (copies.clone(), self.shared.clone(), done.clone(), sink.clone());
-                    let work: Work = Box::new(move || {
-                        d.complete(first, shared.to_system(&s, &c[first..first + len]));
-                    });
-                    send(work, &done, first, len);
-                }
-            }
-        }
-        fence
+        self.workers.submit(job)
     }
 }
 
@@ -1040,7 +963,7 @@ impl Drop for RedisDevice {
         if let Err(e) = self.hmm.unregister_device_memory(&self.mem) {
             tracing::error!(error = %e, "releasing a Redis device");
         }
-        self.core.engine.stop();
+        self.core.engine.workers.stop();
         let s = &self.core.shared;
         s.stopping.store(true, Ordering::Release);
         s.poke();

@@ -19,16 +19,14 @@
 #![warn(missing_docs)]
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
 
 use hmm::addr::{HUGE_PAGE_SIZE, PAGE_SIZE, PageRange, VirtAddr};
 use hmm::devmem::{
     DeviceMemory, DeviceMemoryConfig, DevicePagemapOps, DeviceStats, InThreadFill, MemoryKind,
     Pressure,
 };
-use hmm::dma::{DmaEngine, DmaError, DmaFence, DmaJob, FenceCompleter, ToDevice, ToSystem};
+use hmm::dma::{DmaEngine, DmaError, DmaFence, DmaJob, JobPart, ToDevice, ToSystem, Workers};
 use hmm::driver::HmmHandle;
 use hmm::migrate::{MigrationReport, SkipReason};
 use hmm::mirror::{IntervalNotifier, PageInfo, RangeFault, RangeFaultError};
@@ -1187,51 +1185,24 @@ impl DeviceContext<'_> {
 
 // ---- the copying engine ----------------------------------------------------------------
 
-type Work = Box<dyn FnOnce() + Send>;
-
 /// Worker threads that copy pages between staging, device memory and their
-/// addresses.
-/// Jobs of at most this many pages are copied on the submitting thread: a
-/// slice for a worker is never smaller, so a hand-off would buy no
-/// parallelism, only two wake-ups.
-const INLINE_PAGES: usize = 16;
-
+/// addresses ([`Workers`]: a job of a few pages is copied on the thread
+/// that submits it).
 pub(crate) struct CopyEngine {
-    pool: Arc<Mapping>,
-    queue: Option<Sender<Work>>,
-    workers: Vec<JoinHandle<()>>,
+    workers: Workers,
     faults: Arc<Injector>,
 }
 
 impl CopyEngine {
     fn new(pool: Arc<Mapping>, workers: usize, faults: Arc<Injector>) -> std::io::Result<Self> {
-        let (tx, rx) = channel::<Work>();
-        let rx = Arc::new(Mutex::new(rx));
-        let mut handles = Vec::with_capacity(workers);
-        for n in 0..workers {
-            let rx: Arc<Mutex<Receiver<Work>>> = rx.clone();
-            handles.push(std::thread::Builder::new().name(format!("hmm-dma-{n}")).spawn(
-                move || {
-                    loop {
-                        let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-                        match job {
-                            Ok(job) => job(),
-                            Err(_) => return,
-                        }
-                    }
-                },
-            )?);
-        }
-        Ok(Self { pool, queue: Some(tx), workers: handles, faults })
-    }
-}
-
-impl Drop for CopyEngine {
-    fn drop(&mut self) {
-        self.queue = None;
-        for h in self.workers.drain(..) {
-            let _ = h.join();
-        }
+        let f = faults.clone();
+        let workers = Workers::new(workers, "hmm-dma", move |part| match part {
+            JobPart::ToDevice(ops) => to_device_copies(&pool, ops, &f),
+            JobPart::ToSystem { copies, sink } => {
+                to_system_copies(&pool, sink, copies, &f, false).0
+            }
+        })?;
+        Ok(Self { workers, faults })
     }
 }
 
@@ -1344,66 +1315,7 @@ impl DmaEngine for CopyEngine {
 
     fn submit(&self, job: DmaJob) -> DmaFence {
         self.faults.pass();
-        let n = job.len();
-        let (fence, done) = DmaFence::new(n);
-        if n <= INLINE_PAGES {
-            // One worker would take it all: copy here instead, and spare the
-            // two thread wake-ups a hand-off costs (a fault-back of one page
-            // then wakes no thread but the faulting one).
-            let res = match &job {
-                DmaJob::ToDevice(ops) => to_device_copies(&self.pool, ops, &self.faults),
-                DmaJob::ToSystem { copies, sink } => {
-                    to_system_copies(&self.pool, sink, copies, &self.faults, false).0
-                }
-            };
-            done.complete(0, res);
-            return fence;
-        }
-        let workers = self.workers.len().max(1);
-        // Split into one slice per worker, at least INLINE_PAGES each.
-        let per = n.div_ceil(workers).max(INLINE_PAGES);
-        let send = |work: Work, done: &FenceCompleter, first: usize, len: usize| {
-            if let Some(q) = &self.queue
-                && q.send(work).is_ok()
-            {
-                return;
-            }
-            done.complete(first, vec![Err(DmaError::Failed("engine stopped".into())); len]);
-        };
-        match job {
-            DmaJob::ToDevice(ops) => {
-                let ops = Arc::new(ops);
-                for first in (0..n).step_by(per) {
-                    let len = per.min(n - first);
-                    let (ops, pool, d, f) =
-                        (ops.clone(), self.pool.clone(), done.clone(), self.faults.clone());
-                    let work: Work = Box::new(move || {
-                        d.complete(first, to_device_copies(&pool, &ops[first..first + len], &f));
-                    });
-                    send(work, &done, first, len);
-                }
-            }
-            DmaJob::ToSystem { copies, sink } => {
-                let copies = Arc::new(copies);
-                for first in (0..n).step_by(per) {
-                    let len = per.min(n - first);
-                    let (c, pool, d, s, f) = (
-                        copies.clone(),
-                        self.pool.clone(),
-                        done.clone(),
-                        sink.clone(),
-                        self.faults.clone(),
-                    );
-                    let work: Work = Box::new(move || {
-                        let (res, _) =
-                            to_system_copies(&pool, &s, &c[first..first + len], &f, false);
-                        d.complete(first, res);
-                    });
-                    send(work, &done, first, len);
-                }
-            }
-        }
-        fence
+        self.workers.submit(job)
     }
 }
 

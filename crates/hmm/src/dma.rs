@@ -473,9 +473,189 @@ fn per_page(
     out
 }
 
+/// One part of a job a [`Workers`] pool hands to its copy function.
+#[derive(Debug, Clone, Copy)]
+pub enum JobPart<'a> {
+    /// Copies towards the device.
+    ToDevice(&'a [ToDevice]),
+    /// Copies towards system memory, installed through `sink`.
+    ToSystem {
+        /// The copies.
+        copies: &'a [ToSystem],
+        /// The job's sink.
+        sink: &'a Arc<SystemSink>,
+    },
+}
+
+type Work = Box<dyn FnOnce() + Send>;
+type CopyFn = dyn Fn(JobPart<'_>) -> Vec<Result<(), DmaError>> + Send + Sync;
+
+/// Worker threads that an engine splits its jobs between: a job of at most
+/// [`INLINE_PAGES`](Self::INLINE_PAGES) copies runs on the submitting
+/// thread (a slice for a worker is never smaller, so a hand-off would buy
+/// no parallelism, only two thread wake-ups: a fault-back of one page then
+/// wakes no thread but the faulting one); a larger one is split into one
+/// part per worker, each completing its share of the fence. The engine's
+/// copy function does the copies of a part, in order.
+pub struct Workers {
+    copy: Arc<CopyFn>,
+    queue: Mutex<Option<std::sync::mpsc::Sender<Work>>>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    count: usize,
+}
+
+impl fmt::Debug for Workers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Workers").field("count", &self.count).finish()
+    }
+}
+
+impl Workers {
+    /// Jobs of at most this many copies run on the submitting thread.
+    pub const INLINE_PAGES: usize = 16;
+
+    /// Starts `count` (at least 1) threads named `{name}-{n}`, which run
+    /// `copy` on the parts of the jobs [`submit`](Self::submit) splits.
+    pub fn new(
+        count: usize,
+        name: &str,
+        copy: impl Fn(JobPart<'_>) -> Vec<Result<(), DmaError>> + Send + Sync + 'static,
+    ) -> std::io::Result<Self> {
+        let count = count.max(1);
+        let (tx, rx) = std::sync::mpsc::channel::<Work>();
+        let rx = Arc::new(Mutex::new(rx));
+        let mut threads = Vec::with_capacity(count);
+        for n in 0..count {
+            let rx = rx.clone();
+            threads.push(std::thread::Builder::new().name(format!("{name}-{n}")).spawn(
+                move || {
+                    loop {
+                        let work = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                        match work {
+                            Ok(work) => work(),
+                            Err(_) => return,
+                        }
+                    }
+                },
+            )?);
+        }
+        Ok(Self {
+            copy: Arc::new(copy),
+            queue: Mutex::new(Some(tx)),
+            threads: Mutex::new(threads),
+            count,
+        })
+    }
+
+    /// Runs `job` (see the type's docs); the fence completes when every
+    /// part has. After [`stop`](Self::stop), a job too large to run here
+    /// fails with "the engine stopped".
+    pub fn submit(&self, job: DmaJob) -> DmaFence {
+        let n = job.len();
+        let (fence, done) = DmaFence::new(n);
+        if n <= Self::INLINE_PAGES {
+            let res = match &job {
+                DmaJob::ToDevice(ops) => (self.copy)(JobPart::ToDevice(ops)),
+                DmaJob::ToSystem { copies, sink } => {
+                    (self.copy)(JobPart::ToSystem { copies, sink })
+                }
+            };
+            done.complete(0, res);
+            return fence;
+        }
+        let per = n.div_ceil(self.count).max(Self::INLINE_PAGES);
+        let queue = self.queue.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let job = Arc::new(job);
+        for first in (0..n).step_by(per) {
+            let len = per.min(n - first);
+            let (job, copy, d) = (job.clone(), self.copy.clone(), done.clone());
+            let work: Work = Box::new(move || {
+                let part = match &*job {
+                    DmaJob::ToDevice(ops) => JobPart::ToDevice(&ops[first..first + len]),
+                    DmaJob::ToSystem { copies, sink } => {
+                        JobPart::ToSystem { copies: &copies[first..first + len], sink }
+                    }
+                };
+                d.complete(first, copy(part));
+            });
+            if queue.as_ref().is_none_or(|q| q.send(work).is_err()) {
+                done.complete(first, vec![Err(DmaError::Failed("the engine stopped".into())); len]);
+            }
+        }
+        fence
+    }
+
+    /// Stops the threads once the parts queued are done.
+    pub fn stop(&self) {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).take();
+        for t in self.threads.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A job of a few copies runs on the submitting thread; a larger one is
+    /// split between the workers, and its results come back in job order.
+    #[test]
+    fn workers_run_small_jobs_here_and_split_large_ones_in_order() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let w = Workers::new(2, "test-w", move |part| {
+            let JobPart::ToDevice(ops) = part else { panic!("only ToDevice here") };
+            let me = std::thread::current().name().unwrap_or("").to_string();
+            s.lock().unwrap().push((me, ops.len()));
+            ops.iter()
+                .map(|op| match op.dst.index % 3 {
+                    0 => Ok(()),
+                    _ => Err(DmaError::Failed(format!("{}", op.dst.index))),
+                })
+                .collect()
+        })
+        .unwrap();
+        let job = |n: u32| {
+            DmaJob::ToDevice(
+                (0..n)
+                    .map(|index| ToDevice {
+                        src: SystemSource::Zero,
+                        dst: DevicePage { dev: crate::page::DeviceId(0), index },
+                    })
+                    .collect(),
+            )
+        };
+        let want = |n: u32| -> Vec<Result<(), DmaError>> {
+            (0..n)
+                .map(|i| if i % 3 == 0 { Ok(()) } else { Err(DmaError::Failed(format!("{i}"))) })
+                .collect()
+        };
+        let here = std::thread::current().name().unwrap_or("").to_string();
+        assert_eq!(w.submit(job(5)).wait(), want(5));
+        assert_eq!(seen.lock().unwrap().as_slice(), &[(here.clone(), 5)], "run on this thread");
+        seen.lock().unwrap().clear();
+        assert_eq!(w.submit(job(100)).wait(), want(100));
+        let parts = seen.lock().unwrap().clone();
+        assert_eq!(parts.iter().map(|(_, n)| n).sum::<usize>(), 100);
+        assert!(
+            parts.len() == 2 && parts.iter().all(|(t, _)| t.starts_with("test-w-")),
+            "{parts:?}"
+        );
+        w.stop();
+        let stopped = w.submit(job(40)).wait();
+        assert!(
+            stopped
+                .iter()
+                .all(|r| matches!(r, Err(DmaError::Failed(m)) if m.contains("engine stopped")))
+        );
+    }
 
     #[test]
     fn fence_collects_results_in_order_from_many_threads() {
