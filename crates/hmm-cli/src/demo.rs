@@ -380,22 +380,7 @@ fn run_tier(args: &DemoArgs, out: &mut dyn FnMut(&str)) -> Result<(), String> {
     let phase = Phase::start("build (CPU)", long);
     let arena = hmm.arena(arena_len).map_err(e("cannot make the arena"))?;
     let log = hmm.alloc(log_len).map_err(e("cannot allocate the log"))?;
-    let mut root: Option<&Node<'_>> = None;
-    let mut built = Steps::new("nodes linked", n, long);
-    for &k in &keys(n, seed) {
-        built.one();
-        let node: &Node<'_> = arena
-            .alloc(Node {
-                key: k,
-                value: value_of(seed, k),
-                left: Cell::new(None),
-                right: Cell::new(None),
-            })
-            .map_err(|err| format!("cannot place a node: {err}"))?;
-        insert(&mut root, node);
-    }
-    drop(built);
-    let root = root.ok_or("the tree is empty")?;
+    let root = build_tree(&arena, n, seed, long)?;
     let mut text = Vec::with_capacity(log_len);
     let mut lines = 0u64;
     while text.len() < log_len {
@@ -410,16 +395,7 @@ fn run_tier(args: &DemoArgs, out: &mut dyn FnMut(&str)) -> Result<(), String> {
     phases.push(phase.end(format!("{n} nodes linked, {lines} log lines written")));
     let tree_range = arena.range();
     let ranges: [(&str, hmm::PageRange); 2] = [("tree", tree_range), ("log", log.range())];
-    let show_maps = |out: &mut dyn FnMut(&str), when: &str| {
-        if let Err(e) = hmm.settle(std::time::Duration::from_secs(10)) {
-            out(&format!("  note: {e}\n"));
-        }
-        out(&format!("  residency {when}:\n"));
-        for (name, r) in ranges {
-            let m = hmm.residency_map(r);
-            out(&format!("    {name:<6} [{}]\n", m.render(64)));
-        }
-    };
+    let show_maps = |out: &mut dyn FnMut(&str), when: &str| show_maps(&hmm, &ranges, out, when);
 
     // 2. The cold part goes to the tier.
     let phase = Phase::start("move the cold part to cold0", long);
@@ -462,36 +438,14 @@ fn run_tier(args: &DemoArgs, out: &mut dyn FnMut(&str)) -> Result<(), String> {
     phases.push(phase.end(format!("{faults} CPU faults brought pages back as they were touched")));
     show_maps(out, "after the CPU used the data");
 
-    let w = phases.iter().map(|(name, ..)| name.len()).max().unwrap_or(0).max("phase".len());
-    out(&format!("\n  {:<w$} {:>10}  what happened\n", "phase", "time"));
-    for (name, d, what) in &phases {
-        out(&format!("  {name:<w$} {:>10}  {what}\n", human_duration(*d)));
-    }
-    out(&format!(
-        "  residency legend: {} system memory, {} cold0, {} never touched, {} migrating\n\n",
-        Place::System.symbol(),
-        Place::Device(tier.id()).symbol(),
-        Place::Unpopulated.symbol(),
-        Place::Migrating.symbol(),
-    ));
+    print_phases(out, &phases);
+    print_legend(out, "cold0", tier.id());
     let checks = [
         ("tree sum walked by the CPU", tree_sum, want_tree),
         ("tree nodes walked by the CPU", tree_nodes, want_nodes),
         ("log checksum read back by the CPU", log_sum, want_log),
     ];
-    let mut failed = Vec::new();
-    for (what, got, want) in checks {
-        let ok = got == want;
-        let mark = if ok { "ok  " } else { "FAIL" };
-        if what.contains("nodes") {
-            out(&format!("  {mark} {what}: {got}\n"));
-        } else {
-            out(&format!("  {mark} {what}: {got:#018x}\n"));
-        }
-        if !ok {
-            failed.push(format!("{what}: got {got:#x}, want {want:#x}"));
-        }
-    }
+    let failed = print_checks(out, &checks);
     if failed.is_empty() {
         out("\nevery byte came back as it was built\n");
         Ok(())
@@ -534,40 +488,13 @@ fn run_software(args: &DemoArgs, out: &mut dyn FnMut(&str)) -> Result<(), String
     let arena = hmm.arena(arena_len).map_err(e("cannot make the arena"))?;
     let array = hmm.alloc(array_len).map_err(e("cannot allocate the array"))?;
     let output = hmm.alloc(array_len).map_err(e("cannot allocate the output"))?;
-    let order = keys(n, seed);
-    let mut root: Option<&Node<'_>> = None;
-    let mut built = Steps::new("nodes linked", n, long);
-    for &k in &order {
-        built.one();
-        let node: &Node<'_> = arena
-            .alloc(Node {
-                key: k,
-                value: value_of(seed, k),
-                left: Cell::new(None),
-                right: Cell::new(None),
-            })
-            .map_err(|err| format!("cannot place a node: {err}"))?;
-        insert(&mut root, node);
-    }
-    drop(built);
-    let root = root.ok_or("the tree is empty")?;
+    let root = build_tree(&arena, n, seed, long)?;
     write_array(&array, seed).map_err(|err| format!("cannot write the array: {err}"))?;
     phases.push(phase.end(format!("{n} nodes linked, {words} words written")));
     let tree_range = arena.range();
     let ranges: [(&str, hmm::PageRange); 3] =
         [("tree", tree_range), ("array", array.range()), ("output", output.range())];
-    let show_maps = |out: &mut dyn FnMut(&str), when: &str| {
-        // The last fault-around windows of a phase may still be coming back:
-        // the map shows where pages are once they have arrived.
-        if let Err(e) = hmm.settle(std::time::Duration::from_secs(10)) {
-            out(&format!("  note: {e}\n"));
-        }
-        out(&format!("  residency {when}:\n"));
-        for (name, r) in ranges {
-            let m = hmm.residency_map(r);
-            out(&format!("    {name:<6} [{}]\n", m.render(64)));
-        }
-    };
+    let show_maps = |out: &mut dyn FnMut(&str), when: &str| show_maps(&hmm, &ranges, out, when);
     show_maps(out, "after build");
 
     // 2. Placement hints.
@@ -658,11 +585,7 @@ fn run_software(args: &DemoArgs, out: &mut dyn FnMut(&str)) -> Result<(), String
         ("tree nodes walked by the CPU", tree_nodes, cpu.tree_nodes),
     ];
 
-    let w = phases.iter().map(|(name, ..)| name.len()).max().unwrap_or(0).max("phase".len());
-    out(&format!("\n  {:<w$} {:>10}  what happened\n", "phase", "time"));
-    for (name, d, what) in &phases {
-        out(&format!("  {name:<w$} {:>10}  {what}\n", human_duration(*d)));
-    }
+    print_phases(out, &phases);
     let s = gpu.stats();
     out(&format!(
         "\n  pages migrated: {} to the device ({}), {} back to system memory ({})\n\
@@ -675,15 +598,75 @@ fn run_software(args: &DemoArgs, out: &mut dyn FnMut(&str)) -> Result<(), String
         cpu_faults_during_job,
         counters.faults,
     ));
+    print_legend(out, "gpu0", gpu.memory().id());
+    let failed = print_checks(out, &checks);
+    if failed.is_empty() {
+        out("\nevery result matches the CPU-only computation\n");
+        Ok(())
+    } else {
+        Err(format!("results differ from the CPU-only computation: {}", failed.join("; ")))
+    }
+}
+
+/// Builds the search tree of `n` nodes (keys from `seed`) in `arena`,
+/// showing progress on a long run; returns its root.
+fn build_tree(arena: &hmm::Arena, n: u64, seed: u64, long: bool) -> Result<&Node<'_>, String> {
+    let mut root: Option<&Node<'_>> = None;
+    let mut built = Steps::new("nodes linked", n, long);
+    for &k in &keys(n, seed) {
+        built.one();
+        let node: &Node<'_> = arena
+            .alloc(Node {
+                key: k,
+                value: value_of(seed, k),
+                left: Cell::new(None),
+                right: Cell::new(None),
+            })
+            .map_err(|err| format!("cannot place a node: {err}"))?;
+        insert(&mut root, node);
+    }
+    root.ok_or_else(|| "the tree is empty".into())
+}
+
+/// The residency map of each of `ranges`, `when`. The last fault-around
+/// windows of a phase may still be coming back: the map shows where pages
+/// are once they have arrived.
+fn show_maps(hmm: &Hmm, ranges: &[(&str, hmm::PageRange)], out: &mut dyn FnMut(&str), when: &str) {
+    if let Err(e) = hmm.settle(std::time::Duration::from_secs(10)) {
+        out(&format!("  note: {e}\n"));
+    }
+    out(&format!("  residency {when}:\n"));
+    for (name, r) in ranges {
+        let m = hmm.residency_map(*r);
+        out(&format!("    {name:<6} [{}]\n", m.render(64)));
+    }
+}
+
+/// The table of phases: name, time, what happened.
+fn print_phases(out: &mut dyn FnMut(&str), phases: &[(&str, Duration, String)]) {
+    let w = phases.iter().map(|(name, ..)| name.len()).max().unwrap_or(0).max("phase".len());
+    out(&format!("\n  {:<w$} {:>10}  what happened\n", "phase", "time"));
+    for (name, d, what) in phases {
+        out(&format!("  {name:<w$} {:>10}  {what}\n", human_duration(*d)));
+    }
+}
+
+/// What the residency maps' symbols mean, `device` being the demo's device.
+fn print_legend(out: &mut dyn FnMut(&str), device: &str, id: hmm::DeviceId) {
     out(&format!(
-        "  residency legend: {} system memory, {} gpu0, {} never touched, {} migrating\n\n",
+        "  residency legend: {} system memory, {} {device}, {} never touched, {} migrating\n\n",
         Place::System.symbol(),
-        Place::Device(gpu.memory().id()).symbol(),
+        Place::Device(id).symbol(),
         Place::Unpopulated.symbol(),
         Place::Migrating.symbol(),
     ));
+}
+
+/// Prints each check (`what`, got, want) as ok or FAIL; returns the failed
+/// ones, described.
+fn print_checks(out: &mut dyn FnMut(&str), checks: &[(&str, u64, u64)]) -> Vec<String> {
     let mut failed = Vec::new();
-    for (what, got, want) in checks {
+    for &(what, got, want) in checks {
         let ok = got == want;
         let mark = if ok { "ok  " } else { "FAIL" };
         if what.contains("nodes") {
@@ -695,12 +678,7 @@ fn run_software(args: &DemoArgs, out: &mut dyn FnMut(&str)) -> Result<(), String
             failed.push(format!("{what}: got {got:#x}, want {want:#x}"));
         }
     }
-    if failed.is_empty() {
-        out("\nevery result matches the CPU-only computation\n");
-        Ok(())
-    } else {
-        Err(format!("results differ from the CPU-only computation: {}", failed.join("; ")))
-    }
+    failed
 }
 
 /// Inserts `node` into the tree at `root` (plain Rust: the CPU's side).
