@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use hmm::os::process::{ChildOutcome, spawn_child};
-use hmm::{FaultMode, Hmm, HmmConfig, HmmError, ManagedRange, PAGE_SIZE, Residency, SkipReason};
+use hmm::{FaultMode, Hmm, HmmError, ManagedRange, PAGE_SIZE, Residency, SkipReason};
 use hmm_compressed::{Algorithm, CompressedConfig, CompressedDevice, DEFAULT_THRESHOLD};
 
 /// What page `i` of a test range holds.
@@ -60,25 +60,6 @@ fn data(pages: usize) -> Vec<u8> {
     (0..pages).flat_map(page).collect()
 }
 
-fn first_wrong_page(got: &[u8], want: &[u8]) -> Option<usize> {
-    got.chunks(PAGE_SIZE).zip(want.chunks(PAGE_SIZE)).position(|(a, b)| a != b)
-}
-
-fn instance(mode: FaultMode) -> Hmm {
-    Hmm::with_config(HmmConfig { fault_mode: mode, ..HmmConfig::default() }).unwrap()
-}
-
-/// The modes this machine can run (in-thread needs SIGBUS mode).
-fn modes() -> Vec<FaultMode> {
-    let mut m = vec![FaultMode::Service];
-    if hmm::probe::probe().has("sigbus-mode") {
-        m.push(FaultMode::InThread);
-    } else {
-        eprintln!("SKIP (in-thread mode): this kernel has no userfaultfd SIGBUS mode");
-    }
-    m
-}
-
 fn filled(hmm: &Hmm, pages: usize) -> (ManagedRange, Vec<u8>) {
     let r = hmm.alloc(pages * PAGE_SIZE).unwrap();
     let want = data(pages);
@@ -101,12 +82,12 @@ fn pages_are_compressed_flagged_or_declined_and_read_back_right() {
     if common::skip_without_uffd() {
         return;
     }
-    for mode in modes() {
+    for mode in common::fault_modes() {
         for cfg in
             [CompressedConfig::new("z", 4 << 20), CompressedConfig::new("z", 4 << 20).with_zstd(3)]
         {
             let who = format!("{mode:?}, {}", cfg.algorithm);
-            let hmm = instance(mode);
+            let hmm = common::instance(mode);
             let dev = CompressedDevice::new(&hmm, cfg).unwrap();
             let pages = 256;
             let (r, want) = filled(&hmm, pages);
@@ -143,7 +124,7 @@ fn pages_are_compressed_flagged_or_declined_and_read_back_right() {
             let (served, handed) = hmm.in_thread_faults();
             let mut got = vec![0u8; r.len()];
             r.read(0, &mut got).unwrap();
-            assert_eq!(first_wrong_page(&got, &want), None, "{who}");
+            assert_eq!(common::first_wrong_page(&got, &want), None, "{who}");
             let (served_now, handed_now) = hmm.in_thread_faults();
             if mode == FaultMode::InThread && dev.algorithm() == Algorithm::Lz4 {
                 assert!(served_now > served, "{who}: lz4 pages come back in the handler");
@@ -181,7 +162,7 @@ fn migrating_back_brings_every_page_and_gives_the_memory_back() {
         assert!(r.residencies().iter().all(|x| *x == Residency::System), "{who}");
         let mut got = vec![0u8; r.len()];
         r.read(0, &mut got).unwrap();
-        assert_eq!(first_wrong_page(&got, &want), None, "{who}");
+        assert_eq!(common::first_wrong_page(&got, &want), None, "{who}");
         nothing_held(&dev);
         // Sixteen empty slabs of at most four pages are kept.
         common::eventually("the memory of the other empty slabs given back", || {
@@ -218,7 +199,7 @@ fn a_full_device_refuses_pages_and_keeps_them_where_they_were() {
     assert!(s.footprint_bytes + 3 * PAGE_SIZE as u64 >= s.capacity_bytes, "{s:?}");
     let mut got = vec![0u8; r.len()];
     r.read(0, &mut got).unwrap();
-    assert_eq!(first_wrong_page(&got, &want), None);
+    assert_eq!(common::first_wrong_page(&got, &want), None);
 }
 
 /// Unmapping a range frees what the device held for it; `mremap` carries
@@ -228,8 +209,8 @@ fn munmap_frees_and_mremap_carries_compressed_pages() {
     if common::skip_without_uffd() {
         return;
     }
-    for mode in modes() {
-        let hmm = instance(mode);
+    for mode in common::fault_modes() {
+        let hmm = common::instance(mode);
         let dev = CompressedDevice::new(&hmm, CompressedConfig::new("z", 4 << 20)).unwrap();
         let (r, _) = filled(&hmm, 64);
         assert!(dev.migrate_to_device(r.range()).unwrap().migrated > 0);
@@ -241,7 +222,11 @@ fn munmap_frees_and_mremap_carries_compressed_pages() {
         let moved = r.mapping().move_part(r.range()).unwrap();
         let mut got = vec![0u8; moved.len()];
         moved.read(0, &mut got).unwrap();
-        assert_eq!(first_wrong_page(&got, &want), None, "{mode:?}: the bytes at the new address");
+        assert_eq!(
+            common::first_wrong_page(&got, &want),
+            None,
+            "{mode:?}: the bytes at the new address"
+        );
         drop(moved);
         drop(r);
         hmm.settle(Duration::from_secs(10)).unwrap();
@@ -262,17 +247,7 @@ fn a_forked_child_reads_compressed_pages() {
     let (r, want) = filled(&hmm, 128);
     let moved = dev.migrate_to_device(r.range()).unwrap().migrated;
     assert!(moved > 0);
-    let child = spawn_child(|| {
-        let mut got = vec![0u8; r.len()];
-        if r.mapping().read(0, &mut got).is_err() {
-            return 2;
-        }
-        match first_wrong_page(&got, &want) {
-            Some(p) => 10 + p as i32,
-            None => 0,
-        }
-    })
-    .unwrap();
+    let child = spawn_child(|| common::child_reads_back(&r, &want)).unwrap();
     r.fill(0, r.len(), 0xAB).unwrap();
     assert_eq!(
         child.wait_within(common::CHILD_LIMIT).unwrap(),

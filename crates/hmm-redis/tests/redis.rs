@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hmm::os::process::{ChildOutcome, spawn_child};
-use hmm::{FaultMode, Hmm, HmmConfig, HmmError, ManagedRange, PAGE_SIZE, RangeError, Residency};
+use hmm::{Hmm, HmmError, ManagedRange, PAGE_SIZE, RangeError, Residency};
 use hmm_redis::{RedisConfig, RedisDevice};
 
 /// A `redis-server` of the test's own, killed when dropped.
@@ -166,22 +166,6 @@ fn filled(hmm: &Hmm, pages: usize) -> (ManagedRange, Vec<u8>) {
     (r, want)
 }
 
-fn first_wrong_page(got: &[u8], want: &[u8]) -> Option<usize> {
-    got.chunks(PAGE_SIZE).zip(want.chunks(PAGE_SIZE)).position(|(a, b)| a != b)
-}
-
-fn modes() -> Vec<FaultMode> {
-    let mut m = vec![FaultMode::Service];
-    if hmm::probe::probe().has("sigbus-mode") {
-        m.push(FaultMode::InThread);
-    }
-    m
-}
-
-fn instance(mode: FaultMode) -> Hmm {
-    Hmm::with_config(HmmConfig { fault_mode: mode, ..HmmConfig::default() }).unwrap()
-}
-
 /// Pages go to the server as one key each (zero pages as a flag), come back
 /// by CPU touches in both fault modes, and their keys are deleted once the
 /// pages are back.
@@ -191,8 +175,8 @@ fn pages_round_trip_through_redis_and_their_keys_are_deleted() {
         return;
     }
     let server = Server::unix(&[]);
-    for mode in modes() {
-        let hmm = instance(mode);
+    for mode in common::fault_modes() {
+        let hmm = common::instance(mode);
         let dev = RedisDevice::new(&hmm, RedisConfig::new("r", &server.url, 4 << 20)).unwrap();
         let pages = 256;
         let (r, want) = filled(&hmm, pages);
@@ -209,7 +193,7 @@ fn pages_round_trip_through_redis_and_their_keys_are_deleted() {
         assert_eq!(server.keys(dev.key_prefix()), pages - zero + 1, "{mode:?}");
         let mut got = vec![0u8; r.len()];
         r.read(0, &mut got).unwrap();
-        assert_eq!(first_wrong_page(&got, &want), None, "{mode:?}");
+        assert_eq!(common::first_wrong_page(&got, &want), None, "{mode:?}");
         assert!(r.residencies().iter().all(|x| *x == Residency::System));
         hmm.settle(Duration::from_secs(10)).unwrap();
         common::eventually("the freed pages' keys deleted", || server.keys(dev.key_prefix()) == 1);
@@ -239,23 +223,13 @@ fn munmap_mremap_and_fork_with_remote_pages() {
     let moved = r.mapping().move_part(r.range()).unwrap();
     let mut got = vec![0u8; moved.len()];
     moved.read(0, &mut got).unwrap();
-    assert_eq!(first_wrong_page(&got, &want), None, "the bytes at the new address");
+    assert_eq!(common::first_wrong_page(&got, &want), None, "the bytes at the new address");
     drop(moved);
     drop(r);
 
     let (r, want) = filled(&hmm, 64);
     dev.migrate_to_device(r.range()).unwrap();
-    let child = spawn_child(|| {
-        let mut got = vec![0u8; r.len()];
-        if r.mapping().read(0, &mut got).is_err() {
-            return 2;
-        }
-        match first_wrong_page(&got, &want) {
-            Some(p) => 10 + p as i32,
-            None => 0,
-        }
-    })
-    .unwrap();
+    let child = spawn_child(|| common::child_reads_back(&r, &want)).unwrap();
     assert_eq!(
         child.wait_within(common::CHILD_LIMIT).unwrap(),
         ChildOutcome::Exited(0),
@@ -286,7 +260,10 @@ fn two_devices_on_one_server_see_only_their_own_keys() {
     let (mut g1, mut g2) = (vec![0u8; r1.len()], vec![0u8; r2.len()]);
     r1.read(0, &mut g1).unwrap();
     r2.read(0, &mut g2).unwrap();
-    assert_eq!((first_wrong_page(&g1, &w1), first_wrong_page(&g2, &w2)), (None, None));
+    assert_eq!(
+        (common::first_wrong_page(&g1, &w1), common::first_wrong_page(&g2, &w2)),
+        (None, None)
+    );
 }
 
 /// Bad configuration fails at creation with what to fix.
@@ -509,7 +486,7 @@ fn a_cluster_shards_the_pages_over_its_nodes() {
     }
     let mut got = vec![0u8; r.len()];
     r.read(0, &mut got).unwrap();
-    assert_eq!(first_wrong_page(&got, &want), None);
+    assert_eq!(common::first_wrong_page(&got, &want), None);
 }
 
 /// Device pages freed and at once used again, before the background
@@ -532,7 +509,7 @@ fn a_reused_device_page_keeps_its_new_data_when_the_old_key_is_deleted() {
         common::eventually("the freed keys deleted", || dev.stats().pending_deletes == 0);
         let mut got = vec![0u8; r.len()];
         r.read(0, &mut got).unwrap();
-        assert_eq!(first_wrong_page(&got, &second), None, "round {round}");
+        assert_eq!(common::first_wrong_page(&got, &second), None, "round {round}");
         assert!(!dev.stats().failed, "round {round}");
         drop(r);
     }
@@ -575,7 +552,7 @@ fn compressed_values_take_less_of_the_server_and_come_back() {
         assert!(bytes < pages * PAGE_SIZE * 3 / 4, "{algorithm}: {bytes} bytes for {pages} pages");
         let mut got = vec![0u8; r.len()];
         r.read(0, &mut got).unwrap();
-        assert_eq!(first_wrong_page(&got, &want), None, "{algorithm}");
+        assert_eq!(common::first_wrong_page(&got, &want), None, "{algorithm}");
     }
 }
 
@@ -629,7 +606,7 @@ fn a_second_process_on_the_same_server_sees_none_of_the_first_keys() {
     );
     let mut got = vec![0u8; r.len()];
     r.read(0, &mut got).unwrap();
-    assert_eq!(first_wrong_page(&got, &want), None);
+    assert_eq!(common::first_wrong_page(&got, &want), None);
 }
 
 /// A TLS server (`rediss://`, a certificate of a test authority): with the
@@ -716,7 +693,7 @@ fn a_tls_server_is_used_with_its_certificate_authority_and_refused_without() {
     assert_eq!(dev.migrate_to_device(r.range()).unwrap().migrated, 32);
     let mut got = vec![0u8; r.len()];
     r.read(0, &mut got).unwrap();
-    assert_eq!(first_wrong_page(&got, &want), None);
+    assert_eq!(common::first_wrong_page(&got, &want), None);
     match RedisDevice::new(&hmm, RedisConfig::new("tls", &server.url, 1 << 20)) {
         Err(HmmError::Config(m)) => {
             assert!(m.contains("certificate") && m.contains("tls_ca"), "{m}")

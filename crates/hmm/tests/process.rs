@@ -20,11 +20,6 @@ fn pattern(pages: usize, seed: u64) -> Vec<u8> {
     (0..pages as u64).flat_map(|i| (seed + i).to_ne_bytes().repeat(PAGE_SIZE / 8)).collect()
 }
 
-/// The index of the first page of `got` that differs from `want`.
-fn first_wrong_page(got: &[u8], want: &[u8]) -> Option<usize> {
-    got.chunks(PAGE_SIZE).zip(want.chunks(PAGE_SIZE)).position(|(a, b)| a != b)
-}
-
 /// Fork with pages on a device, in system memory and never touched: the
 /// child reads the fork-time data everywhere; what the parent's device and
 /// CPU write after the fork stays the parent's, what the child writes stays
@@ -55,7 +50,7 @@ fn fork_gives_the_child_the_fork_time_data_and_isolates_both_sides() {
         if r.mapping().read(0, &mut got).is_err() {
             return 3;
         }
-        if let Some(p) = first_wrong_page(&got, &want) {
+        if let Some(p) = common::first_wrong_page(&got, &want) {
             return 10 + p as i32;
         }
         // The child's own writes.
@@ -83,13 +78,13 @@ fn fork_gives_the_child_the_fork_time_data_and_isolates_both_sides() {
     mine[50 * PAGE_SIZE..51 * PAGE_SIZE].fill(0xDD);
     let (through_device, _) = dev.read(r.range()).unwrap();
     assert_eq!(
-        first_wrong_page(&through_device, &mine),
+        common::first_wrong_page(&through_device, &mine),
         None,
         "the parent's data, seen by its device"
     );
     let mut got = vec![0u8; r.len()];
     r.read(0, &mut got).unwrap();
-    assert_eq!(first_wrong_page(&got, &mine), None, "the parent's data, seen by its CPU");
+    assert_eq!(common::first_wrong_page(&got, &mine), None, "the parent's data, seen by its CPU");
     drop(r);
     assert_eq!(dev.stats().pages_resident, 0, "no device page left behind");
 }
@@ -129,7 +124,7 @@ fn a_large_fork_copy_puts_every_page_in_place() {
         if r.mapping().read(0, &mut got).is_err() {
             return 5;
         }
-        match first_wrong_page(&got, &want) {
+        match common::first_wrong_page(&got, &want) {
             Some(p) => 10 + p as i32,
             None => 0,
         }
@@ -145,7 +140,7 @@ fn a_large_fork_copy_puts_every_page_in_place() {
     assert!(r.residencies()[..on_device].iter().all(|x| matches!(x, Residency::Device(_))));
     let mut got = vec![0u8; r.len()];
     r.read(0, &mut got).unwrap();
-    assert_eq!(first_wrong_page(&got, &want), None, "the parent's data");
+    assert_eq!(common::first_wrong_page(&got, &want), None, "the parent's data");
 }
 
 /// Pages a device held exclusively are handed back at fork: the device's
@@ -286,7 +281,7 @@ fn system_calls_and_pins_on_device_resident_buffers() {
     want[PAGE_SIZE + 8..PAGE_SIZE + 108].fill(0xAB);
     let mut got = vec![0u8; r.len()];
     r.read(0, &mut got).unwrap();
-    assert_eq!(first_wrong_page(&got, &want), None);
+    assert_eq!(common::first_wrong_page(&got, &want), None);
     // write(2) from a device-resident buffer, and process_vm_readv of one.
     dev.migrate_to_device(r.range()).unwrap();
     let (mut rd, wr) = std::io::pipe().unwrap();
@@ -312,7 +307,7 @@ fn system_calls_and_pins_on_device_resident_buffers() {
     drop(b);
     assert_eq!(dev.migrate_to_device(r.range()).unwrap().migrated, 2);
     r.read(0, &mut got).unwrap();
-    assert_eq!(first_wrong_page(&got, &want), None);
+    assert_eq!(common::first_wrong_page(&got, &want), None);
     // A pin of an unmapped part is refused, naming it.
     r.unmap(r.pages_range(7, 1).unwrap()).unwrap();
     common::eventually("the unmap is seen", || r.residency(7) == Residency::Unmapped);
@@ -364,7 +359,7 @@ fn o_direct_round_trip(r: &hmm::ManagedRange, dev: &SoftwareDevice, want: &mut [
     want.copy_within(0..2 * PAGE_SIZE, 6 * PAGE_SIZE);
     let mut got = vec![0u8; r.len()];
     r.read(0, &mut got).unwrap();
-    assert_eq!(first_wrong_page(&got, want), None, "O_DIRECT moved the right bytes");
+    assert_eq!(common::first_wrong_page(&got, want), None, "O_DIRECT moved the right bytes");
 }
 
 /// How a test moves part of a managed range with the application's own
@@ -418,7 +413,11 @@ fn mremap_brings_device_pages_to_the_new_address() {
             moved.read(0, &mut got).unwrap();
             let want = &data[first * PAGE_SIZE..(first + count) * PAGE_SIZE];
 
-            assert_eq!(first_wrong_page(&got, want), None, "{case}: the new address has the data");
+            assert_eq!(
+                common::first_wrong_page(&got, want),
+                None,
+                "{case}: the new address has the data"
+            );
             common::eventually("the moved device pages freed", || {
                 dev.stats().pages_resident == 48 - on_device_moved
             });
@@ -516,7 +515,7 @@ fn a_remap_whose_copy_meets_an_unread_change_still_delivers() {
     });
     let mut got = vec![0u8; r.len()];
     moved.read(0, &mut got).unwrap();
-    assert_eq!(first_wrong_page(&got, &data), None, "the new address has the data");
+    assert_eq!(common::first_wrong_page(&got, &data), None, "the new address has the data");
 }
 
 /// `mremap` of device pages whose copies to the new address first find no
@@ -548,7 +547,11 @@ fn a_remap_whose_copies_find_no_memory_at_first_still_delivers() {
             let mut got = vec![0u8; r.len()];
             moved.read(0, &mut got).unwrap_or_else(|e| panic!("{case}: {e}"));
             dev.fail_next_copies_to_system(0);
-            assert_eq!(first_wrong_page(&got, &data), None, "{case}: the new address has the data");
+            assert_eq!(
+                common::first_wrong_page(&got, &data),
+                None,
+                "{case}: the new address has the data"
+            );
             common::eventually("the moved device pages freed", || dev.stats().pages_resident == 0);
         }
     }
@@ -578,7 +581,7 @@ fn mremap_shrinking_in_place_frees_the_tail() {
     assert!(res[..20].iter().all(|x| matches!(x, Residency::Device(_))), "{res:?}");
     let mut got = vec![0u8; 20 * PAGE_SIZE];
     r.read(0, &mut got).unwrap();
-    assert_eq!(first_wrong_page(&got, &data[..20 * PAGE_SIZE]), None);
+    assert_eq!(common::first_wrong_page(&got, &data[..20 * PAGE_SIZE]), None);
     drop(r);
     assert_eq!(dev.stats().pages_resident, 0);
 }
@@ -620,7 +623,11 @@ fn mremap_during_migrations_loses_nothing() {
         let mut got = vec![0u8; part.len()];
         moved.read(0, &mut got).unwrap();
         let want = &data[first * PAGE_SIZE..(first + count) * PAGE_SIZE];
-        assert_eq!(first_wrong_page(&got, want), None, "round {round} ({how:?}): moved data");
+        assert_eq!(
+            common::first_wrong_page(&got, want),
+            None,
+            "round {round} ({how:?}): moved data"
+        );
         for p in (0..pages).filter(|p| !(first..first + count).contains(p)) {
             let mut page = vec![0u8; PAGE_SIZE];
             r.read(p * PAGE_SIZE, &mut page).unwrap();
@@ -830,7 +837,7 @@ fn pages_unwritten_since_a_fork_still_migrate() {
     dev.make_exclusive(r.pages_range(8, 8).unwrap()).expect("exclusive after a fork");
     let mut got = vec![0u8; r.len()];
     r.read(0, &mut got).unwrap();
-    assert_eq!(first_wrong_page(&got, &data), None);
+    assert_eq!(common::first_wrong_page(&got, &data), None);
 }
 
 /// `MREMAP_DONTUNMAP` of the same pages twice, the second before the first
@@ -867,7 +874,7 @@ fn the_same_pages_remapped_twice_at_once_arrive() {
         let (a, b, first, second) = rx
             .recv_timeout(std::time::Duration::from_secs(20))
             .expect("the moved pages arrived (a read waited 20 s)");
-        assert_eq!(first_wrong_page(&a, &data[4 * PAGE_SIZE..20 * PAGE_SIZE]), None);
+        assert_eq!(common::first_wrong_page(&a, &data[4 * PAGE_SIZE..20 * PAGE_SIZE]), None);
         assert!(b.iter().all(|x| *x == 0), "round {round}: the second move got the emptied pages");
         drop((first, second, r));
         common::eventually("every device page freed", || dev.stats().pages_resident == 0);
@@ -915,14 +922,14 @@ fn pages_brought_back_while_forking_reach_the_child() {
                 if r.mapping().read(0, &mut got).is_err() {
                     return 2;
                 }
-                first_wrong_page(&got, &want).map_or(0, |p| 10 + (p % 200) as i32)
+                common::first_wrong_page(&got, &want).map_or(0, |p| 10 + (p % 200) as i32)
             });
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
             out
         });
         assert_eq!(out.unwrap(), ChildOutcome::Exited(0), "round {round}: 10 + page read wrong");
     }
-    assert_eq!(first_wrong_page(&common::cpu_bytes(&r), &want), None, "the parent's data");
+    assert_eq!(common::first_wrong_page(&common::cpu_bytes(&r), &want), None, "the parent's data");
 }
 
 /// The same pages moved twice with `MREMAP_DONTUNMAP` while migrations hold
@@ -967,5 +974,9 @@ fn two_moves_of_one_range_each_get_their_own_held_pages() {
     assert!(got == b, "page 4, written after the first move, arrives at the second");
     let mut got = vec![0u8; 8 * PAGE_SIZE];
     first.read(0, &mut got).unwrap();
-    assert_eq!(first_wrong_page(&got, &a), None, "the first move has every page of its time");
+    assert_eq!(
+        common::first_wrong_page(&got, &a),
+        None,
+        "the first move has every page of its time"
+    );
 }

@@ -306,3 +306,40 @@ pub fn wait_for_count(what: &str, count: &std::sync::atomic::AtomicU64, at_least
         thread::sleep(Duration::from_millis(1));
     }
 }
+
+/// The index of the first page of `got` that differs from `want`.
+pub fn first_wrong_page(got: &[u8], want: &[u8]) -> Option<usize> {
+    let page = hmm::PAGE_SIZE;
+    got.chunks(page).zip(want.chunks(page)).position(|(a, b)| a != b)
+}
+
+/// The fault modes this machine can run (in-thread needs userfaultfd's
+/// SIGBUS mode; its absence is printed).
+pub fn fault_modes() -> Vec<hmm::FaultMode> {
+    let mut m = vec![hmm::FaultMode::Service];
+    if hmm::probe::probe().has("sigbus-mode") {
+        m.push(hmm::FaultMode::InThread);
+    } else {
+        eprintln!("SKIP (in-thread mode): this kernel has no userfaultfd SIGBUS mode");
+    }
+    m
+}
+
+/// An instance in fault mode `mode`, otherwise configured by default.
+pub fn instance(mode: hmm::FaultMode) -> hmm::Hmm {
+    hmm::Hmm::with_config(hmm::HmmConfig { fault_mode: mode, ..hmm::HmmConfig::default() })
+        .expect("an hmm instance")
+}
+
+/// For a forked child's closure: reads all of `r` and compares it with
+/// `want`. 0 when equal, 2 when the read failed, 10 + the first wrong page.
+pub fn child_reads_back(r: &hmm::ManagedRange, want: &[u8]) -> i32 {
+    let mut got = vec![0u8; r.len()];
+    if r.mapping().read(0, &mut got).is_err() {
+        return 2;
+    }
+    match first_wrong_page(&got, want) {
+        Some(p) => 10 + p as i32,
+        None => 0,
+    }
+}
