@@ -417,7 +417,7 @@ impl DevicePagemapOps for Core {
 
 // ---- the engine ----------------------------------------------------------------------
 
-/// Empty slabs kept for reuse after a job; the rest are given back.
+/// Empty slabs kept for reuse; the housekeeping thread gives the rest back.
 const KEEP_EMPTY_SLABS: usize = 16;
 
 /// Worker threads that compress pages into the store and decompress them
@@ -440,8 +440,7 @@ impl Engine {
 fn to_device(shared: &Shared, ops: &[ToDevice]) -> Vec<Result<(), DmaError>> {
     let mut page = vec![0u8; PAGE_SIZE];
     let mut packed = vec![0u8; PACKED_BYTES];
-    let out = ops
-        .iter()
+    ops.iter()
         .map(|op| match op.src.bytes() {
             None => {
                 shared.store().put_zero(op.dst.index);
@@ -452,9 +451,7 @@ fn to_device(shared: &Shared, ops: &[ToDevice]) -> Vec<Result<(), DmaError>> {
                 Err(e) => Err(DmaError::Failed(format!("reading the source: {e}"))),
             },
         })
-        .collect();
-    shared.store().trim(KEEP_EMPTY_SLABS);
-    out
+        .collect()
 }
 
 /// Decompresses each of `copies` into its address: each run of consecutive
