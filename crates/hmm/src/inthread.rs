@@ -57,7 +57,7 @@ use crate::error::HmmError;
 use crate::migrate::{OneFault, fault_back_one};
 use crate::os::sigbus::{self, BusFault, Verdict};
 use crate::os::uffd::{FaultFlags, Waited};
-use crate::state::{FORKING, IN_THREAD, IN_THREAD_HELD, Inner, in_thread_slot};
+use crate::state::{FORKING, IN_THREAD, IN_THREAD_HELD, Inner, in_thread_slot, registry_changes};
 
 /// How long a thread whose fault found no seat in the waiting room, or
 /// whose fill met an address-space change, sleeps before its instruction
@@ -145,6 +145,7 @@ fn hook(f: &BusFault) -> Verdict {
     if FORKING.with(std::cell::Cell::get) {
         return Verdict::NotMine;
     }
+    let seen = registry_changes();
     let found = {
         let list = IN_THREAD.read().unwrap_or_else(|e| e.into_inner());
         let found = look(&list);
@@ -157,6 +158,7 @@ fn hook(f: &BusFault) -> Verdict {
     };
     let (inner, flags) = match found {
         Ok(x) => x,
+        Err(Verdict::NotMine) => return unclaimed(page, pid, seen),
         Err(v) => return v,
     };
     let slot = in_thread_slot(&inner);
@@ -173,6 +175,40 @@ fn hook(f: &BusFault) -> Verdict {
             Verdict::Retry
         }
     }
+}
+
+thread_local! {
+    /// The last page no instance claimed on this thread, with the count of
+    /// registry changes seen before it was looked up (see [`unclaimed`]).
+    static UNCLAIMED: std::cell::Cell<(usize, u64)> = const { std::cell::Cell::new((0, 0)) };
+}
+
+/// No instance claims `page`: the signal is the application's, unless the
+/// fault is older than what the handler saw. The kernel raises it while the
+/// address is registered, and the thread may run its handler only after
+/// the range left (a range is taken out of the registry, then unregistered,
+/// then its home cut: a fault from before the unregistration finds nothing),
+/// or before the service has read the change that brought the address in
+/// (the new home of an `mremap`). So the instruction runs again once: a
+/// stale fault then either succeeds or faults on what the address is now.
+/// The same page refused again with no registry change in between is
+/// refused for good, unless a change waits to be read (the thread naps and
+/// looks again).
+fn unclaimed(page: VirtAddr, pid: u32, seen: u64) -> Verdict {
+    let last = UNCLAIMED.with(|c| c.replace((page.get(), seen)));
+    if last != (page.get(), seen) {
+        return Verdict::Retry;
+    }
+    let unread = {
+        let list = IN_THREAD.read().unwrap_or_else(|e| e.into_inner());
+        list.iter().filter(|i| i.pid == pid).any(|i| !i.batches.is_idle() || i.uffd.unread())
+    };
+    if unread {
+        sigbus::nap(NAP);
+        return Verdict::Retry;
+    }
+    UNCLAIMED.with(|c| c.set((0, 0)));
+    Verdict::NotMine
 }
 
 /// What [`serve`] did.

@@ -1063,6 +1063,13 @@ impl Uffd {
         }
     }
 
+    /// Whether an address-space change is on its way to the reader: one the
+    /// kernel has raised and not delivered ([`changes_pending`](Self::changes_pending)),
+    /// or a message that waits to be read. Allocates nothing, never blocks.
+    pub fn unread(&self) -> bool {
+        self.changes_pending().unwrap_or(false) || self.poll_once(Duration::ZERO).unwrap_or(false)
+    }
+
     /// `UFFDIO_CONTINUE`: maps the page-cache pages behind `dst` (MINOR mode).
     pub fn continue_(
         &self,

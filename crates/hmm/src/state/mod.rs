@@ -55,7 +55,7 @@ pub(crate) use range::{
     OwnChange, Range, RangeCounters, devices_of, for_each_run, mapped_runs, runs_of, runs_where,
 };
 pub use range::{RangeStats, Residence};
-pub(crate) use registry::Registry;
+pub(crate) use registry::{Registry, changes as registry_changes};
 
 /// Tunables of an [`Hmm`](crate::Hmm) instance.
 #[derive(Debug, Clone, Copy)]

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::Range;
 
@@ -20,6 +21,20 @@ use super::Range;
 /// kernel's `UNMAP` event for it, after recording its pages `Unmapped`.
 /// Before then no other memory of this instance can be there: a new range
 /// settles the event stream before it checks for overlap.
+/// Changes made to any instance's registry, ever: a thread serving its own
+/// fault reads it before it looks an address up (see `crate::inthread`), to
+/// tell a fault that may predate a change from one that does not.
+static CHANGES: AtomicU64 = AtomicU64::new(0);
+
+/// The count of registry changes so far (see [`CHANGES`]). Allocates nothing.
+pub(crate) fn changes() -> u64 {
+    CHANGES.load(Ordering::SeqCst)
+}
+
+fn changed() {
+    CHANGES.fetch_add(1, Ordering::SeqCst);
+}
+
 #[derive(Default)]
 pub(crate) struct Registry {
     /// Every range, by start and serial.
@@ -55,6 +70,7 @@ impl Registry {
 
     /// Adds `r`, whose whole range is free of live spans.
     pub(crate) fn insert(&mut self, r: Arc<Range>) {
+        changed();
         let range = r.range();
         self.live.insert(range.start().get(), (range.end().get(), r.clone()));
         self.all.insert((range.start().get(), r.serial), r);
@@ -62,11 +78,13 @@ impl Registry {
 
     /// Takes `r` out, with whatever it still holds.
     pub(crate) fn remove(&mut self, r: &Arc<Range>) {
+        changed();
         self.all.remove(&(r.range().start().get(), r.serial));
         self.live.retain(|_, (_, x)| !Arc::ptr_eq(x, r));
     }
 
     pub(crate) fn clear(&mut self) {
+        changed();
         self.all.clear();
         self.live.clear();
         self.homes.clear();
@@ -75,6 +93,7 @@ impl Registry {
     /// `[start, end)`, the new home of an `mremap` of managed memory (or a
     /// range being unmanaged), stays registered with this instance.
     pub(crate) fn add_home(&mut self, start: usize, end: usize) {
+        changed();
         self.cut_homes(start, end);
         self.homes.insert(start, end);
     }
@@ -86,6 +105,7 @@ impl Registry {
 
     /// `[start, end)` is no longer registered memory of this instance.
     pub(crate) fn cut_homes(&mut self, start: usize, end: usize) {
+        changed();
         let hit: Vec<(usize, usize)> = self
             .homes
             .range(..end)
@@ -138,6 +158,7 @@ impl Registry {
 
     /// The application unmapped `[start, end)`: no range holds it any more.
     pub(crate) fn cut(&mut self, start: usize, end: usize) {
+        changed();
         self.cut_homes(start, end);
         let hit: Vec<(usize, usize, Arc<Range>)> = self
             .live(start, end)
