@@ -33,6 +33,7 @@ use hmm::mirror::{IntervalNotifier, PageInfo, RangeFault, RangeFaultError};
 use hmm::os::mm::{Advise, Mapping, Protection};
 use hmm::os::uffd::{Features, FillErrorKind, RegisterMode, Uffd, UffdOptions};
 use hmm::page::{DeviceId, DevicePage};
+use hmm::policy::Placement;
 use hmm::space::{Hmm, HmmError};
 
 /// Which DMA engine a software device uses.
@@ -454,6 +455,14 @@ impl SoftwareDevice {
             }),
             None => Ok(OpCounters { cpages: range.pages() as u64, faults: 0 }),
         }
+    }
+
+    /// Has `placement` decide this device's faults from now on (`None`: no
+    /// placement, pages are mapped where they are). With one, a device
+    /// access that misses migrates, maps or prefetches as its policy says
+    /// ([`Placement::device_fault`]).
+    pub fn set_placement(&self, placement: Option<Arc<Placement>>) {
+        *self.mirror.placement.write().unwrap_or_else(|e| e.into_inner()) = placement;
     }
 
     /// The device's page-table entry for the page holding `addr`, if any.
@@ -882,6 +891,8 @@ pub(crate) struct DeviceMirror {
     table: Arc<PageTable>,
     notifier: IntervalNotifier,
     faults: std::sync::atomic::AtomicU64,
+    /// The placement that decides this device's faults, if any.
+    placement: std::sync::RwLock<Option<Arc<Placement>>>,
 }
 
 impl DeviceMirror {
@@ -902,6 +913,7 @@ impl DeviceMirror {
             table,
             notifier,
             faults: Default::default(),
+            placement: Default::default(),
         })
     }
 
@@ -920,6 +932,13 @@ impl DeviceMirror {
                 VirtAddr::new(first * PAGE_SIZE),
                 (range.end().get() - first * PAGE_SIZE).min(RangeFault::MAX_PAGES * PAGE_SIZE),
             )?;
+            // The placement first: pages it migrates here are then mapped
+            // as this device's own.
+            let placement = self.placement.read().unwrap_or_else(|e| e.into_inner()).clone();
+            let placed = placement.is_some();
+            if let Some(p) = placement {
+                p.device_fault(&self.mem, part, write);
+            }
             let seq = self.notifier.read_begin();
             let info = self.hmm.range_fault(&RangeFault::fault(part, write, Some(self.id)))?;
             let around = match write {
@@ -940,8 +959,13 @@ impl DeviceMirror {
                 }
             }
             // Entries already there (written since, say) stay as they are.
+            // With a placement, only the device's own pages: a page mapped
+            // where it is would never fault, and the placement never decide.
             if let Some((r, info)) = &around {
                 for (vpn, p) in vpns(*r).zip(info.iter().copied()) {
+                    if placed && p.device.is_none_or(|d| d.dev != self.id) {
+                        continue;
+                    }
                     if let Some(e) = entry(p) {
                         pt.entry(vpn).or_insert(e);
                     }

@@ -128,6 +128,16 @@ impl HmmHandle {
         self.inner.evict_all(mem.id())
     }
 
+    /// The device memory registered as `id`, if it still is.
+    pub fn device_memory(&self, id: crate::page::DeviceId) -> Option<Arc<DeviceMemory>> {
+        self.inner.device(id)
+    }
+
+    /// Where each page of `range` lives now (as [`Hmm::residency_map`]).
+    pub fn residency_map(&self, range: PageRange) -> crate::observe::ResidencyMap {
+        crate::observe::residency_map(&self.inner, range)
+    }
+
     /// Marks `mem` failed (as [`Hmm::device_failed`]): its pages are lost,
     /// and a CPU touch of one gets `SIGBUS`. Returns how many were lost.
     pub fn device_failed(&self, mem: &DeviceMemory) -> usize {

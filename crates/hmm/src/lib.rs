@@ -58,6 +58,7 @@ mod model;
 pub mod observe;
 pub mod os;
 pub mod page;
+pub mod policy;
 pub mod probe;
 pub(crate) mod remap;
 pub mod space;

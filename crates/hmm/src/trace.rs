@@ -72,6 +72,9 @@ pub enum Category {
     /// A phase of the application's own work (the demo's build, job, ...),
     /// for orientation on the timeline.
     Phase,
+    /// A placement decision: a device fault decided, a prefetch, thrashing
+    /// found, a page pinned.
+    Policy,
 }
 
 impl Category {
@@ -82,6 +85,7 @@ impl Category {
             Category::DeviceFault => "device-fault",
             Category::Invalidate => "invalidate",
             Category::Phase => "phase",
+            Category::Policy => "policy",
         }
     }
 }

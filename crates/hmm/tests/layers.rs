@@ -51,6 +51,7 @@ const LAYERS: &[&str] = &[
     "space",
     "observe",
     "driver",
+    "policy",
 ];
 
 /// Parts that only tests build.

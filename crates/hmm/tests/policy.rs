@@ -1,0 +1,334 @@
+//! The placement layer (`hmm::policy`): range attributes and their query,
+//! device faults decided by attribute and policy, density prefetch,
+//! asynchronous prefetch with progress and cancel, thrashing mitigation,
+//! and a policy of one's own.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use hmm::policy::{
+    Advice, Decision, DemandOnly, FaultContext, Location, Placement, PlacementConfig, Policy,
+    PolicyError, ThrashConfig,
+};
+use hmm::{Hmm, PAGE_SIZE, Place, SkipReason};
+use hmm_swdev::{SoftwareDevice, SoftwareDeviceConfig};
+
+fn device(hmm: &Hmm, name: &str, pages: usize) -> SoftwareDevice {
+    SoftwareDevice::new(hmm, SoftwareDeviceConfig::new(name, pages * PAGE_SIZE)).expect("device")
+}
+
+/// Page `i` holds the word `seed + i`, repeated.
+fn pattern(pages: usize, seed: u64) -> Vec<u8> {
+    (0..pages as u64).flat_map(|i| (seed + i).to_ne_bytes().repeat(PAGE_SIZE / 8)).collect()
+}
+
+const WAIT: Duration = Duration::from_secs(60);
+
+#[test]
+fn advice_is_kept_by_run_and_reported_with_where_pages_live() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    let d = device(&hmm, "d", 64);
+    let p = Placement::new(&hmm).unwrap();
+    let r = hmm.alloc(64 * PAGE_SIZE).unwrap();
+    r.write(0, &pattern(64, 1)).unwrap();
+    d.migrate_to_device(r.pages_range(0, 16).unwrap()).unwrap();
+    let dev = Location::Device(d.memory().id());
+    p.advise(r.pages_range(0, 32).unwrap(), Advice::PreferredLocation(dev)).unwrap();
+    p.advise(r.pages_range(16, 32).unwrap(), Advice::ReadMostly).unwrap();
+    p.advise(r.pages_range(40, 8).unwrap(), Advice::AccessedBy(d.memory().id())).unwrap();
+    p.advise(r.pages_range(40, 8).unwrap(), Advice::Granularity(64 << 10)).unwrap();
+    let got = p.attributes(r.range());
+    let runs: Vec<(usize, usize)> = got
+        .iter()
+        .map(|a| ((a.range.start().get() - r.range().start().get()) / PAGE_SIZE, a.range.pages()))
+        .collect();
+    assert_eq!(runs, vec![(0, 16), (16, 16), (32, 8), (40, 8), (48, 16)]);
+    assert_eq!(got[0].attributes.preferred, Some(dev));
+    assert!(!got[0].attributes.read_mostly);
+    assert_eq!(got[0].residency.get(&Place::Device(d.memory().id())), Some(&16));
+    assert!(got[1].attributes.read_mostly && got[1].attributes.preferred == Some(dev));
+    assert_eq!(got[1].residency.get(&Place::System), Some(&16));
+    assert!(got[2].attributes.read_mostly && got[2].attributes.preferred.is_none());
+    assert_eq!(got[3].attributes.accessed_by, vec![d.memory().id()]);
+    assert_eq!(got[3].attributes.granularity, 64 << 10);
+    assert_eq!(got[4].attributes, hmm::policy::Attributes::default());
+    // Undone, the advice leaves one default run.
+    p.advise(r.pages_range(0, 32).unwrap(), Advice::UnsetPreferredLocation).unwrap();
+    p.advise(r.pages_range(16, 32).unwrap(), Advice::UnsetReadMostly).unwrap();
+    p.advise(r.pages_range(40, 8).unwrap(), Advice::UnsetAccessedBy(d.memory().id())).unwrap();
+    p.advise(r.pages_range(40, 8).unwrap(), Advice::Granularity(hmm::HUGE_PAGE_SIZE)).unwrap();
+    assert_eq!(p.attributes(r.range()).len(), 1);
+}
+
+#[test]
+fn bad_advice_is_refused_with_what_to_do() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    let p = Placement::new(&hmm).unwrap();
+    let r = hmm.alloc(16 * PAGE_SIZE).unwrap();
+    let e = p.advise(r.range(), Advice::Granularity(3 * PAGE_SIZE)).unwrap_err();
+    assert!(
+        matches!(e, PolicyError::BadAdvice(_)) && e.to_string().contains("power of two"),
+        "{e}"
+    );
+    // A device of another instance: this one has none.
+    let other = Hmm::new().unwrap();
+    let ghost = device(&other, "elsewhere", 4).memory().id();
+    let e = p.advise(r.range(), Advice::AccessedBy(ghost)).unwrap_err();
+    assert!(matches!(e, PolicyError::UnknownDevice(d) if d == ghost), "{e}");
+    let e = p.prefetch(r.range(), Location::Device(ghost)).unwrap_err();
+    assert!(e.to_string().contains("not registered"), "{e}");
+    let bad = PlacementConfig { prefetch_chunk_pages: 0, ..Default::default() };
+    let e = Placement::with_config(&hmm, bad).unwrap_err();
+    assert!(e.to_string().contains("at least 1 page"), "{e}");
+}
+
+/// A device reading a 2 MiB block a page at a time, in order: with the
+/// density rule, each fault brings the rest of a subregion that is mostly
+/// there already, so a handful of faults bring the whole block; demand
+/// faults alone take one migration per page. The bytes are right either way.
+#[test]
+fn density_prefetch_brings_a_stream_in_a_few_faults() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let pages = 512;
+    for (name, policy) in
+        [("density", None), ("demand", Some(Arc::new(DemandOnly) as Arc<dyn Policy>))]
+    {
+        let hmm = Hmm::new().unwrap();
+        let d = device(&hmm, "d", pages);
+        let config = match policy {
+            Some(policy) => PlacementConfig { policy, ..Default::default() },
+            None => PlacementConfig::default(),
+        };
+        let p = Arc::new(Placement::with_config(&hmm, config).unwrap());
+        d.set_placement(Some(p.clone()));
+        let r = hmm.alloc_huge(pages * PAGE_SIZE).unwrap();
+        let data = pattern(pages, 7);
+        r.write(0, &data).unwrap();
+        for k in 0..pages {
+            let (bytes, _) = d.read(r.pages_range(k, 1).unwrap()).unwrap();
+            assert!(bytes[..] == data[k * PAGE_SIZE..(k + 1) * PAGE_SIZE], "{name}: page {k}");
+        }
+        let on_device = r.residency_map().counts().get(&Place::Device(d.memory().id())).copied();
+        assert_eq!(on_device, Some(pages), "{name}: the device touched every page");
+        let s = p.stats();
+        assert_eq!(s.fault_pages_migrated + s.pages_prefetched, pages as u64, "{name}: {s:?}");
+        match name {
+            "density" => {
+                assert!(s.fault_pages_migrated <= 20, "{name}: {s:?}");
+                assert!(s.pages_prefetched >= 490, "{name}: {s:?}");
+            }
+            _ => assert_eq!(s.pages_prefetched, 0, "{name}: {s:?}"),
+        }
+        d.set_placement(None);
+    }
+}
+
+/// Accessed-by and a preferred location elsewhere make the device map
+/// pages where they are; with neither, its first touch migrates them.
+#[test]
+fn attributes_decide_between_migrating_and_mapping() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    let d = device(&hmm, "d", 64);
+    let p = Arc::new(Placement::new(&hmm).unwrap());
+    d.set_placement(Some(p.clone()));
+    let id = d.memory().id();
+    let r = hmm.alloc(48 * PAGE_SIZE).unwrap();
+    let data = pattern(48, 3);
+    r.write(0, &data).unwrap();
+    p.advise(r.pages_range(0, 16).unwrap(), Advice::AccessedBy(id)).unwrap();
+    p.advise(r.pages_range(16, 16).unwrap(), Advice::PreferredLocation(Location::System)).unwrap();
+    // Small blocks: no prefetch across the parts.
+    p.advise(r.range(), Advice::Granularity(16 * PAGE_SIZE)).unwrap();
+    let (bytes, _) = d.read(r.range()).unwrap();
+    assert!(bytes == data);
+    let map = r.residency_map();
+    let places = map.places();
+    assert!(places[..32].iter().all(|x| *x == Place::System), "{:?}", &places[..32]);
+    assert!(places[32..].iter().all(|x| *x == Place::Device(id)), "{:?}", &places[32..]);
+    let s = p.stats();
+    assert_eq!((s.fault_pages_mapped, s.fault_pages_migrated), (32, 16), "{s:?}");
+}
+
+#[test]
+fn a_prefetch_reports_its_progress_and_refusals() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    let d = device(&hmm, "d", 256);
+    let p = Placement::with_config(
+        &hmm,
+        PlacementConfig { prefetch_chunk_pages: 64, ..Default::default() },
+    )
+    .unwrap();
+    let r = hmm.alloc(1024 * PAGE_SIZE).unwrap();
+    let data = pattern(1024, 11);
+    r.write(0, &data).unwrap();
+    let part = r.pages_range(0, 200).unwrap();
+    let to_dev = p.prefetch(part, Location::Device(d.memory().id())).unwrap();
+    let done = to_dev.wait(WAIT);
+    assert!(done.finished && !done.cancelled && done.error.is_none(), "{done:?}");
+    assert_eq!((done.pages_done, done.pages_moved, done.pages_refused()), (200, 200, 0));
+    // The device holds 256 pages: of the whole range, 56 more fit.
+    let all = p.prefetch(r.range(), Location::Device(d.memory().id())).unwrap().wait(WAIT);
+    assert!(all.finished, "{all:?}");
+    assert_eq!(all.pages_done, 1024);
+    assert_eq!(all.pages_moved, 56);
+    assert_eq!(all.refused, vec![(SkipReason::NoDeviceMemory, 768)], "{all:?}");
+    // And back: everything on the device comes home, bytes intact.
+    let back = p.prefetch(r.range(), Location::System).unwrap().wait(WAIT);
+    assert_eq!(
+        (back.pages_done, back.pages_moved, back.pages_refused()),
+        (1024, 256, 0),
+        "{back:?}"
+    );
+    assert_eq!(d.stats().pages_resident, 0);
+    assert!(common::cpu_bytes(&r) == data);
+    assert_eq!(p.stats().prefetches, 3);
+    assert_eq!(p.stats().prefetch_pages_moved, 512);
+}
+
+/// Cancelled while its first chunk waits in a stalled engine: the chunk
+/// finishes, nothing after it starts. Dropping the placement ends the
+/// prefetches still queued.
+#[test]
+fn a_prefetch_can_be_cancelled_and_a_dropped_placement_ends_the_rest() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    let d = device(&hmm, "d", 1024);
+    let p = Placement::with_config(
+        &hmm,
+        PlacementConfig { prefetch_chunk_pages: 16, ..Default::default() },
+    )
+    .unwrap();
+    let r = hmm.alloc(512 * PAGE_SIZE).unwrap();
+    r.write(0, &pattern(512, 5)).unwrap();
+    let to = Location::Device(d.memory().id());
+    let stall = d.stall_engine();
+    let first = p.prefetch(r.pages_range(0, 256).unwrap(), to).unwrap();
+    let second = p.prefetch(r.pages_range(256, 256).unwrap(), to).unwrap();
+    common::eventually("the first chunk in the engine", || stall.held() > 0);
+    assert!(!first.is_finished());
+    first.cancel();
+    drop(stall);
+    let got = first.wait(WAIT);
+    assert!(got.finished && got.cancelled, "{got:?}");
+    assert_eq!(got.pages_done, 16, "only the chunk in flight: {got:?}");
+    drop(p);
+    let rest = second.progress();
+    assert!(rest.finished, "{rest:?}");
+    assert!(rest.cancelled || rest.pages_done == 256, "{rest:?}");
+}
+
+/// A page that a device and the CPU take from each other: the third move
+/// within the lapse is throttled, the next pins it in system memory, where
+/// the device maps it from then on. Without mitigation, every device touch
+/// migrates it.
+#[test]
+fn ping_pong_is_throttled_then_pinned() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    // Lapse and epoch long enough that a slow machine still counts every
+    // move together.
+    let thrash = ThrashConfig {
+        threshold: 3,
+        lapse: Duration::from_secs(30),
+        nap: Duration::from_millis(1),
+        pin_threshold: 2,
+        pin: Duration::from_secs(600),
+        epoch: Duration::from_secs(600),
+    };
+    for mitigate in [true, false] {
+        let hmm = Hmm::new().unwrap();
+        let d = device(&hmm, "d", 16);
+        let config = PlacementConfig { thrash: mitigate.then_some(thrash), ..Default::default() };
+        let p = Arc::new(Placement::with_config(&hmm, config).unwrap());
+        d.set_placement(Some(p.clone()));
+        let r = hmm.alloc(PAGE_SIZE).unwrap();
+        r.write(0, &[1u8; 8]).unwrap();
+        let id = d.memory().id();
+        let mut on_device = Vec::new();
+        for round in 0..6u8 {
+            d.write(r.range().start(), &[round; 8]).unwrap();
+            on_device.push(r.residency_map().places()[0] == Place::Device(id));
+            let mut b = [0u8; 8];
+            r.read(0, &mut b).unwrap();
+            assert_eq!(b, [round; 8], "round {round}: the CPU reads what the device wrote");
+        }
+        let s = p.stats();
+        if mitigate {
+            assert_eq!(on_device, [true, true, true, false, false, false], "{s:?}");
+            assert_eq!((s.throttles, s.pins, s.pinned_maps), (1, 1, 1), "{s:?}");
+            assert_eq!(s.thrash_detected, 2, "{s:?}");
+            // Mapped where it is, the page faults the device no more.
+            assert_eq!(s.device_faults, 4, "{s:?}");
+        } else {
+            assert!(on_device.iter().all(|x| *x), "{on_device:?}");
+            assert_eq!(s.fault_pages_migrated, 6, "{s:?}");
+            assert_eq!(s.thrash_detected, 0);
+        }
+        d.set_placement(None);
+    }
+}
+
+/// A policy of one's own decides every faulted page.
+#[test]
+fn a_policy_of_ones_own_decides_device_faults() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    struct MapEven(AtomicUsize);
+    impl Policy for MapEven {
+        fn name(&self) -> &str {
+            "map-even"
+        }
+        fn on_device_fault(&self, f: &FaultContext<'_>) -> Decision {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            match (f.page.get() / PAGE_SIZE) % 2 {
+                0 => Decision::Map,
+                _ => Decision::Migrate,
+            }
+        }
+        fn prefetch(&self, block: &hmm::policy::BlockContext<'_>) -> Vec<bool> {
+            (0..block.pages.pages()).map(|i| block.pages.is_faulted(i)).collect()
+        }
+    }
+    let hmm = Hmm::new().unwrap();
+    let d = device(&hmm, "d", 64);
+    let policy = Arc::new(MapEven(AtomicUsize::new(0)));
+    let config = PlacementConfig { policy: policy.clone(), ..Default::default() };
+    let p = Arc::new(Placement::with_config(&hmm, config).unwrap());
+    assert_eq!(p.policy().name(), "map-even");
+    d.set_placement(Some(p.clone()));
+    let r = hmm.alloc(32 * PAGE_SIZE).unwrap();
+    let data = pattern(32, 9);
+    r.write(0, &data).unwrap();
+    let (bytes, _) = d.read(r.range()).unwrap();
+    assert!(bytes == data);
+    assert_eq!(policy.0.load(Ordering::Relaxed), 32, "asked once per page");
+    let places = r.residency_map().places().to_vec();
+    for (k, x) in places.iter().enumerate() {
+        let page = (r.range().start().get() / PAGE_SIZE) + k;
+        let want =
+            if page.is_multiple_of(2) { Place::System } else { Place::Device(d.memory().id()) };
+        assert_eq!(*x, want, "page {k}");
+    }
+    assert_eq!((p.stats().fault_pages_mapped, p.stats().fault_pages_migrated), (16, 16));
+}
