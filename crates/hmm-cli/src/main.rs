@@ -106,6 +106,15 @@ struct StressArgs {
 /// A part of the benchmark on its own.
 #[derive(Subcommand, Debug)]
 enum BenchOnly {
+    /// Run access patterns (stream, random, Zipf, CPU/device ping-pong) on a
+    /// software device with the placement policy off and on, at device
+    /// memory oversubscription factors, against the same pattern fully
+    /// resident; then say which of the placement goals hold.
+    Workloads {
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure only the series (throughput against migration size: copy,
     /// zero-copy, fault-back, memcpy, and the kernel self-test's migration
     /// benchmark) and draw them as an SVG.
@@ -152,6 +161,7 @@ fn main() -> ExitCode {
             Some(BenchOnly::Plot { out, csv }) => {
                 bench_series(quick, &Outputs { csv, plot: Some(out) })
             }
+            Some(BenchOnly::Workloads { json }) => bench_workloads(json, quick),
         },
         Command::Demo { args, explain } => demo(&args, explain),
         Command::Trace { out, run } => trace(&out, run),
@@ -449,6 +459,76 @@ fn bench(json: bool, quick: bool, zram: bool, outputs: &Outputs) -> ExitCode {
             return ExitCode::from(1);
         }
     }
+    ExitCode::SUCCESS
+}
+
+fn bench_workloads(json: bool, quick: bool) -> ExitCode {
+    if let Err((reason, fix)) = probe::probe().usable() {
+        eprintln!("hmm bench workloads: hmm cannot run here: {reason}\nfix: {fix}");
+        return ExitCode::from(1);
+    }
+    let p = progress(json, bench::workloads::WORKLOAD_STEPS, "running the workloads");
+    let res = bench::workloads::run_workloads(BenchOptions { quick, zram: false }, &mut |step| {
+        p.step(step)
+    });
+    drop(p);
+    let w = match res {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("hmm bench workloads: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if json {
+        out(&format!("{}\n", serde_json::to_string(&w).expect("workload report serializes")));
+        return ExitCode::SUCCESS;
+    }
+    let mut s = format!(
+        "working set {} pages ({} MiB); factor = working set / device memory\n\n",
+        w.working_set_pages,
+        (w.working_set_pages * hmm::PAGE_SIZE) >> 20
+    );
+    s.push_str(&format!(
+        "{:<10} {:>6} {:<20} {:>9} {:>10} {:>11} {:>11} {:>8} {:>10} {:>9} {:>5}\n",
+        "pattern",
+        "factor",
+        "policy",
+        "accesses",
+        "ms",
+        "x resident",
+        "migrations",
+        "evicted",
+        "prefetched",
+        "throttles",
+        "pins"
+    ));
+    for r in &w.rows {
+        let factor = if r.factor > 0.0 { format!("{:.1}", r.factor) } else { "-".into() };
+        s.push_str(&format!(
+            "{:<10} {:>6} {:<20} {:>9} {:>10.1} {:>11.2} {:>11} {:>8} {:>10} {:>9} {:>5}\n",
+            r.pattern,
+            factor,
+            r.policy,
+            r.accesses,
+            r.ms,
+            r.ms / r.resident_ms,
+            r.migrations,
+            r.evicted,
+            r.decisions.pages_prefetched,
+            r.decisions.throttles,
+            r.decisions.pins
+        ));
+    }
+    s.push_str("\ngoals:\n");
+    for g in &w.goals {
+        let verdict = match g.met {
+            Some(true) => "met",
+            Some(false) => "NOT met",
+            None => "not measured",
+        };
+        s.push_str(&format!("  [{verdict}] {}: {}\n", g.goal, g.detail));
+    }
+    out(&s);
     ExitCode::SUCCESS
 }
 

@@ -24,6 +24,7 @@ use serde::Serialize;
 
 pub mod series;
 pub mod tier;
+pub mod workloads;
 pub mod zram;
 
 use hmm::addr::{PAGE_SIZE, PageRange};

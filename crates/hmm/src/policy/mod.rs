@@ -223,7 +223,7 @@ impl std::fmt::Debug for PlacementConfig {
 }
 
 /// Every decision a placement made.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct PlacementStats {
     /// Device faults decided ([`Placement::device_fault`] calls).
     pub device_faults: u64,
@@ -539,6 +539,7 @@ impl Placement {
             // Faulted pages always; others only where they can move.
             *m = block.is_faulted(i) || (*m && movable[i] && !block.is_resident(i));
         }
+        trim_to_free(&mut mask, &block, mem.free_pages() as usize);
         let mut i = 0;
         while i < n {
             if !mask[i] {
@@ -615,6 +616,30 @@ impl Drop for Placement {
         if let Some(w) = self.worker.take() {
             let _ = w.join();
         }
+    }
+}
+
+/// Prefetch fills free device memory only, never evicts: a full device
+/// would otherwise evict pages still in use to make room for pages that may
+/// never be, and a random pattern on an oversubscribed device would feed
+/// itself (each fault's prefetch evicting what the next fault wants back).
+/// The faulted pages keep their place (they may evict, as a demand fault
+/// does); of the rest, those nearest a faulted page are kept, as many as
+/// the free pages left over allow.
+fn trim_to_free(mask: &mut [bool], block: &Block, free: usize) {
+    let faulted: Vec<usize> = (0..mask.len()).filter(|&i| block.is_faulted(i)).collect();
+    let mut extra: Vec<usize> =
+        (0..mask.len()).filter(|&i| mask[i] && !block.is_faulted(i)).collect();
+    let room = free.saturating_sub(faulted.len());
+    if extra.len() <= room {
+        return;
+    }
+    let distance = |i: usize| faulted.iter().map(|&f| i.abs_diff(f)).min().unwrap_or(usize::MAX);
+    // Nearest first; at equal distance, the page after a faulted one (a
+    // stream goes up).
+    extra.sort_by_key(|&i| (distance(i), faulted.iter().all(|&f| i < f)));
+    for &i in &extra[room..] {
+        mask[i] = false;
     }
 }
 
@@ -706,5 +731,29 @@ fn move_chunk(s: &Shared, part: PageRange, to: Location) -> Result<MigrationRepo
             }
             Ok(report)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefetch_takes_only_free_room_nearest_the_fault_first() {
+        let mut b = Block::new(16);
+        b.set_faulted(8);
+        let mut mask = vec![true; 16];
+        // Room for the faulted page and three more: 9 (after it), 7, 10.
+        trim_to_free(&mut mask, &b, 4);
+        let kept: Vec<usize> = (0..16).filter(|&i| mask[i]).collect();
+        assert_eq!(kept, vec![7, 8, 9, 10]);
+        // No room at all: the faulted page still goes (it may evict).
+        let mut mask = vec![true; 16];
+        trim_to_free(&mut mask, &b, 0);
+        assert_eq!((0..16).filter(|&i| mask[i]).collect::<Vec<_>>(), vec![8]);
+        // Room enough: nothing trimmed.
+        let mut mask = vec![true; 16];
+        trim_to_free(&mut mask, &b, 100);
+        assert!(mask.iter().all(|m| *m));
     }
 }

@@ -1,0 +1,454 @@
+//! The workload benchmark (`hmm bench workloads`): access patterns run by a
+//! software device through its page table, with the placement policy off
+//! (demand faults: a page migrates when the device first touches it, nothing
+//! more) and on (`hmm::policy`'s defaults: density prefetch, thrashing
+//! mitigation), at device-memory oversubscription factors (working set /
+//! device memory; a full device evicts its least recently used pages), each
+//! against the same pattern run with every page already on the device.
+//!
+//! Patterns, over a working set of `W` pages, one 8-byte device read per
+//! access:
+//! - `stream`: two passes in address order;
+//! - `random`: `16W` pages drawn uniformly;
+//! - `zipf`: `16W` pages drawn from a Zipf law (s = 0.99) over the pages in a
+//!   fixed shuffled order, so that popularity is not address order;
+//! - `ping-pong`: 16 pages the device and the CPU write in turn (the device
+//!   all 16, then the CPU all 16), 100 rounds; its baseline is the device
+//!   mapping the pages where they are (accessed-by), with no migration.
+//!
+//! Every run checks the bytes the device read.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::{BenchError, BenchOptions, Step, hmm_err, shuffled};
+use hmm::addr::{PAGE_SIZE, VirtAddr};
+use hmm::policy::{Advice, DemandOnly, Placement, PlacementConfig, PlacementStats, ThrashConfig};
+use hmm::space::{Hmm, ManagedRange};
+use hmm_swdev::{SoftwareDevice, SoftwareDeviceConfig};
+
+/// One run of a pattern.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WorkloadRow {
+    /// The pattern.
+    pub pattern: &'static str,
+    /// Working set / device memory (0 for ping-pong, whose pages all fit).
+    pub factor: f64,
+    /// `demand`, `policy`, or a named variant.
+    pub policy: String,
+    /// Device accesses made.
+    pub accesses: usize,
+    /// Wall time, milliseconds.
+    pub ms: f64,
+    /// Pages migrated either way (evictions included).
+    pub migrations: u64,
+    /// Of those, pages evicted to make room.
+    pub evicted: u64,
+    /// What the placement decided meanwhile.
+    pub decisions: PlacementStats,
+    /// The same pattern fully resident (or, for ping-pong, mapped where it
+    /// is): milliseconds.
+    pub resident_ms: f64,
+}
+
+/// A goal of the issue of record, and whether this run met it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Goal {
+    /// What is asked.
+    pub goal: &'static str,
+    /// Met, not met, or not measured (`None`).
+    pub met: Option<bool>,
+    /// The figures, or why it is not measured.
+    pub detail: String,
+}
+
+/// What `hmm bench workloads` measured.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WorkloadReport {
+    /// Pages of the working set.
+    pub working_set_pages: usize,
+    /// Every run.
+    pub rows: Vec<WorkloadRow>,
+    /// The goals, each met or not.
+    pub goals: Vec<Goal>,
+}
+
+/// Oversubscription factors measured.
+pub const FACTORS: [f64; 5] = [0.5, 1.0, 1.5, 2.0, 3.0];
+const PATTERNS: [&str; 3] = ["stream", "random", "zipf"];
+const PING_PONG_PAGES: usize = 16;
+
+/// Steps [`run_workloads`] reports.
+pub const WORKLOAD_STEPS: usize = PATTERNS.len() + 1;
+
+/// Runs every pattern (see the module docs).
+pub fn run_workloads(
+    opts: BenchOptions,
+    progress: &mut dyn FnMut(Step),
+) -> Result<WorkloadReport, BenchError> {
+    let pages = if opts.quick { 1024 } else { 4096 };
+    let mut rows = Vec::new();
+    for (k, pattern) in PATTERNS.into_iter().enumerate() {
+        progress(Step { name: pattern, index: k, total: WORKLOAD_STEPS });
+        let order = accesses(pattern, pages);
+        let resident_ms = run_pattern(pages, &order, None, Mode::Resident)?.0;
+        for factor in FACTORS {
+            for mode in [Mode::Demand, Mode::Policy] {
+                let (ms, migrations, evicted, decisions) =
+                    run_pattern(pages, &order, Some(factor), mode)?;
+                rows.push(WorkloadRow {
+                    pattern,
+                    factor,
+                    policy: mode.name().into(),
+                    accesses: order.len(),
+                    ms,
+                    migrations,
+                    evicted,
+                    decisions,
+                    resident_ms,
+                });
+            }
+        }
+    }
+    progress(Step { name: "ping-pong", index: PATTERNS.len(), total: WORKLOAD_STEPS });
+    let rounds = if opts.quick { 40 } else { 100 };
+    rows.extend(ping_pong(rounds)?);
+    let goals = goals(&rows);
+    Ok(WorkloadReport { working_set_pages: pages, rows, goals })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Every page on the device before the pattern starts.
+    Resident,
+    /// First touch migrates the page, nothing more.
+    Demand,
+    /// `hmm::policy`'s defaults.
+    Policy,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Resident => "resident",
+            Mode::Demand => "demand",
+            Mode::Policy => "policy",
+        }
+    }
+}
+
+/// The pages a pattern reads, in order.
+fn accesses(pattern: &str, pages: usize) -> Vec<usize> {
+    match pattern {
+        "stream" => (0..2 * pages).map(|i| i % pages).collect(),
+        "random" => {
+            let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+            (0..16 * pages).map(|_| (rng.next() % pages as u64) as usize).collect()
+        }
+        _ => {
+            // Zipf (s = 0.99) over ranks, the ranks over a fixed shuffle.
+            let s = 0.99;
+            let mut cdf = Vec::with_capacity(pages);
+            let mut sum = 0.0;
+            for k in 1..=pages {
+                sum += 1.0 / (k as f64).powf(s);
+                cdf.push(sum);
+            }
+            let perm = shuffled((0..pages).collect(), 0xD1B5_4A32_D192_ED03);
+            let mut rng = Rng(0x2545_F491_4F6C_DD1D);
+            (0..16 * pages)
+                .map(|_| {
+                    let u = (rng.next() >> 11) as f64 / (1u64 << 53) as f64 * sum;
+                    perm[cdf.partition_point(|c| *c < u).min(pages - 1)]
+                })
+                .collect()
+        }
+    }
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// The word page `i` holds.
+fn word(i: usize) -> u64 {
+    0x5157_0000_0000 + i as u64
+}
+
+fn working_set(hmm: &Hmm, pages: usize) -> Result<ManagedRange, BenchError> {
+    let r = super::managed_range(hmm, pages * PAGE_SIZE, false)?;
+    let bytes: Vec<u8> =
+        (0..pages).flat_map(|i| word(i).to_ne_bytes().repeat(PAGE_SIZE / 8)).collect();
+    r.write(0, &bytes).map_err(|e| BenchError::Server(e.to_string()))?;
+    Ok(r)
+}
+
+fn placement(hmm: &Hmm, mode: Mode) -> Result<Arc<Placement>, BenchError> {
+    let config = match mode {
+        Mode::Demand => {
+            PlacementConfig { policy: Arc::new(DemandOnly), thrash: None, ..Default::default() }
+        }
+        Mode::Resident | Mode::Policy => PlacementConfig::default(),
+    };
+    Placement::with_config(hmm, config).map(Arc::new).map_err(|e| BenchError::Server(e.to_string()))
+}
+
+/// Runs `order` on a device of `pages / factor` pages (or, `Resident`, one
+/// holding every page before the start): milliseconds, migrations, evictions.
+fn run_pattern(
+    pages: usize,
+    order: &[usize],
+    factor: Option<f64>,
+    mode: Mode,
+) -> Result<(f64, u64, u64, PlacementStats), BenchError> {
+    let hmm = Hmm::new().map_err(hmm_err)?;
+    let capacity = match factor {
+        Some(f) => ((pages as f64 / f).ceil() as usize).max(1),
+        None => pages,
+    };
+    let dev = SoftwareDevice::new(
+        &hmm,
+        SoftwareDeviceConfig::new("workload", capacity * PAGE_SIZE).evicting(),
+    )
+    .map_err(hmm_err)?;
+    let r = working_set(&hmm, pages)?;
+    let p = placement(&hmm, mode)?;
+    if mode == Mode::Resident {
+        let moved = dev.migrate_to_device(r.range()).map_err(hmm_err)?.migrated;
+        if moved != pages {
+            return Err(BenchError::Server(format!("{moved} of {pages} pages on the device")));
+        }
+    }
+    dev.set_placement(Some(p.clone()));
+    let before = dev.stats();
+    let base = r.range().start().get();
+    let t = Instant::now();
+    let (bad, _) = dev
+        .run(1, r.range().start(), |ctx| {
+            let mut bad = 0usize;
+            for &i in order {
+                let v = ctx.read_u64(VirtAddr::new(base + i * PAGE_SIZE))?;
+                bad += usize::from(v != word(i));
+            }
+            Ok(bad)
+        })
+        .map_err(hmm_err)?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    if bad[0] != 0 {
+        return Err(BenchError::Server(format!("the device read {} wrong words", bad[0])));
+    }
+    dev.set_placement(None);
+    let after = dev.stats();
+    // Evictions are migrations to system memory, counted there.
+    let migrations = (after.migrated_to_device - before.migrated_to_device)
+        + (after.migrated_to_system - before.migrated_to_system);
+    Ok((ms, migrations, after.pages_evicted - before.pages_evicted, p.stats()))
+}
+
+/// CPU and device writing the same pages in turn: without mitigation, with
+/// UVM's thresholds, with hmm's (`ThrashConfig::default`), and the device
+/// mapping the pages where they are (the baseline).
+fn ping_pong(rounds: usize) -> Result<Vec<WorkloadRow>, BenchError> {
+    let variants: [(&str, Option<ThrashConfig>); 3] = [
+        ("no mitigation", None),
+        ("UVM thresholds", Some(ThrashConfig::uvm())),
+        ("policy", Some(ThrashConfig::default())),
+    ];
+    let baseline = ping_pong_run(rounds, None, true)?.0;
+    let mut rows = Vec::new();
+    for (name, thrash) in variants {
+        let (ms, migrations, decisions) = ping_pong_run(rounds, Some(thrash), false)?;
+        rows.push(WorkloadRow {
+            pattern: "ping-pong",
+            factor: 0.0,
+            policy: name.into(),
+            accesses: 2 * rounds * PING_PONG_PAGES,
+            ms,
+            migrations,
+            evicted: 0,
+            decisions,
+            resident_ms: baseline,
+        });
+    }
+    Ok(rows)
+}
+
+fn ping_pong_run(
+    rounds: usize,
+    thrash: Option<Option<ThrashConfig>>,
+    mapped: bool,
+) -> Result<(f64, u64, PlacementStats), BenchError> {
+    let hmm = Hmm::new().map_err(hmm_err)?;
+    let dev = SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("ping-pong", 64 * PAGE_SIZE))
+        .map_err(hmm_err)?;
+    let r = working_set(&hmm, PING_PONG_PAGES)?;
+    let config = PlacementConfig { thrash: thrash.flatten(), ..Default::default() };
+    let p = Arc::new(
+        Placement::with_config(&hmm, config).map_err(|e| BenchError::Server(e.to_string()))?,
+    );
+    if mapped {
+        p.advise(r.range(), Advice::AccessedBy(dev.memory().id()))
+            .map_err(|e| BenchError::Server(e.to_string()))?;
+    }
+    dev.set_placement(Some(p.clone()));
+    let before = dev.stats();
+    let t = Instant::now();
+    for round in 0..rounds as u64 {
+        for k in 0..PING_PONG_PAGES {
+            let at = VirtAddr::new(r.range().start().get() + k * PAGE_SIZE);
+            dev.write(at, &(2 * round).to_ne_bytes()).map_err(hmm_err)?;
+        }
+        for k in 0..PING_PONG_PAGES {
+            let mut b = [0u8; 8];
+            r.read(k * PAGE_SIZE, &mut b).map_err(|e| BenchError::Server(e.to_string()))?;
+            if u64::from_ne_bytes(b) != 2 * round {
+                return Err(BenchError::Server(
+                    "the CPU read what the device did not write".into(),
+                ));
+            }
+            r.write(k * PAGE_SIZE, &(2 * round + 1).to_ne_bytes())
+                .map_err(|e| BenchError::Server(e.to_string()))?;
+        }
+    }
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    dev.set_placement(None);
+    let after = dev.stats();
+    let migrations = (after.migrated_to_device - before.migrated_to_device)
+        + (after.migrated_to_system - before.migrated_to_system);
+    Ok((ms, migrations, p.stats()))
+}
+
+fn find<'a>(
+    rows: &'a [WorkloadRow],
+    pattern: &str,
+    factor: f64,
+    policy: &str,
+) -> Option<&'a WorkloadRow> {
+    rows.iter().find(|r| r.pattern == pattern && r.factor == factor && r.policy == policy)
+}
+
+/// The issue's goals, each against this run's rows.
+fn goals(rows: &[WorkloadRow]) -> Vec<Goal> {
+    let mut out = Vec::new();
+    if let (Some(d), Some(p)) =
+        (find(rows, "stream", 0.5, "demand"), find(rows, "stream", 0.5, "policy"))
+    {
+        let x = d.ms / p.ms;
+        out.push(Goal {
+            goal: "prefetch at least 2x faster than demand faulting on the stream",
+            met: Some(x >= 2.0),
+            detail: format!(
+                "{x:.2}x ({:.1} ms against {:.1} ms; {} and {} migrations)",
+                p.ms, d.ms, p.migrations, d.migrations
+            ),
+        });
+    }
+    let demand = rows.iter().find(|r| r.pattern == "ping-pong" && r.policy == "no mitigation");
+    let best = rows
+        .iter()
+        .filter(|r| r.pattern == "ping-pong" && r.policy != "no mitigation")
+        .min_by_key(|r| r.migrations);
+    if let (Some(d), Some(b)) = (demand, best) {
+        let fewer = d.migrations as f64 / (b.migrations.max(1)) as f64;
+        out.push(Goal {
+            goal: "ping-pong with mitigation: at least 5x fewer migrations, and faster",
+            met: Some(fewer >= 5.0 && b.ms < d.ms),
+            detail: format!(
+                "{fewer:.1}x fewer ({} against {}) with \"{}\", {:.1} ms against {:.1} ms",
+                b.migrations, d.migrations, b.policy, b.ms, d.ms
+            ),
+        });
+    }
+    if let Some(z) = find(rows, "zipf", 1.5, "policy") {
+        let x = z.ms / z.resident_ms;
+        out.push(Goal {
+            goal: "Zipf at 1.5x oversubscription within 1.5x of the fully resident time",
+            met: Some(x <= 1.5),
+            detail: format!("{x:.2}x ({:.1} ms against {:.1} ms resident)", z.ms, z.resident_ms),
+        });
+    }
+    out.push(Goal {
+        goal: "recency eviction at least 1.5x fewer migrations than FIFO on Zipf",
+        met: None,
+        detail: "not measured: hmm's eviction is by recency only; there is no FIFO mode to compare"
+            .into(),
+    });
+    out.push(Goal {
+        goal: "with the budget at 50%, Zipf within 1.3x of unlimited time on the compressed tier",
+        met: None,
+        detail: "not measured: memory budgets for tiers are not built yet".into(),
+    });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_read_what_they_say() {
+        let stream = accesses("stream", 64);
+        assert_eq!(stream.len(), 128);
+        assert!(stream.iter().enumerate().all(|(i, p)| *p == i % 64));
+        let random = accesses("random", 64);
+        assert_eq!(random.len(), 16 * 64);
+        assert!(random.iter().all(|p| *p < 64));
+        // Zipf (s = 0.99) over 1024 pages: the most popular page takes
+        // about 1/H(1024) ≈ 13% of the draws, and the top 1% of pages
+        // well over a third; a uniform draw would give them 0.1% and 1%.
+        let zipf = accesses("zipf", 1024);
+        let mut counts = vec![0usize; 1024];
+        zipf.iter().for_each(|p| counts[*p] += 1);
+        counts.sort_unstable_by(|a, b| b.cmp(a));
+        let share = |n: usize| counts[..n].iter().sum::<usize>() as f64 / zipf.len() as f64;
+        assert!((0.09..0.18).contains(&share(1)), "top page: {}", share(1));
+        assert!(share(10) > 0.35, "top 10 pages: {}", share(10));
+        // Popularity is not address order.
+        let hottest = (0..1024).max_by_key(|p| zipf.iter().filter(|x| *x == p).count()).unwrap();
+        assert_ne!(hottest, 0);
+    }
+
+    fn row(
+        pattern: &'static str,
+        factor: f64,
+        policy: &str,
+        ms: f64,
+        migrations: u64,
+    ) -> WorkloadRow {
+        WorkloadRow {
+            pattern,
+            factor,
+            policy: policy.into(),
+            accesses: 1,
+            ms,
+            migrations,
+            evicted: 0,
+            decisions: PlacementStats::default(),
+            resident_ms: 10.0,
+        }
+    }
+
+    #[test]
+    fn goals_are_judged_on_the_rows() {
+        let rows = vec![
+            row("stream", 0.5, "demand", 100.0, 10),
+            row("stream", 0.5, "policy", 40.0, 10),
+            row("ping-pong", 0.0, "no mitigation", 50.0, 1000),
+            row("ping-pong", 0.0, "policy", 60.0, 100),
+            row("zipf", 1.5, "policy", 14.0, 10),
+        ];
+        let g = goals(&rows);
+        let met: Vec<Option<bool>> = g.iter().map(|g| g.met).collect();
+        // 2.5x faster; 10x fewer but slower; 1.4x resident; two not measured.
+        assert_eq!(met, vec![Some(true), Some(false), Some(true), None, None], "{g:?}");
+    }
+}
