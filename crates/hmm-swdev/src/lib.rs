@@ -101,6 +101,13 @@ impl SoftwareDeviceConfig {
         self
     }
 
+    /// The same, evicting the pages that came in first when the device is
+    /// full, whatever the device did with them since (first in, first out).
+    pub fn evicting_oldest(mut self) -> Self {
+        self.pressure = Pressure::EvictOldest;
+        self
+    }
+
     /// The same, without peer-to-peer copies.
     pub fn without_peer_to_peer(mut self) -> Self {
         self.peer_to_peer = false;

@@ -20,7 +20,8 @@
 //! sees the page used: a migration committing data into it, a device access
 //! through the device's page table ([`DeviceMemory::touch`]). Allocation order
 //! plays no part. When a migration finds the region full and the region's
-//! [`Pressure`] is [`Pressure::Evict`], the pages with the oldest stamps that
+//! [`Pressure`] is [`Pressure::Evict`] (with [`Pressure::EvictOldest`],
+//! device accesses leave the stamps alone: first in, first out), the pages with the oldest stamps that
 //! back an address and that no migration holds are evicted to system memory to
 //! make room ([`DeviceMemory::coldest`]); a page in the middle of a migration
 //! (its own or another's) is never a victim, since eviction is itself a
@@ -58,6 +59,10 @@ pub enum Pressure {
     /// The region's least recently used pages are evicted to system memory to
     /// make room (see the [module docs](self)).
     Evict,
+    /// The pages that came into the region first are evicted first, whatever
+    /// the device did with them since (first in, first out: the order NVIDIA's
+    /// driver evicts in; for comparison with [`Evict`](Self::Evict)).
+    EvictOldest,
 }
 
 /// Why a fault-back did not bring the faulting page back.
@@ -568,7 +573,10 @@ impl DeviceMemory {
     /// device's page table; hmm stamps migrations itself). Recency decides
     /// which pages [`Pressure::Evict`] evicts first.
     pub fn touch(&self, page: DevicePage) {
-        if page.dev != self.id || page.index >= self.capacity_pages {
+        if page.dev != self.id
+            || page.index >= self.capacity_pages
+            || self.pressure == Pressure::EvictOldest
+        {
             return;
         }
         if let Some(chunk) = self.chunks[(page.index / self.chunk_pages) as usize].get() {

@@ -181,6 +181,35 @@ fn pressure_evicts_the_least_recently_used_pages() {
     check(&cpu_bytes(&y), 0, 200, "y");
 }
 
+/// With `EvictOldest` the pages that came in first go first, however much
+/// the device used them since (the order NVIDIA's driver evicts in).
+#[test]
+fn fifo_pressure_evicts_in_arrival_order() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let _fork = common::fork_lock();
+    let hmm = Hmm::new().unwrap();
+    let config = SoftwareDeviceConfig::new("d", 64 * PAGE_SIZE).evicting_oldest();
+    let d = SoftwareDevice::new(&hmm, config).unwrap();
+    let x = hmm.alloc(64 * PAGE_SIZE).unwrap();
+    let y = hmm.alloc(32 * PAGE_SIZE).unwrap();
+    fill(&x, 100);
+    fill(&y, 200);
+    assert_eq!(d.migrate_to_device(x.pages_range(0, 32).unwrap()).unwrap().migrated, 32);
+    assert_eq!(d.migrate_to_device(x.pages_range(32, 32).unwrap()).unwrap().migrated, 32);
+    // The device uses the first half: under recency it would stay.
+    check(&d.read(x.pages_range(0, 32).unwrap()).unwrap().0, 0, 100, "device read");
+    let rep = d.migrate_to_device(y.range()).unwrap();
+    assert_eq!(rep.migrated, 32, "{:?}", rep.skipped.first());
+    let res = x.residencies();
+    assert!(res[..32].iter().all(|r| *r == Residency::System), "the first in went: {res:?}");
+    assert!(res[32..].iter().all(on(&d)), "the last in stayed: {res:?}");
+    assert_eq!(rep.evicted, 32);
+    check(&cpu_bytes(&x), 0, 100, "x");
+    check(&cpu_bytes(&y), 0, 200, "y");
+}
+
 /// A migration into a full device evicts other pages, never those of the
 /// range it is gathering there: here the range's pages already on the device
 /// are the coldest, yet the room is made from the other range's.

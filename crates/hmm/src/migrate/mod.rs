@@ -773,7 +773,7 @@ impl Migration {
             return;
         }
         let mut got = mem.alloc(want.len());
-        if got.len() < want.len() && mem.pressure() == Pressure::Evict {
+        if got.len() < want.len() && mem.pressure() != Pressure::Refuse {
             self.evict_for(mem, want.len(), &mut got);
         }
         for (n, k) in want.into_iter().enumerate() {
