@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hmm::policy::{
-    Advice, Decision, DemandOnly, FaultContext, Location, Placement, PlacementConfig, Policy,
-    PolicyError, ThrashConfig,
+    Advice, BudgetConfig, Decision, DemandOnly, FaultContext, Location, Placement, PlacementConfig,
+    Policy, PolicyError, ThrashConfig,
 };
 use hmm::{Hmm, PAGE_SIZE, Place, SkipReason};
 use hmm_swdev::{SoftwareDevice, SoftwareDeviceConfig};
@@ -331,4 +331,113 @@ fn a_policy_of_ones_own_decides_device_faults() {
         assert_eq!(*x, want, "page {k}");
     }
     assert_eq!((p.stats().fault_pages_mapped, p.stats().fault_pages_migrated), (16, 16));
+}
+
+fn system_pages(r: &hmm::ManagedRange) -> usize {
+    r.residency_map().counts().get(&Place::System).copied().unwrap_or(0)
+}
+
+/// Whether at most `limit` pages of `r` are in system memory and none is on
+/// its way anywhere.
+fn within(r: &hmm::ManagedRange, limit: usize) -> bool {
+    let counts = r.residency_map().counts();
+    !counts.contains_key(&Place::Migrating)
+        && counts.get(&Place::System).copied().unwrap_or(0) <= limit
+}
+
+/// A budget of 64 pages over 256: the coldest go to a compressed tier until
+/// the set fits, every byte reads back, and what a touch brings back counts
+/// as promoted.
+#[test]
+fn a_budget_keeps_the_set_within_its_limit_and_loses_nothing() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    let tier = hmm_compressed::CompressedDevice::new(
+        &hmm,
+        hmm_compressed::CompressedConfig::new("z", 4 << 20),
+    )
+    .unwrap();
+    let p = Placement::new(&hmm).unwrap();
+    let r = hmm.alloc(256 * PAGE_SIZE).unwrap();
+    let data = pattern(256, 21);
+    r.write(0, &data).unwrap();
+    let b = p.set_budget(&[r.range()], tier.memory(), BudgetConfig::new(64 * PAGE_SIZE)).unwrap();
+    common::eventually("the set within its budget", || within(&r, 64));
+    let s = b.next_scan(WAIT).expect("a scan");
+    assert!(s.resident <= 64 * PAGE_SIZE && s.demoted >= 192, "{s:?}");
+    assert_eq!(s.limit, 64 * PAGE_SIZE);
+    let on_tier = r.residency_map().counts().get(&Place::Device(tier.memory().id())).copied();
+    assert_eq!(on_tier, Some(256 - system_pages(&r)));
+    // Every byte back, through the CPU's faults.
+    assert!(common::cpu_bytes(&r) == data);
+    let s = b.next_scan(WAIT).expect("a scan");
+    assert!(s.promoted > 0, "the reads' fault-backs are promotions: {s:?}");
+    common::eventually("the set within its budget again", || within(&r, 64));
+    drop(b);
+    assert!(common::cpu_bytes(&r) == data);
+}
+
+/// Pages a touch brought back from the tier are hot: the budget makes room
+/// from pages never seen hot first, so touching the hot pages again faults
+/// nothing more.
+#[test]
+fn pages_seen_hot_stay_in_system_memory() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    // No fault-around: a touch brings back its own page only.
+    let config = hmm::HmmConfig { fault_around_pages: 0, ..Default::default() };
+    let hmm = Hmm::with_config(config).unwrap();
+    let tier = hmm_compressed::CompressedDevice::new(
+        &hmm,
+        hmm_compressed::CompressedConfig::new("z", 4 << 20),
+    )
+    .unwrap();
+    let p = Placement::new(&hmm).unwrap();
+    let r = hmm.alloc(256 * PAGE_SIZE).unwrap();
+    r.write(0, &pattern(256, 5)).unwrap();
+    let b = p.set_budget(&[r.range()], tier.memory(), BudgetConfig::new(64 * PAGE_SIZE)).unwrap();
+    common::eventually("the set within its budget", || within(&r, 64));
+    // The lowest addresses went first: pages 16..24 are on the tier.
+    let hot = 16..24;
+    let places = r.residency_map().places().to_vec();
+    assert!(hot.clone().all(|k| places[k] == Place::Device(tier.memory().id())), "{places:?}");
+    let touch = || {
+        for k in hot.clone() {
+            r.touch_read(k * PAGE_SIZE).unwrap();
+        }
+    };
+    touch();
+    let before = b.next_scan(WAIT).expect("a scan").promoted;
+    assert!(before >= 8, "the touches were promotions");
+    for round in 0..3 {
+        touch();
+        let s = b.next_scan(WAIT).expect("a scan");
+        assert_eq!(s.promoted, before, "round {round}: a hot page was demoted again: {s:?}");
+        assert!(s.resident <= 64 * PAGE_SIZE, "{s:?}");
+    }
+    let places = r.residency_map().places().to_vec();
+    assert!(hot.clone().all(|k| places[k] == Place::System), "{places:?}");
+}
+
+#[test]
+fn a_budget_needs_memory_and_a_tier_of_its_instance() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    let p = Placement::new(&hmm).unwrap();
+    let tier = device(&hmm, "t", 16);
+    let e = p.set_budget(&[], tier.memory(), BudgetConfig::new(0)).unwrap_err();
+    assert!(e.to_string().contains("no memory"), "{e}");
+    let r = hmm.alloc(16 * PAGE_SIZE).unwrap();
+    let other = Hmm::new().unwrap();
+    let elsewhere = device(&other, "elsewhere", 16);
+    let e = p.set_budget(&[r.range()], elsewhere.memory(), BudgetConfig::new(0)).unwrap_err();
+    assert!(matches!(e, PolicyError::UnknownDevice(_)), "{e}");
+    let zero = BudgetConfig { interval: Duration::ZERO, ..BudgetConfig::new(0) };
+    let e = p.set_budget(&[r.range()], tier.memory(), zero).unwrap_err();
+    assert!(e.to_string().contains("interval"), "{e}");
 }

@@ -31,6 +31,7 @@
 //! migrates.
 
 pub mod attrs;
+pub mod budget;
 pub mod density;
 pub mod prefetch;
 pub mod thrash;
@@ -41,6 +42,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 pub use attrs::{Advice, Attributes, Location};
+pub use budget::{Budget, BudgetConfig, BudgetStats};
 pub use density::{Block, DEFAULT_THRESHOLD};
 pub use prefetch::{Prefetch, PrefetchProgress};
 pub use thrash::{ThrashConfig, ThrashVerdict};
@@ -585,6 +587,34 @@ impl Placement {
             add(&c.pins, 1);
             let _s = span("placement: pin", Category::Policy);
         }
+    }
+
+    /// Keeps the pages of `set` within `config.limit` bytes of system
+    /// memory from now on, moving the coldest to `tier` (a device of this
+    /// instance, typically a compressed or remote tier); see [`budget`].
+    /// The budget lasts as long as the returned handle.
+    pub fn set_budget(
+        &self,
+        set: &[PageRange],
+        tier: &Arc<DeviceMemory>,
+        config: BudgetConfig,
+    ) -> Result<Budget, PolicyError> {
+        if set.is_empty() {
+            return Err(PolicyError::BadAdvice(
+                "a budget over no memory: give the ranges it keeps".into(),
+            ));
+        }
+        if config.interval.is_zero() {
+            return Err(PolicyError::BadAdvice(
+                "a budget looked at every 0 s: give an interval (20 ms is the default)".into(),
+            ));
+        }
+        match self.shared.hmm.device_memory(tier.id()) {
+            Some(m) if Arc::ptr_eq(&m, tier) => {}
+            _ => return Err(PolicyError::UnknownDevice(tier.id())),
+        }
+        Budget::start(self.shared.hmm.clone(), set.to_vec(), tier.clone(), config)
+            .map_err(|e| PolicyError::Hmm(HmmError::Thread(e)))
     }
 
     /// Every decision so far.
