@@ -72,6 +72,10 @@ pub struct SoftwareDeviceConfig {
     /// addresses) or coherent memory (a memfd whose pages hmm maps where the
     /// CPU reads and writes them).
     pub kind: MemoryKind,
+    /// Pages of the duplicate cache: copies of read-mostly system pages the
+    /// device keeps when a placement decides so (read duplication), apart
+    /// from its memory. Reserved, not populated, until used.
+    pub duplicate_pages: usize,
 }
 
 impl SoftwareDeviceConfig {
@@ -85,6 +89,7 @@ impl SoftwareDeviceConfig {
             peer_to_peer: true,
             pressure: Pressure::Refuse,
             kind: MemoryKind::Private,
+            duplicate_pages: 1024,
         }
     }
 
@@ -105,6 +110,13 @@ impl SoftwareDeviceConfig {
     /// full, whatever the device did with them since (first in, first out).
     pub fn evicting_oldest(mut self) -> Self {
         self.pressure = Pressure::EvictOldest;
+        self
+    }
+
+    /// The same, with a duplicate cache of `pages` pages (see
+    /// [`duplicate_pages`](Self::duplicate_pages)).
+    pub fn with_duplicate_pages(mut self, pages: usize) -> Self {
+        self.duplicate_pages = pages;
         self
     }
 
@@ -339,8 +351,9 @@ impl SoftwareDevice {
         mc.kind = config.kind;
         mc.chunk_pages = 512;
         mc.pressure = config.pressure;
+        let table = PageTable::new(config.duplicate_pages)?;
         let mem = hmm.register_device_memory(mc, core)?;
-        let mirror = DeviceMirror::new(hmm, mem.clone(), pool);
+        let mirror = DeviceMirror::new(hmm, mem.clone(), pool, table);
         Ok(Self { hmm: hmm.handle(), mem, core: Arc::new(CoreHandle { faults }), mirror })
     }
 
@@ -483,6 +496,7 @@ impl SoftwareDevice {
             faults: self.mirror.faults.load(Ordering::Relaxed),
             invalidations: self.mirror.table.invalidations.load(Ordering::Relaxed),
             entries: self.mirror.table.read().len(),
+            duplicates: self.mirror.table.dups.in_use(),
         }
     }
 
@@ -754,6 +768,10 @@ pub struct DeviceEntry {
     pub write: bool,
     /// The device holds the page exclusively (any CPU access revokes it).
     pub atomic: bool,
+    /// A copy of the system page the device keeps (read duplication): the
+    /// slot of its duplicate cache. The entry is read-only; any write to the
+    /// page drops it first.
+    pub dup: Option<u32>,
 }
 
 /// How a page looks from a device (the test driver's snapshot states).
@@ -815,6 +833,8 @@ pub struct MirrorStats {
     pub invalidations: u64,
     /// Entries in the page table now.
     pub entries: usize,
+    /// Copies of system pages the device keeps now (read duplication).
+    pub duplicates: usize,
 }
 
 /// The virtual page numbers of `range`.
@@ -828,19 +848,67 @@ fn vpns(range: PageRange) -> std::ops::Range<usize> {
 /// across `range_fault` or an access that can fault into the fault service
 /// (see [`hmm::mirror`]); only copies to and from the device's own memory,
 /// which cannot fault, run under it.
-#[derive(Default)]
 ///
 /// A hash map, whose removals never free memory: the invalidation callback
 /// may run in a `SIGBUS` handler (`FaultMode::InThread`), where it must not.
+/// An entry dropped gives its duplicate's slot back to a free list with
+/// room for every slot, which never allocates either.
 struct PageTable {
     map: std::sync::RwLock<std::collections::HashMap<usize, DeviceEntry>>,
     invalidations: std::sync::atomic::AtomicU64,
+    dups: Dups,
+}
+
+/// The device's duplicate cache: slots of a page each, for copies of
+/// read-mostly system pages (a real device would keep them in its memory;
+/// the software device keeps them apart from the region hmm allocates from).
+struct Dups {
+    pool: Mapping,
+    free: std::sync::Mutex<Vec<u32>>,
+}
+
+impl Dups {
+    fn new(slots: usize) -> Result<Self, HmmError> {
+        let pool = Mapping::anonymous(slots.max(1) * PAGE_SIZE, Protection::ReadWrite)?;
+        let mut free = Vec::with_capacity(slots);
+        free.extend((0..slots as u32).rev());
+        Ok(Self { pool, free: std::sync::Mutex::new(free) })
+    }
+
+    fn take(&self) -> Option<u32> {
+        self.free.lock().unwrap_or_else(|e| e.into_inner()).pop()
+    }
+
+    /// Gives a slot back; allocates nothing (the list has room for all).
+    fn give_back(&self, slot: u32) {
+        self.free.lock().unwrap_or_else(|e| e.into_inner()).push(slot);
+    }
+
+    fn in_use(&self) -> usize {
+        let free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        free.capacity() - free.len()
+    }
 }
 
 type PtRead<'a> = std::sync::RwLockReadGuard<'a, std::collections::HashMap<usize, DeviceEntry>>;
 type PtWrite<'a> = std::sync::RwLockWriteGuard<'a, std::collections::HashMap<usize, DeviceEntry>>;
 
 impl PageTable {
+    fn new(dup_slots: usize) -> Result<Self, HmmError> {
+        Ok(Self {
+            map: Default::default(),
+            invalidations: Default::default(),
+            dups: Dups::new(dup_slots)?,
+        })
+    }
+
+    /// Gives back what a dropped (or replaced) entry held.
+    fn release(&self, e: &DeviceEntry) {
+        if let Some(slot) = e.dup {
+            self.dups.give_back(slot);
+        }
+    }
+
     fn read(&self) -> PtRead<'_> {
         self.map.read().unwrap_or_else(|e| e.into_inner())
     }
@@ -852,10 +920,18 @@ impl PageTable {
         let mut pt = self.write();
         let v = vpns(range);
         if v.len() > pt.len() {
-            pt.retain(|k, _| !v.contains(k));
+            pt.retain(|k, e| {
+                let gone = v.contains(k);
+                if gone {
+                    self.release(e);
+                }
+                !gone
+            });
         } else {
             v.for_each(|k| {
-                pt.remove(&k);
+                if let Some(e) = pt.remove(&k) {
+                    self.release(&e);
+                }
             });
         }
         self.invalidations.fetch_add(1, Ordering::Relaxed);
@@ -867,7 +943,9 @@ impl PageTable {
 fn system_run(pt: &PtRead<'_>, at: usize, left: usize, write: bool) -> usize {
     let mut len = (PAGE_SIZE - at % PAGE_SIZE).min(left);
     let mut next = at / PAGE_SIZE + 1;
-    while len < left && pt.get(&next).is_some_and(|e| e.page.is_none() && (e.write || !write)) {
+    while len < left
+        && pt.get(&next).is_some_and(|e| e.page.is_none() && e.dup.is_none() && (e.write || !write))
+    {
         len += PAGE_SIZE.min(left - len);
         next += 1;
     }
@@ -903,9 +981,9 @@ pub(crate) struct DeviceMirror {
 }
 
 impl DeviceMirror {
-    fn new(hmm: &Hmm, mem: Arc<DeviceMemory>, pool: Arc<Mapping>) -> Arc<Self> {
+    fn new(hmm: &Hmm, mem: Arc<DeviceMemory>, pool: Arc<Mapping>, table: PageTable) -> Arc<Self> {
         let id = mem.id();
-        let table = Arc::new(PageTable::default());
+        let table = Arc::new(table);
         let t = table.clone();
         // One notifier over the whole address space, as the kernel's test
         // driver has: every invalidation reaches the page table. Its callback
@@ -943,26 +1021,48 @@ impl DeviceMirror {
             // as this device's own.
             let placement = self.placement.read().unwrap_or_else(|e| e.into_inner()).clone();
             let placed = placement.is_some();
-            if let Some(p) = placement {
-                p.device_fault(&self.mem, part, write);
-            }
+            let duplicate = match placement {
+                Some(p) => p.device_fault(&self.mem, part, write).duplicate,
+                None => Vec::new(),
+            };
             let seq = self.notifier.read_begin();
             let info = self.hmm.range_fault(&RangeFault::fault(part, write, Some(self.id)))?;
             let around = match write {
                 false => self.look_around(part),
                 true => None,
             };
+            // Copies of the pages to duplicate that are system pages now,
+            // each made after its page is write-protected: a write after
+            // that invalidates, and the retry below catches it.
+            let dups: Vec<(usize, u32)> = vpns(part)
+                .zip(info.iter())
+                .filter(|(v, p)| {
+                    p.valid
+                        && p.device.is_none()
+                        && duplicate.binary_search(&VirtAddr::new(v * PAGE_SIZE)).is_ok()
+                })
+                .filter_map(|(v, _)| self.duplicate(v).map(|slot| (v, slot)))
+                .collect();
             let mut pt = self.table.write();
             if self.notifier.read_retry(seq) {
+                for (_, slot) in dups {
+                    self.table.dups.give_back(slot);
+                }
                 continue;
             }
             let entry = |p: PageInfo| {
                 let page = p.device.filter(|d| d.dev == self.id);
-                p.valid.then_some(DeviceEntry { page, write: p.write, atomic: false })
+                p.valid.then_some(DeviceEntry { page, write: p.write, atomic: false, dup: None })
             };
             for (vpn, p) in vpns(part).zip(info) {
-                if let Some(e) = entry(p) {
-                    pt.insert(vpn, e);
+                if let Some(mut e) = entry(p) {
+                    if let Ok(k) = dups.binary_search_by_key(&vpn, |(v, _)| *v) {
+                        e.dup = Some(dups[k].1);
+                        e.write = false;
+                    }
+                    if let Some(old) = pt.insert(vpn, e) {
+                        self.table.release(&old);
+                    }
                 }
             }
             // Entries already there (written since, say) stay as they are.
@@ -983,6 +1083,23 @@ impl DeviceMirror {
             c.faults += 1;
         }
         Err(RangeFaultError::Busy { range, timeout: RangeFault::DEFAULT_TIMEOUT }.into())
+    }
+
+    /// Copies the system page `vpn` into a slot of the duplicate cache, after
+    /// write-protecting it; `None` (the page is then mapped where it is) when
+    /// no slot is free or the page cannot be read.
+    fn duplicate(&self, vpn: usize) -> Option<u32> {
+        let slot = self.table.dups.take()?;
+        let page = PageRange::from_pages(VirtAddr::new(vpn * PAGE_SIZE), 1).ok()?;
+        self.hmm.track_writes(page);
+        let mut buf = vec![0u8; PAGE_SIZE];
+        let copied = hmm::os::vm::read_memory(page.start(), &mut buf).unwrap_or(0) == PAGE_SIZE
+            && self.table.dups.pool.write(slot as usize * PAGE_SIZE, &buf).is_ok();
+        if !copied {
+            self.table.dups.give_back(slot);
+            return None;
+        }
+        Some(slot)
     }
 
     /// Device fault-around for a read fault of `part`: what the rest of its
@@ -1016,7 +1133,9 @@ impl DeviceMirror {
         at: usize,
         give_up: impl FnOnce() -> RangeFaultError,
     ) -> Result<(), HmmError> {
-        self.table.write().remove(&(at / PAGE_SIZE));
+        if let Some(e) = self.table.write().remove(&(at / PAGE_SIZE)) {
+            self.table.release(&e);
+        }
         *refaults += 1;
         if *refaults > MAX_REFAULTS {
             return Err(give_up().into());
@@ -1048,6 +1167,14 @@ impl DeviceMirror {
                 self.ensure(PageRange::try_containing(at, buf.len() - done)?, false, c)?;
                 continue;
             };
+            if let Some(slot) = e.dup {
+                // The device's copy: read under the table lock, so the slot
+                // is not given back meanwhile.
+                let off = slot as usize * PAGE_SIZE + at % PAGE_SIZE;
+                self.table.dups.pool.read(off, &mut buf[done..done + in_page])?;
+                done += in_page;
+                continue;
+            }
             if let Some(p) = e.page {
                 // The device's own memory: read under the table lock, so the
                 // page cannot be freed meanwhile.

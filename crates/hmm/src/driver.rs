@@ -128,6 +128,16 @@ impl HmmHandle {
         self.inner.evict_all(mem.id())
     }
 
+    /// Write-protects the CPU's pages of `range` (managed memory in system
+    /// memory; other pages are left alone): the next write to one, by the
+    /// CPU or by the kernel on anyone's behalf, first invalidates every
+    /// mirror over it (`InvalidationEvent::Clear`), then goes on. What a
+    /// device that keeps a copy of a system page (read duplication) calls
+    /// before it copies: a write after the call drops the copy.
+    pub fn track_writes(&self, range: PageRange) {
+        self.inner.track_writes(&[range]);
+    }
+
     /// The device memory registered as `id`, if it still is.
     pub fn device_memory(&self, id: crate::page::DeviceId) -> Option<Arc<DeviceMemory>> {
         self.inner.device(id)

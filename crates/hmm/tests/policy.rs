@@ -441,3 +441,76 @@ fn a_budget_needs_memory_and_a_tier_of_its_instance() {
     let e = p.set_budget(&[r.range()], tier.memory(), zero).unwrap_err();
     assert!(e.to_string().contains("interval"), "{e}");
 }
+
+/// Read-mostly pages: each device that reads them keeps a copy, and the
+/// pages stay in system memory; a CPU write drops every copy before it
+/// lands, so the next device read sees it; a device's write collapses the
+/// copies (the writer takes the page), and the other device then reads
+/// what it wrote.
+#[test]
+fn read_mostly_pages_are_duplicated_and_a_write_collapses_the_copies() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    let a = device(&hmm, "a", 64);
+    let b = device(&hmm, "b", 64);
+    let p = Arc::new(Placement::new(&hmm).unwrap());
+    a.set_placement(Some(p.clone()));
+    b.set_placement(Some(p.clone()));
+    let r = hmm.alloc(16 * PAGE_SIZE).unwrap();
+    let mut data = pattern(16, 40);
+    r.write(0, &data).unwrap();
+    p.advise(r.range(), Advice::ReadMostly).unwrap();
+    for d in [&a, &b] {
+        let (bytes, _) = d.read(r.range()).unwrap();
+        assert!(bytes == data);
+        assert_eq!(d.mirror_stats().duplicates, 16, "{}: a copy of every page", d.memory().name());
+    }
+    assert_eq!(p.stats().fault_pages_duplicated, 32);
+    assert!(r.residency_map().places().iter().all(|x| *x == Place::System), "copies, not moves");
+    // The CPU writes page 3: both copies go before the write lands.
+    let writes = hmm.tracked_writes();
+    r.write(3 * PAGE_SIZE, &[0xEE; 8]).unwrap();
+    data[3 * PAGE_SIZE..3 * PAGE_SIZE + 8].copy_from_slice(&[0xEE; 8]);
+    assert!(hmm.tracked_writes() > writes, "the write was caught");
+    assert_eq!(a.mirror_stats().duplicates, 15);
+    assert_eq!(b.mirror_stats().duplicates, 15);
+    for d in [&a, &b] {
+        let (bytes, _) = d.read(r.pages_range(3, 1).unwrap()).unwrap();
+        assert!(bytes[..] == data[3 * PAGE_SIZE..4 * PAGE_SIZE], "the new bytes, copied again");
+    }
+    // Device a writes page 5: it takes the page, b's copy goes, and b then
+    // reads a's bytes.
+    a.write(r.pages_range(5, 1).unwrap().start(), &[0x55; 8]).unwrap();
+    data[5 * PAGE_SIZE..5 * PAGE_SIZE + 8].copy_from_slice(&[0x55; 8]);
+    assert_eq!(r.residency_map().places()[5], Place::Device(a.memory().id()));
+    let (bytes, _) = b.read(r.range()).unwrap();
+    assert!(bytes == data, "b reads every page as it is now");
+    assert!(common::cpu_bytes(&r) == data);
+}
+
+/// A device whose duplicate cache is full maps the rest where they are.
+#[test]
+fn a_full_duplicate_cache_maps_the_rest() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let hmm = Hmm::new().unwrap();
+    let config = SoftwareDeviceConfig::new("d", 64 * PAGE_SIZE).with_duplicate_pages(4);
+    let d = SoftwareDevice::new(&hmm, config).unwrap();
+    let p = Arc::new(Placement::new(&hmm).unwrap());
+    d.set_placement(Some(p.clone()));
+    let r = hmm.alloc(16 * PAGE_SIZE).unwrap();
+    let data = pattern(16, 2);
+    r.write(0, &data).unwrap();
+    p.advise(r.range(), Advice::ReadMostly).unwrap();
+    let (bytes, _) = d.read(r.range()).unwrap();
+    assert!(bytes == data);
+    let s = d.mirror_stats();
+    assert_eq!((s.duplicates, s.entries), (4, 16), "{s:?}");
+    assert!(r.residency_map().places().iter().all(|x| *x == Place::System));
+    // Dropping the copies gives the slots back.
+    r.write(0, &data).unwrap();
+    assert_eq!(d.mirror_stats().duplicates, 0);
+}

@@ -10,9 +10,10 @@
 //!   `cudaMemRangeGetAttribute` does;
 //! - **device-fault decisions** ([`Placement::device_fault`], which a driver
 //!   calls before it fills its page table): each page that misses is
-//!   migrated to the device or mapped where it is, as the [`Policy`]
-//!   decides, and a migration grows by density prefetch within the page's
-//!   block ([`density`]);
+//!   migrated to the device, mapped where it is, or duplicated (read-mostly
+//!   pages: the device keeps a copy, and a write drops every copy first), as
+//!   the [`Policy`] decides; a migration grows by density prefetch within
+//!   the page's block ([`density`]);
 //! - **asynchronous prefetch** ([`Placement::prefetch`]): a handle to wait
 //!   on, poll or cancel, with the pages done and refused, and why;
 //! - **thrashing detection and mitigation** ([`ThrashConfig`]): a page that
@@ -83,6 +84,11 @@ pub enum Decision {
     Migrate,
     /// Map the page where it is (the device reaches it remotely).
     Map,
+    /// For a read: leave the page where it is and let the device keep a
+    /// copy of its own (read duplication). The CPU's page is write-protected
+    /// first, so any write, from any side, drops the copies before it lands.
+    /// A driver that keeps no copies maps the page instead.
+    Duplicate,
 }
 
 /// A device's fault on one page, as a [`Policy`] sees it.
@@ -139,16 +145,23 @@ pub trait Policy: Send + Sync {
 }
 
 /// The built-in decision (UVM's and AMD SVM's defaults): a page pinned by
-/// thrashing mitigation, or whose range prefers another location, or that
-/// the device is set to access where it is (accessed-by), is mapped; so is
-/// any page of a device whose memory the CPU can address (coherent memory
-/// maps system pages as they are). Otherwise a private-memory device
-/// migrates the page to itself on its first touch.
+/// thrashing mitigation is mapped; a read of a read-mostly page by a
+/// private-memory device is duplicated; a page whose range prefers another
+/// location, or that the device is set to access where it is (accessed-by),
+/// is mapped, and so is any page of a device whose memory the CPU can
+/// address (coherent memory maps system pages as they are). Otherwise a
+/// private-memory device migrates the page to itself on its first touch
+/// (a write to a read-mostly page included: that collapses the copies).
 pub fn default_decision(f: &FaultContext<'_>) -> Decision {
     let a = f.attributes;
+    if f.pinned {
+        return Decision::Map;
+    }
+    if a.read_mostly && !f.write && f.kind == MemoryKind::Private {
+        return Decision::Duplicate;
+    }
     let elsewhere = a.preferred.is_some_and(|l| l != Location::Device(f.device));
-    if f.pinned || elsewhere || a.accessed_by.contains(&f.device) || f.kind == MemoryKind::Coherent
-    {
+    if elsewhere || a.accessed_by.contains(&f.device) || f.kind == MemoryKind::Coherent {
         return Decision::Map;
     }
     Decision::Migrate
@@ -233,6 +246,8 @@ pub struct PlacementStats {
     pub fault_pages_migrated: u64,
     /// Faulted pages the policy left where they are, for the device to map.
     pub fault_pages_mapped: u64,
+    /// Faulted pages the policy had the device copy (read duplication).
+    pub fault_pages_duplicated: u64,
     /// Pages migrated along with faulted ones (density prefetch).
     pub pages_prefetched: u64,
     /// Prefetches asked for ([`Placement::prefetch`]).
@@ -254,6 +269,7 @@ struct Counters {
     device_faults: AtomicU64,
     fault_pages_migrated: AtomicU64,
     fault_pages_mapped: AtomicU64,
+    fault_pages_duplicated: AtomicU64,
     pages_prefetched: AtomicU64,
     prefetches: AtomicU64,
     prefetch_pages_moved: AtomicU64,
@@ -276,6 +292,9 @@ pub struct FaultOutcome {
     pub prefetched: usize,
     /// Faulted pages left where they are for the device to map.
     pub mapped: usize,
+    /// Faulted pages left where they are for the device to copy (read
+    /// duplication), in address order.
+    pub duplicate: Vec<VirtAddr>,
     /// How long the fault waited for thrashing mitigation.
     pub throttled: Duration,
     /// Pages the migrations refused, with the reason (the device maps
@@ -469,6 +488,7 @@ impl Placement {
                 }
                 match decision {
                     Decision::Map => out.mapped += 1,
+                    Decision::Duplicate => out.duplicate.push(page),
                     Decision::Migrate => {
                         let g = a.granularity;
                         let start = page.get() & !(g - 1);
@@ -485,6 +505,7 @@ impl Placement {
             self.migrate_block(mem, start, g, &faulted, &mut out);
         }
         add(&s.counters.fault_pages_mapped, out.mapped);
+        add(&s.counters.fault_pages_duplicated, out.duplicate.len());
         add(&s.counters.fault_pages_migrated, out.migrated);
         add(&s.counters.pages_prefetched, out.prefetched);
         if let Some(sp) = &mut span {
@@ -625,6 +646,7 @@ impl Placement {
             device_faults: g(&c.device_faults),
             fault_pages_migrated: g(&c.fault_pages_migrated),
             fault_pages_mapped: g(&c.fault_pages_mapped),
+            fault_pages_duplicated: g(&c.fault_pages_duplicated),
             pages_prefetched: g(&c.pages_prefetched),
             prefetches: g(&c.prefetches),
             prefetch_pages_moved: g(&c.prefetch_pages_moved),
