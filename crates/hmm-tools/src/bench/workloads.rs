@@ -15,6 +15,9 @@
 //! - `ping-pong`: 16 pages the device and the CPU write in turn (the device
 //!   all 16, then the CPU all 16), 100 rounds; its baseline is the device
 //!   mapping the pages where they are (accessed-by), with no migration;
+//! - `read-mostly`: a 256-page table read by two devices and the CPU in
+//!   turn, with demand faults and advised read-mostly (duplicated), against
+//!   the devices mapping it where it is;
 //! - `budget`: the CPU reading the working set in the Zipf order (repeated),
 //!   with the set kept within 25%, 50% and 75% of its size in system memory
 //!   on a compressed tier (`Placement::set_budget`), against the same reads
@@ -90,7 +93,7 @@ const PING_PONG_PAGES: usize = 16;
 pub const BUDGETS: [f64; 3] = [0.25, 0.5, 0.75];
 
 /// Steps [`run_workloads`] reports.
-pub const WORKLOAD_STEPS: usize = PATTERNS.len() + 2;
+pub const WORKLOAD_STEPS: usize = PATTERNS.len() + 3;
 
 /// Runs every pattern (see the module docs).
 pub fn run_workloads(
@@ -130,7 +133,9 @@ pub fn run_workloads(
     progress(Step { name: "ping-pong", index: PATTERNS.len(), total: WORKLOAD_STEPS });
     let rounds = if opts.quick { 40 } else { 100 };
     rows.extend(ping_pong(rounds)?);
-    progress(Step { name: "budget", index: PATTERNS.len() + 1, total: WORKLOAD_STEPS });
+    progress(Step { name: "read-mostly", index: PATTERNS.len() + 1, total: WORKLOAD_STEPS });
+    rows.extend(read_mostly(if opts.quick { 10 } else { 30 })?);
+    progress(Step { name: "budget", index: PATTERNS.len() + 2, total: WORKLOAD_STEPS });
     rows.extend(budgets(pages, opts.quick)?);
     let goals = goals(&rows);
     Ok(WorkloadReport { working_set_pages: pages, rows, goals })
@@ -345,6 +350,96 @@ fn ping_pong_run(
     let after = dev.stats();
     let migrations = (after.migrated_to_device - before.migrated_to_device)
         + (after.migrated_to_system - before.migrated_to_system);
+    Ok((ms, migrations, p.stats()))
+}
+
+/// Pages of the read-mostly table.
+const TABLE_PAGES: usize = 256;
+
+/// A table two devices and the CPU read in turn, `rounds` times: with demand
+/// faults (each device takes the pages it reads, so they go round), and
+/// with the table advised read-mostly (each device keeps copies). Its
+/// baseline is the devices mapping the table where it is.
+fn read_mostly(rounds: usize) -> Result<Vec<WorkloadRow>, BenchError> {
+    let baseline = read_mostly_run(rounds, Mode::Resident)?.0;
+    let mut rows = Vec::new();
+    for mode in [Mode::Demand, Mode::Policy] {
+        let (ms, migrations, decisions) = read_mostly_run(rounds, mode)?;
+        rows.push(WorkloadRow {
+            pattern: "read-mostly",
+            factor: 0.0,
+            policy: mode.name().into(),
+            accesses: 3 * rounds * TABLE_PAGES,
+            ms,
+            migrations,
+            evicted: 0,
+            decisions,
+            resident_ms: baseline,
+        });
+    }
+    Ok(rows)
+}
+
+/// `Resident` here: the devices map the table where it is (accessed-by).
+fn read_mostly_run(rounds: usize, mode: Mode) -> Result<(f64, u64, PlacementStats), BenchError> {
+    let hmm = Hmm::new().map_err(hmm_err)?;
+    let devs = [
+        SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("a", TABLE_PAGES * PAGE_SIZE)),
+        SoftwareDevice::new(&hmm, SoftwareDeviceConfig::new("b", TABLE_PAGES * PAGE_SIZE)),
+    ];
+    let devs: Vec<SoftwareDevice> = devs.into_iter().collect::<Result<_, _>>().map_err(hmm_err)?;
+    let r = working_set(&hmm, TABLE_PAGES)?;
+    let p = placement(&hmm, mode)?;
+    let advise = |a: Advice| p.advise(r.range(), a).map_err(|e| BenchError::Server(e.to_string()));
+    match mode {
+        Mode::Resident => {
+            for d in &devs {
+                advise(Advice::AccessedBy(d.memory().id()))?;
+            }
+        }
+        Mode::Policy => advise(Advice::ReadMostly)?,
+        _ => {}
+    }
+    for d in &devs {
+        d.set_placement(Some(p.clone()));
+    }
+    let base = r.range().start().get();
+    let t = Instant::now();
+    let mut bad = 0usize;
+    for _ in 0..rounds {
+        for d in &devs {
+            let (got, _) = d
+                .run(1, r.range().start(), |ctx| {
+                    let mut bad = 0usize;
+                    for i in 0..TABLE_PAGES {
+                        let v = ctx.read_u64(VirtAddr::new(base + i * PAGE_SIZE))?;
+                        bad += usize::from(v != word(i));
+                    }
+                    Ok(bad)
+                })
+                .map_err(hmm_err)?;
+            bad += got[0];
+        }
+        for i in 0..TABLE_PAGES {
+            let mut b = [0u8; 8];
+            r.read(i * PAGE_SIZE, &mut b).map_err(|e| BenchError::Server(e.to_string()))?;
+            bad += usize::from(u64::from_ne_bytes(b) != word(i));
+        }
+    }
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    if bad != 0 {
+        return Err(BenchError::Server(format!("the read-mostly table read {bad} wrong words")));
+    }
+    let migrations = devs
+        .iter()
+        .map(|d| {
+            let s = d.stats();
+            s.migrated_to_device + s.migrated_to_system + s.migrated_to_peer
+        })
+        .sum();
+    for d in &devs {
+        d.set_placement(None);
+    }
     Ok((ms, migrations, p.stats()))
 }
 
