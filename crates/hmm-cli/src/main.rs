@@ -503,7 +503,7 @@ fn bench_workloads(json: bool, quick: bool) -> ExitCode {
         "pins"
     ));
     for r in &w.rows {
-        let factor = if r.factor > 0.0 { format!("{:.1}", r.factor) } else { "-".into() };
+        let factor = if r.factor > 0.0 { format!("{:.2}", r.factor) } else { "-".into() };
         s.push_str(&format!(
             "{:<10} {:>6} {:<20} {:>9} {:>10.1} {:>11.2} {:>11} {:>8} {:>10} {:>9} {:>5}\n",
             r.pattern,
