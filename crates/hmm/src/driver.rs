@@ -121,6 +121,16 @@ impl HmmHandle {
         self.inner.migrate_here(range, to)
     }
 
+    /// Evicts the given pages of `mem` to system memory without knowing their
+    /// addresses (as [`Hmm::evict`]). Returns how many moved.
+    pub fn evict(
+        &self,
+        mem: &DeviceMemory,
+        pages: &[crate::page::DevicePage],
+    ) -> Result<usize, HmmError> {
+        self.inner.evict(mem.id(), pages)
+    }
+
     /// Evicts every page of `mem` to system memory (the kernel's
     /// `migrate_device_range` over the whole region), waiting for pages
     /// other migrations hold.

@@ -514,3 +514,82 @@ fn a_full_duplicate_cache_maps_the_rest() {
     r.write(0, &data).unwrap();
     assert_eq!(d.mirror_stats().duplicates, 0);
 }
+
+/// A full device makes room for a fault with the policy's victims: the
+/// default evicts the least recently used page, a policy of one's own may
+/// evict the most recently used instead.
+#[test]
+fn a_policy_chooses_what_a_full_device_evicts() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    struct Mru;
+    impl Policy for Mru {
+        fn prefetch(&self, block: &hmm::policy::BlockContext<'_>) -> Vec<bool> {
+            (0..block.pages.pages()).map(|i| block.pages.is_faulted(i)).collect()
+        }
+        fn eviction_victims(
+            &self,
+            device: &hmm::DeviceMemory,
+            want: usize,
+        ) -> Vec<hmm::DevicePage> {
+            let mut all = device.coldest(device.capacity_pages() as usize);
+            all.reverse();
+            all.truncate(want);
+            all
+        }
+    }
+    for (name, policy) in [("lru", Arc::new(DemandOnly) as Arc<dyn Policy>), ("mru", Arc::new(Mru))]
+    {
+        let hmm = Hmm::new().unwrap();
+        let d = device(&hmm, "d", 8);
+        let config = PlacementConfig { policy, ..Default::default() };
+        let p = Arc::new(Placement::with_config(&hmm, config).unwrap());
+        d.set_placement(Some(p.clone()));
+        let r = hmm.alloc(9 * PAGE_SIZE).unwrap();
+        let data = pattern(9, 77);
+        r.write(0, &data).unwrap();
+        // Pages 0..8 in order fill the device; page 8 needs room.
+        for k in 0..9 {
+            let (bytes, _) = d.read(r.pages_range(k, 1).unwrap()).unwrap();
+            assert!(bytes[..] == data[k * PAGE_SIZE..(k + 1) * PAGE_SIZE], "{name}: page {k}");
+        }
+        let places = r.residency_map().places().to_vec();
+        let gone = if name == "lru" { 0 } else { 7 };
+        for (k, x) in places.iter().enumerate() {
+            let want = if k == gone { Place::System } else { Place::Device(d.memory().id()) };
+            assert_eq!(*x, want, "{name}: page {k} of {places:?}");
+        }
+        assert_eq!(p.stats().pages_evicted, 1, "{name}");
+        assert!(common::cpu_bytes(&r) == data, "{name}");
+    }
+}
+
+/// A budget demotes in the policy's order.
+#[test]
+fn a_policy_orders_what_a_budget_demotes() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    struct HighestFirst;
+    impl Policy for HighestFirst {
+        fn demotion_order(&self, candidates: &mut [hmm::policy::Demotion]) {
+            candidates.sort_by_key(|c| std::cmp::Reverse(c.addr));
+        }
+    }
+    let hmm = Hmm::new().unwrap();
+    let tier = hmm_compressed::CompressedDevice::new(
+        &hmm,
+        hmm_compressed::CompressedConfig::new("z", 4 << 20),
+    )
+    .unwrap();
+    let config = PlacementConfig { policy: Arc::new(HighestFirst), ..Default::default() };
+    let p = Placement::with_config(&hmm, config).unwrap();
+    let r = hmm.alloc(256 * PAGE_SIZE).unwrap();
+    r.write(0, &pattern(256, 8)).unwrap();
+    let _b = p.set_budget(&[r.range()], tier.memory(), BudgetConfig::new(192 * PAGE_SIZE)).unwrap();
+    common::eventually("the set within its budget", || within(&r, 192));
+    let places = r.residency_map().places().to_vec();
+    assert!(places[..192].iter().all(|x| *x == Place::System), "{places:?}");
+    assert!(places[192..].iter().all(|x| *x == Place::Device(tier.memory().id())), "{places:?}");
+}

@@ -53,7 +53,8 @@ pub struct WorkloadRow {
     pub ms: f64,
     /// Pages migrated either way (evictions included).
     pub migrations: u64,
-    /// Of those, pages evicted to make room.
+    /// Of those, pages evicted to make room (by the device's pressure or by
+    /// the placement's policy).
     pub evicted: u64,
     /// What the placement decided meanwhile.
     pub decisions: PlacementStats,
@@ -277,7 +278,9 @@ fn run_pattern(
     // Evictions are migrations to system memory, counted there.
     let migrations = (after.migrated_to_device - before.migrated_to_device)
         + (after.migrated_to_system - before.migrated_to_system);
-    Ok((ms, migrations, after.pages_evicted - before.pages_evicted, p.stats()))
+    // Evicted by the device's pressure, or by the placement making room.
+    let evicted = after.pages_evicted - before.pages_evicted + p.stats().pages_evicted;
+    Ok((ms, migrations, evicted, p.stats()))
 }
 
 /// CPU and device writing the same pages in turn: without mitigation, with

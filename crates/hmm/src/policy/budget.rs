@@ -85,6 +85,7 @@ struct PageState {
 
 struct Shared {
     hmm: HmmHandle,
+    policy: Arc<dyn super::Policy>,
     tier: Arc<DeviceMemory>,
     set: Vec<PageRange>,
     config: BudgetConfig,
@@ -114,9 +115,11 @@ impl Budget {
         set: Vec<PageRange>,
         tier: Arc<DeviceMemory>,
         config: BudgetConfig,
+        policy: Arc<dyn super::Policy>,
     ) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             hmm,
+            policy,
             tier,
             set,
             config,
@@ -228,11 +231,15 @@ fn scan_once(s: &Shared, pages: &mut HashMap<usize, PageState>, scan: u64) -> (u
     if over == 0 {
         return (resident, promoted, 0);
     }
-    // Never seen hot first, then the longest ago; by address within each.
-    let mut victims: Vec<usize> =
-        system.into_iter().filter(|a| pages[a].skip_until <= scan).collect();
-    victims.sort_by_key(|a| (pages[a].hot, *a));
-    victims.truncate(over);
+    // In the policy's order (by default: never seen hot first, then the
+    // longest ago; by address within each).
+    let mut candidates: Vec<super::Demotion> = system
+        .into_iter()
+        .filter(|a| pages[a].skip_until <= scan)
+        .map(|a| super::Demotion { addr: VirtAddr::new(a), hot_scan: pages[&a].hot })
+        .collect();
+    s.policy.demotion_order(&mut candidates);
+    let mut victims: Vec<usize> = candidates.iter().take(over).map(|c| c.addr.get()).collect();
     victims.sort_unstable();
     let mut declined = 0;
     let mut moved = 0;

@@ -21,8 +21,10 @@
 //! - **counters** of every decision ([`PlacementStats`]), each also traced
 //!   (category `policy`) while tracing is on.
 //!
-//! A researcher plugs in a policy of their own by implementing [`Policy`];
-//! [`DefaultPolicy`] is the built-in one.
+//! A researcher plugs in a policy of their own by implementing [`Policy`]
+//! (what a device fault does, what it prefetches, what a full device evicts
+//! to make room, what a budget demotes first); [`DefaultPolicy`] is the
+//! built-in one.
 //!
 //! # Locks
 //!
@@ -53,7 +55,7 @@ use crate::devmem::{DeviceMemory, MemoryKind};
 use crate::driver::HmmHandle;
 use crate::migrate::{MigrationReport, SkipReason};
 use crate::observe::Place;
-use crate::page::DeviceId;
+use crate::page::{DeviceId, DevicePage};
 use crate::space::{Hmm, HmmError};
 use crate::trace::{Category, span};
 use attrs::AttributeMap;
@@ -142,6 +144,31 @@ pub trait Policy: Send + Sync {
     fn prefetch(&self, block: &BlockContext<'_>) -> Vec<bool> {
         block.pages.expand(DEFAULT_THRESHOLD)
     }
+
+    /// Up to `want` pages of `device` to evict so that a device fault's
+    /// migration finds room: by default the least recently used (the
+    /// region's stamps, refreshed by the device's accesses). Pages listed
+    /// that back no address, or that a migration holds, are skipped.
+    fn eviction_victims(&self, device: &DeviceMemory, want: usize) -> Vec<DevicePage> {
+        device.coldest(want)
+    }
+
+    /// Orders a memory budget's candidates for demotion, first to go first:
+    /// by default pages never seen hot, then the longest ago seen hot, by
+    /// address within each (see [`budget`]).
+    fn demotion_order(&self, candidates: &mut [Demotion]) {
+        candidates.sort_by_key(|c| (c.hot_scan, c.addr));
+    }
+}
+
+/// A page a memory budget may demote, as a [`Policy`] sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Demotion {
+    /// The page.
+    pub addr: VirtAddr,
+    /// The budget's scan that last saw the page come back from the tier (a
+    /// touch promoted it); 0 if never.
+    pub hot_scan: u64,
 }
 
 /// The built-in decision (UVM's and AMD SVM's defaults): a page pinned by
@@ -250,6 +277,8 @@ pub struct PlacementStats {
     pub fault_pages_duplicated: u64,
     /// Pages migrated along with faulted ones (density prefetch).
     pub pages_prefetched: u64,
+    /// Device pages the policy chose to evict to make room for a fault.
+    pub pages_evicted: u64,
     /// Prefetches asked for ([`Placement::prefetch`]).
     pub prefetches: u64,
     /// Pages those prefetches moved.
@@ -271,6 +300,7 @@ struct Counters {
     fault_pages_mapped: AtomicU64,
     fault_pages_duplicated: AtomicU64,
     pages_prefetched: AtomicU64,
+    pages_evicted: AtomicU64,
     prefetches: AtomicU64,
     prefetch_pages_moved: AtomicU64,
     thrash_detected: AtomicU64,
@@ -501,6 +531,8 @@ impl Placement {
             std::thread::sleep(nap);
             out.throttled = nap;
         }
+        let need: usize = blocks.values().map(|(_, f)| f.len()).sum();
+        self.make_room(mem, need);
         for (start, (g, faulted)) in blocks {
             self.migrate_block(mem, start, g, &faulted, &mut out);
         }
@@ -595,6 +627,34 @@ impl Placement {
         }
     }
 
+    /// Evicts the policy's victims when `mem` has fewer free pages than the
+    /// `need` faulted pages about to move in. (A device whose pressure is
+    /// `Evict` would evict its coldest anyway: this lets the policy choose
+    /// first, and makes room on a device that refuses all the same.)
+    fn make_room(&self, mem: &Arc<DeviceMemory>, need: usize) {
+        let free = mem.free_pages() as usize;
+        if need <= free {
+            return;
+        }
+        let s = &self.shared;
+        let mut victims = s.config.policy.eviction_victims(mem, need - free);
+        victims.retain(|p| p.dev == mem.id() && mem.backs(*p).is_some());
+        victims.truncate(need - free);
+        if victims.is_empty() {
+            return;
+        }
+        let mut span = span("placement: evict", Category::Policy);
+        match s.hmm.evict(mem, &victims) {
+            Ok(n) => {
+                add(&s.counters.pages_evicted, n);
+                if let Some(sp) = &mut span {
+                    sp.arg("pages", n as u64);
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "placement: an eviction failed"),
+        }
+    }
+
     fn count_thrash(&self, ev: thrash::ThrashEvents) {
         let c = &self.shared.counters;
         if ev.detected {
@@ -634,7 +694,8 @@ impl Placement {
             Some(m) if Arc::ptr_eq(&m, tier) => {}
             _ => return Err(PolicyError::UnknownDevice(tier.id())),
         }
-        Budget::start(self.shared.hmm.clone(), set.to_vec(), tier.clone(), config)
+        let policy = self.shared.config.policy.clone();
+        Budget::start(self.shared.hmm.clone(), set.to_vec(), tier.clone(), config, policy)
             .map_err(|e| PolicyError::Hmm(HmmError::Thread(e)))
     }
 
@@ -648,6 +709,7 @@ impl Placement {
             fault_pages_mapped: g(&c.fault_pages_mapped),
             fault_pages_duplicated: g(&c.fault_pages_duplicated),
             pages_prefetched: g(&c.pages_prefetched),
+            pages_evicted: g(&c.pages_evicted),
             prefetches: g(&c.prefetches),
             prefetch_pages_moved: g(&c.prefetch_pages_moved),
             thrash_detected: g(&c.thrash_detected),
