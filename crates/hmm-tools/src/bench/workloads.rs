@@ -15,6 +15,11 @@
 //! - `ping-pong`: 16 pages the device and the CPU write in turn (the device
 //!   all 16, then the CPU all 16), 100 rounds; its baseline is the device
 //!   mapping the pages where they are (accessed-by), with no migration;
+//! - `bfs`: a breadth-first search by a device job over a Graph500
+//!   Kronecker graph (scale 14, or 12 quick; 16 edges a vertex; a, b, c =
+//!   0.57, 0.19, 0.19) held as CSR arrays in managed memory, at each
+//!   factor, policy off and on, against the graph fully resident; the levels
+//!   are checked against the CPU's own search;
 //! - `read-mostly`: a 256-page table read by two devices and the CPU in
 //!   turn, with demand faults and advised read-mostly (duplicated), against
 //!   the devices mapping it where it is;
@@ -94,7 +99,7 @@ const PING_PONG_PAGES: usize = 16;
 pub const BUDGETS: [f64; 3] = [0.25, 0.5, 0.75];
 
 /// Steps [`run_workloads`] reports.
-pub const WORKLOAD_STEPS: usize = PATTERNS.len() + 3;
+pub const WORKLOAD_STEPS: usize = PATTERNS.len() + 4;
 
 /// Runs every pattern (see the module docs).
 pub fn run_workloads(
@@ -131,12 +136,14 @@ pub fn run_workloads(
             }
         }
     }
-    progress(Step { name: "ping-pong", index: PATTERNS.len(), total: WORKLOAD_STEPS });
+    progress(Step { name: "bfs", index: PATTERNS.len(), total: WORKLOAD_STEPS });
+    rows.extend(bfs_rows(if opts.quick { 12 } else { 14 })?);
+    progress(Step { name: "ping-pong", index: PATTERNS.len() + 1, total: WORKLOAD_STEPS });
     let rounds = if opts.quick { 40 } else { 100 };
     rows.extend(ping_pong(rounds)?);
-    progress(Step { name: "read-mostly", index: PATTERNS.len() + 1, total: WORKLOAD_STEPS });
+    progress(Step { name: "read-mostly", index: PATTERNS.len() + 2, total: WORKLOAD_STEPS });
     rows.extend(read_mostly(if opts.quick { 10 } else { 30 })?);
-    progress(Step { name: "budget", index: PATTERNS.len() + 2, total: WORKLOAD_STEPS });
+    progress(Step { name: "budget", index: PATTERNS.len() + 3, total: WORKLOAD_STEPS });
     rows.extend(budgets(pages, opts.quick)?);
     let goals = goals(&rows);
     Ok(WorkloadReport { working_set_pages: pages, rows, goals })
@@ -354,6 +361,159 @@ fn ping_pong_run(
     let migrations = (after.migrated_to_device - before.migrated_to_device)
         + (after.migrated_to_system - before.migrated_to_system);
     Ok((ms, migrations, p.stats()))
+}
+
+/// A graph from the Graph500 Kronecker (R-MAT) generator: `2^scale`
+/// vertices, 16 edges a vertex, initiator probabilities a = 0.57, b = 0.19,
+/// c = 0.19 (d = 0.05), edges made undirected, self-loops dropped, vertex
+/// numbers scrambled by a fixed permutation. As CSR: `offsets` (one more
+/// than the vertices) and `targets`, both `u64`.
+fn rmat_csr(scale: u32) -> (Vec<u64>, Vec<u64>) {
+    let n = 1usize << scale;
+    let mut rng = Rng(0x1234_5678_9ABC_DEF1);
+    let mut unit = || (rng.next() >> 11) as f64 / (1u64 << 53) as f64;
+    let perm = shuffled((0..n).collect(), 0x0000_DDBA_11C0_FFEE);
+    let mut edges: Vec<(usize, usize)> = Vec::with_capacity(2 * 16 * n);
+    for _ in 0..16 * n {
+        let (mut u, mut v) = (0usize, 0usize);
+        for bit in (0..scale).rev() {
+            let x = unit();
+            let (du, dv) = if x < 0.57 {
+                (0, 0)
+            } else if x < 0.76 {
+                (0, 1)
+            } else if x < 0.95 {
+                (1, 0)
+            } else {
+                (1, 1)
+            };
+            u |= du << bit;
+            v |= dv << bit;
+        }
+        if u != v {
+            edges.push((perm[u], perm[v]));
+            edges.push((perm[v], perm[u]));
+        }
+    }
+    edges.sort_unstable();
+    edges.dedup();
+    let mut offsets = vec![0u64; n + 1];
+    for &(u, _) in &edges {
+        offsets[u + 1] += 1;
+    }
+    for i in 0..n {
+        offsets[i + 1] += offsets[i];
+    }
+    (offsets, edges.into_iter().map(|(_, v)| v as u64).collect())
+}
+
+/// Breadth-first search levels from `root` (`u64::MAX`: unreached).
+fn bfs_levels(offsets: &[u64], targets: &[u64], root: usize) -> Vec<u64> {
+    let mut level = vec![u64::MAX; offsets.len() - 1];
+    let mut frontier = vec![root];
+    level[root] = 0;
+    let mut depth = 0;
+    while !frontier.is_empty() {
+        depth += 1;
+        let mut next = Vec::new();
+        for u in frontier {
+            for &v in &targets[offsets[u] as usize..offsets[u + 1] as usize] {
+                if level[v as usize] == u64::MAX {
+                    level[v as usize] = depth;
+                    next.push(v as usize);
+                }
+            }
+        }
+        frontier = next;
+    }
+    level
+}
+
+/// A BFS run by a device job over a Graph500 graph in managed memory (the
+/// CSR arrays), at each oversubscription factor, with the policy off and
+/// on, against the graph fully resident; the levels are checked against
+/// the CPU's own BFS.
+fn bfs_rows(scale: u32) -> Result<Vec<WorkloadRow>, BenchError> {
+    let (offsets, targets) = rmat_csr(scale);
+    // The root: the vertex with the most edges (it is in the big component).
+    let root = (0..offsets.len() - 1).max_by_key(|&u| offsets[u + 1] - offsets[u]).unwrap_or(0);
+    let want = bfs_levels(&offsets, &targets, root);
+    let bytes: Vec<u8> =
+        offsets.iter().chain(targets.iter()).flat_map(|x| x.to_ne_bytes()).collect();
+    let pages = bytes.len().div_ceil(PAGE_SIZE);
+    let run = |factor: Option<f64>,
+               mode: Mode|
+     -> Result<(f64, u64, u64, PlacementStats), BenchError> {
+        let hmm = Hmm::new().map_err(hmm_err)?;
+        let capacity = factor.map_or(pages, |f| ((pages as f64 / f).ceil() as usize).max(1));
+        let config = SoftwareDeviceConfig::new("bfs", capacity * PAGE_SIZE);
+        let dev = SoftwareDevice::new(&hmm, config.evicting()).map_err(hmm_err)?;
+        let r = super::managed_range(&hmm, pages * PAGE_SIZE, false)?;
+        r.write(0, &bytes).map_err(|e| BenchError::Server(e.to_string()))?;
+        let p = placement(&hmm, mode)?;
+        if mode == Mode::Resident {
+            dev.migrate_to_device(r.range()).map_err(hmm_err)?;
+        }
+        dev.set_placement(Some(p.clone()));
+        let before = dev.stats();
+        let base = r.range().start().get();
+        let n = offsets.len() - 1;
+        let t = Instant::now();
+        let (levels, _) = dev
+            .run(1, r.range().start(), |ctx| {
+                let at = |i: usize| VirtAddr::new(base + 8 * i);
+                let mut level = vec![u64::MAX; n];
+                let mut frontier = vec![root];
+                level[root] = 0;
+                let mut depth = 0;
+                while !frontier.is_empty() {
+                    depth += 1;
+                    let mut next = Vec::new();
+                    for u in frontier {
+                        let (s, e) = (ctx.read_u64(at(u))?, ctx.read_u64(at(u + 1))?);
+                        for k in s..e {
+                            let v = ctx.read_u64(at(n + 1 + k as usize))? as usize;
+                            if level[v] == u64::MAX {
+                                level[v] = depth;
+                                next.push(v);
+                            }
+                        }
+                    }
+                    frontier = next;
+                }
+                Ok(level)
+            })
+            .map_err(hmm_err)?;
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        if levels[0] != want {
+            return Err(BenchError::Server("the device's BFS levels differ from the CPU's".into()));
+        }
+        dev.set_placement(None);
+        let after = dev.stats();
+        let migrations = (after.migrated_to_device - before.migrated_to_device)
+            + (after.migrated_to_system - before.migrated_to_system);
+        let evicted = after.pages_evicted - before.pages_evicted + p.stats().pages_evicted;
+        Ok((ms, migrations, evicted, p.stats()))
+    };
+    let resident_ms = run(None, Mode::Resident)?.0;
+    let mut rows = Vec::new();
+    for factor in FACTORS {
+        for mode in [Mode::Demand, Mode::Policy] {
+            let (ms, migrations, evicted, decisions) = run(Some(factor), mode)?;
+            rows.push(WorkloadRow {
+                pattern: "bfs",
+                factor,
+                policy: mode.name().into(),
+                accesses: targets.len() + 2 * (offsets.len() - 1),
+                ms,
+                migrations,
+                evicted,
+                decisions,
+                resident_ms,
+            });
+        }
+    }
+    Ok(rows)
 }
 
 /// Pages of the read-mostly table.
@@ -621,6 +781,38 @@ mod tests {
         // Popularity is not address order.
         let hottest = (0..1024).max_by_key(|p| zipf.iter().filter(|x| *x == p).count()).unwrap();
         assert_ne!(hottest, 0);
+    }
+
+    #[test]
+    fn the_graph_is_a_well_formed_undirected_csr_and_the_search_reaches_its_root_component() {
+        let (offsets, targets) = rmat_csr(8);
+        let n = offsets.len() - 1;
+        assert_eq!(n, 256);
+        assert_eq!(*offsets.last().unwrap() as usize, targets.len());
+        assert!(offsets.windows(2).all(|w| w[0] <= w[1]));
+        let has = |u: usize, v: u64| {
+            targets[offsets[u] as usize..offsets[u + 1] as usize].binary_search(&v).is_ok()
+        };
+        for u in 0..n {
+            for &v in &targets[offsets[u] as usize..offsets[u + 1] as usize] {
+                assert_ne!(v as usize, u, "no self-loops");
+                assert!(has(v as usize, u as u64), "edge {u}-{v} both ways");
+            }
+        }
+        // Skewed degrees, as R-MAT makes them.
+        let max = (0..n).map(|u| offsets[u + 1] - offsets[u]).max().unwrap();
+        assert!(max as f64 > 4.0 * targets.len() as f64 / n as f64, "max degree {max}");
+        let root = (0..n).max_by_key(|&u| offsets[u + 1] - offsets[u]).unwrap();
+        let level = bfs_levels(&offsets, &targets, root);
+        assert_eq!(level[root], 0);
+        // Every reached vertex but the root has a neighbour one level up.
+        for v in (0..n).filter(|&v| v != root && level[v] != u64::MAX) {
+            let up = targets[offsets[v] as usize..offsets[v + 1] as usize]
+                .iter()
+                .any(|&u| level[u as usize] + 1 == level[v]);
+            assert!(up, "vertex {v} at level {}", level[v]);
+        }
+        assert!(level.iter().filter(|l| **l != u64::MAX).count() > n / 2);
     }
 
     fn row(
