@@ -40,8 +40,8 @@ use hmm::addr::{PAGE_SIZE, VirtAddr};
 use hmm::policy::{
     Advice, BudgetConfig, DemandOnly, Placement, PlacementConfig, PlacementStats, ThrashConfig,
 };
-use hmm::space::{Hmm, ManagedRange};
-use hmm_swdev::{SoftwareDevice, SoftwareDeviceConfig};
+use hmm::space::{Hmm, HmmError, ManagedRange};
+use hmm_swdev::{DeviceContext, SoftwareDevice, SoftwareDeviceConfig};
 
 /// One run of a pattern.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -111,7 +111,7 @@ pub fn run_workloads(
     for (k, pattern) in PATTERNS.into_iter().enumerate() {
         progress(Step { name: pattern, index: k, total: WORKLOAD_STEPS });
         let order = accesses(pattern, pages);
-        let resident_ms = run_pattern(pages, &order, None, Mode::Resident)?.0;
+        let resident_ms = run_pattern(pages, &order, None, Mode::Resident)?.ms;
         for factor in FACTORS {
             // Eviction order matters only where pages are evicted and used again.
             let fifo = pattern == "zipf" && factor > 1.0;
@@ -120,17 +120,16 @@ pub fn run_workloads(
                 false => &[Mode::Demand, Mode::Policy],
             };
             for &mode in modes {
-                let (ms, migrations, evicted, decisions) =
-                    run_pattern(pages, &order, Some(factor), mode)?;
+                let run = run_pattern(pages, &order, Some(factor), mode)?;
                 rows.push(WorkloadRow {
                     pattern,
                     factor,
                     policy: mode.name().into(),
                     accesses: order.len(),
-                    ms,
-                    migrations,
-                    evicted,
-                    decisions,
+                    ms: run.ms,
+                    migrations: run.migrations,
+                    evicted: run.evicted,
+                    decisions: run.decisions,
                     resident_ms,
                 });
             }
@@ -217,12 +216,80 @@ fn word(i: usize) -> u64 {
     0x5157_0000_0000 + i as u64
 }
 
-fn working_set(hmm: &Hmm, pages: usize) -> Result<ManagedRange, BenchError> {
-    let r = super::managed_range(hmm, pages * PAGE_SIZE, false)?;
-    let bytes: Vec<u8> =
-        (0..pages).flat_map(|i| word(i).to_ne_bytes().repeat(PAGE_SIZE / 8)).collect();
-    r.write(0, &bytes).map_err(|e| BenchError::Server(e.to_string()))?;
+/// `pages` pages, page `i` holding [`word`]`(i)` repeated.
+fn words(pages: usize) -> Vec<u8> {
+    (0..pages).flat_map(|i| word(i).to_ne_bytes().repeat(PAGE_SIZE / 8)).collect()
+}
+
+/// A managed range holding `bytes` (whole pages or not).
+fn holding(hmm: &Hmm, bytes: &[u8]) -> Result<ManagedRange, BenchError> {
+    let r = super::managed_range(hmm, bytes.len().div_ceil(PAGE_SIZE) * PAGE_SIZE, false)?;
+    r.write(0, bytes).map_err(|e| BenchError::Server(e.to_string()))?;
     Ok(r)
+}
+
+fn working_set(hmm: &Hmm, pages: usize) -> Result<ManagedRange, BenchError> {
+    holding(hmm, &words(pages))
+}
+
+/// Pages a device moved either way between two of its counts (evictions
+/// are migrations to system memory, counted there).
+fn migrated(before: &hmm::DeviceStats, after: &hmm::DeviceStats) -> u64 {
+    (after.migrated_to_device - before.migrated_to_device)
+        + (after.migrated_to_system - before.migrated_to_system)
+}
+
+/// What one run of a device job cost.
+struct Run {
+    ms: f64,
+    migrations: u64,
+    /// Evicted by the device's pressure, or by the placement making room.
+    evicted: u64,
+    decisions: PlacementStats,
+}
+
+/// Runs `job` (given the start address of `bytes`) as a device job over a
+/// managed range holding `bytes`, on a device of `pages / factor` pages
+/// (or, `Resident`, one holding every page before the start) with the
+/// placement `mode` names: the job's result and what the run cost.
+fn device_run<T: Send>(
+    bytes: &[u8],
+    factor: Option<f64>,
+    mode: Mode,
+    job: impl Fn(&mut DeviceContext<'_>, usize) -> Result<T, HmmError> + Sync,
+) -> Result<(T, Run), BenchError> {
+    let hmm = Hmm::new().map_err(hmm_err)?;
+    let pages = bytes.len().div_ceil(PAGE_SIZE);
+    let capacity = match factor {
+        Some(f) => ((pages as f64 / f).ceil() as usize).max(1),
+        None => pages,
+    };
+    let config = SoftwareDeviceConfig::new("workload", capacity * PAGE_SIZE);
+    let config = match mode {
+        Mode::PolicyFifo => config.evicting_oldest(),
+        _ => config.evicting(),
+    };
+    let dev = SoftwareDevice::new(&hmm, config).map_err(hmm_err)?;
+    let r = holding(&hmm, bytes)?;
+    let p = placement(&hmm, mode)?;
+    if mode == Mode::Resident {
+        let moved = dev.migrate_to_device(r.range()).map_err(hmm_err)?.migrated;
+        if moved != pages {
+            return Err(BenchError::Server(format!("{moved} of {pages} pages on the device")));
+        }
+    }
+    dev.set_placement(Some(p.clone()));
+    let before = dev.stats();
+    let base = r.range().start().get();
+    let t = Instant::now();
+    let (mut out, _) = dev.run(1, r.range().start(), |ctx| job(ctx, base)).map_err(hmm_err)?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    dev.set_placement(None);
+    let after = dev.stats();
+    let decisions = p.stats();
+    let evicted = after.pages_evicted - before.pages_evicted + decisions.pages_evicted;
+    let run = Run { ms, migrations: migrated(&before, &after), evicted, decisions };
+    Ok((out.remove(0), run))
 }
 
 fn placement(hmm: &Hmm, mode: Mode) -> Result<Arc<Placement>, BenchError> {
@@ -236,58 +303,25 @@ fn placement(hmm: &Hmm, mode: Mode) -> Result<Arc<Placement>, BenchError> {
 }
 
 /// Runs `order` on a device of `pages / factor` pages (or, `Resident`, one
-/// holding every page before the start): milliseconds, migrations, evictions.
+/// holding every page before the start), checking every word read.
 fn run_pattern(
     pages: usize,
     order: &[usize],
     factor: Option<f64>,
     mode: Mode,
-) -> Result<(f64, u64, u64, PlacementStats), BenchError> {
-    let hmm = Hmm::new().map_err(hmm_err)?;
-    let capacity = match factor {
-        Some(f) => ((pages as f64 / f).ceil() as usize).max(1),
-        None => pages,
-    };
-    let config = SoftwareDeviceConfig::new("workload", capacity * PAGE_SIZE);
-    let config = match mode {
-        Mode::PolicyFifo => config.evicting_oldest(),
-        _ => config.evicting(),
-    };
-    let dev = SoftwareDevice::new(&hmm, config).map_err(hmm_err)?;
-    let r = working_set(&hmm, pages)?;
-    let p = placement(&hmm, mode)?;
-    if mode == Mode::Resident {
-        let moved = dev.migrate_to_device(r.range()).map_err(hmm_err)?.migrated;
-        if moved != pages {
-            return Err(BenchError::Server(format!("{moved} of {pages} pages on the device")));
+) -> Result<Run, BenchError> {
+    let (bad, run) = device_run(&words(pages), factor, mode, |ctx, base| {
+        let mut bad = 0usize;
+        for &i in order {
+            let v = ctx.read_u64(VirtAddr::new(base + i * PAGE_SIZE))?;
+            bad += usize::from(v != word(i));
         }
+        Ok(bad)
+    })?;
+    if bad != 0 {
+        return Err(BenchError::Server(format!("the device read {bad} wrong words")));
     }
-    dev.set_placement(Some(p.clone()));
-    let before = dev.stats();
-    let base = r.range().start().get();
-    let t = Instant::now();
-    let (bad, _) = dev
-        .run(1, r.range().start(), |ctx| {
-            let mut bad = 0usize;
-            for &i in order {
-                let v = ctx.read_u64(VirtAddr::new(base + i * PAGE_SIZE))?;
-                bad += usize::from(v != word(i));
-            }
-            Ok(bad)
-        })
-        .map_err(hmm_err)?;
-    let ms = t.elapsed().as_secs_f64() * 1e3;
-    if bad[0] != 0 {
-        return Err(BenchError::Server(format!("the device read {} wrong words", bad[0])));
-    }
-    dev.set_placement(None);
-    let after = dev.stats();
-    // Evictions are migrations to system memory, counted there.
-    let migrations = (after.migrated_to_device - before.migrated_to_device)
-        + (after.migrated_to_system - before.migrated_to_system);
-    // Evicted by the device's pressure, or by the placement making room.
-    let evicted = after.pages_evicted - before.pages_evicted + p.stats().pages_evicted;
-    Ok((ms, migrations, evicted, p.stats()))
+    Ok(run)
 }
 
 /// CPU and device writing the same pages in turn: without mitigation, with
@@ -357,10 +391,7 @@ fn ping_pong_run(
     }
     let ms = t.elapsed().as_secs_f64() * 1e3;
     dev.set_placement(None);
-    let after = dev.stats();
-    let migrations = (after.migrated_to_device - before.migrated_to_device)
-        + (after.migrated_to_system - before.migrated_to_system);
-    Ok((ms, migrations, p.stats()))
+    Ok((ms, migrated(&before, &dev.stats()), p.stats()))
 }
 
 /// A graph from the Graph500 Kronecker (R-MAT) generator: `2^scale`
@@ -440,75 +471,50 @@ fn bfs_rows(scale: u32) -> Result<Vec<WorkloadRow>, BenchError> {
     let want = bfs_levels(&offsets, &targets, root);
     let bytes: Vec<u8> =
         offsets.iter().chain(targets.iter()).flat_map(|x| x.to_ne_bytes()).collect();
-    let pages = bytes.len().div_ceil(PAGE_SIZE);
-    let run = |factor: Option<f64>,
-               mode: Mode|
-     -> Result<(f64, u64, u64, PlacementStats), BenchError> {
-        let hmm = Hmm::new().map_err(hmm_err)?;
-        let capacity = factor.map_or(pages, |f| ((pages as f64 / f).ceil() as usize).max(1));
-        let config = SoftwareDeviceConfig::new("bfs", capacity * PAGE_SIZE);
-        let dev = SoftwareDevice::new(&hmm, config.evicting()).map_err(hmm_err)?;
-        let r = super::managed_range(&hmm, pages * PAGE_SIZE, false)?;
-        r.write(0, &bytes).map_err(|e| BenchError::Server(e.to_string()))?;
-        let p = placement(&hmm, mode)?;
-        if mode == Mode::Resident {
-            dev.migrate_to_device(r.range()).map_err(hmm_err)?;
-        }
-        dev.set_placement(Some(p.clone()));
-        let before = dev.stats();
-        let base = r.range().start().get();
-        let n = offsets.len() - 1;
-        let t = Instant::now();
-        let (levels, _) = dev
-            .run(1, r.range().start(), |ctx| {
-                let at = |i: usize| VirtAddr::new(base + 8 * i);
-                let mut level = vec![u64::MAX; n];
-                let mut frontier = vec![root];
-                level[root] = 0;
-                let mut depth = 0;
-                while !frontier.is_empty() {
-                    depth += 1;
-                    let mut next = Vec::new();
-                    for u in frontier {
-                        let (s, e) = (ctx.read_u64(at(u))?, ctx.read_u64(at(u + 1))?);
-                        for k in s..e {
-                            let v = ctx.read_u64(at(n + 1 + k as usize))? as usize;
-                            if level[v] == u64::MAX {
-                                level[v] = depth;
-                                next.push(v);
-                            }
+    let n = offsets.len() - 1;
+    let run = |factor: Option<f64>, mode: Mode| -> Result<Run, BenchError> {
+        let (levels, run) = device_run(&bytes, factor, mode, |ctx, base| {
+            let at = |i: usize| VirtAddr::new(base + 8 * i);
+            let mut level = vec![u64::MAX; n];
+            let mut frontier = vec![root];
+            level[root] = 0;
+            let mut depth = 0;
+            while !frontier.is_empty() {
+                depth += 1;
+                let mut next = Vec::new();
+                for u in frontier {
+                    let (s, e) = (ctx.read_u64(at(u))?, ctx.read_u64(at(u + 1))?);
+                    for k in s..e {
+                        let v = ctx.read_u64(at(n + 1 + k as usize))? as usize;
+                        if level[v] == u64::MAX {
+                            level[v] = depth;
+                            next.push(v);
                         }
                     }
-                    frontier = next;
                 }
-                Ok(level)
-            })
-            .map_err(hmm_err)?;
-        let ms = t.elapsed().as_secs_f64() * 1e3;
-        if levels[0] != want {
+                frontier = next;
+            }
+            Ok(level)
+        })?;
+        if levels != want {
             return Err(BenchError::Server("the device's BFS levels differ from the CPU's".into()));
         }
-        dev.set_placement(None);
-        let after = dev.stats();
-        let migrations = (after.migrated_to_device - before.migrated_to_device)
-            + (after.migrated_to_system - before.migrated_to_system);
-        let evicted = after.pages_evicted - before.pages_evicted + p.stats().pages_evicted;
-        Ok((ms, migrations, evicted, p.stats()))
+        Ok(run)
     };
-    let resident_ms = run(None, Mode::Resident)?.0;
+    let resident_ms = run(None, Mode::Resident)?.ms;
     let mut rows = Vec::new();
     for factor in FACTORS {
         for mode in [Mode::Demand, Mode::Policy] {
-            let (ms, migrations, evicted, decisions) = run(Some(factor), mode)?;
+            let r = run(Some(factor), mode)?;
             rows.push(WorkloadRow {
                 pattern: "bfs",
                 factor,
                 policy: mode.name().into(),
-                accesses: targets.len() + 2 * (offsets.len() - 1),
-                ms,
-                migrations,
-                evicted,
-                decisions,
+                accesses: targets.len() + 2 * n,
+                ms: r.ms,
+                migrations: r.migrations,
+                evicted: r.evicted,
+                decisions: r.decisions,
                 resident_ms,
             });
         }
