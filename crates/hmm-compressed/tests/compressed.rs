@@ -122,8 +122,7 @@ fn pages_are_compressed_flagged_or_declined_and_read_back_right() {
             assert!(s.footprint_bytes >= s.compressed_bytes, "{who}: {s:?}");
             assert!(s.footprint_bytes < (count(Kind::Text) * PAGE_SIZE) as u64, "{who}: {s:?}");
             let (served, handed) = hmm.in_thread_faults();
-            let mut got = vec![0u8; r.len()];
-            r.read(0, &mut got).unwrap();
+            let got = common::cpu_bytes(&r);
             assert_eq!(common::first_wrong_page(&got, &want), None, "{who}");
             let (served_now, handed_now) = hmm.in_thread_faults();
             if mode == FaultMode::InThread && dev.algorithm() == Algorithm::Lz4 {
@@ -160,8 +159,7 @@ fn migrating_back_brings_every_page_and_gives_the_memory_back() {
         let back = dev.migrate_to_system(r.range()).unwrap();
         assert_eq!(back.migrated, rep.migrated, "{who}: {:?}", back.skipped.first());
         assert!(r.residencies().iter().all(|x| *x == Residency::System), "{who}");
-        let mut got = vec![0u8; r.len()];
-        r.read(0, &mut got).unwrap();
+        let got = common::cpu_bytes(&r);
         assert_eq!(common::first_wrong_page(&got, &want), None, "{who}");
         nothing_held(&dev);
         // Sixteen empty slabs of at most four pages are kept.
@@ -197,8 +195,7 @@ fn a_full_device_refuses_pages_and_keeps_them_where_they_were() {
     // Full: what is left is less than the longest slab.
     assert!(s.held_bytes <= s.capacity_bytes, "{s:?}");
     assert!(s.footprint_bytes + 3 * PAGE_SIZE as u64 >= s.capacity_bytes, "{s:?}");
-    let mut got = vec![0u8; r.len()];
-    r.read(0, &mut got).unwrap();
+    let got = common::cpu_bytes(&r);
     assert_eq!(common::first_wrong_page(&got, &want), None);
 }
 

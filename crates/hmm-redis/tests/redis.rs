@@ -191,8 +191,7 @@ fn pages_round_trip_through_redis_and_their_keys_are_deleted() {
         );
         // One key a stored page, and the epoch.
         assert_eq!(server.keys(dev.key_prefix()), pages - zero + 1, "{mode:?}");
-        let mut got = vec![0u8; r.len()];
-        r.read(0, &mut got).unwrap();
+        let got = common::cpu_bytes(&r);
         assert_eq!(common::first_wrong_page(&got, &want), None, "{mode:?}");
         // Pages of fault-around windows are recorded when their migration
         // ends, which may be after the read (DESIGN.md, "What is exact when
@@ -489,8 +488,7 @@ fn a_cluster_shards_the_pages_over_its_nodes() {
         let size: usize = redis::cmd("DBSIZE").query(&mut n.conn()).unwrap();
         assert!(size > 100, "node {} holds {size} keys: the pages are not spread", n.url);
     }
-    let mut got = vec![0u8; r.len()];
-    r.read(0, &mut got).unwrap();
+    let got = common::cpu_bytes(&r);
     assert_eq!(common::first_wrong_page(&got, &want), None);
 }
 
@@ -512,8 +510,7 @@ fn a_reused_device_page_keeps_its_new_data_when_the_old_key_is_deleted() {
         r.write(0, &second).unwrap();
         assert_eq!(dev.migrate_to_device(r.range()).unwrap().migrated, 64, "round {round}");
         common::eventually("the freed keys deleted", || dev.stats().pending_deletes == 0);
-        let mut got = vec![0u8; r.len()];
-        r.read(0, &mut got).unwrap();
+        let got = common::cpu_bytes(&r);
         assert_eq!(common::first_wrong_page(&got, &second), None, "round {round}");
         assert!(!dev.stats().failed, "round {round}");
         drop(r);
@@ -555,8 +552,7 @@ fn compressed_values_take_less_of_the_server_and_come_back() {
             .map(|k| redis::cmd("STRLEN").arg(k).query::<usize>(&mut c).unwrap())
             .sum();
         assert!(bytes < pages * PAGE_SIZE * 3 / 4, "{algorithm}: {bytes} bytes for {pages} pages");
-        let mut got = vec![0u8; r.len()];
-        r.read(0, &mut got).unwrap();
+        let got = common::cpu_bytes(&r);
         assert_eq!(common::first_wrong_page(&got, &want), None, "{algorithm}");
     }
 }
@@ -609,8 +605,7 @@ fn a_second_process_on_the_same_server_sees_none_of_the_first_keys() {
         parent_keys,
         "the child touched none of the parent's keys"
     );
-    let mut got = vec![0u8; r.len()];
-    r.read(0, &mut got).unwrap();
+    let got = common::cpu_bytes(&r);
     assert_eq!(common::first_wrong_page(&got, &want), None);
 }
 
@@ -696,8 +691,7 @@ fn a_tls_server_is_used_with_its_certificate_authority_and_refused_without() {
     };
     let (r, want) = filled(&hmm, 32);
     assert_eq!(dev.migrate_to_device(r.range()).unwrap().migrated, 32);
-    let mut got = vec![0u8; r.len()];
-    r.read(0, &mut got).unwrap();
+    let got = common::cpu_bytes(&r);
     assert_eq!(common::first_wrong_page(&got, &want), None);
     match RedisDevice::new(&hmm, RedisConfig::new("tls", &server.url, 1 << 20)) {
         Err(HmmError::Config(m)) => {

@@ -72,6 +72,13 @@ impl Default for Attributes {
 }
 
 impl Attributes {
+    /// Whether the advice keeps the pages where they are for `dev`: they
+    /// prefer another location, or `dev` is to access them in place.
+    pub fn keeps_away_from(&self, dev: DeviceId) -> bool {
+        self.preferred.is_some_and(|l| l != Location::Device(dev))
+            || self.accessed_by.contains(&dev)
+    }
+
     fn apply(&mut self, advice: Advice) {
         match advice {
             Advice::PreferredLocation(l) => self.preferred = Some(l),

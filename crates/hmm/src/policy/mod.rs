@@ -187,8 +187,7 @@ pub fn default_decision(f: &FaultContext<'_>) -> Decision {
     if a.read_mostly && !f.write && f.kind == MemoryKind::Private {
         return Decision::Duplicate;
     }
-    let elsewhere = a.preferred.is_some_and(|l| l != Location::Device(f.device));
-    if elsewhere || a.accessed_by.contains(&f.device) || f.kind == MemoryKind::Coherent {
+    if a.keeps_away_from(f.device) || f.kind == MemoryKind::Coherent {
         return Decision::Map;
     }
     Decision::Migrate
@@ -576,9 +575,7 @@ impl Placement {
                 }
                 let page = start + i * PAGE_SIZE;
                 // What advice keeps where it is stays, as a fault on it would.
-                let a = attrs_at(&attrs, VirtAddr::new(page));
-                let kept = a.preferred.is_some_and(|l| l != Location::Device(mem.id()))
-                    || a.accessed_by.contains(&mem.id());
+                let kept = attrs_at(&attrs, VirtAddr::new(page)).keeps_away_from(mem.id());
                 *m = matches!(place, Place::System | Place::Unpopulated | Place::Device(_))
                     && !kept
                     && !s.thrash.as_ref().is_some_and(|t| t.is_pinned(page, now));
@@ -758,10 +755,7 @@ fn trim_to_free(mask: &mut [bool], block: &Block, free: usize) {
 }
 
 fn attrs_at(runs: &[(PageRange, Attributes)], page: VirtAddr) -> Attributes {
-    runs.iter()
-        .find(|(r, _)| r.start() <= page && page < r.end())
-        .map(|(_, a)| a.clone())
-        .unwrap_or_default()
+    runs.iter().find(|(r, _)| r.contains(page)).map(|(_, a)| a.clone()).unwrap_or_default()
 }
 
 /// The worker: runs the queued prefetches in order until the placement
