@@ -706,11 +706,17 @@ impl Mapping {
     /// Writes one byte's own value back with one atomic read-modify-write
     /// (adding zero): a CPU write touch of that page that changes no byte,
     /// even under concurrent writers.
+    ///
+    /// The zero is hidden from the optimizer: an addition of a known zero is
+    /// an idempotent read-modify-write, which compilers may lower to a fenced
+    /// plain load (x86 does, in optimized builds), and a load is a read
+    /// touch: it would not make the page writable.
     pub fn touch_keep(&self, offset: usize) -> Result<(), RangeError> {
         let a = self.access(offset, 1)?;
         let p = a.ptr;
+        let zero = std::hint::black_box(0u8);
         // SAFETY: inside the live mapping, accessed atomically (see `read`).
-        unsafe { AtomicU8::from_ptr(p) }.fetch_add(0, Ordering::Relaxed);
+        unsafe { AtomicU8::from_ptr(p) }.fetch_add(zero, Ordering::Relaxed);
         Ok(())
     }
 
