@@ -191,15 +191,7 @@ impl ManagedRange {
     /// may take the pages again afterwards: [`pin`](Self::pin) keeps them.
     pub fn populate(&self, part: PageRange) -> Result<(), HmmError> {
         self.range.mapping().check(part).map_err(MmError::from)?;
-        let first = self.range.index(part.start());
-        let idx = first..first + part.pages();
-        let devs = devices_of(&self.range.lock(), idx);
-        for dev in devs {
-            if let Some(mem) = self.inner.device(dev) {
-                self.inner.migrate_to_system(part, &mem, mem.ops().dma())?;
-            }
-        }
-        Ok(self.inner.populate(part, true)?)
+        self.bring_home(part, "populate")
     }
 
     /// Pins `part` in system memory, for DMA by another driver or `O_DIRECT`
@@ -225,7 +217,29 @@ impl ManagedRange {
                 *pins.entry(i).or_default() += 1;
             }
         }
-        let pin = Pin { range: self.range.clone(), pages: idx.clone() };
+        let pin = Pin { range: self.range.clone(), pages: idx };
+        self.bring_home(part, "pin")?;
+        Ok(pin)
+    }
+
+    /// Brings `part` (checked to lie in this range) back from its devices
+    /// and faults it in for write, again until every page is settled in
+    /// system memory with nothing mid-migration, within a bound.
+    ///
+    /// A round can fall short when another thread's migration holds some
+    /// pages (an eviction to make room on a shared device, the rest of a
+    /// fault-around window): the migration back skips them as busy, and in
+    /// [`FaultMode::InThread`](crate::FaultMode::InThread) the kernel's
+    /// fault-in fails with `EFAULT` on a page still on a device rather than
+    /// waiting for it. Neither is final: the next round, a moment later,
+    /// finds those pages home or brings them. A lost page (poisoned,
+    /// unmapped) is final and reported at once; after the last round, the
+    /// fault-in's error, or [`SkipReason::Busy`](crate::migrate::SkipReason::Busy)
+    /// if it succeeded while pages were still moving.
+    fn bring_home(&self, part: PageRange, op: &'static str) -> Result<(), HmmError> {
+        let first = self.range.index(part.start());
+        let idx = first..first + part.pages();
+        let mut last = None;
         for _ in 0..100 {
             let devs = devices_of(&self.range.lock(), idx.clone());
             for dev in devs {
@@ -233,13 +247,13 @@ impl ManagedRange {
                     self.inner.migrate_to_system(part, &mem, mem.ops().dma())?;
                 }
             }
-            self.inner.populate(part, true)?;
+            let populated = self.inner.populate(part, true);
             let t = self.range.lock();
             let settled = !t.any(idx.clone(), |e| {
                 e.is_migrating() || !matches!(e.residency(), Residency::System | Residency::None)
             });
-            if settled {
-                return Ok(pin);
+            if settled && populated.is_ok() {
+                return Ok(());
             }
             let lost =
                 |e: PageEntry| matches!(e.residency(), Residency::Poisoned | Residency::Unmapped);
@@ -251,18 +265,22 @@ impl ManagedRange {
                     crate::migrate::SkipReason::Unmapped
                 };
                 return Err(HmmError::NotMoved {
-                    op: "pin",
+                    op,
                     addr: self.range.page_addr(first + k),
                     reason,
                 });
             }
+            last = populated.err();
             drop(t);
             std::thread::sleep(Duration::from_millis(1));
         }
-        Err(HmmError::NotMoved {
-            op: "pin",
-            addr: part.start(),
-            reason: crate::migrate::SkipReason::Busy,
+        Err(match last {
+            Some(e) => e.into(),
+            None => HmmError::NotMoved {
+                op,
+                addr: part.start(),
+                reason: crate::migrate::SkipReason::Busy,
+            },
         })
     }
 
