@@ -1380,7 +1380,7 @@ fn to_device_copy(pool: &Mapping, op: &ToDevice, faults: &Injector) -> Result<()
     let off = op.dst.index as usize * PAGE_SIZE;
     let r = match op.src.bytes() {
         None => pool.fill(off, PAGE_SIZE, 0),
-        Some((src, offset)) => pool.copy_words_from(off, src, offset, PAGE_SIZE),
+        Some((src, offset)) => pool.copy_shared_from(off, src, offset, PAGE_SIZE),
     };
     r.map_err(|e| DmaError::Failed(e.to_string()))
 }

@@ -10,7 +10,7 @@
 //! | `uffd_roundtrip_us_p50`, `_p99` | a bare MISSING fault served by a thread blocked in `read(2)` with `UFFDIO_COPY`, as the faulting thread sees it |
 //! | `uffd_move_gbps` | 256 MiB of populated 4 KiB pages in one `UFFDIO_MOVE` |
 //! | `pagemap_scan_mpages_s` | `PAGEMAP_SCAN` over 256 MiB in which every other page is present (one region per page, the worst case) |
-//! | `checked_read_gbps` | 256 MiB of populated memory read 64 KiB at a time through the kernel's checked copy (`process_vm_readv` of this process) and summed as u64 words: the software device's job of `device_access_gbps` without the device, the floor of its reads of system memory |
+//! | `checked_read_gbps` | 256 MiB of populated memory read 64 KiB at a time with the checked copy devices use (`hmm::os::vm::read_memory`: a copy whose faults are fixed up, or `process_vm_readv`) and summed as u64 words: the software device's job of `device_access_gbps` without the device, the floor of its reads of system memory |
 //! | `sigbus_roundtrip_us_p50`, `_p99` | a bare MISSING fault in SIGBUS mode, served in the faulting thread's own handler by one `UFFDIO_MOVE` of a populated page: the floor of `FaultMode::InThread` |
 //! | `zram_swapin_us_p50`, `_p99` | a random swap-in of a compressible page that `MADV_PAGEOUT` put on a zram (lz4) device of the run's own; only with `--zram`, as root ([`zram`]) |
 //! | `zram_swapin_seq_gbps` | the same pages paged out again and touched in order |
@@ -96,7 +96,7 @@ pub struct Baselines {
     pub uffd_move_gbps: Option<f64>,
     /// `PAGEMAP_SCAN`, millions of pages per second.
     pub pagemap_scan_mpages_s: Option<f64>,
-    /// Populated memory read through `process_vm_readv` 64 KiB at a time and
+    /// Populated memory read with the checked copy 64 KiB at a time and
     /// summed (the floor of a software device's reads of system memory), GB/s.
     pub checked_read_gbps: f64,
     /// A random swap-in of an lz4-compressed page from a zram device of the
@@ -177,7 +177,7 @@ impl Baselines {
                 key: "checked_read_gbps",
                 value: Some(self.checked_read_gbps),
                 unit: "GB/s",
-                what: "process_vm_readv 64 KiB at a time, summed",
+                what: "checked reads, 64 KiB at a time, summed",
             },
             Row {
                 key: "zram_swapin_us_p50",
@@ -553,8 +553,8 @@ fn pagemap_scan_mpages_s(reps: usize) -> Result<Option<f64>, BenchError> {
 }
 
 /// Median GB/s of reading `BIG` bytes of populated memory 64 KiB at a time
-/// with `process_vm_readv`, summing each piece as u64 words, as the device
-/// job of `device_access_gbps` reads and sums system memory.
+/// with the checked copy, summing each piece as u64 words, as the device job
+/// of `device_access_gbps` reads and sums system memory.
 fn checked_read_gbps(reps: usize) -> Result<f64, BenchError> {
     let m = populated(BIG)?;
     m.fill(0, BIG, 1).expect("inside");
@@ -566,9 +566,9 @@ fn checked_read_gbps(reps: usize) -> Result<f64, BenchError> {
         for off in (0..BIG).step_by(buf.len()) {
             let at = hmm::addr::VirtAddr::new(m.addr().get() + off);
             let n = hmm::os::vm::read_memory(at, &mut buf)
-                .map_err(|e| BenchError::Server(format!("process_vm_readv: {e}")))?;
+                .map_err(|e| BenchError::Server(format!("checked read: {e}")))?;
             if n != buf.len() {
-                return Err(BenchError::Server(format!("process_vm_readv read {n} bytes")));
+                return Err(BenchError::Server(format!("checked read: {n} bytes")));
             }
             for w in buf.chunks_exact(8) {
                 sum = sum.wrapping_add(u64::from_ne_bytes(w.try_into().expect("8 bytes")));

@@ -799,6 +799,30 @@ fn unobserved_mprotect_blocks_device_writes() {
     check_index(&cpu_bytes(&r), 0);
 }
 
+/// A device whose entry for a system page outlives the application's
+/// access to it (an `mprotect` hmm never sees) gets an error from a read,
+/// and the process no signal: the device's copy stops at the page.
+#[test]
+fn unobserved_mprotect_fails_device_reads_without_a_signal() {
+    if common::skip_without_uffd() {
+        return;
+    }
+    let (_hmm, dev, r) = indexed_range();
+    let (bytes, _) = dev.read(r.range()).unwrap();
+    assert_eq!(bytes, index_bytes(NPAGES, 0));
+    let page = r.pages_range(1, 1).unwrap();
+    assert!(dev.entry(page.start()).is_some_and(|e| e.page.is_none()), "a system entry");
+    r.mapping().protect(page, Protection::None).unwrap();
+    let err = dev.read(r.pages_range(0, 3).unwrap()).unwrap_err();
+    assert!(
+        matches!(&err, HmmError::Fault(RangeFaultError::Fault { addr, .. }) if *addr == page.start()),
+        "the kernel's -EFAULT for the protected page: {err}"
+    );
+    r.mapping().protect(page, Protection::ReadWrite).unwrap();
+    let (bytes, _) = dev.read(r.range()).unwrap();
+    assert_eq!(bytes, index_bytes(NPAGES, 0), "readable again, unchanged");
+}
+
 /// A device may read any memory of the process, not only what hmm manages;
 /// it may write only what hmm manages or mirrors.
 #[test]

@@ -17,12 +17,13 @@
 use std::ffi::CStr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::ptr;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use rustix::fs::{FallocateFlags, MemfdFlags};
 use rustix::mm::{Advice, MapFlags, MprotectFlags, MremapFlags, ProtFlags};
 
+use super::bytes;
 use crate::addr::{PAGE_SIZE, PageRange, RangeError, VirtAddr};
 
 /// Failure of a memory-management system call.
@@ -257,7 +258,8 @@ pub(super) struct Access<'a> {
 // only through the copies below, which are valid from any thread.
 unsafe impl Send for Mapping {}
 // SAFETY: shared access only reads or writes the memory with atomic accesses
-// (`read`, `write`, `fill`, `touch_*`); the one plain copy, `copy_from`, needs
+// (`touch_*`) or through `bytes` (`read`, `write`, `fill`, `copy_shared_from`),
+// both sound under concurrent access; the one plain copy, `copy_from`, needs
 // `&mut` on both mappings, so no other thread can access them meanwhile.
 unsafe impl Sync for Mapping {}
 
@@ -556,40 +558,19 @@ impl Mapping {
     /// with userfaultfd blocks until the fault is served; a poisoned page raises SIGBUS.
     pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<(), RangeError> {
         let a = self.access(offset, buf.len())?;
-        let src = a.ptr;
-        // Bytes up to the first 8-byte boundary, whole words, then the tail.
-        let head = src.align_offset(8).min(buf.len());
-        let words = (buf.len() - head) / 8;
-        for i in (0..head).chain(head + words * 8..buf.len()) {
-            // SAFETY: `src + i` lies inside this live mapping (checked above), whose
-            // bytes are only ever accessed atomically while shared (see `Sync`).
-            buf[i] = unsafe { AtomicU8::from_ptr(src.wrapping_add(i)) }.load(Ordering::Relaxed);
-        }
-        for (w, out) in buf[head..head + words * 8].chunks_exact_mut(8).enumerate() {
-            let p = src.wrapping_add(head + w * 8).cast::<u64>();
-            // SAFETY: as above, and `p` is 8-byte aligned (`head` reaches the boundary).
-            let v = unsafe { AtomicU64::from_ptr(p) }.load(Ordering::Relaxed);
-            out.copy_from_slice(&v.to_ne_bytes());
-        }
+        // SAFETY: `len` bytes at `a.ptr` lie inside this live mapping (checked
+        // above); `buf` is this thread's own and cannot overlap it (no Rust
+        // reference into a mapping exists). Shared bytes are read through
+        // `bytes`, sound under concurrent access.
+        unsafe { bytes::copy(buf.as_mut_ptr(), a.ptr, buf.len()) };
         Ok(())
     }
 
     /// Copies `data` into the mapping at `offset`.
     pub fn write(&self, offset: usize, data: &[u8]) -> Result<(), RangeError> {
         let a = self.access(offset, data.len())?;
-        let dst = a.ptr;
-        let head = dst.align_offset(8).min(data.len());
-        let words = (data.len() - head) / 8;
-        for i in (0..head).chain(head + words * 8..data.len()) {
-            // SAFETY: as in `read`.
-            unsafe { AtomicU8::from_ptr(dst.wrapping_add(i)) }.store(data[i], Ordering::Relaxed);
-        }
-        for (w, word) in data[head..head + words * 8].chunks_exact(8).enumerate() {
-            let p = dst.wrapping_add(head + w * 8).cast::<u64>();
-            let v = u64::from_ne_bytes(word.try_into().expect("8 bytes"));
-            // SAFETY: as in `read`, `p` 8-byte aligned.
-            unsafe { AtomicU64::from_ptr(p) }.store(v, Ordering::Relaxed);
-        }
+        // SAFETY: as in `read`, the other way round.
+        unsafe { bytes::copy(a.ptr, data.as_ptr(), data.len()) };
         Ok(())
     }
 
@@ -618,25 +599,9 @@ impl Mapping {
     /// Sets `len` bytes at `offset` to `byte`.
     pub fn fill(&self, offset: usize, len: usize, byte: u8) -> Result<(), RangeError> {
         let a = self.access(offset, len)?;
-        let dst = a.ptr;
-        // Whole aligned words where possible: the mapping is page aligned.
-        let word = u64::from_ne_bytes([byte; 8]);
-        let head = (offset.next_multiple_of(8) - offset).min(len);
-        let words = (len - head) / 8;
-        for i in 0..head {
-            // SAFETY: as in `read`.
-            unsafe { AtomicU8::from_ptr(dst.wrapping_add(i)) }.store(byte, Ordering::Relaxed);
-        }
-        for w in 0..words {
-            // SAFETY: as in `read`; `dst + head` is 8-byte aligned (mapping start is
-            // page aligned and `offset + head` is a multiple of 8).
-            unsafe { AtomicU64::from_ptr(dst.wrapping_add(head + 8 * w).cast::<u64>()) }
-                .store(word, Ordering::Relaxed);
-        }
-        for i in head + 8 * words..len {
-            // SAFETY: as in `read`.
-            unsafe { AtomicU8::from_ptr(dst.wrapping_add(i)) }.store(byte, Ordering::Relaxed);
-        }
+        // SAFETY: `len` bytes at `a.ptr` lie inside this live mapping (checked
+        // above), written through `bytes` (see `read`).
+        unsafe { bytes::fill(a.ptr, byte, len) };
         Ok(())
     }
 
@@ -658,11 +623,11 @@ impl Mapping {
         Ok(())
     }
 
-    /// Copies `len` bytes (a multiple of 8) from `src` at `src_offset` to this
-    /// mapping at `offset`, both 8-byte aligned, with relaxed atomic word
-    /// accesses: as fast as `memcpy` for page-sized copies, and sound while other
-    /// threads touch either range (they see whole words).
-    pub fn copy_words_from(
+    /// Copies `len` bytes from `src` at `src_offset` to this mapping at
+    /// `offset` at `memcpy`'s speed, sound while other threads touch either
+    /// range (see `os::bytes` in DESIGN.md: a racing writer's bytes may show
+    /// in part). What a DMA engine's copy of a page is.
+    pub fn copy_shared_from(
         &self,
         offset: usize,
         src: &Mapping,
@@ -670,19 +635,12 @@ impl Mapping {
         len: usize,
     ) -> Result<(), RangeError> {
         let (a, b) = (self.access(offset, len)?, src.access(src_offset, len)?);
-        let (dst, from) = (a.ptr, b.ptr);
-        if !(offset | src_offset | len).is_multiple_of(8) {
+        if std::ptr::eq(self, src) && offset.abs_diff(src_offset) < len {
             return Err(RangeError::OutOfBounds { offset, len, outer: self.len() });
         }
-        let (dst, from) = (dst.cast::<u64>(), from.cast::<u64>());
-        for w in 0..len / 8 {
-            // SAFETY: both words lie inside live mappings (checked above) and are
-            // 8-byte aligned (mappings are page aligned, offsets multiples of 8);
-            // shared bytes are only accessed atomically (see `Sync`).
-            let v = unsafe { AtomicU64::from_ptr(from.wrapping_add(w)) }.load(Ordering::Relaxed);
-            // SAFETY: as above, for the destination word.
-            unsafe { AtomicU64::from_ptr(dst.wrapping_add(w)) }.store(v, Ordering::Relaxed);
-        }
+        // SAFETY: both ranges lie inside live mappings (checked above) and do
+        // not overlap (distinct mappings never do; within one, checked).
+        unsafe { bytes::copy(a.ptr, b.ptr, len) };
         Ok(())
     }
 

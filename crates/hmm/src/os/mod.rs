@@ -22,6 +22,7 @@
 #![allow(unsafe_code)]
 
 pub mod arena;
+pub(crate) mod bytes;
 pub mod event;
 pub mod maps;
 pub mod mm;

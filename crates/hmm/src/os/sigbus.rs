@@ -26,6 +26,16 @@
 //! futex calls here, `write(2)` to an eventfd and the userfaultfd ioctls are
 //! all async-signal-safe.
 //!
+//! # Copies that fail instead of faulting
+//!
+//! The same handler, and one for `SIGSEGV` (`install_fixups`), resume a
+//! fault at `os::bytes::copy_fallible`'s instruction at
+//! that routine's exit (see `os::bytes`), after the hook has had its
+//! chance (a managed page the hook serves lets the copy go on). The
+//! `SIGSEGV` handler does nothing else: every other `SIGSEGV` goes to the
+//! handler installed before it (Rust's stack-overflow report, say), on the
+//! alternate stack where the thread has one, as before.
+//!
 //! The handler runs on the thread's own stack (no `SA_ONSTACK`: the
 //! alternate stacks Rust gives its threads are a few kilobytes, and the hook
 //! stages a page on the stack), with `SIGBUS` blocked: a `SIGBUS` inside the
@@ -68,11 +78,20 @@ static INSTALL: Once = Once::new();
 static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
 static INSTALLED: AtomicU32 = AtomicU32::new(0);
 static INSTALL_ERRNO: AtomicU32 = AtomicU32::new(0);
+/// The `SIGSEGV` `sigaction` found before ours.
+static PREVIOUS_SEGV: OnceLock<libc::sigaction> = OnceLock::new();
+static FIXUPS: Once = Once::new();
+static FIXUPS_INSTALLED: AtomicU32 = AtomicU32::new(0);
 
 /// Installs the process's `SIGBUS` handler (once) with `hook`. Every later
 /// call must pass the same hook.
 pub fn install(hook: Hook) -> std::io::Result<()> {
     HOOK.store(hook as usize, Ordering::Release);
+    install_handler()
+}
+
+/// Installs the `SIGBUS` handler (once), with the hook if one was given.
+fn install_handler() -> std::io::Result<()> {
     INSTALL.call_once(|| match install_once() {
         Ok(()) => INSTALLED.store(1, Ordering::Release),
         Err(e) => INSTALL_ERRNO.store(e.raw_os_error().unwrap_or(0) as u32, Ordering::Relaxed),
@@ -83,6 +102,42 @@ pub fn install(hook: Hook) -> std::io::Result<()> {
     }
 }
 
+/// Installs (once) what `os::bytes::copy_fallible`
+/// needs: the `SIGBUS` handler (with no hook until [`install`] gives one)
+/// and a `SIGSEGV` handler that moves only that routine's faults. False if
+/// either could not be installed (copies then go through the kernel).
+pub(crate) fn install_fixups() -> bool {
+    if FIXUPS_INSTALLED.load(Ordering::Acquire) == 1 {
+        return true;
+    }
+    FIXUPS.call_once(|| {
+        let segv = || -> std::io::Result<()> {
+            let mut old = empty_action();
+            sigaction(libc::SIGSEGV, None, Some(&mut old))?;
+            let _ = PREVIOUS_SEGV.set(old);
+            let mut new = empty_action();
+            new.sa_sigaction = handle_segv
+                as extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void)
+                as usize;
+            new.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART | libc::SA_ONSTACK;
+            sigaction(libc::SIGSEGV, Some(&new), None)
+        };
+        match install_handler().and_then(|()| segv()) {
+            Ok(()) => FIXUPS_INSTALLED.store(1, Ordering::Release),
+            Err(e) => {
+                tracing::warn!(error = %e, "no fault fixups: device copies go through the kernel")
+            }
+        }
+    });
+    FIXUPS_INSTALLED.load(Ordering::Acquire) == 1
+}
+
+extern "C" fn handle_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    if !super::bytes::fixup(ctx) {
+        chain(PREVIOUS_SEGV.get(), sig, info, ctx);
+    }
+}
+
 /// An all-zero `sigaction` (no handler, empty mask, no flags).
 fn empty_action() -> libc::sigaction {
     // SAFETY: `sigaction` is plain old data, for which all-zero bytes are a
@@ -90,17 +145,18 @@ fn empty_action() -> libc::sigaction {
     unsafe { std::mem::zeroed() }
 }
 
-/// `sigaction(SIGBUS, new, old)`.
+/// `sigaction(sig, new, old)`.
 fn sigaction(
+    sig: libc::c_int,
     new: Option<&libc::sigaction>,
     old: Option<&mut libc::sigaction>,
 ) -> std::io::Result<()> {
     let new = new.map_or(std::ptr::null(), |n| n as *const libc::sigaction);
     let old = old.map_or(std::ptr::null_mut(), |o| o as *mut libc::sigaction);
     // SAFETY: both pointers are null or point to live, initialised structures;
-    // a handler installed through here is `handle`, which keeps the rules in
-    // the module docs.
-    match unsafe { libc::sigaction(libc::SIGBUS, new, old) } {
+    // a handler installed through here is `handle` or `handle_segv`, which
+    // keep the rules in the module docs.
+    match unsafe { libc::sigaction(sig, new, old) } {
         0 => Ok(()),
         _ => Err(std::io::Error::last_os_error()),
     }
@@ -108,14 +164,14 @@ fn sigaction(
 
 fn install_once() -> std::io::Result<()> {
     let mut old = empty_action();
-    sigaction(None, Some(&mut old))?;
+    sigaction(libc::SIGBUS, None, Some(&mut old))?;
     // Stored before ours can run (ours goes in below), never written again.
     let _ = PREVIOUS.set(old);
     let mut new = empty_action();
     new.sa_sigaction =
         handle as extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) as usize;
     new.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
-    sigaction(Some(&new), None)
+    sigaction(libc::SIGBUS, Some(&new), None)
 }
 
 extern "C" fn handle(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
@@ -161,15 +217,24 @@ fn dispatch(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void
             return;
         }
     }
-    chain(sig, info, ctx);
+    if super::bytes::fixup(ctx) {
+        return;
+    }
+    chain(PREVIOUS.get(), sig, info, ctx);
 }
 
-/// Hands the signal to the handler installed before ours, or (none, or the
-/// default) restores the default action and raises the signal again, which
-/// is delivered as the handler returns: the process dies of `SIGBUS`, with
-/// its core, as without hmm (even if the instruction would not fault again).
-fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
-    if let Some(prev) = PREVIOUS.get() {
+/// Hands the signal to the handler installed before ours (`prev`), or
+/// (none, or the default) restores the default action and raises the signal
+/// again, which is delivered as the handler returns: the process dies of it,
+/// with its core, as without hmm (even if the instruction would not fault
+/// again).
+fn chain(
+    prev: Option<&libc::sigaction>,
+    sig: libc::c_int,
+    info: *mut libc::siginfo_t,
+    ctx: *mut libc::c_void,
+) {
+    if let Some(prev) = prev {
         let h = prev.sa_sigaction;
         if h != libc::SIG_DFL && h != libc::SIG_IGN {
             if prev.sa_flags & libc::SA_SIGINFO != 0 {
@@ -185,10 +250,10 @@ fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
             return;
         }
     }
-    let _ = sigaction(Some(&empty_action()), None);
-    // SAFETY: `raise` is async-signal-safe; SIGBUS is blocked in this
+    let _ = sigaction(sig, Some(&empty_action()), None);
+    // SAFETY: `raise` is async-signal-safe; the signal is blocked in this
     // handler, so it stays pending until the handler returns.
-    unsafe { libc::raise(libc::SIGBUS) };
+    unsafe { libc::raise(sig) };
 }
 
 /// The page-fault error code's write and present bits (x86-64 reports them
