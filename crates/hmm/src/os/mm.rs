@@ -912,10 +912,11 @@ impl Mapping {
                 range_ptr(part),
                 part.len(),
                 prot.prot_flags(),
-                // Populated now: the CPU's first touch of a page then takes
-                // no minor fault (as on a real coherent bus, where the page
-                // table maps device memory from the start).
-                MapFlags::SHARED | MapFlags::FIXED | MapFlags::POPULATE,
+                // Not populated: the kernel maps the file's pages at the
+                // first touch, a fault-around's worth at a time. Populating
+                // (MAP_POPULATE) marks every page accessed through the
+                // get-user-pages path, dearer than those minor faults.
+                MapFlags::SHARED | MapFlags::FIXED,
                 file,
                 offset,
             )
