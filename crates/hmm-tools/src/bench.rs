@@ -682,12 +682,15 @@ pub struct MigrationFigures {
     /// 256 MiB moved from one software device (zero-copy engine) straight
     /// into another (peer-to-peer), GB/s.
     pub migrate_device_to_device_gbps: Option<f64>,
-    /// The CPU reading 256 MiB resident in coherent device memory (mapped at
-    /// its addresses: no fault), GB/s; compare with `memcpy_gbps`.
+    /// The CPU's first read of 256 MiB just migrated into coherent device
+    /// memory (mapped at its addresses: no fault hmm serves; the kernel maps
+    /// the file's pages at the first touch, a minor fault per 16 pages),
+    /// GB/s; compare with `memcpy_gbps`.
     pub coherent_cpu_read_gbps: Option<f64>,
     /// 256 MiB migrated from system memory into coherent device memory and
-    /// mapped there for the CPU (copy engine; the device memory populated up
-    /// front, as for `migrate_to_device_gbps`), GB/s.
+    /// mapped there for the CPU (not populated: see `coherent_cpu_read_gbps`;
+    /// copy engine; the device memory populated up front, as for
+    /// `migrate_to_device_gbps`), GB/s.
     pub migrate_to_coherent_gbps: Option<f64>,
     /// Pressure eviction: 256 MiB evicted to system memory to make room on a
     /// full device for a migration, bytes evicted over the time spent
@@ -830,7 +833,7 @@ impl MigrationFigures {
                 "coherent_cpu_read_gbps",
                 self.coherent_cpu_read_gbps,
                 "GB/s",
-                "CPU reads 256 MiB resident in coherent device memory",
+                "CPU's first read of 256 MiB just moved into coherent device memory",
             ),
             row(
                 "migrate_to_coherent_gbps",
