@@ -237,6 +237,11 @@ pub(super) fn fixup(ctx: *mut libc::c_void) -> bool {
 mod tests {
     use super::*;
 
+    /// Held by the tests that fault inside a fallible copy or change the
+    /// handlers: under `cargo test` they share a process, and a fault taken
+    /// while the other test has another handler in place would never end.
+    static HANDLERS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     #[test]
     fn copies_every_length_and_alignment_exactly() {
         let src: Vec<u8> = (0..300u32).map(|i| (i * 7 + 3) as u8).collect();
@@ -261,6 +266,7 @@ mod tests {
         if !cfg!(target_arch = "x86_64") {
             return;
         }
+        let _one = HANDLERS.lock().unwrap_or_else(|e| e.into_inner());
         let m = Mapping::anonymous(3 * 4096, Protection::ReadWrite).unwrap();
         m.fill(0, 3 * 4096, 0x5A).unwrap();
         let mid = m.range().subrange(4096, 4096).unwrap();
@@ -288,6 +294,45 @@ mod tests {
         assert_eq!(n, Some(3 * 4096));
         assert_eq!(&buf[4096..4106], &mark, "the bytes written through the hole");
         assert!(buf[4106..].iter().all(|b| *b == 0x5A), "the rest as filled");
+    }
+
+    /// A handler installed over hmm's need not pass hmm's faults on: while
+    /// one is in place, copies that could fault go through the kernel, and
+    /// they come back once hmm's handler is.
+    #[test]
+    fn a_replaced_handler_sends_copies_through_the_kernel() {
+        use crate::addr::VirtAddr;
+        use crate::os::mm::{Mapping, Protection};
+        if !cfg!(target_arch = "x86_64") {
+            return;
+        }
+        extern "C" fn other(_: libc::c_int) {}
+        let _one = HANDLERS.lock().unwrap_or_else(|e| e.into_inner());
+        let m = Mapping::anonymous(2 * 4096, Protection::ReadWrite).unwrap();
+        m.fill(0, 2 * 4096, 7).unwrap();
+        m.protect(m.range().subrange(4096, 4096).unwrap(), Protection::None).unwrap();
+        let mut buf = [0u8; 8192];
+        // SAFETY: `buf` is this test's own; the source is a live mapping.
+        let fast = unsafe { copy_fallible(buf.as_mut_ptr(), m.addr().get() as *const u8, 8192) };
+        assert_eq!(fast, Some(4096), "hmm's handlers in place: the fast copy, cut short");
+        // SAFETY: an all-zero `sigaction` is a valid value.
+        let mut theirs: libc::sigaction = unsafe { std::mem::zeroed() };
+        theirs.sa_sigaction = other as extern "C" fn(libc::c_int) as usize;
+        // SAFETY: as above.
+        let mut ours: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: both structures are live; the handler installed does
+        // nothing, and no SIGSEGV is raised while it is in place.
+        assert_eq!(unsafe { libc::sigaction(libc::SIGSEGV, &theirs, &mut ours) }, 0);
+        // SAFETY: as above.
+        let fast = unsafe { copy_fallible(buf.as_mut_ptr(), m.addr().get() as *const u8, 8192) };
+        assert_eq!(fast, None, "another handler in place: no fast copy");
+        let read = super::super::vm::read_memory(VirtAddr::new(m.addr().get()), &mut buf);
+        assert_eq!(read, Ok(4096), "the kernel's copy, cut short at the same page");
+        // SAFETY: puts hmm's handler back as it was.
+        assert_eq!(unsafe { libc::sigaction(libc::SIGSEGV, &ours, std::ptr::null_mut()) }, 0);
+        // SAFETY: as above.
+        let fast = unsafe { copy_fallible(buf.as_mut_ptr(), m.addr().get() as *const u8, 8192) };
+        assert_eq!(fast, Some(4096), "hmm's handler back: the fast copy again");
     }
 
     #[test]

@@ -41,7 +41,7 @@
 //! stages a page on the stack), with `SIGBUS` blocked: a `SIGBUS` inside the
 //! hook (a bug) kills the process at once instead of recursing.
 
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Once, OnceLock};
 use std::time::Duration;
 
@@ -82,6 +82,8 @@ static INSTALL_ERRNO: AtomicU32 = AtomicU32::new(0);
 static PREVIOUS_SEGV: OnceLock<libc::sigaction> = OnceLock::new();
 static FIXUPS: Once = Once::new();
 static FIXUPS_INSTALLED: AtomicU32 = AtomicU32::new(0);
+/// Whether the replacement of a handler has been reported.
+static REPLACED_TOLD: AtomicBool = AtomicBool::new(false);
 
 /// Installs the process's `SIGBUS` handler (once) with `hook`. Every later
 /// call must pass the same hook.
@@ -102,14 +104,36 @@ fn install_handler() -> std::io::Result<()> {
     }
 }
 
-/// Installs (once) what `os::bytes::copy_fallible`
-/// needs: the `SIGBUS` handler (with no hook until [`install`] gives one)
-/// and a `SIGSEGV` handler that moves only that routine's faults. False if
-/// either could not be installed (copies then go through the kernel).
+/// Installs (once) what `os::bytes::copy_fallible` needs: the `SIGBUS`
+/// handler (with no hook until [`install`] gives one) and a `SIGSEGV` handler
+/// that moves only that routine's faults. False if either could not be
+/// installed, or if either has been replaced since (a handler the
+/// application or another library installed later need not pass our faults
+/// on): copies then go through the kernel. The check costs two `sigaction`
+/// calls, less than the `process_vm_readv` it spares.
 pub(crate) fn install_fixups() -> bool {
-    if FIXUPS_INSTALLED.load(Ordering::Acquire) == 1 {
-        return true;
+    if FIXUPS_INSTALLED.load(Ordering::Acquire) != 1 {
+        install_fixups_once();
     }
+    if FIXUPS_INSTALLED.load(Ordering::Acquire) != 1 {
+        return false;
+    }
+    type Action = extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void);
+    let ours = |sig: libc::c_int, handler: Action| {
+        let mut now = empty_action();
+        sigaction(sig, None, Some(&mut now)).is_ok() && now.sa_sigaction == handler as usize
+    };
+    let in_place = ours(libc::SIGSEGV, handle_segv) && ours(libc::SIGBUS, handle);
+    if !in_place && !REPLACED_TOLD.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            "another SIGSEGV or SIGBUS handler replaced hmm's: device copies of system memory \
+             go through the kernel (process_vm_readv/writev) while it is in place"
+        );
+    }
+    in_place
+}
+
+fn install_fixups_once() {
     FIXUPS.call_once(|| {
         let segv = || -> std::io::Result<()> {
             let mut old = empty_action();
@@ -129,7 +153,6 @@ pub(crate) fn install_fixups() -> bool {
             }
         }
     });
-    FIXUPS_INSTALLED.load(Ordering::Acquire) == 1
 }
 
 extern "C" fn handle_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
