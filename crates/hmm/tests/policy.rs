@@ -20,6 +20,12 @@ fn device(hmm: &Hmm, name: &str, pages: usize) -> SoftwareDevice {
     SoftwareDevice::new(hmm, SoftwareDeviceConfig::new(name, pages * PAGE_SIZE)).expect("device")
 }
 
+/// A compressed-memory tier of 4 MiB, the budgets' destination.
+fn compressed_tier(hmm: &Hmm) -> hmm_compressed::CompressedDevice {
+    hmm_compressed::CompressedDevice::new(hmm, hmm_compressed::CompressedConfig::new("z", 4 << 20))
+        .expect("compressed tier")
+}
+
 /// Page `i` holds the word `seed + i`, repeated.
 fn pattern(pages: usize, seed: u64) -> Vec<u8> {
     (0..pages as u64).flat_map(|i| (seed + i).to_ne_bytes().repeat(PAGE_SIZE / 8)).collect()
@@ -354,11 +360,7 @@ fn a_budget_keeps_the_set_within_its_limit_and_loses_nothing() {
         return;
     }
     let hmm = Hmm::new().unwrap();
-    let tier = hmm_compressed::CompressedDevice::new(
-        &hmm,
-        hmm_compressed::CompressedConfig::new("z", 4 << 20),
-    )
-    .unwrap();
+    let tier = compressed_tier(&hmm);
     let p = Placement::new(&hmm).unwrap();
     let r = hmm.alloc(256 * PAGE_SIZE).unwrap();
     let data = pattern(256, 21);
@@ -390,11 +392,7 @@ fn pages_seen_hot_stay_in_system_memory() {
     // No fault-around: a touch brings back its own page only.
     let config = hmm::HmmConfig { fault_around_pages: 0, ..Default::default() };
     let hmm = Hmm::with_config(config).unwrap();
-    let tier = hmm_compressed::CompressedDevice::new(
-        &hmm,
-        hmm_compressed::CompressedConfig::new("z", 4 << 20),
-    )
-    .unwrap();
+    let tier = compressed_tier(&hmm);
     let p = Placement::new(&hmm).unwrap();
     let r = hmm.alloc(256 * PAGE_SIZE).unwrap();
     r.write(0, &pattern(256, 5)).unwrap();
@@ -578,11 +576,7 @@ fn a_policy_orders_what_a_budget_demotes() {
         }
     }
     let hmm = Hmm::new().unwrap();
-    let tier = hmm_compressed::CompressedDevice::new(
-        &hmm,
-        hmm_compressed::CompressedConfig::new("z", 4 << 20),
-    )
-    .unwrap();
+    let tier = compressed_tier(&hmm);
     let config = PlacementConfig { policy: Arc::new(HighestFirst), ..Default::default() };
     let p = Placement::with_config(&hmm, config).unwrap();
     let r = hmm.alloc(256 * PAGE_SIZE).unwrap();
