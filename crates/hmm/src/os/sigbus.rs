@@ -118,7 +118,6 @@ pub(crate) fn install_fixups() -> bool {
     if FIXUPS_INSTALLED.load(Ordering::Acquire) != 1 {
         return false;
     }
-    type Action = extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void);
     let ours = |sig: libc::c_int, handler: Action| {
         let mut now = empty_action();
         sigaction(sig, None, Some(&mut now)).is_ok() && now.sa_sigaction == handler as usize
@@ -135,17 +134,10 @@ pub(crate) fn install_fixups() -> bool {
 
 fn install_fixups_once() {
     FIXUPS.call_once(|| {
-        let segv = || -> std::io::Result<()> {
-            let mut old = empty_action();
-            sigaction(libc::SIGSEGV, None, Some(&mut old))?;
-            let _ = PREVIOUS_SEGV.set(old);
-            let mut new = empty_action();
-            new.sa_sigaction = handle_segv
-                as extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void)
-                as usize;
-            new.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART | libc::SA_ONSTACK;
-            sigaction(libc::SIGSEGV, Some(&new), None)
-        };
+        // On the alternate stack where the thread has one, where the handler
+        // before ours (Rust's stack-overflow report) expects to run.
+        let flags = libc::SA_SIGINFO | libc::SA_RESTART | libc::SA_ONSTACK;
+        let segv = || take_over(libc::SIGSEGV, handle_segv, flags, &PREVIOUS_SEGV);
         match install_handler().and_then(|()| segv()) {
             Ok(()) => FIXUPS_INSTALLED.store(1, Ordering::Release),
             Err(e) => {
@@ -186,15 +178,27 @@ fn sigaction(
 }
 
 fn install_once() -> std::io::Result<()> {
+    take_over(libc::SIGBUS, handle, libc::SA_SIGINFO | libc::SA_RESTART, &PREVIOUS)
+}
+
+/// An `SA_SIGINFO` handler.
+type Action = extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void);
+
+/// Installs `handler` for `sig` with `flags`, keeping the action it replaces
+/// in `previous` (stored before ours can run, never written again).
+fn take_over(
+    sig: libc::c_int,
+    handler: Action,
+    flags: libc::c_int,
+    previous: &OnceLock<libc::sigaction>,
+) -> std::io::Result<()> {
     let mut old = empty_action();
-    sigaction(libc::SIGBUS, None, Some(&mut old))?;
-    // Stored before ours can run (ours goes in below), never written again.
-    let _ = PREVIOUS.set(old);
+    sigaction(sig, None, Some(&mut old))?;
+    let _ = previous.set(old);
     let mut new = empty_action();
-    new.sa_sigaction =
-        handle as extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) as usize;
-    new.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
-    sigaction(libc::SIGBUS, Some(&new), None)
+    new.sa_sigaction = handler as usize;
+    new.sa_flags = flags;
+    sigaction(sig, Some(&new), None)
 }
 
 extern "C" fn handle(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
@@ -261,7 +265,6 @@ fn chain(
         let h = prev.sa_sigaction;
         if h != libc::SIG_DFL && h != libc::SIG_IGN {
             if prev.sa_flags & libc::SA_SIGINFO != 0 {
-                type Action = extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void);
                 // SAFETY: a handler installed with `SA_SIGINFO` has this type.
                 let f = unsafe { std::mem::transmute::<usize, Action>(h) };
                 f(sig, info, ctx);
